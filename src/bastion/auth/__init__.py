@@ -1,0 +1,1 @@
+"""Identity: certificate authorities, credentials, passwords, and the auth service logic."""

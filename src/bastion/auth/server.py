@@ -1,0 +1,612 @@
+"""The auth service: users, roles, invites, join tokens, logins and resource management.
+
+Every operation that changes or reveals cluster state takes an ``Actor``: the
+built-in administrator (someone with access to the data directory on the
+server host) may do anything; any other actor is a user whose roles' ``rules``
+decide (deny wins; nothing is allowed unless a rule allows it).  A denied
+operation raises ``AccessDeniedError`` before anything is read or written.
+
+This module talks to storage only through the ``Backend`` protocol and never
+formats wire responses (that is the proxy's job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+import orjson
+import pydantic
+
+from bastion._time import Clock, SystemClock
+from bastion.auth import credentials, passwords
+from bastion.auth.ca import CertAuthority, ensure_cas
+from bastion.auth.credentials import Identity, Verifier
+from bastion.backend import Backend, Item
+from bastion.errors import (
+    AccessDeniedError,
+    AlreadyExistsError,
+    AuthenticationError,
+    ConfigError,
+    ConflictError,
+    NotFoundError,
+    SecondFactorRequiredError,
+    ValidationError,
+)
+from bastion.policy import AccessChecker, preset_roles
+from bastion.resources import (
+    KINDS,
+    Metadata,
+    Resource,
+    Role,
+    Token,
+    User,
+    UserSpec,
+    key_for,
+    prefix_for,
+)
+from bastion.resources.codec import format_pydantic_error
+
+ADMIN_NAME = "bastion-admin"
+_LOGIN_FAILED = "invalid user name or password"
+_LOCKED = "too many failed login attempts; wait a while, then try again"
+_CLUSTER_KEY = "/cluster/name"
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    second_factor: Literal["off", "optional", "on"] = "optional"
+    lockout_attempts: int = 5
+    lockout_duration: timedelta = timedelta(minutes=20)
+    invite_ttl: timedelta = timedelta(hours=1)
+    default_session_ttl: timedelta = timedelta(hours=12)
+    default_token_ttl: timedelta = timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who asks.  ``checker is None`` means the built-in administrator."""
+
+    name: str
+    checker: AccessChecker | None = None
+    identity: Identity | None = None
+    user: User | None = None
+
+    @classmethod
+    def admin(cls) -> Actor:
+        return cls(name=ADMIN_NAME)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.checker is None
+
+    def require(self, resource: str, *verbs: str) -> None:
+        if self.checker is None:
+            return
+        for verb in verbs:
+            if not self.checker.check_rule(resource, verb):
+                raise AccessDeniedError(
+                    f'user "{self.name}" may not {verb} {resource} resources: no role of theirs '
+                    f'has a rule allowing "{verb}" on "{resource}" (ask an administrator)'
+                )
+
+
+@dataclass(frozen=True)
+class Invite:
+    user: str
+    code: str = field(repr=False)
+    expires: datetime
+
+
+@dataclass(frozen=True)
+class InviteInfo:
+    user: str
+    expires: datetime
+    second_factor: str
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def token_id_for(secret: str) -> str:
+    """The public id of a join token: a prefix of its secret's SHA-256."""
+    return _sha256(secret)[:16]
+
+
+def encode_resource(res: Resource) -> bytes:
+    data = res.model_dump(mode="json", exclude={"metadata": {"revision"}})
+    return orjson.dumps(data)
+
+
+def decode_resource(item: Item) -> Resource:
+    data = orjson.loads(item.value)
+    model = KINDS[data["kind"]]
+    res = model.model_validate(data)
+    meta = res.metadata.model_copy(update={"revision": item.revision})  # type: ignore[attr-defined]
+    return res.model_copy(update={"metadata": meta})  # type: ignore[return-value]
+
+
+def public_view(res: Resource) -> Resource:
+    """The resource as shown to clients: secrets (token hashes) removed."""
+    if isinstance(res, Token):
+        return res.model_copy(update={"spec": res.spec.model_copy(update={"secret_sha256": ""})})
+    return res
+
+
+class AuthServer:
+    """Cluster state and identity, over one backend.  Build with ``AuthServer.open``."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        cluster_name: str,
+        cas: dict[str, CertAuthority],
+        settings: AuthSettings,
+        clock: Clock,
+    ) -> None:
+        self.backend = backend
+        self.cluster_name = cluster_name
+        self.cas = cas
+        self.settings = settings
+        self.clock = clock
+        self.verifier = Verifier(cas["user"])
+
+    @classmethod
+    async def open(
+        cls,
+        backend: Backend,
+        cluster_name: str,
+        settings: AuthSettings | None = None,
+        clock: Clock | None = None,
+        *,
+        initialize: bool = True,
+    ) -> AuthServer:
+        """Load (and with ``initialize``, create at first start) the cluster's CAs and presets.
+
+        ``cluster_name`` empty means "whatever the cluster already is".  A
+        different name from the one stored is a configuration error: the CAs
+        and every credential are bound to the stored name.
+        """
+        clock = clock or SystemClock()
+        try:
+            stored = (await backend.get(_CLUSTER_KEY)).value.decode()
+        except NotFoundError:
+            if not initialize:
+                raise ConfigError(
+                    "", "this data directory holds no cluster yet: run `bastion start` first"
+                ) from None
+            if not cluster_name:
+                raise ConfigError("bastion.cluster_name", "required for a new cluster") from None
+            try:
+                await backend.create(Item(_CLUSTER_KEY, cluster_name.encode()))
+                stored = cluster_name
+            except AlreadyExistsError:
+                stored = (await backend.get(_CLUSTER_KEY)).value.decode()
+        if cluster_name and cluster_name != stored:
+            raise ConfigError(
+                "bastion.cluster_name",
+                f'"{cluster_name}" differs from the cluster "{stored}" already in this backend '
+                "(credentials and CAs are bound to its name)",
+            )
+        cas = await ensure_cas(backend, stored, clock.now())
+        server = cls(backend, stored, cas, settings or AuthSettings(), clock)
+        if initialize:
+            for role in preset_roles():
+                try:
+                    await backend.create(
+                        Item(key_for("role", role.metadata.name), encode_resource(role))
+                    )
+                except AlreadyExistsError:
+                    pass
+        return server
+
+    # ------------------------------------------------------------ identity
+
+    async def authenticate(self, token: str) -> Actor:
+        """The actor behind a bearer credential; ``AuthenticationError`` otherwise."""
+        ident = self.verifier.verify(token, self.clock.now())
+        try:
+            user = await self._get_typed(User, "user", ident.username)
+        except NotFoundError:
+            raise AuthenticationError(
+                f'user "{ident.username}" no longer exists; log in again with `bastion login`'
+            ) from None
+        return Actor(
+            name=user.metadata.name, checker=await self.checker_for(user), identity=ident, user=user
+        )
+
+    async def checker_for(self, user: User) -> AccessChecker:
+        roles = [
+            await self._get_typed(Role, "role", r)
+            for r in await self._existing_roles(user.spec.roles)
+        ]
+        return AccessChecker(roles, user.spec.traits)
+
+    async def _existing_roles(self, names: Sequence[str]) -> list[str]:
+        out = []
+        for name in names:
+            try:
+                await self.backend.get(key_for("role", name))
+                out.append(name)
+            except NotFoundError:
+                continue  # a deleted role grants nothing
+        return out
+
+    async def login(
+        self,
+        username: str,
+        password: str,
+        *,
+        totp_code: str = "",
+        ttl: timedelta | None = None,
+    ) -> tuple[str, Identity]:
+        """Check the password (and TOTP) and issue a credential.
+
+        Unknown users, wrong passwords and locked accounts are told apart by
+        nobody: the first two give the same message after the same work, and
+        the failure counter is kept per *name*, known or not.
+        """
+        attempts_key = f"/login_attempts/{_sha256(username)}"
+        if await self._failed_attempts(attempts_key) >= self.settings.lockout_attempts:
+            raise AuthenticationError(_LOCKED)
+        try:
+            user: User | None = await self._get_typed(User, "user", username)
+        except (NotFoundError, pydantic.ValidationError):
+            user = None
+        secret = await self._password_record(username) if user else {}
+        ok = await asyncio.to_thread(passwords.verify_password, secret.get("hash"), password)
+        if not ok or user is None:
+            await self._record_failure(attempts_key)
+            raise AuthenticationError(_LOGIN_FAILED)
+        totp_secret = secret.get("totp")
+        if self.settings.second_factor == "on" and not totp_secret:
+            raise AuthenticationError(
+                "this cluster requires a second factor and none is registered for you; "
+                "ask an administrator for a new invite (`bastion users reset NAME`)"
+            )
+        if totp_secret and self.settings.second_factor != "off":
+            if not totp_code:
+                raise SecondFactorRequiredError("a one-time code is required: pass it with --otp")
+            if not passwords.verify_totp(totp_secret, totp_code, at=self.clock.now().timestamp()):
+                await self._record_failure(attempts_key)
+                raise AuthenticationError("invalid one-time code")
+        try:
+            await self.backend.delete(attempts_key)
+        except NotFoundError:
+            pass
+        return await self._issue(user, ttl)
+
+    async def _issue(self, user: User, ttl: timedelta | None) -> tuple[str, Identity]:
+        checker = await self.checker_for(user)
+        cap = checker.max_session_ttl()
+        want = ttl or self.settings.default_session_ttl
+        return credentials.issue(
+            self.cas["user"],
+            username=user.metadata.name,
+            roles=user.spec.roles,
+            traits=user.spec.traits,
+            ttl=min(want, cap),
+            now=self.clock.now(),
+        )
+
+    async def sign(self, actor: Actor, username: str, ttl: timedelta) -> tuple[str, Identity]:
+        """A credential for ``username`` (machine identities); needs ``update`` on ``user``."""
+        actor.require("user", "update")
+        user = await self._get_typed(User, "user", username)
+        return await self._issue(user, ttl)
+
+    async def _failed_attempts(self, key: str) -> int:
+        try:
+            return int(orjson.loads((await self.backend.get(key)).value)["count"])
+        except NotFoundError:
+            return 0
+
+    async def _record_failure(self, key: str) -> None:
+        # A lost increment under a race only delays a lock by one attempt.
+        count = await self._failed_attempts(key) + 1
+        await self.backend.put(
+            Item(
+                key,
+                orjson.dumps({"count": count}),
+                expires=self.clock.now() + self.settings.lockout_duration,
+            )
+        )
+
+    async def _password_record(self, username: str) -> dict[str, Any]:
+        try:
+            return dict(orjson.loads((await self.backend.get(f"/passwords/{username}")).value))
+        except NotFoundError:
+            return {}
+
+    # ------------------------------------------------------------- invites
+
+    async def _new_invite(self, username: str) -> Invite:
+        code = secrets.token_urlsafe(24)
+        expires = self.clock.now() + self.settings.invite_ttl
+        await self.backend.create(
+            Item(f"/invites/{_sha256(code)}", orjson.dumps({"user": username}), expires=expires)
+        )
+        return Invite(user=username, code=code, expires=expires)
+
+    async def invite_info(self, code: str) -> InviteInfo:
+        item = await self._invite_item(code)
+        return InviteInfo(
+            user=orjson.loads(item.value)["user"],
+            expires=item.expires or self.clock.now(),
+            second_factor=self.settings.second_factor,
+        )
+
+    async def _invite_item(self, code: str) -> Item:
+        try:
+            return await self.backend.get(f"/invites/{_sha256(code)}")
+        except NotFoundError:
+            raise AuthenticationError(
+                "this invite is unknown, already used or expired; ask an administrator for a new one"
+            ) from None
+
+    async def accept_invite(
+        self, code: str, password: str, *, totp_secret: str = "", totp_code: str = ""
+    ) -> str:
+        """Set a password (and TOTP) with a one-time invite; returns the user name."""
+        try:
+            passwords.check_password_policy(password)
+        except ValueError as e:
+            raise ValidationError(str(e)) from None
+        item = await self._invite_item(code)
+        username = str(orjson.loads(item.value)["user"])
+        if self.settings.second_factor == "on" and not totp_secret:
+            raise ValidationError("this cluster requires a second factor: register a TOTP app")
+        if totp_secret and not passwords.verify_totp(
+            totp_secret, totp_code, at=self.clock.now().timestamp()
+        ):
+            raise ValidationError("the one-time code does not match the TOTP secret; try again")
+        await self._get_typed(User, "user", username)
+        try:
+            # Single use, even when two clients race with the same code.
+            await self.backend.delete(item.key, expected_revision=item.revision)
+        except (NotFoundError, ConflictError):
+            raise AuthenticationError("this invite was already used") from None
+        record: dict[str, str] = {
+            "hash": await asyncio.to_thread(passwords.hash_password, password)
+        }
+        if totp_secret and self.settings.second_factor != "off":
+            record["totp"] = totp_secret
+        await self.backend.put(Item(f"/passwords/{username}", orjson.dumps(record)))
+        await self._clear_attempts(username)
+        return username
+
+    async def _clear_attempts(self, username: str) -> None:
+        try:
+            await self.backend.delete(f"/login_attempts/{_sha256(username)}")
+        except NotFoundError:
+            pass
+
+    # --------------------------------------------------------------- users
+
+    async def add_user(
+        self, actor: Actor, name: str, roles: Sequence[str], traits: Mapping[str, Sequence[str]]
+    ) -> Invite:
+        actor.require("user", "create")
+        user = self._build(
+            User,
+            {"metadata": {"name": name}, "spec": {"roles": list(roles), "traits": _traits(traits)}},
+        )
+        await self._check_roles_exist(user.spec.roles)
+        await self._create(user)
+        return await self._new_invite(name)
+
+    async def update_user(
+        self,
+        actor: Actor,
+        name: str,
+        *,
+        roles: Sequence[str] | None = None,
+        traits: Mapping[str, Sequence[str]] | None = None,
+    ) -> User:
+        actor.require("user", "read", "update")
+        user = await self._get_typed(User, "user", name)
+        spec = user.spec
+        if roles is not None:
+            await self._check_roles_exist(roles)
+            spec = spec.model_copy(update={"roles": list(roles)})
+        if traits is not None:
+            merged = dict(spec.traits)
+            for k, v in _traits(traits).items():
+                if v:
+                    merged[k] = v
+                else:
+                    merged.pop(k, None)
+            spec = spec.model_copy(update={"traits": merged})
+        updated = user.model_copy(update={"spec": UserSpec.model_validate(spec.model_dump())})
+        return await self._update(updated)  # type: ignore[return-value]
+
+    async def reset_user(self, actor: Actor, name: str) -> Invite:
+        """Remove a user's password and second factor and issue a new invite."""
+        actor.require("user", "update")
+        await self._get_typed(User, "user", name)
+        try:
+            await self.backend.delete(f"/passwords/{name}")
+        except NotFoundError:
+            pass
+        await self._clear_attempts(name)
+        return await self._new_invite(name)
+
+    # -------------------------------------------------------------- tokens
+
+    async def add_token(
+        self, actor: Actor, roles: Sequence[str], ttl: timedelta | None = None
+    ) -> tuple[str, Token]:
+        actor.require("token", "create")
+        secret = secrets.token_hex(16)
+        expires = self.clock.now() + (ttl or self.settings.default_token_ttl)
+        token = self._build(
+            Token,
+            {
+                "metadata": {"name": token_id_for(secret), "expires": expires},
+                "spec": {"roles": list(roles), "secret_sha256": _sha256(secret)},
+            },
+        )
+        created = await self._create(token)
+        assert isinstance(created, Token)
+        return secret, created
+
+    async def consume_join_token(self, secret: str, role: str) -> Token:
+        """Use up a join token of type ``role``; every failure gives one message."""
+        refused = AuthenticationError(
+            f"the join token is invalid, expired, already used or not of type {role!r}; "
+            "create a new one with `bastion tokens add --type=app`"
+        )
+        try:
+            item = await self.backend.get(key_for("token", token_id_for(secret)))
+        except NotFoundError:
+            raise refused from None
+        token = decode_resource(item)
+        assert isinstance(token, Token)
+        if (
+            not hmac.compare_digest(token.spec.secret_sha256, _sha256(secret))
+            or role not in token.spec.roles
+        ):
+            raise refused
+        try:
+            await self.backend.delete(item.key, expected_revision=item.revision)
+        except (NotFoundError, ConflictError):
+            raise refused from None
+        return token
+
+    # ----------------------------------------------------------- resources
+
+    async def get_resource(self, actor: Actor, kind: str, name: str) -> Resource:
+        actor.require(kind, "read")
+        return public_view(decode_resource(await self._get_item(kind, name)))
+
+    async def list_resources(self, actor: Actor, kind: str) -> list[Resource]:
+        _check_kind(kind)
+        actor.require(kind, "list", "read")
+        return [public_view(decode_resource(i)) for i in await self.backend.list(prefix_for(kind))]
+
+    async def create_resource(
+        self, actor: Actor, data: Mapping[str, Any], *, overwrite: bool = False
+    ) -> Resource:
+        """Create a resource from its decoded document; with ``overwrite``, replace it if present."""
+        kind = data.get("kind")
+        if not isinstance(kind, str) or kind not in KINDS:
+            raise ValidationError(
+                f'unknown kind "{kind}" (known: {", ".join(sorted(KINDS))})'
+                if kind is not None
+                else 'missing "kind"'
+            )
+        if kind == "token":
+            raise ValidationError("join tokens are made with `bastion tokens add`, not from a file")
+        res = self._build(KINDS[kind], dict(data))
+        assert isinstance(res, Role | User | Token) or res.kind == "app"
+        if isinstance(res, User):
+            await self._check_roles_exist(res.spec.roles)
+        if not overwrite:
+            actor.require(kind, "create")
+            return await self._create(res)
+        actor.require(kind, "create", "update")
+        try:
+            current = await self.backend.get(key_for(kind, res.metadata.name))
+        except NotFoundError:
+            return await self._create(res)
+        expected = res.metadata.revision or current.revision
+        return await self._write(res, expected)
+
+    async def delete_resource(self, actor: Actor, kind: str, name: str) -> None:
+        _check_kind(kind)
+        actor.require(kind, "delete")
+        item = await self._get_item(kind, name)
+        if kind == "role":
+            users = [
+                u.metadata.name
+                for u in (decode_resource(i) for i in await self.backend.list(prefix_for("user")))
+                if isinstance(u, User) and name in u.spec.roles
+            ]
+            if users:
+                raise ValidationError(
+                    f'role "{name}" is still assigned to {", ".join(users)}; '
+                    "remove it from them first (`bastion users update NAME --roles=...`)"
+                )
+        await self.backend.delete(item.key, expected_revision=item.revision)
+        if kind == "user":
+            for key in (f"/passwords/{name}", f"/login_attempts/{_sha256(name)}"):
+                try:
+                    await self.backend.delete(key)
+                except NotFoundError:
+                    pass
+
+    # ------------------------------------------------------------- helpers
+
+    def _build(self, model: type[pydantic.BaseModel], data: dict[str, Any]) -> Any:
+        data.setdefault("kind", model.model_fields["kind"].default)
+        try:
+            return model.model_validate(data)
+        except pydantic.ValidationError as e:
+            raise ValidationError(
+                f"invalid {data.get('kind')}:\n" + format_pydantic_error(e)
+            ) from None
+
+    async def _check_roles_exist(self, names: Sequence[str]) -> None:
+        for name in names:
+            try:
+                await self.backend.get(key_for("role", name))
+            except NotFoundError:
+                raise ValidationError(
+                    f'role "{name}" does not exist (see `bastion get roles`)'
+                ) from None
+
+    async def _get_item(self, kind: str, name: str) -> Item:
+        _check_kind(kind)
+        try:
+            return await self.backend.get(key_for(kind, name))
+        except NotFoundError:
+            raise NotFoundError(f'{kind} "{name}" not found') from None
+
+    async def _get_typed(self, model: type[Any], kind: str, name: str) -> Any:
+        res = decode_resource(await self._get_item(kind, name))
+        if not isinstance(res, model):
+            raise NotFoundError(f'{kind} "{name}" not found')
+        return res
+
+    async def _create(self, res: Role | User | Token | Any) -> Resource:
+        meta: Metadata = res.metadata
+        key = key_for(res.kind, meta.name)
+        try:
+            item = await self.backend.create(Item(key, encode_resource(res), expires=meta.expires))
+        except AlreadyExistsError:
+            raise AlreadyExistsError(
+                f'{res.kind} "{meta.name}" already exists (use `bastion create -f` to overwrite)'
+            ) from None
+        return decode_resource(item)
+
+    async def _update(self, res: Role | User | Any) -> Resource:
+        return await self._write(res, res.metadata.revision or 0)
+
+    async def _write(self, res: Any, expected: int) -> Resource:
+        meta: Metadata = res.metadata
+        try:
+            item = await self.backend.update(
+                Item(key_for(res.kind, meta.name), encode_resource(res), expires=meta.expires),
+                expected,
+            )
+        except ConflictError:
+            raise ConflictError(
+                f'{res.kind} "{meta.name}" was changed by someone else meanwhile; read it again and retry'
+            ) from None
+        return decode_resource(item)
+
+
+def _traits(traits: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    return {k: [v for v in vs if v != ""] for k, vs in traits.items()}
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValidationError(f'unknown kind "{kind}" (known: {", ".join(sorted(KINDS))})')

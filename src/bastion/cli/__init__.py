@@ -1,0 +1,1 @@
+"""The ``bastion`` command: one module per command group; parsing and printing only."""

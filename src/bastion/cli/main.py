@@ -1,0 +1,43 @@
+"""The ``bastion`` command line: assembles the command groups."""
+
+from __future__ import annotations
+
+import typer
+
+from bastion import __version__
+from bastion.cli import admin, auth, login, start
+
+app = typer.Typer(
+    name="bastion",
+    help="mcp-bastion: an identity-aware access gateway for MCP servers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+app.command("start")(start.start)
+app.command("configure")(start.configure)
+app.command("login")(login.login)
+app.command("logout")(login.logout)
+app.command("status")(login.status)
+app.command("create")(admin.create)
+app.command("get")(admin.get)
+app.command("rm")(admin.rm)
+admin.users_app.command("set-password")(login.set_password)
+app.add_typer(admin.users_app, name="users")
+app.add_typer(admin.tokens_app, name="tokens")
+app.add_typer(auth.auth_app, name="auth")
+
+
+@app.command("version")
+def version() -> None:
+    """Print the version."""
+    print(f"bastion {__version__}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""What the CLI uses as a library: profiles, the API client, admin access."""

@@ -1,0 +1,99 @@
+"""Administration through the data directory, on the server host.
+
+Whoever can read the cluster's config and data directory already holds every
+key; so local access acts as the built-in administrator, with no login.  It
+writes to the same backend the running service uses (SQLite in WAL mode lets
+both write), and the service sees the changes through its watch.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from bastion.auth.server import Actor, AuthServer, AuthSettings
+from bastion.backend import Backend
+from bastion.backend.factory import open_backend
+from bastion.config import load_config
+
+
+class LocalAdmin:
+    def __init__(self, auth: AuthServer, backend: Backend, proxy_addr: str) -> None:
+        self.auth = auth
+        self.backend = backend
+        self.cluster_name = auth.cluster_name
+        self.proxy_addr = proxy_addr
+        self.actor = Actor.admin()
+
+    @classmethod
+    async def open(cls, config_path: Path) -> LocalAdmin:
+        cfg = load_config(config_path)
+        backend = await open_backend(cfg.auth_service.backend, cfg.bastion.data_dir)
+        try:
+            auth = await AuthServer.open(backend, "", settings_from(cfg), initialize=False)
+        except BaseException:
+            await backend.close()
+            raise
+        return cls(auth, backend, cfg.proxy_service.effective_public_addr)
+
+    async def close(self) -> None:
+        await self.backend.close()
+
+    async def whoami(self) -> dict[str, Any]:
+        return {
+            "user": self.actor.name,
+            "cluster_name": self.cluster_name,
+            "roles": ["(local administrator)"],
+        }
+
+    async def get(self, kind: str, name: str) -> dict[str, Any]:
+        return (await self.auth.get_resource(self.actor, kind, name)).model_dump(mode="json")
+
+    async def ls(self, kind: str) -> list[dict[str, Any]]:
+        return [r.model_dump(mode="json") for r in await self.auth.list_resources(self.actor, kind)]
+
+    async def create(self, doc: dict[str, Any], *, overwrite: bool) -> dict[str, Any]:
+        return (await self.auth.create_resource(self.actor, doc, overwrite=overwrite)).model_dump(
+            mode="json"
+        )
+
+    async def delete(self, kind: str, name: str) -> None:
+        await self.auth.delete_resource(self.actor, kind, name)
+
+    async def add_user(
+        self, name: str, roles: list[str], traits: dict[str, list[str]]
+    ) -> dict[str, Any]:
+        inv = await self.auth.add_user(self.actor, name, roles, traits)
+        return {"user": inv.user, "code": inv.code, "expires": inv.expires.isoformat()}
+
+    async def update_user(
+        self, name: str, *, roles: list[str] | None, traits: dict[str, list[str]] | None
+    ) -> dict[str, Any]:
+        user = await self.auth.update_user(self.actor, name, roles=roles, traits=traits)
+        return user.model_dump(mode="json")
+
+    async def reset_user(self, name: str) -> dict[str, Any]:
+        inv = await self.auth.reset_user(self.actor, name)
+        return {"user": inv.user, "code": inv.code, "expires": inv.expires.isoformat()}
+
+    async def add_token(self, roles: list[str], ttl: timedelta | None) -> dict[str, Any]:
+        secret, token = await self.auth.add_token(self.actor, roles, ttl)
+        return {"token": secret, "resource": token.model_dump(mode="json")}
+
+    async def sign(self, user: str, ttl: timedelta) -> dict[str, Any]:
+        token, ident = await self.auth.sign(self.actor, user, ttl)
+        return {"token": token, "user": ident.username, "expires": ident.expires.isoformat()}
+
+    async def ca_pem(self) -> str:
+        return self.auth.cas["host"].cert_pem.decode()
+
+
+def settings_from(cfg: Any) -> AuthSettings:
+    a = cfg.auth_service
+    return AuthSettings(
+        second_factor=a.second_factor,
+        lockout_attempts=a.authentication.lockout_attempts,
+        lockout_duration=a.authentication.lockout_duration,
+        invite_ttl=a.authentication.invite_ttl,
+    )

@@ -1,0 +1,916 @@
+"""The configuration file of ``bastion start``, validated once into frozen models.
+
+What this module is for: reading ``bastion.yaml`` (``load_config``), building a
+configuration in code (``default_config``) and writing a commented starter file
+(``render_starter``).  The result is a tree of frozen pydantic models that
+forbid unknown keys, with every path already resolved (relative paths are taken
+against the configuration file's directory) and every default filled in, so the
+services never re-check or re-interpret what they are given::
+
+    version: v1
+    bastion:        {data_dir, cluster_name, join_params, proxy_server, log}
+    auth_service:   {enabled, listen_addr, backend, second_factor, authentication}
+    proxy_service:  {enabled, listen_addr, public_addr, tls}
+    app_service:    {enabled, demo_server, apps, resources}
+
+Every problem, wherever it is, becomes a ``ConfigError`` whose message is
+``key.path: reason`` (one line per problem when there are several).
+
+What it must not do: import any service (auth, proxy, app service, backend
+implementations) or start anything.  It may import only ``bastion.resources``
+(models and codec), ``bastion.errors`` and ``bastion._time``.  It does not
+touch the file system beyond reading the configuration file itself (and, on
+request, a join token file): directories are created by the services.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shlex
+import socket
+from collections.abc import Collection, Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from bastion._time import format_duration
+from bastion.errors import ConfigError
+from bastion.resources import (
+    LABEL_KEY_RE,
+    NAME_RE,
+    App,
+    AppSpec,
+    Duration,
+    LabelValues,
+    Metadata,
+    check_regex_or_glob,
+)
+from bastion.resources.codec import (
+    DecodeError,
+    load_documents,
+    located_error,
+    pydantic_problems,
+)
+
+__all__ = [
+    "CONFIG_VERSION",
+    "DEFAULT_AUTH_LISTEN",
+    "DEFAULT_DATA_DIR",
+    "DEFAULT_PROXY_LISTEN",
+    "AppConfig",
+    "AppService",
+    "AuthService",
+    "Authentication",
+    "Backend",
+    "BastionSection",
+    "Config",
+    "JoinParams",
+    "LogConfig",
+    "ProxyService",
+    "ResourceMatcher",
+    "TLSConfig",
+    "default_config",
+    "load_config",
+    "render_starter",
+    "split_addr",
+    "validate_config",
+]
+
+CONFIG_VERSION = "v1"
+DEFAULT_DATA_DIR = Path("/var/lib/bastion")
+DEFAULT_AUTH_LISTEN = "127.0.0.1:3025"
+DEFAULT_PROXY_LISTEN = "127.0.0.1:3080"
+ALL_ROLES = frozenset({"auth", "proxy", "app"})
+
+#: Context key (``model_validate(..., context=...)``) naming the directory that
+#: relative paths are resolved against; the current directory when absent.
+BASE_DIR = "base_dir"
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _none_as_empty(default: Any) -> Any:
+    """A before-validator turning YAML ``null`` (``key:`` with no value) into ``default``."""
+
+    def convert(v: Any) -> Any:
+        return type(default)() if v is None else v
+
+    return BeforeValidator(convert)
+
+
+class _Model(BaseModel):
+    """Base of every section: frozen, unknown keys are errors, ``key:`` (null) = defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_empty(cls, data: Any) -> Any:
+        return {} if data is None else data
+
+
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def split_addr(addr: str, *, allow_zero: bool = False) -> tuple[str, int]:
+    """``host:port`` -> ``(host, port)``; IPv6 hosts are written ``[::1]:3080``.
+
+    The host comes back without brackets.  Raises ``ValueError`` with a reason.
+    ``allow_zero`` accepts port 0 ("any free port"), for listen addresses.
+    """
+    if addr.startswith("["):
+        host, sep, port = addr[1:].partition("]:")
+        if not sep:
+            raise ValueError(f'invalid address "{addr}" (expected [ipv6-address]:port)')
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f'invalid address "{addr}": "{host}" is not an IPv6 address') from None
+    else:
+        host, sep, port = addr.rpartition(":")
+        if not sep:
+            raise ValueError(f'invalid address "{addr}" (expected host:port)')
+        if ":" in host:
+            raise ValueError(
+                f'invalid address "{addr}": write IPv6 addresses in brackets, "[::1]:3080"'
+            )
+        if not host:
+            raise ValueError(
+                f'invalid address "{addr}": missing host (use 0.0.0.0 for all interfaces)'
+            )
+        labels = host.split(".")
+        if all(label.isdigit() for label in labels):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ValueError(f'invalid address "{addr}": bad IPv4 address "{host}"') from None
+        elif not all(_HOST_LABEL.match(label) for label in labels):
+            raise ValueError(f'invalid address "{addr}": bad host name "{host}"')
+    lowest = 0 if allow_zero else 1
+    if not port.isascii() or not port.isdigit() or not lowest <= int(port) <= 65535:
+        raise ValueError(f'invalid address "{addr}": port must be a number from {lowest} to 65535')
+    return host, int(port)
+
+
+def _check_addr(v: str) -> str:
+    split_addr(v)
+    return v
+
+
+def _check_listen_addr(v: str) -> str:
+    split_addr(v, allow_zero=True)
+    return v
+
+
+def _check_optional_addr(v: str) -> str:
+    return _check_addr(v) if v else v
+
+
+#: ``host:port``, required.
+Addr = Annotated[str, AfterValidator(_check_addr)]
+#: ``host:port`` to listen on; port 0 picks a free port.
+ListenAddr = Annotated[str, AfterValidator(_check_listen_addr)]
+#: ``host:port`` or empty.
+OptionalAddr = Annotated[str, _none_as_empty(""), AfterValidator(_check_optional_addr)]
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    ctx = info.context if isinstance(info.context, Mapping) else {}
+    base = ctx.get(BASE_DIR)
+    return Path(base) if base else Path.cwd()
+
+
+def _absolute(p: Path, info: ValidationInfo) -> Path:
+    p = p.expanduser()
+    if not p.is_absolute():
+        p = _base_dir(info) / p
+    return Path(os.path.normpath(p))
+
+
+def _not_empty_path(v: Any) -> Any:
+    if v is None or (isinstance(v, str) and not v.strip()):
+        raise ValueError("must not be empty")
+    return v
+
+
+def _empty_path_is_none(v: Any) -> Any:
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    return v
+
+
+def _absolute_or_none(p: Path | None, info: ValidationInfo) -> Path | None:
+    return None if p is None else _absolute(p, info)
+
+
+#: A path, made absolute against the configuration file's directory.
+AbsPath = Annotated[Path, BeforeValidator(_not_empty_path), AfterValidator(_absolute)]
+#: The same, or ``None`` when empty.
+OptionalAbsPath = Annotated[
+    Path | None, BeforeValidator(_empty_path_is_none), AfterValidator(_absolute_or_none)
+]
+
+
+def _metadata_reason(**fields: Any) -> str | None:
+    """Why ``Metadata(**fields)`` would be rejected (so app names follow the resource rules)."""
+    try:
+        Metadata(name=fields.pop("name", "x"), **fields)
+    except pydantic.ValidationError as e:
+        return pydantic_problems(e)[0][1]
+    return None
+
+
+# --------------------------------------------------------------- bastion:
+
+
+class JoinParams(_Model):
+    """How an agent (a node running ``app_service`` alone) joins the cluster."""
+
+    #: The join token itself, or the path of a file holding it (any value with a ``/``).
+    token_name: Annotated[str, _none_as_empty("")] = ""
+    method: Literal["token"] = "token"
+
+    @field_validator("token_name")
+    @classmethod
+    def _token_path(cls, v: str, info: ValidationInfo) -> str:
+        v = v.strip()
+        if "/" in v or v.startswith("~"):
+            return str(_absolute(Path(v), info))
+        return v
+
+    @property
+    def token_file(self) -> Path | None:
+        """The file holding the token, when ``token_name`` is a path."""
+        return Path(self.token_name) if self.token_name.startswith("/") else None
+
+    def read_token(self) -> str:
+        """The token: ``token_name`` itself, or the stripped content of its file."""
+        path = self.token_file
+        if path is None:
+            return self.token_name
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ConfigError(
+                "bastion.join_params.token_name", f'cannot read token file "{path}": {e.strerror}'
+            ) from None
+        if not token:
+            raise ConfigError("bastion.join_params.token_name", f'token file "{path}" is empty')
+        return token
+
+
+class LogConfig(_Model):
+    severity: Literal["debug", "info", "warn", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+    #: ``stderr``, ``stdout`` or the absolute path of a file.
+    output: str = "stderr"
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str, info: ValidationInfo) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("must not be empty (stderr, stdout or a file path)")
+        if v in ("stderr", "stdout"):
+            return v
+        return str(_absolute(Path(v), info))
+
+    @property
+    def file(self) -> Path | None:
+        """The log file, or ``None`` for ``stderr``/``stdout``."""
+        return None if self.output in ("stderr", "stdout") else Path(self.output)
+
+
+def _host_name() -> str:
+    name = socket.gethostname().split(".")[0]
+    return name if NAME_RE.match(name) else "bastion"
+
+
+class BastionSection(_Model):
+    """The ``bastion:`` section: settings shared by every service of this node."""
+
+    data_dir: AbsPath = DEFAULT_DATA_DIR
+    #: Empty in the file means this host's name.
+    cluster_name: str = Field(default="", validate_default=True)
+    join_params: JoinParams = Field(default_factory=JoinParams)
+    #: ``host:port`` of the proxy an agent joins through.
+    proxy_server: OptionalAddr = ""
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @field_validator("cluster_name", mode="before")
+    @classmethod
+    def _cluster_name(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return _host_name()
+        if isinstance(v, str) and not NAME_RE.match(v):
+            raise ValueError(
+                f'invalid cluster name "{v}": use letters, digits, ".", "_", "-" '
+                "(at most 128, starting with a letter or digit)"
+            )
+        return v
+
+
+# ----------------------------------------------------------- auth_service:
+
+
+BACKEND_TYPES = ("sqlite", "postgres")
+
+
+class Backend(_Model):
+    type: str = "sqlite"
+    #: ``None`` means ``<data_dir>/backend.db``; see ``resolved_path``.
+    path: OptionalAbsPath = None
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, v: str) -> str:
+        if v == "postgres":
+            raise ValueError('backend type "postgres" is not supported yet')
+        if v not in BACKEND_TYPES:
+            raise ValueError(f'unknown backend type "{v}" (known: {", ".join(BACKEND_TYPES)})')
+        return v
+
+    def resolved_path(self, data_dir: Path) -> Path:
+        """The SQLite file: ``path`` if set, else ``<data_dir>/backend.db``."""
+        return self.path if self.path is not None else data_dir / "backend.db"
+
+
+def _second_factor(v: Any) -> Any:
+    # YAML 1.1 reads unquoted on/off as booleans.
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    return v
+
+
+class Authentication(_Model):
+    #: Failed logins in a row before the account is locked.
+    lockout_attempts: int = Field(default=5, ge=1)
+    lockout_duration: Duration = timedelta(minutes=20)
+    #: How long a user invitation (sign-up link) stays valid.
+    invite_ttl: Duration = timedelta(hours=1)
+
+
+class AuthService(_Model):
+    enabled: bool = True
+    listen_addr: ListenAddr = DEFAULT_AUTH_LISTEN
+    backend: Backend = Field(default_factory=Backend)
+    second_factor: Annotated[Literal["off", "optional", "on"], BeforeValidator(_second_factor)] = (
+        "optional"
+    )
+    authentication: Authentication = Field(default_factory=Authentication)
+
+
+# ---------------------------------------------------------- proxy_service:
+
+
+class TLSConfig(_Model):
+    """A certificate for the proxy's listener; neither file = issue one from the cluster CA."""
+
+    cert_file: OptionalAbsPath = None
+    key_file: OptionalAbsPath = None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> TLSConfig:
+        if self.cert_file is not None and self.key_file is None:
+            raise located_error(
+                ("key_file",), "required when cert_file is set (set both or neither)"
+            )
+        if self.key_file is not None and self.cert_file is None:
+            raise located_error(
+                ("cert_file",), "required when key_file is set (set both or neither)"
+            )
+        return self
+
+    @property
+    def provided(self) -> bool:
+        """True when the operator supplied a certificate and key."""
+        return self.cert_file is not None
+
+
+_UNSPECIFIED_HOSTS = ("0.0.0.0", "::")
+
+
+class ProxyService(_Model):
+    enabled: bool = True
+    listen_addr: ListenAddr = DEFAULT_PROXY_LISTEN
+    #: ``host:port`` that clients use; empty = derived from ``listen_addr``.
+    public_addr: OptionalAddr = ""
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+
+    @property
+    def effective_public_addr(self) -> str:
+        """``public_addr``, or ``listen_addr`` (with ``localhost`` for 0.0.0.0 / [::])."""
+        if self.public_addr:
+            return self.public_addr
+        host, port = split_addr(self.listen_addr)
+        if host in _UNSPECIFIED_HOSTS:
+            return f"localhost:{port}"
+        return self.listen_addr
+
+
+# ------------------------------------------------------------ app_service:
+
+
+class _AppIdentity(_Model):
+    name: str
+    description: Annotated[str, _none_as_empty("")] = ""
+    labels: Annotated[dict[str, str], _none_as_empty({})] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        reason = _metadata_reason(name=v)
+        if reason:
+            raise ValueError(reason)
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        reason = _metadata_reason(labels=v)
+        if reason:
+            raise ValueError(reason)
+        return v
+
+
+class AppConfig(AppSpec, _AppIdentity):
+    """One ``app_service.apps[]`` entry: the app's metadata plus every ``AppSpec`` field.
+
+    Fields: ``name``, ``description``, ``labels``, ``uri``, ``mcp``
+    (``command``, ``args``, ``run_as_host_user``, ``env``),
+    ``insecure_skip_verify``, ``rewrite`` (``headers``, ``jwt_claims``).
+    """
+
+    def to_app(self) -> App:
+        """The ``app`` resource this entry describes."""
+        return App(
+            metadata=Metadata(name=self.name, description=self.description, labels=self.labels),
+            spec=AppSpec(
+                uri=self.uri,
+                mcp=self.mcp,
+                insecure_skip_verify=self.insecure_skip_verify,
+                rewrite=self.rewrite,
+            ),
+        )
+
+
+class ResourceMatcher(_Model):
+    """Selects dynamic ``app`` resources (created with ``bastion create``) to serve.
+
+    ``labels`` maps a label key (or ``*``) to a value or list of values; a
+    value is ``*``, a literal, or a ``^regex$``.
+    """
+
+    labels: dict[str, LabelValues]
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        if not v:
+            raise ValueError('at least one label selector is required (use {"*": "*"} for all)')
+        for key, values in v.items():
+            if not LABEL_KEY_RE.match(key):
+                raise ValueError(f'invalid label key "{key}"')
+            if not values:
+                raise ValueError(f'label "{key}" needs at least one value')
+            for value in values:
+                check_regex_or_glob(value)
+        return v
+
+
+class AppService(_Model):
+    enabled: bool = True
+    #: Also serve the built-in demo MCP server.
+    demo_server: bool = False
+    apps: Annotated[list[AppConfig], _none_as_empty([])] = Field(default_factory=list)
+    resources: Annotated[list[ResourceMatcher], _none_as_empty([])] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AppService:
+        seen: set[str] = set()
+        for i, app in enumerate(self.apps):
+            if app.name in seen:
+                raise located_error(("apps", i, "name"), f'duplicate app name "{app.name}"')
+            seen.add(app.name)
+        return self
+
+
+# ------------------------------------------------------------------ Config
+
+
+class Config(_Model):
+    """A whole configuration file, validated and resolved."""
+
+    version: str
+    bastion: BastionSection = Field(default_factory=BastionSection)
+    auth_service: AuthService = Field(default_factory=AuthService)
+    proxy_service: ProxyService = Field(default_factory=ProxyService)
+    app_service: AppService = Field(default_factory=AppService)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if v != CONFIG_VERSION:
+            raise ValueError(f'unsupported version "{v}" (this bastion reads "{CONFIG_VERSION}")')
+        return v
+
+    @model_validator(mode="after")
+    def _services(self) -> Config:
+        auth, proxy, app = (
+            self.auth_service.enabled,
+            self.proxy_service.enabled,
+            self.app_service.enabled,
+        )
+        if not (auth or proxy or app):
+            raise located_error(
+                (), "no service is enabled (enable auth_service, proxy_service or app_service)"
+            )
+        if proxy and not auth:
+            raise located_error(
+                ("proxy_service", "enabled"),
+                "the proxy service needs auth_service enabled on the same node "
+                "(only app_service can run alone, as an agent)",
+            )
+        if auth and self.bastion.proxy_server:
+            raise located_error(
+                ("bastion", "proxy_server"),
+                "only for an agent (a node running app_service alone); remove it",
+            )
+        if not auth:  # an agent: app_service alone
+            if not self.bastion.proxy_server:
+                raise located_error(
+                    ("bastion", "proxy_server"),
+                    "required when auth_service is disabled (the address of the proxy to join)",
+                )
+            if not self.bastion.join_params.token_name:
+                raise located_error(
+                    ("bastion", "join_params", "token_name"),
+                    "required when auth_service is disabled (a join token or a file holding it)",
+                )
+        return self
+
+    @property
+    def data_dir(self) -> Path:
+        return self.bastion.data_dir
+
+    @property
+    def cluster_name(self) -> str:
+        return self.bastion.cluster_name
+
+    @property
+    def backend_path(self) -> Path:
+        """The SQLite backend file (``<data_dir>/backend.db`` unless set)."""
+        return self.auth_service.backend.resolved_path(self.data_dir)
+
+    @property
+    def roles(self) -> frozenset[str]:
+        """The services this node runs: a subset of ``{"auth", "proxy", "app"}``."""
+        enabled = {
+            "auth": self.auth_service.enabled,
+            "proxy": self.proxy_service.enabled,
+            "app": self.app_service.enabled,
+        }
+        return frozenset(role for role, on in enabled.items() if on)
+
+    @property
+    def is_agent(self) -> bool:
+        """True for a node that runs app_service alone and joins through ``proxy_server``."""
+        return not self.auth_service.enabled
+
+
+# ---------------------------------------------------------------- loading
+
+
+def validate_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Config:
+    """Validate decoded configuration data; relative paths are taken against ``base_dir``.
+
+    Raises ``ConfigError``: its ``path`` is the first problem's key path and its
+    message lists every problem found, one ``key.path: reason`` line each.
+    """
+    base = Path(os.path.abspath(base_dir if base_dir is not None else Path.cwd()))
+    try:
+        return Config.model_validate(data, context={BASE_DIR: base})
+    except pydantic.ValidationError as e:
+        problems = pydantic_problems(e)
+    first_path, first_reason = problems[0]
+    rest = [f"{path}: {reason}" if path else reason for path, reason in problems[1:]]
+    raise ConfigError(first_path, "\n".join([first_reason, *rest]))
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, decode and validate a configuration file.
+
+    Problems with the file itself (missing, unreadable, not YAML, not exactly
+    one document) are ``ConfigError(<file path>, reason)``; problems with its
+    content are ``ConfigError(<key path>, reason)`` as in ``validate_config``.
+    """
+    file = Path(path)
+    where = str(file)
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(where, "no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(where, "is a directory, not a configuration file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(where, "is not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(where, f"cannot read: {e.strerror or e}") from None
+    try:
+        docs = load_documents(text, source=where)
+    except DecodeError as e:
+        raise ConfigError(where, e.location) from None
+    if not docs:
+        raise ConfigError(
+            where, f"the file is empty (it needs at least: version: {CONFIG_VERSION})"
+        )
+    if len(docs) > 1:
+        raise ConfigError(
+            where, f"found {len(docs)} YAML documents; a configuration file holds exactly one"
+        )
+    return validate_config(docs[0], base_dir=file.absolute().parent)
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def default_config(
+    data_dir: Path,
+    *,
+    cluster_name: str = "",
+    auth_listen: str = DEFAULT_AUTH_LISTEN,
+    proxy_listen: str = DEFAULT_PROXY_LISTEN,
+    public_addr: str = "",
+    second_factor: str = "optional",
+    demo_server: bool = False,
+    apps: Sequence[AppConfig | Mapping[str, Any]] = (),
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """A single-node configuration (auth + proxy + app) for tests and the demo.
+
+    ``overrides`` is merged key by key into the file-shaped data before
+    validation (``{"auth_service": {"authentication": {"lockout_attempts": 3}}}``),
+    so anything a file can say can be said here, and it is checked the same way.
+    Raises ``ConfigError`` like ``load_config``.
+    """
+    data: dict[str, Any] = {
+        "version": CONFIG_VERSION,
+        "bastion": {"data_dir": str(data_dir), "cluster_name": cluster_name},
+        "auth_service": {"listen_addr": auth_listen, "second_factor": second_factor},
+        "proxy_service": {"listen_addr": proxy_listen, "public_addr": public_addr},
+        "app_service": {
+            "demo_server": demo_server,
+            "apps": [a.model_dump() if isinstance(a, AppConfig) else dict(a) for a in apps],
+        },
+    }
+    if overrides:
+        data = _merge(data, overrides)
+    return validate_config(data)
+
+
+# --------------------------------------------------------- starter file
+
+
+def _q(value: str) -> str:
+    """A YAML double-quoted scalar (JSON string syntax is valid YAML)."""
+    out = ['"']
+    for ch in value:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _render_app(name: str, target: str) -> list[str]:
+    lines = [f"  - name: {_q(name)}", f"    description: {_q('')}", "    labels:", "      env: dev"]
+    if "://" in target:
+        lines.append(f"    uri: {_q(target)}")
+    else:
+        argv = shlex.split(target)
+        if not argv:
+            raise ValueError(f'app "{name}": empty command')
+        lines += [
+            "    # A stdio MCP server: the app service starts this command for each session.",
+            "    mcp:",
+            f"      command: {_q(argv[0])}",
+            "      args: [" + ", ".join(_q(a) for a in argv[1:]) + "]",
+            '      # The host user to run the command as ("" = the user running bastion).',
+            f"      run_as_host_user: {_q('')}",
+        ]
+    return lines
+
+
+def render_starter(
+    *,
+    cluster_name: str,
+    data_dir: str,
+    proxy_listen: str = DEFAULT_PROXY_LISTEN,
+    auth_listen: str = DEFAULT_AUTH_LISTEN,
+    roles: Collection[str] = ALL_ROLES,
+    demo_server: bool = False,
+    proxy_server: str = "",
+    join_token: str = "",
+    apps: Sequence[tuple[str, str]] = (),
+) -> str:
+    """A commented starter configuration that ``load_config`` accepts.
+
+    ``roles`` is the set of services to enable (``auth``, ``proxy``, ``app``);
+    ``{"app"}`` alone makes an agent's file, which joins through
+    ``proxy_server`` with ``join_token`` (a token or the path of a file
+    holding it).  Each ``apps`` entry is ``(name, target)``: a target with
+    ``://`` is the MCP server's URI (``mcp+https://...``), anything else is a
+    command line for a stdio server.  The text is validated before it is
+    returned: ``ValueError`` for a role set that cannot run (empty, unknown
+    roles, ``proxy`` without ``auth``), ``ConfigError`` for bad values (an
+    invalid address, an agent without ``proxy_server`` or ``join_token``...).
+    """
+    role_set = frozenset(roles)
+    unknown = role_set - ALL_ROLES
+    if unknown or not role_set:
+        raise ValueError(
+            f"roles must be a non-empty subset of auth, proxy, app (got {sorted(role_set)})"
+        )
+    auth, proxy, app = ("auth" in role_set, "proxy" in role_set, "app" in role_set)
+    if proxy and not auth:
+        raise ValueError("the proxy role needs the auth role on the same node")
+    agent = role_set == {"app"}
+    auth_defaults = AuthService()
+    authn = auth_defaults.authentication
+
+    names = [r for r in ("auth", "proxy", "app") if r in role_set]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    what = (
+        "an agent running the app service"
+        if agent
+        else f"a node running the {listed} service{'s' if len(names) > 1 else ''}"
+    )
+    out: list[str] = [
+        f"# mcp-bastion configuration: {what}.",
+        "#",
+        "# Start it with:  bastion start --config <this file>",
+        "# Unknown keys are errors.  Durations are written like 90s, 30m, 12h, 1h30m, 7d.",
+        "# Relative paths are resolved against the directory of this file.",
+        f"version: {CONFIG_VERSION}",
+        "",
+        "bastion:",
+    ]
+    if agent:
+        out += [
+            "  # An agent takes its cluster name from the cluster it joins.",
+            f"  # cluster_name: {_q(cluster_name)}",
+        ]
+    else:
+        out += [
+            "  # The cluster's name, shown to users and written into certificates.",
+            '  # Empty ("") means this host\'s name.',
+            f"  cluster_name: {_q(cluster_name)}",
+        ]
+    out += [
+        "  # Where this node keeps its state (keys, certificates, the backend database).",
+        f"  data_dir: {_q(data_dir)}",
+    ]
+    if agent:
+        out += [
+            "  # How this agent joins the cluster.  token_name is the join token itself or",
+            "  # the path of a file holding it (create one on the cluster with",
+            "  # `bastion tokens add --type=app`).  Prefer a file readable only by bastion.",
+            "  join_params:",
+            f"    token_name: {_q(join_token)}",
+            "    method: token",
+            "  # host:port of the cluster's proxy service; the agent dials out to it.",
+            f"  proxy_server: {_q(proxy_server)}",
+        ]
+    else:
+        out += [
+            "  # join_params and proxy_server are only for an agent (app_service alone):",
+            "  # join_params:",
+            '  #   token_name: "/var/lib/bastion/token"',
+            "  #   method: token",
+            '  # proxy_server: "proxy.example.com:3080"',
+        ]
+    out += [
+        "  log:",
+        "    # debug | info | warn | error",
+        "    severity: info",
+        "    # text | json (one object per line)",
+        "    format: text",
+        "    # stderr | stdout | the path of a file",
+        "    output: stderr",
+        "",
+        "auth_service:",
+    ]
+    if auth:
+        out += [
+            "  enabled: true",
+            "  # Where the auth service listens (host:port).  The proxy and agents talk to",
+            "  # it; users never do, so keep it on a private address.",
+            f"  listen_addr: {_q(auth_listen)}",
+            "  backend:",
+            "    # sqlite: an embedded database file.  (postgres is planned, not supported yet.)",
+            "    type: sqlite",
+            '    # The database file; "" means <data_dir>/backend.db.',
+            '    path: ""',
+            "  # Second factor (TOTP) for local users: off | optional | on.",
+            f"  second_factor: {auth_defaults.second_factor}",
+            "  authentication:",
+            "    # Failed logins in a row before an account is locked, and for how long.",
+            f"    lockout_attempts: {authn.lockout_attempts}",
+            f"    lockout_duration: {format_duration(authn.lockout_duration)}",
+            "    # How long an invitation (sign-up link for a new user) stays valid.",
+            f"    invite_ttl: {format_duration(authn.invite_ttl)}",
+        ]
+    else:
+        out += ["  # The auth service runs elsewhere in the cluster.", "  enabled: false"]
+    out += ["", "proxy_service:"]
+    if proxy:
+        out += [
+            "  enabled: true",
+            "  # Where the proxy listens (host:port): users' MCP clients and agents connect here.",
+            f"  listen_addr: {_q(proxy_listen)}",
+            "  # host:port that clients use to reach the proxy (a DNS name behind a load",
+            '  # balancer, for example).  "" means listen_addr.',
+            '  public_addr: ""',
+            "  # The proxy's TLS certificate.  Set both files or neither; with neither, the",
+            "  # proxy is issued a certificate by the cluster's own CA.",
+            "  tls:",
+            '    cert_file: ""',
+            '    key_file: ""',
+        ]
+    else:
+        out += ["  # The proxy service runs elsewhere in the cluster.", "  enabled: false"]
+    out += ["", "app_service:"]
+    if app:
+        out += [
+            "  enabled: true",
+            "  # Also serve a small built-in demo MCP server (handy for a first try).",
+            f"  demo_server: {'true' if demo_server else 'false'}",
+            "  # MCP servers this node gives access to.  uri schemes: mcp+http, mcp+https",
+            "  # (streamable HTTP), mcp+sse+http, mcp+sse+https (SSE); leave uri out and set",
+            "  # mcp.command for a stdio server.  labels are matched by roles' app_labels.",
+        ]
+        if apps:
+            out.append("  apps:")
+            for name, target in apps:
+                out += _render_app(name, target)
+        else:
+            out += [
+                "  apps: []",
+                "  # apps:",
+                '  # - name: "everything"',
+                '  #   description: "The MCP reference server"',
+                "  #   labels:",
+                "  #     env: dev",
+                '  #   uri: "mcp+https://mcp.example.com/mcp"',
+                "  #   # Headers added to every request to the server:",
+                "  #   rewrite:",
+                '  #     headers: ["Authorization: Bearer <secret>"]',
+                '  # - name: "files"',
+                "  #   mcp:",
+                '  #     command: "npx"',
+                '  #     args: ["-y", "@modelcontextprotocol/server-filesystem", "/srv/shared"]',
+            ]
+        out += [
+            "  # Also serve apps created as resources (`bastion create app.yaml`) whose",
+            '  # labels match.  Values are "*", a literal or a ^regex$.',
+        ]
+        if agent:
+            out += ["  # resources:", '  # - labels: {"env": "dev"}', "  resources: []"]
+        else:
+            out += ["  resources:", "  - labels:", '      "*": "*"']
+    else:
+        out += ["  enabled: false"]
+    text = "\n".join(out) + "\n"
+
+    docs = load_documents(text, source="starter configuration")
+    validate_config(docs[0])
+    return text

@@ -1,0 +1,153 @@
+"""The proxy's listener: HTTPS (TLS 1.2+) on uvicorn, serving the web API.
+
+The socket is bound before anything else starts, so a busy port is a clear
+start-up error, and ``port 0`` works for tests (``ProxyService.port`` tells
+which port was picked).  Without a configured certificate, one is issued by
+the cluster's host CA for ``localhost``, the loopback addresses, this host's
+name and the public address; clients pin that CA at first login.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Generator
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from bastion.auth.ca import issue_server_cert
+from bastion.auth.server import AuthServer
+from bastion.errors import ConfigError
+from bastion.proxy.webapi import RequestContext, build_webapi
+
+log = logging.getLogger("bastion.proxy")
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    host: str
+    port: int
+    public_addr: str
+    data_dir: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the service owns signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def split_host_port(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep:
+        raise ValueError(f'address "{addr}" has no port')
+    return host.strip("[]"), int(port)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(
+            "proxy_service.listen_addr", f"cannot listen on {host}:{port}: {e.strerror}"
+        ) from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class ProxyService:
+    def __init__(self, auth: AuthServer, settings: ProxySettings) -> None:
+        self.auth = auth
+        self.settings = settings
+        self._sock: socket.socket | None = None
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._sock is not None, "start() first"
+        return int(self._sock.getsockname()[1])
+
+    def _tls_files(self) -> tuple[Path, Path]:
+        s = self.settings
+        if s.cert_file and s.key_file:
+            return s.cert_file, s.key_file
+        hosts = ["localhost", "127.0.0.1", "::1", socket.gethostname()]
+        pub_host = split_host_port(s.public_addr)[0] if s.public_addr else ""
+        for h in (pub_host, s.host):
+            if h and h not in ("0.0.0.0", "::"):
+                hosts.insert(0, h)
+        issued = issue_server_cert(self.auth.cas["host"], hosts=hosts, now=self.auth.clock.now())
+        tls_dir = s.data_dir / "proxy"
+        tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cert, key = tls_dir / "tls.crt", tls_dir / "tls.key"
+        # The key file is created 0600 before anything is written to it.
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(issued.key_pem)
+        cert.write_bytes(issued.cert_pem + self.auth.cas["host"].cert_pem)
+        return cert, key
+
+    async def start(self) -> None:
+        s = self.settings
+        self._sock = _bind(s.host, s.port)
+        cert, key = self._tls_files()
+
+        def tls_context(config: uvicorn.Config, default: object) -> ssl.SSLContext:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.load_cert_chain(str(cert), str(key))
+            ctx.set_alpn_protocols(["http/1.1"])
+            return ctx
+
+        app = RequestContext(
+            build_webapi(self.auth, public_addr=s.public_addr or f"{s.host}:{self.port}")
+        )
+        config = uvicorn.Config(
+            app,
+            http="httptools",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            date_header=False,
+            ssl_certfile=str(cert),
+            ssl_keyfile=str(key),
+            ssl_context_factory=tls_context,
+            timeout_graceful_shutdown=5,
+        )
+        self._server = _Server(config)
+        self._task = asyncio.create_task(
+            self._server.serve(sockets=[self._sock]), name="proxy-http"
+        )
+        while not self._server.started:
+            if self._task.done():
+                await self._task
+                raise RuntimeError("the proxy stopped during start-up")
+            await asyncio.sleep(0.01)
+        log.info("proxy listening", extra={"addr": f"https://{s.host}:{self.port}"})
+
+    async def wait(self) -> None:
+        if self._task:
+            await self._task
+
+    async def stop(self) -> None:
+        if self._server:
+            self._server.should_exit = True
+        if self._task:
+            await self._task

@@ -1,0 +1,322 @@
+"""The proxy's web API: discovery, health, login, invites and resource management.
+
+Routes (JSON in, JSON out; authenticated ones take ``Authorization: Bearer``):
+
+    GET    /v1/webapi/find                  cluster name, server version (public)
+    GET    /v1/webapi/ca                    the host CA certificate, PEM (public)
+    POST   /v1/webapi/login                 user + password (+ otp) -> credential
+    POST   /v1/webapi/invites/info          who an invite is for (code in the body:
+                                            secrets never go in URLs, which get logged)
+    POST   /v1/webapi/invites/accept        set a password with an invite
+    GET    /healthz  /readyz
+    GET    /v1/whoami                       the caller, roles, expiry        [auth]
+    GET    /v1/resources/{kind}[/{name}]                                    [auth]
+    POST   /v1/resources?overwrite=1        create (or replace)              [auth]
+    DELETE /v1/resources/{kind}/{name}                                      [auth]
+    POST   /v1/users   PATCH /v1/users/{name}   POST /v1/users/{name}/reset [auth]
+    POST   /v1/tokens                       new join token                  [auth]
+    POST   /v1/auth/sign                    credential for a user           [auth]
+
+Handlers parse and call ``AuthServer``; they decide nothing themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bastion import __version__
+from bastion.auth.server import Actor, AuthServer
+from bastion.errors import AuthenticationError, BastionError, ValidationError
+from bastion.log import request_id
+from bastion.proxy.errors import error_response
+
+log = logging.getLogger("bastion.proxy")
+
+MAX_BODY = 1 << 20
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if len(raw) > MAX_BODY:
+        raise ValidationError("request body too large")
+    try:
+        data = orjson.loads(raw or b"{}")
+    except orjson.JSONDecodeError as e:
+        raise ValidationError(f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValidationError("request body must be a JSON object")
+    return data
+
+
+def _str(data: dict[str, Any], key: str, *, required: bool = True) -> str:
+    v = data.get(key, "")
+    if not isinstance(v, str) or (required and not v):
+        raise ValidationError(f'"{key}" must be a non-empty string')
+    return v
+
+
+def _ttl(data: dict[str, Any], key: str = "ttl_seconds") -> timedelta | None:
+    v = data.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, int | float) or v <= 0:
+        raise ValidationError(f'"{key}" must be a positive number of seconds')
+    return timedelta(seconds=v)
+
+
+def identity_json(actor: Actor) -> dict[str, Any]:
+    ident = actor.identity
+    user = actor.user
+    return {
+        "user": actor.name,
+        "cluster_name": ident.cluster_name if ident else "",
+        "roles": list(user.spec.roles) if user else [],
+        "traits": dict(user.spec.traits) if user else {},
+        "expires": ident.expires.isoformat() if ident else None,
+    }
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def build_webapi(auth: AuthServer, *, public_addr: str) -> Starlette:
+    async def actor_of(request: Request) -> Actor:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationError(
+                "no credential: send `Authorization: Bearer <token>` (log in with `bastion login`)"
+            )
+        return await auth.authenticate(token.strip())
+
+    async def find(request: Request) -> Response:
+        return _json(
+            {
+                "cluster_name": auth.cluster_name,
+                "server_version": __version__,
+                "proxy": {"public_addr": public_addr},
+                "auth": {"second_factor": auth.settings.second_factor},
+            }
+        )
+
+    async def ca(request: Request) -> Response:
+        return Response(auth.cas["host"].cert_pem, media_type="application/x-pem-file")
+
+    async def healthz(request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        await auth.backend.current_revision()
+        return _json({"status": "ok"})
+
+    async def login(request: Request) -> Response:
+        data = await _body(request)
+        token, ident = await auth.login(
+            _str(data, "user"),
+            _str(data, "password"),
+            totp_code=_str(data, "otp", required=False),
+            ttl=_ttl(data),
+        )
+        log.info(
+            "user logged in", extra={"user": ident.username, "expires": ident.expires.isoformat()}
+        )
+        return _json(
+            {
+                "token": token,
+                "user": ident.username,
+                "roles": list(ident.roles),
+                "expires": ident.expires.isoformat(),
+                "cluster_name": ident.cluster_name,
+            }
+        )
+
+    async def invite_info(request: Request) -> Response:
+        info = await auth.invite_info(_str(await _body(request), "code"))
+        return _json(
+            {
+                "user": info.user,
+                "expires": info.expires.isoformat(),
+                "second_factor": info.second_factor,
+            }
+        )
+
+    async def invite_accept(request: Request) -> Response:
+        data = await _body(request)
+        user = await auth.accept_invite(
+            _str(data, "code"),
+            _str(data, "password"),
+            totp_secret=_str(data, "totp_secret", required=False),
+            totp_code=_str(data, "otp", required=False),
+        )
+        log.info("invite accepted", extra={"user": user})
+        return _json({"user": user})
+
+    async def whoami(request: Request) -> Response:
+        return _json(identity_json(await actor_of(request)))
+
+    async def get_resources(request: Request) -> Response:
+        actor = await actor_of(request)
+        kind = request.path_params["kind"]
+        name = request.path_params.get("name")
+        if name:
+            res = await auth.get_resource(actor, kind, name)
+            return _json(res.model_dump(mode="json"))
+        return _json([r.model_dump(mode="json") for r in await auth.list_resources(actor, kind)])
+
+    async def create_resource(request: Request) -> Response:
+        actor = await actor_of(request)
+        overwrite = request.query_params.get("overwrite") in ("1", "true")
+        res = await auth.create_resource(actor, await _body(request), overwrite=overwrite)
+        log.info(
+            "resource written",
+            extra={"by": actor.name, "kind": res.kind, "name": res.metadata.name},
+        )
+        return _json(res.model_dump(mode="json"), 201)
+
+    async def delete_resource(request: Request) -> Response:
+        actor = await actor_of(request)
+        kind, name = request.path_params["kind"], request.path_params["name"]
+        await auth.delete_resource(actor, kind, name)
+        log.info("resource deleted", extra={"by": actor.name, "kind": kind, "name": name})
+        return _json({"deleted": f"{kind}/{name}"})
+
+    def _invite_json(invite: Any) -> dict[str, Any]:
+        return {"user": invite.user, "code": invite.code, "expires": invite.expires.isoformat()}
+
+    async def add_user(request: Request) -> Response:
+        actor = await actor_of(request)
+        data = await _body(request)
+        invite = await auth.add_user(
+            actor, _str(data, "name"), _strlist(data, "roles"), _traitmap(data, "traits")
+        )
+        return _json(_invite_json(invite), 201)
+
+    async def update_user(request: Request) -> Response:
+        actor = await actor_of(request)
+        data = await _body(request)
+        user = await auth.update_user(
+            actor,
+            request.path_params["name"],
+            roles=_strlist(data, "roles") if "roles" in data else None,
+            traits=_traitmap(data, "traits") if "traits" in data else None,
+        )
+        return _json(user.model_dump(mode="json"))
+
+    async def reset_user(request: Request) -> Response:
+        actor = await actor_of(request)
+        return _json(_invite_json(await auth.reset_user(actor, request.path_params["name"])))
+
+    async def add_token(request: Request) -> Response:
+        actor = await actor_of(request)
+        data = await _body(request)
+        secret, token = await auth.add_token(actor, _strlist(data, "roles"), _ttl(data))
+        return _json({"token": secret, "resource": token.model_dump(mode="json")}, 201)
+
+    async def sign(request: Request) -> Response:
+        actor = await actor_of(request)
+        data = await _body(request)
+        ttl = _ttl(data) or timedelta(hours=1)
+        token, ident = await auth.sign(actor, _str(data, "user"), ttl)
+        log.info("credential signed", extra={"by": actor.name, "for": ident.username})
+        return _json({"token": token, "user": ident.username, "expires": ident.expires.isoformat()})
+
+    routes = [
+        Route("/v1/webapi/find", find),
+        Route("/webapi/find", find),
+        Route("/v1/webapi/ca", ca),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/v1/webapi/login", login, methods=["POST"]),
+        Route("/v1/webapi/invites/accept", invite_accept, methods=["POST"]),
+        Route("/v1/webapi/invites/info", invite_info, methods=["POST"]),
+        Route("/v1/whoami", whoami),
+        Route("/v1/resources", create_resource, methods=["POST"]),
+        Route("/v1/resources/{kind}", get_resources),
+        Route("/v1/resources/{kind}/{name}", get_resources, methods=["GET"]),
+        Route("/v1/resources/{kind}/{name}", delete_resource, methods=["DELETE"]),
+        Route("/v1/users", add_user, methods=["POST"]),
+        Route("/v1/users/{name}", update_user, methods=["PATCH"]),
+        Route("/v1/users/{name}/reset", reset_user, methods=["POST"]),
+        Route("/v1/tokens", add_token, methods=["POST"]),
+        Route("/v1/auth/sign", sign, methods=["POST"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={BastionError: _handle, Exception: _handle},
+    )
+    return app
+
+
+async def _handle(request: Request, exc: Exception) -> Response:
+    return error_response(exc)
+
+
+def _strlist(data: dict[str, Any], key: str) -> list[str]:
+    v = data.get(key, [])
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValidationError(f'"{key}" must be a list of strings')
+    return v
+
+
+def _traitmap(data: dict[str, Any], key: str) -> dict[str, list[str]]:
+    v = data.get(key, {})
+    if not isinstance(v, dict) or not all(
+        isinstance(k, str) and isinstance(x, list) and all(isinstance(s, str) for s in x)
+        for k, x in v.items()
+    ):
+        raise ValidationError(f'"{key}" must map names to lists of strings')
+    return v
+
+
+class RequestContext:
+    """ASGI middleware: a request id per request, and one access-log line."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = uuid.uuid4().hex[:16]
+        token = request_id.set(rid)
+        start = time.perf_counter()
+        status = 0
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            log.info(
+                "request",
+                extra={
+                    "method": scope.get("method"),
+                    "path": scope.get("path"),
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - start) * 1000, 2),
+                    "remote": (scope.get("client") or ("", 0))[0],
+                },
+            )
+            request_id.reset(token)

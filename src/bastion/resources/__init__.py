@@ -1,0 +1,332 @@
+"""Typed resource models: ``user``, ``role``, ``token``, ``app`` (and internal kinds).
+
+Every resource has ``kind``, ``version``, ``metadata`` (name, description,
+labels, expires, revision) and ``spec``.  Models are frozen pydantic models
+that forbid unknown fields, so a typo is an error, not a silent no-op.
+Decoding from YAML/JSON text and turning pydantic errors into
+``key.path: reason`` messages lives in ``bastion.resources.codec``.
+
+This module must not import anything above ``bastion.errors``.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
+
+from bastion._time import format_duration, parse_duration
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+LABEL_KEY_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9._/-]{0,127})$")
+
+#: Internal label set on every app; the ``mcp-user`` preset role selects on it.
+SUB_KIND_LABEL = "bastion.internal/app-sub-kind"
+#: Label on preset resources.
+RESOURCE_TYPE_LABEL = "bastion.internal/resource-type"
+
+MCP_SCHEMES = ("mcp+http", "mcp+https", "mcp+sse+http", "mcp+sse+https", "mcp+stdio")
+
+VERBS = ("list", "create", "read", "update", "delete")
+RULE_RESOURCES = ("user", "role", "token", "app", "app_server", "event", "cert_authority")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _duration(v: Any) -> Any:
+    if isinstance(v, str):
+        return parse_duration(v)
+    if isinstance(v, int | float):
+        return timedelta(seconds=v)
+    return v
+
+
+#: A ``timedelta`` read from ``30m``-style text and written back the same way.
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(_duration),
+    PlainSerializer(format_duration, return_type=str, when_used="json"),
+]
+
+
+def check_regex_or_glob(pattern: str) -> str:
+    """Validate a matcher pattern: ``^regex$`` must compile; anything else is a glob/literal."""
+    if pattern.startswith("^") and pattern.endswith("$"):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f'invalid regular expression "{pattern}": {e}') from None
+    return pattern
+
+
+class Metadata(_Frozen):
+    name: str
+    description: str = ""
+    labels: dict[str, str] = Field(default_factory=dict)
+    expires: datetime | None = None
+    #: Set by the backend when read; ignored on create, checked by ``update``.
+    revision: int | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(
+                f'invalid name "{v}": use letters, digits, ".", "_", "-", "@" '
+                "(at most 128, starting with a letter or digit)"
+            )
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for k in v:
+            if not LABEL_KEY_RE.match(k):
+                raise ValueError(f'invalid label key "{k}"')
+        return v
+
+
+# --------------------------------------------------------------------- role
+
+
+LabelValues = Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)]
+
+
+class Rule(_Frozen):
+    resources: list[str]
+    verbs: list[str]
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, v: list[str]) -> list[str]:
+        for r in v:
+            if r != "*" and r not in RULE_RESOURCES:
+                raise ValueError(
+                    f'unknown resource "{r}" (known: {", ".join(RULE_RESOURCES)}, or "*")'
+                )
+        return v
+
+    @field_validator("verbs")
+    @classmethod
+    def _verbs(cls, v: list[str]) -> list[str]:
+        for verb in v:
+            if verb != "*" and verb not in VERBS:
+                raise ValueError(f'unknown verb "{verb}" (known: {", ".join(VERBS)}, or "*")')
+        return v
+
+
+class MCPPermissions(_Frozen):
+    tools: list[str] = Field(default_factory=list)
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v: list[str]) -> list[str]:
+        return [check_regex_or_glob(p) for p in v]
+
+
+class RoleConditions(_Frozen):
+    app_labels: dict[str, LabelValues] = Field(default_factory=dict)
+    mcp: MCPPermissions = Field(default_factory=MCPPermissions)
+    rules: list[Rule] = Field(default_factory=list)
+
+    @field_validator("app_labels")
+    @classmethod
+    def _labels(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for k, values in v.items():
+            if not LABEL_KEY_RE.match(k) and not k.startswith("{{"):
+                raise ValueError(f'invalid label key "{k}" in selector')
+            for value in values:
+                check_regex_or_glob(value)
+        return v
+
+
+class RoleOptions(_Frozen):
+    max_session_ttl: Duration = timedelta(hours=12)
+
+
+class RoleSpec(_Frozen):
+    options: RoleOptions = Field(default_factory=RoleOptions)
+    allow: RoleConditions = Field(default_factory=RoleConditions)
+    deny: RoleConditions = Field(default_factory=RoleConditions)
+
+
+class Role(_Frozen):
+    kind: Literal["role"] = "role"
+    version: Literal["v1"] = "v1"
+    metadata: Metadata
+    spec: RoleSpec = Field(default_factory=RoleSpec)
+
+
+# --------------------------------------------------------------------- user
+
+
+class UserSpec(_Frozen):
+    roles: list[str] = Field(default_factory=list)
+    #: Trait name -> values, used by ``{{internal.X}}`` / ``{{external.X}}``.
+    traits: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class User(_Frozen):
+    kind: Literal["user"] = "user"
+    version: Literal["v1"] = "v1"
+    metadata: Metadata
+    spec: UserSpec = Field(default_factory=UserSpec)
+
+
+# --------------------------------------------------------------------- token
+
+TOKEN_TYPES = ("app",)
+
+
+class TokenSpec(_Frozen):
+    #: What the token lets its bearer join as.
+    roles: list[str]
+    #: SHA-256 (hex) of the secret.  The secret itself is never stored.
+    secret_sha256: str = ""
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"at least one join type is required ({', '.join(TOKEN_TYPES)})")
+        for r in v:
+            if r not in TOKEN_TYPES:
+                raise ValueError(f'unknown join type "{r}" (known: {", ".join(TOKEN_TYPES)})')
+        return v
+
+
+class Token(_Frozen):
+    kind: Literal["token"] = "token"
+    version: Literal["v1"] = "v1"
+    metadata: Metadata
+    spec: TokenSpec
+
+
+# ----------------------------------------------------------------------- app
+
+
+class Header(_Frozen):
+    name: str
+    value: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", v):
+            raise ValueError(f'invalid header name "{v}"')
+        return v
+
+
+def _header(v: Any) -> Any:
+    """Accept ``"Name: value"`` strings (config-file form) as well as ``{name, value}``."""
+    if isinstance(v, str):
+        name, sep, value = v.partition(":")
+        if not sep or not name.strip():
+            raise ValueError(f'malformed header "{v}" (expected "Name: value")')
+        return {"name": name.strip(), "value": value.strip()}
+    return v
+
+
+class Rewrite(_Frozen):
+    headers: list[Annotated[Header, BeforeValidator(_header)]] = Field(default_factory=list)
+    jwt_claims: Literal["roles-and-traits", "roles", "traits", "none"] = "roles-and-traits"
+
+
+class MCPCommand(_Frozen):
+    command: str
+    args: list[str] = Field(default_factory=list)
+    run_as_host_user: str = ""
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+def transport_of(uri: str) -> str:
+    """``stdio``, ``sse`` or ``http`` for an app URI; ``ValueError`` otherwise."""
+    if not uri:
+        return "stdio"
+    scheme, sep, _ = uri.partition("://")
+    if not sep:
+        raise ValueError(f'invalid URI "{uri}" (expected scheme://...)')
+    if scheme == "mcp+stdio":
+        return "stdio"
+    if scheme in ("mcp+sse+http", "mcp+sse+https"):
+        return "sse"
+    if scheme in ("mcp+http", "mcp+https"):
+        return "http"
+    raise ValueError(f'unknown scheme "{scheme}" (known: {", ".join(MCP_SCHEMES)})')
+
+
+class AppSpec(_Frozen):
+    uri: str = ""
+    mcp: MCPCommand | None = None
+    insecure_skip_verify: bool = False
+    rewrite: Rewrite = Field(default_factory=Rewrite)
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        transport = transport_of(v)
+        if transport != "stdio":
+            rest = v.partition("://")[2]
+            if not rest or rest.startswith("/"):
+                raise ValueError(f'URI "{v}" has no host')
+        return v
+
+    @model_validator(mode="after")
+    def _stdio_needs_command(self) -> AppSpec:
+        if transport_of(self.uri) == "stdio" and self.mcp is None:
+            raise ValueError(
+                "a stdio app needs mcp.command (or an mcp+http(s)/mcp+sse+http(s) uri)"
+            )
+        return self
+
+    @property
+    def transport(self) -> str:
+        return transport_of(self.uri)
+
+
+class App(_Frozen):
+    kind: Literal["app"] = "app"
+    #: ``v3`` is accepted so that files written for Teleport load unchanged.
+    version: Literal["v1", "v3"] = "v1"
+    metadata: Metadata
+    spec: AppSpec
+
+
+Resource = Role | User | Token | App
+
+KINDS: dict[str, type[BaseModel]] = {"role": Role, "user": User, "token": Token, "app": App}
+
+#: Plural and short aliases accepted on the command line (``bastion get roles``).
+KIND_ALIASES: dict[str, str] = {
+    "role": "role",
+    "roles": "role",
+    "user": "user",
+    "users": "user",
+    "token": "token",
+    "tokens": "token",
+    "app": "app",
+    "apps": "app",
+    "mcp_server": "app",
+    "mcp_servers": "app",
+}
+
+
+def key_for(kind: str, name: str) -> str:
+    """The backend key of a resource."""
+    return f"/{kind}s/{name}"
+
+
+def prefix_for(kind: str) -> str:
+    return f"/{kind}s/"

@@ -1,0 +1,154 @@
+"""Composition root: start the services a configuration enables, in one process.
+
+    Cluster.start(cfg) -> backend -> auth service -> proxy service (-> app service, next)
+
+Nothing here decides policy or speaks a protocol; it wires parts together,
+owns their tasks, runs housekeeping (expiry and compaction of the backend),
+and stops everything in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from bastion import __version__
+from bastion.auth.ca import fingerprint
+from bastion.auth.server import AuthServer
+from bastion.backend import Backend
+from bastion.backend.factory import open_backend
+from bastion.client.local import settings_from
+from bastion.config import Config, split_addr
+from bastion.errors import BastionError, ConfigError
+from bastion.proxy.server import ProxyService, ProxySettings
+
+log = logging.getLogger("bastion.service")
+
+EXPIRE_EVERY = 30.0
+COMPACT_EVERY = 600.0
+
+
+class Cluster:
+    """The running services of one process."""
+
+    def __init__(
+        self, cfg: Config, backend: Backend, auth: AuthServer, proxy: ProxyService | None
+    ) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        self.auth = auth
+        self.proxy = proxy
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def start(cls, cfg: Config) -> Cluster:
+        if not cfg.auth_service.enabled:
+            raise ConfigError(
+                "auth_service.enabled",
+                "running without the auth service (an app service joining a remote cluster) "
+                "is not supported by this version yet",
+            )
+        data_dir = cfg.bastion.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        backend = await open_backend(cfg.auth_service.backend, data_dir)
+        try:
+            auth = await AuthServer.open(backend, cfg.bastion.cluster_name, settings_from(cfg))
+            proxy = None
+            if cfg.proxy_service.enabled:
+                host, port = split_addr(cfg.proxy_service.listen_addr)
+                tls = cfg.proxy_service.tls
+                proxy = ProxyService(
+                    auth,
+                    ProxySettings(
+                        host=host,
+                        port=port,
+                        public_addr=cfg.proxy_service.public_addr,
+                        data_dir=data_dir,
+                        cert_file=tls.cert_file,
+                        key_file=tls.key_file,
+                    ),
+                )
+                await proxy.start()
+        except BaseException:
+            await backend.close()
+            raise
+        cluster = cls(cfg, backend, auth, proxy)
+        cluster._tasks.append(
+            asyncio.create_task(cluster._housekeeping(), name="backend-housekeeping")
+        )
+        log.info(
+            "cluster started",
+            extra={
+                "cluster": auth.cluster_name,
+                "version": __version__,
+                "ca_fingerprint": fingerprint(auth.cas["host"].cert_pem),
+            },
+        )
+        return cluster
+
+    @property
+    def proxy_addr(self) -> str:
+        """The address clients use (``host:port``, with the real port when 0 was asked)."""
+        assert self.proxy is not None
+        pub = self.cfg.proxy_service.public_addr
+        if pub:
+            return pub
+        host = self.proxy.settings.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.proxy.port}"
+
+    async def _housekeeping(self) -> None:
+        expire = getattr(self.backend, "expire", None)
+        compact = getattr(self.backend, "compact", None)
+        loop = asyncio.get_running_loop()
+        next_compact = loop.time() + COMPACT_EVERY
+        while True:
+            await asyncio.sleep(EXPIRE_EVERY)
+            try:
+                if expire is not None:
+                    await expire()
+                if compact is not None and loop.time() >= next_compact:
+                    await compact()
+                    next_compact = loop.time() + COMPACT_EVERY
+            except BastionError as e:
+                log.warning("backend housekeeping failed; will retry", extra={"error": e.message})
+
+    async def wait(self) -> None:
+        if self.proxy:
+            await self.proxy.wait()
+        else:
+            await asyncio.Event().wait()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self.proxy:
+            await self.proxy.stop()
+        await self.backend.close()
+        log.info("cluster stopped")
+
+
+async def serve(cfg: Config) -> None:
+    """Run until SIGINT or SIGTERM."""
+    cluster = await Cluster.start(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(cluster.wait(), name="cluster-wait")
+    stopper = asyncio.create_task(stop.wait(), name="stop-signal")
+    try:
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        log.info("shutting down")
+        await cluster.stop()
+        if waiter.done() and not waiter.cancelled() and waiter.exception():
+            raise waiter.exception()  # type: ignore[misc]
+        waiter.cancel()

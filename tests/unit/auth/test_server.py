@@ -1,0 +1,272 @@
+"""The auth service over a real SQLite file: users, invites, logins, lockout, rules, tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pyotp
+import pytest
+
+from bastion.auth.server import Actor, AuthServer, AuthSettings
+from bastion.backend.sqlite import SQLiteBackend
+from bastion.errors import (
+    AccessDeniedError,
+    AlreadyExistsError,
+    AuthenticationError,
+    ConfigError,
+    NotFoundError,
+    SecondFactorRequiredError,
+    ValidationError,
+)
+
+PW = "correct horse battery"
+ADMIN = Actor.admin()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = datetime.now(UTC)
+
+    def now(self) -> datetime:
+        return self.t
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def auth(tmp_path: Path, clock: Clock) -> AsyncIterator[AuthServer]:
+    backend = await SQLiteBackend.open(tmp_path / "backend.db", clock=clock)
+    try:
+        yield await AuthServer.open(backend, "test", AuthSettings(lockout_attempts=3), clock)
+    finally:
+        await backend.close()
+
+
+async def _user(
+    auth: AuthServer, name: str, roles: list[str], traits: dict[str, list[str]] | None = None
+) -> None:
+    invite = await auth.add_user(ADMIN, name, roles, traits or {})
+    await auth.accept_invite(invite.code, PW)
+
+
+async def test_presets_exist(auth: AuthServer) -> None:
+    names = [r.metadata.name for r in await auth.list_resources(ADMIN, "role")]
+    assert {"mcp-user", "access", "editor"} <= set(names)
+
+
+async def test_cluster_name_is_bound(auth: AuthServer) -> None:
+    with pytest.raises(ConfigError, match="differs"):
+        await AuthServer.open(auth.backend, "other")
+
+
+async def test_invite_login_and_authenticate(auth: AuthServer) -> None:
+    await _user(auth, "alice", ["mcp-user"])
+    token, ident = await auth.login("alice", PW)
+    assert ident.username == "alice"
+    actor = await auth.authenticate(token)
+    assert actor.name == "alice"
+    assert actor.user is not None and actor.user.spec.roles == ["mcp-user"]
+
+
+async def test_invite_is_single_use(auth: AuthServer) -> None:
+    invite = await auth.add_user(ADMIN, "bob", ["mcp-user"], {})
+    results = await asyncio.gather(
+        auth.accept_invite(invite.code, PW),
+        auth.accept_invite(invite.code, PW + "x"),
+        return_exceptions=True,
+    )
+    assert sum(1 for r in results if r == "bob") == 1
+    assert any(isinstance(r, AuthenticationError) for r in results)
+    with pytest.raises(AuthenticationError, match="already used or expired"):
+        await auth.accept_invite(invite.code, PW)
+
+
+async def test_invite_expires(auth: AuthServer, clock: Clock) -> None:
+    invite = await auth.add_user(ADMIN, "carol", ["mcp-user"], {})
+    clock.t += timedelta(hours=2)
+    with pytest.raises(AuthenticationError, match="expired"):
+        await auth.accept_invite(invite.code, PW)
+
+
+async def test_weak_password_refused_and_invite_kept(auth: AuthServer) -> None:
+    invite = await auth.add_user(ADMIN, "dave", ["mcp-user"], {})
+    with pytest.raises(ValidationError, match="at least 12"):
+        await auth.accept_invite(invite.code, "short")
+    assert await auth.accept_invite(invite.code, PW) == "dave"
+
+
+async def test_wrong_password_and_unknown_user_look_the_same(auth: AuthServer) -> None:
+    await _user(auth, "erin", ["mcp-user"])
+    with pytest.raises(AuthenticationError) as wrong:
+        await auth.login("erin", "not the password")
+    with pytest.raises(AuthenticationError) as unknown:
+        await auth.login("nobody", "not the password")
+    assert str(wrong.value) == str(unknown.value) == "invalid user name or password"
+
+
+async def test_lockout_for_known_and_unknown_names(auth: AuthServer, clock: Clock) -> None:
+    await _user(auth, "frank", ["mcp-user"])
+    for name in ("frank", "ghost"):
+        for _ in range(3):
+            with pytest.raises(AuthenticationError, match="invalid user name"):
+                await auth.login(name, "wrong password!")
+        with pytest.raises(AuthenticationError, match="too many failed"):
+            await auth.login(name, PW)
+    clock.t += timedelta(minutes=21)
+    _, ident = await auth.login("frank", PW)
+    assert ident.username == "frank"
+
+
+async def test_session_ttl_capped_by_roles(auth: AuthServer) -> None:
+    await auth.create_resource(
+        ADMIN,
+        {
+            "kind": "role",
+            "metadata": {"name": "short"},
+            "spec": {"options": {"max_session_ttl": "2h"}},
+        },
+    )
+    await _user(auth, "gina", ["mcp-user", "short"])
+    _, ident = await auth.login("gina", PW, ttl=timedelta(hours=24))
+    assert ident.expires - ident.issued_at == timedelta(hours=2)
+
+
+async def test_totp(auth: AuthServer, clock: Clock) -> None:
+    invite = await auth.add_user(ADMIN, "hank", ["mcp-user"], {})
+    secret = pyotp.random_base32()
+    with pytest.raises(ValidationError, match="does not match"):
+        await auth.accept_invite(invite.code, PW, totp_secret=secret, totp_code="000000")
+    code = pyotp.TOTP(secret).at(clock.now().timestamp())
+    await auth.accept_invite(invite.code, PW, totp_secret=secret, totp_code=code)
+    with pytest.raises(SecondFactorRequiredError):
+        await auth.login("hank", PW)
+    with pytest.raises(AuthenticationError, match="invalid one-time code"):
+        await auth.login("hank", PW, totp_code="000000" if code != "000000" else "111111")
+    _, ident = await auth.login("hank", PW, totp_code=code)
+    assert ident.username == "hank"
+
+
+async def test_rules_decide_for_users(auth: AuthServer) -> None:
+    await _user(auth, "ivy", ["mcp-user"])
+    await _user(auth, "jack", ["editor"])
+    ivy = await auth.authenticate((await auth.login("ivy", PW))[0])
+    jack = await auth.authenticate((await auth.login("jack", PW))[0])
+    role = {
+        "kind": "role",
+        "metadata": {"name": "r1"},
+        "spec": {"allow": {"mcp": {"tools": ["echo"]}}},
+    }
+    with pytest.raises(AccessDeniedError, match="may not create role"):
+        await auth.create_resource(ivy, role)
+    with pytest.raises(AccessDeniedError):
+        await auth.list_resources(ivy, "role")
+    with pytest.raises(NotFoundError):
+        await auth.get_resource(jack, "role", "r1")
+    await auth.create_resource(jack, role)
+    with pytest.raises(AlreadyExistsError, match="create -f"):
+        await auth.create_resource(jack, role)
+    updated = {**role, "spec": {"allow": {"mcp": {"tools": ["echo", "get-sum"]}}}}
+    res = await auth.create_resource(jack, updated, overwrite=True)
+    assert res.spec.allow.mcp.tools == ["echo", "get-sum"]  # type: ignore[union-attr]
+    with pytest.raises(AccessDeniedError):
+        await auth.delete_resource(ivy, "role", "r1")
+    await auth.delete_resource(jack, "role", "r1")
+    with pytest.raises(NotFoundError):
+        await auth.get_resource(jack, "role", "r1")
+
+
+async def test_deleted_user_credential_stops_working(auth: AuthServer) -> None:
+    await _user(auth, "kim", ["mcp-user"])
+    token, _ = await auth.login("kim", PW)
+    await auth.delete_resource(ADMIN, "user", "kim")
+    with pytest.raises(AuthenticationError, match="no longer exists"):
+        await auth.authenticate(token)
+
+
+async def test_role_in_use_cannot_be_deleted(auth: AuthServer) -> None:
+    await _user(auth, "lee", ["editor"])
+    with pytest.raises(ValidationError, match="still assigned"):
+        await auth.delete_resource(ADMIN, "role", "editor")
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"kind": "widget", "metadata": {"name": "x"}}, 'unknown kind "widget"'),
+        ({"metadata": {"name": "x"}}, 'missing "kind"'),
+        (
+            {"kind": "role", "metadata": {"name": "x"}, "spec": {"allow": {"colour": 1}}},
+            "spec.allow.colour: unknown field",
+        ),
+        (
+            {
+                "kind": "role",
+                "metadata": {"name": "x"},
+                "spec": {"allow": {"mcp": {"tools": ["^(a$"]}}},
+            },
+            "invalid regular expression",
+        ),
+        (
+            {
+                "kind": "role",
+                "metadata": {"name": "x"},
+                "spec": {"allow": {"app_labels": {"env": "^[$"}}},
+            },
+            "invalid regular expression",
+        ),
+        (
+            {"kind": "app", "metadata": {"name": "x"}, "spec": {"uri": "mcp+ftp://h/"}},
+            'unknown scheme "mcp+ftp"',
+        ),
+        (
+            {"kind": "user", "metadata": {"name": "x"}, "spec": {"roles": ["nope"]}},
+            'role "nope" does not exist',
+        ),
+        ({"kind": "role", "metadata": {"name": "bad name!"}}, "invalid name"),
+    ],
+)
+async def test_bad_resources_are_refused_and_change_nothing(
+    auth: AuthServer, doc: dict, message: str
+) -> None:  # type: ignore[type-arg]
+    before = await auth.backend.current_revision()
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        await auth.create_resource(ADMIN, doc)
+    assert await auth.backend.current_revision() == before
+
+
+async def test_join_tokens(auth: AuthServer, clock: Clock) -> None:
+    secret, token = await auth.add_token(ADMIN, ["app"], timedelta(minutes=30))
+    listed = await auth.list_resources(ADMIN, "token")
+    assert [t.metadata.name for t in listed] == [token.metadata.name]
+    assert listed[0].spec.secret_sha256 == ""  # type: ignore[union-attr]
+    assert secret not in repr(listed)
+    used = await auth.consume_join_token(secret, "app")
+    assert used.metadata.name == token.metadata.name
+    with pytest.raises(AuthenticationError, match="already used"):
+        await auth.consume_join_token(secret, "app")
+    secret2, _ = await auth.add_token(ADMIN, ["app"], timedelta(minutes=5))
+    clock.t += timedelta(minutes=6)
+    with pytest.raises(AuthenticationError, match="expired"):
+        await auth.consume_join_token(secret2, "app")
+    with pytest.raises(AuthenticationError):
+        await auth.consume_join_token("f" * 32, "app")
+
+
+async def test_update_user_roles_and_traits(auth: AuthServer) -> None:
+    await _user(auth, "max", ["mcp-user"], {"mcp_tools": ["echo"]})
+    user = await auth.update_user(
+        ADMIN, "max", roles=["access"], traits={"mcp_tools": ["echo", "get-sum"]}
+    )
+    assert user.spec.roles == ["access"]
+    assert user.spec.traits["mcp_tools"] == ["echo", "get-sum"]
+    user = await auth.update_user(ADMIN, "max", traits={"mcp_tools": []})
+    assert "mcp_tools" not in user.spec.traits
+    with pytest.raises(ValidationError, match="does not exist"):
+        await auth.update_user(ADMIN, "max", roles=["nope"])
