@@ -146,13 +146,9 @@ def split_addr(addr: str, *, allow_zero: bool = False) -> tuple[str, int]:
         if not sep:
             raise ValueError(f'invalid address "{addr}" (expected host:port)')
         if ":" in host:
-            raise ValueError(
-                f'invalid address "{addr}": write IPv6 addresses in brackets, "[::1]:3080"'
-            )
+            raise ValueError(f'invalid address "{addr}": write IPv6 addresses in brackets, "[::1]:3080"')
         if not host:
-            raise ValueError(
-                f'invalid address "{addr}": missing host (use 0.0.0.0 for all interfaces)'
-            )
+            raise ValueError(f'invalid address "{addr}": missing host (use 0.0.0.0 for all interfaces)')
         labels = host.split(".")
         if all(label.isdigit() for label in labels):
             try:
@@ -369,9 +365,7 @@ class AuthService(_Model):
     enabled: bool = True
     listen_addr: ListenAddr = DEFAULT_AUTH_LISTEN
     backend: Backend = Field(default_factory=Backend)
-    second_factor: Annotated[Literal["off", "optional", "on"], BeforeValidator(_second_factor)] = (
-        "optional"
-    )
+    second_factor: Annotated[Literal["off", "optional", "on"], BeforeValidator(_second_factor)] = "optional"
     authentication: Authentication = Field(default_factory=Authentication)
 
 
@@ -387,13 +381,9 @@ class TLSConfig(_Model):
     @model_validator(mode="after")
     def _both_or_neither(self) -> TLSConfig:
         if self.cert_file is not None and self.key_file is None:
-            raise located_error(
-                ("key_file",), "required when cert_file is set (set both or neither)"
-            )
+            raise located_error(("key_file",), "required when cert_file is set (set both or neither)")
         if self.key_file is not None and self.cert_file is None:
-            raise located_error(
-                ("cert_file",), "required when key_file is set (set both or neither)"
-            )
+            raise located_error(("cert_file",), "required when key_file is set (set both or neither)")
         return self
 
     @property
@@ -414,10 +404,14 @@ class ProxyService(_Model):
 
     @property
     def effective_public_addr(self) -> str:
-        """``public_addr``, or ``listen_addr`` (with ``localhost`` for 0.0.0.0 / [::])."""
+        """``public_addr``, or ``listen_addr`` (with ``localhost`` for 0.0.0.0 / [::]).
+
+        With port 0 the real port is known only once the proxy listens; the
+        running proxy records its address in the backend (``/cluster/proxy_addr``).
+        """
         if self.public_addr:
             return self.public_addr
-        host, port = split_addr(self.listen_addr)
+        host, port = split_addr(self.listen_addr, allow_zero=True)
         if host in _UNSPECIFIED_HOSTS:
             return f"localhost:{port}"
         return self.listen_addr
@@ -636,13 +630,9 @@ def load_config(path: str | Path) -> Config:
     except DecodeError as e:
         raise ConfigError(where, e.location) from None
     if not docs:
-        raise ConfigError(
-            where, f"the file is empty (it needs at least: version: {CONFIG_VERSION})"
-        )
+        raise ConfigError(where, f"the file is empty (it needs at least: version: {CONFIG_VERSION})")
     if len(docs) > 1:
-        raise ConfigError(
-            where, f"found {len(docs)} YAML documents; a configuration file holds exactly one"
-        )
+        raise ConfigError(where, f"found {len(docs)} YAML documents; a configuration file holds exactly one")
     return validate_config(docs[0], base_dir=file.absolute().parent)
 
 
@@ -757,9 +747,7 @@ def render_starter(
     role_set = frozenset(roles)
     unknown = role_set - ALL_ROLES
     if unknown or not role_set:
-        raise ValueError(
-            f"roles must be a non-empty subset of auth, proxy, app (got {sorted(role_set)})"
-        )
+        raise ValueError(f"roles must be a non-empty subset of auth, proxy, app (got {sorted(role_set)})")
     auth, proxy, app = ("auth" in role_set, "proxy" in role_set, "app" in role_set)
     if proxy and not auth:
         raise ValueError("the proxy role needs the auth role on the same node")

@@ -17,9 +17,9 @@ import signal
 from bastion import __version__
 from bastion.auth.ca import fingerprint
 from bastion.auth.server import AuthServer
-from bastion.backend import Backend
+from bastion.backend import Backend, Item
 from bastion.backend.factory import open_backend
-from bastion.client.local import settings_from
+from bastion.client.local import PROXY_ADDR_KEY, settings_from
 from bastion.config import Config, split_addr
 from bastion.errors import BastionError, ConfigError
 from bastion.proxy.server import ProxyService, ProxySettings
@@ -33,9 +33,7 @@ COMPACT_EVERY = 600.0
 class Cluster:
     """The running services of one process."""
 
-    def __init__(
-        self, cfg: Config, backend: Backend, auth: AuthServer, proxy: ProxyService | None
-    ) -> None:
+    def __init__(self, cfg: Config, backend: Backend, auth: AuthServer, proxy: ProxyService | None) -> None:
         self.cfg = cfg
         self.backend = backend
         self.auth = auth
@@ -57,7 +55,7 @@ class Cluster:
             auth = await AuthServer.open(backend, cfg.bastion.cluster_name, settings_from(cfg))
             proxy = None
             if cfg.proxy_service.enabled:
-                host, port = split_addr(cfg.proxy_service.listen_addr)
+                host, port = split_addr(cfg.proxy_service.listen_addr, allow_zero=True)
                 tls = cfg.proxy_service.tls
                 proxy = ProxyService(
                     auth,
@@ -75,9 +73,9 @@ class Cluster:
             await backend.close()
             raise
         cluster = cls(cfg, backend, auth, proxy)
-        cluster._tasks.append(
-            asyncio.create_task(cluster._housekeeping(), name="backend-housekeeping")
-        )
+        if proxy is not None:
+            await backend.put(Item(PROXY_ADDR_KEY, cluster.proxy_addr.encode()))
+        cluster._tasks.append(asyncio.create_task(cluster._housekeeping(), name="backend-housekeeping"))
         log.info(
             "cluster started",
             extra={

@@ -203,12 +203,8 @@ class TestValidFiles:
         assert cfg.app_service.apps[0].labels == {}
         assert cfg.app_service.resources == []
 
-    @pytest.mark.parametrize(
-        ("written", "expected"), [("on", "on"), ("off", "off"), ("true", "on")]
-    )
-    def test_unquoted_on_off_second_factor(
-        self, write: WriteConfig, written: str, expected: str
-    ) -> None:
+    @pytest.mark.parametrize(("written", "expected"), [("on", "on"), ("off", "off"), ("true", "on")])
+    def test_unquoted_on_off_second_factor(self, write: WriteConfig, written: str, expected: str) -> None:
         # YAML 1.1 reads on/off as booleans.
         cfg = load_config(write(f"version: v1\nauth_service: {{second_factor: {written}}}\n"))
         assert cfg.auth_service.second_factor == expected
@@ -284,9 +280,7 @@ class TestPaths:
         assert cfg.data_dir == tmp_path / "etc" / "data"
         assert cfg.data_dir.is_absolute()
 
-    def test_default_backend_path_follows_data_dir(
-        self, write: WriteConfig, tmp_path: Path
-    ) -> None:
+    def test_default_backend_path_follows_data_dir(self, write: WriteConfig, tmp_path: Path) -> None:
         cfg = load_config(write("version: v1\nbastion: {data_dir: state}\n"))
         assert cfg.backend_path == tmp_path / "etc" / "state" / "backend.db"
 
@@ -507,9 +501,7 @@ class TestErrors:
         assert str(e) == "app_service.apps[0].mcp.argz: unknown field"
 
     def test_wrong_type(self, write: WriteConfig) -> None:
-        e = config_error(
-            write, "version: v1\nauth_service: {authentication: {lockout_attempts: many}}\n"
-        )
+        e = config_error(write, "version: v1\nauth_service: {authentication: {lockout_attempts: many}}\n")
         assert e.path == "auth_service.authentication.lockout_attempts"
         assert "valid integer" in e.reason
 
@@ -523,9 +515,7 @@ class TestErrors:
         assert "'debug', 'info', 'warn' or 'error'" in e.reason
 
     def test_bad_duration(self, write: WriteConfig) -> None:
-        e = config_error(
-            write, "version: v1\nauth_service: {authentication: {invite_ttl: 1week}}\n"
-        )
+        e = config_error(write, "version: v1\nauth_service: {authentication: {invite_ttl: 1week}}\n")
         assert str(e) == (
             'auth_service.authentication.invite_ttl: invalid duration "1week" '
             "(use forms like 90s, 30m, 12h, 1h30m, 7d)"
@@ -626,22 +616,16 @@ class TestErrors:
 
     def test_unknown_backend(self, write: WriteConfig) -> None:
         e = config_error(write, "version: v1\nauth_service: {backend: {type: etcd}}\n")
-        assert (
-            str(e)
-            == 'auth_service.backend.type: unknown backend type "etcd" (known: sqlite, postgres)'
-        )
+        assert str(e) == 'auth_service.backend.type: unknown backend type "etcd" (known: sqlite, postgres)'
 
     def test_stdio_app_without_command(self, write: WriteConfig) -> None:
         e = config_error(write, "version: v1\napp_service:\n  apps:\n  - name: local\n")
         assert str(e) == (
-            "app_service.apps[0]: a stdio app needs mcp.command "
-            "(or an mcp+http(s)/mcp+sse+http(s) uri)"
+            "app_service.apps[0]: a stdio app needs mcp.command (or an mcp+http(s)/mcp+sse+http(s) uri)"
         )
 
     def test_stdio_mcp_without_command(self, write: WriteConfig) -> None:
-        e = config_error(
-            write, "version: v1\napp_service:\n  apps:\n  - {name: l, mcp: {args: [x]}}\n"
-        )
+        e = config_error(write, "version: v1\napp_service:\n  apps:\n  - {name: l, mcp: {args: [x]}}\n")
         assert str(e) == "app_service.apps[0].mcp.command: required field missing"
 
     def test_bad_header(self, write: WriteConfig) -> None:
@@ -657,14 +641,11 @@ class TestErrors:
             """,
         )
         assert str(e) == (
-            'app_service.apps[0].rewrite.headers[0]: malformed header "no colon" '
-            '(expected "Name: value")'
+            'app_service.apps[0].rewrite.headers[0]: malformed header "no colon" (expected "Name: value")'
         )
 
     def test_bad_resource_selector_regex(self, write: WriteConfig) -> None:
-        e = config_error(
-            write, 'version: v1\napp_service:\n  resources:\n  - labels: {env: "^(dev$"}\n'
-        )
+        e = config_error(write, 'version: v1\napp_service:\n  resources:\n  - labels: {env: "^(dev$"}\n')
         assert e.path == "app_service.resources[0].labels"
         assert e.reason.startswith('invalid regular expression "^(dev$"')
 
@@ -805,6 +786,4 @@ class TestErrors:
 
     def test_validate_config_direct(self) -> None:
         with pytest.raises(ConfigError, match=r"^app_service\.apps\[0\]\.uri: unknown scheme"):
-            validate_config(
-                {"version": "v1", "app_service": {"apps": [{"name": "a", "uri": "x://"}]}}
-            )
+            validate_config({"version": "v1", "app_service": {"apps": [{"name": "a", "uri": "x://"}]}})

@@ -100,12 +100,8 @@ def _pem_private(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) ->
 
 def _pem_public(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> tuple[bytes, bytes]:
     pub = key.public_key()
-    pem = pub.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    der = pub.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    pem = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    der = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return pem, der
 
 
@@ -115,9 +111,7 @@ def generate_ca(ca_type: str, cluster_name: str, now: datetime) -> CertAuthority
         raise ValueError(f"unknown CA type {ca_type!r}")
     key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
     key = (
-        ed25519.Ed25519PrivateKey.generate()
-        if ca_type == "user"
-        else ec.generate_private_key(ec.SECP256R1())
+        ed25519.Ed25519PrivateKey.generate() if ca_type == "user" else ec.generate_private_key(ec.SECP256R1())
     )
     pub_pem, pub_der = _pem_public(key)
     cert_pem = b""
@@ -152,9 +146,7 @@ def generate_ca(ca_type: str, cluster_name: str, now: datetime) -> CertAuthority
                 ),
                 critical=True,
             )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )
         cert_pem = cert.public_bytes(serialization.Encoding.PEM)
@@ -172,9 +164,7 @@ def ca_key(ca_type: str) -> str:
     return f"/cert_authorities/{ca_type}"
 
 
-async def ensure_cas(
-    backend: Backend, cluster_name: str, now: datetime
-) -> dict[str, CertAuthority]:
+async def ensure_cas(backend: Backend, cluster_name: str, now: datetime) -> dict[str, CertAuthority]:
     """Load the cluster's CAs, creating any that are missing.
 
     Safe when several processes start at once: ``create`` lets exactly one

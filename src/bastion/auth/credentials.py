@@ -141,9 +141,7 @@ class Verifier:
                 },
             )
         except jwt.InvalidAudienceError:
-            raise AuthenticationError(
-                f"the credential is for another cluster; {_RELOGIN}"
-            ) from None
+            raise AuthenticationError(f"the credential is for another cluster; {_RELOGIN}") from None
         except jwt.PyJWTError:
             raise AuthenticationError(f"the credential is invalid; {_RELOGIN}") from None
         if claims.get("bst") != CREDENTIAL_KIND:

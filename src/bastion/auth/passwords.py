@@ -7,13 +7,21 @@ of a real verification, so an unknown user cannot be told apart by timing.
 
 from __future__ import annotations
 
+import functools
+
 import pyotp
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 MIN_PASSWORD_LENGTH = 12
 _hasher = PasswordHasher()  # argon2id with the library's current recommended parameters
-_DUMMY_HASH = _hasher.hash("not-a-real-password-used-for-timing-only")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    # Made on first use, not at import: hashing costs ~0.2 s, and every CLI
+    # command imports this module.
+    return _hasher.hash("not-a-real-password-used-for-timing-only")
 
 
 def check_password_policy(password: str) -> None:
@@ -31,7 +39,7 @@ def hash_password(password: str) -> str:
 def verify_password(stored_hash: str | None, password: str) -> bool:
     """True iff ``password`` matches; always costs one argon2 verification."""
     try:
-        return _hasher.verify(stored_hash or _DUMMY_HASH, password) and stored_hash is not None
+        return _hasher.verify(stored_hash or _dummy_hash(), password) and stored_hash is not None
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
 

@@ -13,6 +13,7 @@ formats wire responses (that is the proxy's job).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import secrets
@@ -199,12 +200,8 @@ class AuthServer:
         server = cls(backend, stored, cas, settings or AuthSettings(), clock)
         if initialize:
             for role in preset_roles():
-                try:
-                    await backend.create(
-                        Item(key_for("role", role.metadata.name), encode_resource(role))
-                    )
-                except AlreadyExistsError:
-                    pass
+                with contextlib.suppress(AlreadyExistsError):
+                    await backend.create(Item(key_for("role", role.metadata.name), encode_resource(role)))
         return server
 
     # ------------------------------------------------------------ identity
@@ -218,15 +215,10 @@ class AuthServer:
             raise AuthenticationError(
                 f'user "{ident.username}" no longer exists; log in again with `bastion login`'
             ) from None
-        return Actor(
-            name=user.metadata.name, checker=await self.checker_for(user), identity=ident, user=user
-        )
+        return Actor(name=user.metadata.name, checker=await self.checker_for(user), identity=ident, user=user)
 
     async def checker_for(self, user: User) -> AccessChecker:
-        roles = [
-            await self._get_typed(Role, "role", r)
-            for r in await self._existing_roles(user.spec.roles)
-        ]
+        roles = [await self._get_typed(Role, "role", r) for r in await self._existing_roles(user.spec.roles)]
         return AccessChecker(roles, user.spec.traits)
 
     async def _existing_roles(self, names: Sequence[str]) -> list[str]:
@@ -277,10 +269,8 @@ class AuthServer:
             if not passwords.verify_totp(totp_secret, totp_code, at=self.clock.now().timestamp()):
                 await self._record_failure(attempts_key)
                 raise AuthenticationError("invalid one-time code")
-        try:
+        with contextlib.suppress(NotFoundError):
             await self.backend.delete(attempts_key)
-        except NotFoundError:
-            pass
         return await self._issue(user, ttl)
 
     async def _issue(self, user: User, ttl: timedelta | None) -> tuple[str, Identity]:
@@ -363,9 +353,7 @@ class AuthServer:
         username = str(orjson.loads(item.value)["user"])
         if self.settings.second_factor == "on" and not totp_secret:
             raise ValidationError("this cluster requires a second factor: register a TOTP app")
-        if totp_secret and not passwords.verify_totp(
-            totp_secret, totp_code, at=self.clock.now().timestamp()
-        ):
+        if totp_secret and not passwords.verify_totp(totp_secret, totp_code, at=self.clock.now().timestamp()):
             raise ValidationError("the one-time code does not match the TOTP secret; try again")
         await self._get_typed(User, "user", username)
         try:
@@ -373,9 +361,7 @@ class AuthServer:
             await self.backend.delete(item.key, expected_revision=item.revision)
         except (NotFoundError, ConflictError):
             raise AuthenticationError("this invite was already used") from None
-        record: dict[str, str] = {
-            "hash": await asyncio.to_thread(passwords.hash_password, password)
-        }
+        record: dict[str, str] = {"hash": await asyncio.to_thread(passwords.hash_password, password)}
         if totp_secret and self.settings.second_factor != "off":
             record["totp"] = totp_secret
         await self.backend.put(Item(f"/passwords/{username}", orjson.dumps(record)))
@@ -383,10 +369,8 @@ class AuthServer:
         return username
 
     async def _clear_attempts(self, username: str) -> None:
-        try:
+        with contextlib.suppress(NotFoundError):
             await self.backend.delete(f"/login_attempts/{_sha256(username)}")
-        except NotFoundError:
-            pass
 
     # --------------------------------------------------------------- users
 
@@ -431,10 +415,8 @@ class AuthServer:
         """Remove a user's password and second factor and issue a new invite."""
         actor.require("user", "update")
         await self._get_typed(User, "user", name)
-        try:
+        with contextlib.suppress(NotFoundError):
             await self.backend.delete(f"/passwords/{name}")
-        except NotFoundError:
-            pass
         await self._clear_attempts(name)
         return await self._new_invite(name)
 
@@ -469,10 +451,7 @@ class AuthServer:
             raise refused from None
         token = decode_resource(item)
         assert isinstance(token, Token)
-        if (
-            not hmac.compare_digest(token.spec.secret_sha256, _sha256(secret))
-            or role not in token.spec.roles
-        ):
+        if not hmac.compare_digest(token.spec.secret_sha256, _sha256(secret)) or role not in token.spec.roles:
             raise refused
         try:
             await self.backend.delete(item.key, expected_revision=item.revision)
@@ -537,10 +516,8 @@ class AuthServer:
         await self.backend.delete(item.key, expected_revision=item.revision)
         if kind == "user":
             for key in (f"/passwords/{name}", f"/login_attempts/{_sha256(name)}"):
-                try:
+                with contextlib.suppress(NotFoundError):
                     await self.backend.delete(key)
-                except NotFoundError:
-                    pass
 
     # ------------------------------------------------------------- helpers
 
@@ -549,18 +526,14 @@ class AuthServer:
         try:
             return model.model_validate(data)
         except pydantic.ValidationError as e:
-            raise ValidationError(
-                f"invalid {data.get('kind')}:\n" + format_pydantic_error(e)
-            ) from None
+            raise ValidationError(f"invalid {data.get('kind')}:\n" + format_pydantic_error(e)) from None
 
     async def _check_roles_exist(self, names: Sequence[str]) -> None:
         for name in names:
             try:
                 await self.backend.get(key_for("role", name))
             except NotFoundError:
-                raise ValidationError(
-                    f'role "{name}" does not exist (see `bastion get roles`)'
-                ) from None
+                raise ValidationError(f'role "{name}" does not exist (see `bastion get roles`)') from None
 
     async def _get_item(self, kind: str, name: str) -> Item:
         _check_kind(kind)

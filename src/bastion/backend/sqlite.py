@@ -257,8 +257,7 @@ class SQLiteBackend:
     async def get(self, key: str) -> Item:
         rows = await self._query(
             "read",
-            "SELECT key, value, revision, expires FROM kv"
-            " WHERE key = ? AND (expires IS NULL OR expires > ?)",
+            "SELECT key, value, revision, expires FROM kv WHERE key = ? AND (expires IS NULL OR expires > ?)",
             (key, self._now()),
         )
         if not rows:
@@ -272,10 +271,7 @@ class SQLiteBackend:
             sql = f"SELECT key, value, revision, expires FROM kv WHERE key >= ? AND {live}"
             params: tuple[Any, ...] = (prefix, self._now())
         else:
-            sql = (
-                "SELECT key, value, revision, expires FROM kv"
-                f" WHERE key >= ? AND key < ? AND {live}"
-            )
+            sql = f"SELECT key, value, revision, expires FROM kv WHERE key >= ? AND key < ? AND {live}"
             params = (prefix, upper, self._now())
         rows = await self._query("list", sql + " ORDER BY key", params)
         return [_item(row) for row in rows]
@@ -304,8 +300,7 @@ class SQLiteBackend:
                 raise NotFoundError(f"{item.key} not found")
             if current[0] != expected_revision:
                 raise ConflictError(
-                    f"{item.key} was modified: revision is {current[0]}, "
-                    f"expected {expected_revision}"
+                    f"{item.key} was modified: revision is {current[0]}, expected {expected_revision}"
                 )
             return await _write_put(conn, item)
 
@@ -348,9 +343,7 @@ class SQLiteBackend:
                 (EventType.DELETE.value, now),
             )
             if count:
-                await _exec(
-                    conn, "DELETE FROM kv WHERE expires IS NOT NULL AND expires <= ?", (now,)
-                )
+                await _exec(conn, "DELETE FROM kv WHERE expires IS NOT NULL AND expires <= ?", (now,))
             return count
 
         return await self._transact("expire items", body)
@@ -437,9 +430,7 @@ class SQLiteBackend:
                 # Read after the events: if nothing above ``revision`` had
                 # been compacted by now, none was missing from the rows read.
                 meta = list(
-                    await conn.execute_fetchall(
-                        "SELECT value FROM meta WHERE name = ?", (_COMPACTED,)
-                    )
+                    await conn.execute_fetchall("SELECT value FROM meta WHERE name = ?", (_COMPACTED,))
                 )
             except sqlite3.Error as exc:
                 raise _backend_error(self._path, "read events", exc) from exc
@@ -547,10 +538,7 @@ def _prepare_file(db: Path) -> None:
 def _backend_error(path: Path, action: str, exc: BaseException) -> BackendError:
     detail = str(exc) or type(exc).__name__
     if isinstance(exc, sqlite3.OperationalError) and "locked" in detail:
-        detail = (
-            f"{detail} (another process held the write lock for more than "
-            f"{BUSY_TIMEOUT_MS // 1000}s)"
-        )
+        detail = f"{detail} (another process held the write lock for more than {BUSY_TIMEOUT_MS // 1000}s)"
     return BackendError(f"sqlite database {path}: cannot {action}: {detail}")
 
 
@@ -585,17 +573,13 @@ def _event(row: Sequence[Any]) -> Event:
     revision, key, kind, value, expires = row
     return Event(
         type=EventType(kind),
-        item=Item(
-            key=key, value=bytes(value), revision=int(revision), expires=_from_epoch(expires)
-        ),
+        item=Item(key=key, value=bytes(value), revision=int(revision), expires=_from_epoch(expires)),
     )
 
 
 async def _current(conn: aiosqlite.Connection, key: str) -> tuple[int, float | None] | None:
     """``(revision, expires)`` of the stored row for ``key``, expired or not."""
-    rows = list(
-        await conn.execute_fetchall("SELECT revision, expires FROM kv WHERE key = ?", (key,))
-    )
+    rows = list(await conn.execute_fetchall("SELECT revision, expires FROM kv WHERE key = ?", (key,)))
     if not rows:
         return None
     return int(rows[0][0]), rows[0][1]

@@ -17,7 +17,7 @@ from bastion.client import profile as profiles
 from bastion.client.api import ApiClient, RemoteAdmin
 from bastion.errors import AuthenticationError, BastionError, ConfigError
 
-out = Console(highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, markup=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DEFAULT_CONFIG = Path("/etc/bastion.yaml")
@@ -81,9 +81,7 @@ class Admin(Protocol):
     async def ls(self, kind: str) -> list[dict[str, Any]]: ...
     async def create(self, doc: dict[str, Any], *, overwrite: bool) -> dict[str, Any]: ...
     async def delete(self, kind: str, name: str) -> None: ...
-    async def add_user(
-        self, name: str, roles: list[str], traits: dict[str, list[str]]
-    ) -> dict[str, Any]: ...
+    async def add_user(self, name: str, roles: list[str], traits: dict[str, list[str]]) -> dict[str, Any]: ...
     async def update_user(
         self, name: str, *, roles: list[str] | None, traits: dict[str, list[str]] | None
     ) -> dict[str, Any]: ...

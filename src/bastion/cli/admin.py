@@ -57,9 +57,7 @@ def _when(iso: str | None) -> str:
     at = datetime.fromisoformat(iso)
     left = at - utcnow()
     return (
-        f"{at:%Y-%m-%d %H:%M:%S} UTC (in {format_duration(left)})"
-        if left.total_seconds() > 0
-        else "expired"
+        f"{at:%Y-%m-%d %H:%M:%S} UTC (in {format_duration(left)})" if left.total_seconds() > 0 else "expired"
     )
 
 
@@ -161,9 +159,7 @@ def users_reset(
 
     async def go(admin: Admin) -> None:
         invite = await admin.reset_user(name)
-        print_invite(
-            invite, proxy_addr=admin.proxy_addr, ca_pem=await admin.ca_pem(), created=False
-        )
+        print_invite(invite, proxy_addr=admin.proxy_addr, ca_pem=await admin.ca_pem(), created=False)
 
     run(with_admin(go, config=config, identity=identity, proxy=proxy, insecure=insecure))
 
@@ -188,9 +184,7 @@ def users_rm(
 @tokens_app.command("add")
 def tokens_add(
     type_: Annotated[str, typer.Option("--type", help="What the token joins as: app.")],
-    ttl: Annotated[
-        str, typer.Option("--ttl", help="How long the token is valid (e.g. 30m, 1h).")
-    ] = "30m",
+    ttl: Annotated[str, typer.Option("--ttl", help="How long the token is valid (e.g. 30m, 1h).")] = "30m",
     fmt: Annotated[str, typer.Option("--format", help="text (the token alone) or json.")] = "text",
     config: ConfigOpt = None,
     identity: IdentityOpt = None,
@@ -243,9 +237,7 @@ def tokens_ls(
 
 @tokens_app.command("rm")
 def tokens_rm(
-    token_id: Annotated[
-        str, typer.Argument(metavar="ID", help="The token id shown by `tokens ls`.")
-    ],
+    token_id: Annotated[str, typer.Argument(metavar="ID", help="The token id shown by `tokens ls`.")],
     config: ConfigOpt = None,
     identity: IdentityOpt = None,
     proxy: ProxyOpt = None,
@@ -262,9 +254,7 @@ def tokens_rm(
 
 def create(
     file: Annotated[Path, typer.Argument(help="YAML or JSON file with one or more resources.")],
-    force: Annotated[
-        bool, typer.Option("--force", "-f", help="Overwrite resources that exist.")
-    ] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite resources that exist.")] = False,
     config: ConfigOpt = None,
     identity: IdentityOpt = None,
     proxy: ProxyOpt = None,
@@ -297,9 +287,7 @@ def _kind_name(ref: str) -> tuple[str, str]:
 
 
 def get(
-    ref: Annotated[
-        str, typer.Argument(metavar="KIND[/NAME]", help="e.g. roles, role/editor, users, apps.")
-    ],
+    ref: Annotated[str, typer.Argument(metavar="KIND[/NAME]", help="e.g. roles, role/editor, users, apps.")],
     fmt: FormatOpt = "yaml",
     config: ConfigOpt = None,
     identity: IdentityOpt = None,
@@ -317,9 +305,7 @@ def get(
 
 
 def rm(
-    ref: Annotated[
-        str, typer.Argument(metavar="KIND/NAME", help="e.g. role/auditor, app/everything.")
-    ],
+    ref: Annotated[str, typer.Argument(metavar="KIND/NAME", help="e.g. role/auditor, app/everything.")],
     config: ConfigOpt = None,
     identity: IdentityOpt = None,
     proxy: ProxyOpt = None,
@@ -402,7 +388,7 @@ def _table(items: list[dict[str, Any]], kind: str) -> Table:
         for i in items:
             spec = i["spec"]
             target = spec.get("uri") or " ".join(
-                [spec.get("mcp", {}).get("command", "")] + spec.get("mcp", {}).get("args", [])
+                [spec.get("mcp", {}).get("command", ""), *spec.get("mcp", {}).get("args", [])]
             )
             t.add_row(
                 i["metadata"]["name"],

@@ -27,9 +27,7 @@ auth_app = typer.Typer(help="Credentials for machines, and the cluster CA.", no_
 @auth_app.command("sign")
 def sign(
     user: Annotated[str, typer.Option("--user", help="Whose credential.")],
-    ttl: Annotated[
-        str, typer.Option("--ttl", help="Lifetime, e.g. 1h (capped by the user's roles).")
-    ] = "1h",
+    ttl: Annotated[str, typer.Option("--ttl", help="Lifetime, e.g. 1h (capped by the user's roles).")] = "1h",
     output: Annotated[
         Path | None, typer.Option("--out", "-o", help="Identity file to write (mode 0600).")
     ] = None,
@@ -57,9 +55,7 @@ def sign(
         if fmt == "token":
             if output is not None:
                 write_private(output, res["token"] + "\n")
-                out.print(
-                    f"Wrote a bearer token for {user} to {output} (expires {res['expires']})."
-                )
+                out.print(f"Wrote a bearer token for {user} to {output} (expires {res['expires']}).")
             else:
                 print(res["token"])
             return

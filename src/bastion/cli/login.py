@@ -36,9 +36,7 @@ CAFingerprintOpt = Annotated[
 ]
 CAFileOpt = Annotated[
     Path | None,
-    typer.Option(
-        "--ca-file", help="Cluster CA certificate (from `bastion auth export --type=tls`)."
-    ),
+    typer.Option("--ca-file", help="Cluster CA certificate (from `bastion auth export --type=tls`)."),
 ]
 
 
@@ -111,12 +109,8 @@ def _read_password(password_stdin: bool, prompt: str, *, confirm: bool = False) 
 
 
 def login(
-    proxy: Annotated[
-        str, typer.Option("--proxy", envvar="BASTION_PROXY", help="Proxy address HOST:PORT.")
-    ],
-    user: Annotated[
-        str | None, typer.Option("--user", help="User name (default: your login name).")
-    ] = None,
+    proxy: Annotated[str, typer.Option("--proxy", envvar="BASTION_PROXY", help="Proxy address HOST:PORT.")],
+    user: Annotated[str | None, typer.Option("--user", help="User name (default: your login name).")] = None,
     ttl: Annotated[
         str | None,
         typer.Option("--ttl", help="Credential lifetime, e.g. 8h (capped by your roles)."),
@@ -124,9 +118,7 @@ def login(
     password_stdin: Annotated[
         bool, typer.Option("--password-stdin", help="Read the password from stdin.")
     ] = False,
-    otp: Annotated[
-        str | None, typer.Option("--otp", help="One-time code from your TOTP app.")
-    ] = None,
+    otp: Annotated[str | None, typer.Option("--otp", help="One-time code from your TOTP app.")] = None,
     ca_fingerprint: CAFingerprintOpt = None,
     ca_file: CAFileOpt = None,
     insecure: InsecureOpt = False,
@@ -141,9 +133,7 @@ def login(
             raise typer.BadParameter(str(e), param_hint="--ttl") from None
 
     async def go() -> None:
-        ca_pem = await resolve_trust(
-            proxy, ca_fingerprint=ca_fingerprint, ca_file=ca_file, insecure=insecure
-        )
+        ca_pem = await resolve_trust(proxy, ca_fingerprint=ca_fingerprint, ca_file=ca_file, insecure=insecure)
         client = ApiClient(proxy, ca_pem=ca_pem or None, insecure=insecure)
         try:
             password = _read_password(password_stdin, f"Enter password for {username}: ")
@@ -186,9 +176,7 @@ def _print_status(prof: profiles.Profile, roles: list[str]) -> None:
     out.print(f"  Valid until:  {prof.expires_at:%Y-%m-%d %H:%M:%S} UTC [{valid}]")
 
 
-def status(
-    identity: IdentityOpt = None, proxy: ProxyOpt = None, insecure: InsecureOpt = False
-) -> None:
+def status(identity: IdentityOpt = None, proxy: ProxyOpt = None, insecure: InsecureOpt = False) -> None:
     """Show who you are logged in as, your roles and when the credential expires."""
 
     async def go() -> None:
@@ -215,21 +203,15 @@ def set_password(
     invite: Annotated[
         str, typer.Option("--invite", help="The one-time invite code from your administrator.")
     ],
-    proxy: Annotated[
-        str, typer.Option("--proxy", envvar="BASTION_PROXY", help="Proxy address HOST:PORT.")
-    ],
+    proxy: Annotated[str, typer.Option("--proxy", envvar="BASTION_PROXY", help="Proxy address HOST:PORT.")],
     password_stdin: Annotated[
         bool, typer.Option("--password-stdin", help="Read the password from stdin.")
     ] = False,
-    totp: Annotated[
-        bool, typer.Option("--totp", help="Register a TOTP app as a second factor.")
-    ] = False,
+    totp: Annotated[bool, typer.Option("--totp", help="Register a TOTP app as a second factor.")] = False,
     totp_secret: Annotated[
         str | None, typer.Option("--totp-secret", help="Use this base32 TOTP secret (scripts).")
     ] = None,
-    otp: Annotated[
-        str | None, typer.Option("--otp", help="Current code of the TOTP secret.")
-    ] = None,
+    otp: Annotated[str | None, typer.Option("--otp", help="Current code of the TOTP secret.")] = None,
     ca_fingerprint: CAFingerprintOpt = None,
     ca_file: CAFileOpt = None,
     insecure: InsecureOpt = False,
@@ -237,9 +219,7 @@ def set_password(
     """Set your password with a one-time invite (and optionally register TOTP)."""
 
     async def go() -> None:
-        ca_pem = await resolve_trust(
-            proxy, ca_fingerprint=ca_fingerprint, ca_file=ca_file, insecure=insecure
-        )
+        ca_pem = await resolve_trust(proxy, ca_fingerprint=ca_fingerprint, ca_file=ca_file, insecure=insecure)
         client = ApiClient(proxy, ca_pem=ca_pem or None, insecure=insecure)
         try:
             info = await client.post("/v1/webapi/invites/info", {"code": invite})
@@ -268,9 +248,7 @@ def set_password(
             await client.close()
         if ca_pem:
             profiles.pin_ca(proxy, ca_pem)
-        out.print(
-            f"Password set for {user}. Log in with:\n  bastion login --proxy={proxy} --user={user}"
-        )
+        out.print(f"Password set for {user}. Log in with:\n  bastion login --proxy={proxy} --user={user}")
 
     run(go())
 

@@ -42,9 +42,7 @@ def start(
 def configure(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the file.")],
     cluster_name: Annotated[str, typer.Option("--cluster-name", help="Cluster name.")] = "",
-    data_dir: Annotated[
-        str, typer.Option("--data-dir", help="Data directory.")
-    ] = "/var/lib/bastion",
+    data_dir: Annotated[str, typer.Option("--data-dir", help="Data directory.")] = "/var/lib/bastion",
     proxy_listen: Annotated[
         str, typer.Option("--proxy-listen", help="Proxy listen address.")
     ] = "127.0.0.1:3080",

@@ -55,9 +55,7 @@ def base_url(proxy: str) -> str:
 class ApiClient:
     """One proxy, optionally one credential."""
 
-    def __init__(
-        self, proxy: str, *, ca_pem: str | None, insecure: bool = False, token: str = ""
-    ) -> None:
+    def __init__(self, proxy: str, *, ca_pem: str | None, insecure: bool = False, token: str = "") -> None:
         self.proxy = proxy
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.AsyncClient(
@@ -74,9 +72,7 @@ class ApiClient:
         try:
             resp = await self._http.request(method, path, **kw)
         except httpx.ConnectError as e:
-            if isinstance(e.__cause__, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY" in str(
-                e
-            ):
+            if isinstance(e.__cause__, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY" in str(e):
                 raise ProxyUnreachableError(
                     f"the proxy {self.proxy} presented a certificate that is not signed by the "
                     "cluster CA pinned for it: someone may be intercepting the connection, or the "
@@ -84,9 +80,7 @@ class ApiClient:
                 ) from None
             raise ProxyUnreachableError(f"cannot reach the proxy at {self.proxy}: {e}") from None
         except httpx.HTTPError as e:
-            raise ProxyUnreachableError(
-                f"request to the proxy at {self.proxy} failed: {e}"
-            ) from None
+            raise ProxyUnreachableError(f"request to the proxy at {self.proxy} failed: {e}") from None
         if resp.status_code >= 400:
             raise _error_from(resp)
         if resp.headers.get("content-type", "").startswith("application/json"):
@@ -146,12 +140,8 @@ class RemoteAdmin:
     async def delete(self, kind: str, name: str) -> None:
         await self.client.request("DELETE", f"/v1/resources/{kind}/{name}")
 
-    async def add_user(
-        self, name: str, roles: list[str], traits: dict[str, list[str]]
-    ) -> dict[str, Any]:
-        return dict(
-            await self.client.post("/v1/users", {"name": name, "roles": roles, "traits": traits})
-        )
+    async def add_user(self, name: str, roles: list[str], traits: dict[str, list[str]]) -> dict[str, Any]:
+        return dict(await self.client.post("/v1/users", {"name": name, "roles": roles, "traits": traits}))
 
     async def update_user(
         self, name: str, *, roles: list[str] | None, traits: dict[str, list[str]] | None
@@ -174,9 +164,7 @@ class RemoteAdmin:
 
     async def sign(self, user: str, ttl: timedelta) -> dict[str, Any]:
         return dict(
-            await self.client.post(
-                "/v1/auth/sign", {"user": user, "ttl_seconds": ttl.total_seconds()}
-            )
+            await self.client.post("/v1/auth/sign", {"user": user, "ttl_seconds": ttl.total_seconds()})
         )
 
     async def ca_pem(self) -> str:

@@ -16,6 +16,9 @@ from bastion.auth.server import Actor, AuthServer, AuthSettings
 from bastion.backend import Backend
 from bastion.backend.factory import open_backend
 from bastion.config import load_config
+from bastion.errors import NotFoundError
+
+PROXY_ADDR_KEY = "/cluster/proxy_addr"
 
 
 class LocalAdmin:
@@ -32,10 +35,15 @@ class LocalAdmin:
         backend = await open_backend(cfg.auth_service.backend, cfg.bastion.data_dir)
         try:
             auth = await AuthServer.open(backend, "", settings_from(cfg), initialize=False)
+            try:
+                # The address the running proxy listens on (it may have been port 0).
+                proxy_addr = (await backend.get(PROXY_ADDR_KEY)).value.decode()
+            except NotFoundError:
+                proxy_addr = cfg.proxy_service.effective_public_addr
         except BaseException:
             await backend.close()
             raise
-        return cls(auth, backend, cfg.proxy_service.effective_public_addr)
+        return cls(auth, backend, proxy_addr)
 
     async def close(self) -> None:
         await self.backend.close()
@@ -54,16 +62,12 @@ class LocalAdmin:
         return [r.model_dump(mode="json") for r in await self.auth.list_resources(self.actor, kind)]
 
     async def create(self, doc: dict[str, Any], *, overwrite: bool) -> dict[str, Any]:
-        return (await self.auth.create_resource(self.actor, doc, overwrite=overwrite)).model_dump(
-            mode="json"
-        )
+        return (await self.auth.create_resource(self.actor, doc, overwrite=overwrite)).model_dump(mode="json")
 
     async def delete(self, kind: str, name: str) -> None:
         await self.auth.delete_resource(self.actor, kind, name)
 
-    async def add_user(
-        self, name: str, roles: list[str], traits: dict[str, list[str]]
-    ) -> dict[str, Any]:
+    async def add_user(self, name: str, roles: list[str], traits: dict[str, list[str]]) -> dict[str, Any]:
         inv = await self.auth.add_user(self.actor, name, roles, traits)
         return {"user": inv.user, "code": inv.code, "expires": inv.expires.isoformat()}
 

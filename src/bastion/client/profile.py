@@ -57,13 +57,14 @@ class Profile:
                 raise TypeError("not a mapping")
             return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
         except (yaml.YAMLError, TypeError) as e:
-            raise ValidationError(
-                f"{source}: not a bastion profile or identity file ({e})"
-            ) from None
+            raise ValidationError(f"{source}: not a bastion profile or identity file ({e})") from None
 
 
 def write_private(path: Path, text: str) -> None:
     """Atomically write ``text`` to ``path`` with mode 0600."""
+    root = home()
+    if path.is_relative_to(root) and not root.exists():
+        root.mkdir(parents=True, mode=0o700)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:

@@ -128,9 +128,7 @@ class _AppView:
 
 
 def _rule_matches(rule: Rule, resource: str, verb: str) -> bool:
-    return ("*" in rule.resources or resource in rule.resources) and (
-        "*" in rule.verbs or verb in rule.verbs
-    )
+    return ("*" in rule.resources or resource in rule.resources) and ("*" in rule.verbs or verb in rule.verbs)
 
 
 class AccessChecker:
@@ -150,9 +148,7 @@ class AccessChecker:
         self._roles = tuple(_CompiledRole.compile(r, frozen) for r in roles)
         self._role_names = tuple(r.name for r in self._roles)
         self._deny_tools = tuple(r for r in self._roles if r.deny_tools)
-        self._ttl = min(
-            (r.spec.options.max_session_ttl for r in roles), default=DEFAULT_MAX_SESSION_TTL
-        )
+        self._ttl = min((r.spec.options.max_session_ttl for r in roles), default=DEFAULT_MAX_SESSION_TTL)
         self._apps: dict[str, _AppView] = {}
 
     @property
@@ -179,9 +175,7 @@ class AccessChecker:
         raw = dict(app.metadata.labels)
         for role in self._roles:
             if role.deny_labels.matches(labels):
-                denial = Decision(
-                    False, f'app "{name}" is not accessible (denied by role "{role.name}")'
-                )
+                denial = Decision(False, f'app "{name}" is not accessible (denied by role "{role.name}")')
                 return _AppView(raw, (), denial)
         granting = tuple(r for r in self._roles if r.allow_labels.matches(labels))
         if not granting:
@@ -197,9 +191,7 @@ class AccessChecker:
         view = self._view(app)
         if view.denial is not None:
             return view.denial
-        return Decision(
-            True, f'app "{app.metadata.name}" is allowed by role "{view.granting[0].name}"'
-        )
+        return Decision(True, f'app "{app.metadata.name}" is allowed by role "{view.granting[0].name}"')
 
     # ----------------------------------------------------------------- tools
 
@@ -266,9 +258,7 @@ class AccessChecker:
         for role in self._roles:
             if any(_rule_matches(rule, resource, verb) for rule in role.deny_rules):
                 return False
-        return any(
-            _rule_matches(rule, resource, verb) for role in self._roles for rule in role.allow_rules
-        )
+        return any(_rule_matches(rule, resource, verb) for role in self._roles for rule in role.allow_rules)
 
     def max_session_ttl(self) -> timedelta:
         """The shortest ``options.max_session_ttl`` of the roles (12h with no roles)."""
@@ -284,9 +274,7 @@ EDITOR_ROLE = "editor"
 
 def _preset(name: str, description: str, allow: RoleConditions) -> Role:
     return Role(
-        metadata=Metadata(
-            name=name, description=description, labels={RESOURCE_TYPE_LABEL: "preset"}
-        ),
+        metadata=Metadata(name=name, description=description, labels={RESOURCE_TYPE_LABEL: "preset"}),
         spec=RoleSpec(allow=allow),
     )
 
@@ -304,9 +292,7 @@ def preset_roles() -> list[Role]:
         _preset(
             MCP_USER_ROLE,
             "Access to every MCP server and every tool",
-            RoleConditions.model_validate(
-                {"app_labels": {SUB_KIND_LABEL: "mcp"}, "mcp": {"tools": ["*"]}}
-            ),
+            RoleConditions.model_validate({"app_labels": {SUB_KIND_LABEL: "mcp"}, "mcp": {"tools": ["*"]}}),
         ),
         _preset(
             ACCESS_ROLE,

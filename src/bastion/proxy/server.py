@@ -115,9 +115,7 @@ class ProxyService:
             ctx.set_alpn_protocols(["http/1.1"])
             return ctx
 
-        app = RequestContext(
-            build_webapi(self.auth, public_addr=s.public_addr or f"{s.host}:{self.port}")
-        )
+        app = RequestContext(build_webapi(self.auth, public_addr=s.public_addr or f"{s.host}:{self.port}"))
         config = uvicorn.Config(
             app,
             http="httptools",
@@ -132,9 +130,7 @@ class ProxyService:
             timeout_graceful_shutdown=5,
         )
         self._server = _Server(config)
-        self._task = asyncio.create_task(
-            self._server.serve(sockets=[self._sock]), name="proxy-http"
-        )
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="proxy-http")
         while not self._server.started:
             if self._task.done():
                 await self._task

@@ -133,9 +133,7 @@ def build_webapi(auth: AuthServer, *, public_addr: str) -> Starlette:
             totp_code=_str(data, "otp", required=False),
             ttl=_ttl(data),
         )
-        log.info(
-            "user logged in", extra={"user": ident.username, "expires": ident.expires.isoformat()}
-        )
+        log.info("user logged in", extra={"user": ident.username, "expires": ident.expires.isoformat()})
         return _json(
             {
                 "token": token,
@@ -185,7 +183,7 @@ def build_webapi(auth: AuthServer, *, public_addr: str) -> Starlette:
         res = await auth.create_resource(actor, await _body(request), overwrite=overwrite)
         log.info(
             "resource written",
-            extra={"by": actor.name, "kind": res.kind, "name": res.metadata.name},
+            extra={"by": actor.name, "resource": f"{res.kind}/{res.metadata.name}"},
         )
         return _json(res.model_dump(mode="json"), 201)
 
@@ -193,7 +191,7 @@ def build_webapi(auth: AuthServer, *, public_addr: str) -> Starlette:
         actor = await actor_of(request)
         kind, name = request.path_params["kind"], request.path_params["name"]
         await auth.delete_resource(actor, kind, name)
-        log.info("resource deleted", extra={"by": actor.name, "kind": kind, "name": name})
+        log.info("resource deleted", extra={"by": actor.name, "resource": f"{kind}/{name}"})
         return _json({"deleted": f"{kind}/{name}"})
 
     def _invite_json(invite: Any) -> dict[str, Any]:
@@ -308,6 +306,12 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            # Starlette re-raises after its error handler answered (and we
+            # logged the traceback there); answer here only if nobody did.
+            if status == 0:
+                response = error_response(exc)
+                await response(scope, receive, send_wrapper)
         finally:
             log.info(
                 "request",

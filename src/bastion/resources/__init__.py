@@ -113,9 +113,7 @@ class Rule(_Frozen):
     def _resources(cls, v: list[str]) -> list[str]:
         for r in v:
             if r != "*" and r not in RULE_RESOURCES:
-                raise ValueError(
-                    f'unknown resource "{r}" (known: {", ".join(RULE_RESOURCES)}, or "*")'
-                )
+                raise ValueError(f'unknown resource "{r}" (known: {", ".join(RULE_RESOURCES)}, or "*")')
         return v
 
     @field_validator("verbs")
@@ -286,9 +284,7 @@ class AppSpec(_Frozen):
     @model_validator(mode="after")
     def _stdio_needs_command(self) -> AppSpec:
         if transport_of(self.uri) == "stdio" and self.mcp is None:
-            raise ValueError(
-                "a stdio app needs mcp.command (or an mcp+http(s)/mcp+sse+http(s) uri)"
-            )
+            raise ValueError("a stdio app needs mcp.command (or an mcp+http(s)/mcp+sse+http(s) uri)")
         return self
 
     @property

@@ -15,9 +15,7 @@ NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
 
 def _issue(ca, ttl=timedelta(hours=1), user="alice"):  # type: ignore[no-untyped-def]
-    return credentials.issue(
-        ca, username=user, roles=["mcp-user"], traits={"t": ["1"]}, ttl=ttl, now=NOW
-    )
+    return credentials.issue(ca, username=user, roles=["mcp-user"], traits={"t": ["1"]}, ttl=ttl, now=NOW)
 
 
 def test_round_trip() -> None:

@@ -72,7 +72,8 @@ async def test_invite_login_and_authenticate(auth: AuthServer) -> None:
     assert ident.username == "alice"
     actor = await auth.authenticate(token)
     assert actor.name == "alice"
-    assert actor.user is not None and actor.user.spec.roles == ["mcp-user"]
+    assert actor.user is not None
+    assert actor.user.spec.roles == ["mcp-user"]
 
 
 async def test_invite_is_single_use(auth: AuthServer) -> None:
@@ -261,9 +262,7 @@ async def test_join_tokens(auth: AuthServer, clock: Clock) -> None:
 
 async def test_update_user_roles_and_traits(auth: AuthServer) -> None:
     await _user(auth, "max", ["mcp-user"], {"mcp_tools": ["echo"]})
-    user = await auth.update_user(
-        ADMIN, "max", roles=["access"], traits={"mcp_tools": ["echo", "get-sum"]}
-    )
+    user = await auth.update_user(ADMIN, "max", roles=["access"], traits={"mcp_tools": ["echo", "get-sum"]})
     assert user.spec.roles == ["access"]
     assert user.spec.traits["mcp_tools"] == ["echo", "get-sum"]
     user = await auth.update_user(ADMIN, "max", traits={"mcp_tools": []})

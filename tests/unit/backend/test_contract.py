@@ -199,9 +199,7 @@ async def test_concurrent_puts_get_distinct_revisions(
     backend_pair: tuple[ContractBackend, ContractBackend],
 ) -> None:
     a, b = backend_pair
-    written = await asyncio.gather(
-        *((a if i % 2 else b).put(Item(f"/p/{i}", b"x")) for i in range(20))
-    )
+    written = await asyncio.gather(*((a if i % 2 else b).put(Item(f"/p/{i}", b"x")) for i in range(20)))
     revisions = [item.revision for item in written]
     assert len(set(revisions)) == len(revisions)
     assert await a.current_revision() == max(revisions)

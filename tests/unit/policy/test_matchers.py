@@ -23,9 +23,7 @@ class TestLiteral:
     def test_exact(self) -> None:
         assert matches("search-files", "search-files")
 
-    @pytest.mark.parametrize(
-        "value", ["search-file", "search-files2", "Search-files", "", " search-files"]
-    )
+    @pytest.mark.parametrize("value", ["search-file", "search-files2", "Search-files", "", " search-files"])
     def test_anything_else(self, value: str) -> None:
         assert not matches("search-files", value)
 

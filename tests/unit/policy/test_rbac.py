@@ -245,12 +245,8 @@ class TestCheckTool:
             role("nothing", deny_labels={"env": "nowhere"}, deny_tools=["^drop_.*$"]),
         )
         assert c.check_tool(DEV, "read_file").allowed
-        assert c.check_tool(DEV, "delete_repo").reason == (
-            'tool "delete_repo" is denied by role "prod-only"'
-        )
-        assert c.check_tool(DEV, "drop_table").reason == (
-            'tool "drop_table" is denied by role "nothing"'
-        )
+        assert c.check_tool(DEV, "delete_repo").reason == ('tool "delete_repo" is denied by role "prod-only"')
+        assert c.check_tool(DEV, "drop_table").reason == ('tool "drop_table" is denied by role "nothing"')
 
     def test_deny_from_trait(self) -> None:
         c = checker(
@@ -261,9 +257,7 @@ class TestCheckTool:
         assert c.check_tool(DEV, "ls").allowed
 
     def test_deny_with_missing_trait_denies_nothing(self) -> None:
-        c = checker(
-            role("r", allow_labels={"*": "*"}, allow_tools=["*"], deny_tools=["{{internal.bad}}"])
-        )
+        c = checker(role("r", allow_labels={"*": "*"}, allow_tools=["*"], deny_tools=["{{internal.bad}}"]))
         assert c.check_tool(DEV, "rm_rf").allowed
 
     def test_deny_with_broken_regex_from_trait_fails_closed(self) -> None:
@@ -302,9 +296,7 @@ class TestCheckTool:
 
     def test_traits_are_copied(self) -> None:
         traits = {"tools": ["a"]}
-        c = AccessChecker(
-            [role("r", allow_labels={"*": "*"}, allow_tools=["{{internal.tools}}"])], traits
-        )
+        c = AccessChecker([role("r", allow_labels={"*": "*"}, allow_tools=["{{internal.tools}}"])], traits)
         traits["tools"].append("b")
         assert not c.check_tool(DEV, "b").allowed
 
@@ -368,9 +360,7 @@ class TestToolPermissions:
         c = checker(
             role("a", allow_labels={"env": "dev"}, allow_tools=["read_*", "{{internal.t}}"]),
             role("b", allow_labels={"*": "*"}, allow_tools=["read_*", "list"], deny_tools=["rm"]),
-            role(
-                "c", allow_labels={"env": "prod"}, allow_tools=["prod_only"], deny_tools=["x", "rm"]
-            ),
+            role("c", allow_labels={"env": "prod"}, allow_tools=["prod_only"], deny_tools=["x", "rm"]),
             t=["get", "read_*"],
         )
         assert c.tool_permissions(DEV) == ToolPermissions(
@@ -446,9 +436,7 @@ class TestRules:
         assert not checker().check_rule("user", "read")
 
     def test_specific(self) -> None:
-        c = checker(
-            role("r", allow_rules=[{"resources": ["user", "role"], "verbs": ["list", "read"]}])
-        )
+        c = checker(role("r", allow_rules=[{"resources": ["user", "role"], "verbs": ["list", "read"]}]))
         assert c.check_rule("user", "read")
         assert c.check_rule("role", "list")
         assert not c.check_rule("user", "delete")

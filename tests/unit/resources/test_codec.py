@@ -72,9 +72,7 @@ class TestLoadDocuments:
         text = "kind: role\nmetadata:\n  name: a\nkind: user\n"
         with pytest.raises(DecodeError) as info:
             load_documents(text, source="r.yaml")
-        assert str(info.value) == (
-            'r.yaml: line 4, column 1: duplicate key "kind" (first defined on line 1)'
-        )
+        assert str(info.value) == ('r.yaml: line 4, column 1: duplicate key "kind" (first defined on line 1)')
 
     def test_nested_duplicate_key_rejected(self) -> None:
         text = "spec:\n  allow:\n    app_labels: {env: dev}\n    app_labels: {'*': '*'}\n"
@@ -95,15 +93,11 @@ class TestLoadDocuments:
 
     def test_duplicate_key_in_tab_indented_json(self) -> None:
         text = '{\n\t"a": 1,\n\t"b": {\n\t\t"x": 1,\n\t\t"x": 2\n\t}\n}'
-        with pytest.raises(
-            DecodeError, match=r'duplicate key "x" \(in the object starting on line 3'
-        ):
+        with pytest.raises(DecodeError, match=r'duplicate key "x" \(in the object starting on line 3'):
             load_documents(text, source="f")
 
     def test_same_key_in_different_mappings_is_fine(self) -> None:
-        assert load_documents("a: {x: 1}\nb: {x: 2}\n", source="f") == [
-            {"a": {"x": 1}, "b": {"x": 2}}
-        ]
+        assert load_documents("a: {x: 1}\nb: {x: 2}\n", source="f") == [{"a": {"x": 1}, "b": {"x": 2}}]
 
     def test_merge_keys_may_be_overridden(self) -> None:
         text = "base: &b {x: 1, y: 2}\nderived:\n  <<: *b\n  y: 3\n"
@@ -115,9 +109,7 @@ class TestLoadDocuments:
         [("- a\n- b\n", "a list"), ("just text\n", "a string"), ("42\n", "an integer")],
     )
     def test_document_must_be_a_mapping(self, text: str, kind: str) -> None:
-        with pytest.raises(
-            DecodeError, match=f"^f: line 1, column 1: document 1 is {kind}, expected"
-        ):
+        with pytest.raises(DecodeError, match=f"^f: line 1, column 1: document 1 is {kind}, expected"):
             load_documents(text, source="f")
 
     def test_second_document_not_a_mapping_is_named(self) -> None:
