@@ -1,0 +1,1 @@
+"""The audit trail: typed events, redaction, a durable emitter, and search."""
