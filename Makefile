@@ -5,7 +5,17 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TSTAMP := $(VENV)/.installed-test
 
-.PHONY: demo test lint typecheck check clean
+# Real MCP peers from npm (server-everything, conformance suite, inspector, supergateway, Node 22),
+# pinned by tests/node/package-lock.json; see tests/peers.py.
+NODE_DIR   := tests/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+NPM_FLAGS  := --no-audit --no-fund
+
+# Python peers whose `mcp` pin clashes with ours (mcp-proxy needs mcp<2): benchmarks only.
+PEERS_VENV  := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+.PHONY: demo test lint typecheck check clean node-peers peers-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +29,29 @@ $(TSTAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP) $@
 
+$(NODE_STAMP): $(NODE_DIR)/package.json $(wildcard $(NODE_DIR)/package-lock.json)
+	@command -v npm >/dev/null || { echo "npm not found: the tests need Node.js >= 20 with npm" >&2; exit 1; }
+	cd $(NODE_DIR) && if [ -f package-lock.json ]; then npm ci $(NPM_FLAGS); else npm install $(NPM_FLAGS); fi
+	touch $@
+
+## node-peers: install the npm test peers into tests/node/node_modules (done by `make test`)
+node-peers: $(NODE_STAMP)
+
+$(PEERS_STAMP):
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/pip install -q mcp-proxy==0.13.0
+	touch $@
+
+## peers-venv: a separate venv with mcp-proxy (a peer for benchmarks; not needed by `make test`)
+peers-venv: $(PEERS_STAMP)
+
 ## demo: a one-node cluster (SQLite) in the foreground, with a demo user; prints how to connect
 demo: $(STAMP)
 	$(BIN)/python -m bastion.demo
 
 ## test: install everything the tests need, then lint, type-check and run the whole suite
-test: $(TSTAMP)
+test: $(TSTAMP) $(NODE_STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
@@ -37,4 +64,4 @@ typecheck: $(TSTAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo-data
+	rm -rf $(VENV) $(PEERS_VENV) $(NODE_DIR)/node_modules .pytest_cache .mypy_cache .ruff_cache demo-data

@@ -401,6 +401,9 @@ class ProxyService(_Model):
     #: ``host:port`` that clients use; empty = derived from ``listen_addr``.
     public_addr: OptionalAddr = ""
     tls: TLSConfig = Field(default_factory=TLSConfig)
+    #: Browser origins allowed to call MCP endpoints (``Origin`` header), besides the
+    #: proxy's own.  Requests without ``Origin`` (non-browser clients) are allowed.
+    allowed_origins: Annotated[list[str], _none_as_empty([])] = Field(default_factory=list)
 
     @property
     def effective_public_addr(self) -> str:
@@ -492,6 +495,13 @@ class AppService(_Model):
     #: Also serve the built-in demo MCP server.
     demo_server: bool = False
     apps: Annotated[list[AppConfig], _none_as_empty([])] = Field(default_factory=list)
+    #: Keys whose values are redacted from audited tool arguments (added to the defaults).
+    audit_redact_keys: Annotated[list[str], _none_as_empty([])] = Field(default_factory=list)
+    #: Limits of the MCP endpoint.
+    max_body: int = Field(default=4 << 20, ge=1024)
+    sessions_per_user: int = Field(default=64, ge=1)
+    idle_timeout: Duration = timedelta(minutes=30)
+    response_timeout: Duration = timedelta(minutes=5)
     resources: Annotated[list[ResourceMatcher], _none_as_empty([])] = Field(default_factory=list)
 
     @model_validator(mode="after")

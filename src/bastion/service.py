@@ -15,6 +15,11 @@ import logging
 import signal
 
 from bastion import __version__
+from bastion.appservice.mcp_http import Limits, MCPHandler
+from bastion.appservice.registry import AppRegistry
+from bastion.audit.emitter import AuditLog
+from bastion.audit.redact import DEFAULT_SECRET_KEYS, Redactor
+from bastion.audit.store import SQLiteAuditStore
 from bastion.auth.ca import fingerprint
 from bastion.auth.server import AuthServer
 from bastion.backend import Backend, Item
@@ -26,6 +31,38 @@ from bastion.proxy.server import ProxyService, ProxySettings
 
 log = logging.getLogger("bastion.service")
 
+
+class AppServiceParts:
+    """The in-process app service: its registry, audit log and MCP handler."""
+
+    def __init__(self, registry: AppRegistry, audit: AuditLog, handler: MCPHandler) -> None:
+        self.registry = registry
+        self.audit = audit
+        self.handler = handler
+
+    @classmethod
+    async def start(cls, cfg: Config, auth: AuthServer) -> AppServiceParts:
+        a = cfg.app_service
+        registry = AppRegistry((app.to_app() for app in a.apps), demo=a.demo_server)
+        store = await SQLiteAuditStore.open(cfg.bastion.data_dir)
+        audit = AuditLog(store)
+        limits = Limits(
+            max_body=a.max_body,
+            sessions_per_user=a.sessions_per_user,
+            idle_timeout=a.idle_timeout.total_seconds(),
+            response_timeout=a.response_timeout.total_seconds(),
+        )
+        redactor = Redactor((*DEFAULT_SECRET_KEYS, *a.audit_redact_keys))
+        handler = MCPHandler(auth=auth, registry=registry, audit=audit, redact=redactor, limits=limits)
+        handler.start()
+        log.info("app service started", extra={"apps": ",".join(x.metadata.name for x in registry.all())})
+        return cls(registry, audit, handler)
+
+    async def aclose(self) -> None:
+        await self.handler.aclose()
+        await self.audit.close()
+
+
 EXPIRE_EVERY = 30.0
 COMPACT_EVERY = 600.0
 
@@ -33,11 +70,19 @@ COMPACT_EVERY = 600.0
 class Cluster:
     """The running services of one process."""
 
-    def __init__(self, cfg: Config, backend: Backend, auth: AuthServer, proxy: ProxyService | None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        backend: Backend,
+        auth: AuthServer,
+        proxy: ProxyService | None,
+        apps: AppServiceParts | None = None,
+    ) -> None:
         self.cfg = cfg
         self.backend = backend
         self.auth = auth
         self.proxy = proxy
+        self.apps = apps
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
@@ -51,8 +96,11 @@ class Cluster:
         data_dir = cfg.bastion.data_dir
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         backend = await open_backend(cfg.auth_service.backend, data_dir)
+        apps: AppServiceParts | None = None
         try:
             auth = await AuthServer.open(backend, cfg.bastion.cluster_name, settings_from(cfg))
+            if cfg.app_service.enabled:
+                apps = await AppServiceParts.start(cfg, auth)
             proxy = None
             if cfg.proxy_service.enabled:
                 host, port = split_addr(cfg.proxy_service.listen_addr, allow_zero=True)
@@ -66,13 +114,19 @@ class Cluster:
                         data_dir=data_dir,
                         cert_file=tls.cert_file,
                         key_file=tls.key_file,
+                        allowed_origins=tuple(cfg.proxy_service.allowed_origins),
                     ),
+                    mcp=apps.handler if apps else None,
+                    registry=apps.registry if apps else None,
+                    audit=apps.audit if apps else None,
                 )
                 await proxy.start()
         except BaseException:
+            if apps is not None:
+                await apps.aclose()
             await backend.close()
             raise
-        cluster = cls(cfg, backend, auth, proxy)
+        cluster = cls(cfg, backend, auth, proxy, apps)
         if proxy is not None:
             await backend.put(Item(PROXY_ADDR_KEY, cluster.proxy_addr.encode()))
         cluster._tasks.append(asyncio.create_task(cluster._housekeeping(), name="backend-housekeeping"))
@@ -128,6 +182,8 @@ class Cluster:
                 await t
         if self.proxy:
             await self.proxy.stop()
+        if self.apps:
+            await self.apps.aclose()
         await self.backend.close()
         log.info("cluster stopped")
 

@@ -78,6 +78,8 @@ class Actor:
     checker: AccessChecker | None = None
     identity: Identity | None = None
     user: User | None = None
+    #: Revisions of the user and their roles: changes when their policy may have changed.
+    policy_key: tuple[int, ...] = ()
 
     @classmethod
     def admin(cls) -> Actor:
@@ -215,21 +217,26 @@ class AuthServer:
             raise AuthenticationError(
                 f'user "{ident.username}" no longer exists; log in again with `bastion login`'
             ) from None
-        return Actor(name=user.metadata.name, checker=await self.checker_for(user), identity=ident, user=user)
+        roles = await self._roles_of(user)
+        return Actor(
+            name=user.metadata.name,
+            checker=AccessChecker(roles, user.spec.traits),
+            identity=ident,
+            user=user,
+            policy_key=(user.metadata.revision or 0, *(r.metadata.revision or 0 for r in roles)),
+        )
 
     async def checker_for(self, user: User) -> AccessChecker:
-        roles = [await self._get_typed(Role, "role", r) for r in await self._existing_roles(user.spec.roles)]
-        return AccessChecker(roles, user.spec.traits)
+        return AccessChecker(await self._roles_of(user), user.spec.traits)
 
-    async def _existing_roles(self, names: Sequence[str]) -> list[str]:
-        out = []
-        for name in names:
+    async def _roles_of(self, user: User) -> list[Role]:
+        roles = []
+        for name in user.spec.roles:
             try:
-                await self.backend.get(key_for("role", name))
-                out.append(name)
+                roles.append(await self._get_typed(Role, "role", name))
             except NotFoundError:
                 continue  # a deleted role grants nothing
-        return out
+        return roles
 
     async def login(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from bastion import __version__
-from bastion.cli import admin, auth, login, start
+from bastion.cli import admin, audit, auth, login, proxy, start
 
 app = typer.Typer(
     name="bastion",
@@ -27,6 +27,8 @@ admin.users_app.command("set-password")(login.set_password)
 app.add_typer(admin.users_app, name="users")
 app.add_typer(admin.tokens_app, name="tokens")
 app.add_typer(auth.auth_app, name="auth")
+app.add_typer(audit.audit_app, name="audit")
+app.add_typer(proxy.proxy_app, name="proxy")
 
 
 @app.command("version")

@@ -167,6 +167,9 @@ class RemoteAdmin:
             await self.client.post("/v1/auth/sign", {"user": user, "ttl_seconds": ttl.total_seconds()})
         )
 
+    async def audit_search(self, params: dict[str, str]) -> list[dict[str, Any]]:
+        return list(await self.client.request("GET", "/v1/audit/events", params=params))
+
     async def ca_pem(self) -> str:
         data = await self.client.get("/v1/webapi/ca")
         return data.decode() if isinstance(data, bytes) else str(data)

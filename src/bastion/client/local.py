@@ -22,7 +22,8 @@ PROXY_ADDR_KEY = "/cluster/proxy_addr"
 
 
 class LocalAdmin:
-    def __init__(self, auth: AuthServer, backend: Backend, proxy_addr: str) -> None:
+    def __init__(self, auth: AuthServer, backend: Backend, proxy_addr: str, data_dir: Path) -> None:
+        self.data_dir = data_dir
         self.auth = auth
         self.backend = backend
         self.cluster_name = auth.cluster_name
@@ -43,7 +44,7 @@ class LocalAdmin:
         except BaseException:
             await backend.close()
             raise
-        return cls(auth, backend, proxy_addr)
+        return cls(auth, backend, proxy_addr, cfg.bastion.data_dir)
 
     async def close(self) -> None:
         await self.backend.close()
@@ -88,6 +89,16 @@ class LocalAdmin:
     async def sign(self, user: str, ttl: timedelta) -> dict[str, Any]:
         token, ident = await self.auth.sign(self.actor, user, ttl)
         return {"token": token, "user": ident.username, "expires": ident.expires.isoformat()}
+
+    async def audit_search(self, params: dict[str, str]) -> list[dict[str, Any]]:
+        from bastion.audit.query import query_from_params
+        from bastion.audit.store import SQLiteAuditStore
+
+        store = await SQLiteAuditStore.open(self.data_dir)
+        try:
+            return await store.search(query_from_params(params))
+        finally:
+            await store.close()
 
     async def ca_pem(self) -> str:
         return self.auth.cas["host"].cert_pem.decode()

@@ -18,13 +18,18 @@ import ssl
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from bastion.auth.ca import issue_server_cert
 from bastion.auth.server import AuthServer
 from bastion.errors import ConfigError
+from bastion.proxy.front import ASGI, Front
 from bastion.proxy.webapi import RequestContext, build_webapi
+
+if TYPE_CHECKING:
+    from bastion.appservice.registry import AppRegistry
 
 log = logging.getLogger("bastion.proxy")
 
@@ -37,6 +42,7 @@ class ProxySettings:
     data_dir: Path
     cert_file: Path | None = None
     key_file: Path | None = None
+    allowed_origins: tuple[str, ...] = ()
 
 
 class _Server(uvicorn.Server):
@@ -71,9 +77,20 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class ProxyService:
-    def __init__(self, auth: AuthServer, settings: ProxySettings) -> None:
+    def __init__(
+        self,
+        auth: AuthServer,
+        settings: ProxySettings,
+        *,
+        mcp: ASGI | None = None,
+        registry: AppRegistry | None = None,
+        audit: object | None = None,
+    ) -> None:
         self.auth = auth
         self.settings = settings
+        self.mcp = mcp
+        self.registry = registry
+        self.audit = audit
         self._sock: socket.socket | None = None
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
@@ -115,7 +132,12 @@ class ProxyService:
             ctx.set_alpn_protocols(["http/1.1"])
             return ctx
 
-        app = RequestContext(build_webapi(self.auth, public_addr=s.public_addr or f"{s.host}:{self.port}"))
+        public = s.public_addr or f"{s.host}:{self.port}"
+        webapi = RequestContext(build_webapi(self.auth, public_addr=public, audit=self.audit))
+        origins = frozenset({f"https://{public}", *s.allowed_origins})
+        app = Front(
+            auth=self.auth, webapi=webapi, mcp=self.mcp, registry=self.registry, allowed_origins=origins
+        )
         config = uvicorn.Config(
             app,
             http="httptools",
@@ -131,10 +153,13 @@ class ProxyService:
         )
         self._server = _Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="proxy-http")
-        while not self._server.started:
+        deadline = asyncio.get_running_loop().time() + 30
+        while not self._server.started:  # uvicorn exposes no start-up event to await
             if self._task.done():
                 await self._task
                 raise RuntimeError("the proxy stopped during start-up")
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError("the proxy did not start within 30 s")
             await asyncio.sleep(0.01)
         log.info("proxy listening", extra={"addr": f"https://{s.host}:{self.port}"})
 

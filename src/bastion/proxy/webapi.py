@@ -9,6 +9,7 @@ Routes (JSON in, JSON out; authenticated ones take ``Authorization: Bearer``):
                                             secrets never go in URLs, which get logged)
     POST   /v1/webapi/invites/accept        set a password with an invite
     GET    /healthz  /readyz
+    GET    /v1/audit/events?since=&until=&type=&user=&app=&session=&limit=   [auth]
     GET    /v1/whoami                       the caller, roles, expiry        [auth]
     GET    /v1/resources/{kind}[/{name}]                                    [auth]
     POST   /v1/resources?overwrite=1        create (or replace)              [auth]
@@ -95,7 +96,7 @@ def identity_json(actor: Actor) -> dict[str, Any]:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def build_webapi(auth: AuthServer, *, public_addr: str) -> Starlette:
+def build_webapi(auth: AuthServer, *, public_addr: str, audit: Any = None) -> Starlette:
     async def actor_of(request: Request) -> Actor:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -234,6 +235,16 @@ def build_webapi(auth: AuthServer, *, public_addr: str) -> Starlette:
         log.info("credential signed", extra={"by": actor.name, "for": ident.username})
         return _json({"token": token, "user": ident.username, "expires": ident.expires.isoformat()})
 
+    async def audit_events(request: Request) -> Response:
+        actor = await actor_of(request)
+        actor.require("event", "list", "read")
+        if audit is None:
+            raise ValidationError("this proxy keeps no audit log (no app service runs here)")
+        from bastion.audit.query import query_from_params
+
+        events = await audit.search(query_from_params(request.query_params))
+        return _json(events)
+
     routes = [
         Route("/v1/webapi/find", find),
         Route("/webapi/find", find),
@@ -253,6 +264,7 @@ def build_webapi(auth: AuthServer, *, public_addr: str) -> Starlette:
         Route("/v1/users/{name}/reset", reset_user, methods=["POST"]),
         Route("/v1/tokens", add_token, methods=["POST"]),
         Route("/v1/auth/sign", sign, methods=["POST"]),
+        Route("/v1/audit/events", audit_events),
     ]
     app = Starlette(
         routes=routes,

@@ -1,0 +1,1 @@
+"""The app service: serves registered MCP apps — registry, sessions, upstream bridges."""

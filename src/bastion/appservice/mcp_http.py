@@ -1,0 +1,782 @@
+"""Streamable HTTP for MCP clients (``/mcp/apps/<app>``): sessions, and the bridge to upstreams.
+
+The proxy authenticates the caller, resolves the app and checks that the
+caller may reach it; then it hands the request here with the ``Actor`` and
+the ``App`` in ``scope["bastion"]``.  This module owns gateway sessions: ids
+we mint (cryptographically random, bound to the user: another user's id, or
+an unknown one, is 404), one sans-IO ``Session`` engine each, and one upstream
+each — a message stream (stdio process, legacy SSE, demo) or the shared
+keep-alive pool of a streamable-HTTP upstream.
+
+For every message the engine decides; this module only carries out its
+commands, in order: an audit record is *committed* before the request that
+follows it is forwarded, so a crash never leaves an un-audited call.
+
+Routing for message-stream upstreams: a response goes to the POST waiting for
+its id; server notifications and server-to-client requests go to the most
+recently opened POST stream still waiting (that is where progress and logging
+of a running call belong), else to the GET stream, else into a small bounded
+backlog the next GET drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from bastion.appservice.registry import AppRegistry
+from bastion.appservice.upstreams import Pools, UpstreamIdentity, open_stream, upstream_target
+from bastion.audit.emitter import AuditLog
+from bastion.auth.server import Actor, AuthServer
+from bastion.errors import BastionError, LimitExceededError, UpstreamError
+from bastion.protocol import jsonrpc
+from bastion.protocol.sse import SSEParser, encode_event
+from bastion.resources import App
+from bastion.session.engine import (
+    CloseSession,
+    CompleteAudit,
+    ForwardToUpstream,
+    RecordAudit,
+    SendToClient,
+    Session,
+)
+
+log = logging.getLogger("bastion.app")
+
+
+SUPPORTED_VERSIONS = frozenset({"2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"})
+ORIGIN_HEADER = b"x-bastion-error-origin"
+_JSON = b"application/json"
+_SSE = b"text/event-stream"
+_HOP = frozenset(
+    {
+        b"host",
+        b"connection",
+        b"content-length",
+        b"transfer-encoding",
+        b"authorization",
+        b"cookie",
+        b"mcp-session-id",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authorization",
+        b"origin",
+        b"bastion-jwt-assertion",
+        b"x-forwarded-for",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body: int = 4 << 20
+    sessions_per_user: int = 64
+    idle_timeout: float = 30 * 60.0
+    response_timeout: float = 300.0
+    backlog: int = 256
+
+
+@dataclass
+class GatewaySession:
+    id: str
+    user: str
+    app: App
+    engine: Session
+    ident: UpstreamIdentity
+    stream: Any = None  # message stream upstream, or None for streamable HTTP
+    upstream_session_id: str = ""
+    protocol_version: str = ""
+    last_active: float = field(default_factory=time.monotonic)
+    pending: dict[Any, asyncio.Queue[bytes | None]] = field(default_factory=dict)
+    order: list[Any] = field(default_factory=list)
+    listeners: list[asyncio.Queue[bytes | None]] = field(default_factory=list)
+    backlog: deque[bytes] = field(default_factory=lambda: deque(maxlen=256))
+    reader: asyncio.Task[None] | None = None
+    dead: str = ""
+    policy_key: tuple[int, ...] = ()
+
+
+class SessionGone(BastionError):
+    origin = "client"
+    http_status = 404
+    code = "session_not_found"
+
+
+class MCPHandler:
+    """The ASGI app for ``/mcp/apps/<app>[/...]``; the proxy calls it after authentication."""
+
+    def __init__(
+        self,
+        *,
+        auth: AuthServer,
+        registry: AppRegistry,
+        audit: AuditLog,
+        redact: Callable[[Any], Any],
+        limits: Limits | None = None,
+    ) -> None:
+        self.auth = auth
+        self.registry = registry
+        self.audit = audit
+        self.redact = redact
+        self.limits = limits or Limits()
+        self.pools = Pools()
+        self.sessions: dict[str, GatewaySession] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap(), name="mcp-session-reaper")
+
+    async def aclose(self) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for s in list(self.sessions.values()):
+            await self._end(s, "gateway shutting down")
+        await self.pools.aclose()
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(min(60.0, self.limits.idle_timeout / 4))
+            cutoff = time.monotonic() - self.limits.idle_timeout
+            for s in [s for s in self.sessions.values() if s.last_active < cutoff and not s.pending]:
+                log.info("idle session reaped", extra={"session_id": s.id, "app": s.app.metadata.name})
+                await self._end(s, "idle timeout")
+
+    # ------------------------------------------------------------------ ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = scope["bastion"]
+        actor: Actor = ctx["actor"]
+        app: App = ctx["app"]
+        headers = {k.lower(): v for k, v in scope["headers"]}
+        method = scope["method"]
+        try:
+            if method == "POST":
+                await self._post(scope, receive, send, actor, app, headers)
+            elif method == "GET":
+                await self._get(send, actor, app, headers)
+            elif method == "DELETE":
+                await self._delete(send, actor, headers)
+            else:
+                await _plain(
+                    send,
+                    405,
+                    b"method not allowed: use POST, GET or DELETE",
+                    "client",
+                    extra=[(b"allow", b"GET, POST, DELETE")],
+                )
+        except SessionGone as e:
+            await _jsonrpc_error(send, 404, None, -32001, e.message, "client")
+        except BastionError as e:
+            await _jsonrpc_error(
+                send, e.http_status, None, -32603 if e.origin != "client" else -32600, e.message, e.origin
+            )
+
+    # ------------------------------------------------------------------ POST
+
+    async def _post(
+        self, scope: Scope, receive: Receive, send: Send, actor: Actor, app: App, headers: dict[bytes, bytes]
+    ) -> None:
+        body = await _read_body(receive, self.limits.max_body)
+        if body is None:
+            await _jsonrpc_error(
+                send, 413, None, -32600, f"request body larger than {self.limits.max_body} bytes", "client"
+            )
+            return
+        version = headers.get(b"mcp-protocol-version", b"").decode("latin-1")
+        if version and version not in SUPPORTED_VERSIONS:
+            await _jsonrpc_error(
+                send,
+                400,
+                None,
+                -32600,
+                f"unsupported MCP-Protocol-Version {version!r} "
+                f"(supported: {', '.join(sorted(SUPPORTED_VERSIONS))})",
+                "client",
+            )
+            return
+        sid = headers.get(b"mcp-session-id", b"").decode("latin-1")
+        if sid:
+            s = self._session(sid, actor)
+        else:
+            try:
+                msg = jsonrpc.parse_message(body)
+            except jsonrpc.ProtocolError as e:
+                await _jsonrpc_error(send, 400, e.id, e.rpc_code, e.message, "client")
+                return
+            if msg.method != "initialize" or msg.kind != "request":
+                what = (
+                    "server/discover (MCP 2026-07-28) is not supported by this gateway yet; use initialize"
+                    if msg.method == "server/discover"
+                    else "missing Mcp-Session-Id header: start a session with an initialize request"
+                )
+                await _jsonrpc_error(
+                    send, 400, msg.id, -32600 if msg.method != "server/discover" else -32601, what, "client"
+                )
+                return
+            s = await self._new_session(actor, app, scope)
+        s.last_active = time.monotonic()
+        if s.stream is None:
+            await self._post_http(s, scope, send, body, headers, new=not sid)
+        else:
+            await self._post_stream(s, send, body, new=not sid)
+
+    def _session(self, sid: str, actor: Actor) -> GatewaySession:
+        s = self.sessions.get(sid)
+        # Another user's session id is as unknown as a made-up one.
+        if s is None or s.user != actor.name or s.dead:
+            raise SessionGone(
+                "session not found (it ended or never existed): start a new one with initialize"
+            )
+        if actor.policy_key != s.policy_key and actor.checker is not None:
+            # The user's roles changed: live sessions follow within the actor-cache TTL,
+            # and the client is told to list tools again.
+            s.policy_key = actor.policy_key
+            for cmd in s.engine.policy_changed(actor.checker):
+                if isinstance(cmd, SendToClient):
+                    self._route(s, cmd.raw, None)
+        return s
+
+    async def _new_session(self, actor: Actor, app: App, scope: Scope) -> GatewaySession:
+        user = actor.user
+        assert user is not None and actor.checker is not None
+        mine = sum(1 for s in self.sessions.values() if s.user == actor.name)
+        if mine >= self.limits.sessions_per_user:
+            raise LimitExceededError(
+                f"too many open MCP sessions for user {actor.name!r} "
+                f"(limit {self.limits.sessions_per_user}); "
+                "end some with DELETE or wait for idle ones to expire"
+            )
+        sid = secrets.token_urlsafe(24)
+        ident = UpstreamIdentity(self.auth.cas["jwt"], app, actor.name, user.spec.roles, user.spec.traits)
+        engine = Session(
+            app=app,
+            checker=actor.checker,
+            identity=actor.identity,  # type: ignore[arg-type]
+            session_id=sid,
+            cluster_name=self.auth.cluster_name,
+            transport=f"http->{app.spec.transport}",
+            clock=self.auth.clock,
+            redact=self.redact,
+            remote_addr=(scope.get("client") or ("", 0))[0],
+        )
+        s = GatewaySession(
+            id=sid, user=actor.name, app=app, engine=engine, ident=ident, policy_key=actor.policy_key
+        )
+        s.backlog = deque(maxlen=self.limits.backlog)
+        if app.spec.transport != "http" or self.registry.is_demo(app):
+            s.stream = await open_stream(
+                app,
+                ident=ident,
+                session_id=sid,
+                cluster_name=self.auth.cluster_name,
+                is_demo=self.registry.is_demo(app),
+                now=self.auth.clock.now(),
+            )
+            s.upstream_session_id = getattr(s.stream, "upstream_session_id", "")
+            if s.upstream_session_id:
+                await self._run(s, engine.upstream_session_known(s.upstream_session_id))
+            s.reader = asyncio.create_task(self._read_upstream(s), name=f"upstream-reader-{sid[:8]}")
+        self.sessions[sid] = s
+        return s
+
+    async def _run(
+        self,
+        s: GatewaySession,
+        commands: Iterable[Any],
+        *,
+        reply: Callable[[bytes], Awaitable[None]] | None = None,
+    ) -> bool:
+        """Carry out engine commands in order; False if a durable audit record failed (nothing forwarded)."""
+        for cmd in commands:
+            if isinstance(cmd, RecordAudit):
+                try:
+                    await self.audit.record(cmd.event)
+                except BastionError as e:
+                    log.error("audit unavailable; refusing the request", extra={"error": e.message})
+                    return False
+            elif isinstance(cmd, CompleteAudit):
+                self.audit.complete(cmd.event_id, cmd.success, cmd.error, cmd.duration_ms)
+            elif isinstance(cmd, ForwardToUpstream):
+                if s.stream is not None:
+                    await s.stream.send(cmd.raw)
+            elif isinstance(cmd, SendToClient):
+                if reply is not None:  # while handling a client message: the gateway's own answer
+                    await reply(cmd.raw)
+                else:
+                    self._route(s, cmd.raw, cmd.related_request_id)
+            elif isinstance(cmd, CloseSession):
+                s.dead = cmd.reason
+        return True
+
+    def _route(self, s: GatewaySession, raw: bytes, related: Any) -> None:
+        if related is not None and related in s.pending:
+            s.pending[related].put_nowait(raw)
+            return
+        for rid in reversed(s.order):
+            q = s.pending.get(rid)
+            if q is not None:
+                q.put_nowait(raw)
+                return
+        if s.listeners:
+            s.listeners[-1].put_nowait(raw)
+        else:
+            s.backlog.append(raw)
+
+    async def _post_stream(self, s: GatewaySession, send: Send, body: bytes, *, new: bool) -> None:
+        try:
+            msg = jsonrpc.parse_message(body)
+        except jsonrpc.ProtocolError:
+            msg = None
+        waiter: asyncio.Queue[bytes | None] | None = None
+        if msg is not None and msg.kind == "request" and msg.id is not None and msg.id not in s.pending:
+            waiter = asyncio.Queue()
+            s.pending[msg.id] = waiter
+            s.order.append(msg.id)
+        immediate: list[bytes] = []
+
+        async def reply(raw: bytes) -> None:
+            immediate.append(raw)
+
+        try:
+            ok = await self._run(s, s.engine.client_sent(body), reply=reply)
+            extra = [(b"mcp-session-id", s.id.encode())] if new else []
+            if not ok:
+                await _jsonrpc_error(
+                    send,
+                    503,
+                    msg.id if msg else None,
+                    -32603,
+                    "the audit log is unavailable, so the gateway refuses to forward "
+                    "calls it cannot record; try again shortly",
+                    "gateway",
+                    extra=extra,
+                )
+                return
+            if immediate:  # the gateway answered itself (denied, invalid, too many in flight)
+                if waiter is not None:
+                    waiter = None
+                await _send_json(send, 200 if msg is not None else 400, immediate[0], extra)
+                return
+            if waiter is None:
+                await _send(send, 202, [], b"", extra)
+                return
+            await self._answer_from_queue(s, send, waiter, extra)
+        except UpstreamError as e:
+            await self._upstream_died(s, str(e))
+            await _jsonrpc_error(send, e.http_status, msg.id if msg else None, -32603, e.message, "upstream")
+        finally:
+            if msg is not None and msg.id is not None and s.pending.get(msg.id) is not None:
+                s.pending.pop(msg.id, None)
+                with contextlib.suppress(ValueError):
+                    s.order.remove(msg.id)
+
+    async def _answer_from_queue(
+        self,
+        s: GatewaySession,
+        send: Send,
+        waiter: asyncio.Queue[bytes | None],
+        extra: list[tuple[bytes, bytes]],
+    ) -> None:
+        deadline = self.limits.response_timeout
+        try:
+            first = await asyncio.wait_for(waiter.get(), deadline)
+        except TimeoutError:
+            await _jsonrpc_error(
+                send,
+                504,
+                None,
+                -32603,
+                f"the upstream MCP server did not answer within {deadline:.0f}s",
+                "upstream",
+                extra,
+            )
+            return
+        if first is None:
+            await _jsonrpc_error(
+                send, 502, None, -32603, f"the upstream MCP server ended: {s.dead}", "upstream", extra
+            )
+            return
+        if _is_response(first):
+            await _send_json(send, 200, first, extra)
+            return
+        await _start_sse(send, extra)
+        await _sse_write(send, first)
+        while True:
+            try:
+                item = await asyncio.wait_for(waiter.get(), deadline)
+            except TimeoutError:
+                item = None
+            if item is None:
+                break
+            await _sse_write(send, item)
+            if _is_response(item):
+                break
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _read_upstream(self, s: GatewaySession) -> None:
+        try:
+            while True:
+                raw = await s.stream.receive()
+                s.last_active = time.monotonic()
+                await self._run(s, s.engine.upstream_sent(raw))
+        except asyncio.CancelledError:
+            raise
+        except UpstreamError as e:
+            await self._upstream_died(s, e.message)
+        except Exception as e:  # a bug must not leave clients waiting forever
+            log.exception("upstream reader failed", extra={"session_id": s.id})
+            await self._upstream_died(s, f"gateway error: {e}")
+
+    async def _upstream_died(self, s: GatewaySession, reason: str) -> None:
+        if s.dead:
+            return
+        s.dead = reason or "upstream closed"
+        log.warning(
+            "upstream ended", extra={"session_id": s.id, "app": s.app.metadata.name, "reason": s.dead}
+        )
+        for q in list(s.pending.values()) + s.listeners:
+            q.put_nowait(None)
+        await self._run(s, s.engine.ended(error=s.dead))
+        self.sessions.pop(s.id, None)
+        if s.stream is not None:
+            with contextlib.suppress(Exception):
+                await s.stream.aclose()
+
+    async def _end(self, s: GatewaySession, reason: str = "") -> None:
+        if s.reader is not None:
+            s.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await s.reader
+        for q in list(s.pending.values()) + s.listeners:
+            q.put_nowait(None)
+        if not s.dead:
+            s.dead = reason or "ended"
+            await self._run(
+                s, s.engine.ended(error="" if reason in ("", "client ended the session") else reason)
+            )
+        self.sessions.pop(s.id, None)
+        if s.stream is not None:
+            with contextlib.suppress(Exception):
+                await s.stream.aclose()
+
+    # ------------------------------------------------------- streamable HTTP
+
+    def _upstream_headers(
+        self, s: GatewaySession, headers: dict[bytes, bytes], *, accept: bytes
+    ) -> list[tuple[bytes, bytes]]:
+        out: list[tuple[bytes, bytes]] = []
+        for k, v in headers.items():
+            if k in _HOP or k.startswith(b"x-bastion") or k in (b"accept", b"content-type"):
+                continue
+            out.append((k, v))
+        out.append((b"accept", accept))
+        if s.upstream_session_id:
+            out.append((b"mcp-session-id", s.upstream_session_id.encode()))
+        for name, value in s.ident.headers(self.auth.clock.now()):
+            out.append((name.encode(), value.encode()))
+        return out
+
+    async def _post_http(
+        self,
+        s: GatewaySession,
+        scope: Scope,
+        send: Send,
+        body: bytes,
+        headers: dict[bytes, bytes],
+        *,
+        new: bool,
+    ) -> None:
+        extra = [(b"mcp-session-id", s.id.encode())] if new else []
+        immediate: list[bytes] = []
+        forwarded: list[bytes] = []
+
+        async def reply(raw: bytes) -> None:
+            immediate.append(raw)
+
+        cmds = s.engine.client_sent(body)
+        fwd = [c for c in cmds if isinstance(c, ForwardToUpstream)]
+        rest = [c for c in cmds if not isinstance(c, ForwardToUpstream)]
+        if not await self._run(s, rest, reply=reply):
+            await _jsonrpc_error(
+                send,
+                503,
+                None,
+                -32603,
+                "the audit log is unavailable, so the gateway refuses "
+                "to forward calls it cannot record; try again shortly",
+                "gateway",
+                extra,
+            )
+            return
+        if immediate:
+            await _send_json(send, 200, immediate[0], extra)
+            return
+        if not fwd:
+            await _send(send, 202, [], b"", extra)
+            return
+        forwarded.append(fwd[0].raw)
+        pool = self.pools.for_app(s.app)
+        target = upstream_target(s.app, scope["bastion"].get("subpath", "/"))
+        up_headers = self._upstream_headers(
+            s, headers, accept=headers.get(b"accept", b"application/json, text/event-stream")
+        )
+        up_headers.append((b"content-type", b"application/json"))
+        resp = await pool.request("POST", target, up_headers, fwd[0].raw)
+        try:
+            usid = resp.header(b"mcp-session-id")
+            if usid and not s.upstream_session_id:
+                s.upstream_session_id = usid.decode("latin-1")
+                await self._run(s, s.engine.upstream_session_known(s.upstream_session_id))
+            ctype = (resp.header(b"content-type") or b"").split(b";")[0].strip().lower()
+            if resp.status == 404 and s.upstream_session_id and not new:
+                await resp.aclose()
+                await self._end(s, "upstream session expired")
+                await _jsonrpc_error(
+                    send,
+                    404,
+                    None,
+                    -32001,
+                    "the upstream session ended; start a new one with initialize",
+                    "upstream",
+                )
+                return
+            if resp.status == 202:
+                await resp.aclose()
+                await _send(send, 202, [], b"", extra)
+                return
+            if resp.status >= 400 or ctype not in (_JSON, _SSE):
+                data = await resp.read()
+                if ctype == _JSON and data:
+                    await self._run(s, s.engine.upstream_sent(data))
+                await _send(
+                    send,
+                    resp.status,
+                    [(b"content-type", ctype or b"text/plain"), (ORIGIN_HEADER, b"upstream")],
+                    data,
+                    extra,
+                )
+                return
+            if ctype == _JSON:
+                data = await resp.read()
+                out: list[bytes] = []
+                for c in s.engine.upstream_sent(data):
+                    if isinstance(c, SendToClient):
+                        out.append(c.raw)
+                    else:
+                        await self._run(s, [c])
+                if out:
+                    await _send_json(send, 200, out[0], extra)
+                else:
+                    await _jsonrpc_error(
+                        send,
+                        502,
+                        None,
+                        -32603,
+                        "the upstream answered with an unexpected message",
+                        "upstream",
+                        extra,
+                    )
+                return
+            await self._relay_sse(s, send, resp, extra)
+        finally:
+            await resp.aclose()
+
+    async def _relay_sse(
+        self, s: GatewaySession, send: Send, resp: Any, extra: list[tuple[bytes, bytes]]
+    ) -> None:
+        """Upstream SSE → client SSE, event by event, each message through the engine.
+
+        Never buffered whole: each event is written as soon as it is parsed.
+        """
+        await _start_sse(send, extra)
+        parser = SSEParser()
+        async for chunk in resp.iter_chunks():
+            for ev in parser.feed(chunk):
+                if not ev.data:
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": encode_event(b"", id=ev.id, retry=ev.retry),
+                            "more_body": True,
+                        }
+                    )
+                    continue
+                for c in s.engine.upstream_sent(ev.data):
+                    if isinstance(c, SendToClient):
+                        await send(
+                            {
+                                "type": "http.response.body",
+                                "body": encode_event(c.raw, id=ev.id, event=ev.event or None),
+                                "more_body": True,
+                            }
+                        )
+                    else:
+                        await self._run(s, [c])
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    # ------------------------------------------------------------------- GET
+
+    async def _get(self, send: Send, actor: Actor, app: App, headers: dict[bytes, bytes]) -> None:
+        sid = headers.get(b"mcp-session-id", b"").decode("latin-1")
+        if not sid:
+            await _jsonrpc_error(send, 400, None, -32600, "missing Mcp-Session-Id header", "client")
+            return
+        s = self._session(sid, actor)
+        s.last_active = time.monotonic()
+        if s.stream is None:
+            pool = self.pools.for_app(s.app)
+            up = self._upstream_headers(s, headers, accept=b"text/event-stream")
+            resp = await pool.request("GET", upstream_target(s.app, "/"), up)
+            try:
+                ctype = (resp.header(b"content-type") or b"").split(b";")[0].strip().lower()
+                if resp.status != 200 or ctype != _SSE:
+                    data = await resp.read()
+                    await _send(
+                        send,
+                        resp.status,
+                        [(b"content-type", ctype or b"text/plain"), (ORIGIN_HEADER, b"upstream")],
+                        data,
+                    )
+                    return
+                await self._relay_sse(s, send, resp, [])
+            finally:
+                await resp.aclose()
+            return
+        q: asyncio.Queue[bytes | None] = asyncio.Queue()
+        s.listeners.append(q)
+        try:
+            await _start_sse(send, [])
+            while s.backlog:
+                await _sse_write(send, s.backlog.popleft())
+            while True:
+                item = await q.get()
+                if item is None:
+                    break
+                await _sse_write(send, item)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            with contextlib.suppress(ValueError):
+                s.listeners.remove(q)
+
+    # ---------------------------------------------------------------- DELETE
+
+    async def _delete(self, send: Send, actor: Actor, headers: dict[bytes, bytes]) -> None:
+        sid = headers.get(b"mcp-session-id", b"").decode("latin-1")
+        if not sid:
+            await _jsonrpc_error(send, 400, None, -32600, "missing Mcp-Session-Id header", "client")
+            return
+        s = self._session(sid, actor)
+        if s.stream is None and s.upstream_session_id:
+            pool = self.pools.for_app(s.app)
+            with contextlib.suppress(UpstreamError):
+                resp = await pool.request(
+                    "DELETE",
+                    upstream_target(s.app, "/"),
+                    self._upstream_headers(s, headers, accept=b"application/json"),
+                )
+                await resp.aclose()
+        await self._end(s, "client ended the session")
+        await _send(send, 200, [], b"")
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _is_response(raw: bytes) -> bool:
+    # Cheap: responses carry "result" or "error" and no "method".  The engine
+    # already validated the message; this only picks JSON vs SSE framing.
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and "method" not in obj and ("result" in obj or "error" in obj)
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise BastionError("client disconnected")
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not msg.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _send(
+    send: Send,
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    hs = list(headers) + list(extra or []) + [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": hs})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _send_json(
+    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await _send(send, status, [(b"content-type", _JSON)], body, extra)
+
+
+async def _plain(
+    send: Send, status: int, text: bytes, origin: str, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await _send(
+        send, status, [(b"content-type", b"text/plain"), (ORIGIN_HEADER, origin.encode())], text, extra
+    )
+
+
+async def _jsonrpc_error(
+    send: Send,
+    status: int,
+    mid: Any,
+    code: int,
+    message: str,
+    origin: str,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    body = jsonrpc.error_response(mid, code, message)
+    await _send(send, status, [(b"content-type", _JSON), (ORIGIN_HEADER, origin.encode())], body, extra)
+
+
+async def _start_sse(send: Send, extra: list[tuple[bytes, bytes]]) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", _SSE),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),
+                *extra,
+            ],
+        }
+    )
+
+
+async def _sse_write(send: Send, raw: bytes) -> None:
+    await send({"type": "http.response.body", "body": encode_event(raw, event="message"), "more_body": True})

@@ -1,0 +1,155 @@
+"""Opening upstream connections for an app: stdio processes, legacy SSE, streamable HTTP pools.
+
+``open_stream`` returns a message stream (stdio, SSE, or the built-in demo);
+streamable-HTTP apps use one shared keep-alive ``HTTPUpstreamPool`` per
+origin instead (built once; TLS contexts too).  Headers sent upstream are
+built here: the cluster-signed JWT (cached until shortly before it expires)
+and the app's ``rewrite.headers`` templates.  The user's own credential is
+never among them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from bastion.appservice.demo import DemoServer
+from bastion.auth import appjwt
+from bastion.auth.ca import CertAuthority
+from bastion.errors import UpstreamError
+from bastion.resources import App
+from bastion.transport.http import HTTPUpstreamPool
+
+JWT_HEADER = "Bastion-Jwt-Assertion"
+_TEMPLATE = re.compile(r"\{\{\s*(internal|external)\.([A-Za-z0-9_.-]+)\s*\}\}")
+_JWT_RENEW_BEFORE = timedelta(minutes=2)
+
+
+def http_url(app: App) -> str:
+    """The app URI with the ``mcp+`` / ``mcp+sse+`` prefix removed."""
+    uri = app.spec.uri
+    for prefix in ("mcp+sse+", "mcp+"):
+        if uri.startswith(prefix):
+            return uri[len(prefix) :]
+    return uri
+
+
+def origin_and_path(app: App) -> tuple[str, str]:
+    parts = urlsplit(http_url(app))
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return f"{parts.scheme}://{parts.netloc}", path
+
+
+def upstream_target(app: App, client_path: str) -> str:
+    """The guide's path rule: ``/`` goes to the URI's path; any other path is forwarded as it is."""
+    _, base = origin_and_path(app)
+    if client_path in ("", "/"):
+        return base
+    return client_path
+
+
+@dataclass
+class UpstreamIdentity:
+    """Per-session upstream headers: the JWT (renewed when near expiry) plus rewrite headers."""
+
+    ca: CertAuthority
+    app: App
+    username: str
+    roles: Sequence[str]
+    traits: Mapping[str, Sequence[str]]
+    _jwt: str = ""
+    _expires: datetime | None = None
+
+    def jwt(self, now: datetime) -> str:
+        if not self._jwt or self._expires is None or self._expires - now < _JWT_RENEW_BEFORE:
+            self._jwt, self._expires = appjwt.sign(
+                self.ca,
+                username=self.username,
+                roles=self.roles,
+                traits=self.traits,
+                audience=self.app.spec.uri,
+                now=now,
+                claims_mode=self.app.spec.rewrite.jwt_claims,
+            )
+        return self._jwt
+
+    def headers(self, now: datetime) -> list[tuple[str, str]]:
+        token = self.jwt(now)
+        out = [(JWT_HEADER, token)]
+        for h in self.app.spec.rewrite.headers:
+            out.append((h.name, self._expand(h.value, token)))
+        return out
+
+    def _expand(self, value: str, token: str) -> str:
+        def sub(m: re.Match[str]) -> str:
+            ns, name = m.group(1), m.group(2)
+            if ns == "internal" and name == "jwt":
+                return token
+            return ",".join(self.traits.get(name, ()))
+
+        return _TEMPLATE.sub(sub, value)
+
+
+class Pools:
+    """One keep-alive pool per upstream origin, created on first use."""
+
+    def __init__(self) -> None:
+        self._pools: dict[tuple[str, bool], HTTPUpstreamPool] = {}
+
+    def for_app(self, app: App) -> HTTPUpstreamPool:
+        origin, _ = origin_and_path(app)
+        verify = not app.spec.insecure_skip_verify
+        key = (origin, verify)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = HTTPUpstreamPool(origin, verify=verify)
+            self._pools[key] = pool
+        return pool
+
+    async def aclose(self) -> None:
+        for pool in self._pools.values():
+            await pool.aclose()
+        self._pools.clear()
+
+
+async def open_stream(
+    app: App,
+    *,
+    ident: UpstreamIdentity,
+    session_id: str,
+    cluster_name: str,
+    is_demo: bool,
+    now: datetime,
+) -> Any:
+    """A message stream to the app's upstream (stdio process, SSE session, or the demo)."""
+    transport = app.spec.transport
+    if is_demo:
+        return DemoServer(
+            user=ident.username,
+            roles=ident.roles,
+            traits=ident.traits,
+            session_id=session_id,
+            transport="stdio",
+            cluster_name=cluster_name,
+        )
+    if transport == "stdio":
+        from bastion.transport.stdio import spawn_stdio
+
+        if app.spec.mcp is None:
+            raise UpstreamError(f'app "{app.metadata.name}" has no command to run')
+        return await spawn_stdio(app.spec.mcp, name=app.metadata.name)
+    if transport == "sse":
+        from bastion.transport.sse import connect_sse
+
+        return await connect_sse(
+            http_url(app),
+            headers=dict(ident.headers(now)),
+            verify=not app.spec.insecure_skip_verify,
+        )
+    raise UpstreamError(f'app "{app.metadata.name}": transport {transport!r} is not a message stream')

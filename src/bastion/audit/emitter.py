@@ -1,0 +1,296 @@
+"""The audit emitter: group commit of audit events, in order, with durable waits.
+
+Contract:
+
+- ``await log.record(event)`` returns once a transaction holding ``event``
+  is committed by the store (the request it describes may then be
+  forwarded).  If that commit fails it raises ``BackendError`` ("audit log
+  unavailable: ...") and the caller must refuse the request: no call is
+  ever forwarded unaudited.  A caller cancelled while waiting may still
+  have its event written (it was accepted).
+- ``log.complete(event_id, success, error, duration_ms)`` never blocks: the
+  outcome is queued and written after the insert of that event (same
+  machinery, same order), updating the row in place, so each call is one
+  row.  It is never dropped while the log is open, and ``close()`` writes
+  every completion queued before it.
+- ``log.record_nowait(event)`` never blocks: fire-and-forget for events
+  nothing waits on (session start/end, notifications).  Written in order
+  with everything else; a failed write is logged, not raised.
+- Order: everything is written in the order it was queued, with one
+  exception that cannot be observed: within one batch the inserts are
+  written before the completions, and a completion is always queued after
+  its insert.
+- Group commit: one writer task drains the queue; everything queued when
+  it runs (up to ``max_batch`` items) is written together, so concurrent
+  callers share transactions: one ``insert_many`` and at most one
+  ``complete_many`` per batch, i.e. per event-loop iteration under load.
+- Backpressure: when ``max_queue`` items are queued, ``record`` waits for
+  room (at most ``enqueue_timeout`` seconds, then ``BackendError``) and
+  ``record_nowait`` raises ``BackendError`` at once; ``complete`` is always
+  accepted (each is bounded by a ``record`` that was).
+- ``close()`` writes everything queued and stops the writer; afterwards
+  every method but ``search`` and ``queue_depth`` raises ``BackendError``.
+  The store is not closed: whoever opened it closes it, after ``close()``.
+
+Measured (2026-11-22, this 2-vCPU host, CPython 3.11 + uvloop, the process
+pinned to one core, ``SQLiteAuditStore`` on a local disk; 64 concurrent
+callers each looping ``await record(e)`` then ``complete(...)``, medians
+of 3 runs of 200,000 calls)::
+
+    @EMITTER_TABLE@
+
+The cost per audited call is what the whole loop spends per call (one
+insert, one completion, the caller's task switch) minus the same loop with
+``record`` replaced by a bare ``await`` of a resolved future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Sequence
+from typing import Any, Final
+
+from bastion.audit.events import AuditEvent
+from bastion.audit.store import AuditQuery, AuditStore, Completion
+from bastion.errors import BackendError
+
+__all__ = ["AuditLog"]
+
+log = logging.getLogger("bastion.audit")
+
+WRITER_TASK_NAME: Final = "bastion-audit-writer"
+
+# Queue items are plain tuples (cheapest to build on the hot path):
+# (_INSERT, event, future-or-None) or (_COMPLETE, Completion, None).
+_INSERT: Final = 0
+_COMPLETE: Final = 1
+
+_Item = tuple[int, Any, "asyncio.Future[None] | None"]
+
+
+class AuditLog:
+    """Durable, ordered, group-committed audit writes; see the module doc."""
+
+    def __init__(
+        self,
+        store: AuditStore,
+        *,
+        max_batch: int = 512,
+        max_queue: int = 100_000,
+        enqueue_timeout: float = 5.0,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
+        if enqueue_timeout <= 0:
+            raise ValueError("enqueue_timeout must be positive")
+        self._store = store
+        self._max_batch = max_batch
+        self._max_queue = max_queue
+        self._enqueue_timeout = enqueue_timeout
+        self._queue: collections.deque[_Item] = collections.deque()
+        # Started by the first item (construction needs no running loop).
+        self._writer: asyncio.Task[None] | None = None
+        # Set while the writer sleeps on an empty queue; resolved by the
+        # next push.  A bare future: cheaper than asyncio.Event per push.
+        self._wakeup: asyncio.Future[None] | None = None
+        # record() calls waiting for room, oldest first.
+        self._room: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._closing = False
+
+    # -- writing -------------------------------------------------------------
+
+    async def record(self, event: AuditEvent) -> None:
+        """Queue ``event`` and return once it is committed; see the module doc."""
+        if self._closing:
+            raise _closed()
+        if len(self._queue) >= self._max_queue:
+            await self._wait_for_room()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._push((_INSERT, event, fut))
+        await fut
+
+    def complete(
+        self, event_id: str, success: bool, error: str = "", duration_ms: float | None = None
+    ) -> None:
+        """Queue the outcome of a recorded call; never blocks."""
+        if self._writer_gone():
+            raise _closed()
+        self._push((_COMPLETE, Completion(event_id, success, error, duration_ms), None))
+
+    def record_nowait(self, event: AuditEvent) -> None:
+        """Queue ``event`` without waiting for its commit; never blocks."""
+        if self._closing:
+            raise _closed()
+        if len(self._queue) >= self._max_queue:
+            raise BackendError(f"audit log unavailable: {len(self._queue)} events waiting to be written")
+        self._push((_INSERT, event, None))
+
+    @property
+    def queue_depth(self) -> int:
+        """Items queued and not yet taken by the writer."""
+        return len(self._queue)
+
+    async def search(self, query: AuditQuery) -> list[dict[str, Any]]:
+        """The store's ``search``: committed events matching ``query``, oldest first."""
+        return await self._store.search(query)
+
+    async def close(self) -> None:
+        """Write everything queued, then stop the writer.  Idempotent.
+
+        If the caller is cancelled, the flush still completes on its own.
+        """
+        self._closing = True
+        self._fail_room_waiters()
+        writer = self._writer
+        if writer is None:
+            return
+        self._wake_writer()
+        # Shielded: a cancelled close() must not abandon queued events.
+        await asyncio.shield(writer)
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _push(self, item: _Item) -> None:
+        self._queue.append(item)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._run(), name=WRITER_TASK_NAME)
+        else:
+            self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            if not wakeup.done():
+                wakeup.set_result(None)
+
+    def _writer_gone(self) -> bool:
+        # Completions are accepted while close() drains (their calls were
+        # in flight), but not once the writer has stopped: they would be lost.
+        return self._closing and (self._writer is None or self._writer.done())
+
+    async def _wait_for_room(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._enqueue_timeout):
+                while len(self._queue) >= self._max_queue:
+                    waiter: asyncio.Future[None] = loop.create_future()
+                    self._room.append(waiter)
+                    await waiter
+        except TimeoutError:
+            raise BackendError(
+                f"audit log unavailable: {len(self._queue)} events still waiting to be "
+                f"written after {self._enqueue_timeout:g}s"
+            ) from None
+        if self._closing:
+            raise _closed()
+
+    def _fail_room_waiters(self) -> None:
+        # Nothing will make room for them any more: fail now rather than at
+        # their timeout.
+        while self._room:
+            waiter = self._room.popleft()
+            if not waiter.done():
+                waiter.set_exception(_closed())
+
+    def _make_room(self) -> None:
+        room = self._max_queue - len(self._queue)
+        while room > 0 and self._room:
+            waiter = self._room.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                room -= 1
+
+    async def _run(self) -> None:
+        """The writer: drain the queue batch by batch until closed and empty."""
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        batch: list[_Item] = []
+        try:
+            while True:
+                if not queue:
+                    if self._closing:
+                        return
+                    self._wakeup = loop.create_future()
+                    await self._wakeup
+                    continue
+                n = min(len(queue), self._max_batch)
+                batch = [queue.popleft() for _ in range(n)]
+                if self._room:
+                    self._make_room()
+                await self._write(batch)
+                batch = []
+                if queue:
+                    # More came in while writing (an async store) or more
+                    # than a batch was queued: let the callers just resolved
+                    # run first, then take everything queued by then.
+                    await asyncio.sleep(0)
+        except BaseException as exc:
+            # Cancelled from outside (loop teardown), or a bug: the log is
+            # unusable from now on, and nobody may wait forever for it.
+            reason = "audit writer was cancelled" if isinstance(exc, asyncio.CancelledError) else repr(exc)
+            self._closing = True
+            self._fail_all(batch, reason)
+            self._fail_all(list(queue), reason)
+            queue.clear()
+            self._fail_room_waiters()
+            raise
+
+    async def _write(self, batch: list[_Item]) -> None:
+        events: list[AuditEvent] = []
+        waiters: list[asyncio.Future[None] | None] = []
+        completions: list[Completion] = []
+        for kind, payload, fut in batch:
+            if kind == _INSERT:
+                events.append(payload)
+                waiters.append(fut)
+            else:
+                completions.append(payload)
+        if events:
+            try:
+                await self._store.insert_many(events)
+            except Exception as exc:  # any failure: the waiters must hear of it
+                self._insert_failed(events, waiters, exc)
+            else:
+                for fut in waiters:
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+        if completions:
+            try:
+                await self._store.complete_many(completions)
+            except Exception as exc:  # nobody waits on these: log, keep going
+                log.error(
+                    "audit log: lost %d call outcomes: %s",
+                    len(completions),
+                    exc,
+                    extra={"event_ids": [c.event_id for c in completions[:20]]},
+                )
+
+    def _insert_failed(
+        self, events: Sequence[AuditEvent], waiters: Sequence[asyncio.Future[None] | None], exc: Exception
+    ) -> None:
+        detail = str(exc) or type(exc).__name__
+        lost = [e.id for e, fut in zip(events, waiters, strict=True) if fut is None]
+        if not isinstance(exc, BackendError):
+            log.error("audit log: store failed unexpectedly", exc_info=exc)
+        if lost:
+            log.error("audit log: lost %d events: %s", len(lost), detail, extra={"event_ids": lost[:20]})
+        for fut in waiters:
+            if fut is not None and not fut.done():
+                # One exception per waiter: raising a shared instance in many
+                # tasks would splice their tracebacks together.
+                fut.set_exception(BackendError(f"audit log unavailable: {detail}"))
+
+    @staticmethod
+    def _fail_all(items: list[_Item], reason: str) -> None:
+        for _, _, fut in items:
+            if fut is not None and not fut.done():
+                fut.set_exception(BackendError(f"audit log unavailable: {reason}"))
+
+
+def _closed() -> BackendError:
+    return BackendError("audit log unavailable: it is closed")

@@ -1,0 +1,46 @@
+"""Turn search parameters (web API query strings, CLI flags) into an ``AuditQuery``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+from bastion._time import parse_duration
+from bastion.audit.events import EVENT_TYPES
+from bastion.audit.store import AuditQuery
+from bastion.errors import ValidationError
+
+
+def parse_when(text: str, *, now: datetime | None = None) -> datetime:
+    """An RFC 3339 time, or a duration meaning "that long ago" (``1h``, ``30m``)."""
+    text = text.strip()
+    try:
+        return (now or datetime.now(UTC)) - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValidationError(
+            f'invalid time "{text}" (use RFC 3339, e.g. 2026-11-22T10:00:00Z, or 1h for an hour ago)'
+        ) from None
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def query_from_params(params: Mapping[str, str]) -> AuditQuery:
+    types = tuple(t for t in (params.get("type") or "").split(",") if t)
+    for t in types:
+        if t not in EVENT_TYPES:
+            raise ValidationError(f'unknown event type "{t}" (known: {", ".join(EVENT_TYPES)})')
+    limit_text = params.get("limit") or "1000"
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100_000:
+        raise ValidationError("limit must be a number from 1 to 100000")
+    return AuditQuery(
+        since=parse_when(params["since"]) if params.get("since") else None,
+        until=parse_when(params["until"]) if params.get("until") else None,
+        types=types,
+        user=params.get("user") or None,
+        app=params.get("app") or None,
+        session_id=params.get("session") or None,
+        limit=int(limit_text),
+    )

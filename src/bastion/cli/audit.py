@@ -1,0 +1,76 @@
+"""``bastion audit search``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.table import Table
+
+from bastion.cli._common import Admin, ConfigOpt, IdentityOpt, InsecureOpt, ProxyOpt, out, run, with_admin
+
+audit_app = typer.Typer(help="The audit log of MCP sessions.", no_args_is_help=True)
+
+
+@audit_app.command("search")
+def search(
+    since: Annotated[
+        str | None, typer.Option("--since", help="RFC 3339 time, or how long ago (1h, 30m).")
+    ] = None,
+    until: Annotated[str | None, typer.Option("--until", help="RFC 3339 time, or how long ago.")] = None,
+    type_: Annotated[
+        str | None, typer.Option("--type", help="Event types, comma-separated (mcp.session.request, ...).")
+    ] = None,
+    user: Annotated[str | None, typer.Option("--user", help="Only this user's events.")] = None,
+    app: Annotated[str | None, typer.Option("--app", help="Only this app's events.")] = None,
+    session: Annotated[str | None, typer.Option("--session", help="Only this session's events.")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="At most this many events (oldest first).")] = 1000,
+    fmt: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
+    config: ConfigOpt = None,
+    identity: IdentityOpt = None,
+    proxy: ProxyOpt = None,
+    insecure: InsecureOpt = False,
+) -> None:
+    """Search audit events (needs a role allowing list and read on `event`)."""
+    params = {
+        k: v
+        for k, v in {
+            "since": since,
+            "until": until,
+            "type": type_,
+            "user": user,
+            "app": app,
+            "session": session,
+            "limit": str(limit),
+        }.items()
+        if v
+    }
+
+    async def go(admin: Admin) -> None:
+        events = await admin.audit_search(params)
+        if fmt == "json":
+            print(orjson.dumps(events, option=orjson.OPT_INDENT_2).decode())
+            return
+        out.print(_table(events))
+
+    run(with_admin(go, config=config, identity=identity, proxy=proxy, insecure=insecure))
+
+
+def _table(events: list[dict[str, Any]]) -> Table:
+    t = Table(box=None, header_style="bold", pad_edge=False)
+    for c in ("Time", "Event", "Code", "User", "App", "Method", "Tool", "Details"):
+        t.add_column(c)
+    for e in events:
+        details = e.get("error") or (orjson.dumps(e["params"]).decode()[:80] if e.get("params") else "")
+        t.add_row(
+            str(e.get("time", ""))[:23],
+            e.get("event", ""),
+            e.get("code", ""),
+            e.get("user", ""),
+            e.get("app", ""),
+            e.get("method", ""),
+            e.get("tool", ""),
+            details,
+        )
+    return t

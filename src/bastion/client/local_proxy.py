@@ -1,0 +1,205 @@
+"""``bastion proxy mcp``: a local streamable-HTTP listener that adds the user's credential.
+
+Listens on 127.0.0.1 only.  Every request to ``/`` or ``/mcp`` is carried to
+``https://<proxy>/mcp/apps/<app>`` with ``Authorization: Bearer`` from the
+login profile (re-read when it changes, so a new ``bastion login`` applies
+without a restart), over one keep-alive pool that trusts the pinned cluster
+CA.  Bodies and SSE streams are passed through as they arrive.  Browser
+requests from other origins are refused (403): a local listener is exactly
+what DNS-rebinding attacks aim at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from bastion._time import utcnow
+from bastion.client import profile as profiles
+from bastion.errors import AuthenticationError, BastionError
+from bastion.transport.http import HTTPUpstreamPool
+
+log = logging.getLogger("bastion.client.proxy")
+
+
+_PASS = frozenset(
+    {
+        b"content-type",
+        b"accept",
+        b"mcp-session-id",
+        b"mcp-protocol-version",
+        b"last-event-id",
+        b"mcp-method",
+        b"mcp-name",
+    }
+)
+_DROP_BACK = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
+_EXPIRED = (
+    "your bastion credential expired: run `bastion login` in a terminal; "
+    "there is no need to restart this proxy or your MCP client"
+)
+
+
+class CredentialSource:
+    """The bearer token, from an identity file or the login profile (reloaded when it changes)."""
+
+    def __init__(self, *, identity: Path | None, proxy: str | None) -> None:
+        self.identity = identity
+        self.proxy = proxy
+        self._prof: profiles.Profile | None = None
+        self.reload()
+
+    def reload(self) -> profiles.Profile:
+        if self.identity is not None:
+            prof = profiles.load_identity(str(self.identity))
+            if self.proxy:
+                prof.proxy = self.proxy
+        else:
+            found = profiles.load_current(self.proxy)
+            if found is None:
+                raise AuthenticationError("not logged in: run `bastion login --proxy=HOST:PORT --user=NAME`")
+            prof = found
+        self._prof = prof
+        return prof
+
+    def token(self) -> str:
+        prof = self._prof
+        if prof is None or prof.is_expired(utcnow()):
+            prof = self.reload()  # a new login may have replaced it
+        if prof.is_expired(utcnow()):
+            raise AuthenticationError(_EXPIRED)
+        return prof.token
+
+    @property
+    def profile(self) -> profiles.Profile:
+        assert self._prof is not None
+        return self._prof
+
+
+class LocalMCPProxy:
+    """ASGI app forwarding MCP requests to one app through the cluster proxy."""
+
+    def __init__(self, app_name: str, creds: CredentialSource, *, port: int) -> None:
+        prof = creds.profile
+        self.app_name = app_name
+        self.creds = creds
+        self.port = port
+        self.pool = HTTPUpstreamPool(
+            f"https://{prof.proxy}",
+            verify=not prof.insecure,
+            ca_pem=prof.ca_pem or None,
+            response_timeout=600.0,
+        )
+        self.target = f"/mcp/apps/{app_name}"
+        self.allowed_origins = {f"http://127.0.0.1:{port}", f"http://localhost:{port}"}
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path = scope["path"].rstrip("/") or "/"
+        if path not in ("/", "/mcp"):
+            await _error(send, 404, f"not found: this proxy serves MCP at / and /mcp (app {self.app_name})")
+            return
+        headers: list[tuple[bytes, bytes]] = []
+        for k, v in scope["headers"]:
+            lk = k.lower()
+            if lk == b"origin":
+                origin = v.decode("latin-1")
+                if origin not in self.allowed_origins and urlsplit(origin).hostname not in (
+                    "localhost",
+                    "127.0.0.1",
+                ):
+                    await _error(send, 403, f"origin {origin!r} is not allowed")
+                    return
+            elif lk in _PASS:
+                headers.append((lk, v))
+        body = b""
+        if scope["method"] == "POST":
+            chunks = []
+            while True:
+                msg = await receive()
+                chunks.append(msg.get("body", b""))
+                if not msg.get("more_body"):
+                    break
+            body = b"".join(chunks)
+        try:
+            token = self.creds.token()
+        except BastionError as e:
+            await _error(send, 401, e.message)
+            return
+        headers.append((b"authorization", b"Bearer " + token.encode()))
+        try:
+            resp = await self.pool.request(scope["method"], self.target, headers, body)
+        except BastionError as e:
+            await _error(send, 502, f"cannot reach the bastion proxy: {e.message}")
+            return
+        try:
+            out = [(k, v) for k, v in resp.headers if k.lower() not in _DROP_BACK]
+            streaming = resp.content_type.startswith("text/event-stream")
+            if not streaming:
+                data = await resp.read()
+                out.append((b"content-length", str(len(data)).encode()))
+                await send({"type": "http.response.start", "status": resp.status, "headers": out})
+                await send({"type": "http.response.body", "body": data, "more_body": False})
+                return
+            await send({"type": "http.response.start", "status": resp.status, "headers": out})
+            async for chunk in resp.iter_chunks():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await resp.aclose()
+
+
+async def _error(send: Send, status: int, message: str) -> None:
+    body = orjson.dumps({"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": message}})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def serve(app_name: str, creds: CredentialSource, *, port: int, ready: Callable[[int], None]) -> None:
+    import socket
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as e:
+        sock.close()
+        raise BastionError(f"cannot listen on 127.0.0.1:{port}: {e.strerror}") from None
+    sock.listen(256)
+    real_port = sock.getsockname()[1]
+    app = LocalMCPProxy(app_name, creds, port=real_port)
+    config = uvicorn.Config(
+        app, http="httptools", lifespan="off", log_config=None, access_log=False, server_header=False
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="local-mcp-proxy")
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        # uvicorn exposes no start-up event to await; poll its flag with a deadline.
+        while not server.started and not task.done() and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        if server.started:
+            ready(real_port)
+        await task
+    finally:
+        with contextlib.suppress(Exception):
+            await app.aclose()

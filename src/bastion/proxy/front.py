@@ -1,0 +1,128 @@
+"""The proxy's front door: one ASGI app routing MCP traffic, JWKS and the web API.
+
+``/mcp/apps/<app>[/<path>]`` is the hot path, so it is plain ASGI with no
+framework: check ``Origin``, authenticate the bearer credential (verified
+identities are cached for a few seconds, so a role change reaches live
+sessions within that time), resolve the app — an app the caller's labels do
+not match is answered exactly like a missing one — and hand over to the app
+service.  Everything else goes to the Starlette web API.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from bastion.appservice.registry import AppRegistry
+from bastion.auth import appjwt
+from bastion.auth.server import Actor, AuthServer
+from bastion.errors import BastionError
+
+ASGI = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+MCP_PREFIX = "/mcp/apps/"
+ACTOR_TTL = 2.0
+_CACHE_MAX = 10_000
+
+
+class Front:
+    def __init__(
+        self,
+        *,
+        auth: AuthServer,
+        webapi: ASGI,
+        mcp: ASGI | None,
+        registry: AppRegistry | None,
+        allowed_origins: frozenset[str],
+    ) -> None:
+        self.auth = auth
+        self.webapi = webapi
+        self.mcp = mcp
+        self.registry = registry
+        self.allowed_origins = allowed_origins
+        self._actors: dict[str, tuple[float, Actor]] = {}
+        self._jwks = orjson.dumps(appjwt.jwks(auth.cas["jwt"]))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path.startswith(MCP_PREFIX) and self.mcp is not None:
+            await self._mcp(scope, receive, send, path[len(MCP_PREFIX) :])
+        elif scope["type"] == "http" and path == "/.well-known/jwks.json":
+            await _reply(send, 200, self._jwks, b"application/json", [(b"cache-control", b"max-age=300")])
+        else:
+            await self.webapi(scope, receive, send)
+
+    async def actor(self, token: str) -> Actor:
+        now = time.monotonic()
+        hit = self._actors.get(token)
+        if hit is not None and now - hit[0] < ACTOR_TTL:
+            ident = hit[1].identity
+            if ident is not None and ident.expires > self.auth.clock.now():
+                return hit[1]
+        actor = await self.auth.authenticate(token)
+        if len(self._actors) >= _CACHE_MAX:
+            self._actors.clear()
+        self._actors[token] = (now, actor)
+        return actor
+
+    async def _mcp(self, scope: Scope, receive: Receive, send: Send, rest: str) -> None:
+        name, _, sub = rest.partition("/")
+        headers = scope["headers"]
+        origin = auth_header = b""
+        for k, v in headers:
+            lk = k.lower()
+            if lk == b"origin":
+                origin = v
+            elif lk == b"authorization":
+                auth_header = v
+        if origin and origin.decode("latin-1") not in self.allowed_origins:
+            await _error(send, 403, f"origin {origin.decode('latin-1')!r} is not allowed", "client")
+            return
+        scheme, _, token = auth_header.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            await _error(
+                send,
+                401,
+                "no credential: send `Authorization: Bearer <token>` "
+                "(get one with `bastion login` or `bastion auth sign --format=token`)",
+                "client",
+            )
+            return
+        try:
+            actor = await self.actor(token.strip())
+        except BastionError as e:
+            await _error(send, e.http_status, e.message, e.origin)
+            return
+        app = self.registry.get(name) if self.registry else None
+        if app is None or actor.checker is None or not actor.checker.can_access_app(app):
+            await _error(send, 404, f'no MCP app named "{name}" (see `bastion mcp ls`)', "client")
+            return
+        scope = dict(scope)
+        scope["bastion"] = {"actor": actor, "app": app, "subpath": "/" + sub}
+        assert self.mcp is not None
+        await self.mcp(scope, receive, send)
+
+
+async def _reply(
+    send: Send, status: int, body: bytes, ctype: bytes, extra: list[tuple[bytes, bytes]]
+) -> None:
+    headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode()), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _error(send: Send, status: int, message: str, origin: str) -> None:
+    body = orjson.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": None,
+            "error": {"code": -32600 if status < 500 else -32603, "message": message},
+        }
+    )
+    extra = [(b"x-bastion-error-origin", origin.encode())]
+    if status == 401:
+        extra.append((b"www-authenticate", b'Bearer realm="bastion", error="invalid_token"'))
+    await _reply(send, status, body, b"application/json", extra)

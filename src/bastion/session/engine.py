@@ -1,0 +1,803 @@
+"""The MCP session engine: RBAC, ``tools/list`` filtering and audit for one client session with one app.
+
+Inputs are facts, each a method returning the commands to carry out, in order:
+
+* :meth:`Session.client_sent` / :meth:`Session.upstream_sent`: one JSON-RPC
+  message's bytes arrived from the client / the upstream MCP server;
+* :meth:`Session.ended`: the session is over (client gone, upstream gone,
+  revoked...); :meth:`Session.policy_changed`: the identity's roles changed;
+  :meth:`Session.upstream_session_known`: the upstream named its own session.
+
+Commands are orders: :class:`ForwardToUpstream`, :class:`SendToClient`,
+:class:`RecordAudit`, :class:`CompleteAudit`, :class:`CloseSession`, :class:`Log`.
+
+The rules, and their reasons:
+
+1. **Authorise exactly the bytes you forward.**  Every message is parsed once
+   (:func:`~bastion.protocol.jsonrpc.parse_message` refuses ambiguous ones);
+   decisions use that parse; the original bytes are forwarded.  Only
+   ``tools/list`` results are re-serialised, because filtering changes them.
+2. **Deny wins; the gateway answers for itself.**  A denied ``tools/call`` is
+   never forwarded: the client gets a JSON-RPC error naming the tool and an
+   audit event records the denial.  Bytes that do not parse are answered,
+   recorded as ``mcp.session.invalid_request`` and never forwarded.
+3. **Audit before forward.**  A :class:`RecordAudit` always comes before the
+   :class:`ForwardToUpstream` it describes, and the runner must commit it
+   durably before forwarding.  Each forwarded, audited request has exactly one
+   event; its outcome arrives later as a :class:`CompleteAudit` for the same
+   id (one row per call).  Requests the log would drown in (``ping`` and the
+   ``*/list`` methods) are recorded only when they fail.
+4. **Every response is matched.**  Client requests are tracked by id, at most
+   ``max_in_flight`` at once; past that the gateway answers itself rather than
+   forward a request whose response it could not match, because an unmatched
+   ``tools/list`` result could not be filtered.  A response to an id the client
+   never sent (or that was answered or cancelled) is dropped.
+5. **Lists are lists.**  A filtered ``tools/list`` result always has
+   ``"tools": [...]``, ``[]`` when nothing is allowed; a result the gateway
+   cannot filter is replaced by an error, never passed on unfiltered.
+
+Not decided here: resources, prompts and completions are forwarded without
+RBAC (as Teleport does); server-to-client requests and notifications pass
+through unchanged and are not audited.
+
+This module must not do I/O, await, read the wall clock (use the injected
+clock) or log directly (emit :class:`Log`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from datetime import datetime
+from typing import Any, Final, Protocol
+
+from bastion._time import Clock
+from bastion.audit import events as ev
+from bastion.audit.events import AuditEvent
+from bastion.auth.credentials import Identity
+from bastion.policy.rbac import Decision
+from bastion.protocol.jsonrpc import (
+    ACCESS_DENIED,
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    TOO_MANY_REQUESTS,
+    UPSTREAM_UNAVAILABLE,
+    Message,
+    ProtocolError,
+    RequestId,
+    error_response,
+    fold_key,
+    notification,
+    parse_message,
+    result_response,
+)
+from bastion.resources import App
+
+__all__ = [
+    "QUIET_METHODS",
+    "CloseSession",
+    "Command",
+    "CompleteAudit",
+    "ForwardToUpstream",
+    "Log",
+    "RecordAudit",
+    "SendToClient",
+    "Session",
+    "ToolPolicy",
+]
+
+# ------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardToUpstream:
+    """Send ``raw`` (the client's original bytes) to the upstream MCP server."""
+
+    raw: bytes
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class SendToClient:
+    """Send ``raw`` to the client: the upstream's message (possibly filtered) or one the gateway made.
+
+    ``related_request_id`` is the id of the client request this answers
+    (``None`` for notifications and server-to-client requests), for transports
+    that route messages to the stream of a request.
+    """
+
+    raw: bytes
+    related_request_id: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordAudit:
+    """Store ``event``.  Commit it durably before carrying out any later :class:`ForwardToUpstream`."""
+
+    event: AuditEvent
+
+
+@dataclass(frozen=True, slots=True)
+class CompleteAudit:
+    """Update the stored event ``event_id`` in place with the outcome of its request."""
+
+    event_id: str
+    success: bool
+    error: str
+    duration_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class CloseSession:
+    """End the session (close the client connection and the upstream); then report :meth:`Session.ended`."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    """Write an operational log line (not an audit record): something odd, worth a look."""
+
+    level: str
+    message: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+Command = ForwardToUpstream | SendToClient | RecordAudit | CompleteAudit | CloseSession | Log
+
+
+class ToolPolicy(Protocol):
+    """What the engine asks of the access checker (:class:`~bastion.policy.AccessChecker` is one)."""
+
+    @property
+    def role_names(self) -> tuple[str, ...]: ...
+
+    def app_decision(self, app: App) -> Decision: ...
+
+    def check_tool(self, app: App, tool: str) -> Decision: ...
+
+    def filter_tools(self, app: App, tools: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]: ...
+
+
+#: Requests recorded only when they fail: frequent, read-only, and uninteresting when they work.
+QUIET_METHODS: Final = frozenset(
+    {"ping", "tools/list", "resources/list", "resources/templates/list", "prompts/list"}
+)
+
+_LIST_CHANGED: Final = notification("notifications/tools/list_changed")
+# 2026-07-28 has no initialize: the client describes itself in every request's _meta.
+_META_CLIENT_INFO: Final = "io.modelcontextprotocol/clientInfo"
+_META_PROTOCOL_VERSION: Final = "io.modelcontextprotocol/protocolVersion"
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+# ------------------------------------------------------------ audit event ids
+
+
+class _EventIds:
+    """Unique event ids in the uuid4 hex layout, without a system call per event.
+
+    ``uuid.uuid4()`` reads the OS random source and builds a UUID object every
+    time (several microseconds, measured).  Here 88 random bits are drawn once
+    per session (and again every 2**32 events) and a counter fills the rest.
+    Ids need to be unique, not unpredictable: they are not secrets.
+    """
+
+    __slots__ = ("_n", "_prefix")
+
+    def __init__(self) -> None:
+        self._reseed()
+
+    def _reseed(self) -> None:
+        h = os.urandom(12).hex()
+        # xxxxxxxxxxxx 4xxx Vxxxxxxx + 8 counter digits: version 4, variant 10xx.
+        self._prefix = h[:12] + "4" + h[12:15] + "89ab"[int(h[15], 16) & 3] + h[16:23]
+        self._n = 0
+
+    def __call__(self) -> str:
+        n = self._n
+        if n > 0xFFFFFFFF:
+            self._reseed()
+            n = 0
+        self._n = n + 1
+        return f"{self._prefix}{n:08x}"
+
+
+# ------------------------------------------------------- fast event building
+
+_AUDIT_FIELDS: Final = fields(AuditEvent)
+# Every field, in field order (to_dict() and repr() follow that order).
+_EVENT_TEMPLATE: Final[dict[str, Any]] = {
+    f.name: (None if f.default is MISSING else f.default) for f in _AUDIT_FIELDS
+}
+# Fields with a default factory (headers, extra) get a fresh value per event.
+_FACTORIES: Final = tuple(
+    (f.name, f.default_factory) for f in _AUDIT_FIELDS if f.default_factory is not MISSING
+)
+# Building an AuditEvent through its generated __init__ costs ~10 us here
+# (measured): twenty-odd object.__setattr__ calls, because it is frozen.  It
+# is a plain (non-slots) dataclass without __post_init__, so an instance is
+# exactly its __dict__, in field order; we hand it that dict directly.  If the
+# class ever changes shape, the constructor is used (a test compares both).
+_FAST_EVENTS: Final = "__slots__" not in vars(AuditEvent) and not hasattr(AuditEvent, "__post_init__")
+_new_object = object.__new__
+_set_attr = object.__setattr__
+
+
+def _build_event(values: dict[str, Any]) -> AuditEvent:
+    """An :class:`AuditEvent` with exactly ``values`` (every field, in field order); takes ``values``."""
+    if not _FAST_EVENTS:
+        return AuditEvent(**values)
+    event = _new_object(AuditEvent)
+    _set_attr(event, "__dict__", values)
+    return event
+
+
+# ---------------------------------------------------------------- the engine
+
+
+class _Pending:
+    """A client request forwarded upstream and not yet answered."""
+
+    __slots__ = ("cancelled", "event_id", "message", "method", "started")
+
+    def __init__(self, method: str, event_id: str | None, started: datetime, message: Message | None) -> None:
+        self.method = method
+        #: The audit event to complete, or None for a quiet method.
+        self.event_id = event_id
+        self.started = started
+        #: Kept only for quiet methods, to record them if they fail.
+        self.message = message
+        #: The client cancelled it; its id stays reserved until the upstream answers.
+        self.cancelled = False
+
+
+def _ms(start: datetime, end: datetime) -> float:
+    # The clock is wall time; never report a negative duration if it stepped back.
+    return max((end - start).total_seconds() * 1000.0, 0.0)
+
+
+def _error_text(error: dict[str, Any]) -> str:
+    message = error.get("message")
+    if isinstance(message, str) and message:
+        return message
+    return f"error code {error.get('code')!r}"
+
+
+def _tool_is_unambiguous(tool: Mapping[str, Any]) -> bool:
+    # A case variant of "name" in a tool entry could be read as the name by a
+    # case-insensitive client; such an entry is dropped like a nameless one.
+    return all(k == "name" or fold_key(k) != "name" for k in tool)
+
+
+class Session:
+    """One MCP client session with one app, as a state machine.  See the module docstring.
+
+    ``redact`` is applied to request params before they enter an audit event.
+    ``new_id`` makes audit event ids (tests pass a deterministic one).  Not
+    thread-safe: feed one session from one task.
+    """
+
+    def __init__(
+        self,
+        *,
+        app: App,
+        checker: ToolPolicy,
+        identity: Identity,
+        session_id: str,
+        cluster_name: str,
+        transport: str,
+        clock: Clock,
+        redact: Callable[[Any], Any] = _same,
+        max_in_flight: int = 1024,
+        remote_addr: str = "",
+        new_id: Callable[[], str] | None = None,
+    ) -> None:
+        if max_in_flight <= 0:
+            raise ValueError("max_in_flight must be positive")
+        self._app = app
+        self._app_name = app.metadata.name
+        self._checker = checker
+        self._identity = identity
+        self._session_id = session_id
+        self._cluster_name = cluster_name
+        self._transport = transport
+        self._clock = clock
+        self._redact = redact
+        self._max_in_flight = max_in_flight
+        self._remote_addr = remote_addr
+        self._new_id: Callable[[], str] = new_id if new_id is not None else _EventIds()
+        self._inflight: dict[RequestId, _Pending] = {}
+        self._cancelled = 0  # how many of _inflight are cancelled
+        self._started_at = clock.now()
+        self._start_pending = True
+        self._closed = False
+        self._initialized = False  # an initialize result reached the client
+        self._client_info = ""
+        self._server_info = ""
+        self._protocol_version = ""
+        self._upstream_session_id = ""
+        self._base: dict[str, Any] | None = None  # the fields every event shares
+        decision = checker.app_decision(app)
+        self._app_denial: Decision | None = None if decision.allowed else decision
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def session_id(self) -> str:
+        return self._session_id
+
+    @property
+    def client_info(self) -> str:
+        """``name/version`` from the client's ``initialize`` (``""`` until then)."""
+        return self._client_info
+
+    @property
+    def server_info(self) -> str:
+        """``name/version`` from the upstream's ``initialize`` result (``""`` until then)."""
+        return self._server_info
+
+    @property
+    def protocol_version(self) -> str:
+        """The negotiated protocol version (the client's request until the result arrives)."""
+        return self._protocol_version
+
+    @property
+    def in_flight(self) -> int:
+        """Client requests forwarded and not yet answered (cancelled ones included)."""
+        return len(self._inflight)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ---------------------------------------------------------------- inputs
+
+    def client_sent(self, raw: bytes) -> list[Command]:
+        """The client sent one JSON-RPC message."""
+        if self._closed:
+            return [Log("debug", "client message after the session ended; dropped", {"size": len(raw)})]
+        try:
+            msg = parse_message(raw)
+        except ProtocolError as e:
+            return self._client_invalid(raw, e)
+        if self._app_denial is not None:
+            return self._app_denied(msg)
+        kind = msg.kind
+        if kind == "request":
+            return self._client_request(msg)
+        if kind == "notification":
+            return self._client_notification(msg)
+        # A response to a server-to-client request (sampling, elicitation, roots).
+        return [ForwardToUpstream(raw, msg)]
+
+    def upstream_sent(self, raw: bytes) -> list[Command]:
+        """The upstream MCP server sent one JSON-RPC message."""
+        if self._closed:
+            return [Log("debug", "upstream message after the session ended; dropped", {"size": len(raw)})]
+        try:
+            msg = parse_message(raw)
+        except ProtocolError as e:
+            return self._upstream_invalid(e)
+        kind = msg.kind
+        if kind == "response" or kind == "error":
+            return self._upstream_response(msg)
+        # Notifications (tools/list_changed included: the client re-lists and is
+        # filtered again) and server-to-client requests pass through unchanged.
+        return [SendToClient(raw)]
+
+    def ended(self, error: str = "") -> list[Command]:
+        """The session is over; ``error`` says why if it ended abnormally.  Later inputs are ignored.
+
+        Requests still waiting are failed: their audit events completed, and
+        the client answered (the runner delivers that if the client is still there).
+        """
+        if self._closed:
+            return []
+        self._closed = True
+        now = self._clock.now()
+        out: list[Command] = []
+        why = f"the session ended before the upstream MCP server answered ({error or 'closed'})"
+        for rid, pending in self._inflight.items():
+            if pending.cancelled:
+                continue
+            self._failed(pending, rid, why, _ms(pending.started, now), out)
+            out.append(SendToClient(error_response(rid, UPSTREAM_UNAVAILABLE, why), rid))
+        self._inflight.clear()
+        self._cancelled = 0
+        self._flush_start(out)
+        out.append(RecordAudit(self._event(ev.SESSION_END, not error, now, error=error)))
+        return out
+
+    def policy_changed(self, checker: ToolPolicy) -> list[Command]:
+        """The identity's roles changed: decide with ``checker`` from now on.
+
+        If the app is still allowed, the client is told ``tools/list_changed``
+        so that it lists again and gets the new filter (Teleport does not do
+        this).  If it is not, the session is closed.
+        """
+        if self._closed:
+            return []
+        self._checker = checker
+        self._base = None  # roles are in every event
+        decision = checker.app_decision(self._app)
+        if not decision.allowed:
+            self._app_denial = decision
+            return [CloseSession(f"access to app {self._app_name!r} was revoked: {decision.reason}")]
+        self._app_denial = None
+        return [SendToClient(_LIST_CHANGED)] if self._initialized else []
+
+    def upstream_session_known(self, upstream_session_id: str) -> list[Command]:
+        """The upstream's own session id (``Mcp-Session-Id``, SSE session) is known; events carry it."""
+        self._upstream_session_id = upstream_session_id
+        self._base = None
+        return []
+
+    # ------------------------------------------------------- client requests
+
+    def _client_request(self, msg: Message) -> list[Command]:
+        rid = msg.id
+        method = msg.method or ""  # a string: parse_message checked (the "or" is for mypy)
+        inflight = self._inflight
+        if rid in inflight:
+            return self._refuse(
+                msg,
+                INVALID_REQUEST,
+                f"request id {rid!r} is already in use by a request in flight in this session; "
+                "use a new id for each request",
+                event_type=ev.INVALID_REQUEST,
+            )
+        if len(inflight) >= self._max_in_flight and not self._evict_cancelled():
+            return self._refuse(
+                msg,
+                TOO_MANY_REQUESTS,
+                f"too many requests in flight in this session (limit {self._max_in_flight}); "
+                "wait for some to be answered",
+            )
+        now = self._clock.now()
+        tool = ""
+        if method == "tools/call":
+            params = msg.params
+            name = params.get("name") if params is not None else None
+            if type(name) is not str:
+                return self._refuse(
+                    msg, INVALID_PARAMS, 'tools/call needs "params.name": the tool name, a string'
+                )
+            decision = self._checker.check_tool(self._app, name)
+            if not decision.allowed:
+                return self._deny_tool(msg, name, decision)
+            tool = name
+        elif method == "initialize":
+            self._note_initialize(msg.params)
+        elif self._start_pending and not self._client_info:
+            self._note_meta(msg.params)
+
+        if method in QUIET_METHODS:
+            inflight[rid] = _Pending(method, None, now, msg)
+            return [ForwardToUpstream(msg.raw, msg)]
+        # The start event waits for the initialize result (for server_info);
+        # any other event flushes it first.
+        start = self._start_event() if self._start_pending and method != "initialize" else None
+        event = self._event(ev.REQUEST, True, now, msg, tool=tool)
+        inflight[rid] = _Pending(method, event.id, now, None)
+        forward = ForwardToUpstream(msg.raw, msg)
+        if start is not None:
+            return [RecordAudit(start), RecordAudit(event), forward]
+        return [RecordAudit(event), forward]
+
+    def _deny_tool(self, msg: Message, tool: str, decision: Decision) -> list[Command]:
+        app = self._app_name
+        text = (
+            f'tool "{tool}" is not allowed for user "{self._identity.username}" on app "{app}": '
+            f"{decision.reason}. Run `bastion mcp tools {app}` to see the tools you may call."
+        )
+        return self._refuse(
+            msg, INVALID_PARAMS, text, tool=tool, audit_error=f"access denied: {decision.reason}"
+        )
+
+    def _refuse(
+        self,
+        msg: Message,
+        code: int,
+        text: str,
+        *,
+        event_type: str = ev.REQUEST,
+        tool: str = "",
+        audit_error: str = "",
+    ) -> list[Command]:
+        """Answer a client request ourselves, with an audit event of the failure; nothing is forwarded."""
+        now = self._clock.now()
+        out: list[Command] = []
+        self._flush_start(out)
+        event = self._event(
+            event_type, False, now, msg, tool=tool, error=audit_error or text, duration_ms=0.0
+        )
+        out.append(RecordAudit(event))
+        out.append(SendToClient(error_response(msg.id, code, text), msg.id))
+        return out
+
+    def _evict_cancelled(self) -> bool:
+        """Free the slot of the oldest cancelled request, if any (its late answer is then unmatched)."""
+        if not self._cancelled:
+            return False
+        for rid, pending in self._inflight.items():
+            if pending.cancelled:
+                del self._inflight[rid]
+                self._cancelled -= 1
+                return True
+        return False  # pragma: no cover - _cancelled counts entries of _inflight
+
+    def _note_initialize(self, params: dict[str, Any] | None) -> None:
+        if params is None:
+            return
+        info = params.get("clientInfo")
+        if isinstance(info, dict):
+            self._client_info = _name_version(info)
+        version = params.get("protocolVersion")
+        if isinstance(version, str):
+            self._protocol_version = version
+        self._base = None
+
+    def _note_meta(self, params: dict[str, Any] | None) -> None:
+        meta = params.get("_meta") if params is not None else None
+        if not isinstance(meta, dict):
+            return
+        info = meta.get(_META_CLIENT_INFO)
+        if isinstance(info, dict):
+            self._client_info = _name_version(info)
+            self._base = None
+        version = meta.get(_META_PROTOCOL_VERSION)
+        if isinstance(version, str):
+            self._protocol_version = version
+            self._base = None
+
+    # -------------------------------------------------- client notifications
+
+    def _client_notification(self, msg: Message) -> list[Command]:
+        now = self._clock.now()
+        out: list[Command] = []
+        if self._start_pending and not self._client_info:
+            self._note_meta(msg.params)
+        self._flush_start(out)
+        out.append(RecordAudit(self._event(ev.NOTIFICATION, True, now, msg)))
+        if msg.method == "notifications/cancelled" and msg.params is not None:
+            self._cancel(msg.params.get("requestId"), now, out)
+        out.append(ForwardToUpstream(msg.raw, msg))
+        return out
+
+    def _cancel(self, rid: Any, now: datetime, out: list[Command]) -> None:
+        # The upstream SHOULD NOT answer a cancelled request, so its audit event
+        # is completed now.  The id stays reserved: if the upstream answers
+        # after all, that answer must not be matched to a new request that
+        # reuses the id (a late tools/list result would then go out unfiltered).
+        if type(rid) is not int and type(rid) is not str:
+            return
+        pending = self._inflight.get(rid)
+        if pending is None or pending.cancelled:
+            return
+        pending.cancelled = True
+        self._cancelled += 1
+        if pending.event_id is not None:
+            out.append(
+                CompleteAudit(pending.event_id, False, "cancelled by the client", _ms(pending.started, now))
+            )
+
+    # ------------------------------------------------- invalid or denied input
+
+    def _client_invalid(self, raw: bytes, e: ProtocolError) -> list[Command]:
+        now = self._clock.now()
+        out: list[Command] = []
+        self._flush_start(out)
+        event = self._event(
+            ev.INVALID_REQUEST,
+            False,
+            now,
+            method=e.method or "",
+            request_id=e.id,
+            error=e.message,
+            extra={"size": len(raw), "rpc_code": e.rpc_code},
+        )
+        out.append(RecordAudit(event))
+        out.append(SendToClient(error_response(e.id, e.rpc_code, e.message), e.id))
+        return out
+
+    def _app_denied(self, msg: Message) -> list[Command]:
+        reason = self._app_denial.reason if self._app_denial is not None else ""
+        if msg.kind != "request":
+            return [Log("info", "dropped a client message: the app is not accessible", {"reason": reason})]
+        text = f'user "{self._identity.username}" may not use app "{self._app_name}": {reason}'
+        return self._refuse(msg, ACCESS_DENIED, text, audit_error=f"access denied: {reason}")
+
+    def _upstream_invalid(self, e: ProtocolError) -> list[Command]:
+        rid = e.id
+        pending = self._inflight.get(rid) if e.method is None and rid is not None else None
+        if pending is None or pending.cancelled:
+            return [
+                Log(
+                    "warning", "dropped an invalid message from the upstream", {"error": e.message, "id": rid}
+                )
+            ]
+        # It looks like the answer to a request we track: fail that request
+        # rather than leave the client waiting forever.
+        del self._inflight[rid]
+        now = self._clock.now()
+        out: list[Command] = []
+        text = f"the upstream MCP server sent an invalid response: {e.message}"
+        self._failed(pending, rid, text, _ms(pending.started, now), out)
+        out.append(SendToClient(error_response(rid, INTERNAL_ERROR, text), rid))
+        return out
+
+    # ----------------------------------------------------- upstream responses
+
+    def _upstream_response(self, msg: Message) -> list[Command]:
+        rid = msg.id
+        pending = self._inflight.pop(rid, None)
+        if pending is None:
+            return [
+                Log(
+                    "warning",
+                    "dropped a response from the upstream to a request the client did not send "
+                    "or that was already answered",
+                    {"id": rid},
+                )
+            ]
+        if pending.cancelled:
+            self._cancelled -= 1
+            return [Log("debug", "dropped the upstream's response to a cancelled request", {"id": rid})]
+        now = self._clock.now()
+        ms = _ms(pending.started, now)
+        method = pending.method
+        out: list[Command] = []
+        if method == "initialize":
+            self._initialize_answered(msg, out)
+        if msg.kind == "error":
+            self._failed(pending, rid, _error_text(msg.body["error"]), ms, out)
+            out.append(SendToClient(msg.raw, rid))
+            return out
+        raw = msg.raw
+        if method == "tools/list":
+            filtered = self._filter_tools_list(msg)
+            if filtered is None:
+                text = (
+                    "the upstream MCP server sent a tools/list result without a tools list; "
+                    "the gateway does not pass on tool lists it cannot filter"
+                )
+                self._failed(pending, rid, text, ms, out)
+                out.append(SendToClient(error_response(rid, INTERNAL_ERROR, text), rid))
+                return out
+            raw = filtered
+        if pending.event_id is not None:
+            out.append(CompleteAudit(pending.event_id, True, "", ms))
+        out.append(SendToClient(raw, rid))
+        return out
+
+    def _failed(self, pending: _Pending, rid: RequestId, error: str, ms: float, out: list[Command]) -> None:
+        """Record that a tracked request failed: complete its event, or record a quiet one now."""
+        if pending.event_id is not None:
+            out.append(CompleteAudit(pending.event_id, False, error, ms))
+            return
+        self._flush_start(out)
+        event = self._event(
+            ev.REQUEST, False, pending.started, pending.message, request_id=rid, error=error, duration_ms=ms
+        )
+        out.append(RecordAudit(event))
+
+    def _filter_tools_list(self, msg: Message) -> bytes | None:
+        """The result with only the allowed tools, re-serialised; None if it has no tools list.
+
+        Always re-serialised, even when every tool is allowed: what the client
+        reads is then exactly what was checked, whatever duplicate or
+        case-variant members the upstream's bytes held.
+        """
+        result = msg.body.get("result")
+        if type(result) is not dict:
+            return None
+        tools = result.get("tools")
+        if type(tools) is not list:
+            return None
+        kept = [t for t in self._checker.filter_tools(self._app, tools) if _tool_is_unambiguous(t)]
+        # Keep nextCursor, _meta and the rest; drop case variants of "tools".
+        out = {k: v for k, v in result.items() if k == "tools" or fold_key(k) != "tools"}
+        out["tools"] = kept
+        return result_response(msg.id, out)
+
+    def _initialize_answered(self, msg: Message, out: list[Command]) -> None:
+        if msg.kind == "response":
+            result = msg.body.get("result")
+            if isinstance(result, dict):
+                info = result.get("serverInfo")
+                if isinstance(info, dict):
+                    self._server_info = _name_version(info)
+                version = result.get("protocolVersion")
+                if isinstance(version, str):
+                    self._protocol_version = version  # the negotiated one
+                self._base = None
+            self._initialized = True
+        self._flush_start(out)
+
+    # ------------------------------------------------------------ audit events
+
+    def _flush_start(self, out: list[Command]) -> None:
+        """Record the session start now if it is still waiting (before any other event)."""
+        if self._start_pending:
+            out.append(RecordAudit(self._start_event()))
+
+    def _start_event(self) -> AuditEvent:
+        # Timed when the session began, although recorded later (it waits for
+        # server_info), so that it sorts first.
+        self._start_pending = False
+        return self._event(ev.SESSION_START, True, self._started_at)
+
+    def _base_fields(self) -> dict[str, Any]:
+        base = self._base
+        if base is None:
+            base = dict(_EVENT_TEMPLATE)
+            base.update(
+                cluster_name=self._cluster_name,
+                user=self._identity.username,
+                app=self._app_name,
+                session_id=self._session_id,
+                roles=tuple(self._checker.role_names),
+                app_uri=self._app.spec.uri,
+                upstream_session_id=self._upstream_session_id,
+                client_info=self._client_info,
+                server_info=self._server_info,
+                protocol_version=self._protocol_version,
+                transport=self._transport,
+                remote_addr=self._remote_addr,
+            )
+            self._base = base
+        return base
+
+    def _event(
+        self,
+        type_: str,
+        success: bool,
+        time: datetime,
+        msg: Message | None = None,
+        *,
+        method: str = "",
+        request_id: RequestId = None,
+        tool: str = "",
+        error: str = "",
+        duration_ms: float | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> AuditEvent:
+        values = self._base_fields().copy()
+        for name, factory in _FACTORIES:
+            values[name] = factory()
+        values["id"] = self._new_id()
+        values["type"] = type_
+        values["time"] = time
+        values["success"] = success
+        if msg is not None:
+            values["method"] = msg.method or ""
+            values["request_id"] = msg.id if request_id is None else request_id
+            params = msg.body.get("params")  # arrays too: audit what was sent
+            if params is not None:
+                values["params"] = self._redact(params)
+        else:
+            values["method"] = method
+            values["request_id"] = request_id
+        if tool:
+            values["tool"] = tool
+        if error:
+            values["error"] = error
+        if duration_ms is not None:
+            values["duration_ms"] = duration_ms
+        if extra:
+            values["extra"] = extra
+        return _build_event(values)
+
+
+def _name_version(info: dict[str, Any]) -> str:
+    name = info.get("name")
+    version = info.get("version")
+    if not isinstance(name, str) or not name:
+        return ""
+    return f"{name}/{version}" if isinstance(version, str) and version else name
