@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from starlette.types import Message as ASGIMessage
 from starlette.types import Receive, Scope, Send
 
 from bastion.appservice.registry import AppRegistry
@@ -131,7 +132,7 @@ class MCPHandler:
         self.audit = audit
         self.redact = redact
         self.limits = limits or Limits()
-        self.pools = Pools()
+        self.pools = Pools(response_timeout=self.limits.response_timeout)
         self.sessions: dict[str, GatewaySession] = {}
         self._reaper: asyncio.Task[None] | None = None
 
@@ -262,7 +263,7 @@ class MCPHandler:
                 f"(limit {self.limits.sessions_per_user}); "
                 "end some with DELETE or wait for idle ones to expire"
             )
-        sid = secrets.token_urlsafe(24)
+        sid = new_session_id()
         ident = UpstreamIdentity(self.auth.cas["jwt"], app, actor.name, user.spec.roles, user.spec.traits)
         engine = Session(
             app=app,
@@ -376,7 +377,7 @@ class MCPHandler:
             if waiter is None:
                 await _send(send, 202, [], b"", extra)
                 return
-            await self._answer_from_queue(s, send, waiter, extra)
+            await self._answer_from_queue(s, send, waiter, extra, msg.id if msg else None)
         except UpstreamError as e:
             await self._upstream_died(s, str(e))
             await _jsonrpc_error(send, e.http_status, msg.id if msg else None, -32603, e.message, "upstream")
@@ -392,20 +393,16 @@ class MCPHandler:
         send: Send,
         waiter: asyncio.Queue[bytes | None],
         extra: list[tuple[bytes, bytes]],
+        request_id: Any,
     ) -> None:
         deadline = self.limits.response_timeout
         try:
             first = await asyncio.wait_for(waiter.get(), deadline)
         except TimeoutError:
-            await _jsonrpc_error(
-                send,
-                504,
-                None,
-                -32603,
-                f"the upstream MCP server did not answer within {deadline:.0f}s",
-                "upstream",
-                extra,
+            body = await self._fail_request(
+                s, request_id, f"the upstream MCP server did not answer within {deadline:.0f}s"
             )
+            await _send(send, 504, [(b"content-type", _JSON), (ORIGIN_HEADER, b"upstream")], body, extra)
             return
         if first is None:
             await _jsonrpc_error(
@@ -428,6 +425,22 @@ class MCPHandler:
             if _is_response(item):
                 break
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _fail_request(self, s: GatewaySession, request_id: Any, message: str) -> bytes:
+        """Answer a forwarded request with an upstream error *through the engine*.
+
+        The engine then completes the request's audit record as failed and frees
+        its in-flight slot, exactly as if the upstream had answered with the error;
+        a late real answer is dropped as unknown.
+        """
+        raw = jsonrpc.error_response(request_id, jsonrpc.INTERNAL_ERROR, message)
+        out = raw
+        for cmd in s.engine.upstream_sent(raw):
+            if isinstance(cmd, SendToClient):
+                out = cmd.raw
+            else:
+                await self._run(s, [cmd])
+        return out
 
     async def _read_upstream(self, s: GatewaySession) -> None:
         try:
@@ -496,12 +509,19 @@ class MCPHandler:
         self,
         s: GatewaySession,
         scope: Scope,
-        send: Send,
+        raw_send: Send,
         body: bytes,
         headers: dict[bytes, bytes],
         *,
         new: bool,
     ) -> None:
+        started = [False]
+
+        async def send(message: ASGIMessage) -> None:  # records whether headers went out
+            if message["type"] == "http.response.start":
+                started[0] = True
+            await raw_send(message)
+
         extra = [(b"mcp-session-id", s.id.encode())] if new else []
         immediate: list[bytes] = []
         forwarded: list[bytes] = []
@@ -537,7 +557,14 @@ class MCPHandler:
             s, headers, accept=headers.get(b"accept", b"application/json, text/event-stream")
         )
         up_headers.append((b"content-type", b"application/json"))
-        resp = await pool.request("POST", target, up_headers, fwd[0].raw)
+        try:
+            resp = await pool.request("POST", target, up_headers, fwd[0].raw)
+        except UpstreamError as e:
+            body = await self._fail_request(s, fwd[0].message.id, e.message)
+            await _send(
+                send, e.http_status, [(b"content-type", _JSON), (ORIGIN_HEADER, b"upstream")], body, extra
+            )
+            return
         try:
             usid = resp.header(b"mcp-session-id")
             if usid and not s.upstream_session_id:
@@ -593,12 +620,33 @@ class MCPHandler:
                         extra,
                     )
                 return
-            await self._relay_sse(s, send, resp, extra)
+            await self._relay_sse(s, send, resp, extra, request_id=fwd[0].message.id)
+        except UpstreamError as e:
+            # The upstream broke off mid-answer: fail the call through the engine
+            # (audit completed as failed), and tell the client whose fault it was.
+            body = await self._fail_request(s, fwd[0].message.id, e.message)
+            if not started[0]:
+                await _send(
+                    send, e.http_status, [(b"content-type", _JSON), (ORIGIN_HEADER, b"upstream")], body, extra
+                )
+            else:
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": encode_event(body, event="message"),
+                        "more_body": False,
+                    }
+                )
         finally:
             await resp.aclose()
 
     async def _relay_sse(
-        self, s: GatewaySession, send: Send, resp: Any, extra: list[tuple[bytes, bytes]]
+        self,
+        s: GatewaySession,
+        send: Send,
+        resp: Any,
+        extra: list[tuple[bytes, bytes]],
+        request_id: Any = None,
     ) -> None:
         """Upstream SSE → client SSE, event by event, each message through the engine.
 
@@ -696,6 +744,15 @@ class MCPHandler:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def new_session_id() -> str:
+    """A session id: 48 bits of time (so the audit index appends in order) + 128 random bits.
+
+    Unguessable (the random part alone is 128 bits) and visible ASCII, as the
+    spec asks of ``Mcp-Session-Id``.
+    """
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(16)}"
 
 
 def _is_response(raw: bytes) -> bool:

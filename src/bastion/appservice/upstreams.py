@@ -99,8 +99,9 @@ class UpstreamIdentity:
 class Pools:
     """One keep-alive pool per upstream origin, created on first use."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, response_timeout: float = 300.0) -> None:
         self._pools: dict[tuple[str, bool], HTTPUpstreamPool] = {}
+        self._response_timeout = response_timeout
 
     def for_app(self, app: App) -> HTTPUpstreamPool:
         origin, _ = origin_and_path(app)
@@ -108,7 +109,7 @@ class Pools:
         key = (origin, verify)
         pool = self._pools.get(key)
         if pool is None:
-            pool = HTTPUpstreamPool(origin, verify=verify)
+            pool = HTTPUpstreamPool(origin, verify=verify, response_timeout=self._response_timeout)
             self._pools[key] = pool
         return pool
 

@@ -24,22 +24,41 @@ crash or power loss may lose the last commits but never corrupts the file).
 It is its own file so audit writes never contend with the backend's.  One
 process writes it; any process may read it while it is written.
 
-Why writes run synchronously on the event loop (measured 2026-11-22 on this
-2-vCPU host, CPython 3.11, SQLite 3.40.1, uvloop, process pinned to one
-core, 64 concurrent callers each awaiting ``AuditLog.record`` then calling
-``complete``, i.e. one insert + one completion per call; medians of 3)::
+Why writes run synchronously on the event loop: measured 2026-11-22 on
+this 2-vCPU host (shared: load average 2-3.5 from other jobs during the
+runs), CPython 3.11.7, SQLite 3.40.1, uvloop, the process pinned to one
+core; 64 concurrent callers each looping ``await AuditLog.record(e)`` then
+``complete(...)`` (one insert + one completion per call), 200,000 calls
+into a fresh file, medians of 3 interleaved runs::
 
     store variant                                   calls/s   CPU µs/call
-    sync sqlite3 on the loop (this module)           @SYNC_RATE@     @SYNC_US@
-    sqlite3 in a worker thread (asyncio.to_thread)   @THREAD_RATE@     @THREAD_US@
+    sync sqlite3 on the loop (this module)           10,477       95.0
+    sqlite3 in a worker thread (asyncio.to_thread)    9,230      107.7
+    (the callers alone, no audit)                    63,766       15.7
 
-A thread costs more than the SQLite work it would move off the loop: on one
-core it runs no faster, and every batch pays two thread hand-offs.  The
-work done on the loop is small and bounded per batch (@BATCH_US@ µs for a
-batch of 64 inserts + 64 completions).  Reads (``search``) are the
-exception: they may scan many rows, so each runs in a worker thread on its
-own read-only connection, never blocking the loop or the writer (WAL
-readers do not block the writer).
+On one core a thread buys no extra CPU and every batch pays the thread
+hand-offs, so it is slower.  The price of writing on the loop is that it
+is busy for the whole transaction: median 2.7-3.5 ms per batch of 64
+inserts and 0.9-1.2 ms per batch of 64 completions, p99 ~8 ms.  SQLite's
+automatic checkpoints inside those commits (fsyncs) raised the p99 to 21 ms
+and the worst case past 100 ms, hence the checkpoint thread below.
+
+Where the SQLite cost goes (raw SQLite, insert + completion per call,
+CPU µs, at 500,000 rows, checkpoints counted separately)::
+
+    this schema, uuid4 event and session ids          45.4  + 11.7 checkpoint
+    this schema, time-ordered (uuid7-like) ids        28.5  +  3.4
+    no unique id index (complete by rowid)            23.2  +  4.3
+    neither id nor session_id index                   14.7  +  2.2
+
+Every random key (``id``; ``session_id`` with many live sessions) dirties
+one index page per row, and every dirty page is written to the WAL at
+commit and copied again at checkpoint.  Time-ordered ids would make both
+indexes append at their right edge.
+
+Reads (``search``) run in a worker thread on their own read-only
+connection: they may scan many rows, and must block neither the loop nor
+the writer (WAL readers do not block the writer).
 
 What this store must not do: block the loop on anything but its own short
 transactions (``busy_timeout`` is short: a second writer process on the same
@@ -120,7 +139,7 @@ _COMPLETE: Final = "UPDATE audit_events SET success = ?, error = ?, duration_ms 
 # json_patch (RFC 7396) sets success/error/duration_ms and deletes the keys
 # patched with null, so the JSON omits empty fields exactly like to_dict;
 # ``code`` keeps its prefix and takes the I/E suffix of the new outcome.
-# Measured several times slower than the path above (three JSON parses).
+# Measured about twice as slow as the path above (three JSON parses).
 _COMPLETE_IN_SQL: Final = (
     "UPDATE audit_events SET success = ?1, error = ?2, duration_ms = ?3,"
     " event = json_set(json_patch(event, ?4), '$.code',"
@@ -208,6 +227,7 @@ class SQLiteAuditStore:
         # Opened by the first checkpoint, in its thread; used by one
         # checkpoint at a time, then closed by close().
         self._checkpoint_conn: sqlite3.Connection | None = None
+        self._closer: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, data_dir: str | Path) -> SQLiteAuditStore:
@@ -253,7 +273,7 @@ class SQLiteAuditStore:
         in_sql: list[tuple[Any, ...]] = []
         for event_id, success, error, duration_ms in updates:
             success = bool(success)
-            error = _clean(error)
+            error = _clean(error) if error else ""
             text = done.get(event_id) or pending.pop(event_id, None)
             if text is None:
                 patch = {"success": success, "error": error or None, "duration_ms": duration_ms}
@@ -286,23 +306,29 @@ class SQLiteAuditStore:
         return await asyncio.to_thread(_read, self._path, sql, params)
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        self._pending.clear()
+        if self._closer is None:
+            conn, self._conn = self._conn, None
+            if conn is None:
+                return
+            self._pending.clear()
+            self._closer = asyncio.get_running_loop().create_task(
+                self._close(conn), name="bastion-audit-store-close"
+            )
+        # Shielded: a cancelled caller must not leave connections open or
+        # close one under a running checkpoint; the close finishes anyway.
+        await asyncio.shield(self._closer)
+
+    async def _close(self, conn: sqlite3.Connection) -> None:
         checkpointer = self._checkpointer
         if checkpointer is not None:
-            # Shielded: a cancelled close() must still not close the
-            # checkpoint connection under a running checkpoint.
-            await asyncio.shield(checkpointer)
+            await asyncio.wait([checkpointer])  # it logs its own failures
         # Closing the last connection checkpoints the whole WAL (fsyncs):
         # done in a thread, like every other checkpoint.
+        ckpt_conn, self._checkpoint_conn = self._checkpoint_conn, None
         try:
-            await asyncio.to_thread(_close_all, conn, self._checkpoint_conn)
+            await asyncio.to_thread(_close_all, conn, ckpt_conn)
         except sqlite3.Error as exc:
             raise _error(self._path, "close", exc) from exc
-        finally:
-            self._checkpoint_conn = None
 
     # -- plumbing ------------------------------------------------------------
 
@@ -314,6 +340,11 @@ class SQLiteAuditStore:
         if conn is None:
             raise self._closed_error()
         try:
+            if conn.in_transaction:
+                # Left open by a failed COMMIT whose ROLLBACK failed too;
+                # without this every later write would fail ("within a
+                # transaction") and the audit log would stay down.
+                conn.execute("ROLLBACK")
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise _error(self._path, action, exc) from exc

@@ -177,7 +177,9 @@ async def serve(app_name: str, creds: CredentialSource, *, port: int, ready: Cal
 
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(
+        socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP
+    )  # TCP_NODELAY, see proxy.server
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(("127.0.0.1", port))
@@ -188,7 +190,14 @@ async def serve(app_name: str, creds: CredentialSource, *, port: int, ready: Cal
     real_port = sock.getsockname()[1]
     app = LocalMCPProxy(app_name, creds, port=real_port)
     config = uvicorn.Config(
-        app, http="httptools", lifespan="off", log_config=None, access_log=False, server_header=False
+        app,
+        http="httptools",
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        # Open SSE streams would otherwise hold a stopped proxy forever.
+        timeout_graceful_shutdown=2,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name="local-mcp-proxy")

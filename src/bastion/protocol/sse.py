@@ -47,12 +47,14 @@ class EventTooLargeError(LimitExceededError):
         self.limit = limit
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SSEEvent:
     """One event: ``data`` lines joined with ``\\n``; ``event`` defaults to ``"message"``.
 
     ``id`` and ``retry`` are the fields given in this event's block (``None``
-    if absent; an empty ``id`` resets the client's last event ID).
+    if absent; an empty ``id`` resets the client's last event ID).  Read-only
+    by contract, not frozen: one is built per message on a stream, and a
+    frozen dataclass costs about a microsecond more to build (measured).
     """
 
     data: bytes
@@ -90,9 +92,7 @@ class SSEParser:
         self._skip_lf = False
         self._at_start = True  # a byte order mark may open the stream
         self._last_event_id = ""
-        self._reset_block()
-
-    def _reset_block(self) -> None:
+        # The event being read: its data lines and fields so far.
         self._data: list[bytes] = []
         self._data_size = 0
         self._event: str | None = None
@@ -130,55 +130,57 @@ class SSEParser:
             return []
         if self._partial:
             self._partial.append(chunk)
-            data = b"".join(self._partial)
+            text = b"".join(self._partial)
             self._partial, self._partial_size = [], 0
         else:
-            data = bytes(chunk)
-        if b"\r" in data:
+            text = bytes(chunk)
+        if b"\r" in text:
             # A final \r ends its line now; its \n, if any, is in the next chunk.
-            self._skip_lf = data.endswith(b"\r")
-            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        lines = data.split(b"\n")
+            self._skip_lf = text.endswith(b"\r")
+            text = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = text.split(b"\n")
         rest = lines.pop()
         out: list[SSEEvent] = []
+        # The event's state in locals while the lines are read (this loop runs
+        # for every message on an SSE stream), written back at the end.
+        data, size, event, eid, retry = self._data, self._data_size, self._event, self._id, self._retry
+        limit = self._max
         for line in lines:
-            if not line:
-                if self._data or self._id is not None or self._retry is not None:
-                    out.append(
-                        SSEEvent(b"\n".join(self._data), self._event or "message", self._id, self._retry)
-                    )
-                self._reset_block()
-            elif line[0] != 0x3A:  # lines starting with ":" are comments (keep-alives)
-                self._field(line)
+            if not line:  # a blank line ends the event
+                if data or eid is not None or retry is not None:
+                    out.append(SSEEvent(b"\n".join(data), event or "message", eid, retry))
+                data, size, event, eid, retry = [], 0, None, None, None
+                continue
+            if line[0] == 0x3A:  # lines starting with ":" are comments (keep-alives)
+                continue
+            name, colon, value = line.partition(b":")
+            if colon and value[:1] == b" ":
+                value = value[1:]
+            if name == b"data":
+                # The size of the data as it will be joined: a \n between lines.
+                size += len(value) + 1 if data else len(value)
+                if size > limit:
+                    self._fail()
+                data.append(value)
+            elif name == b"event":
+                event = value.decode("utf-8", "replace")
+            elif name == b"id":
+                if b"\0" not in value:  # the spec ignores ids containing NUL
+                    eid = self._last_event_id = value.decode("utf-8", "replace")
+            elif name == b"retry" and value.isdigit():  # ASCII digits only, as the spec requires
+                retry = int(value)
+            # Any other field is ignored, as the spec says.
+        self._data, self._data_size, self._event, self._id, self._retry = data, size, event, eid, retry
         if rest:
             self._partial.append(rest)
             self._partial_size = len(rest)
-            if self._partial_size + self._data_size > self._max:
+            if self._partial_size + size > limit:
                 self._fail()
         return out
 
-    def _field(self, line: bytes) -> None:
-        name, colon, value = line.partition(b":")
-        if colon and value[:1] == b" ":
-            value = value[1:]
-        if name == b"data":
-            # The size of the data as it will be joined: a \n between lines.
-            self._data_size += len(value) + 1 if self._data else len(value)
-            self._data.append(value)
-            if self._data_size > self._max:
-                self._fail()
-        elif name == b"event":
-            self._event = value.decode("utf-8", "replace")
-        elif name == b"id":
-            if b"\0" not in value:  # the spec ignores ids containing NUL
-                self._id = self._last_event_id = value.decode("utf-8", "replace")
-        elif name == b"retry" and value.isdigit():  # ASCII digits only, as the spec requires
-            self._retry = int(value)
-        # Any other field is ignored, as the spec says.
-
     def _fail(self) -> NoReturn:
         self._partial, self._partial_size = [], 0
-        self._reset_block()
+        self._data, self._data_size, self._event, self._id, self._retry = [], 0, None, None, None
         raise EventTooLargeError(self._max)
 
 

@@ -22,9 +22,14 @@ larger than the caller's cap.
 
 Timeouts: ``connect_timeout`` bounds TCP connect plus TLS handshake; ``response_timeout``
 bounds the wait for a free connection and the time from sending the request to the end of
-the response headers.  There is deliberately NO timeout between body chunks: an SSE stream
-may be silent for minutes, so the caller bounds body reads (``asyncio.timeout``) where it
-wants one.
+the response headers.  The latter is checked by one watchdog per pool, not a timer per
+request, so it fires up to min(1 s, response_timeout / 4) late.  There is deliberately NO
+timeout between body chunks: an SSE stream may be silent for minutes, so the caller bounds
+body reads (``asyncio.timeout``) where it wants one.
+
+Flow control: a streamed body is buffered up to 256 KiB (plus one socket read); beyond
+that the connection stops reading until the consumer drains it to 64 KiB, so a slow
+consumer slows the upstream (TCP back-pressure) instead of growing memory.
 
 Retry rule (POST is not idempotent: a request that may have reached the upstream is never
 sent twice):
@@ -43,6 +48,11 @@ sent twice):
 3. Any other failure — EOF, reset or timeout after the bytes were handed to the kernel,
    even with no response byte seen — is reported, not retried: the upstream may have
    received the request and acted on it.
+
+Measured 2026-11-22 (``bench/http_client_bench.py``: 10,000 POSTs of 208 B at concurrency
+16 to a raw httptools echo server, client and server pinned to one core each, medians of
+3): 26 µs of client CPU per request under uvloop (33 under the asyncio loop), against
+about 14 for a bare ~40-line client without these checks and 2,000-3,000 for httpx.
 
 What this module must not do: follow redirects, decompress, add or strip headers other
 than ``Host`` and ``Content-Length``, pipeline, speak HTTP/2, keep per-request objects
@@ -294,6 +304,7 @@ class _Connection(asyncio.Protocol):
     """
 
     __slots__ = (
+        "_deadline",
         "_head_bytes",
         "_head_request",
         "_headers",
@@ -305,7 +316,6 @@ class _Connection(asyncio.Protocol):
         "_message_done",
         "_poll",
         "_response",
-        "_timer",
         "_waiter",
         "accounted",
         "busy",
@@ -327,7 +337,7 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.requests = 0
         self._waiter: asyncio.Future[UpstreamResponse] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0  # when the headers are due (the pool's watchdog checks)
         self._response: UpstreamResponse | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
@@ -390,9 +400,6 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         resp = self._response
         if (
             self.busy
@@ -438,9 +445,6 @@ class _Connection(asyncio.Protocol):
             self._headers = []
             self._interim = True
             return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self._keep_alive = self.parser.should_keep_alive()
         resp = self._response = UpstreamResponse(status, self._headers, self)
         waiter = self._waiter
@@ -479,12 +483,19 @@ class _Connection(asyncio.Protocol):
         self._head_request = head_request
         self.busy = True
         self.requests += 1
-        self._timer = loop.call_later(pool._response_timeout, self._on_timeout)
+        # No timer per request (an allocation plus a heap push and cancel, or a libuv timer
+        # under uvloop): a deadline, checked by the pool's watchdog a few times per timeout.
+        self._deadline = loop.time() + pool._response_timeout
+        if pool._watchdog is None:
+            pool._watchdog = loop.call_later(pool._tick, pool._watch)
         try:  # noqa: SIM105 (contextlib.suppress costs a context manager on the hot path)
             self.transport.write(data)
         except (RuntimeError, OSError):
             pass  # uvloop raises on a closed transport; write_refused() reports it
         return waiter
+
+    def waiting_for_headers(self) -> bool:
+        return self._waiter is not None
 
     def write_refused(self) -> bool:
         """After send(): the transport closed at once, so none of the request left this host."""
@@ -508,9 +519,6 @@ class _Connection(asyncio.Protocol):
         if self._waiter is waiter and self.busy:
             self._waiter = None
             self.busy = False
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
             self._close_now()
 
     def abandon(self) -> None:
@@ -573,9 +581,6 @@ class _Connection(asyncio.Protocol):
 
     def fail(self, error: UpstreamError) -> None:
         """The request or response failed: tell whoever waits, close the connection."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         waiter = self._waiter
         self._waiter = None
         if waiter is not None and not waiter.done():
@@ -598,8 +603,7 @@ class _Connection(asyncio.Protocol):
         else:
             self.fail(error)
 
-    def _on_timeout(self) -> None:
-        self._timer = None
+    def on_timeout(self) -> None:
         pool = self.pool
         self.fail(
             UpstreamTimeoutError(
@@ -622,7 +626,15 @@ class _Connection(asyncio.Protocol):
 
 
 class HTTPUpstreamPool:
-    """Keep-alive HTTP/1.1 connections to one origin; see the module docstring for the contract."""
+    """Keep-alive HTTP/1.1 connections to one origin; see the module docstring for the contract.
+
+    ``base_url``: ``http://`` or ``https://`` host and optional port, no path.
+    ``verify=False`` is ``insecure_skip_verify``; ``ca_pem`` (PEM text) replaces the
+    system trust store.  ``max_connections`` bounds connections open or opening; more
+    requests wait (FIFO) up to ``response_timeout``.  ``max_idle`` bounds idle connections
+    kept between bursts: the excess is closed once idle for min(1 s, idle_timeout / 4);
+    0 disables keep-alive.  ``idle_timeout`` closes connections unused that long.
+    """
 
     def __init__(
         self,
@@ -680,6 +692,14 @@ class HTTPUpstreamPool:
         self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
         self._open = 0  # connections open or connecting (each holds a slot)
         self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_at = 0.0
+        self._trim_delay = min(1.0, idle_timeout / 4)
+        # Connected connections, for the response-timeout watchdog; it runs every _tick
+        # seconds while some request waits for headers, so a timeout fires up to a quarter
+        # of response_timeout (at most 1 s) late.
+        self._conns: set[_Connection] = set()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._tick = min(1.0, response_timeout / 4)
         self._closed = False
         self.stats = PoolStats()
 
@@ -704,7 +724,10 @@ class HTTPUpstreamPool:
         """Send a request; return when the response status and headers have arrived.
 
         ``target`` is the origin-form path and query (``/mcp?x=1``).  ``headers`` must not
-        contain Host, Content-Length, Transfer-Encoding or Connection (ValueError).
+        contain Host, Content-Length, Transfer-Encoding or Connection, nor CR/LF anywhere
+        (ValueError).  The caller must read the body to its end (``read()``, or
+        ``iter_chunks()`` until exhausted) or ``aclose()`` the response: until then the
+        connection stays taken.
         """
         if self._closed:
             raise UpstreamUnreachableError(f"connection pool for upstream {self.origin} is closed")
@@ -774,7 +797,7 @@ class HTTPUpstreamPool:
         parts = [m, b" ", t, b" HTTP/1.1\r\nHost: ", self._host_header, b"\r\n"]
         lines = 3 + len(headers)  # request line, Host, final blank line, one per header
         if body or method not in _NO_BODY_METHODS:
-            parts += (b"Content-Length: ", b"%d" % len(body), b"\r\n")
+            parts.append(b"Content-Length: %d\r\n" % len(body))
             lines += 1
         for name, value in headers:
             if name.lower() in _RESERVED:
@@ -869,6 +892,7 @@ class HTTPUpstreamPool:
                 raise
             raise mapped from exc
         self.stats.opened += 1
+        self._conns.add(conn)
         if self._closed:
             conn._close_now()
             raise UpstreamUnreachableError(f"connection pool for upstream {self.origin} is closed")
@@ -901,16 +925,31 @@ class HTTPUpstreamPool:
             if not w.done():
                 w.set_result(conn)  # hand-off: no trip through the idle list
                 return
-        if len(self._idle) >= self._max_idle:
-            conn.close()
+        if not self._max_idle:
+            conn.close()  # max_idle=0: no keep-alive
             return
         loop = self._loop
         assert loop is not None
         conn._idle_since = now = loop.time()
         conn._in_idle = True
-        self._idle.append(conn)
-        if self._sweeper is None:
-            self._sweeper = loop.call_at(now + self._idle_timeout, self._sweep)
+        idle = self._idle
+        idle.append(conn)
+        # Over max_idle is allowed for a moment: at high concurrency many connections are
+        # released in one loop step just before their tasks take them again, and closing
+        # them then would only mean reconnecting.  The sweeper trims the excess soon after.
+        if len(idle) > self._max_idle:
+            self._schedule_sweep(now + self._trim_delay)
+        elif self._sweeper is None:
+            self._schedule_sweep(now + self._idle_timeout)
+
+    def _schedule_sweep(self, when: float) -> None:
+        if self._sweeper is not None:
+            if self._sweep_at <= when:
+                return
+            self._sweeper.cancel()
+        assert self._loop is not None
+        self._sweep_at = when
+        self._sweeper = self._loop.call_at(when, self._sweep)
 
     def _forget(self, conn: _Connection) -> None:
         """A connection is gone (closed, lost, or never connected): free its slot."""
@@ -918,6 +957,7 @@ class HTTPUpstreamPool:
             conn._in_idle = False
             with contextlib.suppress(ValueError):
                 self._idle.remove(conn)
+        self._conns.discard(conn)
         if conn.accounted:
             conn.accounted = False
             self._open -= 1
@@ -934,20 +974,47 @@ class HTTPUpstreamPool:
                 w.set_result(None)
                 return
 
+    def _watch(self) -> None:
+        """The response-timeout watchdog: fail requests whose headers are overdue."""
+        self._watchdog = None
+        loop = self._loop
+        if loop is None:
+            return
+        now = loop.time()
+        waiting = False
+        for conn in list(self._conns):  # on_timeout closes connections: iterate a copy
+            if conn.waiting_for_headers():
+                if conn._deadline <= now:
+                    conn.on_timeout()
+                else:
+                    waiting = True
+        if waiting:
+            self._watchdog = loop.call_later(self._tick, self._watch)
+
     def _sweep(self) -> None:
-        """Close connections idle for longer than idle_timeout (oldest are at index 0)."""
+        """Close connections idle past idle_timeout, and beyond max_idle once idle a moment.
+
+        The oldest are at index 0 (LIFO reuse takes from the end), so they go first.
+        """
         self._sweeper = None
         loop = self._loop
         if loop is None or self._closed:
             return
         idle = self._idle
-        deadline = loop.time() - self._idle_timeout
-        while idle and idle[0]._idle_since <= deadline:
+        now = loop.time()
+        expired, trim_before = now - self._idle_timeout, now - self._trim_delay
+        while idle:
+            oldest = idle[0]._idle_since
+            if oldest > expired and (len(idle) <= self._max_idle or oldest > trim_before):
+                break
             conn = idle.pop(0)
             conn._in_idle = False
             conn.close()
         if idle:
-            self._sweeper = loop.call_at(idle[0]._idle_since + self._idle_timeout, self._sweep)
+            when = idle[0]._idle_since + self._idle_timeout
+            if len(idle) > self._max_idle:
+                when = min(when, idle[0]._idle_since + self._trim_delay)
+            self._schedule_sweep(when)
 
 
 def _tls_context(verify: bool, ca_pem: str | None) -> ssl.SSLContext:

@@ -57,6 +57,7 @@ class Controls:
     sse_sent: int = 0
     sse_permits: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
     release_slow: asyncio.Event = field(default_factory=asyncio.Event)
+    slow_entered: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def make_app(ctl: Controls) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
@@ -121,6 +122,7 @@ def make_app(ctl: Controls) -> Callable[[Scope, Receive, Send], Awaitable[None]]
             await start(200, [(b"connection", b"close"), (b"content-length", b"3")])
             await chunk(b"bye", more=False)
         elif path == "/slow":
+            ctl.slow_entered.set()
             await ctl.release_slow.wait()
             await start(200, [(b"content-length", b"4")])
             await chunk(b"late", more=False)
@@ -339,6 +341,18 @@ async def test_response_timeout(uv_port: int, ctl: Controls) -> None:
         assert pool.stats.opened == 2  # the timed-out connection was dropped
 
 
+async def test_caller_cancellation_drops_the_connection(uv_port: int, ctl: Controls) -> None:
+    async with open_pool(f"http://127.0.0.1:{uv_port}") as pool:
+        task = asyncio.ensure_future(pool.request("GET", "/slow", []))
+        await asyncio.wait_for(ctl.slow_entered.wait(), DEADLINE)  # the request is at the server
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        ctl.release_slow.set()  # its late answer must not reach the next request
+        assert await call(pool, "POST", "/echo", body=b"next") == (200, b"next")
+        assert pool.stats.opened == 2
+
+
 async def test_no_content_and_head_have_no_body(uv_port: int) -> None:
     async with open_pool(f"http://127.0.0.1:{uv_port}") as pool:
         assert await call(pool, "GET", "/nocontent") == (204, b"")
@@ -363,6 +377,12 @@ async def test_waiting_for_a_free_connection_times_out(uv_port: int, ctl: Contro
         assert pool.stats.opened == 1
 
 
+async def first_n(futures: list[asyncio.Future[None]], n: int) -> None:
+    pending: set[asyncio.Future[None]] = set(futures)
+    while len(futures) - len(pending) < n:
+        _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+
+
 async def test_idle_timeout_and_max_idle() -> None:
     async with RawServer() as srv:
         async with open_pool(srv.url, idle_timeout=0.05) as pool:
@@ -375,6 +395,16 @@ async def test_idle_timeout_and_max_idle() -> None:
             for i in range(3):
                 assert await call(pool, "POST", "/a", body=b"%d" % i) == (200, b"%d" % i)
             assert pool.stats.opened == 3  # nothing may be kept idle
+        before = len(srv.conns)
+        async with open_pool(srv.url, max_idle=1, idle_timeout=2.0) as pool:  # trim after 0.5 s
+            bodies = [b"%d" % i for i in range(3)]
+            assert await asyncio.gather(*(call(pool, "POST", "/a", body=b) for b in bodies)) == [
+                (200, b) for b in bodies
+            ]
+            assert pool.stats.opened == 3
+            assert pool.idle_connections == 3  # a burst's connections stay for a moment ...
+            await asyncio.wait_for(first_n([c.lost for c in srv.conns[before:]], 2), DEADLINE)
+            assert pool.idle_connections == 1  # ... then the excess over max_idle is closed
 
 
 async def test_pool_aclose_refuses_new_requests(uv_port: int) -> None:

@@ -114,6 +114,16 @@ class TestKinds:
         )
         assert parse_message(raw).params == {"name": "a", "arguments": {"k": 2}}
 
+    def test_deep_nesting_is_checked_the_slow_way_and_passes(self) -> None:
+        # Deeper than orjson will re-serialise (254), within what it parses (1024).
+        deep = b'{"a":' * 300 + b"1" + b"}" * 300
+        raw = (
+            b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":' + deep + b"}}"
+        )
+        assert parse_message(raw).params is not None
+        bad = raw[:-2] + b',"name":"b"}}'  # a second params.name
+        assert "occurs more than once" in refused(bad).message
+
     def test_repeated_names_at_different_levels_pass(self) -> None:
         raw = b'{"jsonrpc":"2.0","id":1,"method":"x","params":{"name":"a","arguments":{"name":"b","id":2}}}'
         assert parse_message(raw).params == {"name": "a", "arguments": {"name": "b", "id": 2}}

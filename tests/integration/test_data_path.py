@@ -1,0 +1,362 @@
+"""Issue 3's acceptance: real MCP servers behind the gateway, real clients in front of it.
+
+server-everything (npm) in its three modes and our conformance fixture (HTTP and stdio) are
+registered as apps; the Python `mcp` SDK, the MCP Inspector CLI and the official conformance
+suite talk to them through `/mcp/apps/<app>` with a user's bearer credential.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.conftest import Node, start_node, stop_node
+from tests.peers import (
+    ROOT,
+    conformance_cmd,
+    everything_cmd,
+    inspector_v2_cmd,
+    node_env,
+    requires_node_peers,
+    run_conformance_fixture,
+    run_everything,
+)
+
+pytestmark = requires_node_peers
+
+ROLES = """\
+kind: role
+version: v1
+metadata: {name: echo-only}
+spec:
+  allow:
+    app_labels: {env: dev}
+    mcp: {tools: [echo]}
+---
+kind: role
+version: v1
+metadata: {name: prod-only}
+spec:
+  allow:
+    app_labels: {env: prod}
+    mcp: {tools: ["*"]}
+---
+kind: role
+version: v1
+metadata: {name: auditor}
+spec:
+  allow:
+    rules: [{resources: [event], verbs: [list, read]}]
+"""
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    root = tmp_path_factory.mktemp("gw")
+    with ExitStack() as stack:
+        http_url = stack.enter_context(run_everything("streamableHttp"))
+        sse_url = stack.enter_context(run_everything("sse"))
+        conf_url = stack.enter_context(run_conformance_fixture("http"))
+        node_bin, *stdio_args = everything_cmd("stdio")
+        fixture_cmd = [sys.executable, "-m", "tests.fixtures.conformance_server", "--transport", "stdio"]
+        apps = f"""\
+app_service:
+  demo_server: true
+  apps:
+  - name: everything-http
+    uri: mcp+{http_url}
+    labels: {{env: dev}}
+  - name: everything-sse
+    uri: mcp+sse+{sse_url}
+    labels: {{env: dev}}
+  - name: everything-stdio
+    labels: {{env: dev}}
+    mcp:
+      command: {node_bin}
+      args: {json.dumps(stdio_args)}
+      run_as_host_user: root
+  - name: conformance-http
+    uri: mcp+{conf_url}
+    labels: {{env: test}}
+  - name: conformance-stdio
+    labels: {{env: test}}
+    mcp:
+      command: {fixture_cmd[0]}
+      args: {json.dumps(fixture_cmd[1:])}
+      run_as_host_user: root
+      env: {{PYTHONPATH: "{ROOT}"}}
+"""
+        node = start_node(root, extra_config=apps)
+        try:
+            (root / "roles.yaml").write_text(ROLES)
+            node.cli("create", str(root / "roles.yaml"), local=True)
+            for user, roles in (
+                ("alice", "mcp-user"),
+                ("eve", "echo-only"),
+                ("bob", "prod-only"),
+                ("audrey", "auditor"),
+            ):
+                node.cli("users", "add", user, f"--roles={roles}", local=True)
+            yield node
+        finally:
+            stop_node(node)
+
+
+def token(node: Node, user: str) -> str:
+    return node.cli("auth", "sign", f"--user={user}", "--format=token", local=True).stdout.strip()
+
+
+def ca_file(node: Node) -> Path:
+    path = node.root / "ca.pem"
+    if not path.exists():
+        path.write_text(node.cli("auth", "export", "--type=tls", local=True).stdout)
+    return path
+
+
+@asynccontextmanager
+async def mcp_session(node: Node, user: str, app: str) -> AsyncIterator[Any]:
+    import httpx2
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    ctx = ssl.create_default_context(cafile=str(ca_file(node)))
+    client = httpx2.AsyncClient(
+        headers={"Authorization": f"Bearer {token(node, user)}"}, verify=ctx, timeout=30
+    )
+    url = f"https://{node.addr}/mcp/apps/{app}"
+    async with client, streamable_http_client(url, http_client=client) as (r, w), ClientSession(r, w) as s:
+        await s.initialize()
+        yield s
+
+
+@pytest.mark.parametrize("app", ["everything-http", "everything-sse", "everything-stdio"])
+async def test_sdk_lists_and_calls_through_each_transport(gateway: Node, app: str) -> None:
+    async with mcp_session(gateway, "alice", app) as s:
+        names = {t.name for t in (await s.list_tools()).tools}
+        assert {"echo", "get-sum", "get-env"} <= names
+        r = await s.call_tool("echo", {"message": f"hi {app}"})
+        assert r.content[0].text == f"Echo: hi {app}"
+        r = await s.call_tool("get-sum", {"a": 2, "b": 40})
+        assert "42" in r.content[0].text
+
+
+@pytest.mark.parametrize("app", ["everything-http", "everything-sse", "everything-stdio"])
+async def test_echo_only_role_sees_and_calls_only_echo(gateway: Node, app: str) -> None:
+    from mcp.shared.exceptions import MCPError
+
+    async with mcp_session(gateway, "eve", app) as s:
+        assert [t.name for t in (await s.list_tools()).tools] == ["echo"]
+        assert (await s.call_tool("echo", {"message": "x"})).content[0].text == "Echo: x"
+        with pytest.raises(MCPError) as denied:
+            await s.call_tool("get-sum", {"a": 1, "b": 2})
+        assert "get-sum" in str(denied.value) and "bastion mcp tools" in str(denied.value)
+
+
+def _post_init(node: Node, user: str, app: str) -> httpx.Response:
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"},
+        },
+    }
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca_file(node)))) as c:
+        return c.post(
+            f"https://{node.addr}/mcp/apps/{app}",
+            json=body,
+            headers={
+                "Authorization": f"Bearer {token(node, user)}",
+                "Accept": "application/json, text/event-stream",
+            },
+        )
+
+
+def test_app_outside_the_users_labels_looks_missing(gateway: Node) -> None:
+    hidden = _post_init(gateway, "bob", "everything-http")
+    missing = _post_init(gateway, "bob", "no-such-app")
+    assert hidden.status_code == missing.status_code == 404
+    assert hidden.json()["error"]["message"].replace("everything-http", "X") == missing.json()["error"][
+        "message"
+    ].replace("no-such-app", "X")
+
+
+def test_missing_or_bad_credential_gets_401(gateway: Node) -> None:
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca_file(gateway)))) as c:
+        for headers in ({}, {"Authorization": "Bearer nope"}):
+            r = c.post(f"https://{gateway.addr}/mcp/apps/everything-http", json={}, headers=headers)
+            assert r.status_code == 401
+            assert r.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_sessions_are_bound_to_their_user(gateway: Node) -> None:
+    first = _post_init(gateway, "alice", "bastion-demo")
+    sid = first.headers["mcp-session-id"]
+    ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca_file(gateway)))) as c:
+        for user, want in (("eve", 404), ("alice", 200)):
+            r = c.post(
+                f"https://{gateway.addr}/mcp/apps/bastion-demo",
+                json=ping,
+                headers={
+                    "Authorization": f"Bearer {token(gateway, user)}",
+                    "Mcp-Session-Id": sid,
+                    "Accept": "application/json, text/event-stream",
+                },
+            )
+            assert r.status_code == want, (user, r.text)
+
+
+async def test_audit_shows_the_calls(gateway: Node) -> None:
+    async with mcp_session(gateway, "eve", "everything-stdio") as s:
+        await s.call_tool("echo", {"message": "audited", "password": "hunter2-hunter2"})
+        from mcp.shared.exceptions import MCPError
+
+        with pytest.raises(MCPError):
+            await s.call_tool("get-sum", {"a": 1, "b": 2})
+    out = gateway.cli(
+        "audit", "search", "--user=eve", "--app=everything-stdio", "--format=json", local=True
+    ).stdout
+    events = json.loads(out)
+    calls = [e for e in events if e.get("method") == "tools/call"]
+    echo = [
+        e for e in calls if e.get("tool") == "echo" and e["params"]["arguments"].get("message") == "audited"
+    ]
+    assert echo and echo[-1]["success"] is True and echo[-1]["code"] == "BMCP003I"
+    assert echo[-1]["params"]["arguments"]["password"] == "<REDACTED>"
+    denied = [e for e in calls if e.get("tool") == "get-sum"]
+    assert denied and denied[-1]["success"] is False and denied[-1]["code"] == "BMCP003E"
+    assert any(e["event"] == "mcp.session.start" for e in events)
+    assert "hunter2" not in out
+    # Only users whose roles allow reading events may search.
+    home = gateway.root / "eve-home"
+    refused = gateway.cli("audit", "search", "-i", str(_identity(gateway, "eve")), home=home, check=False)
+    assert refused.returncode == 1 and "may not list event" in refused.stderr
+    allowed = gateway.cli(
+        "audit", "search", "--format=json", "-i", str(_identity(gateway, "audrey")), home=home
+    )
+    assert json.loads(allowed.stdout)
+
+
+def _identity(node: Node, user: str) -> Path:
+    path = node.root / f"{user}.id"
+    node.cli("auth", "sign", f"--user={user}", f"--out={path}", local=True)
+    return path
+
+
+def test_jwks_is_published(gateway: Node) -> None:
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca_file(gateway)))) as c:
+        keys = c.get(f"https://{gateway.addr}/.well-known/jwks.json").json()["keys"]
+    assert keys and keys[0]["kty"] == "EC" and "d" not in keys[0]
+
+
+@pytest.mark.parametrize("app", ["everything-http", "everything-stdio"])
+def test_inspector_cli_through_the_gateway(gateway: Node, app: str) -> None:
+    url = f"https://{gateway.addr}/mcp/apps/{app}"
+    env = node_env({"NODE_EXTRA_CA_CERTS": str(ca_file(gateway))})
+    base = [
+        *inspector_v2_cmd(),
+        "--cli",
+        url,
+        "--transport",
+        "http",
+        "--header",
+        f"Authorization: Bearer {token(gateway, 'eve')}",
+    ]
+    listed = subprocess.run(
+        [*base, "--method", "tools/list"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert [t["name"] for t in json.loads(listed.stdout)["tools"]] == ["echo"]
+    called = subprocess.run(
+        [*base, "--method", "tools/call", "--tool-name", "echo", "--tool-arg", "message=insp"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert called.returncode == 0, called.stderr
+    assert "Echo: insp" in called.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("app", ["conformance-http", "conformance-stdio"])
+def test_conformance_suite_through_the_gateway(gateway: Node, app: str, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    ident = _identity(gateway, "alice")
+    proxy_log = (tmp_path / "proxy.log").open("w")
+    with (
+        proxy_log,
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bastion.cli.main",
+                "proxy",
+                "mcp",
+                app,
+                "-p",
+                "0",
+                "-i",
+                str(ident),
+                "--proxy",
+                gateway.addr,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=proxy_log,
+            text=True,
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith("BASTION_")},
+                "BASTION_HOME": str(home),
+            },
+        ) as proxy,
+    ):
+        try:
+            assert proxy.stdout is not None
+            line = proxy.stdout.readline()
+            m = re.search(r"127\.0\.0\.1:(\d+)", line)
+            assert m, line
+            with (tmp_path / "conformance.out").open("w+") as conf_out:
+                res = subprocess.run(
+                    [
+                        *conformance_cmd(),
+                        "server",
+                        "--url",
+                        f"http://127.0.0.1:{m.group(1)}/mcp",
+                        "-o",
+                        str(tmp_path / "results"),
+                    ],
+                    stdout=conf_out,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    env=node_env(),
+                    cwd=tmp_path,
+                    timeout=300,
+                )
+                conf_out.seek(0)
+                output = conf_out.read()
+        finally:
+            proxy.terminate()
+            try:
+                proxy.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proxy.kill()
+                raise
+    summary = output[-6000:]
+    assert res.returncode == 0, summary
+    m = re.search(r"(\d+) passed, (\d+) failed", summary)
+    assert m and int(m.group(2)) == 0, summary
