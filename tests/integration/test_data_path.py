@@ -360,3 +360,88 @@ def test_conformance_suite_through_the_gateway(gateway: Node, app: str, tmp_path
     assert res.returncode == 0, summary
     m = re.search(r"(\d+) passed, (\d+) failed", summary)
     assert m and int(m.group(2)) == 0, summary
+
+
+def test_mcp_ls_tools_and_call(gateway: Node, tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    alice = ["-i", str(_identity(gateway, "alice")), "--proxy", gateway.addr]
+    listed = json.loads(gateway.cli("mcp", "ls", "--format=json", *alice, home=home).stdout)
+    types = {a["name"]: a["type"] for a in listed}
+    assert types["everything-http"] == "Streamable HTTP"
+    assert types["everything-sse"] == "SSE"
+    assert types["everything-stdio"] == "stdio"
+    assert all(a["permissions"]["mcp"]["tools"]["allowed"] == ["*"] for a in listed)
+    text = gateway.cli("mcp", "ls", *alice, home=home).stdout
+    assert re.search(r"everything-sse\s.*SSE\s+\[\*\]\s+env=dev", text), text
+
+    gateway.cli("users", "add", "notools", "--roles=access", local=True, check=False)
+    nobody = ["-i", str(_identity(gateway, "notools")), "--proxy", gateway.addr]
+    warned = gateway.cli("mcp", "ls", *nobody, home=home).stdout
+    assert "(none) [!]" in warned and "Warning" in warned
+
+    eve = ["-i", str(_identity(gateway, "eve")), "--proxy", gateway.addr]
+    tools = json.loads(
+        gateway.cli("mcp", "tools", "everything-http", "--format=json", *eve, home=home).stdout
+    )
+    assert [t["name"] for t in tools] == ["echo"]
+    called = gateway.cli(
+        "mcp", "call", "everything-sse", "echo", "--arg", "message=from-cli", *eve, home=home
+    )
+    assert called.stdout.strip() == "Echo: from-cli"
+    denied = gateway.cli(
+        "mcp",
+        "call",
+        "everything-sse",
+        "get-sum",
+        "--arg",
+        "a=1",
+        "--arg",
+        "b=2",
+        *eve,
+        home=home,
+        check=False,
+    )
+    assert denied.returncode == 1 and 'tool "get-sum" is not allowed' in denied.stderr
+
+
+async def test_role_change_reaches_a_live_session(gateway: Node) -> None:
+    import asyncio
+
+    widened = ROLES.split("---")[0].replace("tools: [echo]", "tools: [echo, get-sum]")
+    role_file = gateway.root / "echo-only.yaml"
+    try:
+        async with mcp_session(gateway, "eve", "everything-stdio") as s:
+            assert [t.name for t in (await s.list_tools()).tools] == ["echo"]
+            role_file.write_text(widened)
+            gateway.cli("create", "-f", str(role_file), local=True)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 15
+            names: list[str] = []
+            while loop.time() < deadline:
+                names = sorted(t.name for t in (await s.list_tools()).tools)
+                if names == ["echo", "get-sum"]:
+                    break
+                await asyncio.sleep(0.2)  # polling the condition, bounded by the deadline
+            assert names == ["echo", "get-sum"]
+            assert "5" in (await s.call_tool("get-sum", {"a": 2, "b": 3})).content[0].text
+    finally:
+        role_file.write_text(ROLES.split("---")[0])
+        gateway.cli("create", "-f", str(role_file), local=True)
+
+
+def test_mirrored_headers_must_match_the_body(gateway: Node) -> None:
+    init = _post_init(gateway, "alice", "bastion-demo")
+    headers = {
+        "Authorization": f"Bearer {token(gateway, 'alice')}",
+        "Mcp-Session-Id": init.headers["mcp-session-id"],
+        "Accept": "application/json, text/event-stream",
+        "Mcp-Method": "tools/list",
+    }
+    body = {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "bastion_user_info"}}
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca_file(gateway)))) as c:
+        r = c.post(f"https://{gateway.addr}/mcp/apps/bastion-demo", json=body, headers=headers)
+        assert r.status_code == 400 and r.json()["error"]["code"] == -32020
+        headers["Mcp-Method"] = "tools/call"
+        headers["Mcp-Name"] = "bastion_user_info"
+        ok = c.post(f"https://{gateway.addr}/mcp/apps/bastion-demo", json=body, headers=headers)
+        assert ok.status_code == 200 and "alice" in ok.text

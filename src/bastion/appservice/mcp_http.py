@@ -41,6 +41,7 @@ from bastion.audit.emitter import AuditLog
 from bastion.auth.server import Actor, AuthServer
 from bastion.errors import BastionError, LimitExceededError, UpstreamError
 from bastion.protocol import jsonrpc
+from bastion.protocol.headers import mismatch
 from bastion.protocol.sse import SSEParser, encode_event
 from bastion.resources import App
 from bastion.session.engine import (
@@ -205,12 +206,22 @@ class MCPHandler:
                 send,
                 400,
                 None,
-                -32600,
+                jsonrpc.UNSUPPORTED_PROTOCOL_VERSION,
                 f"unsupported MCP-Protocol-Version {version!r} "
                 f"(supported: {', '.join(sorted(SUPPORTED_VERSIONS))})",
                 "client",
             )
             return
+        m_method, m_name = headers.get(b"mcp-method"), headers.get(b"mcp-name")
+        if m_method is not None or m_name is not None:
+            try:
+                mirrored = jsonrpc.parse_message(body)
+                why = mismatch(m_method, m_name, mirrored.method, mirrored.params)
+            except jsonrpc.ProtocolError:
+                why = ""  # the body's own error is reported below
+            if why:
+                await _jsonrpc_error(send, 400, None, jsonrpc.HEADER_MISMATCH, why, "client")
+                return
         sid = headers.get(b"mcp-session-id", b"").decode("latin-1")
         if sid:
             s = self._session(sid, actor)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from bastion import __version__
-from bastion.cli import admin, audit, auth, login, proxy, start
+from bastion.cli import admin, audit, auth, login, mcp, proxy, start
 
 app = typer.Typer(
     name="bastion",
@@ -29,6 +29,7 @@ app.add_typer(admin.tokens_app, name="tokens")
 app.add_typer(auth.auth_app, name="auth")
 app.add_typer(audit.audit_app, name="audit")
 app.add_typer(proxy.proxy_app, name="proxy")
+app.add_typer(mcp.mcp_app, name="mcp")
 
 
 @app.command("version")

@@ -135,7 +135,9 @@ class ProxyService:
             return ctx
 
         public = s.public_addr or f"{s.host}:{self.port}"
-        webapi = RequestContext(build_webapi(self.auth, public_addr=public, audit=self.audit))
+        webapi = RequestContext(
+            build_webapi(self.auth, public_addr=public, audit=self.audit, registry=self.registry)
+        )
         origins = frozenset({f"https://{public}", *s.allowed_origins})
         app = Front(
             auth=self.auth, webapi=webapi, mcp=self.mcp, registry=self.registry, allowed_origins=origins

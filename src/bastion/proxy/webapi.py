@@ -9,6 +9,7 @@ Routes (JSON in, JSON out; authenticated ones take ``Authorization: Bearer``):
                                             secrets never go in URLs, which get logged)
     POST   /v1/webapi/invites/accept        set a password with an invite
     GET    /healthz  /readyz
+    GET    /v1/mcp/apps                     MCP apps the caller may reach, with tool permissions [auth]
     GET    /v1/audit/events?since=&until=&type=&user=&app=&session=&limit=   [auth]
     GET    /v1/whoami                       the caller, roles, expiry        [auth]
     GET    /v1/resources/{kind}[/{name}]                                    [auth]
@@ -96,7 +97,26 @@ def identity_json(actor: Actor) -> dict[str, Any]:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def build_webapi(auth: AuthServer, *, public_addr: str, audit: Any = None) -> Starlette:
+TRANSPORT_NAMES = {"stdio": "stdio", "sse": "SSE", "http": "Streamable HTTP"}
+
+
+def app_json(app: Any, checker: Any) -> dict[str, Any]:
+    """An MCP app as ``bastion mcp ls`` shows it, with the caller's tool permissions."""
+    perms = checker.tool_permissions(app)
+    spec = app.spec
+    return {
+        "name": app.metadata.name,
+        "description": app.metadata.description,
+        "labels": dict(app.metadata.labels),
+        "type": TRANSPORT_NAMES.get(spec.transport, spec.transport),
+        "uri": spec.uri,
+        "command": spec.mcp.command if spec.mcp else "",
+        "args": list(spec.mcp.args) if spec.mcp else [],
+        "permissions": {"mcp": {"tools": {"allowed": list(perms.allowed), "denied": list(perms.denied)}}},
+    }
+
+
+def build_webapi(auth: AuthServer, *, public_addr: str, audit: Any = None, registry: Any = None) -> Starlette:
     async def actor_of(request: Request) -> Actor:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -245,6 +265,13 @@ def build_webapi(auth: AuthServer, *, public_addr: str, audit: Any = None) -> St
         events = await audit.search(query_from_params(request.query_params))
         return _json(events)
 
+    async def mcp_apps(request: Request) -> Response:
+        actor = await actor_of(request)
+        if registry is None or actor.checker is None:
+            return _json([])
+        apps = [a for a in registry.all() if actor.checker.can_access_app(a)]
+        return _json([app_json(a, actor.checker) for a in apps])
+
     routes = [
         Route("/v1/webapi/find", find),
         Route("/webapi/find", find),
@@ -265,6 +292,7 @@ def build_webapi(auth: AuthServer, *, public_addr: str, audit: Any = None) -> St
         Route("/v1/tokens", add_token, methods=["POST"]),
         Route("/v1/auth/sign", sign, methods=["POST"]),
         Route("/v1/audit/events", audit_events),
+        Route("/v1/mcp/apps", mcp_apps),
     ]
     app = Starlette(
         routes=routes,

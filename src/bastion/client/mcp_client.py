@@ -1,0 +1,128 @@
+"""A small MCP client over streamable HTTP, for ``bastion mcp tools`` and ``bastion mcp call``.
+
+One session: ``initialize`` + ``notifications/initialized`` on enter, requests
+answered as JSON or as an SSE stream (notifications on the way are skipped),
+``DELETE`` on exit.  Errors keep the gateway's message and whose fault it was.
+"""
+
+from __future__ import annotations
+
+import itertools
+from types import TracebackType
+from typing import Any
+
+import httpx
+import orjson
+
+from bastion import __version__
+from bastion.client.api import tls_context
+from bastion.errors import BastionError, UpstreamError
+from bastion.protocol.sse import SSEParser
+
+PROTOCOL_VERSION = "2025-11-25"
+
+
+class MCPCallError(BastionError):
+    """The server answered a request with a JSON-RPC error."""
+
+    origin = "upstream"
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.rpc_code = code
+
+
+class MCPClient:
+    def __init__(
+        self, *, proxy: str, app: str, token: str, ca_pem: str | None, insecure: bool = False
+    ) -> None:
+        self.url = f"https://{proxy}/mcp/apps/{app}"
+        self.app = app
+        self._http = httpx.AsyncClient(
+            verify=tls_context(ca_pem, insecure=insecure),
+            timeout=httpx.Timeout(300.0, connect=10.0),
+            headers={
+                "Authorization": f"Bearer {token}",
+                "Accept": "application/json, text/event-stream",
+                "Content-Type": "application/json",
+            },
+        )
+        self._ids = itertools.count(1)
+        self.session_id = ""
+        self.server_info: dict[str, Any] = {}
+
+    async def __aenter__(self) -> MCPClient:
+        try:
+            init = await self.request(
+                "initialize",
+                {
+                    "protocolVersion": PROTOCOL_VERSION,
+                    "capabilities": {},
+                    "clientInfo": {"name": "bastion-cli", "version": __version__},
+                },
+            )
+            self.server_info = init.get("serverInfo") or {}
+            self._http.headers["MCP-Protocol-Version"] = str(init.get("protocolVersion", PROTOCOL_VERSION))
+            await self._post({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        except BaseException:
+            await self._http.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            if self.session_id:
+                await self._http.delete(self.url, timeout=5.0)
+        except httpx.HTTPError:
+            pass  # best effort: the gateway reaps idle sessions anyway
+        finally:
+            await self._http.aclose()
+
+    async def request(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        mid = next(self._ids)
+        msg: dict[str, Any] = {"jsonrpc": "2.0", "id": mid, "method": method}
+        if params is not None:
+            msg["params"] = params
+        answer = await self._post(msg, want_id=mid)
+        assert answer is not None
+        if "error" in answer:
+            err = answer["error"]
+            raise MCPCallError(str(err.get("message", "error")), int(err.get("code", 0)))
+        result = answer.get("result")
+        return result if isinstance(result, dict) else {}
+
+    async def _post(self, msg: dict[str, Any], want_id: int | None = None) -> dict[str, Any] | None:
+        try:
+            async with self._http.stream("POST", self.url, content=orjson.dumps(msg)) as resp:
+                if not self.session_id and resp.headers.get("mcp-session-id"):
+                    self._http.headers["Mcp-Session-Id"] = self.session_id = resp.headers["mcp-session-id"]
+                ctype = resp.headers.get("content-type", "").split(";")[0].strip()
+                if resp.status_code == 202 or want_id is None:
+                    return None
+                if ctype == "text/event-stream" and resp.status_code == 200:
+                    parser = SSEParser()
+                    async for chunk in resp.aiter_bytes():
+                        for ev in parser.feed(chunk):
+                            if not ev.data:
+                                continue
+                            obj = orjson.loads(ev.data)
+                            if isinstance(obj, dict) and obj.get("id") == want_id and "method" not in obj:
+                                return obj
+                    raise UpstreamError(f"{self.app}: the stream ended without an answer")
+                body = await resp.aread()
+        except httpx.HTTPError as e:
+            raise BastionError(f"cannot reach the proxy for {self.app}: {e}") from None
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise BastionError(
+                f"{self.app}: HTTP {resp.status_code}: {body[:200].decode(errors='replace')}"
+            ) from None
+        if resp.status_code >= 400 and not (isinstance(obj, dict) and "error" in obj):
+            raise BastionError(f"{self.app}: HTTP {resp.status_code}")
+        if resp.status_code >= 400:
+            origin = resp.headers.get("x-bastion-error-origin", "gateway")
+            raise BastionError(f"{obj['error'].get('message')} (HTTP {resp.status_code}, fault: {origin})")
+        return obj if isinstance(obj, dict) else None

@@ -1,0 +1,43 @@
+"""MCP 2026-07-28 mirrored headers: ``Mcp-Method`` / ``Mcp-Name`` must agree with the body.
+
+Intermediaries route and filter on headers; a body that says something else
+would let a request be authorised as one thing and executed as another.  So
+when a client sends these headers, they must match what the body says, or the
+request is refused (HTTP 400, JSON-RPC ``-32020``).  Policy itself is always
+decided on the body.  Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+#: Methods whose ``Mcp-Name`` mirrors a parameter, and which parameter.
+NAME_PARAM = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+
+
+def decode_header_value(raw: bytes) -> str:
+    """Header text; ``=?base64?...?=`` carries non-ASCII values (2026-07-28)."""
+    text = raw.decode("latin-1").strip()
+    if text.startswith("=?base64?") and text.endswith("?="):
+        try:
+            return base64.b64decode(text[9:-2], validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return "\x00invalid"  # never equal to a real value
+    return text
+
+
+def mismatch(method_header: bytes | None, name_header: bytes | None, method: str | None, params: Any) -> str:
+    """Why the mirrored headers disagree with the body, or ``""`` when they agree (or are absent)."""
+    if method_header is not None:
+        want = decode_header_value(method_header)
+        if want != (method or ""):
+            return f"Mcp-Method header {want!r} does not match the body's method {method!r}"
+    if name_header is not None:
+        key = NAME_PARAM.get(method or "")
+        value = params.get(key) if key and isinstance(params, dict) else None
+        got = decode_header_value(name_header)
+        if not isinstance(value, str) or got != value:
+            return f"Mcp-Name header {got!r} does not match the body's {key or 'name'} {value!r}"
+    return ""
