@@ -117,9 +117,21 @@ Next, in another shell:
   bastion users add alice --roles=mcp-user
   bastion tokens add --type=app
 
+  # use the built-in demo MCP server through the gateway
+  bastion mcp ls
+  bastion mcp tools bastion-demo
+  bastion mcp call bastion-demo bastion_user_info
+
+  # any streamable-HTTP MCP client, through a local authenticated listener
+  bastion proxy mcp bastion-demo -p 8888
+  npx @modelcontextprotocol/inspector --transport http --cli --method tools/list http://127.0.0.1:8888
+
+  # or directly over HTTPS with a bearer token
   curl -s --cacert <(bastion auth export --type=tls) https://{addr}/v1/webapi/find
 
-The MCP data path (/mcp/apps/<app>, the bastion-demo server) is the next milestone.
+  # who did what: the audit log
+  bastion audit search --since=1h
+
 Press Ctrl-C to stop.  ({bastion})
 """,
         flush=True,
