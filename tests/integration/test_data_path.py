@@ -445,3 +445,61 @@ def test_mirrored_headers_must_match_the_body(gateway: Node) -> None:
         headers["Mcp-Name"] = "bastion_user_info"
         ok = c.post(f"https://{gateway.addr}/mcp/apps/bastion-demo", json=body, headers=headers)
         assert ok.status_code == 200 and "alice" in ok.text
+
+
+async def test_a_dropped_stream_resumes_with_last_event_id(gateway: Node) -> None:
+    """Progress events of a long call: read one, drop the connection, GET the rest with Last-Event-ID."""
+    ctx = ssl.create_default_context(cafile=str(ca_file(gateway)))
+    url = f"https://{gateway.addr}/mcp/apps/everything-stdio"
+    headers = {
+        "Authorization": f"Bearer {token(gateway, 'alice')}",
+        "Accept": "application/json, text/event-stream",
+    }
+    async with httpx.AsyncClient(verify=ctx, timeout=30, headers=headers) as c:
+        init = await c.post(
+            url,
+            json={
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": "2025-11-25",
+                    "capabilities": {},
+                    "clientInfo": {"name": "t", "version": "1"},
+                },
+            },
+        )
+        c.headers["Mcp-Session-Id"] = init.headers["mcp-session-id"]
+        c.headers["MCP-Protocol-Version"] = "2025-11-25"
+        await c.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+        call = {
+            "jsonrpc": "2.0",
+            "id": 7,
+            "method": "tools/call",
+            "params": {
+                "name": "trigger-long-running-operation",
+                "arguments": {"duration": 2, "steps": 4},
+                "_meta": {"progressToken": "tok"},
+            },
+        }
+        last_id = ""
+        async with c.stream("POST", url, json=call) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            async for line in r.aiter_lines():
+                if line.startswith("id:"):
+                    last_id = line[3:].strip()
+                if line.startswith("data:") and "progress" in line:
+                    break  # drop the connection after the first progress event
+        assert last_id
+        seen: list[dict[str, Any]] = []
+        async with c.stream("GET", url, headers={"Last-Event-ID": last_id}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data:") and line[5:].strip():
+                    msg = json.loads(line[5:])
+                    seen.append(msg)
+                    if msg.get("id") == 7:
+                        break
+    assert seen[-1]["id"] == 7 and "result" in seen[-1]
+    progress = [m["params"]["progress"] for m in seen if m.get("method") == "notifications/progress"]
+    assert progress and progress == sorted(progress)  # the rest, in order, nothing replayed twice

@@ -15,8 +15,10 @@ follows it is forwarded, so a crash never leaves an un-audited call.
 Routing for message-stream upstreams: a response goes to the POST waiting for
 its id; server notifications and server-to-client requests go to the most
 recently opened POST stream still waiting (that is where progress and logging
-of a running call belong), else to the GET stream, else into a small bounded
-backlog the next GET drains.
+of a running call belong), else to the session's server-to-client log, which
+the open GET stream (or the next one) delivers.  Every SSE event written for
+such upstreams has an id and is kept, bounded, so a client can resume a
+dropped stream with ``Last-Event-ID`` (``appservice/resume.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import contextlib
 import logging
 import secrets
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ from starlette.types import Message as ASGIMessage
 from starlette.types import Receive, Scope, Send
 
 from bastion.appservice.registry import AppRegistry
+from bastion.appservice.resume import EventLog, EventLogs
 from bastion.appservice.upstreams import Pools, UpstreamIdentity, open_stream, upstream_target
 from bastion.audit.emitter import AuditLog
 from bastion.auth.server import Actor, AuthServer
@@ -87,7 +89,6 @@ class Limits:
     sessions_per_user: int = 64
     idle_timeout: float = 30 * 60.0
     response_timeout: float = 300.0
-    backlog: int = 256
 
 
 @dataclass
@@ -103,8 +104,11 @@ class GatewaySession:
     last_active: float = field(default_factory=time.monotonic)
     pending: dict[Any, asyncio.Queue[bytes | None]] = field(default_factory=dict)
     order: list[Any] = field(default_factory=list)
-    listeners: list[asyncio.Queue[bytes | None]] = field(default_factory=list)
-    backlog: deque[bytes] = field(default_factory=lambda: deque(maxlen=256))
+    logs: EventLogs = field(default_factory=EventLogs)
+    #: The server-to-client stream (what a GET receives), and how far GETs have read it.
+    get_log: EventLog | None = None
+    get_sent: int = 0
+    get_owner: object | None = None
     reader: asyncio.Task[None] | None = None
     dead: str = ""
     policy_key: tuple[int, ...] = ()
@@ -171,7 +175,7 @@ class MCPHandler:
             if method == "POST":
                 await self._post(scope, receive, send, actor, app, headers)
             elif method == "GET":
-                await self._get(send, actor, app, headers)
+                await self._get(send, receive, actor, app, headers)
             elif method == "DELETE":
                 await self._delete(send, actor, headers)
             else:
@@ -290,7 +294,6 @@ class MCPHandler:
         s = GatewaySession(
             id=sid, user=actor.name, app=app, engine=engine, ident=ident, policy_key=actor.policy_key
         )
-        s.backlog = deque(maxlen=self.limits.backlog)
         if app.spec.transport != "http" or self.registry.is_demo(app):
             s.stream = await open_stream(
                 app,
@@ -345,10 +348,9 @@ class MCPHandler:
             if q is not None:
                 q.put_nowait(raw)
                 return
-        if s.listeners:
-            s.listeners[-1].put_nowait(raw)
-        else:
-            s.backlog.append(raw)
+        if s.get_log is None:
+            s.get_log = s.logs.new("g")
+        s.get_log.append(raw)  # delivered by the current or the next GET (bounded log)
 
     async def _post_stream(self, s: GatewaySession, send: Send, body: bytes, *, new: bool) -> None:
         try:
@@ -423,19 +425,26 @@ class MCPHandler:
         if _is_response(first):
             await _send_json(send, 200, first, extra)
             return
-        await _start_sse(send, extra)
-        await _sse_write(send, first)
-        while True:
-            try:
-                item = await asyncio.wait_for(waiter.get(), deadline)
-            except TimeoutError:
-                item = None
-            if item is None:
-                break
-            await _sse_write(send, item)
-            if _is_response(item):
-                break
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        # Every event is logged first, so a client that lost the connection can
+        # resume this stream with Last-Event-ID; writes to a gone client are dropped.
+        log = s.logs.new("p")
+        try:
+            await _start_sse(send, extra)
+            await self._prime(s, send, log)
+            await _sse_write(send, first, log.event_id(log.append(first)))
+            while True:
+                try:
+                    item = await asyncio.wait_for(waiter.get(), deadline)
+                except TimeoutError:
+                    item = None
+                if item is None:
+                    break
+                await _sse_write(send, item, log.event_id(log.append(item)))
+                if _is_response(item):
+                    break
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            log.finish()
 
     async def _fail_request(self, s: GatewaySession, request_id: Any, message: str) -> bytes:
         """Answer a forwarded request with an upstream error *through the engine*.
@@ -474,8 +483,10 @@ class MCPHandler:
         log.warning(
             "upstream ended", extra={"session_id": s.id, "app": s.app.metadata.name, "reason": s.dead}
         )
-        for q in list(s.pending.values()) + s.listeners:
+        for q in list(s.pending.values()):
             q.put_nowait(None)
+        if s.get_log is not None:
+            s.get_log.finish()
         await self._run(s, s.engine.ended(error=s.dead))
         self.sessions.pop(s.id, None)
         if s.stream is not None:
@@ -487,8 +498,10 @@ class MCPHandler:
             s.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await s.reader
-        for q in list(s.pending.values()) + s.listeners:
+        for q in list(s.pending.values()):
             q.put_nowait(None)
+        if s.get_log is not None:
+            s.get_log.finish()
         if not s.dead:
             s.dead = reason or "ended"
             await self._run(
@@ -691,7 +704,50 @@ class MCPHandler:
 
     # ------------------------------------------------------------------- GET
 
-    async def _get(self, send: Send, actor: Actor, app: App, headers: dict[bytes, bytes]) -> None:
+    async def _prime(self, s: GatewaySession, send: Send, log: EventLog) -> None:
+        """2025-11-25: an event with an id and no data first, so even an empty stream can resume."""
+        if s.engine.protocol_version >= "2025-11-25":
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": encode_event(b"", id=log.event_id(log.last)),
+                    "more_body": True,
+                }
+            )
+
+    async def _follow(
+        self,
+        s: GatewaySession,
+        send: Send,
+        receive: Receive,
+        log: EventLog,
+        pos: int,
+        *,
+        owner: object | None,
+    ) -> None:
+        """Write ``log``'s events after ``pos`` as they come, until it is done, the client
+        goes away, or (for the GET stream) a newer GET takes over."""
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            while True:
+                changed = log.changed()
+                for n, raw in log.after(pos):
+                    await _sse_write(send, raw, log.event_id(n))
+                    pos = n
+                    if owner is not None:
+                        s.get_sent = max(s.get_sent, n)
+                if log.done or (owner is not None and s.get_owner is not owner):
+                    break
+                await asyncio.wait({changed, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if gone.done():
+                    return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            gone.cancel()
+
+    async def _get(
+        self, send: Send, receive: Receive, actor: Actor, app: App, headers: dict[bytes, bytes]
+    ) -> None:
         sid = headers.get(b"mcp-session-id", b"").decode("latin-1")
         if not sid:
             await _jsonrpc_error(send, 400, None, -32600, "missing Mcp-Session-Id header", "client")
@@ -717,21 +773,23 @@ class MCPHandler:
             finally:
                 await resp.aclose()
             return
-        q: asyncio.Queue[bytes | None] = asyncio.Queue()
-        s.listeners.append(q)
-        try:
+        last = headers.get(b"last-event-id", b"").decode("latin-1")
+        found = s.logs.find(last) if last else None
+        if s.get_log is None:
+            s.get_log = s.logs.new("g")
+        if found is not None and found[0] is not s.get_log:
+            # Resuming a POST stream: the rest of that stream only, up to its response.
+            log, pos = found
             await _start_sse(send, [])
-            while s.backlog:
-                await _sse_write(send, s.backlog.popleft())
-            while True:
-                item = await q.get()
-                if item is None:
-                    break
-                await _sse_write(send, item)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            with contextlib.suppress(ValueError):
-                s.listeners.remove(q)
+            await self._follow(s, send, receive, log, pos, owner=None)
+            return
+        log = s.get_log
+        pos = found[1] if found is not None else s.get_sent
+        owner = object()
+        s.get_owner = owner  # one GET stream at a time: a new one takes over
+        await _start_sse(send, [])
+        await self._prime(s, send, log)
+        await self._follow(s, send, receive, log, pos, owner=owner)
 
     # ---------------------------------------------------------------- DELETE
 
@@ -846,5 +904,17 @@ async def _start_sse(send: Send, extra: list[tuple[bytes, bytes]]) -> None:
     )
 
 
-async def _sse_write(send: Send, raw: bytes) -> None:
-    await send({"type": "http.response.body", "body": encode_event(raw, event="message"), "more_body": True})
+async def _sse_write(send: Send, raw: bytes, event_id: str | None = None) -> None:
+    await send(
+        {
+            "type": "http.response.body",
+            "body": encode_event(raw, id=event_id, event="message"),
+            "more_body": True,
+        }
+    )
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone (the request body was read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -30,6 +30,8 @@ app.add_typer(auth.auth_app, name="auth")
 app.add_typer(audit.audit_app, name="audit")
 app.add_typer(proxy.proxy_app, name="proxy")
 app.add_typer(mcp.mcp_app, name="mcp")
+from bastion.cli import mcp_config  # noqa: E402, F401  (registers `bastion mcp config`)
+from bastion.cli import mcp_connect  # noqa: E402, F401  (registers `bastion mcp connect`)
 
 
 @app.command("version")
