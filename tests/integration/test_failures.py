@@ -27,6 +27,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         apps = f"""\
 app_service:
   response_timeout: 2s
+  idle_timeout: 3s
   max_body: 65536
   apps:
   - name: crashy-http
@@ -204,3 +205,23 @@ async def test_many_sessions_at_once_stay_separate(gw: Node) -> None:
         assert len({c.sid for c in clients}) == 8
     finally:
         await asyncio.gather(*(c.aclose() for c in clients))
+
+
+async def test_idle_sessions_are_reaped_with_an_end_event(gw: Node) -> None:
+    import time
+
+    c = Client(gw, "crashy-stdio")
+    try:
+        await c.start()
+        assert (await c.call("echo")).status_code == 200
+        deadline = time.monotonic() + 30
+        ended: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and not ended:
+            out = gw.cli("audit", "search", "--format=json", "--type=mcp.session.end", f"--session={c.sid}",
+                         local=True).stdout
+            ended = json.loads(out)
+        assert ended, "no end event for the idle session"
+        assert "idle" in ended[0].get("error", "")
+        assert (await c.call("echo")).status_code == 404  # gone: the client must re-initialize
+    finally:
+        await c.aclose()

@@ -511,6 +511,16 @@ class MCPHandler:
         if s.stream is not None:
             with contextlib.suppress(Exception):
                 await s.stream.aclose()
+        elif s.upstream_session_id and reason not in ("client ended the session", "upstream session expired"):
+            # Reaped or shut down: end the upstream's session too (best effort).
+            with contextlib.suppress(Exception):
+                resp = await asyncio.wait_for(
+                    self.pools.for_app(s.app).request(
+                        "DELETE", upstream_target(s.app, "/"), self._upstream_headers(s, {}, accept=_JSON)
+                    ),
+                    5.0,
+                )
+                await resp.aclose()
 
     # ------------------------------------------------------- streamable HTTP
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+import bastion.cli.mcp_connect  # noqa: F401  (registers `bastion mcp connect`)
 from bastion import __version__
 from bastion.cli import admin, audit, auth, login, mcp, proxy, start
 
@@ -31,7 +32,6 @@ app.add_typer(audit.audit_app, name="audit")
 app.add_typer(proxy.proxy_app, name="proxy")
 app.add_typer(mcp.mcp_app, name="mcp")
 from bastion.cli import mcp_config  # noqa: E402, F401  (registers `bastion mcp config`)
-from bastion.cli import mcp_connect  # noqa: E402, F401  (registers `bastion mcp connect`)
 
 
 @app.command("version")
