@@ -263,7 +263,7 @@ def test_jwks_is_published(gateway: Node) -> None:
     assert keys and keys[0]["kty"] == "EC" and "d" not in keys[0]
 
 
-@pytest.mark.parametrize("app", ["everything-http", "everything-stdio"])
+@pytest.mark.parametrize("app", ["everything-http", "everything-sse", "everything-stdio"])
 def test_inspector_cli_through_the_gateway(gateway: Node, app: str) -> None:
     url = f"https://{gateway.addr}/mcp/apps/{app}"
     env = node_env({"NODE_EXTRA_CA_CERTS": str(ca_file(gateway))})
@@ -503,3 +503,75 @@ async def test_a_dropped_stream_resumes_with_last_event_id(gateway: Node) -> Non
     assert seen[-1]["id"] == 7 and "result" in seen[-1]
     progress = [m["params"]["progress"] for m in seen if m.get("method") == "notifications/progress"]
     assert progress and progress == sorted(progress)  # the rest, in order, nothing replayed twice
+
+
+@pytest.mark.parametrize("app", ["everything-http", "everything-sse", "everything-stdio"])
+def test_inspector_through_bastion_proxy_mcp(gateway: Node, app: str, tmp_path: Path) -> None:
+    """The guide's own check, as written: the Inspector CLI against `bastion proxy mcp` at `/`."""
+    from tests.peers import inspector_cmd
+
+    ident = _identity(gateway, "eve")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("BASTION_")},
+        "BASTION_HOME": str(tmp_path / "home"),
+    }
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bastion.cli.main",
+            "proxy",
+            "mcp",
+            app,
+            "-p",
+            "0",
+            "-i",
+            str(ident),
+            "--proxy",
+            gateway.addr,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    ) as proxy:
+        try:
+            assert proxy.stdout is not None
+            line = proxy.stdout.readline()
+            m = re.search(r"Proxying connections to \S+ on (127\.0\.0\.1:\d+)", line)
+            assert m, line
+            base = [*inspector_cmd(), "--transport", "http", "--cli"]
+            listed = subprocess.run(
+                [*base, "--method", "tools/list", f"http://{m.group(1)}"],
+                capture_output=True,
+                text=True,
+                env=node_env(),
+                timeout=120,
+            )
+            assert listed.returncode == 0, listed.stderr
+            assert [t["name"] for t in json.loads(listed.stdout)["tools"]] == ["echo"]
+            called = subprocess.run(
+                [
+                    *base,
+                    f"http://{m.group(1)}/mcp",
+                    "--method",
+                    "tools/call",
+                    "--tool-name",
+                    "echo",
+                    "--tool-arg",
+                    "message=via-proxy",
+                ],
+                capture_output=True,
+                text=True,
+                env=node_env(),
+                timeout=120,
+            )
+            assert called.returncode == 0, called.stderr
+            assert "Echo: via-proxy" in called.stdout
+        finally:
+            proxy.terminate()
+            try:
+                proxy.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proxy.kill()
+                raise

@@ -217,8 +217,9 @@ async def test_idle_sessions_are_reaped_with_an_end_event(gw: Node) -> None:
         deadline = time.monotonic() + 30
         ended: list[dict[str, Any]] = []
         while time.monotonic() < deadline and not ended:
-            out = gw.cli("audit", "search", "--format=json", "--type=mcp.session.end", f"--session={c.sid}",
-                         local=True).stdout
+            out = gw.cli(
+                "audit", "search", "--format=json", "--type=mcp.session.end", f"--session={c.sid}", local=True
+            ).stdout
             ended = json.loads(out)
         assert ended, "no end event for the idle session"
         assert "idle" in ended[0].get("error", "")
