@@ -373,6 +373,18 @@ async def test_stdout_carries_only_jsonrpc(gateway: Node, tmp_path: Path) -> Non
     assert "INFO" in log and "DEBUG" in log and "closed stdin" in log
 
 
+async def test_sigterm_ends_the_session_and_exits_0(gateway: Node, tmp_path: Path) -> None:
+    ident = sign(gateway, tmp_path / "alice.id")
+    args = connect_args(gateway, "everything-stdio", ident)
+    async with bridge(args, bridge_env(tmp_path / "home"), tmp_path / "bridge.log") as b:
+        await b.handshake()
+        assert echo_text(await b.echo("x")) == "Echo: x"
+        b.proc.terminate()
+        async with asyncio.timeout(30):
+            assert await b.proc.wait() == 0
+    assert "stopping on a signal" in b.log()
+
+
 def test_malformed_header_is_refused(gateway: Node, tmp_path: Path) -> None:
     ident = sign(gateway, tmp_path / "alice.id")
     res = gateway.cli(

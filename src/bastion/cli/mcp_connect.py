@@ -38,6 +38,7 @@ def connect(
     from bastion import log as logs
     from bastion.client.bridge import Credentials, parse_header, reserve_stdout, run_stdio
     from bastion.client.local_proxy import CredentialSource
+    from bastion.errors import BastionError
 
     headers: list[tuple[str, str]] = []
     for text in header or []:
@@ -50,6 +51,8 @@ def connect(
 
     async def go() -> int:
         creds = Credentials(CredentialSource(identity=identity, proxy=proxy))
+        if not creds.proxy:
+            raise BastionError("pass --proxy HOST:PORT with an identity file that names no proxy")
         return await run_stdio(name, creds, headers=headers, insecure=insecure, out_fd=out_fd)
 
     rc = run(go())

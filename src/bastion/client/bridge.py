@@ -11,7 +11,10 @@ tool call does not hold up a ``ping``); notifications and responses are sent in
 order before the next line is read, so ``notifications/initialized`` always
 reaches the server before the requests that follow it.  Once the session is
 initialised a GET stream carries the server's own messages (reopened with
-backoff when it drops; a 405 means the server has none).
+backoff when it drops; a 405 means the server has none).  An answer stream that
+ends or breaks before the answer, after events with ids, is resumed with a GET
+carrying ``Last-Event-ID``, as the spec asks; a request whose answer is lost
+midway is never sent twice (it may have run): it is answered with an error.
 
 Staying up when the world changes
 ---------------------------------
@@ -19,7 +22,9 @@ The bridge caches the client's ``initialize`` request, its ``initialized``
 notification and the ``serverInfo`` of the result.  When a message finds the
 session gone -- the proxy was unreachable, answered 404 (session ended: the
 gateway restarted, or the session idled out) -- it opens a new session by
-replaying ``initialize`` (+ ``initialized``), and sends the message again, once.
+replaying ``initialize`` (+ ``initialized``), and sends the message again, once
+(only when no answer had started: the connection failed before any response, or the
+gateway answered 404).
 If the replayed ``serverInfo`` (name and version) differs, the server behind the
 app is not the one the client negotiated with: the bridge refuses to go on and
 answers every request with :data:`SERVER_CHANGED` until the client starts over.
@@ -130,6 +135,8 @@ LISTEN_MIN_DELAY: Final = 0.5
 LISTEN_MAX_DELAY: Final = 30.0
 #: Resuming a POST's SSE stream with Last-Event-ID: attempts without progress.
 RESUME_ATTEMPTS: Final = 3
+#: The shortest reconnection delay honoured from an SSE ``retry`` field (no busy loops).
+MIN_RETRY: Final = 0.1
 
 # Headers the bridge sets itself: ``-H`` may not replace them.
 _RESERVED_HEADERS: Final = frozenset(
@@ -513,6 +520,14 @@ class _CredentialRenewed(Exception):
     """401, but a new login replaced the credential meanwhile: send again once."""
 
 
+@dataclass
+class _StreamPos:
+    """Where an SSE answer stream got to: its last event id, and the server's ``retry`` (seconds)."""
+
+    last_id: str = ""
+    retry: float | None = None
+
+
 @dataclass(eq=False)
 class _Session:
     id: str
@@ -584,8 +599,13 @@ class Bridge:
         try:
             await self._forward(msg)
         except _Failure as f:
-            log.warning("request %s (%s) failed: %s", msg.id, msg.method, f.message)
+            # A missing method is routine (the SDKs probe for server/discover first).
+            level = logging.DEBUG if f.code == jsonrpc.METHOD_NOT_FOUND else logging.WARNING
+            log.log(level, "request %s (%s) failed: %s", msg.id, msg.method, f.message)
             await self._emit(jsonrpc.error_response(msg.id, f.code, f.message))
+        except Exception as e:  # a bug must not leave the client waiting forever
+            log.exception("internal error while carrying request %s (%s)", msg.id, msg.method)
+            await self._emit(jsonrpc.error_response(msg.id, jsonrpc.INTERNAL_ERROR, _internal(e)))
 
     async def _deliver(self, msg: jsonrpc.Message) -> None:
         what = f"notification {msg.method}" if msg.method else f"response to server request {msg.id}"
@@ -596,6 +616,8 @@ class Bridge:
             log.warning("%s from the MCP client was not delivered: %s", what, f.message)
         except TimeoutError:
             log.warning("%s from the MCP client was not delivered: no answer in %gs", what, NOTIFY_TIMEOUT)
+        except Exception:
+            log.exception("internal error: %s from the MCP client was not delivered", what)
         else:
             if msg.method == "notifications/initialized" and self.session is not None:
                 self._start_listener(self.session)
@@ -638,6 +660,11 @@ class Bridge:
                 log.error("cannot open a session with %s: %s", self.app, f.message)
                 await self._emit(jsonrpc.error_response(msg.id, f.code, f.message))
                 return
+            except Exception as e:
+                self.cache.reset()
+                log.exception("internal error while opening a session with %s", self.app)
+                await self._emit(jsonrpc.error_response(msg.id, jsonrpc.INTERNAL_ERROR, _internal(e)))
+                return
             raw, obj = answer
             result = obj.get("result")
             if isinstance(result, dict):
@@ -672,7 +699,7 @@ class Bridge:
     async def _replay(self, old: _Session) -> _Session:
         init = self.cache.request
         assert init is not None  # a session exists only after the client's initialize
-        log.info("reconnecting to %s (%s): replaying initialize", self.app, old.gone)
+        log.info("reconnecting: %s; replaying initialize", old.gone)
         (_, obj), sid = await self._open(init, relay=False)
         result = obj.get("result")
         if not isinstance(result, dict):
@@ -781,7 +808,6 @@ class Bridge:
                 if sess is None or not sess.id or reconnected or self.cache.request is None:
                     raise _Failure(e.code, e.message) from None
                 reconnected = True
-                log.info("session with %s lost: %s", self.app, e.message)
                 self._lose(sess, e.message)
             except _CredentialRenewed:
                 if renewed:
@@ -807,17 +833,21 @@ class Bridge:
         async with _Closing(resp):
             status = resp.status
             if status == 202:
-                return
+                if rid is None:
+                    return
+                raise _Failure(
+                    jsonrpc.INTERNAL_ERROR, "the bastion proxy accepted the request but sent no answer (202)"
+                )
             if status == 404 and sess is not None and sess.id:
                 text = _error_text(await self._read_error(resp))
                 raise _SessionLost(
-                    jsonrpc.INTERNAL_ERROR,
-                    f"the session with {self.app} ended and could not be reopened: {text}",
+                    jsonrpc.INTERNAL_ERROR, f"the gateway ended the session with {self.app} ({text})"
                 )
             if status == 401:
                 raise await self._auth_failure(resp, token)
             if status != 200:
                 raise _Failure(*await self._http_error(resp))
+            pos = _StreamPos()
             try:
                 if resp.content_type == _JSON:
                     data = await resp.read()
@@ -831,64 +861,66 @@ class Bridge:
                         jsonrpc.INTERNAL_ERROR,
                         f"the bastion proxy answered with {resp.content_type or 'no content type'}",
                     )
-                got, last_id, retry = await self._relay_events(resp, rid)
+                if await self._relay_events(resp, rid, pos) or rid is None:
+                    return
+                unresumed = _Failure(
+                    jsonrpc.INTERNAL_ERROR,
+                    f"the answer stream from {self.app} ended before the answer arrived",
+                )
             except (UpstreamError, EventTooLargeError) as e:
-                raise _Failure(
+                unresumed = _Failure(
                     PROXY_UNREACHABLE,
                     f"lost the answer from {self.app} midway ({e.message}); the request may or may not "
                     "have been carried out",
-                ) from None
-        if got or rid is None:
-            return
-        await self._resume(rid, sess, last_id, retry)
+                )
+                if rid is None or not pos.last_id or isinstance(e, EventTooLargeError):
+                    raise unresumed from None
+                log.info("the answer to request %s broke off (%s); resuming it", rid, e.message)
+        await self._resume(rid, sess, pos, unresumed)
 
-    async def _relay_events(self, resp: Response, rid: jsonrpc.RequestId) -> tuple[bool, str, float | None]:
-        """Pass a POST's SSE events on as they arrive: (answer seen, last event id, retry seconds)."""
+    async def _relay_events(self, resp: Response, rid: jsonrpc.RequestId, pos: _StreamPos) -> bool:
+        """Pass a POST's SSE events on as they arrive; True once the answer to ``rid`` passed.
+
+        ``pos`` follows the last event id and ``retry``, for resuming the stream.
+        """
         parser = SSEParser()
-        last_id, retry = "", None
         async for chunk in resp.iter_chunks():
             for ev in parser.feed(chunk):
                 if ev.id is not None:
-                    last_id = ev.id
+                    pos.last_id = ev.id
                 if ev.retry is not None:
-                    retry = ev.retry / 1000
+                    pos.retry = max(ev.retry / 1000, MIN_RETRY)
                 if ev.data and await self._emit_message(ev.data, rid):
-                    return True, last_id, retry
-        return False, last_id, retry
+                    return True
+        return False
 
     async def _resume(
-        self, rid: jsonrpc.RequestId, sess: _Session | None, last_id: str, retry: float | None
+        self, rid: jsonrpc.RequestId, sess: _Session | None, pos: _StreamPos, unresumed: _Failure
     ) -> None:
-        """The stream ended before the answer: resume it with ``Last-Event-ID`` if the server allows."""
+        """The stream ended or broke before the answer: resume it with ``Last-Event-ID`` (spec:
+        always with GET), honouring the server's ``retry``; raise ``unresumed`` if that fails."""
         attempts = 0
-        while last_id and attempts < RESUME_ATTEMPTS:
+        while pos.last_id and attempts < RESUME_ATTEMPTS:
             attempts += 1
-            await asyncio.sleep(retry if retry is not None else 1.0)  # the server's retry, honoured
+            await asyncio.sleep(pos.retry if pos.retry is not None else 1.0)
             token = self._token()
+            before = pos.last_id
             try:
                 resp = await self._pool().request(
                     "GET",
                     self.target,
-                    self._headers(token, sess, accept=b"text/event-stream", last_id=last_id),
+                    self._headers(token, sess, accept=b"text/event-stream", last_id=pos.last_id),
                 )
                 async with _Closing(resp):
                     if resp.status != 200 or resp.content_type != _SSE:
-                        break
-                    before = last_id
-                    got, new_id, new_retry = await self._relay_events(resp, rid)
+                        break  # the server cannot resume it (or the session is gone)
+                    if await self._relay_events(resp, rid, pos):
+                        return
             except (UpstreamError, EventTooLargeError) as e:
                 log.debug("resuming the answer to %s failed: %s", rid, e.message)
-                continue
-            if got:
-                return
-            last_id, retry = new_id or last_id, new_retry if new_retry is not None else retry
-            if last_id != before:
-                attempts = 0
-        raise _Failure(
-            jsonrpc.INTERNAL_ERROR,
-            f"the answer stream from {self.app} ended before the answer arrived "
-            "(the MCP server may have stopped)",
-        )
+            if pos.last_id != before:
+                attempts = 0  # progress: keep following
+        raise unresumed
 
     # ---------------------------------------------------------------- errors
 
@@ -928,10 +960,9 @@ class Bridge:
 
     def _start_listener(self, sess: _Session) -> None:
         if sess.listener is None and not sess.gone and not self._closing:
-            sess.listener = asyncio.create_task(
-                self._listen(sess), name=f"mcp-connect-listen-{sess.generation}"
+            sess.listener = self._spawn(
+                self._background, self._listen(sess), f"mcp-connect-listen-{sess.generation}"
             )
-            sess.listener.add_done_callback(_log_failure)
 
     async def _listen(self, sess: _Session) -> None:
         """The server→client stream of a session: relayed as it comes, reopened with backoff."""
@@ -952,7 +983,7 @@ class Bridge:
                         log.info("%s offers no server-to-client stream (405); not listening", self.app)
                         return
                     if resp.status == 404 and sess.id:
-                        self._lose(sess, "the gateway no longer knows the session")
+                        self._lose(sess, f"the gateway ended the session with {self.app}")
                         return
                     if resp.status != 200 or resp.content_type != _SSE:
                         _, text = await self._http_error(resp)
@@ -966,7 +997,7 @@ class Bridge:
                                 if ev.id is not None:
                                     last_id = ev.id
                                 if ev.retry is not None:
-                                    wait = ev.retry / 1000  # the server's reconnection delay
+                                    wait = max(ev.retry / 1000, MIN_RETRY)  # the server's reconnection delay
                                 if ev.data:
                                     await self._emit_message(ev.data)
                         log.debug("server-to-client stream ended")
@@ -1012,27 +1043,39 @@ class Bridge:
         except (TimeoutError, BastionError) as e:
             log.debug("could not end session: %s", e)
 
-    def _spawn(self, owner: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(
+        self, owner: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None], name: str
+    ) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
         owner.add(task)
         task.add_done_callback(owner.discard)
         task.add_done_callback(_log_failure)
+        return task
+
+    async def wait_idle(self) -> None:
+        """Return once no request is in flight (bound it with ``asyncio.timeout``)."""
+        while self._requests:
+            await asyncio.wait(set(self._requests))
 
     async def aclose(self, *, grace: float = 0.0) -> None:
         """Stop: let requests in flight finish for ``grace`` seconds, then end the session."""
-        if grace > 0 and self._requests:
-            await asyncio.wait(set(self._requests), timeout=grace)
+        if grace > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self.wait_idle()
         self._closing = True
         sess = self.session
-        tasks = {*self._requests, *self._background}
-        if sess is not None and sess.listener is not None:
-            tasks.add(sess.listener)
+        tasks = {*self._requests, *self._background}  # the GET stream is in _background
         for t in tasks:
             t.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         if sess is not None and not sess.gone:
             await self._delete(sess)
+
+
+def _internal(e: Exception) -> str:
+    return f"internal error in `bastion mcp connect` ({type(e).__name__}: {e}); its log (stderr) has details"
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
