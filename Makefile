@@ -65,3 +65,29 @@ typecheck: $(TSTAMP)
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) $(NODE_DIR)/node_modules .pytest_cache .mypy_cache .ruff_cache demo-data
+
+# Benchmarks (not part of `make test`): wrk from Debian, the npm peers (tests/node: supergateway,
+# Node 22), mcp-proxy from npm (bench/node, pinned by its package-lock.json) and from PyPI
+# (.venv-peers).  See docs/benchmarks.md.
+BENCH_NODE_DIR   := bench/node
+BENCH_NODE_STAMP := $(BENCH_NODE_DIR)/node_modules/.installed
+
+.PHONY: bench bench-deps
+
+$(BENCH_NODE_STAMP): $(BENCH_NODE_DIR)/package.json $(wildcard $(BENCH_NODE_DIR)/package-lock.json)
+	@if ! command -v npm >/dev/null; then \
+		echo "bench-deps: npm not found: skipping the npm mcp-proxy peer (bench/run.py skips it too)"; \
+	elif (cd $(BENCH_NODE_DIR) && if [ -f package-lock.json ]; then npm ci $(NPM_FLAGS); else npm install $(NPM_FLAGS); fi); then \
+		touch $@; \
+	else \
+		echo "bench-deps: npm could not install mcp-proxy in $(BENCH_NODE_DIR): skipping that peer"; \
+	fi
+
+## bench-deps: what `make bench` needs: wrk (apt-get, only if missing), npm and PyPI peers
+bench-deps: $(STAMP) $(NODE_STAMP) $(PEERS_STAMP) $(BENCH_NODE_STAMP)
+	@command -v wrk >/dev/null || { apt-get update && apt-get install -y wrk; } || \
+		{ echo "bench-deps: could not install wrk (needs root: apt-get install -y wrk)" >&2; exit 1; }
+
+## bench: gateway vs direct vs peers on this machine (~10 min; BENCH_ARGS=--quick for ~2 min)
+bench: bench-deps
+	$(BIN)/python bench/run.py $(BENCH_ARGS)

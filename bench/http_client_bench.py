@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -41,7 +42,7 @@ HEADERS = [
 
 
 def serve() -> None:
-    """Child process: echo server on 127.0.0.1:0, prints its port, runs until stdin closes."""
+    """Child process: echo server on 127.0.0.1:0; prints its port, serves until terminated."""
     import httptools
 
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
@@ -73,10 +74,7 @@ def serve() -> None:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(Echo, "127.0.0.1", 0, backlog=1024)
         print(server.sockets[0].getsockname()[1], flush=True)
-        stop = loop.create_future()
-        loop.add_reader(sys.stdin.fileno(), lambda: stop.done() or stop.set_result(None))
-        await stop
-        server.close()
+        await server.serve_forever()  # until the parent terminates us
 
     _run(main(), "uvloop")
 
@@ -98,9 +96,25 @@ async def bastion_client(url: str, concurrency: int) -> tuple[Send, Callable[[],
     return send, pool.aclose
 
 
-async def httpx_client(url: str, concurrency: int) -> tuple[Send, Callable[[], Awaitable[None]]]:
+# Without sniffio (anyio 4.16 stopped depending on it) httpcore retries the failing
+# ``import sniffio`` on every request, a sys.path search costing milliseconds.  httpx is
+# measured as installed, and (if sniffio is missing) again with a stand-in module in
+# sys.modules — nothing installed — to show httpx as it performs where sniffio is present.
+_SNIFFIO_MISSING = importlib.util.find_spec("sniffio") is None
+_SNIFFIO_STUB = types.ModuleType("sniffio")
+_SNIFFIO_STUB.current_async_library = lambda: "asyncio"  # type: ignore[attr-defined]
+
+
+async def _httpx(
+    url: str, concurrency: int, sniffio_stub: bool
+) -> tuple[Send, Callable[[], Awaitable[None]]]:
     import httpx
 
+    if _SNIFFIO_MISSING:
+        if sniffio_stub:
+            sys.modules["sniffio"] = _SNIFFIO_STUB
+        else:
+            sys.modules.pop("sniffio", None)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     client = httpx.AsyncClient(base_url=url, limits=limits)
     headers = [(k.decode(), v.decode()) for k, v in HEADERS]
@@ -110,6 +124,14 @@ async def httpx_client(url: str, concurrency: int) -> tuple[Send, Callable[[], A
         return resp.content
 
     return send, client.aclose
+
+
+async def httpx_client(url: str, concurrency: int) -> tuple[Send, Callable[[], Awaitable[None]]]:
+    return await _httpx(url, concurrency, sniffio_stub=False)
+
+
+async def httpx_stub_client(url: str, concurrency: int) -> tuple[Send, Callable[[], Awaitable[None]]]:
+    return await _httpx(url, concurrency, sniffio_stub=True)
 
 
 async def aiohttp_client(url: str, concurrency: int) -> tuple[Send, Callable[[], Awaitable[None]]]:
@@ -131,6 +153,8 @@ CLIENTS: dict[str, Callable[[str, int], Awaitable[tuple[Send, Callable[[], Await
     "bastion HTTPUpstreamPool": bastion_client,
     "httpx.AsyncClient": httpx_client,
 }
+if _SNIFFIO_MISSING:
+    CLIENTS["httpx + sniffio stand-in"] = httpx_stub_client
 if importlib.util.find_spec("aiohttp") is not None:
     CLIENTS["aiohttp.ClientSession"] = aiohttp_client
 
@@ -190,9 +214,7 @@ def main() -> None:
     for name in [n for n in CLIENTS if args.only.lower() not in n.lower()]:
         del CLIENTS[name]
     pinned = hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1
-    child = subprocess.Popen(
-        [sys.executable, __file__, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+    child = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None
         port = int(child.stdout.readline())
@@ -204,8 +226,7 @@ def main() -> None:
             for name, make in CLIENTS.items():  # interleaved: drift on a shared host hits all
                 results[name].append(_run(measure(make, url, args.requests, args.concurrency), args.loop))
     finally:
-        assert child.stdin is not None
-        child.stdin.close()
+        child.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=10)
         if child.poll() is None:
