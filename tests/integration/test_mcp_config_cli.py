@@ -156,7 +156,7 @@ def test_labels_select(user: User) -> None:
         (("notes", "--labels", "env=dev"), 2, "choose one selector"),
         (("--labels", "env=nowhere"), 1, "no MCP servers found with labels env=nowhere"),
         (("nosuch",), 1, 'no MCP servers found named "nosuch"'),
-        (("notes", "-H", "no colon"), 2, 'malformed header "no colon"'),
+        (("notes", "-H", "no colon"), 2, "malformed header 'no colon'"),
         (("notes", "--client-config=claud"), 2, 'unknown MCP client "claud"'),
         (("notes", "--json-format=yaml"), 2, 'unknown JSON format "yaml"'),
     ],

@@ -278,34 +278,16 @@ def bastion_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return {"BASTION_HOME": os.path.abspath(os.path.expanduser(home))} if home else {}
 
 
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-# Headers `bastion mcp connect` sets itself and refuses from -H (same list as the bridge's):
-# an entry carrying one would be written fine and then fail every time the client starts it.
-_RESERVED_HEADERS = frozenset(
-    {
-        "authorization",
-        "accept",
-        "content-type",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "host",
-        "mcp-session-id",
-        "mcp-protocol-version",
-        "last-event-id",
-    }
-)
-
-
 def parse_header(text: str) -> str:
-    """Validate one ``-H "Name: value"`` as ``bastion mcp connect`` will; return ``Name: value``."""
-    name, sep, value = text.partition(":")
-    name, value = name.strip(), value.strip()
-    printable = value.isascii() and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
-    if not sep or not _HEADER_NAME.match(name) or not printable:
-        raise ValidationError(f'malformed header "{text}": expected "Name: value" in printable ASCII')
-    if name.lower() in _RESERVED_HEADERS:
-        raise ValidationError(f'header "{name}" is set by `bastion mcp connect` itself and cannot be given')
+    """Validate one ``-H "Name: value"`` exactly as ``bastion mcp connect`` will (one rule, in
+    ``client.bridge``): an entry whose header the bridge refuses would fail every time the
+    client starts it.  Returns ``Name: value``."""
+    from bastion.client.bridge import parse_header as bridge_parse_header
+
+    try:
+        name, value = bridge_parse_header(text)
+    except ValueError as e:
+        raise ValidationError(str(e)) from None
     return f"{name}: {value}"
 
 
