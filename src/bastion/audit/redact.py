@@ -66,6 +66,31 @@ DEFAULT_SECRET_KEYS: Final[tuple[str, ...]] = (
     "jwt",
 )
 
+#: Keys that contain a secret word but name a count or a setting, never a secret
+#: (normalised).  Listed exactly: a looser rule ("ends with tokens") would let
+#: ``api_tokens`` through.
+NOT_SECRET: Final = frozenset(
+    {
+        "maxtokens",
+        "maxcompletiontokens",
+        "maxoutputtokens",
+        "maxinputtokens",
+        "maxnewtokens",
+        "numtokens",
+        "tokencount",
+        "totaltokens",
+        "prompttokens",
+        "completiontokens",
+        "inputtokens",
+        "outputtokens",
+        "tokenizer",
+        "passthrough",
+        "passes",
+        "compass",
+        "bypass",
+    }
+)
+
 #: Normalised names at least this long match as substrings of a key.
 SUBSTRING_MIN: Final = 5
 #: Containers nested deeper than this are redacted whole.
@@ -113,7 +138,7 @@ class Redactor:
         if hit is not None:
             return hit
         norm = _normalise(key)
-        secret = norm in self._exact or any(s in norm for s in self._substrings)
+        secret = norm not in NOT_SECRET and (norm in self._exact or any(s in norm for s in self._substrings))
         if len(self._cache) < _CACHE_MAX:
             self._cache[key] = secret
         return secret

@@ -290,3 +290,16 @@ def test_redact_headers_returns_a_new_dict() -> None:
     out = redact_headers(headers)
     assert out == headers
     assert out is not headers
+
+
+@pytest.mark.parametrize(
+    "key", ["max_tokens", "maxTokens", "max_completion_tokens", "tokenizer", "prompt_tokens"]
+)
+def test_token_counts_are_not_secrets(key: str) -> None:
+    assert Redactor().is_secret(key) is False
+    assert Redactor()({key: 512}) == {key: 512}
+
+
+@pytest.mark.parametrize("key", ["api_tokens", "access_token", "refreshToken", "token", "github_token"])
+def test_tokens_still_are(key: str) -> None:
+    assert Redactor().is_secret(key) is True
