@@ -15,6 +15,7 @@ import logging
 import signal
 
 from bastion import __version__
+from bastion.appservice.dynamic import DynamicApps
 from bastion.appservice.mcp_http import Limits, MCPHandler
 from bastion.appservice.registry import AppRegistry
 from bastion.audit.emitter import AuditLog
@@ -35,10 +36,13 @@ log = logging.getLogger("bastion.service")
 class AppServiceParts:
     """The in-process app service: its registry, audit log and MCP handler."""
 
-    def __init__(self, registry: AppRegistry, audit: AuditLog, handler: MCPHandler) -> None:
+    def __init__(
+        self, registry: AppRegistry, audit: AuditLog, handler: MCPHandler, dynamic: DynamicApps
+    ) -> None:
         self.registry = registry
         self.audit = audit
         self.handler = handler
+        self.dynamic = dynamic
 
     @classmethod
     async def start(cls, cfg: Config, auth: AuthServer) -> AppServiceParts:
@@ -55,10 +59,15 @@ class AppServiceParts:
         redactor = Redactor((*DEFAULT_SECRET_KEYS, *a.audit_redact_keys))
         handler = MCPHandler(auth=auth, registry=registry, audit=audit, redact=redactor, limits=limits)
         handler.start()
+        dynamic = DynamicApps(
+            auth.backend, registry, [r.labels for r in a.resources], on_removed=handler.end_app_sessions
+        )
+        dynamic.start()
         log.info("app service started", extra={"apps": ",".join(x.metadata.name for x in registry.all())})
-        return cls(registry, audit, handler)
+        return cls(registry, audit, handler, dynamic)
 
     async def aclose(self) -> None:
+        await self.dynamic.aclose()
         await self.handler.aclose()
         await self.audit.close()
 

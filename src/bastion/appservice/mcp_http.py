@@ -155,6 +155,11 @@ class MCPHandler:
             await self._end(s, "gateway shutting down")
         await self.pools.aclose()
 
+    async def end_app_sessions(self, app_name: str) -> None:
+        """End every live session of an app that is no longer served (each with its end event)."""
+        for s in [s for s in self.sessions.values() if s.app.metadata.name == app_name]:
+            await self._end(s, f'app "{app_name}" is no longer served')
+
     async def _reap(self) -> None:
         while True:
             await asyncio.sleep(min(60.0, self.limits.idle_timeout / 4))

@@ -13,19 +13,35 @@ from bastion.resources import App
 
 
 class AppRegistry:
+    """Static apps (config file, demo) and dynamic ones (backend resources); static names win."""
+
     def __init__(self, apps: Iterable[App] = (), *, demo: bool = False) -> None:
-        self._apps: dict[str, App] = {}
+        self._static: dict[str, App] = {}
+        self._dynamic: dict[str, App] = {}
         for app in apps:
-            self._apps[app.metadata.name] = app
+            self._static[app.metadata.name] = app
         if demo:
             d = demo_app()
-            self._apps.setdefault(d.metadata.name, d)
+            self._static.setdefault(d.metadata.name, d)
 
     def get(self, name: str) -> App | None:
-        return self._apps.get(name)
+        return self._static.get(name) or self._dynamic.get(name)
 
     def all(self) -> list[App]:
-        return sorted(self._apps.values(), key=lambda a: a.metadata.name)
+        merged = {**self._dynamic, **self._static}
+        return sorted(merged.values(), key=lambda a: a.metadata.name)
+
+    def is_static(self, name: str) -> bool:
+        return name in self._static
+
+    def dynamic_names(self) -> list[str]:
+        return list(self._dynamic)
+
+    def set_dynamic(self, app: App) -> None:
+        self._dynamic[app.metadata.name] = app
+
+    def remove_dynamic(self, name: str) -> bool:
+        return self._dynamic.pop(name, None) is not None
 
     def is_demo(self, app: App) -> bool:
         return app.metadata.name == demo_app().metadata.name and app.spec.uri == demo_app().spec.uri
