@@ -237,6 +237,8 @@ async def test_audit_shows_the_calls(gateway: Node) -> None:
     ]
     assert echo and echo[-1]["success"] is True and echo[-1]["code"] == "BMCP003I"
     assert echo[-1]["params"]["arguments"]["password"] == "<REDACTED>"
+    assert echo[-1]["headers"]["authorization"] == "<REDACTED>"  # recorded, never the credential
+    assert echo[-1]["headers"]["mcp-protocol-version"]
     denied = [e for e in calls if e.get("tool") == "get-sum"]
     assert denied and denied[-1]["success"] is False and denied[-1]["code"] == "BMCP003E"
     assert any(e["event"] == "mcp.session.start" for e in events)

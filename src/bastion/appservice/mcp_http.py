@@ -40,6 +40,7 @@ from bastion.appservice.registry import AppRegistry
 from bastion.appservice.resume import EventLog, EventLogs
 from bastion.appservice.upstreams import Pools, UpstreamIdentity, open_stream, upstream_target
 from bastion.audit.emitter import AuditLog
+from bastion.audit.redact import redact_headers
 from bastion.auth.server import Actor, AuthServer
 from bastion.errors import BastionError, LimitExceededError, UpstreamError
 from bastion.protocol import jsonrpc
@@ -255,7 +256,7 @@ class MCPHandler:
         if s.stream is None:
             await self._post_http(s, scope, send, body, headers, new=not sid)
         else:
-            await self._post_stream(s, send, body, new=not sid)
+            await self._post_stream(s, send, body, headers, new=not sid)
 
     def _session(self, sid: str, actor: Actor) -> GatewaySession:
         s = self.sessions.get(sid)
@@ -357,7 +358,9 @@ class MCPHandler:
             s.get_log = s.logs.new("g")
         s.get_log.append(raw)  # delivered by the current or the next GET (bounded log)
 
-    async def _post_stream(self, s: GatewaySession, send: Send, body: bytes, *, new: bool) -> None:
+    async def _post_stream(
+        self, s: GatewaySession, send: Send, body: bytes, headers: dict[bytes, bytes], *, new: bool
+    ) -> None:
         try:
             msg = jsonrpc.parse_message(body)
         except jsonrpc.ProtocolError:
@@ -373,7 +376,7 @@ class MCPHandler:
             immediate.append(raw)
 
         try:
-            ok = await self._run(s, s.engine.client_sent(body), reply=reply)
+            ok = await self._run(s, s.engine.client_sent(body, _audit_headers(headers)), reply=reply)
             extra = [(b"mcp-session-id", s.id.encode())] if new else []
             if not ok:
                 await _jsonrpc_error(
@@ -568,7 +571,7 @@ class MCPHandler:
         async def reply(raw: bytes) -> None:
             immediate.append(raw)
 
-        cmds = s.engine.client_sent(body)
+        cmds = s.engine.client_sent(body, _audit_headers(headers))
         fwd = [c for c in cmds if isinstance(c, ForwardToUpstream)]
         rest = [c for c in cmds if not isinstance(c, ForwardToUpstream)]
         if not await self._run(s, rest, reply=reply):
@@ -837,6 +840,16 @@ def new_session_id() -> str:
     spec asks of ``Mcp-Session-Id``.
     """
     return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(16)}"
+
+
+_NOT_AUDITED = frozenset({b"content-length", b"connection", b"host", b"accept-encoding"})
+
+
+def _audit_headers(headers: dict[bytes, bytes]) -> dict[str, str]:
+    """The request's headers for its audit events: credentials and secrets redacted."""
+    return redact_headers(
+        {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items() if k not in _NOT_AUDITED}
+    )
 
 
 def _is_response(raw: bytes) -> bool:

@@ -310,6 +310,7 @@ class Session:
         self._started_at = clock.now()
         self._start_pending = True
         self._closed = False
+        self._headers: dict[str, str] | None = None
         self._initialized = False  # an initialize result reached the client
         self._client_info = ""
         self._server_info = ""
@@ -351,8 +352,16 @@ class Session:
 
     # ---------------------------------------------------------------- inputs
 
-    def client_sent(self, raw: bytes) -> list[Command]:
-        """The client sent one JSON-RPC message."""
+    def client_sent(self, raw: bytes, headers: dict[str, str] | None = None) -> list[Command]:
+        """The client sent one JSON-RPC message (``headers``: its redacted HTTP headers, if any,
+        recorded on the audit events this message causes)."""
+        self._headers = headers
+        try:
+            return self._client_sent(raw)
+        finally:
+            self._headers = None
+
+    def _client_sent(self, raw: bytes) -> list[Command]:
         if self._closed:
             return [Log("debug", "client message after the session ended; dropped", {"size": len(raw)})]
         try:
@@ -767,6 +776,8 @@ class Session:
         for name, factory in _FACTORIES:
             values[name] = factory()
         values["id"] = self._new_id()
+        if self._headers:
+            values["headers"] = self._headers
         values["type"] = type_
         values["time"] = time
         values["success"] = success
