@@ -577,3 +577,26 @@ def test_inspector_through_bastion_proxy_mcp(gateway: Node, app: str, tmp_path: 
             except subprocess.TimeoutExpired:
                 proxy.kill()
                 raise
+
+
+def test_server_discover_gets_a_prompt_error_not_a_hang(gateway: Node) -> None:
+    """2026-07-28 clients probe with server/discover first; they must get an error they can fall back on."""
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "server/discover",
+        "params": {"_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}},
+    }
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca_file(gateway))), timeout=10) as c:
+        r = c.post(
+            f"https://{gateway.addr}/mcp/apps/everything-http",
+            json=body,
+            headers={
+                "Authorization": f"Bearer {token(gateway, 'alice')}",
+                "Accept": "application/json, text/event-stream",
+                "Mcp-Method": "server/discover",
+            },
+        )
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == -32601
+    assert "initialize" in r.json()["error"]["message"]

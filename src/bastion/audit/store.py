@@ -82,7 +82,7 @@ from typing import Any, Final, NamedTuple, Protocol
 
 import orjson
 
-from bastion.audit.events import AuditEvent, code_for
+from bastion.audit.events import REQUEST, AuditEvent, code_for
 from bastion.errors import BackendError, ValidationError
 
 log = logging.getLogger("bastion.audit")
@@ -153,6 +153,8 @@ _COMPLETE_IN_SQL: Final = (
 PENDING_MAX: Final = 16_384
 #: Rows written between two checkpoints (see ``SQLiteAuditStore``).
 CHECKPOINT_ROWS: Final = 2_000
+#: WAL size past which the writer truncates it (see ``SQLiteAuditStore._truncate_wal``).
+WAL_LIMIT: Final = 64 << 20
 
 
 class Completion(NamedTuple):
@@ -256,8 +258,12 @@ class SQLiteAuditStore:
             # Every row is new, so each JSON below is what is stored.  (A
             # duplicate id keeps the stored row; then nothing is cached and
             # the completion is done in SQL, on what is really stored.)
-            for row in rows:
-                pending[row[0]] = row[-1]
+            for event, row in zip(events, rows, strict=True):
+                # Only calls still waiting for their outcome get completed; session
+                # start/end, notifications and refused calls never are, so caching
+                # them only filled the cache (seen in the benchmarks: +27 MB RSS).
+                if event.type == REQUEST and event.success and event.duration_ms is None:
+                    pending[row[0]] = row[-1]
             while len(pending) > PENDING_MAX:
                 del pending[next(iter(pending))]
         self._wrote(len(rows))
@@ -364,9 +370,30 @@ class SQLiteAuditStore:
         self._since_checkpoint += rows
         if self._since_checkpoint >= CHECKPOINT_ROWS and self._checkpointer is None:
             self._since_checkpoint = 0
+            if self._wal_too_big():
+                self._truncate_wal()
             self._checkpointer = asyncio.get_running_loop().create_task(
                 self._checkpoint(), name="bastion-audit-checkpoint"
             )
+
+    def _wal_too_big(self) -> bool:
+        try:
+            return os.stat(f"{self._path}-wal").st_size > WAL_LIMIT
+        except OSError:
+            return False
+
+    def _truncate_wal(self) -> None:
+        """Under constant load passive checkpoints never catch up and the WAL only grows
+        (measured: ~1 GB in half a minute of benchmark).  Past ``WAL_LIMIT`` the writer
+        checkpoints everything and truncates the WAL itself: one pause of the loop, rarely,
+        instead of unbounded disk use."""
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as exc:
+            log.warning("audit database %s: WAL truncation failed: %s", self._path, exc)
 
     async def _checkpoint(self) -> None:
         try:

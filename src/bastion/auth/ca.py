@@ -18,6 +18,7 @@ This module does no I/O except through the ``Backend`` it is handed.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import ipaddress
 import secrets
@@ -60,7 +61,7 @@ class CertAuthority:
     cert_pem: bytes = b""
 
     def private_key(self) -> ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey:
-        key = serialization.load_pem_private_key(self.private_key_pem, password=None)
+        key = _load_private_key(self.private_key_pem)
         if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
             raise TypeError(f"unexpected key type for the {self.type} CA")
         return key
@@ -88,6 +89,13 @@ class CertAuthority:
             public_key_pem=d["public_key_pem"].encode(),
             cert_pem=d.get("cert_pem", "").encode(),
         )
+
+
+@functools.lru_cache(maxsize=16)
+def _load_private_key(pem: bytes) -> object:
+    # Parsing a PEM key costs more than the signature it is used for (15 % of a
+    # session set-up in the benchmarks); CA keys are few and long-lived.
+    return serialization.load_pem_private_key(pem, password=None)
 
 
 def _pem_private(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:

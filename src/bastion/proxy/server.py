@@ -150,6 +150,8 @@ class ProxyService:
             access_log=False,
             server_header=False,
             date_header=False,
+            # We trust no X-Forwarded-* headers (and skip the per-request work of reading them).
+            proxy_headers=False,
             ssl_certfile=str(cert),
             ssl_keyfile=str(key),
             ssl_context_factory=tls_context,

@@ -496,3 +496,32 @@ async def test_cancelled_close_still_closes(tmp_path: Path) -> None:
     assert not (tmp_path / f"{AUDIT_DB_NAME}-wal").exists()
     with pytest.raises(BackendError, match="closed"):
         await s.insert_many([make_event()])
+
+
+async def test_only_calls_awaiting_an_outcome_are_kept_for_completion(store: SQLiteAuditStore) -> None:
+    from bastion.audit.events import NOTIFICATION, REQUEST, SESSION_START
+
+    await store.insert_many([make_event(id=f"s{i}", type=SESSION_START) for i in range(50)])
+    await store.insert_many([make_event(id=f"n{i}", type=NOTIFICATION) for i in range(50)])
+    await store.insert_many([make_event(id="denied", type=REQUEST, success=False)])
+    assert store._pending == {}
+    await store.insert_many([make_event(id="call", type=REQUEST, success=True, duration_ms=None)])
+    assert list(store._pending) == ["call"]
+
+
+async def test_a_big_wal_is_truncated(store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bastion.audit.store as store_mod
+
+    monkeypatch.setattr(store_mod, "WAL_LIMIT", 64 * 1024)
+    wal = Path(f"{store.path}-wal")
+    for batch in range(3):
+        await store.insert_many(
+            [
+                make_event(id=f"e{batch}-{i}", params={"blob": "x" * 500})
+                for i in range(store_mod.CHECKPOINT_ROWS)
+            ]
+        )
+        if store._checkpointer is not None:
+            await store._checkpointer
+    assert wal.stat().st_size < store_mod.WAL_LIMIT  # truncated, not ever-growing
+    assert len(await everything(store)) == 3 * store_mod.CHECKPOINT_ROWS
