@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack, asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +259,45 @@ def _identity(node: Node, user: str) -> Path:
     return path
 
 
+@contextmanager
+def local_proxy(gateway: Node, app: str, user: str, tmp_path: Path) -> Iterator[str]:
+    """`bastion proxy mcp APP -p 0` as USER (identity file); yields its `127.0.0.1:PORT`."""
+    ident = _identity(gateway, user)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    env["BASTION_HOME"] = str(tmp_path / "home")
+    cmd = [
+        sys.executable,
+        "-m",
+        "bastion.cli.main",
+        "proxy",
+        "mcp",
+        app,
+        "-p",
+        "0",
+        "-i",
+        str(ident),
+        "--proxy",
+        gateway.addr,
+    ]
+    with (
+        (tmp_path / "proxy.log").open("w") as log,
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env) as proxy,
+    ):
+        try:
+            assert proxy.stdout is not None
+            line = proxy.stdout.readline()
+            m = re.search(r"Proxying connections to \S+ on (127\.0\.0\.1:\d+)", line)
+            assert m, line
+            yield m.group(1)
+        finally:
+            proxy.terminate()
+            try:
+                proxy.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proxy.kill()
+                raise
+
+
 def test_jwks_is_published(gateway: Node) -> None:
     with httpx.Client(verify=ssl.create_default_context(cafile=str(ca_file(gateway)))) as c:
         keys = c.get(f"https://{gateway.addr}/.well-known/jwks.json").json()["keys"]
@@ -298,67 +337,21 @@ def test_inspector_cli_through_the_gateway(gateway: Node, app: str) -> None:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("app", ["conformance-http", "conformance-stdio"])
 def test_conformance_suite_through_the_gateway(gateway: Node, app: str, tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    ident = _identity(gateway, "alice")
-    proxy_log = (tmp_path / "proxy.log").open("w")
     with (
-        proxy_log,
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bastion.cli.main",
-                "proxy",
-                "mcp",
-                app,
-                "-p",
-                "0",
-                "-i",
-                str(ident),
-                "--proxy",
-                gateway.addr,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=proxy_log,
-            text=True,
-            env={
-                **{k: v for k, v in os.environ.items() if not k.startswith("BASTION_")},
-                "BASTION_HOME": str(home),
-            },
-        ) as proxy,
+        local_proxy(gateway, app, "alice", tmp_path) as addr,
+        (tmp_path / "conformance.out").open("w+") as out,
     ):
-        try:
-            assert proxy.stdout is not None
-            line = proxy.stdout.readline()
-            m = re.search(r"127\.0\.0\.1:(\d+)", line)
-            assert m, line
-            with (tmp_path / "conformance.out").open("w+") as conf_out:
-                res = subprocess.run(
-                    [
-                        *conformance_cmd(),
-                        "server",
-                        "--url",
-                        f"http://127.0.0.1:{m.group(1)}/mcp",
-                        "-o",
-                        str(tmp_path / "results"),
-                    ],
-                    stdout=conf_out,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                    env=node_env(),
-                    cwd=tmp_path,
-                    timeout=300,
-                )
-                conf_out.seek(0)
-                output = conf_out.read()
-        finally:
-            proxy.terminate()
-            try:
-                proxy.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proxy.kill()
-                raise
-    summary = output[-6000:]
+        res = subprocess.run(
+            [*conformance_cmd(), "server", "--url", f"http://{addr}/mcp", "-o", str(tmp_path / "results")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=node_env(),
+            cwd=tmp_path,
+            timeout=300,
+        )
+        out.seek(0)
+        summary = out.read()[-6000:]
     assert res.returncode == 0, summary
     m = re.search(r"(\d+) passed, (\d+) failed", summary)
     assert m and int(m.group(2)) == 0, summary
@@ -512,71 +505,35 @@ def test_inspector_through_bastion_proxy_mcp(gateway: Node, app: str, tmp_path: 
     """The guide's own check, as written: the Inspector CLI against `bastion proxy mcp` at `/`."""
     from tests.peers import inspector_cmd
 
-    ident = _identity(gateway, "eve")
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("BASTION_")},
-        "BASTION_HOME": str(tmp_path / "home"),
-    }
-    with subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bastion.cli.main",
-            "proxy",
-            "mcp",
-            app,
-            "-p",
-            "0",
-            "-i",
-            str(ident),
-            "--proxy",
-            gateway.addr,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    ) as proxy:
-        try:
-            assert proxy.stdout is not None
-            line = proxy.stdout.readline()
-            m = re.search(r"Proxying connections to \S+ on (127\.0\.0\.1:\d+)", line)
-            assert m, line
-            base = [*inspector_cmd(), "--transport", "http", "--cli"]
-            listed = subprocess.run(
-                [*base, "--method", "tools/list", f"http://{m.group(1)}"],
-                capture_output=True,
-                text=True,
-                env=node_env(),
-                timeout=120,
-            )
-            assert listed.returncode == 0, listed.stderr
-            assert [t["name"] for t in json.loads(listed.stdout)["tools"]] == ["echo"]
-            called = subprocess.run(
-                [
-                    *base,
-                    f"http://{m.group(1)}/mcp",
-                    "--method",
-                    "tools/call",
-                    "--tool-name",
-                    "echo",
-                    "--tool-arg",
-                    "message=via-proxy",
-                ],
-                capture_output=True,
-                text=True,
-                env=node_env(),
-                timeout=120,
-            )
-            assert called.returncode == 0, called.stderr
-            assert "Echo: via-proxy" in called.stdout
-        finally:
-            proxy.terminate()
-            try:
-                proxy.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proxy.kill()
-                raise
+    base = [*inspector_cmd(), "--transport", "http", "--cli"]
+    with local_proxy(gateway, app, "eve", tmp_path) as addr:
+        listed = subprocess.run(
+            [*base, "--method", "tools/list", f"http://{addr}"],
+            capture_output=True,
+            text=True,
+            env=node_env(),
+            timeout=120,
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert [t["name"] for t in json.loads(listed.stdout)["tools"]] == ["echo"]
+        called = subprocess.run(
+            [
+                *base,
+                f"http://{addr}/mcp",
+                "--method",
+                "tools/call",
+                "--tool-name",
+                "echo",
+                "--tool-arg",
+                "message=via-proxy",
+            ],
+            capture_output=True,
+            text=True,
+            env=node_env(),
+            timeout=120,
+        )
+        assert called.returncode == 0, called.stderr
+        assert "Echo: via-proxy" in called.stdout
 
 
 def test_server_discover_gets_a_prompt_error_not_a_hang(gateway: Node) -> None:
