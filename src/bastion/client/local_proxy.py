@@ -11,7 +11,6 @@ what DNS-rebinding attacks aim at.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
@@ -173,20 +172,14 @@ async def _error(send: Send, status: int, message: str) -> None:
 
 
 async def serve(app_name: str, creds: CredentialSource, *, port: int, ready: Callable[[int], None]) -> None:
-    import socket
-
     import uvicorn
 
-    sock = socket.socket(
-        socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP
-    )  # TCP_NODELAY, see proxy.server
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    from bastion._listen import bind_tcp, start_uvicorn
+
     try:
-        sock.bind(("127.0.0.1", port))
+        sock = bind_tcp("127.0.0.1", port, backlog=256)
     except OSError as e:
-        sock.close()
         raise BastionError(f"cannot listen on 127.0.0.1:{port}: {e.strerror}") from None
-    sock.listen(256)
     real_port = sock.getsockname()[1]
     app = LocalMCPProxy(app_name, creds, port=real_port)
     config = uvicorn.Config(
@@ -199,15 +192,9 @@ async def serve(app_name: str, creds: CredentialSource, *, port: int, ready: Cal
         # Open SSE streams would otherwise hold a stopped proxy forever.
         timeout_graceful_shutdown=2,
     )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]), name="local-mcp-proxy")
     try:
-        deadline = asyncio.get_running_loop().time() + 30
-        # uvicorn exposes no start-up event to await; poll its flag with a deadline.
-        while not server.started and not task.done() and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-        if server.started:
-            ready(real_port)
+        task = await start_uvicorn(uvicorn.Server(config), sock, name="local MCP proxy")
+        ready(real_port)
         await task
     finally:
         with contextlib.suppress(Exception):

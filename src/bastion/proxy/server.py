@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
+from bastion._listen import bind_tcp, start_uvicorn
 from bastion.auth.ca import issue_server_cert
 from bastion.auth.server import AuthServer
 from bastion.errors import ConfigError
@@ -61,21 +62,12 @@ def split_host_port(addr: str) -> tuple[str, int]:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP explicitly: only then does asyncio set TCP_NODELAY on accepted
-    # sockets (without it every small response waited ~40 ms for delayed ACKs).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        return bind_tcp(host, port)
     except OSError as e:
-        sock.close()
         raise ConfigError(
             "proxy_service.listen_addr", f"cannot listen on {host}:{port}: {e.strerror}"
         ) from None
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
 
 
 class ProxyService:
@@ -158,15 +150,7 @@ class ProxyService:
             timeout_graceful_shutdown=5,
         )
         self._server = _Server(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="proxy-http")
-        deadline = asyncio.get_running_loop().time() + 30
-        while not self._server.started:  # uvicorn exposes no start-up event to await
-            if self._task.done():
-                await self._task
-                raise RuntimeError("the proxy stopped during start-up")
-            if asyncio.get_running_loop().time() > deadline:
-                raise RuntimeError("the proxy did not start within 30 s")
-            await asyncio.sleep(0.01)
+        self._task = await start_uvicorn(self._server, self._sock, name="proxy-http")
         log.info("proxy listening", extra={"addr": f"https://{s.host}:{self.port}"})
 
     async def wait(self) -> None:
