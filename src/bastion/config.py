@@ -94,6 +94,7 @@ CONFIG_VERSION = "v1"
 DEFAULT_DATA_DIR = Path("/var/lib/bastion")
 DEFAULT_AUTH_LISTEN = "127.0.0.1:3025"
 DEFAULT_PROXY_LISTEN = "127.0.0.1:3080"
+DEFAULT_TUNNEL_PORT = 3024
 ALL_ROLES = frozenset({"auth", "proxy", "app"})
 
 #: Context key (``model_validate(..., context=...)``) naming the directory that
@@ -181,6 +182,12 @@ def _check_optional_addr(v: str) -> str:
 Addr = Annotated[str, AfterValidator(_check_addr)]
 #: ``host:port`` to listen on; port 0 picks a free port.
 ListenAddr = Annotated[str, AfterValidator(_check_listen_addr)]
+
+
+def _check_optional_listen(v: str) -> str:
+    return _check_listen_addr(v) if v else v
+
+
 #: ``host:port`` or empty.
 OptionalAddr = Annotated[str, _none_as_empty(""), AfterValidator(_check_optional_addr)]
 
@@ -297,6 +304,10 @@ def _host_name() -> str:
     return name if NAME_RE.match(name) else "bastion"
 
 
+def _one_or_many(v: Any) -> Any:
+    return [v] if isinstance(v, str) else v
+
+
 class BastionSection(_Model):
     """The ``bastion:`` section: settings shared by every service of this node."""
 
@@ -306,6 +317,10 @@ class BastionSection(_Model):
     join_params: JoinParams = Field(default_factory=JoinParams)
     #: ``host:port`` of the proxy an agent joins through.
     proxy_server: OptionalAddr = ""
+    #: Fingerprints (``SHA256:...``) of the cluster CA an agent accepts when it joins.
+    ca_pin: Annotated[list[str], _none_as_empty([]), BeforeValidator(_one_or_many)] = Field(
+        default_factory=list
+    )
     log: LogConfig = Field(default_factory=LogConfig)
 
     @field_validator("cluster_name", mode="before")
@@ -404,6 +419,18 @@ class ProxyService(_Model):
     #: Browser origins allowed to call MCP endpoints (``Origin`` header), besides the
     #: proxy's own.  Requests without ``Origin`` (non-browser clients) are allowed.
     allowed_origins: Annotated[list[str], _none_as_empty([])] = Field(default_factory=list)
+    #: Where joined app services dial in (mutual TLS).  Empty: the listen host, port
+    #: 3024 (port 0 when ``listen_addr`` has port 0).
+    tunnel_listen_addr: Annotated[str, _none_as_empty(""), AfterValidator(_check_optional_listen)] = ""
+    #: ``host:port`` app services should dial, when it differs from the listen address.
+    tunnel_public_addr: OptionalAddr = ""
+
+    @property
+    def effective_tunnel_listen(self) -> tuple[str, int]:
+        if self.tunnel_listen_addr:
+            return split_addr(self.tunnel_listen_addr, allow_zero=True)
+        host, port = split_addr(self.listen_addr, allow_zero=True)
+        return host, (0 if port == 0 else DEFAULT_TUNNEL_PORT)
 
     @property
     def effective_public_addr(self) -> str:

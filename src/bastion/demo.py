@@ -76,6 +76,7 @@ async def _main(root: Path) -> None:
 
 async def _ensure_user(cluster: Cluster, pw_file: Path) -> str:
     auth, admin = cluster.auth, Actor.admin()
+    assert auth is not None
     password = pw_file.read_text().strip() if pw_file.exists() else secrets.token_urlsafe(12)
     try:
         invite = await auth.add_user(admin, DEMO_USER, DEMO_ROLES, {"mcp_tools": ["*"]})
@@ -90,6 +91,7 @@ async def _ensure_user(cluster: Cluster, pw_file: Path) -> str:
 
 def _print_next_steps(cluster: Cluster, cfg_path: Path, password: str, root: Path) -> None:
     addr = cluster.proxy_addr
+    assert cluster.auth is not None
     fp = fingerprint(cluster.auth.cas["host"].cert_pem)
     bindir = Path(sys.executable).parent
     bastion = shutil.which("bastion", path=str(bindir)) or "bastion"

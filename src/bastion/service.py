@@ -12,44 +12,68 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
+import socket
+from collections.abc import Callable
+from typing import Any
 
 from bastion import __version__
+from bastion._time import Clock, SystemClock
 from bastion.appservice.dynamic import DynamicApps
 from bastion.appservice.mcp_http import Limits, MCPHandler
 from bastion.appservice.registry import AppRegistry
 from bastion.audit.emitter import AuditLog
 from bastion.audit.redact import DEFAULT_SECRET_KEYS, Redactor
 from bastion.audit.store import SQLiteAuditStore
-from bastion.auth.ca import fingerprint
+from bastion.auth.ca import CertAuthority, fingerprint
 from bastion.auth.server import AuthServer
 from bastion.backend import Backend, Item
 from bastion.backend.factory import open_backend
 from bastion.client.local import PROXY_ADDR_KEY, settings_from
 from bastion.config import Config, split_addr
-from bastion.errors import BastionError, ConfigError
+from bastion.errors import BastionError
+from bastion.proxy.routing import Router
 from bastion.proxy.server import ProxyService, ProxySettings
+from bastion.resources import AppServer, AppServerSpec, Metadata
+from bastion.tunnel.agent import Agent, TunnelAppsView, TunnelAuditStore, join
+from bastion.tunnel.server import HEARTBEAT_EVERY, HEARTBEAT_TTL, TunnelServer
 
 log = logging.getLogger("bastion.service")
 
 
 class AppServiceParts:
-    """The in-process app service: its registry, audit log and MCP handler."""
+    """An app service: its registry, audit log, MCP handler and dynamic apps."""
 
     def __init__(
-        self, registry: AppRegistry, audit: AuditLog, handler: MCPHandler, dynamic: DynamicApps
+        self,
+        registry: AppRegistry,
+        audit: AuditLog,
+        handler: MCPHandler,
+        dynamic: DynamicApps,
+        tag: str,
     ) -> None:
         self.registry = registry
         self.audit = audit
         self.handler = handler
         self.dynamic = dynamic
+        self.tag = tag
 
     @classmethod
-    async def start(cls, cfg: Config, auth: AuthServer) -> AppServiceParts:
+    async def start(
+        cls,
+        cfg: Config,
+        *,
+        cluster_name: str,
+        clock: Clock,
+        jwt_ca: CertAuthority | None,
+        audit: AuditLog,
+        apps_source: Any,
+        tag: str,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> AppServiceParts:
         a = cfg.app_service
-        registry = AppRegistry((app.to_app() for app in a.apps), demo=a.demo_server)
-        store = await SQLiteAuditStore.open(cfg.bastion.data_dir)
-        audit = AuditLog(store)
+        registry = AppRegistry((app.to_app() for app in a.apps), demo=a.demo_server, on_change=on_change)
         limits = Limits(
             max_body=a.max_body,
             sessions_per_user=a.sessions_per_user,
@@ -57,19 +81,27 @@ class AppServiceParts:
             response_timeout=a.response_timeout.total_seconds(),
         )
         redactor = Redactor((*DEFAULT_SECRET_KEYS, *a.audit_redact_keys))
-        handler = MCPHandler(auth=auth, registry=registry, audit=audit, redact=redactor, limits=limits)
+        handler = MCPHandler(
+            cluster_name=cluster_name,
+            clock=clock,
+            jwt_ca=jwt_ca,
+            registry=registry,
+            audit=audit,
+            redact=redactor,
+            limits=limits,
+            session_tag=tag,
+        )
         handler.start()
         dynamic = DynamicApps(
-            auth.backend, registry, [r.labels for r in a.resources], on_removed=handler.end_app_sessions
+            apps_source, registry, [r.labels for r in a.resources], on_removed=handler.end_app_sessions
         )
         dynamic.start()
         log.info("app service started", extra={"apps": ",".join(x.metadata.name for x in registry.all())})
-        return cls(registry, audit, handler, dynamic)
+        return cls(registry, audit, handler, dynamic, tag)
 
     async def aclose(self) -> None:
         await self.dynamic.aclose()
         await self.handler.aclose()
-        await self.audit.close()
 
 
 EXPIRE_EVERY = 30.0
@@ -82,37 +114,81 @@ class Cluster:
     def __init__(
         self,
         cfg: Config,
-        backend: Backend,
-        auth: AuthServer,
+        backend: Backend | None,
+        auth: AuthServer | None,
         proxy: ProxyService | None,
         apps: AppServiceParts | None = None,
+        *,
+        audit: AuditLog | None = None,
+        tunnels: TunnelServer | None = None,
+        agent: Agent | None = None,
     ) -> None:
         self.cfg = cfg
         self.backend = backend
         self.auth = auth
         self.proxy = proxy
         self.apps = apps
+        self.audit = audit
+        self.tunnels = tunnels
+        self.agent = agent
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
     async def start(cls, cfg: Config) -> Cluster:
-        if not cfg.auth_service.enabled:
-            raise ConfigError(
-                "auth_service.enabled",
-                "running without the auth service (an app service joining a remote cluster) "
-                "is not supported by this version yet",
-            )
         data_dir = cfg.bastion.data_dir
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not cfg.auth_service.enabled:
+            return await cls._start_agent(cfg)
         backend = await open_backend(cfg.auth_service.backend, data_dir)
         apps: AppServiceParts | None = None
+        audit: AuditLog | None = None
+        tunnels: TunnelServer | None = None
+        proxy: ProxyService | None = None
+        local_tag = secrets.token_hex(4)
         try:
             auth = await AuthServer.open(backend, cfg.bastion.cluster_name, settings_from(cfg))
+            audit = AuditLog(await SQLiteAuditStore.open(data_dir))
+            router: Router | None = None
+
+            def changed() -> None:
+                return None
+
             if cfg.app_service.enabled:
-                apps = await AppServiceParts.start(cfg, auth)
-            proxy = None
+                apps = await AppServiceParts.start(
+                    cfg,
+                    cluster_name=auth.cluster_name,
+                    clock=auth.clock,
+                    jwt_ca=auth.cas["jwt"],
+                    audit=audit,
+                    apps_source=backend,
+                    tag=local_tag,
+                )
             if cfg.proxy_service.enabled:
                 host, port = split_addr(cfg.proxy_service.listen_addr, allow_zero=True)
+                t_host, t_port = cfg.proxy_service.effective_tunnel_listen
+                proxy_ref: list[ProxyService] = []
+
+                def proxy_addr() -> str:
+                    return _public(cfg, proxy_ref[0].port) if proxy_ref else ""
+
+                tunnels = TunnelServer(
+                    auth,
+                    audit,
+                    host=t_host,
+                    port=t_port,
+                    data_dir=data_dir,
+                    proxy_addr=proxy_addr,
+                    on_change=changed,
+                )
+                await tunnels.start()
+                tunnel_public = cfg.proxy_service.tunnel_public_addr or f"{t_host}:{tunnels.port}"
+                router = Router(
+                    auth,
+                    local=apps.handler if apps else None,
+                    local_registry=apps.registry if apps else None,
+                    local_tag=local_tag,
+                    tunnels=tunnels,
+                )
                 tls = cfg.proxy_service.tls
                 proxy = ProxyService(
                     auth,
@@ -125,20 +201,29 @@ class Cluster:
                         key_file=tls.key_file,
                         allowed_origins=tuple(cfg.proxy_service.allowed_origins),
                     ),
-                    mcp=apps.handler if apps else None,
-                    registry=apps.registry if apps else None,
-                    audit=apps.audit if apps else None,
+                    router=router,
+                    audit=audit,
+                    tunnel_addr=lambda: tunnel_public,
                 )
+                proxy_ref.append(proxy)
                 await proxy.start()
         except BaseException:
+            if proxy is not None:
+                await proxy.stop()
+            if tunnels is not None:
+                await tunnels.stop()
             if apps is not None:
                 await apps.aclose()
+            if audit is not None:
+                await audit.close()
             await backend.close()
             raise
-        cluster = cls(cfg, backend, auth, proxy, apps)
+        cluster = cls(cfg, backend, auth, proxy, apps, audit=audit, tunnels=tunnels)
         if proxy is not None:
             await backend.put(Item(PROXY_ADDR_KEY, cluster.proxy_addr.encode()))
         cluster._tasks.append(asyncio.create_task(cluster._housekeeping(), name="backend-housekeeping"))
+        if apps is not None:
+            cluster._tasks.append(asyncio.create_task(cluster._local_heartbeat(), name="app-heartbeat"))
         log.info(
             "cluster started",
             extra={
@@ -149,19 +234,73 @@ class Cluster:
         )
         return cluster
 
+    @classmethod
+    async def _start_agent(cls, cfg: Config) -> Cluster:
+        """An app service alone: join through the proxy, then serve over the tunnel."""
+        data_dir = cfg.bastion.data_dir
+        proxy_addr = cfg.bastion.proxy_server
+        creds = await join(data_dir, proxy_addr, cfg.bastion.join_params.read_token(), cfg.bastion.ca_pin)
+        registry_ref: list[Agent] = []
+
+        def changed() -> None:
+            if registry_ref:
+                registry_ref[0].apps_changed()
+
+        placeholder = AppRegistry()
+        agent = Agent(creds, data_dir, proxy_addr, placeholder)
+        registry_ref.append(agent)
+        audit = AuditLog(TunnelAuditStore(agent))
+        apps = await AppServiceParts.start(
+            cfg,
+            cluster_name=creds.cluster_name,
+            clock=SystemClock(),
+            jwt_ca=None,
+            audit=audit,
+            apps_source=TunnelAppsView(agent),
+            tag=creds.tag,
+            on_change=changed,
+        )
+        agent.registry = apps.registry
+        agent.handler = apps.handler
+        agent.start()
+        log.info(
+            "app service started as an agent",
+            extra={"cluster": creds.cluster_name, "host_id": creds.host_id, "proxy": proxy_addr},
+        )
+        return cls(cfg, None, None, None, apps, audit=audit, agent=agent)
+
     @property
     def proxy_addr(self) -> str:
         """The address clients use (``host:port``, with the real port when 0 was asked)."""
         assert self.proxy is not None
-        pub = self.cfg.proxy_service.public_addr
-        if pub:
-            return pub
-        host = self.proxy.settings.host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        return f"{host}:{self.proxy.port}"
+        return _public(self.cfg, self.proxy.port)
+
+    async def _local_heartbeat(self) -> None:
+        """Advertise the in-process app service like any other (``bastion get app_servers``)."""
+        assert self.apps is not None and self.auth is not None
+        host_id = f"{self.auth.cluster_name}-{self.apps.tag}"
+        while True:
+            try:
+                now = self.auth.clock.now()
+                await self.auth.upsert_app_server(
+                    AppServer(
+                        metadata=Metadata(name=host_id, expires=now + HEARTBEAT_TTL),
+                        spec=AppServerSpec(
+                            hostname=socket.gethostname(),
+                            version=__version__,
+                            tag=self.apps.tag,
+                            via="proxy",
+                            proxies=[self.proxy_addr] if self.proxy else [],
+                            apps=self.apps.registry.all(),
+                        ),
+                    )
+                )
+            except BastionError as e:
+                log.warning("app service heartbeat failed", extra={"error": e.message})
+            await self.apps.registry.wait_changed(HEARTBEAT_EVERY)
 
     async def _housekeeping(self) -> None:
+        assert self.backend is not None
         expire = getattr(self.backend, "expire", None)
         compact = getattr(self.backend, "compact", None)
         loop = asyncio.get_running_loop()
@@ -191,10 +330,27 @@ class Cluster:
                 await t
         if self.proxy:
             await self.proxy.stop()
+        if self.tunnels:
+            await self.tunnels.stop()
+        if self.agent:
+            await self.agent.aclose()
         if self.apps:
             await self.apps.aclose()
-        await self.backend.close()
+        if self.audit:
+            await self.audit.close()
+        if self.backend:
+            await self.backend.close()
         log.info("cluster stopped")
+
+
+def _public(cfg: Config, port: int) -> str:
+    pub = cfg.proxy_service.public_addr
+    if pub:
+        return pub
+    host, _ = split_addr(cfg.proxy_service.listen_addr, allow_zero=True)
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
 
 
 async def serve(cfg: Config) -> None:

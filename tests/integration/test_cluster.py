@@ -289,8 +289,12 @@ def test_first_contact_needs_the_fingerprint(node: Node, tmp_path: Path) -> None
 
 
 def test_join_tokens(node: Node) -> None:
-    secret = node.cli("tokens", "add", "--type=app", local=True).stdout.strip()
+    secret = node.cli("tokens", "add", "--type=app", "--format=text", local=True).stdout.strip()
     assert re.fullmatch(r"[0-9a-f]{32}", secret), secret
+    guide = node.cli("tokens", "add", "--type=app", local=True).stdout
+    assert re.search(r"^The join token: [0-9a-f]{32}$", guide, re.M), guide
+    assert re.search(r'ca_pin: "SHA256:[A-Za-z0-9+/]{43}"', guide), guide
+    assert f"proxy_server: \"{node.addr}\"" in guide, guide
     listed = node.cli("tokens", "ls", local=True).stdout
     ids = re.findall(r"^([0-9a-f]{16})\s+app\s", listed, re.M)
     assert ids, listed

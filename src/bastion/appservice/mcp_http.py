@@ -30,18 +30,27 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import orjson
 from starlette.types import Message as ASGIMessage
 from starlette.types import Receive, Scope, Send
 
+from bastion._time import Clock
 from bastion.appservice.registry import AppRegistry
 from bastion.appservice.resume import EventLog, EventLogs
-from bastion.appservice.upstreams import Pools, UpstreamIdentity, open_stream, upstream_target
+from bastion.appservice.upstreams import (
+    OFFERED_JWT,
+    Pools,
+    UpstreamIdentity,
+    open_stream,
+    upstream_target,
+)
 from bastion.audit.emitter import AuditLog
 from bastion.audit.redact import redact_headers
-from bastion.auth.server import Actor, AuthServer
+from bastion.auth.ca import CertAuthority
+from bastion.auth.server import Actor
 from bastion.errors import BastionError, LimitExceededError, UpstreamError
 from bastion.protocol import jsonrpc
 from bastion.protocol.headers import mismatch
@@ -127,13 +136,22 @@ class MCPHandler:
     def __init__(
         self,
         *,
-        auth: AuthServer,
+        cluster_name: str,
+        clock: Clock,
+        jwt_ca: CertAuthority | None,
         registry: AppRegistry,
         audit: AuditLog,
         redact: Callable[[Any], Any],
         limits: Limits | None = None,
+        session_tag: str = "",
     ) -> None:
-        self.auth = auth
+        #: ``jwt_ca`` signs upstream JWTs in-process; without it (a joined app
+        #: service holds no cluster keys) the proxy sends one with each request.
+        self.cluster_name = cluster_name
+        self.clock = clock
+        self.jwt_ca = jwt_ca
+        #: Prefix of the session ids minted here: the proxy routes a session by it.
+        self.session_prefix = f"{session_tag}." if session_tag else ""
         self.registry = registry
         self.audit = audit
         self.redact = redact
@@ -175,6 +193,9 @@ class MCPHandler:
         ctx = scope["bastion"]
         actor: Actor = ctx["actor"]
         app: App = ctx["app"]
+        jwt = ctx.get("jwt")
+        if jwt:
+            OFFERED_JWT.set((jwt[0], datetime.fromisoformat(jwt[1])))
         headers = {k.lower(): v for k, v in scope["headers"]}
         method = scope["method"]
         try:
@@ -284,16 +305,16 @@ class MCPHandler:
                 f"(limit {self.limits.sessions_per_user}); "
                 "end some with DELETE or wait for idle ones to expire"
             )
-        sid = new_session_id()
-        ident = UpstreamIdentity(self.auth.cas["jwt"], app, actor.name, user.spec.roles, user.spec.traits)
+        sid = self.session_prefix + new_session_id()
+        ident = UpstreamIdentity(self.jwt_ca, app, actor.name, user.spec.roles, user.spec.traits)
         engine = Session(
             app=app,
             checker=actor.checker,
             identity=actor.identity,  # type: ignore[arg-type]
             session_id=sid,
-            cluster_name=self.auth.cluster_name,
+            cluster_name=self.cluster_name,
             transport=f"http->{app.spec.transport}",
-            clock=self.auth.clock,
+            clock=self.clock,
             redact=self.redact,
             remote_addr=(scope.get("client") or ("", 0))[0],
         )
@@ -305,9 +326,9 @@ class MCPHandler:
                 app,
                 ident=ident,
                 session_id=sid,
-                cluster_name=self.auth.cluster_name,
+                cluster_name=self.cluster_name,
                 is_demo=self.registry.is_demo(app),
-                now=self.auth.clock.now(),
+                now=self.clock.now(),
             )
             s.upstream_session_id = getattr(s.stream, "upstream_session_id", "")
             if s.upstream_session_id:
@@ -543,7 +564,7 @@ class MCPHandler:
         out.append((b"accept", accept))
         if s.upstream_session_id:
             out.append((b"mcp-session-id", s.upstream_session_id.encode()))
-        for name, value in s.ident.headers(self.auth.clock.now()):
+        for name, value in s.ident.headers(self.clock.now()):
             out.append((name.encode(), value.encode()))
         return out
 

@@ -6,7 +6,9 @@ from a name the user may not see (both: "no such app").
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable
 
 from bastion.appservice.demo import demo_app
 from bastion.resources import App
@@ -15,9 +17,13 @@ from bastion.resources import App
 class AppRegistry:
     """Static apps (config file, demo) and dynamic ones (backend resources); static names win."""
 
-    def __init__(self, apps: Iterable[App] = (), *, demo: bool = False) -> None:
+    def __init__(
+        self, apps: Iterable[App] = (), *, demo: bool = False, on_change: Callable[[], None] | None = None
+    ) -> None:
         self._static: dict[str, App] = {}
         self._dynamic: dict[str, App] = {}
+        self._on_change = on_change
+        self._changed: asyncio.Event | None = None
         for app in apps:
             self._static[app.metadata.name] = app
         if demo:
@@ -39,9 +45,27 @@ class AppRegistry:
 
     def set_dynamic(self, app: App) -> None:
         self._dynamic[app.metadata.name] = app
+        self._notify()
 
     def remove_dynamic(self, name: str) -> bool:
-        return self._dynamic.pop(name, None) is not None
+        gone = self._dynamic.pop(name, None) is not None
+        if gone:
+            self._notify()
+        return gone
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+        if self._on_change is not None:
+            self._on_change()
+
+    async def wait_changed(self, within: float) -> None:
+        """Return when the served apps change, or after ``within`` seconds."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), within)
+        self._changed.clear()
 
     def is_demo(self, app: App) -> bool:
         return app.metadata.name == demo_app().metadata.name and app.spec.uri == demo_app().spec.uri

@@ -10,6 +10,7 @@ never among them.
 
 from __future__ import annotations
 
+import contextvars
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ from bastion.transport.http import HTTPUpstreamPool
 JWT_HEADER = "Bastion-Jwt-Assertion"
 _TEMPLATE = re.compile(r"\{\{\s*(internal|external)\.([A-Za-z0-9_.-]+)\s*\}\}")
 _JWT_RENEW_BEFORE = timedelta(minutes=2)
+
+#: ``(jwt, expires)`` the proxy signed for the request being handled (joined app services).
+OFFERED_JWT: contextvars.ContextVar[tuple[str, datetime] | None] = contextvars.ContextVar(
+    "bastion_offered_jwt", default=None
+)
 
 
 def http_url(app: App) -> str:
@@ -58,7 +64,9 @@ def upstream_target(app: App, client_path: str) -> str:
 class UpstreamIdentity:
     """Per-session upstream headers: the JWT (renewed when near expiry) plus rewrite headers."""
 
-    ca: CertAuthority
+    #: The cluster's JWT CA; ``None`` in a joined app service, which uses the
+    #: JWT the proxy signed and sent with the request (``OFFERED_JWT``).
+    ca: CertAuthority | None
     app: App
     username: str
     roles: Sequence[str]
@@ -67,6 +75,13 @@ class UpstreamIdentity:
     _expires: datetime | None = None
 
     def jwt(self, now: datetime) -> str:
+        if self.ca is None:
+            offered = OFFERED_JWT.get()
+            if offered is not None and (self._expires is None or offered[1] > self._expires):
+                self._jwt, self._expires = offered
+            if not self._jwt or self._expires is None or self._expires <= now:
+                raise UpstreamError("no valid upstream JWT: the proxy sent none with this request")
+            return self._jwt
         if not self._jwt or self._expires is None or self._expires - now < _JWT_RENEW_BEFORE:
             self._jwt, self._expires = appjwt.sign(
                 self.ca,

@@ -229,3 +229,106 @@ def issue_server_cert(
         .sign(ca_priv, hashes.SHA256())
     )
     return IssuedCert(cert.public_bytes(serialization.Encoding.PEM), _pem_private(key))
+
+
+# ------------------------------------------------------------ host identities
+
+#: Roles a host certificate can carry (its subject's OU).
+HOST_ROLES = ("app", "proxy")
+
+
+@dataclass(frozen=True)
+class HostIdentity:
+    """Who a verified host certificate belongs to."""
+
+    host_id: str
+    role: str
+    cluster_name: str
+    hostname: str
+    expires: datetime
+
+
+def issue_host_cert(
+    host_ca: CertAuthority,
+    *,
+    public_key_pem: bytes,
+    host_id: str,
+    role: str,
+    hostname: str,
+    now: datetime,
+    ttl: timedelta,
+    dns_names: list[str] | None = None,
+) -> bytes:
+    """A host certificate for a public key the host made itself (its private key never travels).
+
+    Subject: ``O=<cluster>, OU=<role>, CN=<host_id>`` and the host's name as
+    ``pseudonym``; usable for TLS client and server
+    authentication between cluster components only (mTLS over the tunnel).
+    """
+    if role not in HOST_ROLES:
+        raise ValueError(f"unknown host role {role!r}")
+    pub = serialization.load_pem_public_key(public_key_pem)
+    if not isinstance(pub, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
+        raise ValueError("the host key must be an ECDSA or Ed25519 public key")
+    ca_cert = x509.load_pem_x509_certificate(host_ca.cert_pem)
+    ca_priv = host_ca.private_key()
+    assert isinstance(ca_priv, ec.EllipticCurvePrivateKey)
+    sans: list[x509.GeneralName] = [x509.DNSName(host_id)]
+    for h in dns_names or ():
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, host_ca.cluster_name),
+                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+                    x509.NameAttribute(NameOID.PSEUDONYM, hostname[:64] or host_id),
+                    x509.NameAttribute(NameOID.COMMON_NAME, host_id),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(pub)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(min(now + ttl, ca_cert.not_valid_after_utc))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_priv.public_key()), critical=False
+        )
+        .sign(ca_priv, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def host_identity(cert: x509.Certificate) -> HostIdentity:
+    """The identity in a host certificate whose chain TLS has already verified."""
+
+    def attr(oid: x509.ObjectIdentifier) -> str:
+        got = cert.subject.get_attributes_for_oid(oid)
+        value = got[0].value if got else ""
+        return value if isinstance(value, str) else value.decode()
+
+    return HostIdentity(
+        host_id=attr(NameOID.COMMON_NAME),
+        role=attr(NameOID.ORGANIZATIONAL_UNIT_NAME),
+        cluster_name=attr(NameOID.ORGANIZATION_NAME),
+        hostname=attr(NameOID.PSEUDONYM),
+        expires=cert.not_valid_after_utc,
+    )
+
+
+def new_host_key() -> tuple[bytes, bytes]:
+    """A fresh host key pair (private PEM, public PEM); the private half stays on the host."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    pub_pem, _ = _pem_public(key)
+    return _pem_private(key), pub_pem

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import hmac
 import secrets
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -27,7 +28,7 @@ import pydantic
 
 from bastion._time import Clock, SystemClock
 from bastion.auth import credentials, passwords
-from bastion.auth.ca import CertAuthority, ensure_cas
+from bastion.auth.ca import CertAuthority, HostIdentity, ensure_cas, issue_host_cert
 from bastion.auth.credentials import Identity, Verifier
 from bastion.backend import Backend, Item
 from bastion.errors import (
@@ -43,6 +44,8 @@ from bastion.errors import (
 from bastion.policy import AccessChecker, preset_roles
 from bastion.resources import (
     KINDS,
+    READ_ONLY_KINDS,
+    AppServer,
     Metadata,
     Resource,
     Role,
@@ -58,6 +61,11 @@ ADMIN_NAME = "bastion-admin"
 _LOGIN_FAILED = "invalid user name or password"
 _LOCKED = "too many failed login attempts; wait a while, then try again"
 _CLUSTER_KEY = "/cluster/name"
+_TOKEN_HISTORY = timedelta(days=7)
+
+
+def _token_history_key(token_id: str) -> str:
+    return f"/token_history/{token_id}"
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,8 @@ class AuthSettings:
     invite_ttl: timedelta = timedelta(hours=1)
     default_session_ttl: timedelta = timedelta(hours=12)
     default_token_ttl: timedelta = timedelta(minutes=30)
+    #: Lifetime of a joined host's certificate; hosts renew at two thirds of it.
+    host_cert_ttl: timedelta = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,8 @@ class Actor:
     user: User | None = None
     #: Revisions of the user and their roles: changes when their policy may have changed.
     policy_key: tuple[int, ...] = ()
+    #: The role documents the checker was built from (sent to remote app services).
+    roles: tuple[Role, ...] = ()
 
     @classmethod
     def admin(cls) -> Actor:
@@ -224,6 +236,7 @@ class AuthServer:
             identity=ident,
             user=user,
             policy_key=(user.metadata.revision or 0, *(r.metadata.revision or 0 for r in roles)),
+            roles=tuple(roles),
         )
 
     async def checker_for(self, user: User) -> AccessChecker:
@@ -444,27 +457,116 @@ class AuthServer:
         )
         created = await self._create(token)
         assert isinstance(created, Token)
+        # A short history of the token, kept a week past its expiry, so a refused
+        # join can say *why* (expired, used by whom, wrong type) instead of guessing.
+        await self.backend.put(
+            Item(
+                _token_history_key(token.metadata.name),
+                orjson.dumps({"roles": list(roles), "expires": expires.isoformat()}),
+                expires=expires + _TOKEN_HISTORY,
+            )
+        )
         return secret, created
 
-    async def consume_join_token(self, secret: str, role: str) -> Token:
-        """Use up a join token of type ``role``; every failure gives one message."""
-        refused = AuthenticationError(
-            f"the join token is invalid, expired, already used or not of type {role!r}; "
-            "create a new one with `bastion tokens add --type=app`"
-        )
+    async def consume_join_token(self, secret: str, role: str, *, used_by: str = "") -> Token:
+        """Use up a join token of type ``role``; a refusal says what was wrong with it."""
+        token_id = token_id_for(secret)
         try:
-            item = await self.backend.get(key_for("token", token_id_for(secret)))
+            item = await self.backend.get(key_for("token", token_id))
         except NotFoundError:
-            raise refused from None
+            raise await self._token_refusal(token_id, role) from None
         token = decode_resource(item)
         assert isinstance(token, Token)
-        if not hmac.compare_digest(token.spec.secret_sha256, _sha256(secret)) or role not in token.spec.roles:
-            raise refused
+        if not hmac.compare_digest(token.spec.secret_sha256, _sha256(secret)):
+            raise await self._token_refusal("", role)
+        if role not in token.spec.roles:
+            raise AuthenticationError(
+                f"join token {token_id} is of type {', '.join(token.spec.roles)}, not {role}; "
+                f"create one with `bastion tokens add --type={role}`"
+            )
         try:
             await self.backend.delete(item.key, expected_revision=item.revision)
         except (NotFoundError, ConflictError):
-            raise refused from None
+            raise await self._token_refusal(token_id, role) from None
+        with contextlib.suppress(NotFoundError):
+            hist = await self.backend.get(_token_history_key(token_id))
+            data = orjson.loads(hist.value)
+            data.update(used_by=used_by or "?", used_at=self.clock.now().isoformat())
+            await self.backend.put(Item(hist.key, orjson.dumps(data), expires=hist.expires))
         return token
+
+    async def _token_refusal(self, token_id: str, role: str) -> AuthenticationError:
+        hint = f"create a new one with `bastion tokens add --type={role}`"
+        if token_id:
+            with contextlib.suppress(NotFoundError):
+                data = orjson.loads((await self.backend.get(_token_history_key(token_id))).value)
+                if data.get("used_at"):
+                    return AuthenticationError(
+                        f"join token {token_id} was already used (by {data.get('used_by')} at "
+                        f"{data['used_at']}); join tokens are single-use: {hint}"
+                    )
+                return AuthenticationError(f"join token {token_id} expired at {data['expires']}: {hint}")
+        return AuthenticationError(f"the join token is not known to this cluster (mistyped?): {hint}")
+
+    # -------------------------------------------------------- host identities
+
+    async def join(
+        self, secret: str, role: str, *, public_key_pem: bytes, hostname: str
+    ) -> tuple[str, bytes]:
+        """Exchange a join token for a host certificate: ``(host_id, cert_pem)``."""
+        host_id = str(uuid.uuid4())
+        try:
+            cert = issue_host_cert(
+                self.cas["host"],
+                public_key_pem=public_key_pem,
+                host_id=host_id,
+                role=role,
+                hostname=hostname,
+                now=self.clock.now(),
+                ttl=self.settings.host_cert_ttl,
+            )
+        except ValueError as e:
+            raise ValidationError(f"cannot issue a host certificate: {e}") from None
+        # Validate the key before spending the token, so a bad request keeps it usable.
+        await self.consume_join_token(secret, role, used_by=f"{hostname} ({host_id})")
+        return host_id, cert
+
+    def renew_host_cert(self, host: HostIdentity, public_key_pem: bytes) -> bytes:
+        """A fresh certificate for an already-authenticated host (same id, role and name)."""
+        try:
+            return issue_host_cert(
+                self.cas["host"],
+                public_key_pem=public_key_pem,
+                host_id=host.host_id,
+                role=host.role,
+                hostname=host.hostname,
+                now=self.clock.now(),
+                ttl=self.settings.host_cert_ttl,
+            )
+        except ValueError as e:
+            raise ValidationError(f"cannot renew the host certificate: {e}") from None
+
+    # ---------------------------------------------------------- app servers
+
+    async def upsert_app_server(self, server: AppServer) -> None:
+        """Record an app service's heartbeat (it expires unless renewed)."""
+        meta = server.metadata
+        await self.backend.put(
+            Item(key_for("app_server", meta.name), encode_resource(server), expires=meta.expires)
+        )
+
+    async def remove_app_server(self, name: str) -> None:
+        with contextlib.suppress(NotFoundError):
+            await self.backend.delete(key_for("app_server", name))
+
+    async def app_servers(self) -> list[AppServer]:
+        """The live app servers (expired heartbeats are absent)."""
+        out = []
+        for item in await self.backend.list(prefix_for("app_server")):
+            res = decode_resource(item)
+            if isinstance(res, AppServer):
+                out.append(res)
+        return out
 
     # ----------------------------------------------------------- resources
 
@@ -490,6 +592,10 @@ class AuthServer:
             )
         if kind == "token":
             raise ValidationError("join tokens are made with `bastion tokens add`, not from a file")
+        if kind in READ_ONLY_KINDS:
+            raise ValidationError(
+                f"{kind} resources are written by the cluster itself (heartbeats), not from a file"
+            )
         res = self._build(KINDS[kind], dict(data))
         assert isinstance(res, Role | User | Token) or res.kind == "app"
         if isinstance(res, User):

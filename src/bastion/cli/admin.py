@@ -185,7 +185,10 @@ def users_rm(
 def tokens_add(
     type_: Annotated[str, typer.Option("--type", help="What the token joins as: app.")],
     ttl: Annotated[str, typer.Option("--ttl", help="How long the token is valid (e.g. 30m, 1h).")] = "30m",
-    fmt: Annotated[str, typer.Option("--format", help="text (the token alone) or json.")] = "text",
+    fmt: Annotated[
+        str,
+        typer.Option("--format", help="guide (how to join, the default), text (the token alone) or json."),
+    ] = "guide",
     config: ConfigOpt = None,
     identity: IdentityOpt = None,
     proxy: ProxyOpt = None,
@@ -196,8 +199,8 @@ def tokens_add(
         ttl_d = parse_duration(ttl)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--ttl") from None
-    if fmt not in ("text", "json"):
-        raise typer.BadParameter("use text or json", param_hint="--format")
+    if fmt not in ("guide", "text", "json"):
+        raise typer.BadParameter("use guide, text or json", param_hint="--format")
 
     async def go(admin: Admin) -> None:
         res = await admin.add_token(parse_list(type_), ttl_d)
@@ -210,11 +213,36 @@ def tokens_add(
                         "id": meta["name"],
                         "roles": res["resource"]["spec"]["roles"],
                         "expires": meta["expires"],
+                        "ca_pin": res.get("ca_pin", ""),
                     }
                 ).decode()
             )
-        else:
+        elif fmt == "text":
             print(res["token"])
+        else:
+            meta = res["resource"]["metadata"]
+            print(
+                f"""The join token: {res["token"]}
+It is single-use and expires at {meta["expires"]}.
+
+Start an app service on another host with this configuration (bastion start --config app.yaml):
+
+version: v1
+bastion:
+  data_dir: /var/lib/bastion
+  proxy_server: "{res.get("proxy_addr") or "PROXY_HOST:3080"}"
+  ca_pin: "{res.get("ca_pin", "")}"
+  join_params:
+    token_name: "/tmp/token"   # a file holding the token (or the token itself)
+auth_service: {{enabled: false}}
+proxy_service: {{enabled: false}}
+app_service:
+  enabled: true
+  resources:
+  - labels: {{"*": "*"}}
+
+The ca_pin lets the new host check it is joining this cluster, not an impostor."""
+            )
 
     run(with_admin(go, config=config, identity=identity, proxy=proxy, insecure=insecure))
 
@@ -381,6 +409,20 @@ def _table(items: list[dict[str, Any]], kind: str) -> Table:
                 ",".join(allow.get("mcp", {}).get("tools", [])),
                 rules,
                 ",".join(deny.get("mcp", {}).get("tools", [])),
+            )
+    elif kind == "app_server":
+        for c in ("Host ID", "Hostname", "Via", "Apps", "Proxies", "Version", "Expires"):
+            t.add_column(c)
+        for i in items:
+            spec = i["spec"]
+            t.add_row(
+                i["metadata"]["name"],
+                spec.get("hostname", ""),
+                spec.get("via", ""),
+                ",".join(a["metadata"]["name"] for a in spec.get("apps", [])),
+                ",".join(spec.get("proxies", [])),
+                spec.get("version", ""),
+                _when(i["metadata"].get("expires")),
             )
     else:
         for c in ("Name", "Description", "URI / command", "Labels"):

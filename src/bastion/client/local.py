@@ -84,7 +84,14 @@ class LocalAdmin:
 
     async def add_token(self, roles: list[str], ttl: timedelta | None) -> dict[str, Any]:
         secret, token = await self.auth.add_token(self.actor, roles, ttl)
-        return {"token": secret, "resource": token.model_dump(mode="json")}
+        from bastion.auth.ca import fingerprint
+
+        return {
+            "token": secret,
+            "resource": token.model_dump(mode="json"),
+            "ca_pin": fingerprint(self.auth.cas["host"].cert_pem),
+            "proxy_addr": self.proxy_addr,
+        }
 
     async def sign(self, user: str, ttl: timedelta) -> dict[str, Any]:
         token, ident = await self.auth.sign(self.actor, user, ttl)

@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from bastion.appservice.registry import AppRegistry
 from bastion.auth import appjwt
 from bastion.auth.server import Actor, AuthServer
 from bastion.errors import BastionError
+from bastion.proxy.routing import Router
 
 ASGI = Callable[[Scope, Receive, Send], Awaitable[None]]
 
@@ -34,21 +34,19 @@ class Front:
         *,
         auth: AuthServer,
         webapi: ASGI,
-        mcp: ASGI | None,
-        registry: AppRegistry | None,
+        router: Router | None,
         allowed_origins: frozenset[str],
     ) -> None:
         self.auth = auth
         self.webapi = webapi
-        self.mcp = mcp
-        self.registry = registry
+        self.router = router
         self.allowed_origins = allowed_origins
         self._actors: dict[str, tuple[float, Actor]] = {}
         self._jwks = orjson.dumps(appjwt.jwks(auth.cas["jwt"]))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] == "http" and path.startswith(MCP_PREFIX) and self.mcp is not None:
+        if scope["type"] == "http" and path.startswith(MCP_PREFIX) and self.router is not None:
             await self._mcp(scope, receive, send, path[len(MCP_PREFIX) :])
         elif scope["type"] == "http" and path == "/.well-known/jwks.json":
             await _reply(send, 200, self._jwks, b"application/json", [(b"cache-control", b"max-age=300")])
@@ -96,14 +94,9 @@ class Front:
         except BastionError as e:
             await _error(send, e.http_status, e.message, e.origin)
             return
-        app = self.registry.get(name) if self.registry else None
-        if app is None or actor.checker is None or not actor.checker.can_access_app(app):
+        assert self.router is not None
+        if actor.checker is None or not await self.router.serve(scope, receive, send, actor, name, "/" + sub):
             await _error(send, 404, f'no MCP app named "{name}" (see `bastion mcp ls`)', "client")
-            return
-        scope = dict(scope)
-        scope["bastion"] = {"actor": actor, "app": app, "subpath": "/" + sub}
-        assert self.mcp is not None
-        await self.mcp(scope, receive, send)
 
 
 async def _reply(

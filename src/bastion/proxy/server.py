@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,11 +26,11 @@ from bastion._listen import bind_tcp, start_uvicorn
 from bastion.auth.ca import issue_server_cert
 from bastion.auth.server import AuthServer
 from bastion.errors import ConfigError
-from bastion.proxy.front import ASGI, Front
+from bastion.proxy.front import Front
 from bastion.proxy.webapi import RequestContext, build_webapi
 
 if TYPE_CHECKING:
-    from bastion.appservice.registry import AppRegistry
+    from bastion.proxy.routing import Router
 
 log = logging.getLogger("bastion.proxy")
 
@@ -76,15 +76,15 @@ class ProxyService:
         auth: AuthServer,
         settings: ProxySettings,
         *,
-        mcp: ASGI | None = None,
-        registry: AppRegistry | None = None,
+        router: Router | None = None,
         audit: object | None = None,
+        tunnel_addr: Callable[[], str] = lambda: "",
     ) -> None:
         self.auth = auth
         self.settings = settings
-        self.mcp = mcp
-        self.registry = registry
+        self.router = router
         self.audit = audit
+        self.tunnel_addr = tunnel_addr
         self._sock: socket.socket | None = None
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
@@ -128,12 +128,16 @@ class ProxyService:
 
         public = s.public_addr or f"{s.host}:{self.port}"
         webapi = RequestContext(
-            build_webapi(self.auth, public_addr=public, audit=self.audit, registry=self.registry)
+            build_webapi(
+                self.auth,
+                public_addr=public,
+                audit=self.audit,
+                registry=self.router,
+                tunnel_addr=self.tunnel_addr,
+            )
         )
         origins = frozenset({f"https://{public}", *s.allowed_origins})
-        app = Front(
-            auth=self.auth, webapi=webapi, mcp=self.mcp, registry=self.registry, allowed_origins=origins
-        )
+        app = Front(auth=self.auth, webapi=webapi, router=self.router, allowed_origins=origins)
         config = uvicorn.Config(
             app,
             http="httptools",

@@ -39,6 +39,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion import __version__
+from bastion.auth.ca import fingerprint
 from bastion.auth.server import Actor, AuthServer
 from bastion.errors import AuthenticationError, BastionError, ValidationError
 from bastion.log import request_id
@@ -116,7 +117,14 @@ def app_json(app: Any, checker: Any) -> dict[str, Any]:
     }
 
 
-def build_webapi(auth: AuthServer, *, public_addr: str, audit: Any = None, registry: Any = None) -> Starlette:
+def build_webapi(
+    auth: AuthServer,
+    *,
+    public_addr: str,
+    audit: Any = None,
+    registry: Any = None,
+    tunnel_addr: Callable[[], str] = lambda: "",
+) -> Starlette:
     async def actor_of(request: Request) -> Actor:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -131,7 +139,7 @@ def build_webapi(auth: AuthServer, *, public_addr: str, audit: Any = None, regis
             {
                 "cluster_name": auth.cluster_name,
                 "server_version": __version__,
-                "proxy": {"public_addr": public_addr},
+                "proxy": {"public_addr": public_addr, "tunnel_addr": tunnel_addr()},
                 "auth": {"second_factor": auth.settings.second_factor},
             }
         )
@@ -245,7 +253,36 @@ def build_webapi(auth: AuthServer, *, public_addr: str, audit: Any = None, regis
         actor = await actor_of(request)
         data = await _body(request)
         secret, token = await auth.add_token(actor, _strlist(data, "roles"), _ttl(data))
-        return _json({"token": secret, "resource": token.model_dump(mode="json")}, 201)
+        return _json(
+            {
+                "token": secret,
+                "resource": token.model_dump(mode="json"),
+                "ca_pin": fingerprint(auth.cas["host"].cert_pem),
+                "proxy_addr": public_addr,
+            },
+            201,
+        )
+
+    async def host_join(request: Request) -> Response:
+        data = await _body(request)
+        role = _str(data, "role")
+        if role != "app":
+            raise ValidationError(f'only app services join (role "app"), not "{role}"')
+        host_id, cert = await auth.join(
+            _str(data, "token"),
+            role,
+            public_key_pem=_str(data, "public_key").encode(),
+            hostname=_str(data, "hostname", required=False) or "unknown",
+        )
+        log.info("host joined", extra={"host_id": host_id, "role": role})
+        return _json(
+            {
+                "host_id": host_id,
+                "cert": cert.decode(),
+                "cluster_name": auth.cluster_name,
+                "tunnel_addr": tunnel_addr(),
+            }
+        )
 
     async def sign(request: Request) -> Response:
         actor = await actor_of(request)
@@ -291,6 +328,7 @@ def build_webapi(auth: AuthServer, *, public_addr: str, audit: Any = None, regis
         Route("/v1/users/{name}/reset", reset_user, methods=["POST"]),
         Route("/v1/tokens", add_token, methods=["POST"]),
         Route("/v1/auth/sign", sign, methods=["POST"]),
+        Route("/v1/webapi/host/join", host_join, methods=["POST"]),
         Route("/v1/audit/events", audit_events),
         Route("/v1/mcp/apps", mcp_apps),
     ]

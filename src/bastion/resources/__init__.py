@@ -300,9 +300,44 @@ class App(_Frozen):
     spec: AppSpec
 
 
-Resource = Role | User | Token | App
+# ----------------------------------------------------------------- app_server
 
-KINDS: dict[str, type[BaseModel]] = {"role": Role, "user": User, "token": Token, "app": App}
+
+class AppServerSpec(_Frozen):
+    #: The host's own name (not unique), its software version and tunnel route tag.
+    hostname: str = ""
+    version: str = ""
+    #: Prefix of the session ids this app service mints; the proxy routes by it.
+    tag: str = ""
+    #: ``proxy`` for a node's in-process app service, ``tunnel`` for a joined one.
+    via: str = ""
+    #: The proxies this app service is connected to (``host:port``).
+    proxies: list[str] = Field(default_factory=list)
+    #: The apps it serves now (static and dynamic).
+    apps: list[App] = Field(default_factory=list)
+
+
+class AppServer(_Frozen):
+    """A heartbeat: an app service that is alive and what it serves (read-only, expires)."""
+
+    kind: Literal["app_server"] = "app_server"
+    version: Literal["v1"] = "v1"
+    metadata: Metadata
+    spec: AppServerSpec
+
+
+Resource = Role | User | Token | App | AppServer
+
+KINDS: dict[str, type[BaseModel]] = {
+    "role": Role,
+    "user": User,
+    "token": Token,
+    "app": App,
+    "app_server": AppServer,
+}
+
+#: Kinds the cluster writes itself; ``bastion create`` refuses them.
+READ_ONLY_KINDS = frozenset({"app_server"})
 
 #: Plural and short aliases accepted on the command line (``bastion get roles``).
 KIND_ALIASES: dict[str, str] = {
@@ -316,6 +351,8 @@ KIND_ALIASES: dict[str, str] = {
     "apps": "app",
     "mcp_server": "app",
     "mcp_servers": "app",
+    "app_server": "app_server",
+    "app_servers": "app_server",
 }
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 from bastion.auth.ca import ensure_cas, fingerprint, generate_ca, issue_server_cert
@@ -47,3 +48,40 @@ async def test_ensure_cas_races_agree(tmp_path: Path) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+def test_host_certificates_carry_role_and_cluster() -> None:
+    from cryptography import x509
+
+    from bastion.auth.ca import generate_ca, host_identity, issue_host_cert, new_host_key
+
+    now = datetime.now(UTC)
+    ca = generate_ca("host", "c1", now)
+    key_pem, pub_pem = new_host_key()
+    assert b"PRIVATE KEY" in key_pem and b"PRIVATE" not in pub_pem
+    pem = issue_host_cert(
+        ca,
+        public_key_pem=pub_pem,
+        host_id="abc-123",
+        role="app",
+        hostname="box",
+        now=now,
+        ttl=timedelta(hours=2),
+    )
+    cert = x509.load_pem_x509_certificate(pem)
+    ident = host_identity(cert)
+    assert (ident.host_id, ident.role, ident.cluster_name, ident.hostname) == ("abc-123", "app", "c1", "box")
+    assert ident.expires - now <= timedelta(hours=2)
+    # Signed by the host CA.
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    cert.verify_directly_issued_by(ca_cert)
+    with pytest.raises(ValueError, match="unknown host role"):
+        issue_host_cert(
+            ca,
+            public_key_pem=pub_pem,
+            host_id="x",
+            role="admin",
+            hostname="b",
+            now=now,
+            ttl=timedelta(hours=1),
+        )

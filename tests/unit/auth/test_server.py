@@ -269,3 +269,44 @@ async def test_update_user_roles_and_traits(auth: AuthServer) -> None:
     assert "mcp_tools" not in user.spec.traits
     with pytest.raises(ValidationError, match="does not exist"):
         await auth.update_user(ADMIN, "max", roles=["nope"])
+
+
+async def test_join_refusals_say_why(auth: AuthServer, clock: Clock) -> None:
+    from bastion.auth.ca import new_host_key
+
+    _, pub = new_host_key()
+    secret, token = await auth.add_token(ADMIN, ["app"], timedelta(minutes=30))
+    host_id, cert = await auth.join(secret, "app", public_key_pem=pub, hostname="h1")
+    assert b"BEGIN CERTIFICATE" in cert
+    with pytest.raises(
+        AuthenticationError, match=rf"{token.metadata.name} was already used \(by h1 \({host_id}\)"
+    ):
+        await auth.join(secret, "app", public_key_pem=pub, hostname="h2")
+    with pytest.raises(AuthenticationError, match="not known to this cluster"):
+        await auth.join("0" * 32, "app", public_key_pem=pub, hostname="h2")
+    # A bad key is refused before the token is spent.
+    good, _ = await auth.add_token(ADMIN, ["app"], timedelta(minutes=30))
+    with pytest.raises(ValidationError, match="cannot issue a host certificate"):
+        await auth.join(good, "app", public_key_pem=b"not a key", hostname="h3")
+    await auth.join(good, "app", public_key_pem=pub, hostname="h3")
+    short, tok = await auth.add_token(ADMIN, ["app"], timedelta(minutes=1))
+    clock.t += timedelta(minutes=2)
+    with pytest.raises(AuthenticationError, match=rf"join token {tok.metadata.name} expired at"):
+        await auth.join(short, "app", public_key_pem=pub, hostname="h4")
+
+
+async def test_app_servers_expire(auth: AuthServer, clock: Clock) -> None:
+    from bastion.resources import AppServer, AppServerSpec, Metadata
+
+    srv = AppServer(
+        metadata=Metadata(name="h-1", expires=clock.t + timedelta(seconds=20)),
+        spec=AppServerSpec(hostname="h", via="tunnel"),
+    )
+    await auth.upsert_app_server(srv)
+    assert [s.metadata.name for s in await auth.app_servers()] == ["h-1"]
+    listed = await auth.list_resources(ADMIN, "app_server")
+    assert [s.metadata.name for s in listed] == ["h-1"]
+    with pytest.raises(ValidationError, match="written by the cluster itself"):
+        await auth.create_resource(ADMIN, {"kind": "app_server", "metadata": {"name": "x"}, "spec": {}})
+    clock.t += timedelta(seconds=21)
+    assert await auth.app_servers() == []

@@ -1,0 +1,281 @@
+"""Which app service carries a request: the in-process one or a joined one over its tunnel.
+
+A new session (no ``Mcp-Session-Id``) goes to one of the live app services
+serving the app, in turn (round robin), skipping one whose tunnel fails
+before it answers.  A session's later requests go where the session lives:
+its id starts with that app service's route tag (``<tag>.<id>``); when that
+app service is gone the client is told to start a new session (404, as the
+spec asks).  Routing needs no shared state: any proxy the app service is
+connected to can carry any request of the session.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from bastion.appservice.registry import AppRegistry
+from bastion.auth import appjwt
+from bastion.auth.server import Actor, AuthServer
+from bastion.resources import App
+from bastion.tunnel import wire
+from bastion.tunnel.http import NotStarted, forward
+from bastion.tunnel.mux import TunnelClosed
+from bastion.tunnel.server import AgentConn, TunnelServer
+
+log = logging.getLogger("bastion.proxy")
+
+ASGI = Callable[[Scope, Receive, Send], Any]
+_MAX_BODY = 64 << 20
+_JWT_RENEW_BEFORE = timedelta(minutes=2)
+
+
+@dataclass
+class _Target:
+    app: App
+    conn: AgentConn | None  # None = the in-process app service
+
+
+class Router:
+    """Routes ``/mcp/apps/<name>`` requests; also the proxy's view of live apps."""
+
+    def __init__(
+        self,
+        auth: AuthServer,
+        *,
+        local: ASGI | None,
+        local_registry: AppRegistry | None,
+        local_tag: str,
+        tunnels: TunnelServer | None,
+    ) -> None:
+        self.auth = auth
+        self.local = local
+        self.local_registry = local_registry
+        self.local_tag = local_tag
+        self.tunnels = tunnels
+        self._turn = itertools.count()
+        self._actor_docs: dict[tuple[str, tuple[int, ...], str], bytes] = {}
+        self._jwts: dict[tuple[str, str, str], tuple[str, datetime]] = {}
+
+    # ------------------------------------------------------- registry view
+
+    def get(self, name: str) -> App | None:
+        if self.local_registry is not None:
+            app = self.local_registry.get(name)
+            if app is not None:
+                return app
+        if self.tunnels is not None:
+            for c in self.tunnels.candidates(name):
+                return c.apps[name]
+        return None
+
+    def all(self) -> list[App]:
+        seen: dict[str, App] = {}
+        if self.local_registry is not None:
+            for a in self.local_registry.all():
+                seen[a.metadata.name] = a
+        if self.tunnels is not None:
+            for c in sorted(self.tunnels.conns.values(), key=lambda c: c.host.host_id):
+                for name, a in c.apps.items():
+                    seen.setdefault(name, a)
+        return sorted(seen.values(), key=lambda a: a.metadata.name)
+
+    def _targets(self, name: str) -> list[_Target]:
+        out: list[_Target] = []
+        if self.local_registry is not None and self.local is not None:
+            app = self.local_registry.get(name)
+            if app is not None:
+                out.append(_Target(app, None))
+        if self.tunnels is not None:
+            out.extend(_Target(c.apps[name], c) for c in self.tunnels.candidates(name))
+        return out
+
+    def _by_session(self, sid: str, name: str) -> _Target | None:
+        tag, dot, _ = sid.partition(".")
+        if not dot:
+            tag = ""
+        if tag == self.local_tag or not tag:
+            if self.local_registry is not None and self.local is not None:
+                app = self.local_registry.get(name)
+                if app is not None:
+                    return _Target(app, None)
+            return None
+        if self.tunnels is None:
+            return None
+        conn = self.tunnels.by_tag(tag)
+        if conn is None or name not in conn.apps:
+            return None
+        return _Target(conn.apps[name], conn)
+
+    # --------------------------------------------------------------- route
+
+    async def serve(
+        self, scope: Scope, receive: Receive, send: Send, actor: Actor, name: str, sub: str
+    ) -> bool:
+        """Carry the request; False when the app is unknown to (or hidden from) this actor."""
+        assert actor.checker is not None
+        sid = ""
+        for k, v in scope["headers"]:
+            if k.lower() == b"mcp-session-id":
+                sid = v.decode("latin-1")
+                break
+        if sid:
+            t = self._by_session(sid, name)
+            if t is None:
+                if not any(actor.checker.can_access_app(x.app) for x in self._targets(name)):
+                    return False
+                await _error(
+                    send,
+                    404,
+                    -32001,
+                    "session not found (it ended, or the app service that held it is gone): "
+                    "start a new one with initialize",
+                    "client",
+                )
+                return True
+            if not actor.checker.can_access_app(t.app):
+                return False
+            targets = [t]
+        else:
+            targets = [t for t in self._targets(name) if actor.checker.can_access_app(t.app)]
+            if not targets:
+                return False
+            if len(targets) > 1:
+                k = next(self._turn) % len(targets)
+                targets = targets[k:] + targets[:k]
+        body: bytes | None = None
+        for t in targets:
+            if t.conn is None:
+                assert self.local is not None
+                scope = dict(scope)
+                scope["bastion"] = {"actor": actor, "app": t.app, "subpath": sub}
+                if body is not None:
+                    await self.local(scope, _replay(body, receive), send)
+                else:
+                    await self.local(scope, receive, send)
+                return True
+            if body is None:
+                body = await _read_body(receive)
+                if body is None:
+                    await _error(send, 413, -32600, f"request body larger than {_MAX_BODY} bytes", "client")
+                    return True
+            try:
+                stream = await t.conn.mux.open(self._header(scope, actor, t.app, sub))
+                await forward(stream, body, send, receive)
+                return True
+            except (NotStarted, TunnelClosed) as e:
+                log.warning(
+                    "app service did not take the request",
+                    extra={"app": name, "host_id": t.conn.host.host_id, "error": str(e)},
+                )
+                if sid:
+                    break
+        await _error(
+            send,
+            502 if sid else 503,
+            -32603,
+            f'the app service serving "{name}" went away before it answered'
+            + ("; start a new session with initialize" if sid else "; try again"),
+            "gateway",
+        )
+        return True
+
+    def _header(self, scope: Scope, actor: Actor, app: App, sub: str) -> dict[str, Any]:
+        return {
+            "kind": "http",
+            "app": app.metadata.name,
+            "method": scope["method"],
+            "subpath": sub,
+            "query": scope.get("query_string", b"").decode("latin-1"),
+            "headers": [
+                (k.decode("latin-1"), v.decode("latin-1"))
+                for k, v in scope["headers"]
+                if k.lower() != b"authorization"  # the user's credential stops here
+            ],
+            "client": list(scope.get("client") or ("", 0)),
+            "actor": self._actor_doc(actor),
+            "jwt": self._jwt(actor, app),
+        }
+
+    def _actor_doc(self, actor: Actor) -> Any:
+        ident = actor.identity
+        key = (actor.name, actor.policy_key, (ident.token_id + str(ident.expires)) if ident else "")
+        doc = self._actor_docs.get(key)
+        if doc is None:
+            if len(self._actor_docs) > 10_000:
+                self._actor_docs.clear()
+            doc = self._actor_docs[key] = orjson.dumps(wire.actor_to_wire(actor))
+        return orjson.Fragment(doc)
+
+    def _jwt(self, actor: Actor, app: App) -> list[str]:
+        now = self.auth.clock.now()
+        key = (actor.name, app.spec.uri, app.spec.rewrite.jwt_claims + repr(actor.policy_key))
+        hit = self._jwts.get(key)
+        if hit is None or hit[1] - now < _JWT_RENEW_BEFORE:
+            user = actor.user
+            assert user is not None
+            hit = appjwt.sign(
+                self.auth.cas["jwt"],
+                username=actor.name,
+                roles=user.spec.roles,
+                traits=user.spec.traits,
+                audience=app.spec.uri,
+                now=now,
+                claims_mode=app.spec.rewrite.jwt_claims,
+            )
+            if len(self._jwts) > 10_000:
+                self._jwts.clear()
+            self._jwts[key] = hit
+        return [hit[0], hit[1].isoformat()]
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return b"".join(parts)
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > _MAX_BODY:
+            return None
+        parts.append(chunk)
+        if not msg.get("more_body", False):
+            return b"".join(parts)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def again() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return dict(await receive())
+
+    return again
+
+
+async def _error(send: Send, status: int, code: int, message: str, origin: str) -> None:
+    body = orjson.dumps({"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-bastion-error-origin", origin.encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})

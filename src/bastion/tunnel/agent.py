@@ -1,0 +1,493 @@
+"""The app service's end of the reverse tunnel: join once, then dial out and stay connected.
+
+join      first start: fetch the cluster CA, check it against ``bastion.ca_pin``,
+          exchange the join token for a host certificate (the private key is
+          made here and never leaves the host); kept under ``<data_dir>/host/``
+connect   dial the proxy's tunnel listener over mutually authenticated TLS and
+          keep the connection; lost connections are re-established with
+          exponential backoff and jitter
+serve     streams the proxy opens carry HTTP requests for ``MCPHandler``
+report    heartbeats (what is served now, at once when it changes), audit
+          events (committed by the cluster before the call goes upstream),
+          app resources for the label selectors (list + watch)
+renew     the host certificate, at two thirds of its life, over the tunnel
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import socket
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from cryptography import x509
+from starlette.types import Receive, Send
+
+from bastion import __version__
+from bastion.appservice.registry import AppRegistry
+from bastion.audit.events import AuditEvent
+from bastion.audit.store import AuditQuery, Completion
+from bastion.auth.ca import fingerprint, host_identity, new_host_key
+from bastion.backend import Event, Item
+from bastion.errors import (
+    AuthenticationError,
+    BackendError,
+    BastionError,
+    ConfigError,
+    UpstreamError,
+    ValidationError,
+    WatchExpiredError,
+)
+from bastion.tunnel import http as tunnel_http
+from bastion.tunnel import wire
+from bastion.tunnel.mux import Mux, Stream, StreamReset, TunnelClosed
+from bastion.tunnel.server import HEARTBEAT_EVERY, route_tag
+
+log = logging.getLogger("bastion.agent")
+
+_BACKOFF_MIN, _BACKOFF_MAX = 0.25, 10.0
+_RPC_TIMEOUT = 30.0
+
+
+# ---------------------------------------------------------------- identity
+
+
+@dataclass(frozen=True)
+class HostCreds:
+    host_id: str
+    cluster_name: str
+    hostname: str
+    cert_pem: bytes
+    key_pem: bytes
+    ca_pem: bytes
+    expires: datetime
+
+    @property
+    def tag(self) -> str:
+        return route_tag(self.host_id)
+
+
+def _host_dir(data_dir: Path) -> Path:
+    return data_dir / "host"
+
+
+def load_creds(data_dir: Path) -> HostCreds | None:
+    d = _host_dir(data_dir)
+    try:
+        cert_pem = (d / "host.crt").read_bytes()
+        key_pem = (d / "host.key").read_bytes()
+        ca_pem = (d / "ca.pem").read_bytes()
+    except FileNotFoundError:
+        return None
+    ident = host_identity(x509.load_pem_x509_certificate(cert_pem))
+    return HostCreds(
+        ident.host_id, ident.cluster_name, ident.hostname, cert_pem, key_pem, ca_pem, ident.expires
+    )
+
+
+def save_creds(data_dir: Path, creds: HostCreds) -> None:
+    d = _host_dir(data_dir)
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for name, data, mode in (
+        ("host.key", creds.key_pem, 0o600),
+        ("host.crt", creds.cert_pem, 0o644),
+        ("ca.pem", creds.ca_pem, 0o644),
+    ):
+        tmp = d / (name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        tmp.replace(d / name)
+
+
+async def join(
+    data_dir: Path, proxy: str, token: str, ca_pins: Sequence[str], *, now: datetime | None = None
+) -> HostCreds:
+    """Exchange ``token`` for a host identity, or return the one already kept in ``data_dir``."""
+    from bastion.client.api import ApiClient, fetch_ca_unverified
+
+    have = load_creds(data_dir)
+    now = now or datetime.now(UTC)
+    if have is not None and have.expires > now:
+        return have
+    if have is not None:
+        log.warning("the host certificate expired while this app service was down; joining again")
+    ca_pem = await fetch_ca_unverified(proxy)
+    got = fingerprint(ca_pem.encode())
+    if not ca_pins:
+        raise ConfigError(
+            "bastion.ca_pin",
+            f"required to join: the fingerprint of the cluster's CA, so that this host cannot be "
+            f"joined to an impostor. The proxy at {proxy} presents {got}; check it with the cluster's "
+            "administrator (`bastion tokens add --type=app` prints it) before you put it here",
+        )
+    if got not in ca_pins:
+        raise AuthenticationError(
+            f"the proxy at {proxy} presents a cluster CA with fingerprint {got}, which is not in "
+            "bastion.ca_pin: not joining (someone may be intercepting the connection, or the pin "
+            "belongs to another cluster)"
+        )
+    key_pem, pub_pem = new_host_key()
+    api = ApiClient(proxy, ca_pem=ca_pem)
+    try:
+        data = await api.request(
+            "POST",
+            "/v1/webapi/host/join",
+            json={
+                "token": token,
+                "role": "app",
+                "public_key": pub_pem.decode(),
+                "hostname": socket.gethostname(),
+            },
+        )
+    finally:
+        await api.close()
+    cert_pem = str(data["cert"]).encode()
+    ident = host_identity(x509.load_pem_x509_certificate(cert_pem))
+    creds = HostCreds(
+        ident.host_id, ident.cluster_name, ident.hostname, cert_pem, key_pem, ca_pem.encode(), ident.expires
+    )
+    save_creds(data_dir, creds)
+    log.info("joined the cluster", extra={"cluster": creds.cluster_name, "host_id": creds.host_id})
+    return creds
+
+
+# ------------------------------------------------------------------ agent
+
+
+class Agent:
+    """Connections to the proxies and everything carried over them."""
+
+    def __init__(
+        self,
+        creds: HostCreds,
+        data_dir: Path,
+        proxy: str,
+        registry: AppRegistry,
+        *,
+        handler: Any = None,
+    ) -> None:
+        self.creds = creds
+        self.data_dir = data_dir
+        self.proxy = proxy
+        self.registry = registry
+        self.handler = handler
+        self.actors = wire.ActorCache()
+        self.conns: dict[str, Mux] = {}
+        self.connected = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._beat_now = asyncio.Event()
+        self._closing = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._dial_loop(self.proxy), name="tunnel-dial"))
+        self._tasks.append(asyncio.create_task(self._renew_loop(), name="host-cert-renew"))
+
+    async def aclose(self) -> None:
+        self._closing = True
+        for mux in list(self.conns.values()):
+            await mux.close("app service shutting down")
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    def apps_changed(self) -> None:
+        """Tell the proxies what is served now (called when the registry changes)."""
+        self._beat_now.set()
+
+    # ---------------------------------------------------------- connections
+
+    async def _tunnel_addr(self) -> tuple[str, int]:
+        from bastion.client.api import ApiClient
+
+        api = ApiClient(self.proxy, ca_pem=self.creds.ca_pem.decode())
+        try:
+            info = await api.request("GET", "/v1/webapi/find")
+        finally:
+            await api.close()
+        addr = str(info.get("proxy", {}).get("tunnel_addr", ""))
+        if not addr:
+            raise UpstreamError(f"the proxy at {self.proxy} has no tunnel listener")
+        host, _, port = addr.rpartition(":")
+        host = host.strip("[]")
+        if host in ("", "0.0.0.0", "::"):
+            host = self.proxy.rpartition(":")[0].strip("[]")
+        return host, int(port)
+
+    def _client_ssl(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        # Any certificate of this cluster's host CA is checked below for the proxy role;
+        # names are not: proxies are reached by whatever address the operator gave.
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cadata=self.creds.ca_pem.decode())
+        d = _host_dir(self.data_dir)
+        ctx.load_cert_chain(str(d / "host.crt"), str(d / "host.key"))
+        return ctx
+
+    async def _dial_loop(self, proxy: str) -> None:
+        delay = _BACKOFF_MIN
+        while not self._closing:
+            try:
+                host, port = await self._tunnel_addr()
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port, ssl=self._client_ssl()), 15.0
+                )
+                der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+                peer = host_identity(x509.load_der_x509_certificate(der))
+                if peer.role != "proxy" or peer.cluster_name != self.creds.cluster_name:
+                    writer.close()
+                    raise AuthenticationError(
+                        f"{host}:{port} is not a proxy of cluster {self.creds.cluster_name!r}"
+                    )
+                mux = Mux(reader, writer, initiator=True, on_stream=self._serve_stream)
+                self.conns[proxy] = mux
+                log.info("tunnel connected", extra={"proxy": proxy, "tunnel": f"{host}:{port}"})
+                runner = asyncio.create_task(mux.run(), name="tunnel-mux")
+                beat = asyncio.create_task(self._heartbeat_loop(mux), name="tunnel-heartbeat")
+                delay = _BACKOFF_MIN
+                try:
+                    await runner
+                finally:
+                    beat.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await beat
+                    if self.conns.get(proxy) is mux:
+                        del self.conns[proxy]
+                    if not self.conns:
+                        self.connected.clear()
+                if not self._closing:
+                    log.warning("tunnel lost; reconnecting", extra={"proxy": proxy})
+            except asyncio.CancelledError:
+                raise
+            except (OSError, TimeoutError, ssl.SSLError, BastionError, TunnelClosed) as e:
+                msg = e.message if isinstance(e, BastionError) else (str(e) or type(e).__name__)
+                log.warning(
+                    "cannot reach the proxy's tunnel; retrying",
+                    extra={"proxy": proxy, "error": msg, "retry_in_s": round(delay, 2)},
+                )
+            if self._closing:
+                return
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, _BACKOFF_MAX)
+
+    async def _heartbeat_loop(self, mux: Mux) -> None:
+        first = True
+        while True:
+            try:
+                await self._call_on(mux, "heartbeat", self._heartbeat_doc())
+                if first:
+                    self.connected.set()
+                    first = False
+            except BastionError as e:
+                log.warning("heartbeat failed", extra={"error": e.message})
+            self._beat_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), HEARTBEAT_EVERY)
+
+    def _heartbeat_doc(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "apps": [wire.app_to_wire(a) for a in self.registry.all()],
+            "proxies": sorted(self.conns),
+        }
+
+    # -------------------------------------------------------------- serving
+
+    async def _serve_stream(self, stream: Stream) -> None:
+        if stream.header.get("kind") != "http":
+            stream.reset(f"unexpected stream kind {stream.header.get('kind')!r}")
+            return
+        await tunnel_http.serve(stream, self._handle_http)
+
+    async def _handle_http(self, h: dict[str, Any], receive: Receive, send: Send) -> None:
+        app = self.registry.get(str(h.get("app", "")))
+        if app is None:
+            body = orjson.dumps(
+                {
+                    "jsonrpc": "2.0",
+                    "id": None,
+                    "error": {"code": -32600, "message": f'no MCP app named "{h.get("app")}"'},
+                }
+            )
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 404,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"x-bastion-error-origin", b"client"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        actor = self.actors.get(h["actor"])
+        sub = str(h.get("subpath", "/"))
+        scope: dict[str, Any] = {
+            "type": "http",
+            "method": h["method"],
+            "path": f"/mcp/apps/{app.metadata.name}{sub if sub != '/' else ''}",
+            "query_string": str(h.get("query", "")).encode("latin-1"),
+            "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in h["headers"]],
+            "client": tuple(h.get("client") or ("", 0)),
+            "bastion": {"actor": actor, "app": app, "subpath": sub, "jwt": h.get("jwt")},
+        }
+        await self.handler(scope, receive, send)
+
+    # ------------------------------------------------------------ calls out
+
+    def _any(self) -> Mux:
+        for mux in self.conns.values():
+            if not mux.closed:
+                return mux
+        raise BackendError("not connected to the cluster (no tunnel to a proxy is up)")
+
+    async def wait_connected(self, within: float) -> Mux:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.connected.wait(), within)
+        return self._any()
+
+    async def call(self, method: str, args: dict[str, Any], *, wait: float = 0.0) -> Any:
+        mux = await self.wait_connected(wait) if wait else self._any()
+        return await self._call_on(mux, method, args)
+
+    async def _call_on(self, mux: Mux, method: str, args: dict[str, Any]) -> Any:
+        try:
+            stream = await mux.open({"kind": "rpc", "method": method})
+            await stream.send(orjson.dumps(args))
+            await stream.end()
+            parts: list[bytes] = []
+            async with asyncio.timeout(_RPC_TIMEOUT):
+                while (chunk := await stream.recv()) is not None:
+                    parts.append(chunk)
+        except (StreamReset, TunnelClosed, TimeoutError) as e:
+            raise BackendError(f"the cluster did not answer {method}: {e or 'timed out'}") from None
+        reply = orjson.loads(b"".join(parts))
+        if "error" in reply:
+            err = reply["error"]
+            cls = ValidationError if err.get("origin") == "client" else BackendError
+            raise cls(f"cluster refused {method}: {err.get('message')}")
+        return reply["result"]
+
+    # -------------------------------------------------------------- renewal
+
+    async def _renew_loop(self) -> None:
+        while True:
+            now = datetime.now(UTC)
+            cert = x509.load_pem_x509_certificate(self.creds.cert_pem)
+            life = (cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds()
+            renew_at = cert.not_valid_before_utc.timestamp() + life * 2 / 3
+            await asyncio.sleep(max(1.0, renew_at - now.timestamp()))
+            try:
+                await self.renew()
+            except BastionError as e:
+                log.warning("host certificate renewal failed; will retry", extra={"error": e.message})
+                await asyncio.sleep(30.0)
+
+    async def renew(self) -> None:
+        key_pem, pub_pem = new_host_key()
+        result = await self.call("renew", {"public_key": pub_pem.decode()}, wait=30.0)
+        cert_pem = str(result["cert"]).encode()
+        ident = host_identity(x509.load_pem_x509_certificate(cert_pem))
+        creds = HostCreds(
+            ident.host_id,
+            ident.cluster_name,
+            ident.hostname,
+            cert_pem,
+            key_pem,
+            self.creds.ca_pem,
+            ident.expires,
+        )
+        save_creds(self.data_dir, creds)
+        self.creds = creds
+        log.info("host certificate renewed", extra={"expires": ident.expires.isoformat()})
+
+
+# ----------------------------------------------------- what goes through it
+
+
+class TunnelAuditStore:
+    """An ``AuditStore`` whose writes are committed by the cluster, over the tunnel.
+
+    ``insert_many`` returns only after the cluster committed the events (so a
+    request is never forwarded un-audited); it waits a while for a tunnel when
+    none is up.  Inserts are idempotent by event id, so a retry never doubles.
+    """
+
+    def __init__(self, agent: Agent, *, wait: float = 10.0) -> None:
+        self.agent = agent
+        self.wait = wait
+
+    async def insert_many(self, events: Sequence[AuditEvent]) -> None:
+        await self.agent.call(
+            "audit.insert", {"events": [wire.event_to_wire(e) for e in events]}, wait=self.wait
+        )
+
+    async def complete_many(self, updates: Sequence[Completion]) -> None:
+        await self.agent.call(
+            "audit.complete", {"updates": [wire.completion_to_wire(c) for c in updates]}, wait=self.wait
+        )
+
+    async def search(self, query: AuditQuery) -> list[dict[str, Any]]:
+        raise ValidationError("search the audit log through the proxy (`bastion audit search`)")
+
+    async def close(self) -> None:
+        return None
+
+
+class TunnelAppsView:
+    """The three backend calls ``DynamicApps`` makes, answered by the cluster over the tunnel."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def current_revision(self) -> int:
+        return int((await self.agent.call("revision", {}, wait=5.0))["revision"])
+
+    async def list(self, prefix: str) -> list[Item]:
+        result = await self.agent.call("apps.list", {}, wait=5.0)
+        return [wire.item_from_wire(d) for d in result["items"] if d["key"].startswith(prefix)]
+
+    async def watch(self, revision: int) -> AsyncIterator[Event]:
+        mux = await self.agent.wait_connected(5.0)
+        try:
+            stream = await mux.open({"kind": "rpc", "method": "apps.watch", "revision": revision})
+            await stream.end()
+        except TunnelClosed as e:
+            raise BackendError(f"app watch: {e}") from None
+        buf = b""
+        try:
+            while True:
+                try:
+                    chunk = await stream.recv()
+                except StreamReset as e:
+                    if "expired" in str(e):
+                        raise WatchExpiredError(str(e)) from None
+                    raise BackendError(f"app watch ended: {e}") from None
+                except TunnelClosed as e:
+                    raise BackendError(f"app watch ended: {e}") from None
+                if chunk is None:
+                    raise BackendError("app watch ended by the proxy")
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if line:
+                        yield wire.event_of_item_from_wire(json.loads(line))
+        finally:
+            stream.reset("watch closed")

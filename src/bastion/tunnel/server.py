@@ -1,0 +1,322 @@
+"""The proxy's end of the reverse tunnel: where joined app services dial in.
+
+A plain asyncio TLS listener (``proxy_service.tunnel_listen_addr``) that
+requires a client certificate signed by the cluster's host CA with role
+``app``.  Each accepted connection is one multiplexed ``Mux``; the proxy opens
+a stream per HTTP request it carries to that app service (``tunnel.http``),
+and the app service opens streams for its calls to the cluster:
+
+    heartbeat       what it serves now; recorded as an ``app_server`` that expires
+    revision        the backend's current revision
+    apps.list       the app resources (for its label selectors)
+    apps.watch      changes to app resources from a revision on (a long stream)
+    audit.insert    audit events, committed before the answer (idempotent by id)
+    audit.complete  outcomes of recorded calls
+    renew           a new host certificate for a new public key
+
+An app service only ever reaches app resources, its own heartbeat and the
+audit log through here; it never sees users, roles, keys or tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+from cryptography import x509
+
+from bastion import __version__
+from bastion._listen import bind_tcp
+from bastion.audit.emitter import AuditLog
+from bastion.auth.ca import HostIdentity, host_identity, issue_host_cert, new_host_key
+from bastion.auth.server import AuthServer
+from bastion.errors import BastionError, ConfigError, ValidationError, WatchExpiredError
+from bastion.resources import App, AppServer, AppServerSpec, Metadata
+from bastion.tunnel import wire
+from bastion.tunnel.mux import Mux, Stream, StreamReset, TunnelClosed
+
+log = logging.getLogger("bastion.tunnel")
+
+#: An app service heartbeats this often; its record lives a few beats longer.
+HEARTBEAT_EVERY = 5.0
+HEARTBEAT_TTL = timedelta(seconds=20)
+_MAX_RPC_BODY = 64 << 20
+
+
+def route_tag(host_id: str) -> str:
+    """The session-id prefix of an app service (the proxy routes sessions by it)."""
+    return host_id.replace("-", "")[:12]
+
+
+@dataclass
+class AgentConn:
+    """One connected app service."""
+
+    host: HostIdentity
+    mux: Mux
+    peer: str
+    tag: str
+    apps: dict[str, App] = field(default_factory=dict)
+    connected_at: float = field(default_factory=time.monotonic)
+    #: Set once the first heartbeat told us what it serves.
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class TunnelServer:
+    def __init__(
+        self,
+        auth: AuthServer,
+        audit: AuditLog | None,
+        *,
+        host: str,
+        port: int,
+        data_dir: Path,
+        proxy_addr: Callable[[], str],
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.auth = auth
+        self.audit = audit
+        self.host = host
+        self._want_port = port
+        self.data_dir = data_dir
+        self.proxy_addr = proxy_addr
+        self.on_change = on_change or (lambda: None)
+        self.conns: dict[str, AgentConn] = {}
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.port = 0
+
+    # ------------------------------------------------------------- lifecycle
+
+    def _ssl(self) -> ssl.SSLContext:
+        host_ca = self.auth.cas["host"]
+        key_pem, pub_pem = new_host_key()
+        cert_pem = issue_host_cert(
+            host_ca,
+            public_key_pem=pub_pem,
+            host_id=f"proxy.{self.auth.cluster_name}",
+            role="proxy",
+            hostname=os.uname().nodename,
+            now=self.auth.clock.now(),
+            ttl=timedelta(days=365),
+        )
+        tls_dir = self.data_dir / "proxy"
+        tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cert_file, key_file = tls_dir / "tunnel.crt", tls_dir / "tunnel.key"
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key_pem)
+        cert_file.write_bytes(cert_pem)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(str(cert_file), str(key_file))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cadata=host_ca.cert_pem.decode())
+        return ctx
+
+    async def start(self) -> None:
+        try:
+            sock = bind_tcp(self.host, self._want_port)
+        except OSError as e:
+            raise ConfigError(
+                "proxy_service.tunnel_listen_addr",
+                f"cannot listen on {self.host}:{self._want_port}: {e.strerror}",
+            ) from None
+        self._server = await asyncio.start_server(
+            self._accept, sock=sock, ssl=self._ssl(), ssl_handshake_timeout=10.0
+        )
+        self.port = int(sock.getsockname()[1])
+        log.info("tunnel listening", extra={"addr": f"{self.host}:{self.port}"})
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.conns.values()):
+            await conn.mux.close("proxy shutting down")
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5.0)
+
+    # ------------------------------------------------------------ connections
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        peer = writer.get_extra_info("peername")
+        peer_s = f"{peer[0]}:{peer[1]}" if peer else "?"
+        try:
+            der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            host = host_identity(x509.load_der_x509_certificate(der))
+            if host.role != "app" or host.cluster_name != self.auth.cluster_name:
+                log.warning(
+                    "tunnel refused: not an app service of this cluster",
+                    extra={"peer": peer_s, "role": host.role, "cluster": host.cluster_name},
+                )
+                writer.close()
+                return
+            conn: AgentConn | None = None
+
+            async def on_stream(stream: Stream) -> None:
+                assert conn is not None
+                await self._rpc(conn, stream)
+
+            mux = Mux(reader, writer, initiator=False, on_stream=on_stream)
+            conn = AgentConn(host=host, mux=mux, peer=peer_s, tag=route_tag(host.host_id))
+            old = self.conns.get(host.host_id)
+            self.conns[host.host_id] = conn
+            if old is not None:
+                await old.mux.close("replaced by a new connection from the same app service")
+            log.info(
+                "app service connected",
+                extra={"host_id": host.host_id, "hostname": host.hostname, "peer": peer_s},
+            )
+            try:
+                await mux.run()
+            finally:
+                if self.conns.get(host.host_id) is conn:
+                    del self.conns[host.host_id]
+                    self.on_change()
+                    await self._forget(host.host_id)
+                log.info("app service disconnected", extra={"host_id": host.host_id, "peer": peer_s})
+        except Exception:
+            log.exception("tunnel connection failed", extra={"peer": peer_s})
+            writer.close()
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _forget(self, host_id: str) -> None:
+        """Drop the heartbeat of an app service that left, unless other proxies still carry it."""
+        try:
+            for srv in await self.auth.app_servers():
+                if srv.metadata.name == host_id and set(srv.spec.proxies) <= {self.proxy_addr()}:
+                    await self.auth.remove_app_server(host_id)
+        except BastionError as e:
+            log.warning("cannot drop app server heartbeat", extra={"error": e.message})
+
+    def candidates(self, name: str) -> list[AgentConn]:
+        return [c for c in self.conns.values() if name in c.apps and not c.mux.closed]
+
+    def by_tag(self, tag: str) -> AgentConn | None:
+        for c in self.conns.values():
+            if c.tag == tag and not c.mux.closed:
+                return c
+        return None
+
+    # ------------------------------------------------------------------ RPCs
+
+    async def _rpc(self, conn: AgentConn, stream: Stream) -> None:
+        h = stream.header
+        method = h.get("method", "")
+        if h.get("kind") != "rpc":
+            stream.reset(f"unexpected stream kind {h.get('kind')!r}")
+            return
+        if method == "apps.watch":
+            await self._watch(stream, int(h.get("revision", 0)))
+            return
+        body = await _read_all(stream)
+        try:
+            args = orjson.loads(body) if body else {}
+            result = await self._call(conn, method, args)
+            reply = {"result": result}
+        except BastionError as e:
+            reply = {"error": {"message": e.message, "origin": e.origin, "code": e.code}}
+        except (ValueError, KeyError, TypeError) as e:
+            reply = {
+                "error": {"message": f"bad {method} request: {e}", "origin": "client", "code": "invalid"}
+            }
+        await stream.send(orjson.dumps(reply))
+        await stream.end()
+
+    async def _call(self, conn: AgentConn, method: str, args: dict[str, Any]) -> Any:
+        if method == "heartbeat":
+            apps = {a.metadata.name: a for a in (wire.app_from_wire(d) for d in args.get("apps", ()))}
+            conn.apps = apps
+            first = not conn.ready.is_set()
+            conn.ready.set()
+            self.on_change()
+            now = self.auth.clock.now()
+            proxies = sorted({*args.get("proxies", ()), self.proxy_addr()})
+            await self.auth.upsert_app_server(
+                AppServer(
+                    metadata=Metadata(name=conn.host.host_id, expires=now + HEARTBEAT_TTL),
+                    spec=AppServerSpec(
+                        hostname=conn.host.hostname,
+                        version=str(args.get("version", "")),
+                        tag=conn.tag,
+                        via="tunnel",
+                        proxies=proxies,
+                        apps=list(apps.values()),
+                    ),
+                )
+            )
+            if first:
+                log.info(
+                    "app service serves",
+                    extra={"host_id": conn.host.host_id, "apps": ",".join(sorted(apps))},
+                )
+            return {"proxy_version": __version__, "cluster_name": self.auth.cluster_name}
+        if method == "revision":
+            return {"revision": await self.auth.backend.current_revision()}
+        if method == "apps.list":
+            items = await self.auth.backend.list("/apps/")
+            return {"items": [wire.item_to_wire(i) for i in items]}
+        if method == "audit.insert":
+            if self.audit is None:
+                raise ValidationError("this proxy keeps no audit log")
+            events = [wire.event_from_wire(d) for d in args["events"]]
+            await asyncio.gather(*(self.audit.record(e) for e in events))
+            return {"written": len(events)}
+        if method == "audit.complete":
+            if self.audit is None:
+                raise ValidationError("this proxy keeps no audit log")
+            for d in args["updates"]:
+                c = wire.completion_from_wire(d)
+                self.audit.complete(c.event_id, c.success, c.error, c.duration_ms)
+            return {"queued": len(args["updates"])}
+        if method == "renew":
+            cert = self.auth.renew_host_cert(conn.host, str(args["public_key"]).encode())
+            log.info("host certificate renewed", extra={"host_id": conn.host.host_id})
+            return {"cert": cert.decode()}
+        raise ValidationError(f"unknown tunnel call {method!r}")
+
+    async def _watch(self, stream: Stream, revision: int) -> None:
+        try:
+            async for ev in self.auth.backend.watch(revision):
+                if ev.item.key.startswith("/apps/"):
+                    await stream.send(orjson.dumps(wire.event_of_item_to_wire(ev)) + b"\n")
+        except WatchExpiredError:
+            stream.reset("watch expired: list again")
+        except BastionError as e:
+            stream.reset(f"watch failed: {e.message}")
+        except (StreamReset, TunnelClosed):
+            pass
+
+
+async def _read_all(stream: Stream) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await stream.recv()
+        if chunk is None:
+            return b"".join(parts)
+        size += len(chunk)
+        if size > _MAX_RPC_BODY:
+            raise ValidationError("tunnel request too large")
+        parts.append(chunk)

@@ -1,0 +1,274 @@
+"""App services on "other hosts": joined with tokens, serving over the reverse tunnel.
+
+One `bastion start` runs auth + proxy; two more run app_service alone, each with
+its own data dir, joined with `bastion tokens add --type=app`.  The seed-004 walk
+(create, list, call, relabel so one drops it, delete) and failover when one dies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import Node, bastion_cmd, start_node, stop_node, wait_for_log
+from tests.peers import everything_cmd, requires_node_peers
+
+pytestmark = requires_node_peers
+
+APP = """\
+kind: app
+version: v3
+metadata:
+  name: everything
+  description: The Everything MCP server
+  labels: {{env: {env}}}
+spec:
+  mcp:
+    command: {command}
+    args: {args}
+    run_as_host_user: {user}
+"""
+
+
+@dataclass
+class AgentProc:
+    root: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _token(node: Node, ttl: str = "30m") -> tuple[str, str]:
+    out = _token_doc(node, ttl)
+    return out["token"], out["ca_pin"]
+
+
+def _token_doc(node: Node, ttl: str = "30m") -> dict[str, str]:
+    res = node.cli("tokens", "add", "--type=app", f"--ttl={ttl}", "--format=json", local=True)
+    return dict(json.loads(res.stdout))
+
+
+def _agent_config(root: Path, node: Node, token: str, pin: str, selector: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    tok = root / "token"
+    tok.write_text(token + "\n")
+    cfg = root / "app.yaml"
+    cfg.write_text(
+        "version: v1\n"
+        "bastion:\n"
+        f"  data_dir: {root / 'data'}\n"
+        f"  proxy_server: {node.addr}\n"
+        f"  ca_pin: {pin}\n"
+        "  join_params:\n"
+        f"    token_name: {tok}\n"
+        "auth_service: {enabled: false}\n"
+        "proxy_service: {enabled: false}\n"
+        "app_service:\n"
+        "  enabled: true\n"
+        "  resources:\n"
+        f"  - labels: {selector}\n"
+    )
+    return cfg
+
+
+def _start_agent(root: Path, cfg: Path) -> AgentProc:
+    log = root / "agent.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    with log.open("ab") as f:
+        proc = subprocess.Popen(
+            bastion_cmd("start", "--config", str(cfg)), stdout=f, stderr=subprocess.STDOUT, env=env
+        )
+    return AgentProc(root, proc, log)
+
+
+def _until(what: str, check: Callable[[], bool], deadline: float = 10.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < deadline:
+        if check():
+            return time.monotonic() - start
+    raise AssertionError(f"{what}: not within {deadline}s")
+
+
+@dataclass
+class Topology:
+    node: Node
+    agents: list[AgentProc]
+    ident: Path
+
+
+@pytest.fixture(scope="module")
+def topo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
+    root = tmp_path_factory.mktemp("agents")
+    node = start_node(root / "cluster", extra_config="app_service:\n  enabled: false\n")
+    agents: list[AgentProc] = []
+    try:
+        node.cli("users", "add", "alice", "--roles=mcp-user", local=True)
+        ident = root / "alice.id"
+        node.cli("auth", "sign", "--user=alice", f"--out={ident}", local=True)
+        for i, selector in enumerate(("{env: dev}", "{'*': '*'}")):
+            token, pin = _token(node)
+            cfg = _agent_config(root / f"agent{i}", node, token, pin, selector)
+            agents.append(_start_agent(root / f"agent{i}", cfg))
+        for a in agents:
+            wait_for_log(a.log, r"tunnel connected", a.proc, 30.0)
+        yield Topology(node, agents, ident)
+    finally:
+        for a in agents:
+            a.stop()
+        stop_node(node)
+
+
+def _servers(node: Node) -> dict[str, list[str]]:
+    out = json.loads(node.cli("get", "app_servers", "--format=json", local=True).stdout)
+    return {
+        s["spec"]["hostname"] + "/" + s["metadata"]["name"]: [
+            a["metadata"]["name"] for a in s["spec"]["apps"]
+        ]
+        for s in out
+    }
+
+
+def _ls(t: Topology) -> set[str]:
+    out = t.node.cli("mcp", "ls", "--format=json", "-i", str(t.ident), "--proxy", t.node.addr).stdout
+    return {a["name"] for a in json.loads(out)}
+
+
+def _serving(t: Topology) -> int:
+    return sum("everything" in apps for apps in _servers(t.node).values())
+
+
+def test_join_walk_and_failover(topo: Topology, tmp_path: Path) -> None:
+    t = topo
+    assert len(_servers(t.node)) == 2  # both joined and heartbeating
+    assert _ls(t) == set()
+
+    cmd = everything_cmd("stdio")
+    app = tmp_path / "mcp_server.yaml"
+    user = os.environ.get("USER") or "root"
+    app.write_text(APP.format(env="dev", command=cmd[0], args=json.dumps(cmd[1:]), user=user))
+    t.node.cli("create", str(app), local=True)
+    took = _until("both app services serve it", lambda: _serving(t) == 2)
+    assert took < 2.0 + 1.0  # the guide's "within 2 seconds", plus CLI start-up time
+    assert _ls(t) == {"everything"}
+
+    for _ in range(4):  # new sessions are spread over both; each works
+        called = t.node.cli(
+            "mcp",
+            "call",
+            "everything",
+            "echo",
+            "--arg",
+            "message=via tunnel",
+            "-i",
+            str(t.ident),
+            "--proxy",
+            t.node.addr,
+        )
+        assert called.stdout.strip() == "Echo: via tunnel"
+    events = json.loads(
+        t.node.cli("audit", "search", "--type=mcp.session.request", "--format=json", local=True).stdout
+    )
+    calls = [e for e in events if e.get("tool") == "echo"]
+    assert len(calls) >= 4 and all(e["user"] == "alice" and e["success"] for e in calls)
+
+    # Relabel: the app service selecting env=dev drops it, the other keeps it.
+    app.write_text(APP.format(env="prod", command=cmd[0], args=json.dumps(cmd[1:]), user=user))
+    t.node.cli("create", "-f", str(app), local=True)
+    _until("one app service drops it", lambda: _serving(t) == 1)
+    assert _ls(t) == {"everything"}
+
+    # Delete: gone everywhere.
+    t.node.cli("rm", "app/everything", local=True)
+    _until("no app service serves it", lambda: _serving(t) == 0)
+    assert _ls(t) == set()
+
+
+def test_kill_one_of_two(topo: Topology, tmp_path: Path) -> None:
+    t = topo
+    cmd = everything_cmd("stdio")
+    app = tmp_path / "mcp_server.yaml"
+    user = os.environ.get("USER") or "root"
+    app.write_text(APP.format(env="dev", command=cmd[0], args=json.dumps(cmd[1:]), user=user))
+    t.node.cli("create", "-f", str(app), local=True)
+    _until("both serve it", lambda: _serving(t) == 2)
+    victim = t.agents[0]
+    victim.proc.kill()
+    victim.proc.wait()
+    for _ in range(4):
+        called = t.node.cli(
+            "mcp",
+            "call",
+            "everything",
+            "echo",
+            "--arg",
+            "message=still here",
+            "-i",
+            str(t.ident),
+            "--proxy",
+            t.node.addr,
+        )
+        assert called.stdout.strip() == "Echo: still here"
+    _until("the dead one is gone from app_servers", lambda: len(_servers(t.node)) == 1)
+
+
+def test_used_and_expired_tokens_are_refused(topo: Topology, tmp_path: Path) -> None:
+    t = topo
+    token, pin = _token(t.node)
+    first = _start_agent(tmp_path / "a", _agent_config(tmp_path / "a", t.node, token, pin, "{x: y}"))
+    try:
+        wait_for_log(first.log, r"tunnel connected", first.proc, 30.0)
+    finally:
+        first.stop()
+    again = subprocess.run(
+        bastion_cmd("start", "--config", str(_agent_config(tmp_path / "b", t.node, token, pin, "{x: y}"))),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode != 0
+    assert "already used" in again.stderr, again.stderr
+
+    doc = _token_doc(t.node, ttl="1s")
+    short = doc["token"]
+
+    def listed() -> set[str]:
+        out = t.node.cli("tokens", "ls", "--format=json", local=True).stdout
+        return {x["metadata"]["name"] for x in json.loads(out)}
+
+    _until("the short-lived token expired", lambda: doc["id"] not in listed())
+    late = subprocess.run(
+        bastion_cmd("start", "--config", str(_agent_config(tmp_path / "c", t.node, short, pin, "{x: y}"))),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert late.returncode != 0
+    assert "expired" in late.stderr, late.stderr
+
+    bad_pin = subprocess.run(
+        bastion_cmd(
+            "start",
+            "--config",
+            str(_agent_config(tmp_path / "d", t.node, _token(t.node)[0], "SHA256:AAAA", "{x: y}")),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad_pin.returncode != 0
+    assert "not in bastion.ca_pin" in bad_pin.stderr, bad_pin.stderr
