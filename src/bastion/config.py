@@ -342,19 +342,50 @@ class BastionSection(_Model):
 BACKEND_TYPES = ("sqlite", "postgres")
 
 
+def _empty_dsn_is_none(v: Any) -> Any:
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    return v.strip() if isinstance(v, str) else v
+
+
 class Backend(_Model):
+    """``sqlite`` (a file: ``path``) or ``postgres`` (a server: ``dsn``)."""
+
     type: str = "sqlite"
-    #: ``None`` means ``<data_dir>/backend.db``; see ``resolved_path``.
+    #: sqlite only.  ``None`` means ``<data_dir>/backend.db``; see ``resolved_path``.
     path: OptionalAbsPath = None
+    #: postgres only (required): ``postgresql://user:password@host:port/database``.
+    #: A secret (it may hold the password): its repr is masked, and no error quotes it.
+    dsn: Annotated[pydantic.SecretStr | None, BeforeValidator(_empty_dsn_is_none)] = None
 
     @field_validator("type")
     @classmethod
     def _type(cls, v: str) -> str:
-        if v == "postgres":
-            raise ValueError('backend type "postgres" is not supported yet')
         if v not in BACKEND_TYPES:
             raise ValueError(f'unknown backend type "{v}" (known: {", ".join(BACKEND_TYPES)})')
         return v
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, v: pydantic.SecretStr | None) -> pydantic.SecretStr | None:
+        if v is not None and not v.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError(
+                "must be a URL starting with postgresql:// (postgresql://user:password@host:port/db)"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _fields_for_type(self) -> Backend:
+        if self.type == "postgres":
+            if self.dsn is None:
+                raise located_error(
+                    ("dsn",), "required when type is postgres (postgresql://user:password@host:port/db)"
+                )
+            if self.path is not None:
+                raise located_error(("path",), "not used by the postgres backend (it uses dsn)")
+        elif self.dsn is not None:
+            raise located_error(("dsn",), f"only used by the postgres backend, not {self.type}")
+        return self
 
     def resolved_path(self, data_dir: Path) -> Path:
         """The SQLite file: ``path`` if set, else ``<data_dir>/backend.db``."""
@@ -861,7 +892,9 @@ def render_starter(
             "  # it; users never do, so keep it on a private address.",
             f"  listen_addr: {_q(auth_listen)}",
             "  backend:",
-            "    # sqlite: an embedded database file.  (postgres is planned, not supported yet.)",
+            "    # sqlite: an embedded database file, for one host.  postgres: a PostgreSQL",
+            "    # database that several auth services may share; set dsn instead of path:",
+            '    #   dsn: "postgresql://bastion:PASSWORD@db.example.com:5432/bastion"',
             "    type: sqlite",
             '    # The database file; "" means <data_dir>/backend.db.',
             '    path: ""',

@@ -1,0 +1,213 @@
+"""What the PostgreSQL stores share: safe names for a DSN, error mapping, migrations.
+
+Used by ``bastion.backend.postgres`` and ``bastion.audit.pg_store``.  What it
+must not do: put a DSN's password (or the DSN itself) in any message, let an
+``asyncpg`` or socket exception escape unmapped, or import anything above
+``bastion.errors``.
+
+Migrations: every store names its ``component`` (``backend``, ``audit``)
+and lists its migrations in order, version 1 first.  ``migrate`` applies the
+missing ones in ONE transaction that first takes a transaction-level advisory
+lock, so several processes starting at once apply each migration exactly
+once (the others wait for the lock, then find nothing left to do).  The
+applied versions are rows of ``bastion_schema_migrations``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import unquote, urlsplit
+
+import asyncpg
+
+from bastion.errors import BackendError, BastionError, ValidationError
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "MIGRATIONS_TABLE",
+    "Migration",
+    "UnreachableError",
+    "describe_dsn",
+    "is_unreachable",
+    "map_error",
+    "migrate",
+    "scrub",
+    "wait_event",
+]
+
+#: Seconds to wait for a TCP connection and the PostgreSQL handshake.
+CONNECT_TIMEOUT: Final = 5.0
+#: The table recording applied migrations, shared by every component.
+MIGRATIONS_TABLE: Final = "bastion_schema_migrations"
+#: ``pg_advisory_xact_lock`` key serialising migrations ("bastion" in ASCII).
+MIGRATION_LOCK: Final = 0x62617374696F6E
+
+_MIGRATIONS_DDL: Final = f"""
+CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (
+    component   TEXT        NOT NULL,
+    version     INTEGER     NOT NULL,
+    description TEXT        NOT NULL,
+    applied_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (component, version)
+)
+"""
+
+
+class UnreachableError(BackendError):
+    """The database could not be reached (refused, reset, shut down, timed out).
+
+    A ``BackendError`` to callers; the stores use the subclass to tell an
+    outage (retry later) from a real failure.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    description: str
+    #: Statements run in order, inside the migration transaction.
+    statements: tuple[str, ...]
+
+
+def describe_dsn(dsn: str) -> str:
+    """``dsn`` without password or query: ``postgresql://user@host:port/db``."""
+    try:
+        parts = urlsplit(dsn)
+        host = parts.hostname or ""
+        port = parts.port
+        user = unquote(parts.username) if parts.username else ""
+    except ValueError:
+        return "postgresql://(invalid dsn)"
+    if ":" in host:
+        host = f"[{host}]"
+    where = f"{host}:{port}" if port is not None else host
+    db = unquote(parts.path.lstrip("/"))
+    return f"{parts.scheme or 'postgresql'}://{user + '@' if user else ''}{where}/{db}"
+
+
+def _secrets(dsn: str) -> list[str]:
+    """Strings of ``dsn`` that must never be shown: the password, in every spelling."""
+    found: list[str] = []
+    try:
+        parts = urlsplit(dsn)
+        if parts.password:
+            found += [parts.password, unquote(parts.password)]
+        for pair in parts.query.split("&"):
+            name, _, value = pair.partition("=")
+            if name.lower() in ("password", "sslpassword") and value:
+                found += [value, unquote(value)]
+    except ValueError:
+        pass
+    return sorted({s for s in found if s}, key=len, reverse=True)
+
+
+def scrub(text: str, dsn: str) -> str:
+    """``text`` with the DSN's password(s) replaced by ``***``."""
+    for secret in _secrets(dsn):
+        text = text.replace(secret, "***")
+    return text
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """True when ``exc`` means the server cannot be talked to right now."""
+    if isinstance(
+        exc,
+        OSError
+        | TimeoutError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.AdminShutdownError
+        | asyncpg.CrashShutdownError
+        | asyncpg.CannotConnectNowError
+        | asyncpg.TooManyConnectionsError,
+    ):
+        return True
+    if isinstance(exc, asyncpg.InterfaceError):
+        # What asyncpg raises for a connection that closed under it.
+        text = str(exc)
+        return "connection is closed" in text or "connection was closed" in text
+    # A connection the server ended while it was idle (its FATAL message was
+    # read, the socket not closed yet) refuses the next query with "cannot
+    # switch to state ...": it is as good as lost.
+    return isinstance(exc, asyncpg.InternalClientError) and not isinstance(
+        exc, asyncpg.exceptions.OutdatedSchemaCacheError | asyncpg.exceptions.TargetServerAttributeNotMatched
+    )
+
+
+def map_error(label: str, dsn: str, action: str, exc: BaseException) -> BastionError:
+    """The project error for a driver/socket failure; never contains the password.
+
+    ``label`` names the store (``postgres database postgresql://u@h:5432/db``).
+    """
+    detail = "timed out" if isinstance(exc, TimeoutError) else scrub(str(exc) or type(exc).__name__, dsn)
+    if len(detail) > 300:
+        detail = detail[:300] + "..."
+    if is_unreachable(exc):
+        return UnreachableError(f"{label}: cannot {action}: the database is unreachable ({detail})")
+    if isinstance(exc, asyncpg.DataError | UnicodeEncodeError | asyncpg.CharacterNotInRepertoireError):
+        cause = exc if isinstance(exc, UnicodeEncodeError) else exc.__cause__
+        if isinstance(cause, UnicodeEncodeError):
+            return ValidationError(f"text is not valid Unicode: {cause.reason} at {cause.start}")
+        if isinstance(exc, asyncpg.CharacterNotInRepertoireError):
+            return ValidationError("text must not contain NUL characters")
+    if isinstance(exc, asyncpg.LockNotAvailableError):
+        detail += " (another bastion process held the write lock too long)"
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        detail = f"cannot log in: {detail}"
+    if isinstance(exc, ValueError | asyncpg.ClientConfigurationError):
+        detail = f"invalid dsn: {detail}"
+    return BackendError(f"{label}: cannot {action}: {detail}")
+
+
+async def migrate(
+    conn: asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any],
+    component: str,
+    migrations: Sequence[Migration],
+    label: str,
+) -> int:
+    """Apply the missing ``migrations`` of ``component``; return the schema version.
+
+    One transaction, serialised across processes by an advisory lock taken
+    before anything else (even ``CREATE TABLE IF NOT EXISTS`` races without
+    it).  Raises ``BackendError`` if the database has a newer version than
+    ``migrations`` knows.
+    """
+    newest = migrations[-1].version if migrations else 0
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(_MIGRATIONS_DDL)
+        applied = {
+            int(row[0])
+            for row in await conn.fetch(
+                f"SELECT version FROM {MIGRATIONS_TABLE} WHERE component = $1", component
+            )
+        }
+        if applied and max(applied) > newest:
+            raise BackendError(
+                f"{label}: {component} schema version {max(applied)} is newer than this "
+                f"bastion supports ({newest}); upgrade bastion"
+            )
+        for migration in migrations:
+            if migration.version in applied:
+                continue
+            for statement in migration.statements:
+                await conn.execute(statement)
+            await conn.execute(
+                f"INSERT INTO {MIGRATIONS_TABLE} (component, version, description) VALUES ($1, $2, $3)",
+                component,
+                migration.version,
+                migration.description,
+            )
+    return newest
+
+
+async def wait_event(event: asyncio.Event, seconds: float) -> bool:
+    """Wait up to ``seconds`` for ``event``; True if it was set."""
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
