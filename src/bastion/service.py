@@ -25,7 +25,7 @@ from bastion.appservice.mcp_http import Limits, MCPHandler
 from bastion.appservice.registry import AppRegistry
 from bastion.audit.emitter import AuditLog
 from bastion.audit.redact import DEFAULT_SECRET_KEYS, Redactor
-from bastion.audit.store import SQLiteAuditStore
+from bastion.audit.store import AuditStore, SQLiteAuditStore
 from bastion.auth.ca import CertAuthority, fingerprint
 from bastion.auth.server import AuthServer
 from bastion.backend import Backend, Item
@@ -132,6 +132,7 @@ class Cluster:
         self.tunnels = tunnels
         self.agent = agent
         self._tasks: list[asyncio.Task[None]] = []
+        self._proxy_id = ""
 
     @classmethod
     async def start(cls, cfg: Config) -> Cluster:
@@ -147,7 +148,7 @@ class Cluster:
         local_tag = secrets.token_hex(4)
         try:
             auth = await AuthServer.open(backend, cfg.bastion.cluster_name, settings_from(cfg))
-            audit = AuditLog(await SQLiteAuditStore.open(data_dir))
+            audit = AuditLog(await _open_audit_store(cfg))
             router: Router | None = None
 
             def changed() -> None:
@@ -224,6 +225,8 @@ class Cluster:
         cluster._tasks.append(asyncio.create_task(cluster._housekeeping(), name="backend-housekeeping"))
         if apps is not None:
             cluster._tasks.append(asyncio.create_task(cluster._local_heartbeat(), name="app-heartbeat"))
+        if proxy is not None:
+            cluster._tasks.append(asyncio.create_task(cluster._proxy_heartbeat(), name="proxy-heartbeat"))
         log.info(
             "cluster started",
             extra={
@@ -299,6 +302,18 @@ class Cluster:
                 log.warning("app service heartbeat failed", extra={"error": e.message})
             await self.apps.registry.wait_changed(HEARTBEAT_EVERY)
 
+    async def _proxy_heartbeat(self) -> None:
+        """Advertise this proxy, so app services connect to every live one."""
+        assert self.auth is not None
+        proxy_id = f"{self.auth.cluster_name}-{secrets.token_hex(4)}"
+        self._proxy_id = proxy_id
+        while True:
+            try:
+                await self.auth.upsert_proxy(proxy_id, self.proxy_addr, HEARTBEAT_TTL)
+            except BastionError as e:
+                log.warning("proxy heartbeat failed", extra={"error": e.message})
+            await asyncio.sleep(HEARTBEAT_EVERY)
+
     async def _housekeeping(self) -> None:
         assert self.backend is not None
         expire = getattr(self.backend, "expire", None)
@@ -328,6 +343,9 @@ class Cluster:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        if self.auth is not None and self._proxy_id:
+            with contextlib.suppress(BastionError):
+                await self.auth.remove_proxy(self._proxy_id)
         if self.proxy:
             await self.proxy.stop()
         if self.tunnels:
@@ -341,6 +359,23 @@ class Cluster:
         if self.backend:
             await self.backend.close()
         log.info("cluster stopped")
+
+
+async def _open_audit_store(cfg: Config) -> AuditStore:
+    """The cluster's audit log: SQLite next to the backend, or PostgreSQL with a local spool."""
+    b = cfg.auth_service.backend
+    if b.type == "postgres":
+        from bastion.audit.pg_store import PostgresAuditStore
+        from bastion.audit.spool import SpoolingAuditStore
+
+        assert b.dsn is not None
+        store = SpoolingAuditStore(
+            await PostgresAuditStore.open(b.dsn.get_secret_value()),
+            cfg.bastion.data_dir / "audit-spool.db",
+        )
+        store.start()
+        return store
+    return await SQLiteAuditStore.open(cfg.bastion.data_dir)
 
 
 def _public(cfg: Config, port: int) -> str:

@@ -76,18 +76,19 @@ def wait_for_log(log: Path, pattern: str, proc: subprocess.Popen[bytes], deadlin
     raise AssertionError(f"timed out waiting for {pattern!r} in {log}:\n{log.read_text()}")
 
 
-def start_node(root: Path, *, extra_config: str = "") -> Node:
+def start_node(root: Path, *, extra_config: str = "", auth_config: str = "", cluster: str = "itest") -> Node:
     root.mkdir(parents=True, exist_ok=True)
     config = root / "bastion.yaml"
     config.write_text(
         "version: v1\n"
         "bastion:\n"
         f"  data_dir: {root / 'data'}\n"
-        "  cluster_name: itest\n"
+        f"  cluster_name: {cluster}\n"
         "auth_service:\n"
         "  listen_addr: 127.0.0.1:0\n"
-        "proxy_service:\n"
-        "  listen_addr: 127.0.0.1:0\n" + extra_config
+        + auth_config
+        + "proxy_service:\n  listen_addr: 127.0.0.1:0\n"
+        + extra_config
     )
     log = root / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}

@@ -568,6 +568,20 @@ class AuthServer:
                 out.append(res)
         return out
 
+    async def upsert_proxy(self, proxy_id: str, public_addr: str, ttl: timedelta) -> None:
+        """A proxy's heartbeat: app services connect to every live proxy."""
+        doc = orjson.dumps({"public_addr": public_addr})
+        await self.backend.put(Item(f"/proxies/{proxy_id}", doc, expires=self.clock.now() + ttl))
+
+    async def remove_proxy(self, proxy_id: str) -> None:
+        with contextlib.suppress(NotFoundError):
+            await self.backend.delete(f"/proxies/{proxy_id}")
+
+    async def proxies(self) -> list[str]:
+        """Public addresses of the live proxies."""
+        out = {orjson.loads(i.value)["public_addr"] for i in await self.backend.list("/proxies/")}
+        return sorted(out)
+
     # ----------------------------------------------------------- resources
 
     async def get_resource(self, actor: Actor, kind: str, name: str) -> Resource:

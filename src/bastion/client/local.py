@@ -29,6 +29,8 @@ class LocalAdmin:
         self.cluster_name = auth.cluster_name
         self.proxy_addr = proxy_addr
         self.actor = Actor.admin()
+        #: The PostgreSQL DSN when the cluster keeps its state (and audit log) there.
+        self.dsn = ""
 
     @classmethod
     async def open(cls, config_path: Path) -> LocalAdmin:
@@ -44,7 +46,13 @@ class LocalAdmin:
         except BaseException:
             await backend.close()
             raise
-        return cls(auth, backend, proxy_addr, cfg.bastion.data_dir)
+        admin = cls(auth, backend, proxy_addr, cfg.bastion.data_dir)
+        admin.dsn = (
+            cfg.auth_service.backend.dsn.get_secret_value()
+            if cfg.auth_service.backend.type == "postgres" and cfg.auth_service.backend.dsn
+            else ""
+        )
+        return admin
 
     async def close(self) -> None:
         await self.backend.close()
@@ -99,9 +107,15 @@ class LocalAdmin:
 
     async def audit_search(self, params: dict[str, str]) -> list[dict[str, Any]]:
         from bastion.audit.query import query_from_params
-        from bastion.audit.store import SQLiteAuditStore
+        from bastion.audit.store import AuditStore, SQLiteAuditStore
 
-        store = await SQLiteAuditStore.open(self.data_dir)
+        store: AuditStore
+        if self.dsn:
+            from bastion.audit.pg_store import PostgresAuditStore
+
+            store = await PostgresAuditStore.open(self.dsn)
+        else:
+            store = await SQLiteAuditStore.open(self.data_dir)
         try:
             return await store.search(query_from_params(params))
         finally:

@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from bastion.auth import appjwt
 from bastion.auth.server import Actor, AuthServer
-from bastion.errors import BastionError
+from bastion.errors import BackendError, BastionError
 from bastion.proxy.routing import Router
 
 ASGI = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -60,7 +60,19 @@ class Front:
             ident = hit[1].identity
             if ident is not None and ident.expires > self.auth.clock.now():
                 return hit[1]
-        actor = await self.auth.authenticate(token)
+        try:
+            actor = await self.auth.authenticate(token)
+        except BackendError:
+            # The backend is away (a database restart): a user we already know keeps
+            # working with the policy we last saw (its signature was verified when it
+            # was cached) until their credential expires; new users wait for the backend.
+            if (
+                hit is not None
+                and hit[1].identity is not None
+                and hit[1].identity.expires > self.auth.clock.now()
+            ):
+                return hit[1]
+            raise
         if len(self._actors) >= _CACHE_MAX:
             self._actors.clear()
         self._actors[token] = (now, actor)

@@ -57,6 +57,7 @@ log = logging.getLogger("bastion.agent")
 
 _BACKOFF_MIN, _BACKOFF_MAX = 0.25, 10.0
 _RPC_TIMEOUT = 30.0
+_GIVE_UP_AFTER = 5
 
 
 # ---------------------------------------------------------------- identity
@@ -186,14 +187,23 @@ class Agent:
         self.conns: dict[str, Mux] = {}
         self.connected = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._beat_now = asyncio.Event()
+        self._dialers: dict[str, asyncio.Task[None]] = {}
+        self._beat_now: set[asyncio.Event] = set()
         self._closing = False
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self._tasks.append(asyncio.create_task(self._dial_loop(self.proxy), name="tunnel-dial"))
+        self._dial(self.proxy, configured=True)
         self._tasks.append(asyncio.create_task(self._renew_loop(), name="host-cert-renew"))
+
+    def _dial(self, proxy: str, *, configured: bool = False) -> None:
+        """Keep a tunnel to ``proxy`` (the configured one, or one the cluster told us about)."""
+        if proxy in self._dialers or self._closing:
+            return
+        task = asyncio.create_task(self._dial_loop(proxy, configured=configured), name=f"tunnel-dial-{proxy}")
+        self._dialers[proxy] = task
+        self._tasks.append(task)
 
     async def aclose(self) -> None:
         self._closing = True
@@ -207,25 +217,26 @@ class Agent:
 
     def apps_changed(self) -> None:
         """Tell the proxies what is served now (called when the registry changes)."""
-        self._beat_now.set()
+        for ev in self._beat_now:
+            ev.set()
 
     # ---------------------------------------------------------- connections
 
-    async def _tunnel_addr(self) -> tuple[str, int]:
+    async def _tunnel_addr(self, proxy: str) -> tuple[str, int]:
         from bastion.client.api import ApiClient
 
-        api = ApiClient(self.proxy, ca_pem=self.creds.ca_pem.decode())
+        api = ApiClient(proxy, ca_pem=self.creds.ca_pem.decode())
         try:
             info = await api.request("GET", "/v1/webapi/find")
         finally:
             await api.close()
         addr = str(info.get("proxy", {}).get("tunnel_addr", ""))
         if not addr:
-            raise UpstreamError(f"the proxy at {self.proxy} has no tunnel listener")
+            raise UpstreamError(f"the proxy at {proxy} has no tunnel listener")
         host, _, port = addr.rpartition(":")
         host = host.strip("[]")
         if host in ("", "0.0.0.0", "::"):
-            host = self.proxy.rpartition(":")[0].strip("[]")
+            host = proxy.rpartition(":")[0].strip("[]")
         return host, int(port)
 
     def _client_ssl(self) -> ssl.SSLContext:
@@ -240,11 +251,18 @@ class Agent:
         ctx.load_cert_chain(str(d / "host.crt"), str(d / "host.key"))
         return ctx
 
-    async def _dial_loop(self, proxy: str) -> None:
+    async def _dial_loop(self, proxy: str, *, configured: bool) -> None:
+        try:
+            await self._dial_forever(proxy, configured=configured)
+        finally:
+            self._dialers.pop(proxy, None)
+
+    async def _dial_forever(self, proxy: str, *, configured: bool) -> None:
         delay = _BACKOFF_MIN
+        failures = 0
         while not self._closing:
             try:
-                host, port = await self._tunnel_addr()
+                host, port = await self._tunnel_addr(proxy)
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(host, port, ssl=self._client_ssl()), 15.0
                 )
@@ -261,6 +279,7 @@ class Agent:
                 runner = asyncio.create_task(mux.run(), name="tunnel-mux")
                 beat = asyncio.create_task(self._heartbeat_loop(mux), name="tunnel-heartbeat")
                 delay = _BACKOFF_MIN
+                failures = 0
                 try:
                     await runner
                 finally:
@@ -277,6 +296,14 @@ class Agent:
                 raise
             except (OSError, TimeoutError, ssl.SSLError, BastionError, TunnelClosed) as e:
                 msg = e.message if isinstance(e, BastionError) else (str(e) or type(e).__name__)
+                failures += 1
+                if not configured and failures >= _GIVE_UP_AFTER:
+                    log.warning(
+                        "giving up on a proxy the cluster told us about (the cluster will "
+                        "tell us again while it is alive)",
+                        extra={"proxy": proxy, "error": msg},
+                    )
+                    return
                 log.warning(
                     "cannot reach the proxy's tunnel; retrying",
                     extra={"proxy": proxy, "error": msg, "retry_in_s": round(delay, 2)},
@@ -288,17 +315,25 @@ class Agent:
 
     async def _heartbeat_loop(self, mux: Mux) -> None:
         first = True
-        while True:
-            try:
-                await self._call_on(mux, "heartbeat", self._heartbeat_doc())
-                if first:
-                    self.connected.set()
-                    first = False
-            except BastionError as e:
-                log.warning("heartbeat failed", extra={"error": e.message})
-            self._beat_now.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._beat_now.wait(), HEARTBEAT_EVERY)
+        now = asyncio.Event()
+        self._beat_now.add(now)
+        try:
+            while True:
+                try:
+                    reply = await self._call_on(mux, "heartbeat", self._heartbeat_doc())
+                    if first:
+                        self.connected.set()
+                        first = False
+                    # Every live proxy must be able to carry any session: connect to all.
+                    for addr in reply.get("proxies", ()):
+                        self._dial(str(addr))
+                except BastionError as e:
+                    log.warning("heartbeat failed", extra={"error": e.message})
+                now.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(now.wait(), HEARTBEAT_EVERY)
+        finally:
+            self._beat_now.discard(now)
 
     def _heartbeat_doc(self) -> dict[str, Any]:
         return {

@@ -271,7 +271,11 @@ class TunnelServer:
                     "app service serves",
                     extra={"host_id": conn.host.host_id, "apps": ",".join(sorted(apps))},
                 )
-            return {"proxy_version": __version__, "cluster_name": self.auth.cluster_name}
+            return {
+                "proxy_version": __version__,
+                "cluster_name": self.auth.cluster_name,
+                "proxies": await self.auth.proxies(),
+            }
         if method == "revision":
             return {"revision": await self.auth.backend.current_revision()}
         if method == "apps.list":

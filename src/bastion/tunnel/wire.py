@@ -10,20 +10,15 @@ user and policy revision, so a request costs a dict lookup).
 
 from __future__ import annotations
 
-import dataclasses
 from datetime import datetime
 from typing import Any
 
-from bastion.audit.events import AuditEvent
-from bastion.audit.store import Completion
+from bastion.audit import codec
 from bastion.auth.credentials import Identity
 from bastion.auth.server import Actor
 from bastion.backend import Event, EventType, Item
 from bastion.policy import AccessChecker
 from bastion.resources import App, Role, User
-
-_EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(AuditEvent))
-
 
 # ----------------------------------------------------------------- actors
 
@@ -88,28 +83,10 @@ class ActorCache:
 
 # ------------------------------------------------------------------ audit
 
-
-def event_to_wire(ev: AuditEvent) -> dict[str, Any]:
-    out = {name: getattr(ev, name) for name in _EVENT_FIELDS}
-    out["time"] = ev.time.isoformat()
-    out["roles"] = list(ev.roles)
-    return out
-
-
-def event_from_wire(doc: dict[str, Any]) -> AuditEvent:
-    kw = {k: v for k, v in doc.items() if k in _EVENT_FIELDS}
-    kw["time"] = datetime.fromisoformat(doc["time"])
-    kw["roles"] = tuple(doc.get("roles", ()))
-    return AuditEvent(**kw)
-
-
-def completion_to_wire(c: Completion) -> list[Any]:
-    return [c.event_id, c.success, c.error, c.duration_ms]
-
-
-def completion_from_wire(doc: list[Any]) -> Completion:
-    event_id, success, error, duration_ms = doc
-    return Completion(str(event_id), bool(success), str(error), duration_ms)
+event_to_wire = codec.event_to_wire
+event_from_wire = codec.event_from_wire
+completion_to_wire = codec.completion_to_wire
+completion_from_wire = codec.completion_from_wire
 
 
 # ---------------------------------------------------------- backend items

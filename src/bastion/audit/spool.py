@@ -1,0 +1,164 @@
+"""An audit store that never loses an event while its database is away: a local on-disk spool.
+
+``SpoolingAuditStore(primary, spool_path)`` writes to ``primary`` (PostgreSQL)
+while it answers.  When a write fails or takes longer than ``write_timeout``,
+that write and every later one go to a local SQLite file (WAL, one
+transaction per batch — the same durability as the audit log on a single
+node), and the caller is told "committed": the request goes upstream with its
+event safe on disk.  A drainer replays the spool to the primary in order,
+oldest first, and deletes each batch only after the primary committed it;
+then writes go straight to the primary again.
+
+Nothing is doubled: events are inserted by id with ``ON CONFLICT DO NOTHING``
+and completions set the outcome of an id, so replaying a batch that the
+primary had in fact committed (the answer was lost) changes nothing.
+Nothing is lost: a batch leaves the spool only after the primary's commit.
+Order holds: while anything is spooled, new writes queue behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bastion.audit import codec
+from bastion.audit.events import AuditEvent
+from bastion.audit.store import AuditQuery, AuditStore, Completion
+from bastion.errors import BackendError
+
+log = logging.getLogger("bastion.audit.spool")
+
+_INSERT, _COMPLETE = "insert", "complete"
+_SCHEMA = "CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, body BLOB NOT NULL)"
+
+
+class SpoolingAuditStore:
+    def __init__(
+        self,
+        primary: AuditStore,
+        spool_path: Path,
+        *,
+        write_timeout: float = 3.0,
+        retry_min: float = 0.25,
+        retry_max: float = 5.0,
+    ) -> None:
+        self.primary = primary
+        self.path = spool_path
+        self.write_timeout = write_timeout
+        self._retry = (retry_min, retry_max)
+        spool_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._db = sqlite3.connect(spool_path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(_SCHEMA)
+        self._pending = int(self._db.execute("SELECT count(*) FROM spool").fetchone()[0])
+        self._drainer: asyncio.Task[None] | None = None
+        self._closed = False
+        if self._pending:
+            log.warning(
+                "audit events spooled by an earlier run will be written", extra={"batches": self._pending}
+            )
+
+    # ----------------------------------------------------------------- API
+
+    @property
+    def spooled(self) -> int:
+        """Batches waiting on disk for the primary."""
+        return self._pending
+
+    async def insert_many(self, events: Sequence[AuditEvent]) -> None:
+        await self._write(_INSERT, [codec.event_to_wire(e) for e in events], events)
+
+    async def complete_many(self, updates: Sequence[Completion]) -> None:
+        await self._write(_COMPLETE, [codec.completion_to_wire(c) for c in updates], updates)
+
+    async def search(self, query: AuditQuery) -> list[dict[str, Any]]:
+        return await self.primary.search(query)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._drainer is not None and self._pending:
+            # One last attempt to hand the backlog over; what stays is kept for the next start.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._drainer), 5.0)
+        if self._drainer is not None:
+            self._drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._drainer
+        await self.primary.close()
+        self._db.close()
+
+    async def wait_drained(self) -> None:
+        """Return once nothing is spooled (for tests and orderly shutdowns)."""
+        while self._pending and self._drainer is not None:
+            await asyncio.shield(self._drainer)
+
+    def start(self) -> None:
+        """Replay what an earlier run left in the spool (call once a loop runs)."""
+        if self._pending:
+            self._wake()
+
+    # ------------------------------------------------------------ internals
+
+    async def _write(self, kind: str, wire: list[Any], items: Sequence[Any]) -> None:
+        if not items:
+            return
+        if not self._pending:
+            try:
+                async with asyncio.timeout(self.write_timeout):
+                    if kind == _INSERT:
+                        await self.primary.insert_many(items)
+                    else:
+                        await self.primary.complete_many(items)
+                return
+            except (BackendError, TimeoutError, OSError) as e:
+                log.warning(
+                    "audit database unreachable: spooling events to disk until it is back",
+                    extra={"error": str(e) or type(e).__name__, "spool": str(self.path)},
+                )
+        self._append(kind, wire)
+        self._wake()
+
+    def _append(self, kind: str, wire: list[Any]) -> None:
+        try:
+            self._db.execute("INSERT INTO spool (kind, body) VALUES (?, ?)", (kind, orjson.dumps(wire)))
+        except sqlite3.Error as e:
+            raise BackendError(f"audit spool {self.path}: cannot write: {e}") from None
+        self._pending += 1
+
+    def _wake(self) -> None:
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.get_running_loop().create_task(self._drain(), name="audit-spool-drain")
+
+    async def _drain(self) -> None:
+        delay = self._retry[0]
+        while True:
+            row = self._db.execute("SELECT seq, kind, body FROM spool ORDER BY seq LIMIT 1").fetchone()
+            if row is None:
+                self._pending = 0
+                log.info("audit spool drained: writing to the database again")
+                return
+            seq, kind, body = row
+            wire = orjson.loads(body)
+            try:
+                async with asyncio.timeout(self.write_timeout * 3):
+                    if kind == _INSERT:
+                        await self.primary.insert_many([codec.event_from_wire(d) for d in wire])
+                    else:
+                        await self.primary.complete_many([codec.completion_from_wire(d) for d in wire])
+            except (BackendError, TimeoutError, OSError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry[1])
+                continue
+            delay = self._retry[0]
+            self._db.execute("DELETE FROM spool WHERE seq = ?", (seq,))
+            self._pending = max(0, self._pending - 1)
