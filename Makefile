@@ -15,7 +15,7 @@ NPM_FLAGS  := --no-audit --no-fund
 PEERS_VENV  := .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
 
-.PHONY: demo test lint typecheck check clean node-peers peers-venv
+.PHONY: demo test lint typecheck check clean node-peers peers-venv postgres
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,8 +50,18 @@ peers-venv: $(PEERS_STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m bastion.demo
 
+## postgres: make sure a PostgreSQL server is installed (Debian package; the tests start it if
+## it is down, and skip their PostgreSQL part, saying why, only where none can be installed)
+postgres:
+	@if command -v pg_ctlcluster >/dev/null 2>&1 || command -v postgres >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing PostgreSQL (Debian package postgresql) for the tests"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null \
+	    || echo "could not install PostgreSQL: its tests will skip" >&2; \
+	else echo "PostgreSQL is not installed and cannot be installed here: its tests will skip" >&2; fi
+
 ## test: install everything the tests need, then lint, type-check and run the whole suite
-test: $(TSTAMP) $(NODE_STAMP)
+test: $(TSTAMP) $(NODE_STAMP) postgres
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q

@@ -6,7 +6,7 @@ last write, ``update`` is a compare-and-swap on that revision, and ``watch``
 yields the ordered stream of changes after a revision.  Keys are ``/``-paths
 such as ``/roles/editor``.  Values are bytes (resources are stored as JSON).
 
-Implementations: ``sqlite`` (default, embedded) and, later, ``postgres``.
+Implementations: ``sqlite`` (default, embedded) and ``postgres`` (several proxies on one database).
 Both must pass ``tests/unit/backend/test_contract.py`` unchanged.
 
 This module must not import anything above ``bastion.errors``.
