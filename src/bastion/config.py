@@ -413,6 +413,15 @@ class AuthService(_Model):
     backend: Backend = Field(default_factory=Backend)
     second_factor: Annotated[Literal["off", "optional", "on"], BeforeValidator(_second_factor)] = "optional"
     authentication: Authentication = Field(default_factory=Authentication)
+    #: Lifetime of the certificates joined hosts get; they renew at two thirds of it.
+    host_cert_ttl: Duration = Field(default=timedelta(hours=24))
+
+    @field_validator("host_cert_ttl")
+    @classmethod
+    def _host_cert_ttl(cls, v: timedelta) -> timedelta:
+        if v < timedelta(seconds=30):
+            raise ValueError("must be at least 30s (hosts renew at two thirds of it)")
+        return v
 
 
 # ---------------------------------------------------------- proxy_service:

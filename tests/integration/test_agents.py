@@ -114,7 +114,12 @@ class Topology:
 @pytest.fixture(scope="module")
 def topo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
     root = tmp_path_factory.mktemp("agents")
-    node = start_node(root / "cluster", extra_config="app_service:\n  enabled: false\n")
+    # Short host certificates, so the module also sees them renewed.
+    node = start_node(
+        root / "cluster",
+        auth_config="  host_cert_ttl: 30s\n",
+        extra_config="app_service:\n  enabled: false\n",
+    )
     agents: list[AgentProc] = []
     try:
         node.cli("users", "add", "alice", "--roles=mcp-user", local=True)
@@ -272,3 +277,12 @@ def test_used_and_expired_tokens_are_refused(topo: Topology, tmp_path: Path) -> 
     )
     assert bad_pin.returncode != 0
     assert "not in bastion.ca_pin" in bad_pin.stderr, bad_pin.stderr
+
+
+def test_host_certificates_are_renewed(topo: Topology) -> None:
+    for a in topo.agents:
+        if a.proc.poll() is None:
+            wait_for_log(a.log, r"host certificate renewed expires=", a.proc, 40.0)
+    assert "host certificate renewed" in topo.node.log.read_text()
+    # Still serving, still connected, with its new certificate.
+    assert len(_servers(topo.node)) >= 1

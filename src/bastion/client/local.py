@@ -132,4 +132,5 @@ def settings_from(cfg: Any) -> AuthSettings:
         lockout_attempts=a.authentication.lockout_attempts,
         lockout_duration=a.authentication.lockout_duration,
         invite_ttl=a.authentication.invite_ttl,
+        host_cert_ttl=a.host_cert_ttl,
     )

@@ -58,6 +58,7 @@ log = logging.getLogger("bastion.agent")
 _BACKOFF_MIN, _BACKOFF_MAX = 0.25, 10.0
 _RPC_TIMEOUT = 30.0
 _GIVE_UP_AFTER = 5
+_BACKDATED = 300.0  # seconds: how far issue_host_cert back-dates not_valid_before
 
 
 # ---------------------------------------------------------------- identity
@@ -426,8 +427,10 @@ class Agent:
         while True:
             now = datetime.now(UTC)
             cert = x509.load_pem_x509_certificate(self.creds.cert_pem)
-            life = (cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds()
-            renew_at = cert.not_valid_before_utc.timestamp() + life * 2 / 3
+            # Certificates are back-dated by a few minutes for clock skew; renew at two
+            # thirds of the lifetime the cluster granted.
+            life = (cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds() - _BACKDATED
+            renew_at = cert.not_valid_after_utc.timestamp() - max(life, 3.0) / 3
             await asyncio.sleep(max(1.0, renew_at - now.timestamp()))
             try:
                 await self.renew()
