@@ -3,7 +3,8 @@
 Used by ``bastion.backend.postgres`` and ``bastion.audit.pg_store``.  What it
 must not do: put a DSN's password (or the DSN itself) in any message, let an
 ``asyncpg`` or socket exception escape unmapped, or import anything above
-``bastion.errors``.
+``bastion.errors`` (``bastion.metrics``, a leaf, excepted: ``map_error`` counts
+``bastion_backend_errors_total``).
 
 Migrations: every store names its ``component`` (``backend``, ``audit``)
 and lists its migrations in order, version 1 first.  ``migrate`` applies the
@@ -24,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 import asyncpg
 
 from bastion.errors import BackendError, BastionError, ValidationError
+from bastion.metrics import backend_error
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -145,6 +147,7 @@ def map_error(label: str, dsn: str, action: str, exc: BaseException) -> BastionE
     if len(detail) > 300:
         detail = detail[:300] + "..."
     if is_unreachable(exc):
+        backend_error("postgres", action)
         return UnreachableError(f"{label}: cannot {action}: the database is unreachable ({detail})")
     if isinstance(exc, asyncpg.DataError | UnicodeEncodeError | asyncpg.CharacterNotInRepertoireError):
         cause = exc if isinstance(exc, UnicodeEncodeError) else exc.__cause__
@@ -158,6 +161,7 @@ def map_error(label: str, dsn: str, action: str, exc: BaseException) -> BastionE
         detail = f"cannot log in: {detail}"
     if isinstance(exc, ValueError | asyncpg.ClientConfigurationError):
         detail = f"invalid dsn: {detail}"
+    backend_error("postgres", action)
     return BackendError(f"{label}: cannot {action}: {detail}")
 
 

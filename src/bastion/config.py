@@ -8,7 +8,7 @@ against the configuration file's directory) and every default filled in, so the
 services never re-check or re-interpret what they are given::
 
     version: v1
-    bastion:        {data_dir, cluster_name, join_params, proxy_server, log}
+    bastion:        {data_dir, cluster_name, join_params, proxy_server, log, diag_addr}
     auth_service:   {enabled, listen_addr, backend, second_factor, authentication}
     proxy_service:  {enabled, listen_addr, public_addr, tls}
     app_service:    {enabled, demo_server, apps, resources}
@@ -322,6 +322,9 @@ class BastionSection(_Model):
         default_factory=list
     )
     log: LogConfig = Field(default_factory=LogConfig)
+    #: ``host:port`` of the diagnostics listener (plain HTTP, no authentication:
+    #: ``/metrics``, ``/healthz``, ``/readyz``); empty = off, port 0 = any free port.
+    diag_addr: Annotated[str, _none_as_empty(""), AfterValidator(_check_optional_listen)] = ""
 
     @field_validator("cluster_name", mode="before")
     @classmethod
@@ -884,6 +887,9 @@ def render_starter(
             '  # proxy_server: "proxy.example.com:3080"',
         ]
     out += [
+        "  # Diagnostics over plain HTTP without authentication: Prometheus /metrics,",
+        "  # /healthz and /readyz.  Off when empty; keep it on a private address.",
+        '  # diag_addr: "127.0.0.1:3434"',
         "  log:",
         "    # debug | info | warn | error",
         "    severity: info",

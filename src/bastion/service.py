@@ -18,7 +18,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from bastion import __version__
+from bastion import __version__, metrics
 from bastion._time import Clock, SystemClock
 from bastion.appservice.dynamic import DynamicApps
 from bastion.appservice.mcp_http import Limits, MCPHandler
@@ -32,6 +32,7 @@ from bastion.backend import Backend, Item
 from bastion.backend.factory import open_backend
 from bastion.client.local import PROXY_ADDR_KEY, settings_from
 from bastion.config import Config, split_addr
+from bastion.diag import DiagServer
 from bastion.errors import BastionError
 from bastion.proxy.routing import Router
 from bastion.proxy.server import ProxyService, ProxySettings
@@ -122,6 +123,7 @@ class Cluster:
         audit: AuditLog | None = None,
         tunnels: TunnelServer | None = None,
         agent: Agent | None = None,
+        diag: DiagServer | None = None,
     ) -> None:
         self.cfg = cfg
         self.backend = backend
@@ -131,6 +133,7 @@ class Cluster:
         self.audit = audit
         self.tunnels = tunnels
         self.agent = agent
+        self.diag = diag
         self._tasks: list[asyncio.Task[None]] = []
         self._proxy_id = ""
 
@@ -145,10 +148,12 @@ class Cluster:
         audit: AuditLog | None = None
         tunnels: TunnelServer | None = None
         proxy: ProxyService | None = None
+        diag: DiagServer | None = None
         local_tag = secrets.token_hex(4)
         try:
             auth = await AuthServer.open(backend, cfg.bastion.cluster_name, settings_from(cfg))
             audit = AuditLog(await _open_audit_store(cfg))
+            metrics.register_audit_queue(lambda: audit.queue_depth if audit is not None else 0)
             router: Router | None = None
 
             def changed() -> None:
@@ -208,7 +213,17 @@ class Cluster:
                 )
                 proxy_ref.append(proxy)
                 await proxy.start()
+            if cfg.bastion.diag_addr:
+
+                async def ready() -> bool:
+                    await backend.current_revision()  # raises BackendError while the database is down
+                    return True
+
+                diag = DiagServer(*split_addr(cfg.bastion.diag_addr, allow_zero=True), ready=ready)
+                await diag.start()
         except BaseException:
+            if diag is not None:
+                await diag.stop()
             if proxy is not None:
                 await proxy.stop()
             if tunnels is not None:
@@ -219,7 +234,7 @@ class Cluster:
                 await audit.close()
             await backend.close()
             raise
-        cluster = cls(cfg, backend, auth, proxy, apps, audit=audit, tunnels=tunnels)
+        cluster = cls(cfg, backend, auth, proxy, apps, audit=audit, tunnels=tunnels, diag=diag)
         if proxy is not None:
             await backend.put(Item(PROXY_ADDR_KEY, cluster.proxy_addr.encode()))
         cluster._tasks.append(asyncio.create_task(cluster._housekeeping(), name="backend-housekeeping"))
@@ -266,11 +281,26 @@ class Cluster:
         agent.registry = apps.registry
         agent.handler = apps.handler
         agent.start()
+        metrics.register_audit_queue(lambda: audit.queue_depth)
+        diag: DiagServer | None = None
+        if cfg.bastion.diag_addr:
+
+            async def ready() -> bool:
+                return agent.connected.is_set()  # the tunnel to the proxy is up
+
+            diag = DiagServer(*split_addr(cfg.bastion.diag_addr, allow_zero=True), ready=ready)
+            try:
+                await diag.start()
+            except BaseException:
+                await agent.aclose()
+                await apps.aclose()
+                await audit.close()
+                raise
         log.info(
             "app service started as an agent",
             extra={"cluster": creds.cluster_name, "host_id": creds.host_id, "proxy": proxy_addr},
         )
-        return cls(cfg, None, None, None, apps, audit=audit, agent=agent)
+        return cls(cfg, None, None, None, apps, audit=audit, agent=agent, diag=diag)
 
     @property
     def proxy_addr(self) -> str:
@@ -338,6 +368,8 @@ class Cluster:
             await asyncio.Event().wait()
 
     async def stop(self) -> None:
+        if self.diag:
+            await self.diag.stop()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

@@ -52,6 +52,7 @@ from bastion.audit.redact import redact_headers
 from bastion.auth.ca import CertAuthority
 from bastion.auth.server import Actor
 from bastion.errors import BastionError, LimitExceededError, UpstreamError
+from bastion.metrics import AppMetrics, app_metrics, maybe_tracer, upstream_error_kind
 from bastion.protocol import jsonrpc
 from bastion.protocol.headers import mismatch
 from bastion.protocol.sse import SSEParser, encode_event
@@ -108,6 +109,7 @@ class GatewaySession:
     app: App
     engine: Session
     ident: UpstreamIdentity
+    m: AppMetrics  # this app's metrics, children bound in advance
     stream: Any = None  # message stream upstream, or None for streamable HTTP
     upstream_session_id: str = ""
     protocol_version: str = ""
@@ -159,6 +161,8 @@ class MCPHandler:
         self.pools = Pools(response_timeout=self.limits.response_timeout)
         self.sessions: dict[str, GatewaySession] = {}
         self._reaper: asyncio.Task[None] | None = None
+        #: An OpenTelemetry tracer only when enabled (BASTION_OTEL=1): else one None check per POST.
+        self._tracer = maybe_tracer()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -200,7 +204,13 @@ class MCPHandler:
         method = scope["method"]
         try:
             if method == "POST":
-                await self._post(scope, receive, send, actor, app, headers)
+                if self._tracer is None:
+                    await self._post(scope, receive, send, actor, app, headers)
+                else:
+                    with self._tracer.start_as_current_span(
+                        "mcp.post", attributes={"bastion.app": app.metadata.name}
+                    ):
+                        await self._post(scope, receive, send, actor, app, headers)
             elif method == "GET":
                 await self._get(send, receive, actor, app, headers)
             elif method == "DELETE":
@@ -318,23 +328,30 @@ class MCPHandler:
             redact=self.redact,
             remote_addr=(scope.get("client") or ("", 0))[0],
         )
+        is_demo = self.registry.is_demo(app)
+        m = app_metrics(app.metadata.name, "demo" if is_demo else app.spec.transport)
         s = GatewaySession(
-            id=sid, user=actor.name, app=app, engine=engine, ident=ident, policy_key=actor.policy_key
+            id=sid, user=actor.name, app=app, engine=engine, ident=ident, m=m, policy_key=actor.policy_key
         )
-        if app.spec.transport != "http" or self.registry.is_demo(app):
-            s.stream = await open_stream(
-                app,
-                ident=ident,
-                session_id=sid,
-                cluster_name=self.cluster_name,
-                is_demo=self.registry.is_demo(app),
-                now=self.clock.now(),
-            )
+        if app.spec.transport != "http" or is_demo:
+            try:
+                s.stream = await open_stream(
+                    app,
+                    ident=ident,
+                    session_id=sid,
+                    cluster_name=self.cluster_name,
+                    is_demo=is_demo,
+                    now=self.clock.now(),
+                )
+            except UpstreamError:
+                m.upstream_error("unreachable")
+                raise
             s.upstream_session_id = getattr(s.stream, "upstream_session_id", "")
             if s.upstream_session_id:
                 await self._run(s, engine.upstream_session_known(s.upstream_session_id))
             s.reader = asyncio.create_task(self._read_upstream(s), name=f"upstream-reader-{sid[:8]}")
         self.sessions[sid] = s
+        m.session_started()
         return s
 
     async def _run(
@@ -352,6 +369,8 @@ class MCPHandler:
                 except BastionError as e:
                     log.error("audit unavailable; refusing the request", extra={"error": e.message})
                     return False
+                if cmd.denied:
+                    s.m.denied(cmd.denied)
             elif isinstance(cmd, CompleteAudit):
                 self.audit.complete(cmd.event_id, cmd.success, cmd.error, cmd.duration_ms)
             elif isinstance(cmd, ForwardToUpstream):
@@ -397,7 +416,10 @@ class MCPHandler:
             immediate.append(raw)
 
         try:
-            ok = await self._run(s, s.engine.client_sent(body, _audit_headers(headers)), reply=reply)
+            cmds = s.engine.client_sent(body, _audit_headers(headers))
+            s.m.client(s.engine.last_method)
+            ok = await self._run(s, cmds, reply=reply)
+            sent_at = time.perf_counter()
             extra = [(b"mcp-session-id", s.id.encode())] if new else []
             if not ok:
                 await _jsonrpc_error(
@@ -419,7 +441,7 @@ class MCPHandler:
             if waiter is None:
                 await _send(send, 202, [], b"", extra)
                 return
-            await self._answer_from_queue(s, send, waiter, extra, msg.id if msg else None)
+            await self._answer_from_queue(s, send, waiter, extra, msg.id if msg else None, sent_at)
         except UpstreamError as e:
             await self._upstream_died(s, str(e))
             await _jsonrpc_error(send, e.http_status, msg.id if msg else None, -32603, e.message, "upstream")
@@ -436,11 +458,13 @@ class MCPHandler:
         waiter: asyncio.Queue[bytes | None],
         extra: list[tuple[bytes, bytes]],
         request_id: Any,
+        sent_at: float,
     ) -> None:
         deadline = self.limits.response_timeout
         try:
             first = await asyncio.wait_for(waiter.get(), deadline)
         except TimeoutError:
+            s.m.upstream_error("timeout")
             body = await self._fail_request(
                 s, request_id, f"the upstream MCP server did not answer within {deadline:.0f}s"
             )
@@ -452,6 +476,7 @@ class MCPHandler:
             )
             return
         if _is_response(first):
+            s.m.latency.observe(time.perf_counter() - sent_at)
             await _send_json(send, 200, first, extra)
             return
         # Every event is logged first, so a client that lost the connection can
@@ -470,6 +495,7 @@ class MCPHandler:
                     break
                 await _sse_write(send, item, log.event_id(log.append(item)))
                 if _is_response(item):
+                    s.m.latency.observe(time.perf_counter() - sent_at)
                     break
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
@@ -496,7 +522,9 @@ class MCPHandler:
             while True:
                 raw = await s.stream.receive()
                 s.last_active = time.monotonic()
-                await self._run(s, s.engine.upstream_sent(raw))
+                cmds = s.engine.upstream_sent(raw)
+                s.m.upstream(s.engine.last_method)
+                await self._run(s, cmds)
         except asyncio.CancelledError:
             raise
         except UpstreamError as e:
@@ -509,6 +537,7 @@ class MCPHandler:
         if s.dead:
             return
         s.dead = reason or "upstream closed"
+        s.m.upstream_error("unreachable")  # the message stream broke: the upstream is gone
         log.warning(
             "upstream ended", extra={"session_id": s.id, "app": s.app.metadata.name, "reason": s.dead}
         )
@@ -517,7 +546,8 @@ class MCPHandler:
         if s.get_log is not None:
             s.get_log.finish()
         await self._run(s, s.engine.ended(error=s.dead))
-        self.sessions.pop(s.id, None)
+        if self.sessions.pop(s.id, None) is not None:
+            s.m.session_ended()
         if s.stream is not None:
             with contextlib.suppress(Exception):
                 await s.stream.aclose()
@@ -536,7 +566,8 @@ class MCPHandler:
             await self._run(
                 s, s.engine.ended(error="" if reason in ("", "client ended the session") else reason)
             )
-        self.sessions.pop(s.id, None)
+        if self.sessions.pop(s.id, None) is not None:
+            s.m.session_ended()
         if s.stream is not None:
             with contextlib.suppress(Exception):
                 await s.stream.aclose()
@@ -593,6 +624,7 @@ class MCPHandler:
             immediate.append(raw)
 
         cmds = s.engine.client_sent(body, _audit_headers(headers))
+        s.m.client(s.engine.last_method)
         fwd = [c for c in cmds if isinstance(c, ForwardToUpstream)]
         rest = [c for c in cmds if not isinstance(c, ForwardToUpstream)]
         if not await self._run(s, rest, reply=reply):
@@ -620,14 +652,18 @@ class MCPHandler:
             s, headers, accept=headers.get(b"accept", b"application/json, text/event-stream")
         )
         up_headers.append((b"content-type", b"application/json"))
+        sent_at = time.perf_counter()
         try:
             resp = await pool.request("POST", target, up_headers, fwd[0].raw)
         except UpstreamError as e:
+            s.m.upstream_error(upstream_error_kind(e))
             body = await self._fail_request(s, fwd[0].message.id, e.message)
             await _send(
                 send, e.http_status, [(b"content-type", _JSON), (ORIGIN_HEADER, b"upstream")], body, extra
             )
             return
+        if fwd[0].message.kind == "request":  # as for message streams: requests only, not notifications
+            s.m.latency.observe(time.perf_counter() - sent_at)
         try:
             usid = resp.header(b"mcp-session-id")
             if usid and not s.upstream_session_id:
@@ -653,7 +689,9 @@ class MCPHandler:
             if resp.status >= 400 or ctype not in (_JSON, _SSE):
                 data = await resp.read()
                 if ctype == _JSON and data:
-                    await self._run(s, s.engine.upstream_sent(data))
+                    up_cmds = s.engine.upstream_sent(data)
+                    s.m.upstream(s.engine.last_method)
+                    await self._run(s, up_cmds)
                 await _send(
                     send,
                     resp.status,
@@ -665,7 +703,9 @@ class MCPHandler:
             if ctype == _JSON:
                 data = await resp.read()
                 out: list[bytes] = []
-                for c in s.engine.upstream_sent(data):
+                up_cmds = s.engine.upstream_sent(data)
+                s.m.upstream(s.engine.last_method)
+                for c in up_cmds:
                     if isinstance(c, SendToClient):
                         out.append(c.raw)
                     else:
@@ -687,6 +727,7 @@ class MCPHandler:
         except UpstreamError as e:
             # The upstream broke off mid-answer: fail the call through the engine
             # (audit completed as failed), and tell the client whose fault it was.
+            s.m.upstream_error(upstream_error_kind(e))
             body = await self._fail_request(s, fwd[0].message.id, e.message)
             if not started[0]:
                 await _send(
@@ -728,7 +769,9 @@ class MCPHandler:
                         }
                     )
                     continue
-                for c in s.engine.upstream_sent(ev.data):
+                up_cmds = s.engine.upstream_sent(ev.data)
+                s.m.upstream(s.engine.last_method)
+                for c in up_cmds:
                     if isinstance(c, SendToClient):
                         await send(
                             {

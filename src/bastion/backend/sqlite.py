@@ -41,6 +41,7 @@ from bastion.errors import (
     ValidationError,
     WatchExpiredError,
 )
+from bastion.metrics import backend_error
 
 __all__ = ["SQLiteBackend"]
 
@@ -180,6 +181,7 @@ class SQLiteBackend:
             # implicitly; every write transaction is our explicit BEGIN IMMEDIATE.
             conn = await aiosqlite.connect(db, isolation_level=None)
         except sqlite3.Error as exc:
+            backend_error("sqlite", "open")
             raise BackendError(f"sqlite database {db}: cannot open: {exc}") from exc
         try:
             await cls._configure(conn, db)
@@ -536,6 +538,7 @@ def _prepare_file(db: Path) -> None:
 
 
 def _backend_error(path: Path, action: str, exc: BaseException) -> BackendError:
+    backend_error("sqlite", action)  # every sqlite3 failure passes here
     detail = str(exc) or type(exc).__name__
     if isinstance(exc, sqlite3.OperationalError) and "locked" in detail:
         detail = f"{detail} (another process held the write lock for more than {BUSY_TIMEOUT_MS // 1000}s)"

@@ -114,9 +114,14 @@ class SendToClient:
 
 @dataclass(frozen=True, slots=True)
 class RecordAudit:
-    """Store ``event``.  Commit it durably before carrying out any later :class:`ForwardToUpstream`."""
+    """Store ``event``.  Commit it durably before carrying out any later :class:`ForwardToUpstream`.
+
+    ``denied`` is ``"tool"`` or ``"app"`` when the event records a request the
+    gateway refused by policy (for metrics; not part of equality).
+    """
 
     event: AuditEvent
+    denied: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +322,10 @@ class Session:
         self._protocol_version = ""
         self._upstream_session_id = ""
         self._base: dict[str, Any] | None = None  # the fields every event shares
+        #: The method of the last message fed in, for metrics: a request's or
+        #: notification's own, for a response the method of the request it
+        #: answers ("response" if not ours to know), "" if it did not parse.
+        self.last_method = ""
         decision = checker.app_decision(app)
         self._app_denial: Decision | None = None if decision.allowed else decision
 
@@ -367,7 +376,9 @@ class Session:
         try:
             msg = parse_message(raw)
         except ProtocolError as e:
+            self.last_method = ""
             return self._client_invalid(raw, e)
+        self.last_method = msg.method or "response"
         if self._app_denial is not None:
             return self._app_denied(msg)
         kind = msg.kind
@@ -385,7 +396,9 @@ class Session:
         try:
             msg = parse_message(raw)
         except ProtocolError as e:
+            self.last_method = ""
             return self._upstream_invalid(e)
+        self.last_method = msg.method or "response"
         kind = msg.kind
         if kind == "response" or kind == "error":
             return self._upstream_response(msg)
@@ -499,7 +512,12 @@ class Session:
             f"{decision.reason}. Run `bastion mcp tools {app}` to see the tools you may call."
         )
         return self._refuse(
-            msg, INVALID_PARAMS, text, tool=tool, audit_error=f"access denied: {decision.reason}"
+            msg,
+            INVALID_PARAMS,
+            text,
+            tool=tool,
+            audit_error=f"access denied: {decision.reason}",
+            denied="tool",
         )
 
     def _refuse(
@@ -511,6 +529,7 @@ class Session:
         event_type: str = ev.REQUEST,
         tool: str = "",
         audit_error: str = "",
+        denied: str = "",
     ) -> list[Command]:
         """Answer a client request ourselves, with an audit event of the failure; nothing is forwarded."""
         now = self._clock.now()
@@ -519,7 +538,7 @@ class Session:
         event = self._event(
             event_type, False, now, msg, tool=tool, error=audit_error or text, duration_ms=0.0
         )
-        out.append(RecordAudit(event))
+        out.append(RecordAudit(event, denied))
         out.append(SendToClient(error_response(msg.id, code, text), msg.id))
         return out
 
@@ -613,7 +632,7 @@ class Session:
         if msg.kind != "request":
             return [Log("info", "dropped a client message: the app is not accessible", {"reason": reason})]
         text = f'user "{self._identity.username}" may not use app "{self._app_name}": {reason}'
-        return self._refuse(msg, ACCESS_DENIED, text, audit_error=f"access denied: {reason}")
+        return self._refuse(msg, ACCESS_DENIED, text, audit_error=f"access denied: {reason}", denied="app")
 
     def _upstream_invalid(self, e: ProtocolError) -> list[Command]:
         rid = e.id
@@ -648,6 +667,7 @@ class Session:
                     {"id": rid},
                 )
             ]
+        method = self.last_method = pending.method
         if pending.cancelled:
             self._cancelled -= 1
             return [Log("debug", "dropped the upstream's response to a cancelled request", {"id": rid})]
@@ -655,7 +675,6 @@ class Session:
         ms = (now - pending.started).total_seconds() * 1000.0  # _ms(), inlined: the hot path
         if ms < 0.0:
             ms = 0.0
-        method = pending.method
         out: list[Command] = []
         if method == "initialize":
             self._initialize_answered(msg, out)
