@@ -124,6 +124,11 @@ class GatewaySession:
     reader: asyncio.Task[None] | None = None
     dead: str = ""
     policy_key: tuple[int, ...] = ()
+    #: The client's headers as last seen (without content-length), and what was derived
+    #: from them: clients send the same headers on every request of a session.
+    hdr_key: tuple[tuple[bytes, bytes], ...] | None = None
+    audit_hdrs: dict[str, str] = field(default_factory=dict)
+    pass_hdrs: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
 class SessionGone(BastionError):
@@ -200,7 +205,7 @@ class MCPHandler:
         jwt = ctx.get("jwt")
         if jwt:
             OFFERED_JWT.set((jwt[0], datetime.fromisoformat(jwt[1])))
-        headers = {k.lower(): v for k, v in scope["headers"]}
+        headers = ctx.get("headers") or {k.lower(): v for k, v in scope["headers"]}
         method = scope["method"]
         try:
             if method == "POST":
@@ -416,7 +421,7 @@ class MCPHandler:
             immediate.append(raw)
 
         try:
-            cmds = s.engine.client_sent(body, _audit_headers(headers))
+            cmds = s.engine.client_sent(body, _session_headers(s, headers)[0])
             s.m.client(s.engine.last_method)
             ok = await self._run(s, cmds, reply=reply)
             sent_at = time.perf_counter()
@@ -587,11 +592,7 @@ class MCPHandler:
     def _upstream_headers(
         self, s: GatewaySession, headers: dict[bytes, bytes], *, accept: bytes
     ) -> list[tuple[bytes, bytes]]:
-        out: list[tuple[bytes, bytes]] = []
-        for k, v in headers.items():
-            if k in _HOP or k.startswith(b"x-bastion") or k in (b"accept", b"content-type"):
-                continue
-            out.append((k, v))
+        out = list(_session_headers(s, headers)[1]) if headers else []
         out.append((b"accept", accept))
         if s.upstream_session_id:
             out.append((b"mcp-session-id", s.upstream_session_id.encode()))
@@ -623,7 +624,7 @@ class MCPHandler:
         async def reply(raw: bytes) -> None:
             immediate.append(raw)
 
-        cmds = s.engine.client_sent(body, _audit_headers(headers))
+        cmds = s.engine.client_sent(body, _session_headers(s, headers)[0])
         s.m.client(s.engine.last_method)
         fwd = [c for c in cmds if isinstance(c, ForwardToUpstream)]
         rest = [c for c in cmds if not isinstance(c, ForwardToUpstream)]
@@ -907,6 +908,24 @@ def new_session_id() -> str:
 
 
 _NOT_AUDITED = frozenset({b"content-length", b"connection", b"host", b"accept-encoding"})
+
+
+def _session_headers(
+    s: GatewaySession, headers: dict[bytes, bytes]
+) -> tuple[dict[str, str], list[tuple[bytes, bytes]]]:
+    """(redacted headers for audit events, headers passed upstream), recomputed only on change."""
+    h = dict(headers)
+    h.pop(b"content-length", None)
+    key = tuple(h.items())
+    if key != s.hdr_key:
+        s.hdr_key = key
+        s.audit_hdrs = _audit_headers(headers)
+        s.pass_hdrs = [
+            (k, v)
+            for k, v in headers.items()
+            if not (k in _HOP or k.startswith(b"x-bastion") or k in (b"accept", b"content-type"))
+        ]
+    return s.audit_hdrs, s.pass_hdrs
 
 
 def _audit_headers(headers: dict[bytes, bytes]) -> dict[str, str]:

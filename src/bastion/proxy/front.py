@@ -80,14 +80,10 @@ class Front:
 
     async def _mcp(self, scope: Scope, receive: Receive, send: Send, rest: str) -> None:
         name, _, sub = rest.partition("/")
-        headers = scope["headers"]
-        origin = auth_header = b""
-        for k, v in headers:
-            lk = k.lower()
-            if lk == b"origin":
-                origin = v
-            elif lk == b"authorization":
-                auth_header = v
+        # ASGI servers give header names in lower case; one dict serves everything after.
+        headers: dict[bytes, bytes] = dict(scope["headers"])
+        origin = headers.get(b"origin", b"")
+        auth_header = headers.get(b"authorization", b"")
         if origin and origin.decode("latin-1") not in self.allowed_origins:
             await _error(send, 403, f"origin {origin.decode('latin-1')!r} is not allowed", "client")
             return
@@ -107,7 +103,9 @@ class Front:
             await _error(send, e.http_status, e.message, e.origin)
             return
         assert self.router is not None
-        if actor.checker is None or not await self.router.serve(scope, receive, send, actor, name, "/" + sub):
+        if actor.checker is None or not await self.router.serve(
+            scope, receive, send, actor, name, "/" + sub, headers
+        ):
             await _error(send, 404, f'no MCP app named "{name}" (see `bastion mcp ls`)', "client")
 
 

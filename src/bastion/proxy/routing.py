@@ -117,15 +117,18 @@ class Router:
     # --------------------------------------------------------------- route
 
     async def serve(
-        self, scope: Scope, receive: Receive, send: Send, actor: Actor, name: str, sub: str
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        actor: Actor,
+        name: str,
+        sub: str,
+        headers: dict[bytes, bytes],
     ) -> bool:
         """Carry the request; False when the app is unknown to (or hidden from) this actor."""
         assert actor.checker is not None
-        sid = ""
-        for k, v in scope["headers"]:
-            if k.lower() == b"mcp-session-id":
-                sid = v.decode("latin-1")
-                break
+        sid = headers.get(b"mcp-session-id", b"").decode("latin-1")
         if sid:
             t = self._by_session(sid, name)
             if t is None:
@@ -155,7 +158,7 @@ class Router:
             if t.conn is None:
                 assert self.local is not None
                 scope = dict(scope)
-                scope["bastion"] = {"actor": actor, "app": t.app, "subpath": sub}
+                scope["bastion"] = {"actor": actor, "app": t.app, "subpath": sub, "headers": headers}
                 if body is not None:
                     await self.local(scope, _replay(body, receive), send)
                 else:

@@ -129,7 +129,8 @@ async def test_cancelled_close_still_closes(dsn: str) -> None:
     with pytest.raises(BackendError, match="closed"):
         await s.insert_many([make_event()])
     assert await raw_rows(
-        dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'bastion-audit'"
+        dsn,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'bastion-audit' AND datname = current_database()",
     ) == [(0,)]
 
 
