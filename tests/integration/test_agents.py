@@ -7,9 +7,11 @@ its own data dir, joined with `bastion tokens add --type=app`.  The seed-004 wal
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -153,6 +155,37 @@ def _ls(t: Topology) -> set[str]:
     return {a["name"] for a in json.loads(out)}
 
 
+async def _via_bridge(t: Topology, tmp: Path) -> str:
+    from mcp import ClientSession, StdioServerParameters, stdio_client
+
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=[
+            "-m",
+            "bastion.cli.main",
+            "mcp",
+            "connect",
+            "everything",
+            "-i",
+            str(t.ident),
+            "--proxy",
+            t.node.addr,
+        ],
+        env={"BASTION_HOME": str(tmp / "home")},
+    )
+    with (tmp / "bridge.log").open("w") as errlog:
+        async with (
+            asyncio.timeout(60),
+            stdio_client(params, errlog=errlog) as (r, w),
+            ClientSession(r, w) as s,
+        ):
+            await s.initialize()
+            assert "echo" in {x.name for x in (await s.list_tools()).tools}
+            res = await s.call_tool("echo", {"message": "bridged"})
+            text = res.content[0].text  # type: ignore[union-attr]
+            return str(text)
+
+
 def _serving(t: Topology) -> int:
     return sum("everything" in apps for apps in _servers(t.node).values())
 
@@ -185,6 +218,8 @@ def test_join_walk_and_failover(topo: Topology, tmp_path: Path) -> None:
             t.node.addr,
         )
         assert called.stdout.strip() == "Echo: via tunnel"
+    # What MCP clients run: the stdio bridge, with the SDK's stdio client.
+    assert asyncio.run(_via_bridge(t, tmp_path)) == "Echo: bridged"
     events = json.loads(
         t.node.cli("audit", "search", "--type=mcp.session.request", "--format=json", local=True).stdout
     )
