@@ -278,3 +278,18 @@ def test_postgres_restart_under_load_loses_and_doubles_nothing(topo: Topology) -
         assert got["result"]["content"][0]["text"] == "Echo: recovered"
     finally:
         after.close()
+
+
+def test_a_killed_proxy_leaves_its_sessions_to_the_other(topo: Topology) -> None:
+    """Last in the module: it kills proxy 0."""
+    s = Session(topo)
+    try:
+        s.start()
+        assert s.rpc(0, "tools/call", {"name": "echo", "arguments": {"message": "a"}})["result"]
+        victim = topo.proxies[0]
+        victim.proc.kill()
+        victim.proc.wait()
+        got = s.rpc(1, "tools/call", {"name": "echo", "arguments": {"message": "after the kill"}})
+        assert got["result"]["content"][0]["text"] == "Echo: after the kill"
+    finally:
+        s.close()
