@@ -172,22 +172,19 @@ class Cluster:
             if cfg.proxy_service.enabled:
                 host, port = split_addr(cfg.proxy_service.listen_addr, allow_zero=True)
                 t_host, t_port = cfg.proxy_service.effective_tunnel_listen
-                proxy_ref: list[ProxyService] = []
-
-                def proxy_addr() -> str:
-                    return _public(cfg, proxy_ref[0].port) if proxy_ref else ""
-
+                advertised: list[str] = []
                 tunnels = TunnelServer(
                     auth,
                     audit,
                     host=t_host,
                     port=t_port,
                     data_dir=data_dir,
-                    proxy_addr=proxy_addr,
+                    proxy_addr=lambda: advertised[0] if advertised else "",
                     on_change=changed,
                 )
                 await tunnels.start()
-                tunnel_public = cfg.proxy_service.tunnel_public_addr or f"{t_host}:{tunnels.port}"
+                tunnel_public = _tunnel_public(cfg, t_host, tunnels.port)
+                advertised.append(tunnel_public)
                 router = Router(
                     auth,
                     local=apps.handler if apps else None,
@@ -211,7 +208,6 @@ class Cluster:
                     audit=audit,
                     tunnel_addr=lambda: tunnel_public,
                 )
-                proxy_ref.append(proxy)
                 await proxy.start()
             if cfg.bastion.diag_addr:
 
@@ -339,7 +335,8 @@ class Cluster:
         self._proxy_id = proxy_id
         while True:
             try:
-                await self.auth.upsert_proxy(proxy_id, self.proxy_addr, HEARTBEAT_TTL)
+                tunnel = self.tunnels.advertised if self.tunnels else ""
+                await self.auth.upsert_proxy(proxy_id, self.proxy_addr, tunnel, HEARTBEAT_TTL)
             except BastionError as e:
                 log.warning("proxy heartbeat failed", extra={"error": e.message})
             await asyncio.sleep(HEARTBEAT_EVERY)
@@ -382,12 +379,14 @@ class Cluster:
             await self.proxy.stop()
         if self.tunnels:
             await self.tunnels.stop()
-        if self.agent:
-            await self.agent.aclose()
+        # Sessions end (with their end events) and the audit log is flushed while a
+        # joined app service's tunnel, which carries them to the cluster, is still up.
         if self.apps:
             await self.apps.aclose()
         if self.audit:
             await self.audit.close()
+        if self.agent:
+            await self.agent.aclose()
         if self.backend:
             await self.backend.close()
         log.info("cluster stopped")
@@ -408,6 +407,15 @@ async def _open_audit_store(cfg: Config) -> AuditStore:
         store.start()
         return store
     return await SQLiteAuditStore.open(cfg.bastion.data_dir)
+
+
+def _tunnel_public(cfg: Config, host: str, port: int) -> str:
+    """The tunnel address app services dial: set, or the listen host, or this host's name."""
+    if cfg.proxy_service.tunnel_public_addr:
+        return cfg.proxy_service.tunnel_public_addr
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _public(cfg: Config, port: int) -> str:

@@ -321,3 +321,45 @@ def test_host_certificates_are_renewed(topo: Topology) -> None:
     assert "host certificate renewed" in topo.node.log.read_text()
     # Still serving, still connected, with its new certificate.
     assert len(_servers(topo.node)) >= 1
+
+
+def test_stopping_an_app_service_ends_its_sessions(topo: Topology, tmp_path: Path) -> None:
+    """Last: it stops the app services. Their open sessions end, with end events, promptly."""
+    import ssl
+
+    import httpx
+
+    t = topo
+    ca = tmp_path / "ca.pem"
+    ca.write_text(t.node.cli("auth", "export", local=True).stdout)
+    token = t.node.cli("auth", "sign", "--user=alice", "--format=token", local=True).stdout.strip()
+    live = [a for a in t.agents if a.proc.poll() is None]
+    assert live
+    with httpx.Client(
+        verify=ssl.create_default_context(cafile=str(ca)),
+        timeout=30,
+        headers={"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"},
+    ) as c:
+        r = c.post(
+            f"https://{t.node.addr}/mcp/apps/everything",
+            json={
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": "2025-06-18",
+                    "capabilities": {},
+                    "clientInfo": {"name": "t", "version": "1"},
+                },
+            },
+        )
+        assert r.status_code == 200, r.text
+        sid = r.headers["mcp-session-id"]
+    started = time.monotonic()
+    for a in live:
+        a.stop()
+    assert time.monotonic() - started < 10.0
+    ends = json.loads(
+        t.node.cli("audit", "search", "--type=mcp.session.end", "--format=json", local=True).stdout
+    )
+    assert any(e["session_id"] == sid for e in ends), ends

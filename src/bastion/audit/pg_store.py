@@ -141,7 +141,10 @@ class PostgresAuditStore:
                 max_size=max(1, pool_size),
                 timeout=CONNECT_TIMEOUT,
                 command_timeout=COMMAND_TIMEOUT,
-                server_settings={"application_name": "bastion-audit"},
+                # Plans made per statement: a cached generic plan picked while the table was
+                # small (or never analysed, where autovacuum is off) would scan the whole
+                # table for every completion by id.
+                server_settings={"application_name": "bastion-audit", "plan_cache_mode": "force_custom_plan"},
             )
         except _DRIVER_ERRORS as exc:
             # ``from None``: the message summarises the driver's error without

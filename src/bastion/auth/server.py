@@ -568,9 +568,9 @@ class AuthServer:
                 out.append(res)
         return out
 
-    async def upsert_proxy(self, proxy_id: str, public_addr: str, ttl: timedelta) -> None:
-        """A proxy's heartbeat: app services connect to every live proxy."""
-        doc = orjson.dumps({"public_addr": public_addr})
+    async def upsert_proxy(self, proxy_id: str, public_addr: str, tunnel_addr: str, ttl: timedelta) -> None:
+        """A proxy's heartbeat: app services keep a tunnel to every live proxy."""
+        doc = orjson.dumps({"public_addr": public_addr, "tunnel_addr": tunnel_addr})
         await self.backend.put(Item(f"/proxies/{proxy_id}", doc, expires=self.clock.now() + ttl))
 
     async def remove_proxy(self, proxy_id: str) -> None:
@@ -578,9 +578,9 @@ class AuthServer:
             await self.backend.delete(f"/proxies/{proxy_id}")
 
     async def proxies(self) -> list[str]:
-        """Public addresses of the live proxies."""
-        out = {orjson.loads(i.value)["public_addr"] for i in await self.backend.list("/proxies/")}
-        return sorted(out)
+        """Tunnel addresses (``host:port``) of the live proxies."""
+        out = {orjson.loads(i.value).get("tunnel_addr", "") for i in await self.backend.list("/proxies/")}
+        return sorted(a for a in out if a)
 
     # ----------------------------------------------------------- resources
 

@@ -40,10 +40,15 @@ class ProxyUnreachableError(BastionError):
     code = "unreachable"
 
 
-def tls_context(ca_pem: str | None, *, insecure: bool = False) -> ssl.SSLContext | bool:
+def tls_context(
+    ca_pem: str | None, *, insecure: bool = False, system_trust: bool = False
+) -> ssl.SSLContext | bool:
     if insecure:
         return False
     ctx = ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
+    if ca_pem and system_trust:
+        # A proxy with an operator's certificate (a public CA) as well as the cluster's own.
+        ctx.load_default_certs()
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
 
@@ -55,12 +60,20 @@ def base_url(proxy: str) -> str:
 class ApiClient:
     """One proxy, optionally one credential."""
 
-    def __init__(self, proxy: str, *, ca_pem: str | None, insecure: bool = False, token: str = "") -> None:
+    def __init__(
+        self,
+        proxy: str,
+        *,
+        ca_pem: str | None,
+        insecure: bool = False,
+        token: str = "",
+        system_trust: bool = False,
+    ) -> None:
         self.proxy = proxy
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.AsyncClient(
             base_url=base_url(proxy),
-            verify=tls_context(ca_pem, insecure=insecure),
+            verify=tls_context(ca_pem, insecure=insecure, system_trust=system_trust),
             headers=headers,
             timeout=httpx.Timeout(30.0, connect=10.0),
         )

@@ -140,7 +140,7 @@ async def join(
             "belongs to another cluster)"
         )
     key_pem, pub_pem = new_host_key()
-    api = ApiClient(proxy, ca_pem=ca_pem)
+    api = ApiClient(proxy, ca_pem=ca_pem, system_trust=True)
     try:
         data = await api.request(
             "POST",
@@ -195,15 +195,32 @@ class Agent:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self._dial(self.proxy, configured=True)
+        self._tasks.append(asyncio.create_task(self._bootstrap(), name="tunnel-bootstrap"))
         self._tasks.append(asyncio.create_task(self._renew_loop(), name="host-cert-renew"))
 
-    def _dial(self, proxy: str, *, configured: bool = False) -> None:
-        """Keep a tunnel to ``proxy`` (the configured one, or one the cluster told us about)."""
-        if proxy in self._dialers or self._closing:
+    async def _bootstrap(self) -> None:
+        """Whenever no tunnel is up, ask ``proxy_server`` where to dial (it may be a balancer)."""
+        delay = _BACKOFF_MIN
+        while not self._closing:
+            if not self.conns:
+                try:
+                    self._dial(await self._tunnel_addr(self.proxy))
+                    delay = _BACKOFF_MIN
+                except (OSError, BastionError) as e:
+                    msg = e.message if isinstance(e, BastionError) else (str(e) or type(e).__name__)
+                    log.warning(
+                        "cannot reach the proxy; retrying",
+                        extra={"proxy": self.proxy, "error": msg, "retry_in_s": round(delay, 2)},
+                    )
+                    delay = min(delay * 2, _BACKOFF_MAX)
+            await asyncio.sleep(delay * (0.5 + random.random()) if not self.conns else HEARTBEAT_EVERY)
+
+    def _dial(self, tunnel: str) -> None:
+        """Keep a tunnel to ``tunnel`` (``host:port``) while that proxy lives."""
+        if tunnel in self._dialers or self._closing:
             return
-        task = asyncio.create_task(self._dial_loop(proxy, configured=configured), name=f"tunnel-dial-{proxy}")
-        self._dialers[proxy] = task
+        task = asyncio.create_task(self._dial_loop(tunnel), name=f"tunnel-dial-{tunnel}")
+        self._dialers[tunnel] = task
         self._tasks.append(task)
 
     async def aclose(self) -> None:
@@ -223,10 +240,10 @@ class Agent:
 
     # ---------------------------------------------------------- connections
 
-    async def _tunnel_addr(self, proxy: str) -> tuple[str, int]:
+    async def _tunnel_addr(self, proxy: str) -> str:
         from bastion.client.api import ApiClient
 
-        api = ApiClient(proxy, ca_pem=self.creds.ca_pem.decode())
+        api = ApiClient(proxy, ca_pem=self.creds.ca_pem.decode(), system_trust=True)
         try:
             info = await api.request("GET", "/v1/webapi/find")
         finally:
@@ -238,7 +255,7 @@ class Agent:
         host = host.strip("[]")
         if host in ("", "0.0.0.0", "::"):
             host = proxy.rpartition(":")[0].strip("[]")
-        return host, int(port)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def _client_ssl(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -252,18 +269,19 @@ class Agent:
         ctx.load_cert_chain(str(d / "host.crt"), str(d / "host.key"))
         return ctx
 
-    async def _dial_loop(self, proxy: str, *, configured: bool) -> None:
+    async def _dial_loop(self, proxy: str) -> None:
         try:
-            await self._dial_forever(proxy, configured=configured)
+            await self._dial_forever(proxy)
         finally:
             self._dialers.pop(proxy, None)
 
-    async def _dial_forever(self, proxy: str, *, configured: bool) -> None:
+    async def _dial_forever(self, proxy: str) -> None:
         delay = _BACKOFF_MIN
         failures = 0
+        host, _, port_s = proxy.rpartition(":")
+        host, port = host.strip("[]"), int(port_s)
         while not self._closing:
             try:
-                host, port = await self._tunnel_addr(proxy)
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(host, port, ssl=self._client_ssl()), 15.0
                 )
@@ -276,7 +294,7 @@ class Agent:
                     )
                 mux = Mux(reader, writer, initiator=True, on_stream=self._serve_stream)
                 self.conns[proxy] = mux
-                log.info("tunnel connected", extra={"proxy": proxy, "tunnel": f"{host}:{port}"})
+                log.info("tunnel connected", extra={"tunnel": proxy})
                 runner = asyncio.create_task(mux.run(), name="tunnel-mux")
                 beat = asyncio.create_task(self._heartbeat_loop(mux), name="tunnel-heartbeat")
                 delay = _BACKOFF_MIN
@@ -292,22 +310,22 @@ class Agent:
                     if not self.conns:
                         self.connected.clear()
                 if not self._closing:
-                    log.warning("tunnel lost; reconnecting", extra={"proxy": proxy})
+                    log.warning("tunnel lost; reconnecting", extra={"tunnel": proxy})
             except asyncio.CancelledError:
                 raise
             except (OSError, TimeoutError, ssl.SSLError, BastionError, TunnelClosed) as e:
                 msg = e.message if isinstance(e, BastionError) else (str(e) or type(e).__name__)
                 failures += 1
-                if not configured and failures >= _GIVE_UP_AFTER:
+                if failures >= _GIVE_UP_AFTER:
                     log.warning(
-                        "giving up on a proxy the cluster told us about (the cluster will "
-                        "tell us again while it is alive)",
-                        extra={"proxy": proxy, "error": msg},
+                        "giving up on this proxy's tunnel for now (the cluster names the live "
+                        "proxies in every heartbeat; proxy_server is asked again when none is up)",
+                        extra={"tunnel": proxy, "error": msg},
                     )
                     return
                 log.warning(
                     "cannot reach the proxy's tunnel; retrying",
-                    extra={"proxy": proxy, "error": msg, "retry_in_s": round(delay, 2)},
+                    extra={"tunnel": proxy, "error": msg, "retry_in_s": round(delay, 2)},
                 )
             if self._closing:
                 return

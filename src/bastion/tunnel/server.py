@@ -210,6 +210,11 @@ class TunnelServer:
         except BastionError as e:
             log.warning("cannot drop app server heartbeat", extra={"error": e.message})
 
+    @property
+    def advertised(self) -> str:
+        """The tunnel address app services are told to dial for this proxy."""
+        return self.proxy_addr()
+
     def candidates(self, name: str) -> list[AgentConn]:
         return [c for c in self.conns.values() if name in c.apps and not c.mux.closed]
 
