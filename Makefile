@@ -82,7 +82,7 @@ clean:
 BENCH_NODE_DIR   := bench/node
 BENCH_NODE_STAMP := $(BENCH_NODE_DIR)/node_modules/.installed
 
-.PHONY: bench bench-deps
+.PHONY: bench bench-deps bench-scale
 
 $(BENCH_NODE_STAMP): $(BENCH_NODE_DIR)/package.json $(wildcard $(BENCH_NODE_DIR)/package-lock.json)
 	@if ! command -v npm >/dev/null; then \
@@ -101,3 +101,7 @@ bench-deps: $(STAMP) $(NODE_STAMP) $(PEERS_STAMP) $(BENCH_NODE_STAMP)
 ## bench: gateway vs direct vs peers on this machine (~10 min; BENCH_ARGS=--quick for ~2 min)
 bench: bench-deps
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+## bench-scale: 2 proxies + 2 app services on PostgreSQL vs one SQLite node (docs/scaling.md)
+bench-scale: bench-deps
+	$(BIN)/python bench/scale.py $(BENCH_ARGS)
