@@ -130,7 +130,8 @@ async def test_cancelled_close_still_closes(dsn: str) -> None:
         await s.insert_many([make_event()])
     assert await raw_rows(
         dsn,
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'bastion-audit' AND datname = current_database()",
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE application_name = 'bastion-audit' AND datname = current_database()",
     ) == [(0,)]
 
 
