@@ -1,4 +1,4 @@
-"""Listening sockets and uvicorn start-up, shared by the proxy and ``bastion proxy mcp``.
+"""Listening sockets and uvicorn start-up, shared by the proxy, the diag listener and ``bastion proxy mcp``.
 
 Sockets are bound before a server starts, so a busy port is a clear error and
 port 0 works (the caller reads the real port).  uvicorn exposes no start-up

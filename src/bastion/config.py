@@ -467,6 +467,10 @@ class ProxyService(_Model):
     tunnel_listen_addr: Annotated[str, _none_as_empty(""), AfterValidator(_check_optional_listen)] = ""
     #: ``host:port`` app services should dial, when it differs from the listen address.
     tunnel_public_addr: OptionalAddr = ""
+    #: The HTTP/1.1 server under the HTTPS listener: ``bastion`` (our lean asyncio +
+    #: httptools server, proxy/h1.py; docs/decisions/0011-lean-http-server.md) or
+    #: ``uvicorn`` (the previous one, kept as a fallback).
+    http_server: Literal["bastion", "uvicorn"] = "bastion"
 
     @property
     def effective_tunnel_listen(self) -> tuple[str, int]:

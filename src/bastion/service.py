@@ -203,6 +203,7 @@ class Cluster:
                         cert_file=tls.cert_file,
                         key_file=tls.key_file,
                         allowed_origins=tuple(cfg.proxy_service.allowed_origins),
+                        http_server=cfg.proxy_service.http_server,
                     ),
                     router=router,
                     audit=audit,

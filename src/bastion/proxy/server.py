@@ -1,4 +1,7 @@
-"""The proxy's listener: HTTPS (TLS 1.2+) on uvicorn, serving the web API.
+"""The proxy's listener: HTTPS (TLS 1.2+) serving the front (MCP data path, web API).
+
+The HTTP server is ours (``proxy/h1.py``) unless ``proxy_service.http_server`` says
+``uvicorn``.
 
 The socket is bound before anything else starts, so a busy port is a clear
 start-up error, and ``port 0`` works for tests (``ProxyService.port`` tells
@@ -26,6 +29,7 @@ from bastion._listen import bind_tcp, start_uvicorn
 from bastion.auth.ca import issue_server_cert
 from bastion.auth.server import AuthServer
 from bastion.errors import ConfigError
+from bastion.proxy import h1
 from bastion.proxy.front import Front
 from bastion.proxy.webapi import RequestContext, build_webapi
 
@@ -44,6 +48,8 @@ class ProxySettings:
     cert_file: Path | None = None
     key_file: Path | None = None
     allowed_origins: tuple[str, ...] = ()
+    #: ``bastion`` (proxy/h1.py, the default) or ``uvicorn``.
+    http_server: str = "bastion"
 
 
 class _Server(uvicorn.Server):
@@ -88,6 +94,7 @@ class ProxyService:
         self._sock: socket.socket | None = None
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
+        self._h1: h1.Server | None = None
 
     @property
     def port(self) -> int:
@@ -119,7 +126,7 @@ class ProxyService:
         self._sock = _bind(s.host, s.port)
         cert, key = self._tls_files()
 
-        def tls_context(config: uvicorn.Config, default: object) -> ssl.SSLContext:
+        def tls_context(config: uvicorn.Config | None = None, default: object = None) -> ssl.SSLContext:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.load_cert_chain(str(cert), str(key))
@@ -138,6 +145,10 @@ class ProxyService:
         )
         origins = frozenset({f"https://{public}", *s.allowed_origins})
         app = Front(auth=self.auth, webapi=webapi, router=self.router, allowed_origins=origins)
+        if s.http_server == "bastion":
+            self._h1 = await h1.serve(self._sock, app, ssl_ctx=tls_context(), shutdown_timeout=5)
+            log.info("proxy listening", extra={"addr": f"https://{s.host}:{self.port}"})
+            return
         config = uvicorn.Config(
             app,
             http="httptools",
@@ -158,10 +169,15 @@ class ProxyService:
         log.info("proxy listening", extra={"addr": f"https://{s.host}:{self.port}"})
 
     async def wait(self) -> None:
+        if self._h1:
+            await self._h1.wait_closed()
         if self._task:
             await self._task
 
     async def stop(self) -> None:
+        if self._h1:
+            self._h1.close()
+            await self._h1.wait_closed()
         if self._server:
             self._server.should_exit = True
         if self._task:
