@@ -13,7 +13,9 @@ Contract:
   machinery, same order), updating the row in place, so each call is one
   row.  It is accepted until the writer stops (``close()`` writes every
   completion queued before it ends); one the store fails to write is
-  logged, since nobody waits for it.
+  logged, since nobody waits for it.  (Holding outcomes back a little, to
+  share the next event's commit, was measured in the gateway at one call in
+  flight: +90 µs at p50 and no CPU saved, so they are written at once.)
 - ``log.record_nowait(event)`` never blocks: fire-and-forget for events
   nothing waits on (session start/end, notifications).  Written in order
   with everything else; a failed write is logged, not raised.
@@ -23,8 +25,11 @@ Contract:
   its insert.
 - Group commit: one writer task drains the queue; everything queued when
   it runs (up to ``max_batch`` items) is written together, so concurrent
-  callers share transactions: one ``insert_many`` and at most one
-  ``complete_many`` per batch, i.e. per event-loop iteration under load.
+  callers share transactions: one ``write_batch`` per batch, i.e. per
+  event-loop iteration under load, when the store has that optional method
+  (see ``bastion.audit.store``); otherwise one ``insert_many`` and at most
+  one ``complete_many``.  If a ``write_batch`` fails, its events' callers
+  get the error and its outcomes are tried again alone.
 - Backpressure: when ``max_queue`` items are queued, ``record`` waits for
   room (at most ``enqueue_timeout`` seconds, then ``BackendError``) and
   ``record_nowait`` raises ``BackendError`` at once; ``complete`` is always
@@ -33,25 +38,10 @@ Contract:
   every method but ``search`` and ``queue_depth`` raises ``BackendError``.
   The store is not closed: whoever opened it closes it, after ``close()``.
 
-Measured 2026-11-22 on this 2-vCPU host (shared: load average 2-3.5 from
-other jobs), CPython 3.11.7 + uvloop, the process pinned to one core, a
-fresh ``SQLiteAuditStore`` file; 64 concurrent callers each looping
-``await record(e)`` then ``complete(...)``, 200,000 calls per run,
-medians of 3 interleaved runs (batches were 64 events: one transaction per
-loop iteration)::
-
-    what the callers do                              calls/s   CPU µs/call
-    no audit (a bare await of a resolved future)      63,766      15.7
-    record + complete, SQLiteAuditStore               10,477      95.0
-    the same with time-ordered (uuid7-like) ids       11,976      83.2
-
-Cost per audited call (CPU, difference from "no audit" in the same run,
-median): about 82 µs, of which this module's queue, futures and wake-ups
-~2 µs, turning the event and the completion into JSON ~12 µs, and SQLite
-(insert into six b-trees, in-place update, commits, checkpoints) ~67 µs.
-That is far above the ~10 µs a 10,000 calls/s gateway can spend on audit;
-the SQLite schema, not the group commit, is the cost (see
-``bastion.audit.store`` for the breakdown).
+What it costs: this module's queue, futures and wake-ups ~1.3 µs of CPU per
+call (record + complete), measured with a store that writes nothing; the
+rest is the store's (``bastion.audit.store`` has the breakdown, and
+``bench/audit_micro.py`` measures the whole: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -59,7 +49,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from bastion.audit.events import AuditEvent
@@ -98,6 +88,10 @@ class AuditLog:
         if enqueue_timeout <= 0:
             raise ValueError("enqueue_timeout must be positive")
         self._store = store
+        # The optional one-transaction write (see bastion.audit.store); None: two calls.
+        self._write_batch: Callable[[Sequence[AuditEvent], Sequence[Completion]], Awaitable[None]] | None = (
+            getattr(store, "write_batch", None)
+        )
         self._max_batch = max_batch
         self._max_queue = max_queue
         self._enqueue_timeout = enqueue_timeout
@@ -267,25 +261,42 @@ class AuditLog:
                 waiters.append(fut)
             else:
                 completions.append(payload)
+        if events and completions and self._write_batch is not None:
+            try:
+                await self._write_batch(events, completions)
+            except Exception as exc:  # the waiters must hear of it
+                self._insert_failed(events, waiters, exc)
+                # Those outcomes need not share the events' fate: try them alone.
+                await self._complete(completions)
+            else:
+                self._resolve(waiters)
+            return
         if events:
             try:
                 await self._store.insert_many(events)
             except Exception as exc:  # any failure: the waiters must hear of it
                 self._insert_failed(events, waiters, exc)
             else:
-                for fut in waiters:
-                    if fut is not None and not fut.done():
-                        fut.set_result(None)
+                self._resolve(waiters)
         if completions:
-            try:
-                await self._store.complete_many(completions)
-            except Exception as exc:  # nobody waits on these: log, keep going
-                log.error(
-                    "audit log: lost %d call outcomes: %s",
-                    len(completions),
-                    exc,
-                    extra={"event_ids": [c.event_id for c in completions[:20]]},
-                )
+            await self._complete(completions)
+
+    async def _complete(self, completions: list[Completion]) -> None:
+        try:
+            await self._store.complete_many(completions)
+        except Exception as exc:  # nobody waits on these: log, keep going
+            log.error(
+                "audit log: lost %d call outcomes: %s",
+                len(completions),
+                exc,
+                extra={"event_ids": [c.event_id for c in completions[:20]]},
+            )
+
+    @staticmethod
+    def _resolve(waiters: list[asyncio.Future[None] | None]) -> None:
+        for fut in waiters:
+            if fut is not None and not fut.done():
+                fut.set_result(None)
 
     def _insert_failed(
         self, events: Sequence[AuditEvent], waiters: Sequence[asyncio.Future[None] | None], exc: Exception

@@ -8,53 +8,81 @@ Contract of every ``AuditStore``:
   that is already stored keeps the stored row (idempotent retries; one row
   per event, always).
 - ``complete_many(updates)`` sets ``success``, ``error`` and ``duration_ms``
-  of already stored events, in the indexed columns and in the stored JSON
-  alike (``code`` follows ``success``; an empty ``error`` or a ``None``
-  duration removes the field, as ``AuditEvent.to_dict`` would have omitted
-  it).  One transaction; ids not stored are ignored.
+  of already stored events: ``search`` returns them with that outcome
+  (``code`` follows ``success``; an empty ``error`` or a ``None`` duration
+  removes the field, as ``AuditEvent.to_dict`` would have omitted it; a
+  field the outcome adds comes after the event's own fields).  One
+  transaction; ids not stored are ignored; a later completion of the same
+  event wins.
 - ``search(query)`` returns stored events (the ``to_dict`` form, completions
   applied) matching every given filter, oldest first (by event time, then
   by insertion order), at most ``query.limit`` of them.
 - Failures raise ``BackendError``; ``close()`` is idempotent, and any other
   call after it raises ``BackendError``.
+- Optional: ``write_batch(events, updates)`` does ``insert_many(events)``
+  then ``complete_many(updates)`` in ONE transaction (if it raises, nothing
+  of either is stored).  ``AuditLog`` uses it when a store has it (one
+  commit per batch instead of two) and the two methods above otherwise, so
+  a store without it is still a complete ``AuditStore``.
 
 ``SQLiteAuditStore`` keeps ``<data_dir>/audit.db`` (mode 0600, WAL,
 ``synchronous=NORMAL``: a commit survives a crash of the process; an OS
 crash or power loss may lose the last commits but never corrupts the file).
 It is its own file so audit writes never contend with the backend's.  One
-process writes it; any process may read it while it is written.
+process writes it; any process may read it while it is written.  One row
+per event: the ``event`` column holds its JSON as recorded (built once, at
+insert), the ``success``/``error``/``duration_ms`` columns its outcome,
+which completions update and ``search`` merges into the document
+(``_merge``).  Rows completed by versions before 2026-11-23, which also
+rewrote the JSON, read the same.
 
 Why writes run synchronously on the event loop: measured 2026-11-22 on
-this 2-vCPU host (shared: load average 2-3.5 from other jobs during the
-runs), CPython 3.11.7, SQLite 3.40.1, uvloop, the process pinned to one
-core; 64 concurrent callers each looping ``await AuditLog.record(e)`` then
-``complete(...)`` (one insert + one completion per call), 200,000 calls
-into a fresh file, medians of 3 interleaved runs::
+this 2-vCPU host, CPython 3.11.7, SQLite 3.40.1, uvloop, the process pinned
+to one core; 64 concurrent callers each looping ``await
+AuditLog.record(e)`` then ``complete(...)``, medians of 3 interleaved runs:
+sqlite3 on the loop 95.0 CPU µs per call, the same in a worker thread
+(``asyncio.to_thread``) 107.7.  On one core a thread buys no extra CPU and
+every batch pays the thread hand-offs.  The price is that the loop is busy
+for each transaction (about 1-2 ms per batch of 16 calls).
 
-    store variant                                   calls/s   CPU µs/call
-    sync sqlite3 on the loop (this module)           10,477       95.0
-    sqlite3 in a worker thread (asyncio.to_thread)    9,230      107.7
-    (the callers alone, no audit)                    63,766       15.7
+The cost per call (``bench/audit_micro.py``: ``AuditLog`` over this store,
+16 concurrent callers, a tools/call event of ~900 bytes of JSON, one core;
+CPU of the whole process, checkpoint thread included, minus the callers
+alone; see docs/benchmarks.md)::
 
-On one core a thread buys no extra CPU and every batch pays the thread
-hand-offs, so it is slower.  The price of writing on the loop is that it
-is busy for the whole transaction: median 2.7-3.5 ms per batch of 64
-inserts and 0.9-1.2 ms per batch of 64 completions, p99 ~8 ms.  SQLite's
-automatic checkpoints inside those commits (fsyncs) raised the p99 to 21 ms
-and the worst case past 100 ms, hence the checkpoint thread below.
+    one client session / 16 sessions              CPU µs per call
+    2026-11-22 (JSON rebuilt on completion,
+      two commits per batch, WAL never restarted)     32.2 / 43.7
+    this version                                      AUDIT_AFTER
 
-Where the SQLite cost goes (raw SQLite, insert + completion per call,
-CPU µs, at 500,000 rows, checkpoints counted separately)::
+What it is made of now (one session): building the row in Python (the
+event's JSON, ~3.5 µs), the emitter's queue and futures (~1.3 µs), SQLite
+(~16 µs: inserting into the table and its six b-trees, the in-place update
+of the outcome, the commit's WAL writes, and the checkpoints).  The WAL is
+the big part: a commit writes every page it dirtied, whole; measured ~8
+pages per commit plus ~0.4 per row, i.e. 25 pages (100 KiB) for a batch of
+16 calls with one session, 65 with 16 sessions: each index whose key
+differs per session (``id``, ``session_id``) dirties one leaf per session
+per commit.  Time-ordered event ids would make the ``id`` index append at
+its right edge (measured with ``--ids ordered``: 16 sessions, about 5 µs
+less per call).  The secondary indexes themselves cost ~6 µs per call at
+one session (measured in raw SQLite: 14.7 µs per call with them, 7.8
+without any).
 
-    this schema, uuid4 event and session ids          45.4  + 11.7 checkpoint
-    this schema, time-ordered (uuid7-like) ids        28.5  +  3.4
-    no unique id index (complete by rowid)            23.2  +  4.3
-    neither id nor session_id index                   14.7  +  2.2
-
-Every random key (``id``; ``session_id`` with many live sessions) dirties
-one index page per row, and every dirty page is written to the WAL at
-commit and copied again at checkpoint.  Time-ordered ids would make both
-indexes append at their right edge.
+Checkpoints (copying the WAL into the database file, with two fsyncs) run
+in a worker thread on their own connection, never inside a commit on the
+loop (automatic checkpoints inside commits stalled the loop for 5-20 ms
+each), every ``CHECKPOINT_PAGES`` pages of WAL (estimated per commit,
+calibrated by what each checkpoint finds), in rounds that end, when the WAL
+did not start again by itself, by holding the writes back for a
+millisecond or two so that it is entirely copied and the next commit starts
+it again from its beginning (``SQLiteAuditStore._checkpoint``; measured: the
+WAL file peaks at 20-30 MiB).  A WAL that never
+starts again only grows (the previous version: ~1 GB in half a minute of
+benchmark, truncated at 64 MiB on the loop), and appending new file blocks
+costs the kernel far more than rewriting cached ones (raw SQLite, same
+writes: 6.0 vs 4.2 µs of system CPU per call with one session, 41 vs 10
+with 16).
 
 Reads (``search``) run in a worker thread on their own read-only
 connection: they may scan many rows, and must block neither the loop nor
@@ -82,7 +110,7 @@ from typing import Any, Final, NamedTuple, Protocol
 
 import orjson
 
-from bastion.audit.events import REQUEST, AuditEvent, code_for
+from bastion.audit.events import AuditEvent, code_for
 from bastion.errors import BackendError, ValidationError
 
 log = logging.getLogger("bastion.audit")
@@ -131,29 +159,30 @@ _INSERT: Final = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
 )
 
-# A completion whose event's JSON is still in memory: the new JSON is built
-# in Python, and SQLite only rewrites the row.
-_COMPLETE: Final = "UPDATE audit_events SET success = ?, error = ?, duration_ms = ?, event = ? WHERE id = ?"
+# A completion sets the outcome columns only; the stored JSON stays the event
+# as recorded, and search merges the columns into it (``_merge``).
+_COMPLETE: Final = "UPDATE audit_events SET success = ?, error = ?, duration_ms = ? WHERE id = ?"
 
-# A completion whose JSON is not in memory any more: patched by SQLite.
-# json_patch (RFC 7396) sets success/error/duration_ms and deletes the keys
-# patched with null, so the JSON omits empty fields exactly like to_dict;
-# ``code`` keeps its prefix and takes the I/E suffix of the new outcome.
-# Measured about twice as slow as the path above (three JSON parses).
-_COMPLETE_IN_SQL: Final = (
-    "UPDATE audit_events SET success = ?1, error = ?2, duration_ms = ?3,"
-    " event = json_set(json_patch(event, ?4), '$.code',"
-    " substr(json_extract(event, '$.code'), 1, length(json_extract(event, '$.code')) - 1) || ?5)"
-    " WHERE id = ?6"
-)
-
-#: How many stored events' JSON is kept in memory for their completion
-#: (oldest dropped first; a dropped one is completed by ``_COMPLETE_IN_SQL``).
-#: Calls in flight at once rarely exceed a few thousand.
-PENDING_MAX: Final = 16_384
-#: Rows written between two checkpoints (see ``SQLiteAuditStore``).
-CHECKPOINT_ROWS: Final = 2_000
-#: WAL size past which the writer truncates it (see ``SQLiteAuditStore._truncate_wal``).
+#: WAL pages written between two checkpoints (see ``SQLiteAuditStore._checkpoint``):
+#: 8 MiB of WAL.  Pages are estimated, from what this schema measured with one
+#: client session: about ``TX_PAGES`` per transaction (page 1, the six b-trees'
+#: last leaves) plus one per two rows inserted or completed; then scaled by
+#: what the checkpoints find (with many sessions, up to 3 times as many).
+CHECKPOINT_PAGES: Final = 2_048
+TX_PAGES: Final = 8
+#: Checkpoint rounds per checkpoint at most; the last one holds the writes back.
+CHECKPOINT_ROUNDS: Final = 4
+#: WAL pages written during a checkpoint round under which the next round
+#: holds the writes back so that it finishes (a millisecond or two of copying).
+HOLD_PAGES: Final = 512
+#: Frames in the WAL (i.e. since it last started again) under which no round
+#: holds the writes back: one and a half checkpoints' worth.
+HOLD_FRAMES: Final = CHECKPOINT_PAGES * 3 // 2
+#: The longest writes wait for that round (seconds); then they go on, and the
+#: WAL starts again after a later checkpoint.
+HOLD_MAX: Final = 0.1
+#: WAL size past which the writer truncates it (see ``SQLiteAuditStore._truncate_wal``);
+#: also the size a WAL restarted from its beginning is cut back to.
 WAL_LIMIT: Final = 64 << 20
 
 
@@ -208,27 +237,34 @@ class SQLiteAuditStore:
     """``AuditStore`` on ``<data_dir>/audit.db``; open with ``await SQLiteAuditStore.open(data_dir)``.
 
     Writes run synchronously on the calling (event-loop) thread, one short
-    transaction per call; see the module doc for why and for the numbers.
+    transaction per batch; see the module doc for why and for the numbers.
     Checkpoints (copying the WAL into the database file, with two fsyncs)
-    are the slow part of SQLite writing; left automatic they would run
-    inside a commit on the loop and stall it for tens of milliseconds, so
-    they run instead in a worker thread on their own connection, one at a
-    time, every ``CHECKPOINT_ROWS`` rows written (``PASSIVE``: they never
-    block the writer).
+    run in a worker thread on their own connection, never inside a commit on
+    the loop; see ``_checkpoint`` for how they keep the WAL small.
     """
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         # Use ``open``: the connection must be configured and migrated first.
         self._conn: sqlite3.Connection | None = conn
+        # One cursor for every write: no cursor object per statement.
+        self._cur = conn.cursor()
         self._path = path
-        # JSON of stored, not yet completed events, by id (insertion order
-        # = age, for eviction); see ``PENDING_MAX``.
-        self._pending: dict[str, str] = {}
-        self._since_checkpoint = 0
+        #: WAL pages written since opened (estimated); when the last checkpoint began,
+        #: and when the WAL last started again (approximately).
+        self._pages = 0
+        self._pages_checkpointed = 0
+        self._pages_restarted = 0
+        # WAL frames really written per estimated page (measured by each checkpoint:
+        # many sessions at once dirty more index leaves than the estimate counts).
+        self._scale = 1.0
         self._checkpointer: asyncio.Task[None] | None = None
         # Opened by the first checkpoint, in its thread; used by one
         # checkpoint at a time, then closed by close().
         self._checkpoint_conn: sqlite3.Connection | None = None
+        # Set while the last round of a checkpoint runs: writes wait for it
+        # (the loop does not), so that the checkpoint catches up with the WAL
+        # and the next write starts it again from the beginning.
+        self._hold: asyncio.Future[None] | None = None
         self._closer: asyncio.Task[None] | None = None
 
     @classmethod
@@ -249,58 +285,17 @@ class SQLiteAuditStore:
         return self._path
 
     async def insert_many(self, events: Sequence[AuditEvent]) -> None:
-        if not events:
-            return
-        rows = [_row(e) for e in events]
-        changed = self._write("insert", _INSERT, rows, ())
-        pending = self._pending
-        if changed == len(rows):
-            # Every row is new, so each JSON below is what is stored.  (A
-            # duplicate id keeps the stored row; then nothing is cached and
-            # the completion is done in SQL, on what is really stored.)
-            for event, row in zip(events, rows, strict=True):
-                # Only calls still waiting for their outcome get completed; session
-                # start/end, notifications and refused calls never are, so caching
-                # them only filled the cache (seen in the benchmarks: +27 MB RSS).
-                if event.type == REQUEST and event.success and event.duration_ms is None:
-                    pending[row[0]] = row[-1]
-            while len(pending) > PENDING_MAX:
-                del pending[next(iter(pending))]
-        self._wrote(len(rows))
+        if events:
+            await self._write("insert", events, ())
 
     async def complete_many(self, updates: Sequence[Completion]) -> None:
-        if not updates:
-            return
-        pending = self._pending
-        # JSON already rewritten in this batch, so a second completion of
-        # the same event (in order) builds on the first.
-        done: dict[str, str] = {}
-        in_python: list[tuple[Any, ...]] = []
-        in_sql: list[tuple[Any, ...]] = []
-        for event_id, success, error, duration_ms in updates:
-            success = bool(success)
-            error = _clean(error) if error else ""
-            text = done.get(event_id) or pending.pop(event_id, None)
-            if text is None:
-                patch = {"success": success, "error": error or None, "duration_ms": duration_ms}
-                in_sql.append(
-                    (
-                        success,
-                        error,
-                        duration_ms,
-                        orjson.dumps(patch).decode(),
-                        "I" if success else "E",
-                        event_id,
-                    )
-                )
-                continue
-            text = _completed_json(text, success, error, duration_ms)
-            done[event_id] = text
-            in_python.append((success, error, duration_ms, text, event_id))
-        # The two lists never share an id (an id missing from memory stays
-        # missing for the whole batch), so their relative order is free.
-        self._write("complete", _COMPLETE, in_python, in_sql)
-        self._wrote(len(updates))
+        if updates:
+            await self._write("complete", (), updates)
+
+    async def write_batch(self, events: Sequence[AuditEvent], updates: Sequence[Completion]) -> None:
+        """``insert_many(events)`` then ``complete_many(updates)``, in one transaction."""
+        if events or updates:
+            await self._write("write", events, updates)
 
     async def search(self, query: AuditQuery) -> list[dict[str, Any]]:
         if self._conn is None:
@@ -316,7 +311,6 @@ class SQLiteAuditStore:
             conn, self._conn = self._conn, None
             if conn is None:
                 return
-            self._pending.clear()
             self._closer = asyncio.get_running_loop().create_task(
                 self._close(conn), name="bastion-audit-store-close"
             )
@@ -338,43 +332,64 @@ class SQLiteAuditStore:
 
     # -- plumbing ------------------------------------------------------------
 
-    def _write(
-        self, action: str, sql: str, rows: Sequence[tuple[Any, ...]], more: Sequence[tuple[Any, ...]]
-    ) -> int:
-        """Run ``sql`` for ``rows`` (then ``_COMPLETE_IN_SQL`` for ``more``) in one transaction."""
+    async def _write(self, action: str, events: Sequence[AuditEvent], updates: Sequence[Completion]) -> None:
+        """Insert ``events`` (ignoring ids already stored), then apply ``updates``, in one transaction."""
+        hold = self._hold
+        if hold is not None:
+            # asyncio.wait: a cancelled writer must not cancel the hold for the others.
+            await asyncio.wait([hold], timeout=HOLD_MAX)
+            if self._hold is hold and not hold.done():
+                # A checkpoint stuck on a slow disk must not slow the log down:
+                # stop holding the writes for it (the WAL restarts another time).
+                self._hold = None
+        rows = [_row(e) for e in events]
+        # (success, error, duration_ms, id) for _COMPLETE.  Only text that is
+        # not ASCII can hold a lone surrogate (which cannot be bound).
+        outcomes = [
+            (
+                bool(success),
+                (error if error.isascii() else _clean(error)) if error else "",
+                duration_ms,
+                event_id if event_id.isascii() else _clean(event_id),
+            )
+            for event_id, success, error, duration_ms in updates
+        ]
         conn = self._conn
         if conn is None:
             raise self._closed_error()
+        cur = self._cur
         try:
             if conn.in_transaction:
                 # Left open by a failed COMMIT whose ROLLBACK failed too;
                 # without this every later write would fail ("within a
                 # transaction") and the audit log would stay down.
-                conn.execute("ROLLBACK")
-            conn.execute("BEGIN IMMEDIATE")
+                cur.execute("ROLLBACK")
+            cur.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise _error(self._path, action, exc) from exc
         try:
-            changed = conn.executemany(sql, rows).rowcount if rows else 0
-            if more:
-                changed += conn.executemany(_COMPLETE_IN_SQL, more).rowcount
-            conn.execute("COMMIT")
+            if rows:
+                cur.executemany(_INSERT, rows)
+            if outcomes:
+                cur.executemany(_COMPLETE, outcomes)
+            cur.execute("COMMIT")
         except sqlite3.Error as exc:
             # After a failed COMMIT SQLite may already have rolled back.
             with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
+                cur.execute("ROLLBACK")
             raise _error(self._path, action, exc) from exc
-        return changed
+        self._pages += TX_PAGES + (len(rows) + len(outcomes) + 1) // 2
+        due = (self._pages - self._pages_checkpointed) * self._scale >= CHECKPOINT_PAGES
+        if due and self._checkpointer is None:
+            self._start_checkpoint()
 
-    def _wrote(self, rows: int) -> None:
-        self._since_checkpoint += rows
-        if self._since_checkpoint >= CHECKPOINT_ROWS and self._checkpointer is None:
-            self._since_checkpoint = 0
-            if self._wal_too_big():
-                self._truncate_wal()
-            self._checkpointer = asyncio.get_running_loop().create_task(
-                self._checkpoint(), name="bastion-audit-checkpoint"
-            )
+    def _start_checkpoint(self) -> None:
+        self._pages_checkpointed = self._pages
+        if self._wal_too_big():
+            self._truncate_wal()
+        self._checkpointer = asyncio.get_running_loop().create_task(
+            self._checkpoint(), name="bastion-audit-checkpoint"
+        )
 
     def _wal_too_big(self) -> bool:
         try:
@@ -383,10 +398,10 @@ class SQLiteAuditStore:
             return False
 
     def _truncate_wal(self) -> None:
-        """Under constant load passive checkpoints never catch up and the WAL only grows
-        (measured: ~1 GB in half a minute of benchmark).  Past ``WAL_LIMIT`` the writer
-        checkpoints everything and truncates the WAL itself: one pause of the loop, rarely,
-        instead of unbounded disk use."""
+        """The safety net: past ``WAL_LIMIT`` (when checkpoints could not catch up, e.g.
+        because long searches kept reading old frames) the writer checkpoints everything
+        and truncates the WAL itself: one pause of the loop, rarely, instead of
+        unbounded disk use."""
         conn = self._conn
         if conn is None:
             return
@@ -396,14 +411,63 @@ class SQLiteAuditStore:
             log.warning("audit database %s: WAL truncation failed: %s", self._path, exc)
 
     async def _checkpoint(self) -> None:
+        """Copy the WAL into the database, in a worker thread, until it is all copied.
+
+        SQLite starts the WAL again from its beginning (reusing its disk
+        blocks and cached pages) only at a write that finds it entirely
+        copied.  A ``PASSIVE`` checkpoint running beside the writer never
+        gets there under constant load (the writer appends while it copies),
+        and a WAL that only grows costs far more to write (new blocks) and
+        to keep.  So the checkpoint runs in rounds beside the writer while
+        the writer keeps appending much, and its last round (what was
+        appended during the previous one, at most ``HOLD_PAGES`` pages
+        unless the rounds run out) holds the writes back: they wait (the
+        event loop does not) for a millisecond or two, then the next write
+        restarts the WAL.  Only when the WAL did not start again by itself
+        (``HOLD_FRAMES``): under light load it does, in a pause of the writer.
+        """
+        loop = asyncio.get_running_loop()
+        hold = False
         try:
-            self._checkpoint_conn = await asyncio.to_thread(_checkpoint, self._path, self._checkpoint_conn)
+            for round_ in range(CHECKPOINT_ROUNDS):
+                if hold:
+                    self._hold = loop.create_future()
+                pages = self._pages
+                try:
+                    self._checkpoint_conn, frames, copied = await asyncio.to_thread(
+                        _checkpoint, self._path, self._checkpoint_conn
+                    )
+                finally:
+                    if hold:
+                        self._release_hold()
+                appended = self._pages - pages
+                since = pages - self._pages_restarted
+                if round_ == 0 and since > 0:
+                    # The frames really written since the WAL started again, against
+                    # the estimate (smoothed: the restart point is approximate).
+                    self._scale = (self._scale + min(max(frames / since, 1.0), 16.0)) / 2
+                if copied >= frames and (hold or not appended):
+                    # All copied, nothing written since: the next write starts it again.
+                    self._pages_restarted = self._pages
+                if hold or copied < frames or not appended or frames < HOLD_FRAMES:
+                    # All copied (the next write restarts the WAL); or a reader
+                    # still uses what is left; or the WAL is still small: it
+                    # restarted not long ago, and will again when the writer
+                    # pauses (holding it costs the one caller then waiting a
+                    # millisecond or two).  The next checkpoint will do.
+                    return
+                hold = appended <= HOLD_PAGES or round_ == CHECKPOINT_ROUNDS - 2
         except (sqlite3.Error, OSError) as exc:
             # Not fatal: the WAL grows until a later checkpoint succeeds.
             self._checkpoint_conn = None  # closed by _checkpoint
             log.warning("audit database %s: checkpoint failed: %s", self._path, exc)
         finally:
             self._checkpointer = None
+
+    def _release_hold(self) -> None:
+        hold, self._hold = self._hold, None
+        if hold is not None and not hold.done():
+            hold.set_result(None)
 
     def _closed_error(self) -> BackendError:
         return BackendError(f"audit database {self._path}: store is closed")
@@ -495,6 +559,11 @@ def _row(event: AuditEvent) -> tuple[Any, ...]:
 
 
 def _completed_json(text: str, success: bool, error: str, duration_ms: float | None) -> str:
+    """The stored JSON ``text`` rewritten with an outcome (for stores that keep it in the JSON).
+
+    ``SQLiteAuditStore`` keeps the outcome in columns instead (see ``_merge``);
+    ``bastion.audit.pg_store`` rewrites its JSON with this.
+    """
     doc = orjson.loads(text)
     doc["success"] = success
     code = doc.get("code")
@@ -589,6 +658,9 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
         # Checkpoints run in a worker thread (see SQLiteAuditStore), never
         # inside one of this connection's commits on the loop.
         conn.execute("PRAGMA wal_autocheckpoint = 0")
+        # A WAL that grew (checkpoints kept back by readers) is cut back when
+        # it starts again from its beginning.
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -611,17 +683,21 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
         raise _error(path, "open", exc) from exc
 
 
-def _checkpoint(path: Path, conn: sqlite3.Connection | None) -> sqlite3.Connection:
-    """Checkpoint what it can of the WAL without blocking anyone; return the connection."""
+def _checkpoint(path: Path, conn: sqlite3.Connection | None) -> tuple[sqlite3.Connection, int, int]:
+    """Checkpoint what it can of the WAL without blocking anyone.
+
+    Returns the connection (for the next checkpoint), the frames in the WAL
+    and how many of them are copied into the database.
+    """
     if conn is None:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     except BaseException:
         conn.close()
         raise
-    return conn
+    return conn, int(frames), int(copied)
 
 
 def _close_all(writer: sqlite3.Connection, checkpointer: sqlite3.Connection | None) -> None:
@@ -649,7 +725,7 @@ def _search_sql(query: AuditQuery) -> tuple[str, list[Any]]:
         if value:
             where.append(f"{column} = ?")
             params.append(value)
-    sql = "SELECT event FROM audit_events"
+    sql = "SELECT event, success, error, duration_ms FROM audit_events"
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY time_us, seq LIMIT ?"
@@ -670,7 +746,35 @@ def _read(path: Path, sql: str, params: list[Any]) -> list[dict[str, Any]]:
         raise _error(path, "search", exc) from exc
     finally:
         conn.close()
-    return [orjson.loads(row[0]) for row in rows]
+    return [_merge(*row) for row in rows]
+
+
+def _merge(text: str, success: Any, error: str, duration_ms: float | None) -> dict[str, Any]:
+    """The stored event with the outcome columns applied.
+
+    The same document earlier versions stored on completion (``_completed_json``:
+    ``code`` follows ``success``; an empty error or a NULL duration is omitted;
+    keys a completion adds come last).  The columns hold the event's own values
+    until a completion changes them, so an event never completed comes back
+    exactly as it was stored.
+    """
+    doc: dict[str, Any] = orjson.loads(text)
+    success = bool(success)
+    if bool(doc.get("success")) != success:
+        doc["success"] = success
+        code = doc.get("code")
+        if isinstance(code, str) and code:
+            doc["code"] = code[:-1] + ("I" if success else "E")
+    # Empty values are omitted, as to_dict omits them.
+    if error:
+        doc["error"] = error
+    else:
+        doc.pop("error", None)
+    if duration_ms is not None:
+        doc["duration_ms"] = duration_ms
+    elif doc.get("duration_ms") is not None:
+        del doc["duration_ms"]
+    return doc
 
 
 def _error(path: Path, action: str, exc: BaseException) -> BackendError:

@@ -111,6 +111,23 @@ class MemoryStore:
         return [i for kind, ids in self.calls if kind == "insert" for i in ids]
 
 
+class BatchingStore(MemoryStore):
+    """A ``MemoryStore`` that also has the optional ``write_batch`` (one transaction per batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_errors: list[Exception] = []
+
+    async def write_batch(self, events: Sequence[AuditEvent], updates: Sequence[Completion]) -> None:
+        if self.batch_errors:
+            raise self.batch_errors.pop(0)
+        self.calls.append(("batch", [[e.id for e in events], [tuple(u) for u in updates]]))
+        await self.insert_many(events)
+        self.calls.pop(-1)
+        await self.complete_many(updates)
+        self.calls.pop(-1)
+
+
 class CountingStore:
     """Wraps a real store, counting its write transactions."""
 
@@ -230,17 +247,23 @@ async def test_completion_updates_the_same_row(sqlite_store: SQLiteAuditStore) -
     log.complete(ok.id, True, "", 4.5)
     log.complete(bad.id, False, "HTTP 500 Internal Server Error", 9.0)
     await log.close()
-    rows = raw_rows(sqlite_store.path, "SELECT id, success, error, duration_ms, event FROM audit_events")
+    rows = raw_rows(sqlite_store.path, "SELECT id, success, error, duration_ms FROM audit_events")
     assert len(rows) == 2  # one row per call
     by_id = {r[0]: r for r in rows}
     assert by_id[ok.id][1:4] == (1, "", 4.5)
     assert by_id[bad.id][1:4] == (0, "HTTP 500 Internal Server Error", 9.0)
-    doc = orjson.loads(by_id[bad.id][4])
+    docs = {d["id"]: d for d in await log.search(AuditQuery())}
+    doc = docs[bad.id]
     assert (doc["success"], doc["code"], doc["error"], doc["duration_ms"]) == (
         False,
         "BMCP003E",
         "HTTP 500 Internal Server Error",
         9.0,
+    )
+    assert (docs[ok.id]["success"], docs[ok.id]["code"], docs[ok.id]["duration_ms"]) == (
+        True,
+        "BMCP003I",
+        4.5,
     )
 
 
@@ -330,6 +353,69 @@ async def test_callers_arriving_during_a_slow_write_share_the_next_one(
 async def test_writer_is_a_named_task(mlog: AuditLog) -> None:
     await mlog.record(make_event())
     assert not writer_task().done()
+
+
+async def test_a_store_that_can_write_a_batch_at_once_gets_one_call_per_batch() -> None:
+    store = BatchingStore()
+    log = AuditLog(store)
+    first = make_event()
+    await log.record(first)  # inserts only: insert_many
+    log.complete(first.id, True, "", 1.0)
+    second = make_event()
+    await log.record(second)  # an insert and a completion: write_batch
+    log.complete(second.id, False, "x", 2.0)
+    await log.close()  # a completion only: complete_many
+    assert store.calls == [
+        ("insert", [first.id]),
+        ("batch", [[second.id], [(first.id, True, "", 1.0)]]),
+        ("complete", [(second.id, False, "x", 2.0)]),
+    ]
+    assert (store.rows[first.id]["duration_ms"], store.rows[second.id]["error"]) == (1.0, "x")
+
+
+async def test_a_failed_batch_fails_its_waiters_and_its_outcomes_are_written_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = BatchingStore()
+    log = AuditLog(store)
+    first = make_event()
+    await log.record(first)
+    store.batch_errors = [BackendError("audit database x: cannot write: disk I/O error")]
+    log.complete(first.id, True, "", 1.0)
+    with (
+        caplog.at_level(logging.ERROR, logger="bastion.audit"),
+        pytest.raises(BackendError, match=r"^audit log unavailable: .*disk I/O error"),
+    ):
+        await log.record(make_event())
+    await log.close()
+    assert store.calls == [("insert", [first.id]), ("complete", [(first.id, True, "", 1.0)])]
+    assert store.rows[first.id]["duration_ms"] == 1.0
+    assert not any("lost" in r.getMessage() for r in caplog.records)
+
+
+async def test_batches_are_one_transaction_with_the_sqlite_store(sqlite_store: SQLiteAuditStore) -> None:
+    log = AuditLog(sqlite_store)
+    calls = 0
+    write = sqlite_store._write
+
+    async def counted(*args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        await write(*args)
+
+    sqlite_store._write = counted  # type: ignore[method-assign]
+    events = [make_event() for _ in range(20)]
+    await asyncio.gather(*(log.record(e) for e in events[:10]))
+    assert calls == 1
+    # Queued in the same loop iteration: calls arriving while answers come back.
+    records = [asyncio.ensure_future(log.record(e)) for e in events[10:]]
+    for e in events[:10]:
+        log.complete(e.id, True, "", 1.0)
+    await within(asyncio.gather(*records))
+    assert calls == 2  # ten inserts and ten completions: one transaction
+    await log.close()
+    got = await sqlite_store.search(AuditQuery())
+    assert sum(1 for g in got if g.get("duration_ms") == 1.0) == 10
 
 
 # ------------------------------------------------------------------ failures
@@ -570,7 +656,13 @@ async def test_search_delegates_to_the_store(sqlite_store: SQLiteAuditStore) -> 
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"max_batch": 0}, {"max_queue": 0}, {"enqueue_timeout": 0}, {"enqueue_timeout": -1.0}]
+    "kwargs",
+    [
+        {"max_batch": 0},
+        {"max_queue": 0},
+        {"enqueue_timeout": 0},
+        {"enqueue_timeout": -1.0},
+    ],
 )
 def test_bad_settings_are_refused(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="must be"):

@@ -8,6 +8,7 @@ import sqlite3
 import stat
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -286,6 +287,15 @@ async def test_later_completion_of_the_same_event_wins(store: SQLiteAuditStore) 
     assert raw_rows(store.path, "SELECT error FROM audit_events") == [("later",)]
 
 
+async def test_completion_without_an_error_text_is_stored(store: SQLiteAuditStore) -> None:
+    e = make_event()
+    await store.insert_many([e])
+    await store.complete_many([Completion(e.id, True, None, 1.0)])  # type: ignore[arg-type]
+    [got] = await everything(store)
+    assert "error" not in got
+    assert got["duration_ms"] == 1.0
+
+
 async def test_completion_of_an_unknown_event_is_ignored(store: SQLiteAuditStore) -> None:
     await store.complete_many([Completion("no-such-event", True, "", 1.0)])
     assert await everything(store) == []
@@ -321,10 +331,7 @@ async def test_completion_after_reopen_gives_the_same_result(tmp_path: Path) -> 
         await s.close()
 
 
-async def test_many_pending_completions_beyond_the_memory_bound(
-    store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(store_module, "PENDING_MAX", 3)
+async def test_many_completions_in_one_batch(store: SQLiteAuditStore) -> None:
     events = [make_event() for _ in range(10)]
     await store.insert_many(events)
     await store.complete_many([Completion(e.id, i % 2 == 0, f"e{i}", float(i)) for i, e in enumerate(events)])
@@ -334,8 +341,91 @@ async def test_many_pending_completions_beyond_the_memory_bound(
     ]
 
 
+async def test_the_stored_json_is_the_event_as_recorded_and_the_columns_hold_the_outcome(
+    store: SQLiteAuditStore,
+) -> None:
+    e = make_event()
+    await store.insert_many([e])
+    await store.complete_many([Completion(e.id, False, "HTTP 502", 3.0)])
+    [(success, error, duration, text)] = raw_rows(
+        store.path, "SELECT success, error, duration_ms, event FROM audit_events"
+    )
+    assert (success, error, duration) == (0, "HTTP 502", 3.0)
+    assert orjson.loads(text) == as_stored(e)  # not rewritten: search merges the columns in
+    [got] = await everything(store)
+    assert got == as_stored(replace(e, success=False, error="HTTP 502", duration_ms=3.0))
+
+
+@pytest.mark.parametrize(
+    "outcome", [(True, "", 12.5), (False, "HTTP 500", 0.0), (True, "", None), (False, "late", None)]
+)
+async def test_completed_documents_are_to_dict_of_the_completed_event(
+    store: SQLiteAuditStore, outcome: tuple[bool, str, float | None]
+) -> None:
+    success, error, duration = outcome
+    events = _events_of_every_shape()
+    await store.insert_many(events)
+    stored = dict(raw_rows(store.path, "SELECT id, event FROM audit_events"))
+    await store.complete_many([Completion(e.id, success, error, duration) for e in events])
+    got = {g["id"]: g for g in await everything(store)}
+    for e in events:
+        assert got[e.id] == as_stored(replace(e, success=success, error=error, duration_ms=duration)), e
+        # Key for key, in the same order as the JSON earlier versions rewrote on completion.
+        before = orjson.loads(store_module._completed_json(stored[e.id], success, error, duration))
+        assert list(got[e.id].items()) == list(before.items()), e
+
+
+async def test_rows_completed_by_an_earlier_version_read_the_same(store: SQLiteAuditStore) -> None:
+    # Versions before 2026-11-23 rewrote the JSON on completion, as well as the columns.
+    e = make_event()
+    await store.insert_many([e])
+    [(text,)] = raw_rows(store.path, "SELECT event FROM audit_events")
+    conn = sqlite3.connect(store.path)
+    with conn:
+        conn.execute(
+            "UPDATE audit_events SET success = 0, error = 'boom', duration_ms = 7.0, event = ?",
+            (store_module._completed_json(text, False, "boom", 7.0),),
+        )
+    conn.close()
+    [got] = await everything(store)
+    assert list(got.items()) == list(
+        orjson.loads(store_module._completed_json(text, False, "boom", 7.0)).items()
+    )
+    assert got == as_stored(replace(e, success=False, error="boom", duration_ms=7.0))
+
+
+async def test_write_batch_inserts_then_completes_in_one_transaction(store: SQLiteAuditStore) -> None:
+    old, new = make_event(), make_event()
+    await store.insert_many([old])
+    await store.write_batch([new], [Completion(old.id, True, "", 1.0), Completion(new.id, False, "x", 2.0)])
+    got = {g["id"]: g for g in await everything(store)}
+    assert (got[old.id]["success"], got[old.id]["duration_ms"]) == (True, 1.0)
+    assert (got[new.id]["success"], got[new.id]["error"], got[new.id]["duration_ms"]) == (False, "x", 2.0)
+    await store.write_batch([], [])  # a no-op
+
+    # All or nothing: a failing completion undoes the inserts of the same batch.
+    conn = sqlite3.connect(store.path)
+    conn.execute(
+        "CREATE TRIGGER no_updates BEFORE UPDATE ON audit_events BEGIN SELECT RAISE(ABORT, 'nope'); END"
+    )
+    conn.close()
+    lost = make_event()
+    with pytest.raises(BackendError, match="cannot write: nope"):
+        await store.write_batch([lost], [Completion(old.id, False, "y", 3.0)])
+    assert lost.id not in {g["id"] for g in await everything(store)}
+
+
+async def test_nothing_is_kept_in_memory_per_event(store: SQLiteAuditStore) -> None:
+    # Earlier versions kept each call's JSON until its completion (and kept that of
+    # events never completed until evicted).
+    await store.insert_many([make_event(type=SESSION_START) for _ in range(500)])
+    await store.insert_many([make_event() for _ in range(500)])
+    sizes = {k: len(v) for k, v in vars(store).items() if isinstance(v, dict | list | set)}
+    assert all(n < 100 for n in sizes.values()), sizes
+
+
 async def test_checkpoints_run_off_the_loop(store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_module, "CHECKPOINT_ROWS", 5)
+    monkeypatch.setattr(store_module, "CHECKPOINT_PAGES", 5)
     await store.insert_many([make_event() for _ in range(6)])
     tasks = [t for t in asyncio.all_tasks() if t.get_name() == "bastion-audit-checkpoint"]
     assert len(tasks) == 1
@@ -344,6 +434,65 @@ async def test_checkpoints_run_off_the_loop(store: SQLiteAuditStore, monkeypatch
     assert raw_rows(store.path, "PRAGMA wal_autocheckpoint") == [(1000,)]  # a fresh connection's default
     await store.insert_many([make_event() for _ in range(6)])
     assert len(await everything(store)) == 12
+
+
+async def test_the_wal_starts_again_under_constant_writes(
+    store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A checkpoint beside a writer that never pauses never catches up, and the
+    # WAL only grows; the store's last checkpoint round holds the writes back so
+    # that it does, and the next write starts the WAL again from its beginning.
+    monkeypatch.setattr(store_module, "CHECKPOINT_PAGES", 100)
+    monkeypatch.setattr(store_module, "HOLD_FRAMES", 200)
+    wal = Path(f"{store.path}-wal")
+
+    def wal_restarts() -> int:
+        # The WAL header's "checkpoint sequence number" (bytes 12-15) counts its restarts.
+        with wal.open("rb") as f:
+            return int.from_bytes(f.read(16)[12:16], "big")
+
+    first = None
+    batches = 0
+    while batches < 3000:
+        events = [make_event(params={"blob": "x" * 500}) for _ in range(10)]
+        await store.write_batch(events, [Completion(e.id, True, "", 1.0) for e in events])
+        batches += 1
+        await asyncio.sleep(0)  # the checkpoint task's turn
+        if first is None:
+            first = wal_restarts()
+        elif wal_restarts() - first >= 5:
+            break
+    assert wal_restarts() - (first or 0) >= 5, batches
+    assert len(await everything(store)) == 10 * batches
+
+
+async def test_writes_wait_while_a_checkpoint_holds_them(store: SQLiteAuditStore) -> None:
+    hold = asyncio.get_running_loop().create_future()
+    store._hold = hold
+    e = make_event()
+    writing = asyncio.create_task(store.insert_many([e]))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not writing.done()
+    assert raw_rows(store.path, "SELECT count(*) FROM audit_events") == [(0,)]
+    store._release_hold()
+    await asyncio.wait_for(writing, timeout=10)
+    assert raw_rows(store.path, "SELECT id FROM audit_events") == [(e.id,)]
+
+
+async def test_a_hold_that_is_never_released_delays_writes_only_a_little(
+    store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As when the checkpoint's thread is stuck in an fsync.
+    monkeypatch.setattr(store_module, "HOLD_MAX", 0.01)
+    store._hold = asyncio.get_running_loop().create_future()
+    await asyncio.wait_for(store.insert_many([make_event()]), timeout=10)
+    assert raw_rows(store.path, "SELECT count(*) FROM audit_events") == [(1,)]
+    # ...and once: the writes after it do not wait for that hold any more.
+    assert store._hold is None
+    monkeypatch.setattr(store_module, "HOLD_MAX", 3600)
+    await asyncio.wait_for(store.insert_many([make_event()]), timeout=10)
+    store._release_hold()
 
 
 # ------------------------------------------------------------------ search
@@ -498,17 +647,6 @@ async def test_cancelled_close_still_closes(tmp_path: Path) -> None:
         await s.insert_many([make_event()])
 
 
-async def test_only_calls_awaiting_an_outcome_are_kept_for_completion(store: SQLiteAuditStore) -> None:
-    from bastion.audit.events import NOTIFICATION, REQUEST, SESSION_START
-
-    await store.insert_many([make_event(id=f"s{i}", type=SESSION_START) for i in range(50)])
-    await store.insert_many([make_event(id=f"n{i}", type=NOTIFICATION) for i in range(50)])
-    await store.insert_many([make_event(id="denied", type=REQUEST, success=False)])
-    assert store._pending == {}
-    await store.insert_many([make_event(id="call", type=REQUEST, success=True, duration_ms=None)])
-    assert list(store._pending) == ["call"]
-
-
 async def test_a_big_wal_is_truncated(store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch) -> None:
     import bastion.audit.store as store_mod
 
@@ -516,12 +654,9 @@ async def test_a_big_wal_is_truncated(store: SQLiteAuditStore, monkeypatch: pyte
     wal = Path(f"{store.path}-wal")
     for batch in range(3):
         await store.insert_many(
-            [
-                make_event(id=f"e{batch}-{i}", params={"blob": "x" * 500})
-                for i in range(store_mod.CHECKPOINT_ROWS)
-            ]
+            [make_event(id=f"e{batch}-{i}", params={"blob": "x" * 500}) for i in range(2000)]
         )
         if store._checkpointer is not None:
             await store._checkpointer
     assert wal.stat().st_size < store_mod.WAL_LIMIT  # truncated, not ever-growing
-    assert len(await everything(store)) == 3 * store_mod.CHECKPOINT_ROWS
+    assert len(await everything(store)) == 3 * 2000
