@@ -50,21 +50,21 @@ The cost per call (``bench/audit_micro.py``: ``AuditLog`` over this store,
 CPU of the whole process, checkpoint thread included, minus the callers
 alone; see docs/benchmarks.md)::
 
-    one client session / 16 sessions              CPU µs per call
-    2026-11-22 (JSON rebuilt on completion,
-      two commits per batch, WAL never restarted)     32.2 / 43.7
-    this version                                      AUDIT_AFTER
+    audit CPU µs per call, medians of 5             1 session   16 sessions
+    before (JSON rebuilt on completion, two
+      commits per batch, WAL never restarted)          33.5         48.7
+    this version                                       24.1         36.4
 
 What it is made of now (one session): building the row in Python (the
 event's JSON, ~3.5 µs), the emitter's queue and futures (~1.3 µs), SQLite
-(~16 µs: inserting into the table and its six b-trees, the in-place update
+(~18 µs: inserting into the table and its six b-trees, the in-place update
 of the outcome, the commit's WAL writes, and the checkpoints).  The WAL is
 the big part: a commit writes every page it dirtied, whole; measured ~8
 pages per commit plus ~0.4 per row, i.e. 25 pages (100 KiB) for a batch of
 16 calls with one session, 65 with 16 sessions: each index whose key
 differs per session (``id``, ``session_id``) dirties one leaf per session
 per commit.  Time-ordered event ids would make the ``id`` index append at
-its right edge (measured with ``--ids ordered``: 16 sessions, about 5 µs
+its right edge (measured with ``--ids ordered``: 16 sessions, about 6 µs
 less per call).  The secondary indexes themselves cost ~6 µs per call at
 one session (measured in raw SQLite: 14.7 µs per call with them, 7.8
 without any).
@@ -77,7 +77,7 @@ calibrated by what each checkpoint finds), in rounds that end, when the WAL
 did not start again by itself, by holding the writes back for a
 millisecond or two so that it is entirely copied and the next commit starts
 it again from its beginning (``SQLiteAuditStore._checkpoint``; measured: the
-WAL file peaks at 20-30 MiB).  A WAL that never
+WAL file peaks at 25-45 MiB).  A WAL that never
 starts again only grows (the previous version: ~1 GB in half a minute of
 benchmark, truncated at 64 MiB on the loop), and appending new file blocks
 costs the kernel far more than rewriting cached ones (raw SQLite, same
@@ -164,11 +164,14 @@ _INSERT: Final = (
 _COMPLETE: Final = "UPDATE audit_events SET success = ?, error = ?, duration_ms = ? WHERE id = ?"
 
 #: WAL pages written between two checkpoints (see ``SQLiteAuditStore._checkpoint``):
-#: 8 MiB of WAL.  Pages are estimated, from what this schema measured with one
-#: client session: about ``TX_PAGES`` per transaction (page 1, the six b-trees'
-#: last leaves) plus one per two rows inserted or completed; then scaled by
-#: what the checkpoints find (with many sessions, up to 3 times as many).
-CHECKPOINT_PAGES: Final = 2_048
+#: 16 MiB of WAL.  Fewer, longer checkpoints delay fewer calls: measured in the
+#: gateway at one call in flight, p99 1.43 ms with 8 MiB, 1.22 with 32 (1.14
+#: before this version), CPU the same.  Pages are estimated, from what this
+#: schema measured with one client session: about ``TX_PAGES`` per transaction
+#: (page 1, the six b-trees' last leaves) plus one per two rows inserted or
+#: completed; then scaled by what the checkpoints find (with many sessions, up
+#: to 3 times as many).
+CHECKPOINT_PAGES: Final = 4_096
 TX_PAGES: Final = 8
 #: Checkpoint rounds per checkpoint at most; the last one holds the writes back.
 CHECKPOINT_ROUNDS: Final = 4
