@@ -651,6 +651,7 @@ async def test_a_big_wal_is_truncated(store: SQLiteAuditStore, monkeypatch: pyte
     import bastion.audit.store as store_mod
 
     monkeypatch.setattr(store_mod, "WAL_LIMIT", 64 * 1024)
+    monkeypatch.setattr(store_mod, "CHECKPOINT_PAGES", 1000)  # a checkpoint after each batch below
     wal = Path(f"{store.path}-wal")
     for batch in range(3):
         await store.insert_many(
