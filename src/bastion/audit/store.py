@@ -567,21 +567,7 @@ def _completed_json(text: str, success: bool, error: str, duration_ms: float | N
     ``SQLiteAuditStore`` keeps the outcome in columns instead (see ``_merge``);
     ``bastion.audit.pg_store`` rewrites its JSON with this.
     """
-    doc = orjson.loads(text)
-    doc["success"] = success
-    code = doc.get("code")
-    if isinstance(code, str) and code:
-        doc["code"] = code[:-1] + ("I" if success else "E")
-    # Empty values are omitted, as to_dict omits them.
-    if error:
-        doc["error"] = error
-    else:
-        doc.pop("error", None)
-    if duration_ms is not None:
-        doc["duration_ms"] = duration_ms
-    else:
-        doc.pop("duration_ms", None)
-    return orjson.dumps(doc).decode()
+    return orjson.dumps(_merge(text, success, error, duration_ms)).decode()
 
 
 def _json_default(value: Any) -> Any:
