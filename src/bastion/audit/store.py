@@ -25,80 +25,67 @@ Contract of every ``AuditStore``:
   commit per batch instead of two) and the two methods above otherwise, so
   a store without it is still a complete ``AuditStore``.
 
-``SQLiteAuditStore`` keeps ``<data_dir>/audit.db`` (mode 0600, WAL,
-``synchronous=NORMAL``: a commit survives a crash of the process; an OS
-crash or power loss may lose the last commits but never corrupts the file).
-It is its own file so audit writes never contend with the backend's.  One
-process writes it; any process may read it while it is written.  One row
-per event: the ``event`` column holds its JSON as recorded (built once, at
-insert), the ``success``/``error``/``duration_ms`` columns its outcome,
-which completions update and ``search`` merges into the document
-(``_merge``).  Rows completed by versions before 2026-11-23, which also
-rewrote the JSON, read the same.
+``SQLiteAuditStore`` keeps ``<data_dir>/audit.db`` (mode 0600), an index
+of the events that ``search`` reads, and in front of it a journal,
+``<data_dir>/audit.journal`` (0600): a write is committed when its batch
+is appended to the journal, with one ``write(2)`` (durable against a crash
+of the process, like SQLite's WAL with ``synchronous=NORMAL``; an OS crash
+or power loss may lose the last writes).  What is journaled is indexed into
+``audit.db`` in the background, in a worker thread, in large transactions:
+one row per event, a call's outcome merged into its row when it came
+before the row was indexed (the common case) and an ``UPDATE`` otherwise;
+then that part of the journal is removed.  At open, a journal left by a
+crash is indexed first.  ``search`` reads the index and the journal, so it
+sees every committed event whether indexed yet or not (also from another
+process: ``search_files``).  One process writes a data directory's audit
+log (a lock, ``audit.lock``, says which); any process may search it.
 
-Why writes run synchronously on the event loop: measured 2026-11-22 on
-this 2-vCPU host, CPython 3.11.7, SQLite 3.40.1, uvloop, the process pinned
-to one core; 64 concurrent callers each looping ``await
-AuditLog.record(e)`` then ``complete(...)``, medians of 3 interleaved runs:
-sqlite3 on the loop 95.0 CPU µs per call, the same in a worker thread
-(``asyncio.to_thread``) 107.7.  On one core a thread buys no extra CPU and
-every batch pays the thread hand-offs.  The price is that the loop is busy
-for each transaction (about 1-2 ms per batch of 16 calls).
+The journal: one line per item, UTF-8.  An inserted event is its JSON
+document as stored (``{...}``, the ``to_dict`` form); an outcome is
+``["<event id>", success, "error", duration_ms]``.  ``audit.journal`` takes
+the appends; when indexing starts it is renamed ``audit.journal.indexing``
+(and a new ``audit.journal`` started), and that file is removed once its
+transaction is committed: so the journal files hold exactly what may not
+be indexed yet, the older one first.  A line that does not parse (a write
+torn by an OS crash) is skipped with a warning.
 
-The cost per call (``bench/audit_micro.py``: ``AuditLog`` over this store,
-16 concurrent callers, a tools/call event of ~900 bytes of JSON, one core;
-CPU of the whole process, checkpoint thread included, minus the callers
-alone; see docs/benchmarks.md)::
+Why, measured 2026-11-22 on this 2-vCPU host (CPython 3.11.7, SQLite
+3.40.1, uvloop, the process pinned to one core; ``bench/audit_micro.py``:
+``AuditLog`` over this store, 16 concurrent callers, a tools/call event of
+~900 bytes of JSON; CPU of the whole process, worker threads included,
+minus the callers alone; docs/benchmarks.md has the table)::
 
-    audit CPU µs per call, medians of 5             1 session   16 sessions
-    before (JSON rebuilt on completion, two
-      commits per batch, WAL never restarted)          33.5         48.7
-    this version                                       24.1         36.4
+    audit CPU µs per call, medians                  1 session   16 sessions
+    two SQLite commits per batch, JSON rebuilt
+      on completion (before 2026-11-22)                33.5         48.7
+    one SQLite transaction per batch, on the loop      24.1         36.4
+    this version (journal, indexed in the background)   see docs/benchmarks.md
 
-What it is made of now (one session): building the row in Python (the
-event's JSON, ~3.5 µs), the emitter's queue and futures (~1.3 µs), SQLite
-(~18 µs: inserting into the table and its six b-trees, the in-place update
-of the outcome, the commit's WAL writes, and the checkpoints).  The WAL is
-the big part: a commit writes every page it dirtied, whole; measured ~8
-pages per commit plus ~0.4 per row, i.e. 25 pages (100 KiB) for a batch of
-16 calls with one session, 65 with 16 sessions: each index whose key
-differs per session (``id``, ``session_id``) dirties one leaf per session
-per commit.  Time-ordered event ids would make the ``id`` index append at
-its right edge (measured with ``--ids ordered``: 16 sessions, about 6 µs
-less per call).  The secondary indexes themselves cost ~6 µs per call at
-one session (measured in raw SQLite: 14.7 µs per call with them, 7.8
-without any).
+A SQLite transaction of a few rows costs far more per row than a large one
+(each commit writes every page it dirtied, whole, to the WAL: ~25 pages
+for 16 calls; the six b-trees each dirty a leaf or more), and with one
+call in flight the old design paid two transactions per call (75 µs);
+an append to a file costs a few microseconds however small the batch.
+The index transactions run in a thread so that the loop never stalls on
+them (SQLite releases the GIL while it works; there are a few per second,
+so the thread hand-offs cost nothing measurable), and checkpoints (copying
+the WAL into the database file) run in the same thread after a commit,
+when nothing else writes the database: they always finish, and the WAL
+starts again from its beginning instead of growing.
 
-Checkpoints (copying the WAL into the database file, with two fsyncs) run
-in a worker thread on their own connection, never inside a commit on the
-loop (automatic checkpoints inside commits stalled the loop for 5-20 ms
-each), every ``CHECKPOINT_PAGES`` pages of WAL (estimated per commit,
-calibrated by what each checkpoint finds), in rounds that end, when the WAL
-did not start again by itself, by holding the writes back for a
-millisecond or two so that it is entirely copied and the next commit starts
-it again from its beginning (``SQLiteAuditStore._checkpoint``; measured: the
-WAL file peaks at 25-45 MiB).  A WAL that never
-starts again only grows (the previous version: ~1 GB in half a minute of
-benchmark, truncated at 64 MiB on the loop), and appending new file blocks
-costs the kernel far more than rewriting cached ones (raw SQLite, same
-writes: 6.0 vs 4.2 µs of system CPU per call with one session, 41 vs 10
-with 16).
-
-Reads (``search``) run in a worker thread on their own read-only
-connection: they may scan many rows, and must block neither the loop nor
-the writer (WAL readers do not block the writer).
-
-What this store must not do: block the loop on anything but its own short
-transactions (``busy_timeout`` is short: a second writer process on the same
-file is a misconfiguration, and its lock waits would stall the loop), let
-``sqlite3`` exceptions escape, or import anything above ``bastion.errors``
-and ``bastion.audit.events``.
+What this store must not do: block the loop on anything but its own
+journal appends, let ``sqlite3`` exceptions escape, keep unbounded memory
+when the index cannot be written (past ``MAX_UNINDEXED`` items waiting,
+writes are refused: calls are refused rather than unaudited), or import
+anything above ``bastion.errors`` and ``bastion.audit.events``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import logging
 import os
 import sqlite3
@@ -121,16 +108,34 @@ __all__ = [
     "AuditStore",
     "Completion",
     "SQLiteAuditStore",
+    "search_files",
 ]
 
 AUDIT_DB_NAME: Final = "audit.db"
+JOURNAL_NAME: Final = "audit.journal"
+#: The journal being indexed (renamed from ``JOURNAL_NAME`` when indexing starts).
+INDEXING_NAME: Final = "audit.journal.indexing"
+LOCK_NAME: Final = "audit.lock"
 #: ``PRAGMA user_version`` of the schema below; bump it with a migration.
 SCHEMA_VERSION: Final = 1
-#: How long a write waits for another process's write lock.  The wait
-#: blocks the event loop, so it is short (see the module doc).
-BUSY_TIMEOUT_MS: Final = 1000
+#: How long a write waits for another process's write lock (the index thread
+#: and the open; reads too).
+BUSY_TIMEOUT_MS: Final = 5000
 #: The largest ``AuditQuery.limit`` accepted.
 MAX_LIMIT: Final = 100_000
+#: Journaled items (events and outcomes) that start indexing at once...
+INDEX_ITEMS: Final = 2048
+#: ...or this long (seconds) after the first of them was journaled.
+INDEX_DELAY: Final = 0.1
+#: After a failed indexing, the next try (seconds).
+INDEX_RETRY: Final = 1.0
+#: Journaled items not yet indexed past which writes are refused (the index is
+#: failing: memory must stay bounded, and calls are refused rather than unaudited).
+MAX_UNINDEXED: Final = 20_000
+#: Rows indexed between two checkpoints (about 10-20 MiB of WAL with this schema).
+CHECKPOINT_ROWS: Final = 8192
+#: WAL size past which a checkpoint also truncates it (after readers kept it from restarting).
+WAL_LIMIT: Final = 64 << 20
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS audit_events (
@@ -153,40 +158,19 @@ CREATE INDEX IF NOT EXISTS audit_events_app ON audit_events (app, time_us);
 CREATE INDEX IF NOT EXISTS audit_events_session ON audit_events (session_id, time_us)
 """
 
+# One row per event.  A row journaled with its outcome (the 11th parameter
+# true) sets that outcome on a stored row of the same id (a retried insert
+# whose first try was indexed); otherwise the stored row stays as it is.
 _INSERT: Final = (
     "INSERT INTO audit_events"
     " (id, time_us, type, user, app, session_id, success, error, duration_ms, event)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (id) DO UPDATE SET"
+    " success = excluded.success, error = excluded.error, duration_ms = excluded.duration_ms WHERE ?11"
 )
 
 # A completion sets the outcome columns only; the stored JSON stays the event
 # as recorded, and search merges the columns into it (``_merge``).
 _COMPLETE: Final = "UPDATE audit_events SET success = ?, error = ?, duration_ms = ? WHERE id = ?"
-
-#: WAL pages written between two checkpoints (see ``SQLiteAuditStore._checkpoint``):
-#: 16 MiB of WAL.  Fewer, longer checkpoints delay fewer calls: measured in the
-#: gateway at one call in flight, p99 1.43 ms with 8 MiB, 1.22 with 32 (1.14
-#: before this version), CPU the same.  Pages are estimated, from what this
-#: schema measured with one client session: about ``TX_PAGES`` per transaction
-#: (page 1, the six b-trees' last leaves) plus one per two rows inserted or
-#: completed; then scaled by what the checkpoints find (with many sessions, up
-#: to 3 times as many).
-CHECKPOINT_PAGES: Final = 4_096
-TX_PAGES: Final = 8
-#: Checkpoint rounds per checkpoint at most; the last one holds the writes back.
-CHECKPOINT_ROUNDS: Final = 4
-#: WAL pages written during a checkpoint round under which the next round
-#: holds the writes back so that it finishes (a millisecond or two of copying).
-HOLD_PAGES: Final = 512
-#: Frames in the WAL (i.e. since it last started again) under which no round
-#: holds the writes back: one and a half checkpoints' worth.
-HOLD_FRAMES: Final = CHECKPOINT_PAGES * 3 // 2
-#: The longest writes wait for that round (seconds); then they go on, and the
-#: WAL starts again after a later checkpoint.
-HOLD_MAX: Final = 0.1
-#: WAL size past which the writer truncates it (see ``SQLiteAuditStore._truncate_wal``);
-#: also the size a WAL restarted from its beginning is cut back to.
-WAL_LIMIT: Final = 64 << 20
 
 
 class Completion(NamedTuple):
@@ -237,51 +221,58 @@ class AuditStore(Protocol):
 
 
 class SQLiteAuditStore:
-    """``AuditStore`` on ``<data_dir>/audit.db``; open with ``await SQLiteAuditStore.open(data_dir)``.
+    """``AuditStore`` on ``<data_dir>/audit.db`` and its journal: ``await SQLiteAuditStore.open(data_dir)``.
 
-    Writes run synchronously on the calling (event-loop) thread, one short
-    transaction per batch; see the module doc for why and for the numbers.
-    Checkpoints (copying the WAL into the database file, with two fsyncs)
-    run in a worker thread on their own connection, never inside a commit on
-    the loop; see ``_checkpoint`` for how they keep the WAL small.
+    Writes are appended to the journal on the calling (event-loop) thread,
+    one ``write(2)`` per batch; a task indexes them into ``audit.db`` in a
+    worker thread, ``INDEX_ITEMS`` at a time or ``INDEX_DELAY`` after the
+    first; see the module doc for why and for the numbers.
     """
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
-        # Use ``open``: the connection must be configured and migrated first.
-        self._conn: sqlite3.Connection | None = conn
-        # One cursor for every write: no cursor object per statement.
-        self._cur = conn.cursor()
+    def __init__(
+        self, conn: sqlite3.Connection, path: Path, lock_fd: int, segment: int, journal_fd: int
+    ) -> None:
+        # Use ``open``: the connection must be configured, migrated and the
+        # journal left by a crash indexed first.
+        self._conn = conn
         self._path = path
-        #: WAL pages written since opened (estimated); when the last checkpoint began,
-        #: and when the WAL last started again (approximately).
-        self._pages = 0
-        self._pages_checkpointed = 0
-        self._pages_restarted = 0
-        # WAL frames really written per estimated page (measured by each checkpoint:
-        # many sessions at once dirty more index leaves than the estimate counts).
-        self._scale = 1.0
-        self._checkpointer: asyncio.Task[None] | None = None
-        # Opened by the first checkpoint, in its thread; used by one
-        # checkpoint at a time, then closed by close().
-        self._checkpoint_conn: sqlite3.Connection | None = None
-        # Set while the last round of a checkpoint runs: writes wait for it
-        # (the loop does not), so that the checkpoint catches up with the WAL
-        # and the next write starts it again from the beginning.
-        self._hold: asyncio.Future[None] | None = None
+        self._dir = path.parent
+        self._lock_fd = lock_fd
+        # The journal segment taking appends, its fd and size; the older
+        # segments still on disk (being indexed, or left by a failed indexing).
+        self._segment = segment
+        self._jfd = journal_fd
+        self._jsize = 0
+        self._old_segments: list[int] = []
+        # Journaled and not yet handed to the indexer: rows by event id, in
+        # order (lists: an outcome journaled before indexing is merged in),
+        # and the outcomes of events not among them.
+        self._rows: dict[str, list[Any]] = {}
+        self._updates: list[tuple[Any, ...]] = []
+        # Items the indexer is writing now (counted against MAX_UNINDEXED).
+        self._indexing = 0
+        self._indexer: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._index_error = ""
+        self._rows_since_checkpoint = 0
+        self._closed = False
         self._closer: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, data_dir: str | Path) -> SQLiteAuditStore:
-        """Open (creating if needed) ``<data_dir>/audit.db``.
+        """Open (creating if needed) ``<data_dir>/audit.db`` and its journal.
 
-        ``data_dir`` is created with mode 0700 if missing; the file is made
-        0600 (tool arguments may be sensitive even after redaction).
+        ``data_dir`` is created with mode 0700 if missing; the files are made
+        0600 (tool arguments may be sensitive even after redaction).  Events
+        journaled and not indexed when the last writer stopped (a crash) are
+        indexed first.  Refused (``BackendError``) while another process has
+        the same audit log open for writing.
         """
         path = Path(data_dir) / AUDIT_DB_NAME
-        # Creating the file, switching to WAL and migrating touch the disk
+        # Creating files, migrating and indexing a journal touch the disk
         # (and may wait for a lock): keep them off the event loop.
-        conn = await asyncio.to_thread(_open_writer, path)
-        return cls(conn, path)
+        conn, lock_fd, segment, jfd = await asyncio.to_thread(_open_writer, path)
+        return cls(conn, path, lock_fd, segment, jfd)
 
     @property
     def path(self) -> Path:
@@ -289,65 +280,104 @@ class SQLiteAuditStore:
 
     async def insert_many(self, events: Sequence[AuditEvent]) -> None:
         if events:
-            await self._write("insert", events, ())
+            self._append("insert", events, ())
 
     async def complete_many(self, updates: Sequence[Completion]) -> None:
         if updates:
-            await self._write("complete", (), updates)
+            self._append("complete", (), updates)
 
     async def write_batch(self, events: Sequence[AuditEvent], updates: Sequence[Completion]) -> None:
-        """``insert_many(events)`` then ``complete_many(updates)``, in one transaction."""
+        """``insert_many(events)`` then ``complete_many(updates)``, in one append."""
         if events or updates:
-            await self._write("write", events, updates)
+            self._append("write", events, updates)
 
     async def search(self, query: AuditQuery) -> list[dict[str, Any]]:
-        if self._conn is None:
+        if self._closed:
             raise self._closed_error()
-        sql, params = _search_sql(query)
-        # A thread with its own connection (closed by the thread): a big
-        # search must not stall the loop, and a read-only connection can
-        # neither disturb the writer nor outlive the read.
-        return await asyncio.to_thread(_read, self._path, sql, params)
+        # A thread: a big search must not stall the loop; it reads the index
+        # on its own read-only connection, and the journal.
+        return await asyncio.to_thread(_search, self._path, query)
+
+    async def flush(self) -> None:
+        """Index everything journaled so far into ``audit.db`` now (tests, tools).
+
+        Raises ``BackendError`` if that fails (it is retried in the background).
+        """
+        if self._closed:
+            raise self._closed_error()
+        while True:
+            if self._indexer is not None:
+                await asyncio.wait([self._indexer])
+                continue
+            if not (self._rows or self._updates):
+                break
+            await asyncio.wait([self._start_indexer()])
+            if self._index_error:
+                raise BackendError(f"audit database {self._path}: cannot index: {self._index_error}")
 
     async def close(self) -> None:
         if self._closer is None:
-            conn, self._conn = self._conn, None
-            if conn is None:
+            if self._closed:
                 return
+            self._closed = True
             self._closer = asyncio.get_running_loop().create_task(
-                self._close(conn), name="bastion-audit-store-close"
+                self._close(), name="bastion-audit-store-close"
             )
-        # Shielded: a cancelled caller must not leave connections open or
-        # close one under a running checkpoint; the close finishes anyway.
+        # Shielded: a cancelled caller must not leave files open or close the
+        # connection under a running indexer; the close finishes anyway.
         await asyncio.shield(self._closer)
 
-    async def _close(self, conn: sqlite3.Connection) -> None:
-        checkpointer = self._checkpointer
-        if checkpointer is not None:
-            await asyncio.wait([checkpointer])  # it logs its own failures
-        # Closing the last connection checkpoints the whole WAL (fsyncs):
-        # done in a thread, like every other checkpoint.
-        ckpt_conn, self._checkpoint_conn = self._checkpoint_conn, None
+    async def _close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._indexer is not None:
+            await asyncio.wait([self._indexer])
+        if self._rows or self._updates:
+            await asyncio.wait([self._start_indexer()])
+        left = len(self._rows) + len(self._updates)
+        if left:
+            log.error(
+                "audit database %s: %d journaled items could not be indexed (%s); they stay in %s "
+                "and are indexed when the audit log is next opened",
+                self._path,
+                left,
+                self._index_error,
+                self._dir,
+            )
+        # Closing the last connection checkpoints the whole WAL (fsyncs): in a thread.
         try:
-            await asyncio.to_thread(_close_all, conn, ckpt_conn)
-        except sqlite3.Error as exc:
+            await asyncio.to_thread(self._close_files, not left)
+        except (sqlite3.Error, OSError) as exc:
             raise _error(self._path, "close", exc) from exc
 
-    # -- plumbing ------------------------------------------------------------
+    def _close_files(self, indexed: bool) -> None:
+        try:
+            self._conn.close()
+        finally:
+            os.close(self._jfd)
+            if indexed:
+                for n in [*self._old_segments, self._segment]:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self._dir / f"{JOURNAL_NAME}.{n}")
+            os.close(self._lock_fd)  # releases the lock
 
-    async def _write(self, action: str, events: Sequence[AuditEvent], updates: Sequence[Completion]) -> None:
-        """Insert ``events`` (ignoring ids already stored), then apply ``updates``, in one transaction."""
-        hold = self._hold
-        if hold is not None:
-            # asyncio.wait: a cancelled writer must not cancel the hold for the others.
-            await asyncio.wait([hold], timeout=HOLD_MAX)
-            if self._hold is hold and not hold.done():
-                # A checkpoint stuck on a slow disk must not slow the log down:
-                # stop holding the writes for it (the WAL restarts another time).
-                self._hold = None
+    # -- writing -------------------------------------------------------------
+
+    def _append(self, action: str, events: Sequence[AuditEvent], updates: Sequence[Completion]) -> None:
+        """Journal ``events`` and ``updates`` with one write; see the module doc."""
+        if self._closed:
+            raise self._closed_error()
+        waiting = len(self._rows) + len(self._updates) + self._indexing
+        if waiting >= MAX_UNINDEXED:
+            raise BackendError(
+                f"audit database {self._path}: cannot {action}: {waiting} journaled events wait to be "
+                f"indexed ({self._index_error or 'indexing is behind'})"
+            )
         rows = [_row(e) for e in events]
         # (success, error, duration_ms, id) for _COMPLETE.  Only text that is
-        # not ASCII can hold a lone surrogate (which cannot be bound).
+        # not ASCII can hold a lone surrogate (which can be neither bound nor
+        # written as UTF-8).
         outcomes = [
             (
                 bool(success),
@@ -357,123 +387,188 @@ class SQLiteAuditStore:
             )
             for event_id, success, error, duration_ms in updates
         ]
-        conn = self._conn
-        if conn is None:
-            raise self._closed_error()
-        cur = self._cur
+        data = "\n".join([r[9] for r in rows]).encode() + b"\n" if rows else b""
+        if outcomes:
+            data += b"".join([orjson.dumps((i, s, e, d)) + b"\n" for s, e, d, i in outcomes])
+        fd = self._jfd
         try:
-            if conn.in_transaction:
-                # Left open by a failed COMMIT whose ROLLBACK failed too;
-                # without this every later write would fail ("within a
-                # transaction") and the audit log would stay down.
-                cur.execute("ROLLBACK")
-            cur.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise _error(self._path, action, exc) from exc
+            written = os.write(fd, data)
+            while written < len(data):  # a short write: rare (a signal, a full disk)
+                written += os.write(fd, memoryview(data)[written:])
+        except OSError as exc:
+            # Whole lines only: cut a partial append back off.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self._jsize)
+            raise BackendError(
+                f"audit journal {self._dir / JOURNAL_NAME}.{self._segment}: cannot {action}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        self._jsize += len(data)
+        pending = self._rows
+        for r in rows:
+            if r[0] not in pending:  # an id already journaled: the first one stays
+                pending[r[0]] = [*r, False]
+        for outcome in outcomes:
+            row = pending.get(outcome[3])
+            if row is None:
+                self._updates.append(outcome)
+            else:
+                row[6], row[7], row[8] = outcome[0], outcome[1], outcome[2]
+                row[10] = True
+        if self._indexer is None:
+            if len(pending) + len(self._updates) >= INDEX_ITEMS:
+                self._start_indexer()
+            elif self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(INDEX_DELAY, self._on_timer)
+
+    # -- indexing ------------------------------------------------------------
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._indexer is None and (self._rows or self._updates) and not self._closed:
+            self._start_indexer()
+
+    def _start_indexer(self) -> asyncio.Task[None]:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        task = asyncio.get_running_loop().create_task(self._index(), name="bastion-audit-indexer")
+        self._indexer = task
+        return task
+
+    async def _index(self) -> None:
+        """Index what is journaled now in a worker thread, then drop its journal segments."""
+        rows, updates = list(self._rows.values()), self._updates
+        self._rows, self._updates = {}, []
+        self._indexing = len(rows) + len(updates)
+        retry = False
         try:
-            if rows:
-                cur.executemany(_INSERT, rows)
-            if outcomes:
-                cur.executemany(_COMPLETE, outcomes)
-            cur.execute("COMMIT")
-        except sqlite3.Error as exc:
-            # After a failed COMMIT SQLite may already have rolled back.
-            with contextlib.suppress(sqlite3.Error):
-                cur.execute("ROLLBACK")
-            raise _error(self._path, action, exc) from exc
-        self._pages += TX_PAGES + (len(rows) + len(outcomes) + 1) // 2
-        due = (self._pages - self._pages_checkpointed) * self._scale >= CHECKPOINT_PAGES
-        if due and self._checkpointer is None:
-            self._start_checkpoint()
-
-    def _start_checkpoint(self) -> None:
-        self._pages_checkpointed = self._pages
-        if self._wal_too_big():
-            self._truncate_wal()
-        self._checkpointer = asyncio.get_running_loop().create_task(
-            self._checkpoint(), name="bastion-audit-checkpoint"
-        )
-
-    def _wal_too_big(self) -> bool:
-        try:
-            return os.stat(f"{self._path}-wal").st_size > WAL_LIMIT
-        except OSError:
-            return False
-
-    def _truncate_wal(self) -> None:
-        """The safety net: past ``WAL_LIMIT`` (when checkpoints could not catch up, e.g.
-        because long searches kept reading old frames) the writer checkpoints everything
-        and truncates the WAL itself: one pause of the loop, rarely, instead of
-        unbounded disk use."""
-        conn = self._conn
-        if conn is None:
-            return
-        try:
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        except sqlite3.Error as exc:
-            log.warning("audit database %s: WAL truncation failed: %s", self._path, exc)
-
-    async def _checkpoint(self) -> None:
-        """Copy the WAL into the database, in a worker thread, until it is all copied.
-
-        SQLite starts the WAL again from its beginning (reusing its disk
-        blocks and cached pages) only at a write that finds it entirely
-        copied.  A ``PASSIVE`` checkpoint running beside the writer never
-        gets there under constant load (the writer appends while it copies),
-        and a WAL that only grows costs far more to write (new blocks) and
-        to keep.  So the checkpoint runs in rounds beside the writer while
-        the writer keeps appending much, and its last round (what was
-        appended during the previous one, at most ``HOLD_PAGES`` pages
-        unless the rounds run out) holds the writes back: they wait (the
-        event loop does not) for a millisecond or two, then the next write
-        restarts the WAL.  Only when the WAL did not start again by itself
-        (``HOLD_FRAMES``): under light load it does, in a pause of the writer.
-        """
-        loop = asyncio.get_running_loop()
-        hold = False
-        try:
-            for round_ in range(CHECKPOINT_ROUNDS):
-                if hold:
-                    self._hold = loop.create_future()
-                pages = self._pages
-                try:
-                    self._checkpoint_conn, frames, copied = await asyncio.to_thread(
-                        _checkpoint, self._path, self._checkpoint_conn
-                    )
-                finally:
-                    if hold:
-                        self._release_hold()
-                appended = self._pages - pages
-                since = pages - self._pages_restarted
-                if round_ == 0 and since > 0:
-                    # The frames really written since the WAL started again, against
-                    # the estimate (smoothed: the restart point is approximate).
-                    self._scale = (self._scale + min(max(frames / since, 1.0), 16.0)) / 2
-                if copied >= frames and (hold or not appended):
-                    # All copied, nothing written since: the next write starts it again.
-                    self._pages_restarted = self._pages
-                if hold or copied < frames or not appended or frames < HOLD_FRAMES:
-                    # All copied (the next write restarts the WAL); or a reader
-                    # still uses what is left; or the WAL is still small: it
-                    # restarted not long ago, and will again when the writer
-                    # pauses (holding it costs the one caller then waiting a
-                    # millisecond or two).  The next checkpoint will do.
-                    return
-                hold = appended <= HOLD_PAGES or round_ == CHECKPOINT_ROUNDS - 2
-        except (sqlite3.Error, OSError) as exc:
-            # Not fatal: the WAL grows until a later checkpoint succeeds.
-            self._checkpoint_conn = None  # closed by _checkpoint
-            log.warning("audit database %s: checkpoint failed: %s", self._path, exc)
+            try:
+                covered = self._rotate()
+            except OSError as exc:
+                raise _IndexFailed(f"cannot start a new journal segment: {exc.strerror or exc}") from exc
+            checkpoint = self._rows_since_checkpoint + len(rows) >= CHECKPOINT_ROWS
+            try:
+                warning = await asyncio.to_thread(
+                    _index_rows, self._conn, self._path, rows, updates, checkpoint
+                )
+            except sqlite3.Error as exc:
+                raise _IndexFailed(str(exc) or type(exc).__name__) from exc
+            if warning:
+                log.warning("audit database %s: checkpoint failed: %s", self._path, warning)
+            self._rows_since_checkpoint = 0 if checkpoint else self._rows_since_checkpoint + len(rows)
+            if self._index_error:
+                log.info("audit database %s: indexing works again", self._path)
+            self._index_error = ""
+            self._drop_segments(covered)
+        except _IndexFailed as exc:
+            if exc.reason != self._index_error:
+                log.error(
+                    "audit database %s: cannot index %d journaled items (they stay in the journal; "
+                    "retrying every %gs): %s",
+                    self._path,
+                    len(rows) + len(updates),
+                    INDEX_RETRY,
+                    exc.reason,
+                )
+            self._index_error = exc.reason
+            # Back in front of what came since, in order.
+            restored = {r[0]: r for r in rows}
+            for k, v in self._rows.items():
+                restored.setdefault(k, v)
+            self._rows = restored
+            self._updates = updates + self._updates
+            retry = True
         finally:
-            self._checkpointer = None
+            self._indexing = 0
+            self._indexer = None
+        if self._closed:
+            return  # close() indexes what is left itself
+        if retry:
+            self._timer = asyncio.get_running_loop().call_later(INDEX_RETRY, self._on_timer)
+        elif len(self._rows) + len(self._updates) >= INDEX_ITEMS:
+            self._start_indexer()
+        elif (self._rows or self._updates) and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(INDEX_DELAY, self._on_timer)
 
-    def _release_hold(self) -> None:
-        hold, self._hold = self._hold, None
-        if hold is not None and not hold.done():
-            hold.set_result(None)
+    def _rotate(self) -> int:
+        """Start a new journal segment (when the current one holds anything); returns
+        the newest segment whose items are all in the snapshot being indexed."""
+        if self._jsize == 0:
+            return self._segment - 1
+        nxt = self._segment + 1
+        fd = _open_segment(self._dir, nxt)
+        os.close(self._jfd)
+        self._old_segments.append(self._segment)
+        self._segment, self._jfd, self._jsize = nxt, fd, 0
+        return nxt - 1
+
+    def _drop_segments(self, covered: int) -> None:
+        keep = []
+        for n in self._old_segments:
+            if n > covered:
+                keep.append(n)
+                continue
+            try:
+                os.unlink(self._dir / f"{JOURNAL_NAME}.{n}")
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                # Harmless (indexing it again changes nothing), but it takes space.
+                log.warning("audit journal %s.%d: cannot remove: %s", self._dir / JOURNAL_NAME, n, exc)
+        self._old_segments = keep
 
     def _closed_error(self) -> BackendError:
         return BackendError(f"audit database {self._path}: store is closed")
+
+
+class _IndexFailed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _index_rows(
+    conn: sqlite3.Connection,
+    path: Path,
+    rows: Sequence[Sequence[Any]],
+    updates: Sequence[Sequence[Any]],
+    checkpoint: bool,
+) -> str:
+    """One transaction: insert ``rows`` (outcomes merged), then apply ``updates``; in a worker thread.
+
+    Then, if ``checkpoint``, copy the WAL into the database (nothing else
+    writes it, so the copy finishes and the next commit starts the WAL again).
+    Returns a checkpoint failure ("" if none): the rows are committed anyway.
+    """
+    cur = conn.cursor()
+    if conn.in_transaction:
+        # Left open by a failed COMMIT whose ROLLBACK failed too; without this
+        # every later transaction would fail ("within a transaction").
+        cur.execute("ROLLBACK")
+    cur.execute("BEGIN IMMEDIATE")
+    try:
+        if rows:
+            cur.executemany(_INSERT, rows)
+        if updates:
+            cur.executemany(_COMPLETE, updates)
+        cur.execute("COMMIT")
+    except BaseException:
+        # After a failed COMMIT SQLite may already have rolled back.
+        with contextlib.suppress(sqlite3.Error):
+            cur.execute("ROLLBACK")
+        raise
+    if not checkpoint:
+        return ""
+    try:
+        try:
+            big = os.stat(f"{path}-wal").st_size > WAL_LIMIT
+        except OSError:
+            big = False
+        cur.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if big else 'PASSIVE'})").fetchall()
+    except sqlite3.Error as exc:
+        return str(exc) or type(exc).__name__
+    return ""
 
 
 # -- rows ----------------------------------------------------------------------
@@ -603,32 +698,173 @@ def _sanitise(value: Any, depth: int) -> Any:
     return value
 
 
-# -- opening and reading (worker threads) ------------------------------------------
+# -- opening, the journal, reading (worker threads) ----------------------------------
 
 
-def _open_writer(path: Path) -> sqlite3.Connection:
+def _open_writer(path: Path) -> tuple[sqlite3.Connection, int, int, int]:
+    """Create/open the files, take the writer's lock, migrate, index a journal left behind.
+
+    Returns the connection, the lock's fd, the first journal segment number and its fd.
+    """
+    folder = path.parent
     try:
         # The mode only applies to directories created here.
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Create the file ourselves so it is never world-readable, not even
         # between sqlite creating it and a chmod; chmod also fixes an old
         # file.  SQLite gives -wal and -shm the database file's mode.
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         path.chmod(0o600)
+        lock_fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise BackendError(f"audit database {path}: cannot create: {exc}") from exc
     try:
-        # isolation_level=None: no implicit transactions, only our BEGINs.
-        # check_same_thread=False: opened here, used on the loop's thread.
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    except sqlite3.Error as exc:
-        raise _error(path, "open", exc) from exc
-    try:
-        _configure(conn, path)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise BackendError(
+                    f"audit database {path}: in use by another process (it holds {folder / LOCK_NAME}); "
+                    "only one bastion process may write a data directory's audit log"
+                ) from None
+            raise BackendError(f"audit database {path}: cannot lock {folder / LOCK_NAME}: {exc}") from exc
+        try:
+            # isolation_level=None: no implicit transactions, only our BEGINs.
+            # check_same_thread=False: used by the indexer's worker threads.
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise _error(path, "open", exc) from exc
+        try:
+            _configure(conn, path)
+            segment = _replay(conn, path)
+            jfd = _open_segment(folder, segment)
+        except OSError as exc:
+            conn.close()
+            raise BackendError(f"audit journal {folder / JOURNAL_NAME}: cannot open: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
     except BaseException:
-        conn.close()
+        os.close(lock_fd)
         raise
-    return conn
+    return conn, lock_fd, segment, jfd
+
+
+def _open_segment(folder: Path, n: int) -> int:
+    return os.open(
+        folder / f"{JOURNAL_NAME}.{n}", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+    )
+
+
+def _segments(folder: Path) -> list[int]:
+    """The journal segments in ``folder``, oldest first."""
+    prefix = JOURNAL_NAME + "."
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    return sorted(int(n[len(prefix) :]) for n in names if n.startswith(prefix) and n[len(prefix) :].isdigit())
+
+
+# A journal item: an inserted event ("i", id, document, its JSON) or an outcome
+# ("c", id, success, error, duration_ms).
+_Item = tuple[Any, ...]
+
+
+def _read_journal(folder: Path) -> list[_Item]:
+    """Every item of the journal segments in ``folder``, in the order written.
+
+    A segment removed while this reads was indexed before it was removed.
+    Lines that do not parse (a torn write) are skipped with a warning.
+    """
+    items: list[_Item] = []
+    bad = 0
+    for n in _segments(folder):
+        try:
+            data = (folder / f"{JOURNAL_NAME}.{n}").read_bytes()
+        except FileNotFoundError:
+            continue
+        for line in data.split(b"\n"):
+            if not line:
+                continue
+            try:
+                value = orjson.loads(line)
+                if isinstance(value, dict):
+                    items.append(("i", str(value["id"]), value, line.decode()))
+                elif isinstance(value, list) and len(value) == 4:
+                    items.append(("c", str(value[0]), bool(value[1]), str(value[2] or ""), value[3]))
+                else:
+                    bad += 1
+            except (orjson.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+                bad += 1
+    if bad:
+        log.warning(
+            "audit journal %s: %d unreadable lines skipped (torn writes?)", folder / JOURNAL_NAME, bad
+        )
+    return items
+
+
+def _row_of(doc: dict[str, Any], text: str) -> list[Any]:
+    """The row of a journaled event document (as ``_row`` built it from the event)."""
+    return [
+        str(doc["id"]),
+        _doc_micros(doc),
+        str(doc.get("event", "")),
+        str(doc.get("user", "")),
+        str(doc.get("app", "")),
+        str(doc.get("session_id", "")),
+        bool(doc.get("success")),
+        str(doc.get("error", "")),
+        doc.get("duration_ms"),
+        text,
+        False,
+    ]
+
+
+def _doc_micros(doc: dict[str, Any]) -> int:
+    try:
+        return _micros(datetime.fromisoformat(doc["time"]))
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+def _replay(conn: sqlite3.Connection, path: Path) -> int:
+    """Index what a previous writer journaled and did not index; returns the next segment number."""
+    folder = path.parent
+    segments = _segments(folder)
+    if not segments:
+        return 1
+    rows: dict[str, list[Any]] = {}
+    updates: list[tuple[Any, ...]] = []
+    for item in _read_journal(folder):
+        if item[0] == "i":
+            try:
+                rows.setdefault(item[1], _row_of(item[2], item[3]))
+            except (TypeError, ValueError):
+                continue
+        else:
+            _, eid, success, error, duration = item
+            row = rows.get(eid)
+            if row is None:
+                updates.append((success, error, duration, eid))
+            else:
+                row[6], row[7], row[8], row[10] = success, error, duration, True
+    try:
+        warning = _index_rows(conn, path, list(rows.values()), updates, True)
+    except sqlite3.Error as exc:
+        raise _error(path, "index the journal left by the last run", exc) from exc
+    if warning:
+        log.warning("audit database %s: checkpoint failed: %s", path, warning)
+    log.info(
+        "audit database %s: indexed %d events and %d outcomes journaled by the last run",
+        path,
+        len(rows),
+        len(updates),
+    )
+    for n in segments:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(folder / f"{JOURNAL_NAME}.{n}")
+    return segments[-1] + 1
 
 
 def _configure(conn: sqlite3.Connection, path: Path) -> None:
@@ -672,30 +908,58 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
         raise _error(path, "open", exc) from exc
 
 
-def _checkpoint(path: Path, conn: sqlite3.Connection | None) -> tuple[sqlite3.Connection, int, int]:
-    """Checkpoint what it can of the WAL without blocking anyone.
+# -- searching (worker threads; any process) ---------------------------------------
 
-    Returns the connection (for the next checkpoint), the frames in the WAL
-    and how many of them are copied into the database.
+
+async def search_files(data_dir: str | Path, query: AuditQuery) -> list[dict[str, Any]]:
+    """``search`` on a data directory's audit log without opening it for writing.
+
+    For another process (``bastion audit search --config``): it may run while
+    the cluster writes; it sees every committed event, indexed or journaled.
     """
-    if conn is None:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-    except BaseException:
-        conn.close()
-        raise
-    return conn, int(frames), int(copied)
+    return await asyncio.to_thread(_search, Path(data_dir) / AUDIT_DB_NAME, query)
 
 
-def _close_all(writer: sqlite3.Connection, checkpointer: sqlite3.Connection | None) -> None:
-    # The writer last: closing the last connection checkpoints and removes the WAL.
-    try:
-        if checkpointer is not None:
-            checkpointer.close()
-    finally:
-        writer.close()
+def _search(path: Path, query: AuditQuery) -> list[dict[str, Any]]:
+    # The journal first, then the index: an item indexed (and its segment
+    # removed) between the two reads is in the index by the time it is read.
+    items = _read_journal(path.parent)
+    stored = _read(path, *_search_sql(query)) if path.exists() else []
+    if not items:
+        return [doc for _, _, doc in stored]
+    by_id: dict[str, dict[str, Any]] = {}
+    found: list[tuple[int, int, int, dict[str, Any]]] = []
+    for i, (eid, t, doc) in enumerate(stored):
+        by_id[eid] = doc
+        found.append((t, 0, i, doc))
+    for j, item in enumerate(items):
+        if item[0] == "i":
+            eid, doc = item[1], item[2]
+            if eid in by_id:
+                continue
+            t = _doc_micros(doc)
+            if _matches(query, doc, t):
+                by_id[eid] = doc
+                found.append((t, 1, j, doc))
+        else:
+            target = by_id.get(item[1])
+            if target is not None:
+                _apply(target, item[2], item[3], item[4])
+    found.sort(key=lambda f: f[:3])
+    return [f[3] for f in found[: query.limit]]
+
+
+def _matches(query: AuditQuery, doc: dict[str, Any], t: int) -> bool:
+    if query.since is not None and t < _micros(query.since):
+        return False
+    if query.until is not None and t >= _micros(query.until):
+        return False
+    if query.types and doc.get("event") not in query.types:
+        return False
+    return all(
+        not want or doc.get(field, "") == want
+        for field, want in (("user", query.user), ("app", query.app), ("session_id", query.session_id))
+    )
 
 
 def _search_sql(query: AuditQuery) -> tuple[str, list[Any]]:
@@ -714,7 +978,7 @@ def _search_sql(query: AuditQuery) -> tuple[str, list[Any]]:
         if value:
             where.append(f"{column} = ?")
             params.append(value)
-    sql = "SELECT event, success, error, duration_ms FROM audit_events"
+    sql = "SELECT id, time_us, event, success, error, duration_ms FROM audit_events"
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY time_us, seq LIMIT ?"
@@ -722,7 +986,7 @@ def _search_sql(query: AuditQuery) -> tuple[str, list[Any]]:
     return sql, params
 
 
-def _read(path: Path, sql: str, params: list[Any]) -> list[dict[str, Any]]:
+def _read(path: Path, sql: str, params: list[Any]) -> list[tuple[str, int, dict[str, Any]]]:
     try:
         # mode=ro: a reader can never write, whatever goes wrong.
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
@@ -735,11 +999,20 @@ def _read(path: Path, sql: str, params: list[Any]) -> list[dict[str, Any]]:
         raise _error(path, "search", exc) from exc
     finally:
         conn.close()
-    return [_merge(*row) for row in rows]
+    return [
+        (eid, t, _merge(text, success, error, duration)) for eid, t, text, success, error, duration in rows
+    ]
 
 
 def _merge(text: str, success: Any, error: str, duration_ms: float | None) -> dict[str, Any]:
-    """The stored event with the outcome columns applied.
+    """The stored event with the outcome columns applied (see ``_apply``)."""
+    doc: dict[str, Any] = orjson.loads(text)
+    _apply(doc, success, error, duration_ms)
+    return doc
+
+
+def _apply(doc: dict[str, Any], success: Any, error: str, duration_ms: float | None) -> None:
+    """Set an outcome in an event's document.
 
     The same document earlier versions stored on completion (``_completed_json``:
     ``code`` follows ``success``; an empty error or a NULL duration is omitted;
@@ -747,7 +1020,6 @@ def _merge(text: str, success: Any, error: str, duration_ms: float | None) -> di
     until a completion changes them, so an event never completed comes back
     exactly as it was stored.
     """
-    doc: dict[str, Any] = orjson.loads(text)
     success = bool(success)
     if bool(doc.get("success")) != success:
         doc["success"] = success
@@ -763,7 +1035,6 @@ def _merge(text: str, success: Any, error: str, duration_ms: float | None) -> di
         doc["duration_ms"] = duration_ms
     elif doc.get("duration_ms") is not None:
         del doc["duration_ms"]
-    return doc
 
 
 def _error(path: Path, action: str, exc: BaseException) -> BackendError:

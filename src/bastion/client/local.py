@@ -107,17 +107,18 @@ class LocalAdmin:
 
     async def audit_search(self, params: dict[str, str]) -> list[dict[str, Any]]:
         from bastion.audit.query import query_from_params
-        from bastion.audit.store import AuditStore, SQLiteAuditStore
 
-        store: AuditStore
-        if self.dsn:
-            from bastion.audit.pg_store import PostgresAuditStore
+        query = query_from_params(params)
+        if not self.dsn:
+            from bastion.audit.store import search_files
 
-            store = await PostgresAuditStore.open(self.dsn)
-        else:
-            store = await SQLiteAuditStore.open(self.data_dir)
+            # Read-only: the cluster may be running and writing this audit log.
+            return await search_files(self.data_dir, query)
+        from bastion.audit.pg_store import PostgresAuditStore
+
+        store = await PostgresAuditStore.open(self.dsn)
         try:
-            return await store.search(query_from_params(params))
+            return await store.search(query)
         finally:
             await store.close()
 

@@ -20,12 +20,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
 from bastion.audit.emitter import WRITER_TASK_NAME, AuditLog
 from bastion.audit.events import NOTIFICATION, REQUEST, SESSION_START, AuditEvent
-from bastion.audit.store import AuditQuery, AuditStore, Completion, SQLiteAuditStore
+from bastion.audit.store import AuditQuery, AuditStore, Completion, SQLiteAuditStore, search_files
 from bastion.errors import BackendError
 
 #: Seconds any awaited condition may take before the test fails.
@@ -193,9 +192,10 @@ async def test_recorded_event_is_visible_to_another_connection(sqlite_store: SQL
     try:
         e = make_event()
         await log.record(e)
-        # Nothing else awaited in between: the row is committed already.
-        rows = raw_rows(sqlite_store.path, "SELECT event FROM audit_events WHERE id = ?", (e.id,))
-        assert [orjson.loads(r[0])["id"] for r in rows] == [e.id]
+        # Nothing else awaited in between: the event is committed already (to the
+        # journal), and another process searching the audit log sees it.
+        rows = await search_files(sqlite_store.path.parent, AuditQuery())
+        assert [r["id"] for r in rows] == [e.id]
     finally:
         await log.close()
 
@@ -236,6 +236,11 @@ async def test_recorded_event_survives_a_crash_right_after(tmp_path: Path) -> No
     out, err = await within(proc.communicate())
     assert proc.returncode == 3, err.decode()
     assert out == b"recorded\n"
+    # Journaled, not indexed yet: another process's search sees it...
+    assert [(r["id"], r["user"]) for r in await search_files(tmp_path, AuditQuery())] == [(event_id, "alice")]
+    # ...and the next writer indexes it.
+    store = await SQLiteAuditStore.open(tmp_path)
+    await store.close()
     rows = raw_rows(tmp_path / "audit.db", "SELECT id, user FROM audit_events")
     assert rows == [(event_id, "alice")]
 
@@ -247,6 +252,7 @@ async def test_completion_updates_the_same_row(sqlite_store: SQLiteAuditStore) -
     log.complete(ok.id, True, "", 4.5)
     log.complete(bad.id, False, "HTTP 500 Internal Server Error", 9.0)
     await log.close()
+    await sqlite_store.flush()
     rows = raw_rows(sqlite_store.path, "SELECT id, success, error, duration_ms FROM audit_events")
     assert len(rows) == 2  # one row per call
     by_id = {r[0]: r for r in rows}
@@ -306,6 +312,7 @@ async def test_rows_are_stored_in_queue_order(sqlite_store: SQLiteAuditStore) ->
         log.record_nowait(e)
     await asyncio.gather(*(log.record(e) for e in events[25:]))
     await log.close()
+    await sqlite_store.flush()
     rows = raw_rows(sqlite_store.path, "SELECT id FROM audit_events ORDER BY seq")
     assert [r[0] for r in rows] == [e.id for e in events]
 
@@ -321,6 +328,7 @@ async def test_concurrent_records_share_transactions(sqlite_store: SQLiteAuditSt
         log.complete(e.id, True, "", 1.0)
     await log.close()
     assert counting.complete_batches == [300]
+    await sqlite_store.flush()
     assert raw_rows(sqlite_store.path, "SELECT count(*), sum(duration_ms) FROM audit_events") == [
         (300, 300.0)
     ]
@@ -396,14 +404,14 @@ async def test_a_failed_batch_fails_its_waiters_and_its_outcomes_are_written_alo
 async def test_batches_are_one_transaction_with_the_sqlite_store(sqlite_store: SQLiteAuditStore) -> None:
     log = AuditLog(sqlite_store)
     calls = 0
-    write = sqlite_store._write
+    append = sqlite_store._append
 
-    async def counted(*args: Any) -> None:
+    def counted(*args: Any) -> None:
         nonlocal calls
         calls += 1
-        await write(*args)
+        append(*args)
 
-    sqlite_store._write = counted  # type: ignore[method-assign]
+    sqlite_store._append = counted  # type: ignore[method-assign,assignment]
     events = [make_event() for _ in range(20)]
     await asyncio.gather(*(log.record(e) for e in events[:10]))
     assert calls == 1
@@ -412,7 +420,7 @@ async def test_batches_are_one_transaction_with_the_sqlite_store(sqlite_store: S
     for e in events[:10]:
         log.complete(e.id, True, "", 1.0)
     await within(asyncio.gather(*records))
-    assert calls == 2  # ten inserts and ten completions: one transaction
+    assert calls == 2  # ten inserts and ten completions: one append
     await log.close()
     got = await sqlite_store.search(AuditQuery())
     assert sum(1 for g in got if g.get("duration_ms") == 1.0) == 10
@@ -573,6 +581,7 @@ async def test_close_flushes_pending_completions(sqlite_store: SQLiteAuditStore)
     assert log.queue_depth == 110
     await log.close()
     assert log.queue_depth == 0
+    await sqlite_store.flush()
     rows = raw_rows(
         sqlite_store.path, "SELECT id, success, error, duration_ms FROM audit_events ORDER BY seq"
     )

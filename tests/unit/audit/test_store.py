@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
+import logging
+import os
 import sqlite3
 import stat
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -80,6 +85,12 @@ def raw_rows(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         conn.close()
 
 
+async def indexed(store: SQLiteAuditStore, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    """Rows of audit.db once everything journaled is indexed, read by another connection."""
+    await store.flush()
+    return raw_rows(store.path, sql, params)
+
+
 async def everything(store: SQLiteAuditStore) -> list[dict[str, Any]]:
     return await store.search(AuditQuery(limit=store_module.MAX_LIMIT))
 
@@ -150,8 +161,8 @@ async def test_closed_store_refuses_and_close_is_idempotent(store: SQLiteAuditSt
 async def test_insert_stores_indexed_columns_and_full_json(store: SQLiteAuditStore) -> None:
     e = make_event(user="bob", app="git", session_id="s-9", headers={"Accept": "*/*"})
     await store.insert_many([e])
-    rows = raw_rows(
-        store.path,
+    rows = await indexed(
+        store,
         "SELECT id, type, user, app, session_id, success, error, duration_ms, event FROM audit_events",
     )
     assert len(rows) == 1
@@ -167,7 +178,7 @@ async def test_insert_stores_indexed_columns_and_full_json(store: SQLiteAuditSto
         None,
     )
     assert orjson.loads(event) == as_stored(e)
-    indexes = {r[0] for r in raw_rows(store.path, "SELECT name FROM sqlite_master WHERE type = 'index'")}
+    indexes = {r[0] for r in await indexed(store, "SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert {
         "audit_events_time",
         "audit_events_type",
@@ -220,7 +231,7 @@ async def test_stored_json_is_to_dict_for_every_shape(store: SQLiteAuditStore) -
     events = _events_of_every_shape()
     await store.insert_many(events)
     stored = {
-        row[0]: orjson.loads(row[1]) for row in raw_rows(store.path, "SELECT id, event FROM audit_events")
+        row[0]: orjson.loads(row[1]) for row in await indexed(store, "SELECT id, event FROM audit_events")
     }
     for e in events:
         assert stored[e.id] == as_stored(e), e
@@ -254,8 +265,8 @@ async def test_completion_updates_the_row_in_place(store: SQLiteAuditStore) -> N
     ok, bad = make_event(), make_event()
     await store.insert_many([ok, bad])
     await store.complete_many([Completion(ok.id, True, "", 12.5), Completion(bad.id, False, "HTTP 502", 3.0)])
-    assert raw_rows(store.path, "SELECT count(*) FROM audit_events") == [(2,)]
-    cols = raw_rows(store.path, "SELECT id, success, error, duration_ms FROM audit_events ORDER BY seq")
+    assert await indexed(store, "SELECT count(*) FROM audit_events") == [(2,)]
+    cols = await indexed(store, "SELECT id, success, error, duration_ms FROM audit_events ORDER BY seq")
     assert cols == [(ok.id, 1, "", 12.5), (bad.id, 0, "HTTP 502", 3.0)]
     got_ok, got_bad = await everything(store)
     assert got_ok == as_stored(ok) | {"duration_ms": 12.5}
@@ -284,7 +295,7 @@ async def test_later_completion_of_the_same_event_wins(store: SQLiteAuditStore) 
     await store.complete_many([Completion(e.id, False, "later", 3.0)])
     [got] = await everything(store)
     assert (got["success"], got["error"], got["duration_ms"]) == (False, "later", 3.0)
-    assert raw_rows(store.path, "SELECT error FROM audit_events") == [("later",)]
+    assert await indexed(store, "SELECT error FROM audit_events") == [("later",)]
 
 
 async def test_completion_without_an_error_text_is_stored(store: SQLiteAuditStore) -> None:
@@ -347,8 +358,8 @@ async def test_the_stored_json_is_the_event_as_recorded_and_the_columns_hold_the
     e = make_event()
     await store.insert_many([e])
     await store.complete_many([Completion(e.id, False, "HTTP 502", 3.0)])
-    [(success, error, duration, text)] = raw_rows(
-        store.path, "SELECT success, error, duration_ms, event FROM audit_events"
+    [(success, error, duration, text)] = await indexed(
+        store, "SELECT success, error, duration_ms, event FROM audit_events"
     )
     assert (success, error, duration) == (0, "HTTP 502", 3.0)
     assert orjson.loads(text) == as_stored(e)  # not rewritten: search merges the columns in
@@ -365,7 +376,7 @@ async def test_completed_documents_are_to_dict_of_the_completed_event(
     success, error, duration = outcome
     events = _events_of_every_shape()
     await store.insert_many(events)
-    stored = dict(raw_rows(store.path, "SELECT id, event FROM audit_events"))
+    stored = dict(await indexed(store, "SELECT id, event FROM audit_events"))
     await store.complete_many([Completion(e.id, success, error, duration) for e in events])
     got = {g["id"]: g for g in await everything(store)}
     for e in events:
@@ -379,7 +390,7 @@ async def test_rows_completed_by_an_earlier_version_read_the_same(store: SQLiteA
     # Versions before 2026-11-23 rewrote the JSON on completion, as well as the columns.
     e = make_event()
     await store.insert_many([e])
-    [(text,)] = raw_rows(store.path, "SELECT event FROM audit_events")
+    [(text,)] = await indexed(store, "SELECT event FROM audit_events")
     conn = sqlite3.connect(store.path)
     with conn:
         conn.execute(
@@ -403,96 +414,185 @@ async def test_write_batch_inserts_then_completes_in_one_transaction(store: SQLi
     assert (got[new.id]["success"], got[new.id]["error"], got[new.id]["duration_ms"]) == (False, "x", 2.0)
     await store.write_batch([], [])  # a no-op
 
-    # All or nothing: a failing completion undoes the inserts of the same batch.
-    conn = sqlite3.connect(store.path)
-    conn.execute(
-        "CREATE TRIGGER no_updates BEFORE UPDATE ON audit_events BEGIN SELECT RAISE(ABORT, 'nope'); END"
-    )
-    conn.close()
+    # All or nothing: an append that fails half-way is cut back off the journal.
+    journal = journal_segment(store)
+    size = journal.stat().st_size
+    real_write = os.write
+
+    def half_then_fail(fd: int, data: Any) -> int:
+        real_write(fd, bytes(data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
     lost = make_event()
-    with pytest.raises(BackendError, match="cannot write: nope"):
-        await store.write_batch([lost], [Completion(old.id, False, "y", 3.0)])
-    assert lost.id not in {g["id"] for g in await everything(store)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "write", half_then_fail)
+        with pytest.raises(BackendError, match="cannot write: No space left on device"):
+            await store.write_batch([lost], [Completion(old.id, False, "y", 3.0)])
+    assert journal.stat().st_size == size
+    got = {g["id"]: g for g in await everything(store)}
+    assert lost.id not in got
+    assert got[old.id]["duration_ms"] == 1.0
+    await store.flush()  # and the index is unharmed
+    assert len(await everything(store)) == 2
 
 
-async def test_nothing_is_kept_in_memory_per_event(store: SQLiteAuditStore) -> None:
-    # Earlier versions kept each call's JSON until its completion (and kept that of
-    # events never completed until evicted).
+def journal_segment(store: SQLiteAuditStore) -> Path:
+    """The journal segment taking appends now."""
+    return store.path.parent / f"{store_module.JOURNAL_NAME}.{store._segment}"
+
+
+def journal_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(store_module.JOURNAL_NAME))
+
+
+async def test_a_write_is_journaled_and_indexed_in_the_background(store: SQLiteAuditStore) -> None:
+    e = make_event()
+    await store.insert_many([e])
+    # Committed: in the journal, with one line, before anything is indexed.
+    assert journal_segment(store).read_bytes() == orjson.dumps(as_stored(e)) + b"\n"
+    assert stat.S_IMODE(journal_segment(store).stat().st_mode) == 0o600
+    assert raw_rows(store.path, "SELECT count(*) FROM audit_events") == [(0,)]
+    # Indexed by itself, INDEX_DELAY later; its journal segment is then removed.
+    deadline = time.monotonic() + 10
+    while raw_rows(store.path, "SELECT id FROM audit_events") != [(e.id,)]:
+        assert time.monotonic() < deadline, "not indexed within 10 s"
+        await asyncio.sleep(0.01)
+    if store._indexer is not None:
+        await asyncio.wait_for(store._indexer, timeout=10)
+    assert all(p.stat().st_size == 0 for p in store.path.parent.glob(f"{store_module.JOURNAL_NAME}.*"))
+
+
+async def test_many_writes_start_indexing_at_once(
+    store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "INDEX_DELAY", 3600.0)
+    monkeypatch.setattr(store_module, "INDEX_ITEMS", 10)
+    await store.insert_many([make_event() for _ in range(10)])
+    assert store._indexer is not None
+    await asyncio.wait_for(store._indexer, timeout=10)
+    assert raw_rows(store.path, "SELECT count(*) FROM audit_events") == [(10,)]
+
+
+async def test_an_outcome_journaled_before_indexing_is_merged_into_the_row(store: SQLiteAuditStore) -> None:
+    e = make_event()
+    await store.insert_many([e])
+    await store.complete_many([Completion(e.id, False, "HTTP 502", 3.0)])
+    updates: list[int] = []
+    store._conn.set_trace_callback(lambda sql: updates.append(1) if sql.startswith("UPDATE") else None)
+    assert await indexed(store, "SELECT success, error, duration_ms FROM audit_events") == [
+        (0, "HTTP 502", 3.0)
+    ]
+    assert updates == []  # inserted once, with its outcome
+    # An outcome for an event indexed already is an UPDATE.
+    await store.complete_many([Completion(e.id, True, "", 4.0)])
+    assert await indexed(store, "SELECT success, error, duration_ms FROM audit_events") == [(1, "", 4.0)]
+    assert updates == [1]
+
+
+async def test_a_retried_insert_of_an_indexed_event_keeps_the_row_and_takes_the_outcome(
+    store: SQLiteAuditStore,
+) -> None:
+    first = make_event(tool="one")
+    await store.insert_many([first])
+    await store.flush()
+    await store.write_batch([make_event(id=first.id, tool="two")], [Completion(first.id, False, "boom", 2.0)])
+    await store.insert_many([make_event(id=first.id, tool="three")])  # no outcome: changes nothing
+    [got] = await everything(store)
+    assert (got["tool"], got["success"], got["error"], got["duration_ms"]) == ("one", False, "boom", 2.0)
+    [got] = [orjson.loads(t) for (t,) in await indexed(store, "SELECT event FROM audit_events")]
+    assert got["tool"] == "one"
+    assert await indexed(store, "SELECT success, error FROM audit_events") == [(0, "boom")]
+
+
+async def test_search_sees_journaled_and_indexed_events_in_time_order(store: SQLiteAuditStore) -> None:
+    old = [make_event(at=i * 10, user="alice" if i % 2 else "bob") for i in range(6)]
+    await store.insert_many(old[::2])
+    await store.flush()
+    await store.insert_many(old[1::2])  # journaled only
+    await store.complete_many([Completion(old[0].id, False, "late", 5.0)])  # for an indexed one
+    assert raw_rows(store.path, "SELECT count(*) FROM audit_events") == [(3,)]
+    got = await everything(store)
+    assert [g["id"] for g in got] == [e.id for e in old]
+    assert (got[0]["success"], got[0]["error"]) == (False, "late")
+    assert [g["id"] for g in await store.search(AuditQuery(user="alice"))] == [e.id for e in old[1::2]]
+    assert [g["id"] for g in await store.search(AuditQuery(limit=4))] == [e.id for e in old[:4]]
+    since = T0 + timedelta(seconds=15)
+    until = T0 + timedelta(seconds=45)
+    assert [g["id"] for g in await store.search(AuditQuery(since=since, until=until))] == [
+        e.id for e in old[2:5]
+    ]
+    # Another process sees the same, without opening the log for writing.
+    assert await store_module.search_files(store.path.parent, AuditQuery(limit=100)) == got
+
+
+async def test_indexing_runs_in_a_worker_thread(
+    store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[int] = []
+    real = store_module._index_rows
+
+    def spy(*args: Any) -> str:
+        threads.append(threading.get_ident())
+        return real(*args)
+
+    monkeypatch.setattr(store_module, "_index_rows", spy)
+    await store.insert_many([make_event()])
+    await store.flush()
+    assert threads and threading.get_ident() not in threads
+
+
+async def test_a_journal_left_by_a_crash_is_indexed_at_open(tmp_path: Path) -> None:
+    s = await SQLiteAuditStore.open(tmp_path)
+    done, open_ = make_event(), make_event()
+    await s.insert_many([done, open_])
+    await s.complete_many([Completion(done.id, False, "HTTP 500", 4.0)])
+    # A crash: nothing indexed, the files simply left as they are.
+    s._closed = True
+    if s._timer is not None:
+        s._timer.cancel()
+    s._conn.close()
+    os.close(s._jfd)
+    os.close(s._lock_fd)
+    segment = tmp_path / f"{store_module.JOURNAL_NAME}.{s._segment}"
+    with segment.open("ab") as f:
+        f.write(b'{"event":"mcp.session.request","id":"torn-by-a-cr')  # an OS crash mid-write
+    s = await SQLiteAuditStore.open(tmp_path)
+    try:
+        assert journal_files(tmp_path) == [f"{store_module.JOURNAL_NAME}.{s._segment}"]
+        assert s._segment > int(segment.name.rsplit(".", 1)[1])
+        rows = raw_rows(s.path, "SELECT id, success, error, duration_ms FROM audit_events ORDER BY seq")
+        assert rows == [(done.id, 0, "HTTP 500", 4.0), (open_.id, 1, "", None)]
+    finally:
+        await s.close()
+
+
+async def test_close_indexes_everything_and_removes_the_journal(tmp_path: Path) -> None:
+    s = await SQLiteAuditStore.open(tmp_path)
+    events = [make_event() for _ in range(5)]
+    await s.insert_many(events)
+    await s.close()
+    assert journal_files(tmp_path) == []
+    assert raw_rows(s.path, "SELECT count(*) FROM audit_events") == [(5,)]
+
+
+async def test_only_one_process_writes_an_audit_log(tmp_path: Path) -> None:
+    s = await SQLiteAuditStore.open(tmp_path)
+    try:
+        with pytest.raises(BackendError, match=r"in use by another process .*audit\.lock"):
+            await SQLiteAuditStore.open(tmp_path)
+        await s.insert_many([make_event()])
+    finally:
+        await s.close()
+    s = await SQLiteAuditStore.open(tmp_path)  # free again once closed
+    await s.close()
+
+
+async def test_nothing_is_kept_in_memory_once_indexed(store: SQLiteAuditStore) -> None:
     await store.insert_many([make_event(type=SESSION_START) for _ in range(500)])
     await store.insert_many([make_event() for _ in range(500)])
+    await store.flush()
     sizes = {k: len(v) for k, v in vars(store).items() if isinstance(v, dict | list | set)}
     assert all(n < 100 for n in sizes.values()), sizes
-
-
-async def test_checkpoints_run_off_the_loop(store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_module, "CHECKPOINT_PAGES", 5)
-    await store.insert_many([make_event() for _ in range(6)])
-    tasks = [t for t in asyncio.all_tasks() if t.get_name() == "bastion-audit-checkpoint"]
-    assert len(tasks) == 1
-    await asyncio.wait_for(tasks[0], timeout=10)
-    # The writer does not checkpoint inside its commits.
-    assert raw_rows(store.path, "PRAGMA wal_autocheckpoint") == [(1000,)]  # a fresh connection's default
-    await store.insert_many([make_event() for _ in range(6)])
-    assert len(await everything(store)) == 12
-
-
-async def test_the_wal_starts_again_under_constant_writes(
-    store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A checkpoint beside a writer that never pauses never catches up, and the
-    # WAL only grows; the store's last checkpoint round holds the writes back so
-    # that it does, and the next write starts the WAL again from its beginning.
-    monkeypatch.setattr(store_module, "CHECKPOINT_PAGES", 100)
-    monkeypatch.setattr(store_module, "HOLD_FRAMES", 200)
-    wal = Path(f"{store.path}-wal")
-
-    def wal_restarts() -> int:
-        # The WAL header's "checkpoint sequence number" (bytes 12-15) counts its restarts.
-        with wal.open("rb") as f:
-            return int.from_bytes(f.read(16)[12:16], "big")
-
-    first = None
-    batches = 0
-    while batches < 3000:
-        events = [make_event(params={"blob": "x" * 500}) for _ in range(10)]
-        await store.write_batch(events, [Completion(e.id, True, "", 1.0) for e in events])
-        batches += 1
-        await asyncio.sleep(0)  # the checkpoint task's turn
-        if first is None:
-            first = wal_restarts()
-        elif wal_restarts() - first >= 5:
-            break
-    assert wal_restarts() - (first or 0) >= 5, batches
-    assert len(await everything(store)) == 10 * batches
-
-
-async def test_writes_wait_while_a_checkpoint_holds_them(store: SQLiteAuditStore) -> None:
-    hold = asyncio.get_running_loop().create_future()
-    store._hold = hold
-    e = make_event()
-    writing = asyncio.create_task(store.insert_many([e]))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    assert not writing.done()
-    assert raw_rows(store.path, "SELECT count(*) FROM audit_events") == [(0,)]
-    store._release_hold()
-    await asyncio.wait_for(writing, timeout=10)
-    assert raw_rows(store.path, "SELECT id FROM audit_events") == [(e.id,)]
-
-
-async def test_a_hold_that_is_never_released_delays_writes_only_a_little(
-    store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # As when the checkpoint's thread is stuck in an fsync.
-    monkeypatch.setattr(store_module, "HOLD_MAX", 0.01)
-    store._hold = asyncio.get_running_loop().create_future()
-    await asyncio.wait_for(store.insert_many([make_event()]), timeout=10)
-    assert raw_rows(store.path, "SELECT count(*) FROM audit_events") == [(1,)]
-    # ...and once: the writes after it do not wait for that hold any more.
-    assert store._hold is None
-    monkeypatch.setattr(store_module, "HOLD_MAX", 3600)
-    await asyncio.wait_for(store.insert_many([make_event()]), timeout=10)
-    store._release_hold()
 
 
 # ------------------------------------------------------------------ search
@@ -612,24 +712,63 @@ async def test_secrets_never_reach_the_file(store: SQLiteAuditStore) -> None:
 # ------------------------------------------------------------------ failures
 
 
-async def test_sqlite_failures_become_backend_errors(store: SQLiteAuditStore) -> None:
+async def test_an_index_that_cannot_be_written_keeps_the_journal_and_retries(
+    store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(store_module, "INDEX_RETRY", 0.05)
+    conn = sqlite3.connect(store.path)
+    conn.execute(
+        "CREATE TRIGGER no_rows BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'nope'); END"
+    )
+    conn.commit()
+    conn.close()
+    events = [make_event() for _ in range(3)]
+    await store.insert_many(events[:2])  # committed: journaled
+    with (
+        caplog.at_level(logging.ERROR, logger="bastion.audit"),
+        pytest.raises(BackendError, match=r"audit database .*: cannot index: nope"),
+    ):
+        await store.flush()
+    assert any("cannot index 2 journaled items" in r.getMessage() for r in caplog.records)
+    await store.insert_many(events[2:])
+    # Searches still see them (from the journal), in order.
+    assert [g["id"] for g in await everything(store)] == [e.id for e in events]
+    conn = sqlite3.connect(store.path)
+    conn.execute("DROP TRIGGER no_rows")
+    conn.commit()
+    conn.close()
+    deadline = time.monotonic() + 10  # the retry indexes them by itself
+    while raw_rows(store.path, "SELECT count(*) FROM audit_events") != [(3,)]:
+        assert time.monotonic() < deadline, "not indexed after the index was repaired"
+        await asyncio.sleep(0.02)
+    assert [g["id"] for g in await everything(store)] == [e.id for e in events]
+
+
+async def test_writes_are_refused_when_too_much_waits_to_be_indexed(
+    store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "MAX_UNINDEXED", 5)
+    monkeypatch.setattr(store_module, "INDEX_RETRY", 3600.0)
     conn = sqlite3.connect(store.path)
     conn.execute("DROP TABLE audit_events")
     conn.close()
-    with pytest.raises(BackendError, match=r"audit database .*: cannot insert: no such table"):
+    await store.insert_many([make_event() for _ in range(5)])
+    with pytest.raises(BackendError):
+        await store.flush()
+    with pytest.raises(
+        BackendError, match=r"cannot insert: 5 journaled events wait to be indexed \(no such table"
+    ):
         await store.insert_many([make_event()])
-    with pytest.raises(BackendError, match=r"cannot complete: no such table"):
-        await store.complete_many([Completion("x", True)])
     with pytest.raises(BackendError, match=r"cannot search: no such table"):
         await store.search(AuditQuery())
 
 
 async def test_a_transaction_left_open_does_not_wedge_the_writer(store: SQLiteAuditStore) -> None:
     # As after a COMMIT that failed and a ROLLBACK that failed too.
-    store._conn.execute("BEGIN")  # type: ignore[union-attr]
+    store._conn.execute("BEGIN")
     e = make_event()
     await store.insert_many([e])
-    assert raw_rows(store.path, "SELECT id FROM audit_events") == [(e.id,)]
+    assert await indexed(store, "SELECT id FROM audit_events") == [(e.id,)]
 
 
 async def test_cancelled_close_still_closes(tmp_path: Path) -> None:
@@ -647,17 +786,38 @@ async def test_cancelled_close_still_closes(tmp_path: Path) -> None:
         await s.insert_many([make_event()])
 
 
-async def test_a_big_wal_is_truncated(store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    import bastion.audit.store as store_mod
+async def test_the_wal_starts_again_and_stays_small(
+    store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Checkpoints run after commits in the indexer's thread, where nothing else
+    # writes: they finish, and the next commit starts the WAL from its beginning.
+    monkeypatch.setattr(store_module, "CHECKPOINT_ROWS", 50)
+    wal = Path(f"{store.path}-wal")
 
-    monkeypatch.setattr(store_mod, "WAL_LIMIT", 64 * 1024)
-    monkeypatch.setattr(store_mod, "CHECKPOINT_PAGES", 1000)  # a checkpoint after each batch below
+    def wal_restarts() -> int:
+        # The WAL header's "checkpoint sequence number" (bytes 12-15) counts its restarts.
+        with wal.open("rb") as f:
+            return int.from_bytes(f.read(16)[12:16], "big")
+
+    await store.insert_many([make_event(params={"blob": "x" * 500}) for _ in range(60)])
+    await store.flush()
+    first = wal_restarts()
+    for _ in range(6):
+        await store.insert_many([make_event(params={"blob": "x" * 500}) for _ in range(60)])
+        await store.flush()
+    assert wal_restarts() - first >= 5
+    assert wal.stat().st_size < 4 << 20
+    assert len(await everything(store)) == 7 * 60
+
+
+async def test_a_big_wal_is_truncated(store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "WAL_LIMIT", 64 * 1024)
+    monkeypatch.setattr(store_module, "CHECKPOINT_ROWS", 1000)  # a checkpoint after each batch below
     wal = Path(f"{store.path}-wal")
     for batch in range(3):
         await store.insert_many(
             [make_event(id=f"e{batch}-{i}", params={"blob": "x" * 500}) for i in range(2000)]
         )
-        if store._checkpointer is not None:
-            await store._checkpointer
-    assert wal.stat().st_size < store_mod.WAL_LIMIT  # truncated, not ever-growing
+        await store.flush()
+    assert wal.stat().st_size < store_module.WAL_LIMIT  # truncated, not ever-growing
     assert len(await everything(store)) == 3 * 2000
