@@ -1,10 +1,13 @@
 """``AuditStore`` on PostgreSQL: the audit log of a cluster whose processes share one database.
 
 Same contract as ``SQLiteAuditStore`` (see ``bastion.audit.store``): the same
-stored document (``AuditEvent.to_dict`` as JSON, built by the same helpers,
-completions applied by the same ``_completed_json``), the same search
-semantics (``since <= time < until``, types, user, app, session; oldest
-first by event time, then insertion order; at most ``limit``).
+stored document (``AuditEvent.to_dict`` as JSON, built by the same helpers),
+the outcome of a call kept in the ``success``/``error``/``duration_ms``
+columns and merged into the document by search (the same ``_merge``; rows
+completed by versions before 2026-11-22, which also rewrote the JSON, read
+the same), the same search semantics (``since <= time < until``, types,
+user, app, session; oldest first by event time, then insertion order; at
+most ``limit``), and the optional ``write_batch``.
 
 Idempotent, so a writer may retry a batch whose outcome it does not know
 (a connection lost around COMMIT): ``insert_many`` is ``ON CONFLICT (id) DO
@@ -12,12 +15,11 @@ NOTHING`` (a stored id keeps its row; never two rows for one event), and
 completing an event again with the same outcome leaves the same row.  The
 store itself retries a batch once when the connection dies under it.
 
-Each ``insert_many`` is one statement (``INSERT ... SELECT FROM unnest(...)``:
-one round trip whatever the batch size); each ``complete_many`` is one
-transaction that reads the stored JSON of its events ``FOR UPDATE`` (in id
-order, so concurrent completers cannot deadlock), rewrites it in Python and
-updates the rows in one statement.  Commits are durable when they return
-(PostgreSQL's ``synchronous_commit``, on by default).
+Each ``insert_many`` and each ``complete_many`` is one statement (``INSERT
+... SELECT FROM unnest(...)``, ``UPDATE ... FROM unnest(...)``: one round trip
+whatever the batch size; of several completions of one event in a batch the
+last is sent); ``write_batch`` is both in one transaction.  Commits are
+durable when they return (PostgreSQL's ``synchronous_commit``, on by default).
 
 PostgreSQL text cannot hold NUL characters: in the indexed columns they are
 stored as U+FFFD (the JSON document keeps them, escaped as ``\\u0000``), and
@@ -35,7 +37,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 
 import asyncpg
-import orjson
 
 from bastion._pg import (
     CONNECT_TIMEOUT,
@@ -46,7 +47,7 @@ from bastion._pg import (
     migrate,
 )
 from bastion.audit.events import AuditEvent
-from bastion.audit.store import AuditQuery, AuditStore, Completion, _clean, _completed_json, _micros, _row
+from bastion.audit.store import AuditQuery, AuditStore, Completion, _clean, _merge, _micros, _row
 from bastion.errors import BackendError, BastionError
 
 if TYPE_CHECKING:
@@ -96,14 +97,11 @@ _INSERT: Final = (
     " $7::boolean[], $8::text[], $9::float8[], $10::text[])"
     " ON CONFLICT (id) DO NOTHING"
 )
-_LOCK_FOR_COMPLETION: Final = (
-    f"SELECT id, event FROM {TABLE} WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE"
-)
+# The outcome goes in the columns only; search merges it into the stored JSON.
 _COMPLETE: Final = (
-    f"UPDATE {TABLE} AS a SET success = u.success, error = u.error, duration_ms = u.duration_ms,"
-    " event = u.event"
-    " FROM unnest($1::text[], $2::boolean[], $3::text[], $4::float8[], $5::text[])"
-    " AS u (id, success, error, duration_ms, event) WHERE a.id = u.id"
+    f"UPDATE {TABLE} AS a SET success = u.success, error = u.error, duration_ms = u.duration_ms"
+    " FROM unnest($1::text[], $2::boolean[], $3::text[], $4::float8[])"
+    " AS u (id, success, error, duration_ms) WHERE a.id = u.id"
 )
 
 #: What the driver and the sockets under it raise.
@@ -166,53 +164,43 @@ class PostgresAuditStore:
         return self._label
 
     async def insert_many(self, events: Sequence[AuditEvent]) -> None:
-        if not events:
-            return
-        self._check_open()
-        rows = [_pg_row(_row(e)) for e in events]
-        columns = [list(column) for column in zip(*rows, strict=True)]
-
-        async def insert(conn: _Conn) -> None:
-            await conn.execute(_INSERT, *columns)
-
-        # Safe to run again: a row already stored is left as it is.
-        await self._run("insert", insert)
+        if events:
+            await self.write_batch(events, ())
 
     async def complete_many(self, updates: Sequence[Completion]) -> None:
-        if not updates:
+        if updates:
+            await self.write_batch((), updates)
+
+    async def write_batch(self, events: Sequence[AuditEvent], updates: Sequence[Completion]) -> None:
+        """``insert_many(events)`` then ``complete_many(updates)``, in one transaction."""
+        if not (events or updates):
             return
         self._check_open()
-        wanted = [_nul_free(u.event_id) for u in updates]
+        columns = [list(c) for c in zip(*[_pg_row(_row(e)) for e in events], strict=True)] if events else []
+        # The last completion of each event (a later one wins), in one statement.
+        final: dict[str, tuple[bool, str, float | None]] = {}
+        for event_id, success, error, duration_ms in updates:
+            final[_nul_free(_clean(event_id))] = (
+                bool(success),
+                _nul_free(_clean(error)) if error else "",
+                duration_ms,
+            )
+        outcomes = [list(final), *([list(c) for c in zip(*final.values(), strict=True)] if final else [])]
+        action = "write" if events and final else "insert" if events else "complete"
 
-        async def complete(conn: _Conn) -> None:
-            async with conn.transaction():
-                stored = {
-                    str(r[0]): str(r[1]) for r in await conn.fetch(_LOCK_FOR_COMPLETION, sorted(set(wanted)))
-                }
-                # In order: a later completion of the same event builds on (and wins over) an earlier one.
-                final: dict[str, tuple[bool, str, float | None, str]] = {}
-                for event_id, (_, success, error, duration_ms) in zip(wanted, updates, strict=True):
-                    text = stored.get(event_id)
-                    if text is None:
-                        continue  # not stored: ignored
-                    success = bool(success)
-                    error = _nul_free(_clean(error)) if error else ""
-                    text = _completed_json(text, success, error, duration_ms)
-                    stored[event_id] = text
-                    final[event_id] = (success, error, duration_ms, text)
-                if final:
-                    ids = list(final)
-                    await conn.execute(
-                        _COMPLETE,
-                        ids,
-                        [final[i][0] for i in ids],
-                        [final[i][1] for i in ids],
-                        [final[i][2] for i in ids],
-                        [final[i][3] for i in ids],
-                    )
+        async def write(conn: _Conn) -> None:
+            if events and final:
+                async with conn.transaction():
+                    await conn.execute(_INSERT, *columns)
+                    await conn.execute(_COMPLETE, *outcomes)
+            elif events:
+                await conn.execute(_INSERT, *columns)
+            else:
+                await conn.execute(_COMPLETE, *outcomes)
 
-        # Safe to run again: the same completions give the same rows.
-        await self._run("complete", complete)
+        # Safe to run again: a row already stored is left as it is, and the
+        # same outcomes give the same rows.
+        await self._run(action, write)
 
     async def search(self, query: AuditQuery) -> list[dict[str, Any]]:
         self._check_open()
@@ -222,7 +210,7 @@ class PostgresAuditStore:
             return await conn.fetch(sql, *params)
 
         rows = await self._run("search", fetch)
-        return [orjson.loads(row[0]) for row in rows]
+        return [_merge(row[0], row[1], row[2], row[3]) for row in rows]
 
     async def close(self) -> None:
         if self._closer is None:
@@ -308,7 +296,7 @@ def _search_sql(query: AuditQuery) -> tuple[str, list[Any]]:
     for column, value in (('"user"', query.user), ("app", query.app), ("session_id", query.session_id)):
         if value:
             where.append(f"{column} = {param(_nul_free(_clean(value)))}")
-    sql = f"SELECT event FROM {TABLE}"
+    sql = f"SELECT event, success, error, duration_ms FROM {TABLE}"
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += f" ORDER BY time_us, seq LIMIT {param(query.limit)}"

@@ -74,10 +74,32 @@ class SpoolingAuditStore:
         return self._pending
 
     async def insert_many(self, events: Sequence[AuditEvent]) -> None:
-        await self._write(_INSERT, [codec.event_to_wire(e) for e in events], events)
+        await self.write_batch(events, ())
 
     async def complete_many(self, updates: Sequence[Completion]) -> None:
-        await self._write(_COMPLETE, [codec.completion_to_wire(c) for c in updates], updates)
+        await self.write_batch((), updates)
+
+    async def write_batch(self, events: Sequence[AuditEvent], updates: Sequence[Completion]) -> None:
+        """``insert_many(events)`` then ``complete_many(updates)``: one transaction, here or in the spool."""
+        if not (events or updates):
+            return
+        if not self._pending:
+            try:
+                async with asyncio.timeout(self.write_timeout):
+                    await self._to_primary(events, updates)
+                return
+            except (BackendError, TimeoutError, OSError) as e:
+                log.warning(
+                    "audit database unreachable: spooling events to disk until it is back",
+                    extra={"error": str(e) or type(e).__name__, "spool": str(self.path)},
+                )
+        self._append(
+            [
+                *([(_INSERT, [codec.event_to_wire(e) for e in events])] if events else []),
+                *([(_COMPLETE, [codec.completion_to_wire(c) for c in updates])] if updates else []),
+            ]
+        )
+        self._wake()
 
     async def search(self, query: AuditQuery) -> list[dict[str, Any]]:
         return await self.primary.search(query)
@@ -109,31 +131,34 @@ class SpoolingAuditStore:
 
     # ------------------------------------------------------------ internals
 
-    async def _write(self, kind: str, wire: list[Any], items: Sequence[Any]) -> None:
-        if not items:
+    async def _to_primary(self, events: Sequence[AuditEvent], updates: Sequence[Completion]) -> None:
+        write_batch = getattr(self.primary, "write_batch", None)
+        if write_batch is not None and events and updates:
+            await write_batch(events, updates)
             return
-        if not self._pending:
-            try:
-                async with asyncio.timeout(self.write_timeout):
-                    if kind == _INSERT:
-                        await self.primary.insert_many(items)
-                    else:
-                        await self.primary.complete_many(items)
-                return
-            except (BackendError, TimeoutError, OSError) as e:
-                log.warning(
-                    "audit database unreachable: spooling events to disk until it is back",
-                    extra={"error": str(e) or type(e).__name__, "spool": str(self.path)},
-                )
-        self._append(kind, wire)
-        self._wake()
+        if events:
+            await self.primary.insert_many(events)
+        if updates:
+            await self.primary.complete_many(updates)
 
-    def _append(self, kind: str, wire: list[Any]) -> None:
+    def _append(self, batches: list[tuple[str, list[Any]]]) -> None:
+        """Spool ``batches`` (kind, wire items) in one transaction."""
+        db = self._db
         try:
-            self._db.execute("INSERT INTO spool (kind, body) VALUES (?, ?)", (kind, orjson.dumps(wire)))
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "INSERT INTO spool (kind, body) VALUES (?, ?)",
+                    [(kind, orjson.dumps(wire)) for kind, wire in batches],
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
         except sqlite3.Error as e:
             raise BackendError(f"audit spool {self.path}: cannot write: {e}") from None
-        self._pending += 1
+        self._pending += len(batches)
 
     def _wake(self) -> None:
         if self._drainer is None or self._drainer.done():

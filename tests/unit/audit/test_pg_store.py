@@ -11,6 +11,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -267,6 +268,65 @@ async def test_later_completion_of_the_same_event_wins(store: PostgresAuditStore
     [got] = await everything(store)
     assert (got["success"], got["error"], got["duration_ms"]) == (False, "later", 3.0)
     assert await raw_rows(dsn, f"SELECT error FROM {TABLE}") == [("later",)]
+
+
+async def test_the_stored_json_is_the_event_as_recorded_and_the_columns_hold_the_outcome(
+    store: PostgresAuditStore, dsn: str
+) -> None:
+    e = make_event()
+    await store.insert_many([e])
+    await store.complete_many([Completion(e.id, False, "HTTP 502", 3.0)])
+    [(success, error, duration, text)] = await raw_rows(
+        dsn, f"SELECT success, error, duration_ms, event FROM {TABLE}"
+    )
+    assert (success, error, duration) == (False, "HTTP 502", 3.0)
+    assert orjson.loads(text) == as_stored(e)  # not rewritten: search merges the columns in
+    [got] = await everything(store)
+    assert got == as_stored(replace(e, success=False, error="HTTP 502", duration_ms=3.0))
+
+
+async def test_rows_completed_by_an_earlier_version_read_the_same(
+    store: PostgresAuditStore, dsn: str
+) -> None:
+    # Versions before 2026-11-22 rewrote the JSON on completion, as well as the columns.
+    e = make_event()
+    await store.insert_many([e])
+    [(text,)] = await raw_rows(dsn, f"SELECT event FROM {TABLE}")
+    old = store_module._completed_json(text, False, "boom", 7.0)
+    async with sql(dsn) as conn:
+        await conn.execute(
+            f"UPDATE {TABLE} SET success = false, error = 'boom', duration_ms = 7.0, event = $1", old
+        )
+    [got] = await everything(store)
+    assert list(got.items()) == list(orjson.loads(old).items())
+    await store.complete_many([Completion(e.id, True, "", 1.0)])  # and completing it again still works
+    [got] = await everything(store)
+    assert got == as_stored(replace(e, success=True, duration_ms=1.0))
+
+
+async def test_write_batch_inserts_then_completes_in_one_transaction(
+    store: PostgresAuditStore, dsn: str
+) -> None:
+    old, new = make_event(), make_event()
+    await store.insert_many([old])
+    await store.write_batch([new], [Completion(old.id, True, "", 1.0), Completion(new.id, False, "x", 2.0)])
+    got = {g["id"]: g for g in await everything(store)}
+    assert (got[old.id]["success"], got[old.id]["duration_ms"]) == (True, 1.0)
+    assert (got[new.id]["success"], got[new.id]["error"], got[new.id]["duration_ms"]) == (False, "x", 2.0)
+    await store.write_batch([], [])  # a no-op
+    # All or nothing: a failing completion undoes the inserts of the same batch.
+    async with sql(dsn) as conn:
+        await conn.execute(
+            "CREATE FUNCTION nope() RETURNS trigger"
+            " AS $$ BEGIN RAISE EXCEPTION 'nope'; END $$ LANGUAGE plpgsql"
+        )
+        await conn.execute(
+            f"CREATE TRIGGER no_updates BEFORE UPDATE ON {TABLE} FOR EACH ROW EXECUTE FUNCTION nope()"
+        )
+    lost = make_event()
+    with pytest.raises(BackendError, match="cannot write"):
+        await store.write_batch([lost], [Completion(old.id, False, "y", 3.0)])
+    assert lost.id not in {g["id"] for g in await everything(store)}
 
 
 async def test_completion_of_an_unknown_event_is_ignored(store: PostgresAuditStore) -> None:

@@ -86,3 +86,30 @@ async def test_backlog_survives_a_restart(dsn: str, tmp_path: Path) -> None:
             assert [g["id"] for g in await again.search(AuditQuery())] == [kept.id]
         finally:
             await again.close()
+
+
+async def test_write_batch_is_one_transaction_here_or_in_the_spool(dsn: str, tmp_path: Path) -> None:
+    async with TcpProxy.for_dsn(dsn) as proxy:
+        s = SpoolingAuditStore(
+            await PostgresAuditStore.open(proxy.dsn(dsn)),
+            tmp_path / "spool.db",
+            write_timeout=1.0,
+            retry_min=0.05,
+        )
+        try:
+            first, second = make_event(), make_event()
+            await s.insert_many([first])
+            await s.write_batch([second], [Completion(first.id, True, "", 1.0)])  # straight through
+            assert s.spooled == 0
+            await proxy.cut()
+            third = make_event()
+            await s.write_batch([third], [Completion(second.id, False, "cut", 2.0)])
+            assert s.spooled == 2  # the inserts, then the outcomes: in that order
+            await proxy.restore()
+            await _until_drained(s)
+            got = {g["id"]: g for g in await s.search(AuditQuery())}
+            assert list(got) == [first.id, second.id, third.id]
+            assert got[first.id]["duration_ms"] == 1.0
+            assert (got[second.id]["success"], got[second.id]["error"]) == (False, "cut")
+        finally:
+            await s.close()
