@@ -224,14 +224,20 @@ def _may_have_duplicates(raw: bytes, body: Any) -> bool:
     value re-serialised has fewer ``"`` characters than the bytes (a member name
     alone has two).  Nothing else changes the count, provided no quote is
     written as ``\\u0022``; that and letters written as escapes are checked
-    first.  One regex search, one re-serialisation and two byte counts cost
-    less than counting each member name's occurrences.
+    first.  When the bytes are exactly the re-serialised value (compact JSON in
+    orjson's layout, the common case) there is nothing to count.  One
+    re-serialisation, a regex search and two byte counts cost less than
+    counting each member name's occurrences.
     """
-    if _DISGUISED.search(raw) is not None:
-        return True
     try:
         again = _dumps(body)
     except orjson.JSONEncodeError:  # nested deeper than orjson writes: look closely
+        return True
+    if again == raw:
+        # The usual case (compact JSON, as most encoders write it): the bytes are exactly
+        # what the parsed value serialises to, which has no duplicates; one compare.
+        return False
+    if _DISGUISED.search(raw) is not None:
         return True
     return raw.count(b'"') != again.count(b'"')
 
