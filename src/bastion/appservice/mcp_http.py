@@ -28,20 +28,21 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import orjson
-from starlette.types import Message as ASGIMessage
 from starlette.types import Receive, Scope, Send
 
 from bastion._time import Clock
+from bastion.appservice.demo import DEMO_APP_NAME
 from bastion.appservice.registry import AppRegistry
 from bastion.appservice.resume import EventLog, EventLogs
 from bastion.appservice.upstreams import (
     OFFERED_JWT,
+    JWTCache,
     Pools,
     UpstreamIdentity,
     open_stream,
@@ -60,11 +61,13 @@ from bastion.resources import App
 from bastion.session.engine import (
     CloseSession,
     CompleteAudit,
+    EventIds,
     ForwardToUpstream,
     RecordAudit,
     SendToClient,
     Session,
 )
+from bastion.transport.http import HTTPUpstreamPool, PreparedHeaders
 
 log = logging.getLogger("bastion.app")
 
@@ -73,6 +76,8 @@ SUPPORTED_VERSIONS = frozenset({"2024-11-05", "2025-03-26", "2025-06-18", "2025-
 ORIGIN_HEADER = b"x-bastion-error-origin"
 _JSON = b"application/json"
 _SSE = b"text/event-stream"
+_DEFAULT_ACCEPT = b"application/json, text/event-stream"
+_NO_EXTRA: list[tuple[bytes, bytes]] = []  # never changed
 _HOP = frozenset(
     {
         b"host",
@@ -126,9 +131,16 @@ class GatewaySession:
     policy_key: tuple[int, ...] = ()
     #: The client's headers as last seen (without content-length), and what was derived
     #: from them: clients send the same headers on every request of a session.
-    hdr_key: tuple[tuple[bytes, bytes], ...] | None = None
+    hdr_key: dict[bytes, bytes] | None = None
+    hdr_seen: dict[bytes, bytes] | None = None  # the last request's headers, as they came
     audit_hdrs: dict[str, str] = field(default_factory=dict)
     pass_hdrs: list[tuple[bytes, bytes]] = field(default_factory=list)
+    #: Streamable HTTP: the pool and target for "/", found once; the headers of a POST
+    #: upstream, validated and encoded, rebuilt only when what they are made of changes.
+    pool: HTTPUpstreamPool | None = None
+    target: str = ""
+    post_hdrs: PreparedHeaders | None = None
+    post_key: tuple[Any, ...] = ()
 
 
 class SessionGone(BastionError):
@@ -165,6 +177,10 @@ class MCPHandler:
         self.limits = limits or Limits()
         self.pools = Pools(response_timeout=self.limits.response_timeout)
         self.sessions: dict[str, GatewaySession] = {}
+        #: Upstream JWTs by user and app, shared by that user's sessions (see UpstreamIdentity).
+        self._jwts: JWTCache = {}
+        #: Audit event ids for every session here (one random draw, not one per session).
+        self._event_ids = EventIds()
         self._reaper: asyncio.Task[None] | None = None
         #: An OpenTelemetry tracer only when enabled (BASTION_OTEL=1): else one None check per POST.
         self._tracer = maybe_tracer()
@@ -321,7 +337,9 @@ class MCPHandler:
                 "end some with DELETE or wait for idle ones to expire"
             )
         sid = self.session_prefix + new_session_id()
-        ident = UpstreamIdentity(self.jwt_ca, app, actor.name, user.spec.roles, user.spec.traits)
+        ident = UpstreamIdentity(
+            self.jwt_ca, app, actor.name, user.spec.roles, user.spec.traits, cache=self._jwts
+        )
         engine = Session(
             app=app,
             checker=actor.checker,
@@ -332,8 +350,10 @@ class MCPHandler:
             clock=self.clock,
             redact=self.redact,
             remote_addr=(scope.get("client") or ("", 0))[0],
+            new_id=self._event_ids.next,
         )
-        is_demo = self.registry.is_demo(app)
+        # is_demo builds the demo App (pydantic) to compare with: only when the name matches.
+        is_demo = app.metadata.name == DEMO_APP_NAME and self.registry.is_demo(app)
         m = app_metrics(app.metadata.name, "demo" if is_demo else app.spec.transport)
         s = GatewaySession(
             id=sid, user=actor.name, app=app, engine=engine, ident=ident, m=m, policy_key=actor.policy_key
@@ -364,15 +384,19 @@ class MCPHandler:
         s: GatewaySession,
         commands: Iterable[Any],
         *,
-        reply: Callable[[bytes], Awaitable[None]] | None = None,
+        replies: list[bytes] | None = None,
     ) -> bool:
-        """Carry out engine commands in order; False if a durable audit record failed (nothing forwarded)."""
+        """Carry out engine commands in order; False if a durable audit record failed (nothing forwarded).
+
+        ``replies``: while handling a client message, the gateway's own answers are
+        collected there instead of being routed.
+        """
         for cmd in commands:
             if isinstance(cmd, RecordAudit):
                 try:
                     await self.audit.record(cmd.event)
                 except BastionError as e:
-                    log.error("audit unavailable; refusing the request", extra={"error": e.message})
+                    _audit_failed(e)
                     return False
                 if cmd.denied:
                     s.m.denied(cmd.denied)
@@ -382,8 +406,8 @@ class MCPHandler:
                 if s.stream is not None:
                     await s.stream.send(cmd.raw)
             elif isinstance(cmd, SendToClient):
-                if reply is not None:  # while handling a client message: the gateway's own answer
-                    await reply(cmd.raw)
+                if replies is not None:  # while handling a client message: the gateway's own answer
+                    replies.append(cmd.raw)
                 else:
                     self._route(s, cmd.raw, cmd.related_request_id)
             elif isinstance(cmd, CloseSession):
@@ -416,14 +440,10 @@ class MCPHandler:
             s.pending[msg.id] = waiter
             s.order.append(msg.id)
         immediate: list[bytes] = []
-
-        async def reply(raw: bytes) -> None:
-            immediate.append(raw)
-
         try:
             cmds = s.engine.client_sent(body, _session_headers(s, headers)[0])
             s.m.client(s.engine.last_method)
-            ok = await self._run(s, cmds, reply=reply)
+            ok = await self._run(s, cmds, replies=immediate)
             sent_at = time.perf_counter()
             extra = [(b"mcp-session-id", s.id.encode())] if new else []
             if not ok:
@@ -596,82 +616,136 @@ class MCPHandler:
         out.append((b"accept", accept))
         if s.upstream_session_id:
             out.append((b"mcp-session-id", s.upstream_session_id.encode()))
-        for name, value in s.ident.headers(self.clock.now()):
-            out.append((name.encode(), value.encode()))
+        out += s.ident.encoded_headers(self.clock.now())
         return out
+
+    def _post_headers(self, s: GatewaySession, headers: dict[bytes, bytes]) -> PreparedHeaders:
+        """The headers of a POST upstream: ``_upstream_headers`` plus the content type,
+        validated and encoded once and reused while their parts are the same objects."""
+        passed = _session_headers(s, headers)[1]
+        ident = s.ident.encoded_headers(self.clock.now())
+        accept = headers.get(b"accept", _DEFAULT_ACCEPT)
+        key = s.post_key
+        prepared = s.post_hdrs
+        if (
+            prepared is None
+            or key[0] is not passed
+            or key[1] is not ident
+            or key[2] != accept
+            or key[3] != s.upstream_session_id
+        ):
+            out = list(passed)
+            out.append((b"accept", accept))
+            if s.upstream_session_id:
+                out.append((b"mcp-session-id", s.upstream_session_id.encode()))
+            out += ident
+            out.append((b"content-type", _JSON))
+            prepared = s.post_hdrs = PreparedHeaders(out)
+            s.post_key = (passed, ident, accept, s.upstream_session_id)
+        return prepared
+
+    def _pool(self, s: GatewaySession) -> HTTPUpstreamPool:
+        pool = s.pool
+        if pool is None:
+            pool = s.pool = self.pools.for_app(s.app)
+            s.target = upstream_target(s.app, "/")
+        return pool
 
     async def _post_http(
         self,
         s: GatewaySession,
         scope: Scope,
-        raw_send: Send,
+        send: Send,
         body: bytes,
         headers: dict[bytes, bytes],
         *,
         new: bool,
     ) -> None:
-        started = [False]
-
-        async def send(message: ASGIMessage) -> None:  # records whether headers went out
-            if message["type"] == "http.response.start":
-                started[0] = True
-            await raw_send(message)
-
-        extra = [(b"mcp-session-id", s.id.encode())] if new else []
-        immediate: list[bytes] = []
-        forwarded: list[bytes] = []
-
-        async def reply(raw: bytes) -> None:
-            immediate.append(raw)
-
-        cmds = s.engine.client_sent(body, _session_headers(s, headers)[0])
-        s.m.client(s.engine.last_method)
-        fwd = [c for c in cmds if isinstance(c, ForwardToUpstream)]
-        rest = [c for c in cmds if not isinstance(c, ForwardToUpstream)]
-        if not await self._run(s, rest, reply=reply):
-            await _jsonrpc_error(
-                send,
-                503,
-                None,
-                -32603,
-                "the audit log is unavailable, so the gateway refuses "
-                "to forward calls it cannot record; try again shortly",
-                "gateway",
-                extra,
-            )
+        extra = [(b"mcp-session-id", s.id.encode())] if new else _NO_EXTRA
+        engine = s.engine
+        cmds = engine.client_sent(body, _session_headers(s, headers)[0])
+        s.m.client(engine.last_method)
+        # The engine's commands, in order; the forward (there is at most one, and it comes
+        # last) is carried out below, once every audit record before it is committed.
+        fwd: ForwardToUpstream | None = None
+        answer: bytes | None = None
+        for cmd in cmds:
+            if isinstance(cmd, RecordAudit):
+                try:
+                    await self.audit.record(cmd.event)
+                except BastionError as e:
+                    _audit_failed(e)
+                    await _jsonrpc_error(
+                        send,
+                        503,
+                        None,
+                        -32603,
+                        "the audit log is unavailable, so the gateway refuses "
+                        "to forward calls it cannot record; try again shortly",
+                        "gateway",
+                        extra,
+                    )
+                    return
+                if cmd.denied:
+                    s.m.denied(cmd.denied)
+            elif isinstance(cmd, ForwardToUpstream):
+                if fwd is None:
+                    fwd = cmd
+            elif isinstance(cmd, SendToClient):
+                if answer is None:
+                    answer = cmd.raw
+            else:
+                await self._run(s, (cmd,))
+        if answer is not None:
+            await _send_json(send, 200, answer, extra)
             return
-        if immediate:
-            await _send_json(send, 200, immediate[0], extra)
-            return
-        if not fwd:
+        if fwd is None:
             await _send(send, 202, [], b"", extra)
             return
-        forwarded.append(fwd[0].raw)
-        pool = self.pools.for_app(s.app)
-        target = upstream_target(s.app, scope["bastion"].get("subpath", "/"))
-        up_headers = self._upstream_headers(
-            s, headers, accept=headers.get(b"accept", b"application/json, text/event-stream")
-        )
-        up_headers.append((b"content-type", b"application/json"))
+        pool = s.pool or self._pool(s)
+        sub = scope["bastion"].get("subpath", "/")
+        target = s.target if sub == "/" or not sub else sub
+        up_headers = self._post_headers(s, headers)
+        request_id = fwd.message.id
         sent_at = time.perf_counter()
         try:
-            resp = await pool.request("POST", target, up_headers, fwd[0].raw)
+            resp = await pool.request("POST", target, up_headers, fwd.raw)
         except UpstreamError as e:
             s.m.upstream_error(upstream_error_kind(e))
-            body = await self._fail_request(s, fwd[0].message.id, e.message)
+            body = await self._fail_request(s, request_id, e.message)
             await _send(
                 send, e.http_status, [(b"content-type", _JSON), (ORIGIN_HEADER, b"upstream")], body, extra
             )
             return
-        if fwd[0].message.kind == "request":  # as for message streams: requests only, not notifications
+        if fwd.message.kind == "request":  # as for message streams: requests only, not notifications
             s.m.latency.observe(time.perf_counter() - sent_at)
+        streaming = False  # the SSE answer began: an error can no longer be a status code
         try:
             usid = resp.header(b"mcp-session-id")
             if usid and not s.upstream_session_id:
                 s.upstream_session_id = usid.decode("latin-1")
-                await self._run(s, s.engine.upstream_session_known(s.upstream_session_id))
+                await self._run(s, engine.upstream_session_known(s.upstream_session_id))
             ctype = (resp.header(b"content-type") or b"").split(b";")[0].strip().lower()
-            if resp.status == 404 and s.upstream_session_id and not new:
+            status = resp.status
+            if status == 200 and ctype == _JSON:
+                data = await resp.read()
+                up_cmds = engine.upstream_sent(data)
+                s.m.upstream(engine.last_method)
+                answer = None
+                for c in up_cmds:
+                    if isinstance(c, SendToClient):
+                        if answer is None:
+                            answer = c.raw
+                    elif isinstance(c, CompleteAudit):
+                        self.audit.complete(c.event_id, c.success, c.error, c.duration_ms)
+                    else:
+                        await self._run(s, (c,))
+                if answer is not None:
+                    await _send_json(send, 200, answer, extra)
+                else:
+                    await _unexpected_answer(send, extra)
+                return
+            if status == 404 and s.upstream_session_id and not new:
                 await resp.aclose()
                 await self._end(s, "upstream session expired")
                 await _jsonrpc_error(
@@ -683,29 +757,29 @@ class MCPHandler:
                     "upstream",
                 )
                 return
-            if resp.status == 202:
+            if status == 202:
                 await resp.aclose()
                 await _send(send, 202, [], b"", extra)
                 return
-            if resp.status >= 400 or ctype not in (_JSON, _SSE):
+            if status >= 400 or ctype not in (_JSON, _SSE):
                 data = await resp.read()
                 if ctype == _JSON and data:
-                    up_cmds = s.engine.upstream_sent(data)
-                    s.m.upstream(s.engine.last_method)
+                    up_cmds = engine.upstream_sent(data)
+                    s.m.upstream(engine.last_method)
                     await self._run(s, up_cmds)
                 await _send(
                     send,
-                    resp.status,
+                    status,
                     [(b"content-type", ctype or b"text/plain"), (ORIGIN_HEADER, b"upstream")],
                     data,
                     extra,
                 )
                 return
-            if ctype == _JSON:
+            if ctype == _JSON:  # another 2xx or 3xx with a JSON body: as a 200
                 data = await resp.read()
+                up_cmds = engine.upstream_sent(data)
+                s.m.upstream(engine.last_method)
                 out: list[bytes] = []
-                up_cmds = s.engine.upstream_sent(data)
-                s.m.upstream(s.engine.last_method)
                 for c in up_cmds:
                     if isinstance(c, SendToClient):
                         out.append(c.raw)
@@ -714,23 +788,16 @@ class MCPHandler:
                 if out:
                     await _send_json(send, 200, out[0], extra)
                 else:
-                    await _jsonrpc_error(
-                        send,
-                        502,
-                        None,
-                        -32603,
-                        "the upstream answered with an unexpected message",
-                        "upstream",
-                        extra,
-                    )
+                    await _unexpected_answer(send, extra)
                 return
-            await self._relay_sse(s, send, resp, extra, request_id=fwd[0].message.id)
+            streaming = True  # _relay_sse starts the answer before anything else
+            await self._relay_sse(s, send, resp, extra, request_id=request_id)
         except UpstreamError as e:
             # The upstream broke off mid-answer: fail the call through the engine
             # (audit completed as failed), and tell the client whose fault it was.
             s.m.upstream_error(upstream_error_kind(e))
-            body = await self._fail_request(s, fwd[0].message.id, e.message)
-            if not started[0]:
+            body = await self._fail_request(s, request_id, e.message)
+            if not streaming:
                 await _send(
                     send, e.http_status, [(b"content-type", _JSON), (ORIGIN_HEADER, b"upstream")], body, extra
                 )
@@ -743,7 +810,7 @@ class MCPHandler:
                     }
                 )
         finally:
-            await resp.aclose()
+            resp.close()
 
     async def _relay_sse(
         self,
@@ -913,18 +980,22 @@ _NOT_AUDITED = frozenset({b"content-length", b"connection", b"host", b"accept-en
 def _session_headers(
     s: GatewaySession, headers: dict[bytes, bytes]
 ) -> tuple[dict[str, str], list[tuple[bytes, bytes]]]:
-    """(redacted headers for audit events, headers passed upstream), recomputed only on change."""
-    h = dict(headers)
-    h.pop(b"content-length", None)
-    key = tuple(h.items())
-    if key != s.hdr_key:
-        s.hdr_key = key
-        s.audit_hdrs = _audit_headers(headers)
-        s.pass_hdrs = [
-            (k, v)
-            for k, v in headers.items()
-            if not (k in _HOP or k.startswith(b"x-bastion") or k in (b"accept", b"content-type"))
-        ]
+    """(redacted headers for audit events, headers passed upstream), recomputed only on change.
+
+    The pass list is a new object whenever it is recomputed (``_post_headers`` relies on it).
+    """
+    if headers is not s.hdr_seen and headers != s.hdr_seen:  # else: as last time, content-length too
+        h = dict(headers)
+        h.pop(b"content-length", None)
+        if h != s.hdr_key:
+            s.hdr_key = h
+            s.audit_hdrs = _audit_headers(headers)
+            s.pass_hdrs = [
+                (k, v)
+                for k, v in headers.items()
+                if not (k in _HOP or k.startswith(b"x-bastion") or k in (b"accept", b"content-type"))
+            ]
+        s.hdr_seen = headers
     return s.audit_hdrs, s.pass_hdrs
 
 
@@ -961,6 +1032,10 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
             return b"".join(chunks)
 
 
+def _audit_failed(e: BastionError) -> None:
+    log.error("audit unavailable; refusing the request", extra={"error": e.message})
+
+
 async def _send(
     send: Send,
     status: int,
@@ -968,7 +1043,10 @@ async def _send(
     body: bytes,
     extra: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    hs = list(headers) + list(extra or []) + [(b"content-length", str(len(body)).encode())]
+    if extra:
+        hs = [*headers, *extra, (b"content-length", b"%d" % len(body))]
+    else:
+        hs = [*headers, (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": status, "headers": hs})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -976,7 +1054,12 @@ async def _send(
 async def _send_json(
     send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
 ) -> None:
-    await _send(send, status, [(b"content-type", _JSON)], body, extra)
+    if extra:
+        hs = [(b"content-type", _JSON), *extra, (b"content-length", b"%d" % len(body))]
+    else:
+        hs = [(b"content-type", _JSON), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": hs})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def _plain(
@@ -998,6 +1081,13 @@ async def _jsonrpc_error(
 ) -> None:
     body = jsonrpc.error_response(mid, code, message)
     await _send(send, status, [(b"content-type", _JSON), (ORIGIN_HEADER, origin.encode())], body, extra)
+
+
+async def _unexpected_answer(send: Send, extra: list[tuple[bytes, bytes]]) -> None:
+    """A JSON answer from the upstream that answers nothing the client asked (502)."""
+    await _jsonrpc_error(
+        send, 502, None, -32603, "the upstream answered with an unexpected message", "upstream", extra
+    )
 
 
 async def _start_sse(send: Send, extra: list[tuple[bytes, bytes]]) -> None:

@@ -3,14 +3,15 @@
 ``open_stream`` returns a message stream (stdio, SSE, or the built-in demo);
 streamable-HTTP apps use one shared keep-alive ``HTTPUpstreamPool`` per
 origin instead (built once; TLS contexts too).  Headers sent upstream are
-built here: the cluster-signed JWT (cached until shortly before it expires)
-and the app's ``rewrite.headers`` templates.  The user's own credential is
-never among them.
+built here: the cluster-signed JWT (one per user and app, shared by that user's
+sessions and renewed shortly before it expires) and the app's
+``rewrite.headers`` templates.  The user's own credential is never among them.
 """
 
 from __future__ import annotations
 
 import contextvars
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,7 +46,13 @@ def http_url(app: App) -> str:
 
 
 def origin_and_path(app: App) -> tuple[str, str]:
-    parts = urlsplit(http_url(app))
+    return _origin_and_path(http_url(app))
+
+
+@functools.lru_cache(maxsize=1024)
+def _origin_and_path(url: str) -> tuple[str, str]:
+    # Per request (pool and target): urlsplit is worth a cache; app URIs are few.
+    parts = urlsplit(url)
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
@@ -54,15 +61,25 @@ def origin_and_path(app: App) -> tuple[str, str]:
 
 def upstream_target(app: App, client_path: str) -> str:
     """The guide's path rule: ``/`` goes to the URI's path; any other path is forwarded as it is."""
-    _, base = origin_and_path(app)
     if client_path in ("", "/"):
-        return base
+        return origin_and_path(app)[1]
     return client_path
+
+
+#: Signed upstream JWTs shared by the sessions of one user with one app: ``key -> (jwt, expires)``.
+JWTCache = dict[tuple[Any, ...], tuple[str, datetime]]
+_JWT_CACHE_MAX = 10_000
 
 
 @dataclass
 class UpstreamIdentity:
-    """Per-session upstream headers: the JWT (renewed when near expiry) plus rewrite headers."""
+    """Per-session upstream headers: the JWT (renewed when near expiry) plus rewrite headers.
+
+    With ``cache`` (shared by the sessions of one gateway), a JWT signed for a user and
+    an app serves every session of that user with that app until shortly before it
+    expires, instead of one signature per session.  The key holds everything the claims
+    are made of (user, roles, traits, audience, claims mode, signing key).
+    """
 
     #: The cluster's JWT CA; ``None`` in a joined app service, which uses the
     #: JWT the proxy signed and sent with the request (``OFFERED_JWT``).
@@ -71,8 +88,12 @@ class UpstreamIdentity:
     username: str
     roles: Sequence[str]
     traits: Mapping[str, Sequence[str]]
+    cache: JWTCache | None = None
     _jwt: str = ""
     _expires: datetime | None = None
+    _renew_at: datetime | None = None
+    _encoded: list[tuple[bytes, bytes]] | None = None
+    _encoded_for: str = ""
 
     def jwt(self, now: datetime) -> str:
         if self.ca is None:
@@ -82,23 +103,61 @@ class UpstreamIdentity:
             if not self._jwt or self._expires is None or self._expires <= now:
                 raise UpstreamError("no valid upstream JWT: the proxy sent none with this request")
             return self._jwt
-        if not self._jwt or self._expires is None or self._expires - now < _JWT_RENEW_BEFORE:
-            self._jwt, self._expires = appjwt.sign(
-                self.ca,
-                username=self.username,
-                roles=self.roles,
-                traits=self.traits,
-                audience=self.app.spec.uri,
-                now=now,
-                claims_mode=self.app.spec.rewrite.jwt_claims,
-            )
+        renew_at = self._renew_at
+        if renew_at is None or now > renew_at or not self._jwt:
+            self._jwt, self._expires = self._sign(self.ca, now)
+            self._renew_at = self._expires - _JWT_RENEW_BEFORE
         return self._jwt
+
+    def _sign(self, ca: CertAuthority, now: datetime) -> tuple[str, datetime]:
+        cache = self.cache
+        key: tuple[Any, ...] = ()
+        if cache is not None:
+            spec = self.app.spec
+            key = (
+                ca.cluster_name,
+                ca.key_id,
+                self.username,
+                tuple(self.roles),
+                tuple(sorted((k, tuple(v)) for k, v in self.traits.items())),
+                spec.uri,
+                spec.rewrite.jwt_claims,
+            )
+            hit = cache.get(key)
+            # Renewed at the same margin as a session's own token.  A hit signed "later"
+            # than now (a clock that stepped back) is not trusted either.
+            if hit is not None and hit[1] - now >= _JWT_RENEW_BEFORE and hit[1] - now <= appjwt.MAX_TTL:
+                return hit
+        signed = appjwt.sign(
+            ca,
+            username=self.username,
+            roles=self.roles,
+            traits=self.traits,
+            audience=self.app.spec.uri,
+            now=now,
+            claims_mode=self.app.spec.rewrite.jwt_claims,
+        )
+        if cache is not None:
+            if len(cache) >= _JWT_CACHE_MAX:
+                cache.clear()
+            cache[key] = signed
+        return signed
 
     def headers(self, now: datetime) -> list[tuple[str, str]]:
         token = self.jwt(now)
         out = [(JWT_HEADER, token)]
         for h in self.app.spec.rewrite.headers:
             out.append((h.name, self._expand(h.value, token)))
+        return out
+
+    def encoded_headers(self, now: datetime) -> list[tuple[bytes, bytes]]:
+        """:meth:`headers`, encoded; the same list object for as long as the JWT stands
+        (callers may cache what they build from it by identity; they must not change it)."""
+        token = self.jwt(now)
+        out = self._encoded
+        if out is None or self._encoded_for != token:
+            out = self._encoded = [(n.encode(), v.encode()) for n, v in self.headers(now)]
+            self._encoded_for = token
         return out
 
     def _expand(self, value: str, token: str) -> str:

@@ -80,6 +80,7 @@ __all__ = [
     "CloseSession",
     "Command",
     "CompleteAudit",
+    "EventIds",
     "ForwardToUpstream",
     "Log",
     "RecordAudit",
@@ -189,8 +190,11 @@ class _EventIds:
 
     ``uuid.uuid4()`` reads the OS random source and builds a UUID object every
     time (several microseconds, measured).  Here 90 random bits are drawn once
-    per session (and again every 2**32 events) and a counter fills the low 32
-    bits.  Ids need to be unique, not unpredictable: they are not secrets.
+    per instance (and again every 2**32 events) and a counter fills the low 32
+    bits.  Ids need to be unique, not unpredictable: they are not secrets.  One
+    instance may serve many sessions fed from one thread (the MCP handler shares
+    one, which saves a random draw per session): their events' ids then ascend
+    together instead of starting from a random place per session.
     """
 
     __slots__ = ("_base", "_n")
@@ -214,6 +218,9 @@ class _EventIds:
         self._n = n + 1
         return "%032x" % (self._base + n)
 
+
+#: Public name for callers that share one id source between sessions.
+EventIds = _EventIds
 
 # ------------------------------------------------------- fast event building
 

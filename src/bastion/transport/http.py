@@ -82,6 +82,7 @@ __all__ = [
     "DEFAULT_MAX_BODY",
     "HTTPUpstreamPool",
     "PoolStats",
+    "PreparedHeaders",
     "UpstreamResponse",
     "UpstreamTimeoutError",
     "UpstreamUnreachableError",
@@ -118,6 +119,29 @@ class UpstreamUnreachableError(UpstreamError):
 
     http_status = 502
     code = "upstream_unreachable"
+
+
+class PreparedHeaders:
+    """Request headers checked and encoded once, for a caller that sends the same ones often.
+
+    The same rules as for a header list given to ``request`` (no Host, Content-Length,
+    Transfer-Encoding or Connection; no CR or LF): ValueError here, not per request.
+    """
+
+    __slots__ = ("block", "count")
+
+    def __init__(self, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        parts: list[bytes] = []
+        for name, value in headers:
+            if name.lower() in _RESERVED:
+                raise ValueError(f"header {name!r} is set by the pool, not the caller")
+            parts += (name, b": ", value, b"\r\n")
+        block = b"".join(parts)
+        if block.count(b"\n") != len(headers) or block.count(b"\r") != len(headers):
+            raise ValueError("CR or LF in a request header name or value")
+        #: The header lines, each ending in CRLF.
+        self.block = block
+        self.count = len(headers)
 
 
 class PoolStats:
@@ -215,6 +239,10 @@ class UpstreamResponse:
 
     async def aclose(self) -> None:
         """Release the response: if its body was not fully received, close its connection."""
+        self.close()
+
+    def close(self) -> None:
+        """:meth:`aclose`, for callers that cannot or need not await (nothing in it waits)."""
         conn = self._conn
         if conn is not None:
             self._conn = None
@@ -718,16 +746,16 @@ class HTTPUpstreamPool:
         self,
         method: str,
         target: str,
-        headers: Sequence[tuple[bytes, bytes]],
+        headers: Sequence[tuple[bytes, bytes]] | PreparedHeaders,
         body: bytes = b"",
     ) -> UpstreamResponse:
         """Send a request; return when the response status and headers have arrived.
 
-        ``target`` is the origin-form path and query (``/mcp?x=1``).  ``headers`` must not
-        contain Host, Content-Length, Transfer-Encoding or Connection, nor CR/LF anywhere
-        (ValueError).  The caller must read the body to its end (``read()``, or
-        ``iter_chunks()`` until exhausted) or ``aclose()`` the response: until then the
-        connection stays taken.
+        ``target`` is the origin-form path and query (``/mcp?x=1``).  ``headers`` (a list,
+        or :class:`PreparedHeaders`) must not contain Host, Content-Length,
+        Transfer-Encoding or Connection, nor CR/LF anywhere (ValueError).  The caller must
+        read the body to its end (``read()``, or ``iter_chunks()`` until exhausted) or
+        ``aclose()`` the response: until then the connection stays taken.
         """
         if self._closed:
             raise UpstreamUnreachableError(f"connection pool for upstream {self.origin} is closed")
@@ -785,7 +813,13 @@ class HTTPUpstreamPool:
 
     # -- internals --------------------------------------------------------------------
 
-    def _encode(self, method: str, target: str, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> bytes:
+    def _encode(
+        self,
+        method: str,
+        target: str,
+        headers: Sequence[tuple[bytes, bytes]] | PreparedHeaders,
+        body: bytes,
+    ) -> bytes:
         m = _METHODS.get(method)
         if m is None:
             if not method.isascii() or not method.isalpha() or not method.isupper():
@@ -794,6 +828,20 @@ class HTTPUpstreamPool:
         t = target.encode("ascii")  # UnicodeEncodeError is a ValueError: targets are pre-encoded
         if not (t[:1] == b"/" or t == b"*") or b" " in t:
             raise ValueError(f"invalid request target {target!r}")
+        if isinstance(headers, PreparedHeaders):
+            # Checked when prepared: only the target is left to check for CR/LF.
+            if b"\r" in t or b"\n" in t:
+                raise ValueError("CR or LF in a request header name, value or target")
+            if body or method not in _NO_BODY_METHODS:
+                return b"%s %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n%s\r\n%s" % (
+                    m,
+                    t,
+                    self._host_header,
+                    len(body),
+                    headers.block,
+                    body,
+                )
+            return b"%s %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (m, t, self._host_header, headers.block)
         parts = [m, b" ", t, b" HTTP/1.1\r\nHost: ", self._host_header, b"\r\n"]
         lines = 3 + len(headers)  # request line, Host, final blank line, one per header
         if body or method not in _NO_BODY_METHODS:
