@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -116,7 +116,7 @@ class Router:
 
     # --------------------------------------------------------------- route
 
-    async def serve(
+    def route(
         self,
         scope: Scope,
         receive: Receive,
@@ -125,16 +125,18 @@ class Router:
         name: str,
         sub: str,
         headers: dict[bytes, bytes],
-    ) -> bool:
-        """Carry the request; False when the app is unknown to (or hidden from) this actor."""
+    ) -> Awaitable[None] | None:
+        """What carries the request, to be awaited; None when the app is unknown to (or hidden
+        from) this actor.  For the in-process app service that is the app's own coroutine
+        (no frame of ours in between: this is the path of every MCP request)."""
         assert actor.checker is not None
         sid = headers.get(b"mcp-session-id", b"").decode("latin-1")
         if sid:
             t = self._by_session(sid, name)
             if t is None:
                 if not any(actor.checker.can_access_app(x.app) for x in self._targets(name)):
-                    return False
-                await _error(
+                    return None
+                return _error(
                     send,
                     404,
                     -32001,
@@ -142,17 +144,38 @@ class Router:
                     "start a new one with initialize",
                     "client",
                 )
-                return True
             if not actor.checker.can_access_app(t.app):
-                return False
+                return None
             targets = [t]
         else:
             targets = [t for t in self._targets(name) if actor.checker.can_access_app(t.app)]
             if not targets:
-                return False
+                return None
             if len(targets) > 1:
                 k = next(self._turn) % len(targets)
                 targets = targets[k:] + targets[:k]
+        first = targets[0]
+        if first.conn is None:
+            assert self.local is not None
+            # The scope is this request's own (the server makes one per request): no copy.
+            scope["bastion"] = {"actor": actor, "app": first.app, "subpath": sub, "headers": headers}
+            job: Awaitable[None] = self.local(scope, receive, send)
+            return job
+        return self._carry(scope, receive, send, actor, name, sub, headers, sid, targets)
+
+    async def _carry(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        actor: Actor,
+        name: str,
+        sub: str,
+        headers: dict[bytes, bytes],
+        sid: str,
+        targets: list[_Target],
+    ) -> None:
+        """Try ``targets`` in order (the first one is an app service over a tunnel)."""
         body: bytes | None = None
         for t in targets:
             if t.conn is None:
@@ -163,16 +186,16 @@ class Router:
                     await self.local(scope, _replay(body, receive), send)
                 else:
                     await self.local(scope, receive, send)
-                return True
+                return
             if body is None:
                 body = await _read_body(receive)
                 if body is None:
                     await _error(send, 413, -32600, f"request body larger than {_MAX_BODY} bytes", "client")
-                    return True
+                    return
             try:
                 stream = await t.conn.mux.open(self._header(scope, actor, t.app, sub))
                 await forward(stream, body, send, receive)
-                return True
+                return
             except (NotStarted, TunnelClosed) as e:
                 log.warning(
                     "app service did not take the request",
@@ -188,7 +211,6 @@ class Router:
             + ("; start a new session with initialize" if sid else "; try again"),
             "gateway",
         )
-        return True
 
     def _header(self, scope: Scope, actor: Actor, app: App, sub: str) -> dict[str, Any]:
         return {
