@@ -487,7 +487,9 @@ class MCPHandler:
     ) -> None:
         deadline = self.limits.response_timeout
         try:
-            first = await asyncio.wait_for(waiter.get(), deadline)
+            # asyncio.timeout, not wait_for: no task per wait (this is every stdio call).
+            async with asyncio.timeout(deadline):
+                first = await waiter.get()
         except TimeoutError:
             s.m.upstream_error("timeout")
             body = await self._fail_request(
@@ -513,7 +515,8 @@ class MCPHandler:
             await _sse_write(send, first, log.event_id(log.append(first)))
             while True:
                 try:
-                    item = await asyncio.wait_for(waiter.get(), deadline)
+                    async with asyncio.timeout(deadline):
+                        item = await waiter.get()
                 except TimeoutError:
                     item = None
                 if item is None:

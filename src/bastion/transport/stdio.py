@@ -256,6 +256,11 @@ class _WritePipe(asyncio.BaseProtocol):
                 waiter.set_result(None)
         self._waiters.clear()
 
+    @property
+    def ready(self) -> bool:
+        """Below the high-water mark and not lost: ``drain`` would return at once."""
+        return not self._paused and self._lost is None
+
     async def drain(self) -> None:
         """Return once the transport's buffer is below its high-water mark; raise if the pipe is gone."""
         while self._paused and self._lost is None:
@@ -399,9 +404,12 @@ class StdioUpstream:
         if self._proc.returncode is not None or self._stdin.is_closing():
             raise UpstreamClosedError(self._exit_text())
         self._stdin.writelines((raw, b"\n"))
+        proto = self._pipes.stdin_protocol
+        if proto.ready:
+            return  # below the high-water mark: nothing to wait for (the common case; no timer)
         try:
             async with asyncio.timeout(self._send_timeout):
-                await self._pipes.stdin_protocol.drain()
+                await proto.drain()
         except TimeoutError:
             raise UpstreamError(f"stdio server did not read its stdin for {self._send_timeout:g}s") from None
         except OSError:  # BrokenPipeError and friends: the server closed its stdin or exited
