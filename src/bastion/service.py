@@ -121,6 +121,7 @@ class Cluster:
         apps: AppServiceParts | None = None,
         *,
         audit: AuditLog | None = None,
+        audit_store: AuditStore | None = None,
         tunnels: TunnelServer | None = None,
         agent: Agent | None = None,
         diag: DiagServer | None = None,
@@ -131,6 +132,8 @@ class Cluster:
         self.proxy = proxy
         self.apps = apps
         self.audit = audit
+        #: The store under ``audit`` when this process opened it (closed after the log).
+        self.audit_store = audit_store
         self.tunnels = tunnels
         self.agent = agent
         self.diag = diag
@@ -146,13 +149,15 @@ class Cluster:
         backend = await open_backend(cfg.auth_service.backend, data_dir)
         apps: AppServiceParts | None = None
         audit: AuditLog | None = None
+        store: AuditStore | None = None
         tunnels: TunnelServer | None = None
         proxy: ProxyService | None = None
         diag: DiagServer | None = None
         local_tag = secrets.token_hex(4)
         try:
             auth = await AuthServer.open(backend, cfg.bastion.cluster_name, settings_from(cfg))
-            audit = AuditLog(await _open_audit_store(cfg))
+            store = await _open_audit_store(cfg)
+            audit = AuditLog(store)
             metrics.register_audit_queue(lambda: audit.queue_depth if audit is not None else 0)
             router: Router | None = None
 
@@ -229,9 +234,13 @@ class Cluster:
                 await apps.aclose()
             if audit is not None:
                 await audit.close()
+            if store is not None:
+                await store.close()
             await backend.close()
             raise
-        cluster = cls(cfg, backend, auth, proxy, apps, audit=audit, tunnels=tunnels, diag=diag)
+        cluster = cls(
+            cfg, backend, auth, proxy, apps, audit=audit, audit_store=store, tunnels=tunnels, diag=diag
+        )
         if proxy is not None:
             await backend.put(Item(PROXY_ADDR_KEY, cluster.proxy_addr.encode()))
         cluster._tasks.append(asyncio.create_task(cluster._housekeeping(), name="backend-housekeeping"))
@@ -386,6 +395,12 @@ class Cluster:
             await self.apps.aclose()
         if self.audit:
             await self.audit.close()
+        if self.audit_store is not None:
+            # Indexes what is journaled, then releases the audit log for the next process.
+            try:
+                await self.audit_store.close()
+            except BastionError as e:
+                log.error("audit store: %s", e.message)
         if self.agent:
             await self.agent.aclose()
         if self.backend:

@@ -87,6 +87,10 @@ async def test_calls_answered_before_a_crash_are_all_audited_once(tmp_path: Path
         node = start_node(tmp_path, extra_config=DEMO)
         assert not [n for n in left if (tmp_path / "data" / n).exists()]  # indexed at open
         assert calls_in_audit(node) == seen
+        # A clean stop indexes everything and leaves no journal behind.
+        stop_node(node)
+        assert not list((tmp_path / "data").glob("audit.journal.*"))
+        assert calls_in_audit(node) == seen
     finally:
         if node.proc.poll() is None:
             stop_node(node)
