@@ -59,12 +59,55 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class OneLineErrors(logging.Filter):
+    """For other libraries' loggers: an exception on the same line as the message, no traceback.
+
+    asyncpg's pool logs "Failed to restore the pool connection floor" with a whole
+    traceback each time the database is briefly away (an outage we report ourselves);
+    the type and text of the error say all an operator needs.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+class _Forward(logging.Handler):
+    """Hands records (once its filters passed them) to another handler."""
+
+    def __init__(self, target: logging.Handler) -> None:
+        super().__init__()
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.target.handle(record)
+
+
+#: Libraries whose warnings and errors go through our handler, on one line each.
+_THIRD_PARTY = ("asyncpg",)
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
     "warn": logging.WARNING,
     "error": logging.ERROR,
 }
+
+
+def _close_handlers(names: tuple[str, ...]) -> None:
+    """Close the handlers an earlier ``setup`` installed (a log file stays open otherwise)."""
+    seen: set[int] = set()
+    for name in names:
+        for h in logging.getLogger(name).handlers:
+            target = h.target if isinstance(h, _Forward) else h
+            if id(target) not in seen:  # closing a StreamHandler leaves its stream open
+                seen.add(id(target))
+                target.close()
 
 
 def setup(severity: str = "info", fmt: str = "text", output: str = "stderr") -> None:
@@ -76,8 +119,18 @@ def setup(severity: str = "info", fmt: str = "text", output: str = "stderr") -> 
     else:
         handler = logging.FileHandler(output)
     handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    _close_handlers(("bastion", "uvicorn.error", *_THIRD_PARTY))
     for name in ("bastion", "uvicorn.error"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(_LEVELS.get(severity, logging.INFO))
+        logger.propagate = False
+    # A filter on a handler (unlike one on a logger) also sees what child loggers
+    # ("asyncpg.pool") log; this one hands the shortened records to the same handler.
+    lib = _Forward(handler)
+    lib.addFilter(OneLineErrors())
+    for name in _THIRD_PARTY:
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [lib]
+        logger.setLevel(max(_LEVELS.get(severity, logging.INFO), logging.WARNING))
         logger.propagate = False
