@@ -1,4 +1,4 @@
-"""What the PostgreSQL stores share: safe names for a DSN, error mapping, migrations.
+"""What the PostgreSQL stores share: opening a migrated pool, safe names for a DSN, error mapping, migrations.
 
 Used by ``bastion.backend.postgres`` and ``bastion.audit.pg_store``.  What it
 must not do: put a DSN's password (or the DSN itself) in any message, let an
@@ -29,6 +29,7 @@ from bastion.metrics import backend_error
 
 __all__ = [
     "CONNECT_TIMEOUT",
+    "DRIVER_ERRORS",
     "MIGRATIONS_TABLE",
     "Migration",
     "UnreachableError",
@@ -36,6 +37,7 @@ __all__ = [
     "is_unreachable",
     "map_error",
     "migrate",
+    "open_pool",
     "scrub",
     "wait_event",
 ]
@@ -44,6 +46,15 @@ __all__ = [
 CONNECT_TIMEOUT: Final = 5.0
 #: The table recording applied migrations, shared by every component.
 MIGRATIONS_TABLE: Final = "bastion_schema_migrations"
+#: What the driver and the sockets under it raise.
+DRIVER_ERRORS: Final = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+    ValueError,
+)
 #: ``pg_advisory_xact_lock`` key serialising migrations ("bastion" in ASCII).
 MIGRATION_LOCK: Final = 0x62617374696F6E
 
@@ -205,6 +216,45 @@ async def migrate(
                 migration.description,
             )
     return newest
+
+
+async def open_pool(
+    dsn: str,
+    label: str,
+    *,
+    pool_size: int,
+    command_timeout: float,
+    server_settings: dict[str, str],
+    component: str,
+    migrations: Sequence[Migration],
+) -> asyncpg.Pool[asyncpg.Record]:
+    """A connection pool to ``dsn`` with ``component``'s schema migrated.
+
+    Failures are ``map_error``'s errors (no password in them); a pool whose
+    migration failed is terminated, not left open.
+    """
+    try:
+        pool: asyncpg.Pool[asyncpg.Record] = await asyncpg.create_pool(
+            dsn,
+            min_size=1,
+            max_size=max(1, pool_size),
+            timeout=CONNECT_TIMEOUT,
+            command_timeout=command_timeout,
+            server_settings=server_settings,
+        )
+    except DRIVER_ERRORS as exc:
+        # ``from None``: the driver's exception is summarised (without the
+        # password) in the message; chaining it could print more.
+        raise map_error(label, dsn, "connect", exc) from None
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn, component, migrations, label)
+    except BaseException as exc:
+        pool.terminate()
+        if isinstance(exc, DRIVER_ERRORS):
+            raise map_error(label, dsn, "migrate the schema", exc) from None
+        raise
+    return pool
 
 
 async def wait_event(event: asyncio.Event, seconds: float) -> bool:

@@ -39,12 +39,12 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 import asyncpg
 
 from bastion._pg import (
-    CONNECT_TIMEOUT,
+    DRIVER_ERRORS,
     Migration,
     UnreachableError,
     describe_dsn,
     map_error,
-    migrate,
+    open_pool,
 )
 from bastion.audit.events import AuditEvent
 from bastion.audit.store import AuditQuery, AuditStore, Completion, _clean, _merge, _micros, _row
@@ -104,15 +104,6 @@ _COMPLETE: Final = (
     " AS u (id, success, error, duration_ms) WHERE a.id = u.id"
 )
 
-#: What the driver and the sockets under it raise.
-_DRIVER_ERRORS: Final = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    OSError,
-    TimeoutError,
-    ValueError,
-)
 #: Columns of ``_row``'s tuple that are TEXT columns here (NUL not allowed).
 _TEXT_COLUMNS: Final = (0, 2, 3, 4, 5, 7)
 
@@ -132,30 +123,18 @@ class PostgresAuditStore:
     async def open(cls, dsn: str, *, pool_size: int = 4) -> PostgresAuditStore:
         """Connect to ``dsn`` (``postgresql://user:password@host:port/db``) and migrate."""
         label = f"postgres audit database {describe_dsn(dsn)}"
-        try:
-            pool: asyncpg.Pool[asyncpg.Record] = await asyncpg.create_pool(
-                dsn,
-                min_size=1,
-                max_size=max(1, pool_size),
-                timeout=CONNECT_TIMEOUT,
-                command_timeout=COMMAND_TIMEOUT,
-                # Plans made per statement: a cached generic plan picked while the table was
-                # small (or never analysed, where autovacuum is off) would scan the whole
-                # table for every completion by id.
-                server_settings={"application_name": "bastion-audit", "plan_cache_mode": "force_custom_plan"},
-            )
-        except _DRIVER_ERRORS as exc:
-            # ``from None``: the message summarises the driver's error without
-            # the password; chaining it could print more.
-            raise map_error(label, dsn, "connect", exc) from None
-        try:
-            async with pool.acquire() as conn:
-                await migrate(conn, COMPONENT, MIGRATIONS, label)
-        except BaseException as exc:
-            pool.terminate()
-            if isinstance(exc, _DRIVER_ERRORS):
-                raise map_error(label, dsn, "migrate the schema", exc) from None
-            raise
+        pool = await open_pool(
+            dsn,
+            label,
+            pool_size=pool_size,
+            command_timeout=COMMAND_TIMEOUT,
+            # Plans made per statement: a cached generic plan picked while the table was
+            # small (or never analysed, where autovacuum is off) would scan the whole
+            # table for every completion by id.
+            server_settings={"application_name": "bastion-audit", "plan_cache_mode": "force_custom_plan"},
+            component=COMPONENT,
+            migrations=MIGRATIONS,
+        )
         return cls(pool, dsn)
 
     @property
@@ -227,7 +206,7 @@ class PostgresAuditStore:
         try:
             async with asyncio.timeout(10):
                 await self._pool.close()  # waits for operations under way
-        except (TimeoutError, *_DRIVER_ERRORS):
+        except (TimeoutError, *DRIVER_ERRORS):
             self._pool.terminate()
 
     # -- plumbing ------------------------------------------------------------
@@ -248,7 +227,7 @@ class PostgresAuditStore:
                 async with self._pool.acquire() as conn:
                     acquired = True
                     return await operation(conn)
-            except _DRIVER_ERRORS as exc:
+            except DRIVER_ERRORS as exc:
                 error = self._error(action, exc)
                 if isinstance(error, UnreachableError):
                     # After a restart every pooled connection is dead.

@@ -50,11 +50,12 @@ import asyncpg
 
 from bastion._pg import (
     CONNECT_TIMEOUT,
+    DRIVER_ERRORS,
     Migration,
     UnreachableError,
     describe_dsn,
     map_error,
-    migrate,
+    open_pool,
     wait_event,
 )
 from bastion._time import Clock, SystemClock
@@ -125,16 +126,6 @@ _LOCK_WRITES: Final = "LOCK TABLE bastion_events IN EXCLUSIVE MODE"
 _SELECT_ITEM: Final = "SELECT key, value, revision, expires FROM bastion_kv"
 _LIVE: Final = "(expires IS NULL OR expires > $2)"
 
-#: What the driver and the sockets under it raise.
-_DRIVER_ERRORS: Final = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    OSError,
-    TimeoutError,
-    ValueError,
-)
-
 
 @dataclass(slots=True)
 class _Tx:
@@ -201,33 +192,21 @@ class PostgresBackend:
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
         label = f"postgres database {describe_dsn(dsn)}"
-        try:
-            pool: asyncpg.Pool[asyncpg.Record] = await asyncpg.create_pool(
-                dsn,
-                min_size=1,
-                max_size=max(1, pool_size),
-                timeout=CONNECT_TIMEOUT,
-                command_timeout=COMMAND_TIMEOUT,
-                server_settings={
-                    "application_name": APP_NAME,
-                    "lock_timeout": str(LOCK_TIMEOUT_S * 1000),
-                    # A client that vanishes mid-transaction must not hold the
-                    # write lock for ever.
-                    "idle_in_transaction_session_timeout": "60000",
-                },
-            )
-        except _DRIVER_ERRORS as exc:
-            # ``from None``: the driver's exception is summarised (without the
-            # password) in the message; chaining it could print more.
-            raise map_error(label, dsn, "connect", exc) from None
-        try:
-            async with pool.acquire() as conn:
-                await migrate(conn, COMPONENT, MIGRATIONS, label)
-        except BaseException as exc:
-            pool.terminate()
-            if isinstance(exc, _DRIVER_ERRORS):
-                raise map_error(label, dsn, "migrate the schema", exc) from None
-            raise
+        pool = await open_pool(
+            dsn,
+            label,
+            pool_size=pool_size,
+            command_timeout=COMMAND_TIMEOUT,
+            server_settings={
+                "application_name": APP_NAME,
+                "lock_timeout": str(LOCK_TIMEOUT_S * 1000),
+                # A client that vanishes mid-transaction must not hold the
+                # write lock for ever.
+                "idle_in_transaction_session_timeout": "60000",
+            },
+            component=COMPONENT,
+            migrations=MIGRATIONS,
+        )
         return cls(
             pool,
             dsn,
@@ -254,7 +233,7 @@ class PostgresBackend:
             # Graceful: waits for connections in use (a watcher's last query).
             async with asyncio.timeout(10):
                 await self._pool.close()
-        except (TimeoutError, *_DRIVER_ERRORS):
+        except (TimeoutError, *DRIVER_ERRORS):
             self._pool.terminate()
         self._notify()
 
@@ -555,7 +534,7 @@ class PostgresBackend:
                 async with self._pool.acquire() as conn:
                     acquired = True
                     return await query(conn)
-            except _DRIVER_ERRORS as exc:
+            except DRIVER_ERRORS as exc:
                 error = self._error(action, exc)
                 if isinstance(error, UnreachableError):
                     # After a restart every pooled connection is dead: have the
@@ -600,7 +579,7 @@ class PostgresBackend:
                             # Delivered to listeners when (and only if) this commits.
                             await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(tx.revision))
                         commit_sent = True
-            except _DRIVER_ERRORS as exc:
+            except DRIVER_ERRORS as exc:
                 error = self._error(action, exc)
                 if isinstance(error, UnreachableError):
                     await self._pool.expire_connections()
