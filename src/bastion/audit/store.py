@@ -75,9 +75,11 @@ starts again from its beginning instead of growing.
 
 What this store must not do: block the loop on anything but its own
 journal appends, let ``sqlite3`` exceptions escape, keep unbounded memory
-when the index cannot be written (past ``MAX_UNINDEXED`` items waiting,
-writes are refused: calls are refused rather than unaudited), or import
-anything above ``bastion.errors`` and ``bastion.audit.events``.
+(when more is written than the indexer keeps up with, writes wait for it past
+``INDEX_BEHIND`` items waiting; when the index cannot be written at all, past
+``MAX_UNINDEXED`` they are refused: calls are refused rather than
+unaudited), or import anything above ``bastion.errors`` and
+``bastion.audit.events``.
 """
 
 from __future__ import annotations
@@ -129,8 +131,11 @@ INDEX_ITEMS: Final = 2048
 INDEX_DELAY: Final = 0.1
 #: After a failed indexing, the next try (seconds).
 INDEX_RETRY: Final = 1.0
-#: Journaled items not yet indexed past which writes are refused (the index is
-#: failing: memory must stay bounded, and calls are refused rather than unaudited).
+#: Journaled items not yet indexed past which writes wait for the indexer to catch up
+#: (when more come in than it indexes: backpressure, not failure)...
+INDEX_BEHIND: Final = 8_192
+#: ...and past which writes are refused (the index is failing: memory must stay
+#: bounded, and calls are refused rather than unaudited).
 MAX_UNINDEXED: Final = 20_000
 #: Rows indexed between two checkpoints (about 10-20 MiB of WAL with this schema).
 CHECKPOINT_ROWS: Final = 8192
@@ -280,15 +285,18 @@ class SQLiteAuditStore:
 
     async def insert_many(self, events: Sequence[AuditEvent]) -> None:
         if events:
+            await self._keep_up()
             self._append("insert", events, ())
 
     async def complete_many(self, updates: Sequence[Completion]) -> None:
         if updates:
+            await self._keep_up()
             self._append("complete", (), updates)
 
     async def write_batch(self, events: Sequence[AuditEvent], updates: Sequence[Completion]) -> None:
         """``insert_many(events)`` then ``complete_many(updates)``, in one append."""
         if events or updates:
+            await self._keep_up()
             self._append("write", events, updates)
 
     async def search(self, query: AuditQuery) -> list[dict[str, Any]]:
@@ -363,6 +371,16 @@ class SQLiteAuditStore:
             os.close(self._lock_fd)  # releases the lock
 
     # -- writing -------------------------------------------------------------
+
+    async def _keep_up(self) -> None:
+        """Backpressure: while ``INDEX_BEHIND`` items or more wait for a working indexer,
+        writes wait for it to catch up (rather than memory growing, or calls being refused)."""
+        while (
+            self._indexer is not None
+            and not self._index_error
+            and len(self._rows) + len(self._updates) + self._indexing >= INDEX_BEHIND
+        ):
+            await asyncio.wait([self._indexer])
 
     def _append(self, action: str, events: Sequence[AuditEvent], updates: Sequence[Completion]) -> None:
         """Journal ``events`` and ``updates`` with one write; see the module doc."""

@@ -763,6 +763,28 @@ async def test_writes_are_refused_when_too_much_waits_to_be_indexed(
         await store.search(AuditQuery())
 
 
+async def test_a_slow_indexer_slows_writes_down_instead_of_failing_them(
+    store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "INDEX_ITEMS", 10)
+    monkeypatch.setattr(store_module, "INDEX_BEHIND", 50)
+    monkeypatch.setattr(store_module, "MAX_UNINDEXED", 100)
+    real = store_module._index_rows
+
+    def slow(*args: Any) -> str:
+        time.sleep(0.05)  # a slow disk, in the indexer's thread
+        return real(*args)
+
+    monkeypatch.setattr(store_module, "_index_rows", slow)
+    most = 0
+    for _ in range(40):
+        await store.insert_many([make_event() for _ in range(10)])  # faster than it indexes
+        most = max(most, len(store._rows) + len(store._updates) + store._indexing)
+    assert most <= 50 + 10
+    assert len(await everything(store)) == 400
+    assert await indexed(store, "SELECT count(*) FROM audit_events") == [(400,)]
+
+
 async def test_a_transaction_left_open_does_not_wedge_the_writer(store: SQLiteAuditStore) -> None:
     # As after a COMMIT that failed and a ROLLBACK that failed too.
     store._conn.execute("BEGIN")
