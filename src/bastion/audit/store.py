@@ -59,7 +59,8 @@ minus the callers alone; docs/benchmarks.md has the table)::
     two SQLite commits per batch, JSON rebuilt
       on completion (before 2026-11-22)                33.5         48.7
     one SQLite transaction per batch, on the loop      24.1         36.4
-    this version (journal, indexed in the background)   see docs/benchmarks.md
+      (again, same run as the line below)              25.2         37.6
+    this version (journal, indexed in the background)   19.0         20.4
 
 A SQLite transaction of a few rows costs far more per row than a large one
 (each commit writes every page it dirtied, whole, to the WAL: ~25 pages
