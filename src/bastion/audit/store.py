@@ -428,12 +428,7 @@ class SQLiteAuditStore:
             if r[0] not in pending:  # an id already journaled: the first one stays
                 pending[r[0]] = [*r, False]
         for outcome in outcomes:
-            row = pending.get(outcome[3])
-            if row is None:
-                self._updates.append(outcome)
-            else:
-                row[6], row[7], row[8] = outcome[0], outcome[1], outcome[2]
-                row[10] = True
+            _pend_outcome(pending, self._updates, outcome)
         if self._indexer is None:
             if len(pending) + len(self._updates) >= INDEX_ITEMS:
                 self._start_indexer()
@@ -539,6 +534,18 @@ class SQLiteAuditStore:
 
     def _closed_error(self) -> BackendError:
         return BackendError(f"audit database {self._path}: store is closed")
+
+
+def _pend_outcome(
+    rows: dict[str, list[Any]], updates: list[tuple[Any, ...]], outcome: tuple[Any, ...]
+) -> None:
+    """Merge ``outcome`` (success, error, duration_ms, id) into its not yet indexed row,
+    or keep it as an ``UPDATE`` for a row indexed already (or unknown)."""
+    row = rows.get(outcome[3])
+    if row is None:
+        updates.append(outcome)
+    else:
+        row[6], row[7], row[8], row[10] = outcome[0], outcome[1], outcome[2], True
 
 
 class _IndexFailed(Exception):
@@ -863,11 +870,7 @@ def _replay(conn: sqlite3.Connection, path: Path) -> int:
                 continue
         else:
             _, eid, success, error, duration = item
-            row = rows.get(eid)
-            if row is None:
-                updates.append((success, error, duration, eid))
-            else:
-                row[6], row[7], row[8], row[10] = success, error, duration, True
+            _pend_outcome(rows, updates, (success, error, duration, eid))
     try:
         warning = _index_rows(conn, path, list(rows.values()), updates, True)
     except sqlite3.Error as exc:

@@ -25,6 +25,15 @@ async def dsn() -> AsyncIterator[str]:
         yield database
 
 
+async def _spooling(proxy: TcpProxy, dsn: str, tmp_path: Path) -> SpoolingAuditStore:
+    return SpoolingAuditStore(
+        await PostgresAuditStore.open(proxy.dsn(dsn)),
+        tmp_path / "spool.db",
+        write_timeout=1.0,
+        retry_min=0.05,
+    )
+
+
 async def _until_drained(s: SpoolingAuditStore) -> None:
     async with asyncio.timeout(DEADLINE):
         await s.wait_drained()
@@ -32,12 +41,7 @@ async def _until_drained(s: SpoolingAuditStore) -> None:
 
 async def test_outage_spools_then_drains_once_in_order(dsn: str, tmp_path: Path) -> None:
     async with TcpProxy.for_dsn(dsn) as proxy:
-        s = SpoolingAuditStore(
-            await PostgresAuditStore.open(proxy.dsn(dsn)),
-            tmp_path / "spool.db",
-            write_timeout=1.0,
-            retry_min=0.05,
-        )
+        s = await _spooling(proxy, dsn, tmp_path)
         try:
             before = make_event()
             await s.insert_many([before])
@@ -90,12 +94,7 @@ async def test_backlog_survives_a_restart(dsn: str, tmp_path: Path) -> None:
 
 async def test_write_batch_is_one_transaction_here_or_in_the_spool(dsn: str, tmp_path: Path) -> None:
     async with TcpProxy.for_dsn(dsn) as proxy:
-        s = SpoolingAuditStore(
-            await PostgresAuditStore.open(proxy.dsn(dsn)),
-            tmp_path / "spool.db",
-            write_timeout=1.0,
-            retry_min=0.05,
-        )
+        s = await _spooling(proxy, dsn, tmp_path)
         try:
             first, second = make_event(), make_event()
             await s.insert_many([first])
