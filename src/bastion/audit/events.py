@@ -13,6 +13,11 @@ Types and codes (ours; the set follows Teleport's MCP session events)::
     mcp.session.notification     BMCP004I / BMCP004E
     mcp.session.listen_stream    BMCP005I / BMCP005E   (GET stream of streamable HTTP)
     mcp.session.invalid_request  BMCP006E              (not understood; refused)
+    user.login                   BAUTH001I / BAUTH001E (E: bad password, locked, throttled)
+    user.logout                  BAUTH002I             (a credential revoked)
+    host.join                    BHOST001I / BHOST001E (an app service joined, or was refused)
+    host.app_refused             BHOST002E             (a joined host advertised an app it may
+                                                        not serve; see bastion.tunnel.admission)
 
 This module must not do I/O.
 """
@@ -29,6 +34,10 @@ REQUEST = "mcp.session.request"
 NOTIFICATION = "mcp.session.notification"
 LISTEN_STREAM = "mcp.session.listen_stream"
 INVALID_REQUEST = "mcp.session.invalid_request"
+USER_LOGIN = "user.login"
+USER_LOGOUT = "user.logout"
+HOST_JOIN = "host.join"
+HOST_APP_REFUSED = "host.app_refused"
 
 _CODES = {
     SESSION_START: "BMCP001",
@@ -37,6 +46,10 @@ _CODES = {
     NOTIFICATION: "BMCP004",
     LISTEN_STREAM: "BMCP005",
     INVALID_REQUEST: "BMCP006",
+    USER_LOGIN: "BAUTH001",
+    USER_LOGOUT: "BAUTH002",
+    HOST_JOIN: "BHOST001",
+    HOST_APP_REFUSED: "BHOST002",
 }
 
 EVENT_TYPES = tuple(_CODES)

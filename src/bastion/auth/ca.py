@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from bastion.auth.scope import SCOPE_OID, HostScope
 from bastion.backend import Backend, Item
 from bastion.errors import AlreadyExistsError, NotFoundError
 
@@ -246,6 +247,8 @@ class HostIdentity:
     cluster_name: str
     hostname: str
     expires: datetime
+    #: What the host may serve (from its join token); empty = anything.
+    scope: HostScope = field(default_factory=HostScope)
 
 
 def issue_host_cert(
@@ -258,12 +261,15 @@ def issue_host_cert(
     now: datetime,
     ttl: timedelta,
     dns_names: list[str] | None = None,
+    scope: HostScope | None = None,
 ) -> bytes:
     """A host certificate for a public key the host made itself (its private key never travels).
 
     Subject: ``O=<cluster>, OU=<role>, CN=<host_id>`` and the host's name as
     ``pseudonym``; usable for TLS client and server
     authentication between cluster components only (mTLS over the tunnel).
+    A restricted ``scope`` (what the host may serve) goes into a non-critical
+    extension (``bastion.auth.scope.SCOPE_OID``), signed with the rest.
     """
     if role not in HOST_ROLES:
         raise ValueError(f"unknown host role {role!r}")
@@ -279,7 +285,7 @@ def issue_host_cert(
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
             sans.append(x509.DNSName(h))
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(
             x509.Name(
@@ -305,8 +311,11 @@ def issue_host_cert(
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_priv.public_key()), critical=False
         )
-        .sign(ca_priv, hashes.SHA256())
     )
+    if scope is not None and not scope.unrestricted:
+        oid = x509.ObjectIdentifier(SCOPE_OID)
+        builder = builder.add_extension(x509.UnrecognizedExtension(oid, scope.to_json()), critical=False)
+    cert = builder.sign(ca_priv, hashes.SHA256())
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
@@ -318,12 +327,19 @@ def host_identity(cert: x509.Certificate) -> HostIdentity:
         value = got[0].value if got else ""
         return value if isinstance(value, str) else value.decode()
 
+    try:
+        ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(SCOPE_OID)).value
+        assert isinstance(ext, x509.UnrecognizedExtension)
+        scope = HostScope.from_json(ext.value)
+    except x509.ExtensionNotFound:
+        scope = HostScope()
     return HostIdentity(
         host_id=attr(NameOID.COMMON_NAME),
         role=attr(NameOID.ORGANIZATIONAL_UNIT_NAME),
         cluster_name=attr(NameOID.ORGANIZATION_NAME),
         hostname=attr(NameOID.PSEUDONYM),
         expires=cert.not_valid_after_utc,
+        scope=scope,
     )
 
 

@@ -4,8 +4,10 @@ A credential is a compact JWT (EdDSA / Ed25519) with::
 
     iss  = cluster name          aud = "bastion:<cluster name>"   (bound to this cluster)
     sub  = user name             roles, traits (as issued; informational)
-    iat, nbf, exp                jti (unique id, for audit)
+    iat, nbf, exp                jti (unique id: audit, and revocation by ``bastion logout``)
     bst  = "user"                (credential kind, so other JWTs of ours never pass as one)
+    uid  = the user record's id  (a user deleted and re-created under the same name has
+                                  another id, so the old user's credentials do not pass)
 
 Authorisation always uses the user's *current* roles from the backend, so a
 role removed from a user takes effect at once; the claims only say who the
@@ -50,6 +52,8 @@ class Identity:
     expires: datetime
     issued_at: datetime
     token_id: str = field(default="")
+    #: The ``uid`` of the user record the credential was issued for ("" for older ones).
+    user_uid: str = ""
 
 
 def issue(
@@ -60,8 +64,9 @@ def issue(
     traits: Mapping[str, Sequence[str]],
     ttl: timedelta,
     now: datetime,
+    user_uid: str = "",
 ) -> tuple[str, Identity]:
-    """Sign a credential for ``username`` valid for ``ttl`` from ``now``."""
+    """Sign a credential for ``username`` (record ``user_uid``) valid for ``ttl`` from ``now``."""
     exp = now + ttl
     jti = secrets.token_hex(16)
     claims = {
@@ -76,6 +81,8 @@ def issue(
         "jti": jti,
         "bst": CREDENTIAL_KIND,
     }
+    if user_uid:
+        claims["uid"] = user_uid
     token = jwt.encode(claims, ca.private_key(), algorithm="EdDSA", headers={"kid": ca.key_id})
     ident = Identity(
         username=username,
@@ -85,6 +92,7 @@ def issue(
         expires=datetime.fromtimestamp(int(exp.timestamp()), UTC),
         issued_at=datetime.fromtimestamp(int(now.timestamp()), UTC),
         token_id=jti,
+        user_uid=user_uid,
     )
     return token, ident
 
@@ -162,4 +170,5 @@ class Verifier:
             expires=expires,
             issued_at=datetime.fromtimestamp(int(claims["iat"]), UTC),
             token_id=str(claims.get("jti", "")),
+            user_uid=str(claims.get("uid", "")),
         )

@@ -30,6 +30,8 @@ from bastion._time import Clock, SystemClock
 from bastion.auth import credentials, passwords
 from bastion.auth.ca import CertAuthority, HostIdentity, ensure_cas, issue_host_cert
 from bastion.auth.credentials import Identity, Verifier
+from bastion.auth.scope import HostScope
+from bastion.auth.throttle import Limits, LoginThrottle
 from bastion.backend import Backend, Item
 from bastion.errors import (
     AccessDeniedError,
@@ -52,6 +54,7 @@ from bastion.resources import (
     Token,
     User,
     UserSpec,
+    UserStatus,
     key_for,
     prefix_for,
 )
@@ -59,20 +62,38 @@ from bastion.resources.codec import format_pydantic_error
 
 ADMIN_NAME = "bastion-admin"
 _LOGIN_FAILED = "invalid user name or password"
-_LOCKED = "too many failed login attempts; wait a while, then try again"
 _CLUSTER_KEY = "/cluster/name"
 _TOKEN_HISTORY = timedelta(days=7)
+#: Revoked credentials kept per user before the list is folded into ``not_before``.
+_MAX_REVOKED = 256
+_HOSTNAME_MAX = 64
 
 
 def _token_history_key(token_id: str) -> str:
     return f"/token_history/{token_id}"
 
 
+class LoginRefusedError(AuthenticationError):
+    """A refused login.  ``reason`` (for the audit log): ``password``, ``second_factor``,
+    ``locked``, ``source_locked`` or ``throttled``; ``locked_now`` when this failure locked
+    the (source, user) pair."""
+
+    def __init__(self, message: str, reason: str, *, locked_now: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.locked_now = locked_now
+
+
 @dataclass(frozen=True)
 class AuthSettings:
     second_factor: Literal["off", "optional", "on"] = "optional"
+    #: Failures from one address for one user before that pair is locked (decision 0020).
     lockout_attempts: int = 5
     lockout_duration: timedelta = timedelta(minutes=20)
+    #: Failures from one address (any users) before the address is blocked.
+    source_lockout_attempts: int = 30
+    #: Failures for one user from all addresses before only known addresses may try.
+    user_throttle_attempts: int = 100
     invite_ttl: timedelta = timedelta(hours=1)
     default_session_ttl: timedelta = timedelta(hours=12)
     default_token_ttl: timedelta = timedelta(minutes=30)
@@ -172,6 +193,16 @@ class AuthServer:
         self.settings = settings
         self.clock = clock
         self.verifier = Verifier(cas["user"])
+        self.throttle = LoginThrottle(
+            backend,
+            Limits(
+                pair_attempts=settings.lockout_attempts,
+                source_attempts=settings.source_lockout_attempts,
+                user_attempts=settings.user_throttle_attempts,
+                duration=settings.lockout_duration,
+            ),
+            clock,
+        )
 
     @classmethod
     async def open(
@@ -229,6 +260,7 @@ class AuthServer:
             raise AuthenticationError(
                 f'user "{ident.username}" no longer exists; log in again with `bastion login`'
             ) from None
+        _check_not_revoked(ident, user.status)
         roles = await self._roles_of(user)
         return Actor(
             name=user.metadata.name,
@@ -258,16 +290,20 @@ class AuthServer:
         *,
         totp_code: str = "",
         ttl: timedelta | None = None,
+        source: str = "",
     ) -> tuple[str, Identity]:
         """Check the password (and TOTP) and issue a credential.
 
-        Unknown users, wrong passwords and locked accounts are told apart by
-        nobody: the first two give the same message after the same work, and
-        the failure counter is kept per *name*, known or not.
+        ``source`` is the client's address: failures are counted per (source,
+        user), per source and per user (``bastion.auth.throttle``, decision 0020),
+        so a stranger's bad passwords lock the stranger, not the user.  Unknown
+        users and wrong passwords give the same message after the same work, and
+        counters are kept per *name*, known or not.  Refusals raise
+        ``LoginRefusedError`` (an ``AuthenticationError``) with a reason.
         """
-        attempts_key = f"/login_attempts/{_sha256(username)}"
-        if await self._failed_attempts(attempts_key) >= self.settings.lockout_attempts:
-            raise AuthenticationError(_LOCKED)
+        verdict = await self.throttle.admit(username, source)
+        if verdict.reason:
+            raise LoginRefusedError(verdict.message, verdict.reason)
         try:
             user: User | None = await self._get_typed(User, "user", username)
         except (NotFoundError, pydantic.ValidationError):
@@ -275,8 +311,8 @@ class AuthServer:
         secret = await self._password_record(username) if user else {}
         ok = await asyncio.to_thread(passwords.verify_password, secret.get("hash"), password)
         if not ok or user is None:
-            await self._record_failure(attempts_key)
-            raise AuthenticationError(_LOGIN_FAILED)
+            locked = await self.throttle.failed(username, source)
+            raise LoginRefusedError(_LOGIN_FAILED, "password", locked_now=locked)
         totp_secret = secret.get("totp")
         if self.settings.second_factor == "on" and not totp_secret:
             raise AuthenticationError(
@@ -287,10 +323,9 @@ class AuthServer:
             if not totp_code:
                 raise SecondFactorRequiredError("a one-time code is required: pass it with --otp")
             if not passwords.verify_totp(totp_secret, totp_code, at=self.clock.now().timestamp()):
-                await self._record_failure(attempts_key)
-                raise AuthenticationError("invalid one-time code")
-        with contextlib.suppress(NotFoundError):
-            await self.backend.delete(attempts_key)
+                locked = await self.throttle.failed(username, source)
+                raise LoginRefusedError("invalid one-time code", "second_factor", locked_now=locked)
+        await self.throttle.succeeded(username, source)
         return await self._issue(user, ttl)
 
     async def _issue(self, user: User, ttl: timedelta | None) -> tuple[str, Identity]:
@@ -304,6 +339,7 @@ class AuthServer:
             traits=user.spec.traits,
             ttl=min(want, cap),
             now=self.clock.now(),
+            user_uid=user.status.uid,
         )
 
     async def sign(self, actor: Actor, username: str, ttl: timedelta) -> tuple[str, Identity]:
@@ -312,22 +348,34 @@ class AuthServer:
         user = await self._get_typed(User, "user", username)
         return await self._issue(user, ttl)
 
-    async def _failed_attempts(self, key: str) -> int:
-        try:
-            return int(orjson.loads((await self.backend.get(key)).value)["count"])
-        except NotFoundError:
-            return 0
+    async def revoke_credential(self, actor: Actor) -> datetime:
+        """Revoke the credential ``actor`` authenticated with (``bastion logout``); its expiry.
 
-    async def _record_failure(self, key: str) -> None:
-        # A lost increment under a race only delays a lock by one attempt.
-        count = await self._failed_attempts(key) + 1
-        await self.backend.put(
-            Item(
-                key,
-                orjson.dumps({"count": count}),
-                expires=self.clock.now() + self.settings.lockout_duration,
-            )
-        )
+        Recorded in the user's record (``status.revoked``: id -> expiry, dropped once
+        expired), which ``authenticate`` reads anyway: the check costs no extra read.
+        """
+        ident, name = actor.identity, actor.name
+        if ident is None or actor.user is None or not ident.token_id:
+            raise ValidationError("only a user credential can be revoked (log out with `bastion logout`)")
+        for _ in range(10):
+            user = await self._get_typed(User, "user", name)
+            st = user.status
+            if st.uid != ident.user_uid:
+                return ident.expires  # issued to an earlier user of that name: already dead
+            now = self.clock.now()
+            revoked = {k: v for k, v in st.revoked.items() if v > now}
+            revoked[ident.token_id] = ident.expires
+            not_before = st.not_before
+            if len(revoked) > _MAX_REVOKED:
+                # Fold the list: every credential of the user issued until now stops working.
+                revoked, not_before = {}, now.replace(microsecond=0) + timedelta(seconds=1)
+            status = st.model_copy(update={"revoked": revoked, "not_before": not_before})
+            try:
+                await self._write(user.model_copy(update={"status": status}), user.metadata.revision or 0)
+                return ident.expires
+            except ConflictError:
+                continue
+        raise ConflictError(f'user "{name}" is being changed by someone else; try logging out again')
 
     async def _password_record(self, username: str) -> dict[str, Any]:
         try:
@@ -385,12 +433,8 @@ class AuthServer:
         if totp_secret and self.settings.second_factor != "off":
             record["totp"] = totp_secret
         await self.backend.put(Item(f"/passwords/{username}", orjson.dumps(record)))
-        await self._clear_attempts(username)
+        await self.throttle.clear(username)
         return username
-
-    async def _clear_attempts(self, username: str) -> None:
-        with contextlib.suppress(NotFoundError):
-            await self.backend.delete(f"/login_attempts/{_sha256(username)}")
 
     # --------------------------------------------------------------- users
 
@@ -400,7 +444,11 @@ class AuthServer:
         actor.require("user", "create")
         user = self._build(
             User,
-            {"metadata": {"name": name}, "spec": {"roles": list(roles), "traits": _traits(traits)}},
+            {
+                "metadata": {"name": name},
+                "spec": {"roles": list(roles), "traits": _traits(traits)},
+                "status": {"uid": _new_uid()},
+            },
         )
         await self._check_roles_exist(user.spec.roles)
         await self._create(user)
@@ -437,14 +485,21 @@ class AuthServer:
         await self._get_typed(User, "user", name)
         with contextlib.suppress(NotFoundError):
             await self.backend.delete(f"/passwords/{name}")
-        await self._clear_attempts(name)
+        await self.throttle.clear(name)
         return await self._new_invite(name)
 
     # -------------------------------------------------------------- tokens
 
     async def add_token(
-        self, actor: Actor, roles: Sequence[str], ttl: timedelta | None = None
+        self,
+        actor: Actor,
+        roles: Sequence[str],
+        ttl: timedelta | None = None,
+        *,
+        apps: Sequence[str] = (),
+        labels: Mapping[str, Sequence[str]] | None = None,
     ) -> tuple[str, Token]:
+        """A single-use join token; ``apps``/``labels`` scope what its host may serve."""
         actor.require("token", "create")
         secret = secrets.token_hex(16)
         expires = self.clock.now() + (ttl or self.settings.default_token_ttl)
@@ -452,7 +507,12 @@ class AuthServer:
             Token,
             {
                 "metadata": {"name": token_id_for(secret), "expires": expires},
-                "spec": {"roles": list(roles), "secret_sha256": _sha256(secret)},
+                "spec": {
+                    "roles": list(roles),
+                    "secret_sha256": _sha256(secret),
+                    "apps": list(apps),
+                    "labels": {k: list(v) for k, v in (labels or {}).items()},
+                },
             },
         )
         created = await self._create(token)
@@ -469,7 +529,12 @@ class AuthServer:
         return secret, created
 
     async def consume_join_token(self, secret: str, role: str, *, used_by: str = "") -> Token:
-        """Use up a join token of type ``role``; a refusal says what was wrong with it."""
+        """Use up a join token of type ``role``; a refusal says what was wrong with it.
+
+        Of several joins racing with one token exactly one wins: the token's
+        history record is marked used with a compare-and-swap *before* the token
+        is deleted, so every loser can say by whom and when it was used.
+        """
         token_id = token_id_for(secret)
         try:
             item = await self.backend.get(key_for("token", token_id))
@@ -485,17 +550,27 @@ class AuthServer:
                 f"create one with `bastion tokens add --type={role}`"
             )
         try:
+            hist: Item | None = await self.backend.get(_token_history_key(token_id))
+        except NotFoundError:
+            hist = None  # a token from before histories were kept: the delete below decides
+        if hist is not None:
+            data = orjson.loads(hist.value)
+            if data.get("used_at"):
+                raise await self._token_refusal(token_id, role)
+            data.update(used_by=used_by or "?", used_at=self.clock.now().isoformat())
+            try:
+                await self.backend.update(
+                    Item(hist.key, orjson.dumps(data), expires=hist.expires), hist.revision
+                )
+            except (NotFoundError, ConflictError):
+                raise await self._token_refusal(token_id, role, raced=True) from None
+        try:
             await self.backend.delete(item.key, expected_revision=item.revision)
         except (NotFoundError, ConflictError):
-            raise await self._token_refusal(token_id, role) from None
-        with contextlib.suppress(NotFoundError):
-            hist = await self.backend.get(_token_history_key(token_id))
-            data = orjson.loads(hist.value)
-            data.update(used_by=used_by or "?", used_at=self.clock.now().isoformat())
-            await self.backend.put(Item(hist.key, orjson.dumps(data), expires=hist.expires))
+            raise await self._token_refusal(token_id, role, raced=True) from None
         return token
 
-    async def _token_refusal(self, token_id: str, role: str) -> AuthenticationError:
+    async def _token_refusal(self, token_id: str, role: str, *, raced: bool = False) -> AuthenticationError:
         hint = f"create a new one with `bastion tokens add --type={role}`"
         if token_id:
             with contextlib.suppress(NotFoundError):
@@ -505,7 +580,17 @@ class AuthServer:
                         f"join token {token_id} was already used (by {data.get('used_by')} at "
                         f"{data['used_at']}); join tokens are single-use: {hint}"
                     )
+                expires = datetime.fromisoformat(data["expires"])
+                if expires > self.clock.now():
+                    return AuthenticationError(
+                        f"join token {token_id} was deleted before it was used (`bastion tokens rm`): {hint}"
+                    )
                 return AuthenticationError(f"join token {token_id} expired at {data['expires']}: {hint}")
+            if raced:
+                return AuthenticationError(
+                    f"join token {token_id} was already used by another host joining at the same "
+                    f"moment; join tokens are single-use: {hint}"
+                )
         return AuthenticationError(f"the join token is not known to this cluster (mistyped?): {hint}")
 
     # -------------------------------------------------------- host identities
@@ -513,10 +598,16 @@ class AuthServer:
     async def join(
         self, secret: str, role: str, *, public_key_pem: bytes, hostname: str
     ) -> tuple[str, bytes]:
-        """Exchange a join token for a host certificate: ``(host_id, cert_pem)``."""
+        """Exchange a join token for a host certificate: ``(host_id, cert_pem)``.
+
+        The token's scope (apps, labels) goes into the certificate, so every
+        proxy enforces it on the host's heartbeats without a backend read.
+        """
         host_id = str(uuid.uuid4())
+        hostname = _safe_hostname(hostname)
         try:
-            cert = issue_host_cert(
+            # Validate the key before spending the token, so a bad request keeps it usable.
+            issue_host_cert(
                 self.cas["host"],
                 public_key_pem=public_key_pem,
                 host_id=host_id,
@@ -527,8 +618,17 @@ class AuthServer:
             )
         except ValueError as e:
             raise ValidationError(f"cannot issue a host certificate: {e}") from None
-        # Validate the key before spending the token, so a bad request keeps it usable.
-        await self.consume_join_token(secret, role, used_by=f"{hostname} ({host_id})")
+        token = await self.consume_join_token(secret, role, used_by=f"{hostname} ({host_id})")
+        cert = issue_host_cert(
+            self.cas["host"],
+            public_key_pem=public_key_pem,
+            host_id=host_id,
+            role=role,
+            hostname=hostname,
+            now=self.clock.now(),
+            ttl=self.settings.host_cert_ttl,
+            scope=HostScope.of(token.spec.apps, token.spec.labels),
+        )
         return host_id, cert
 
     def renew_host_cert(self, host: HostIdentity, public_key_pem: bytes) -> bytes:
@@ -542,6 +642,7 @@ class AuthServer:
                 hostname=host.hostname,
                 now=self.clock.now(),
                 ttl=self.settings.host_cert_ttl,
+                scope=host.scope,  # a renewal never widens what the host may serve
             )
         except ValueError as e:
             raise ValidationError(f"cannot renew the host certificate: {e}") from None
@@ -614,6 +715,8 @@ class AuthServer:
         assert isinstance(res, Role | User | Token) or res.kind == "app"
         if isinstance(res, User):
             await self._check_roles_exist(res.spec.roles)
+            # The status is the cluster's, never the file's: a new record gets a new id.
+            res = res.model_copy(update={"status": UserStatus(uid=_new_uid())})
         if not overwrite:
             actor.require(kind, "create")
             return await self._create(res)
@@ -622,6 +725,10 @@ class AuthServer:
             current = await self.backend.get(key_for(kind, res.metadata.name))
         except NotFoundError:
             return await self._create(res)
+        if isinstance(res, User):
+            stored = decode_resource(current)
+            if isinstance(stored, User):  # replacing a user keeps its id and revocations
+                res = res.model_copy(update={"status": stored.status})
         expected = res.metadata.revision or current.revision
         return await self._write(res, expected)
 
@@ -642,9 +749,10 @@ class AuthServer:
                 )
         await self.backend.delete(item.key, expected_revision=item.revision)
         if kind == "user":
-            for key in (f"/passwords/{name}", f"/login_attempts/{_sha256(name)}"):
-                with contextlib.suppress(NotFoundError):
-                    await self.backend.delete(key)
+            # Its credentials die with the record: they name its uid, which no new user gets.
+            with contextlib.suppress(NotFoundError):
+                await self.backend.delete(f"/passwords/{name}")
+            await self.throttle.clear(name)
 
     # ------------------------------------------------------------- helpers
 
@@ -701,6 +809,30 @@ class AuthServer:
                 f'{res.kind} "{meta.name}" was changed by someone else meanwhile; read it again and retry'
             ) from None
         return decode_resource(item)
+
+
+def _new_uid() -> str:
+    return uuid.uuid4().hex
+
+
+def _safe_hostname(name: str) -> str:
+    """A host's self-reported name, as shown in certificates and messages: bounded, no control
+    characters or spaces (it is client input)."""
+    kept = "".join(c for c in name if c.isalnum() or c in ".-_")[:_HOSTNAME_MAX]
+    return kept or "unknown"
+
+
+def _check_not_revoked(ident: Identity, status: UserStatus) -> None:
+    """Refuse a credential of an earlier user of the same name, or one revoked by logout."""
+    if ident.user_uid != status.uid:
+        raise AuthenticationError(
+            f'this credential was issued to an earlier user named "{ident.username}" (deleted since); '
+            "log in again with `bastion login`"
+        )
+    if ident.token_id in status.revoked or (status.not_before and ident.issued_at < status.not_before):
+        raise AuthenticationError(
+            "this credential was revoked (logged out); log in again with `bastion login`"
+        )
 
 
 def _traits(traits: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:

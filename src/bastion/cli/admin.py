@@ -13,6 +13,7 @@ from rich.table import Table
 
 from bastion._time import format_duration, parse_duration, utcnow
 from bastion.auth.ca import fingerprint
+from bastion.auth.scope import parse_label_scope
 from bastion.cli._common import (
     Admin,
     ConfigOpt,
@@ -185,6 +186,17 @@ def users_rm(
 def tokens_add(
     type_: Annotated[str, typer.Option("--type", help="What the token joins as: app.")],
     ttl: Annotated[str, typer.Option("--ttl", help="How long the token is valid (e.g. 30m, 1h).")] = "30m",
+    apps: Annotated[
+        str | None,
+        typer.Option("--apps", help="Only these apps (comma-separated names) may be served by the host."),
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            "--labels",
+            help="Only apps whose labels match may be served by the host (env=dev,team=a|b).",
+        ),
+    ] = None,
     fmt: Annotated[
         str,
         typer.Option("--format", help="guide (how to join, the default), text (the token alone) or json."),
@@ -201,9 +213,13 @@ def tokens_add(
         raise typer.BadParameter(str(e), param_hint="--ttl") from None
     if fmt not in ("guide", "text", "json"):
         raise typer.BadParameter("use guide, text or json", param_hint="--format")
+    try:
+        label_scope = parse_label_scope(labels or "")
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--labels") from None
 
     async def go(admin: Admin) -> None:
-        res = await admin.add_token(parse_list(type_), ttl_d)
+        res = await admin.add_token(parse_list(type_), ttl_d, apps=parse_list(apps), labels=label_scope)
         if fmt == "json":
             meta = res["resource"]["metadata"]
             out.print_json(
@@ -212,6 +228,8 @@ def tokens_add(
                         "token": res["token"],
                         "id": meta["name"],
                         "roles": res["resource"]["spec"]["roles"],
+                        "apps": res["resource"]["spec"].get("apps", []),
+                        "labels": res["resource"]["spec"].get("labels", {}),
                         "expires": meta["expires"],
                         "ca_pin": res.get("ca_pin", ""),
                     }
@@ -223,7 +241,7 @@ def tokens_add(
             meta = res["resource"]["metadata"]
             print(
                 f"""The join token: {res["token"]}
-It is single-use and expires at {meta["expires"]}.
+It is single-use and expires at {meta["expires"]}.{_scope_note(res["resource"]["spec"])}
 
 Start an app service on another host with this configuration (bastion start --config app.yaml):
 
@@ -245,6 +263,16 @@ The ca_pin lets the new host check it is joining this cluster, not an impostor."
             )
 
     run(with_admin(go, config=config, identity=identity, proxy=proxy, insecure=insecure))
+
+
+def _scope_note(spec: dict[str, Any]) -> str:
+    apps, labels = spec.get("apps") or [], spec.get("labels") or {}
+    if not apps and not labels:
+        return ""
+    parts = [f"apps {', '.join(apps)}"] if apps else []
+    if labels:
+        parts.append("labels " + ", ".join(f"{k}={'|'.join(v)}" for k, v in labels.items()))
+    return "\nThe host may serve only " + " with ".join(parts) + "; the proxy refuses any other app."
 
 
 @tokens_app.command("ls")

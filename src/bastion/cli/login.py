@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from bastion.cli._common import (
 )
 from bastion.client import profile as profiles
 from bastion.client.api import ApiClient, ProxyUnreachableError, fetch_ca_unverified
-from bastion.errors import AuthenticationError, SecondFactorRequiredError, ValidationError
+from bastion.errors import AuthenticationError, BastionError, SecondFactorRequiredError, ValidationError
 
 CAFingerprintOpt = Annotated[
     str | None,
@@ -190,13 +191,44 @@ def status(identity: IdentityOpt = None, proxy: ProxyOpt = None, insecure: Insec
     run(go())
 
 
-def logout(proxy: ProxyOpt = None) -> None:
-    """Remove the credential of the current (or the named) profile."""
-    prof = profiles.remove(proxy)
+def logout(proxy: ProxyOpt = None, insecure: InsecureOpt = False) -> None:
+    """Revoke the credential of the current (or the named) profile at the proxy, and remove it."""
+    prof = profiles.load_current(proxy)
     if prof is None:
         out.print("Not logged in.")
-    else:
-        out.print(f"Logged out {prof.user} from {prof.proxy}.")
+        return
+    problem = ""
+    if not prof.is_expired(utcnow()):
+        problem = _revoke(prof, insecure=insecure)
+    profiles.remove(prof.proxy)
+    if problem:
+        # The local copy is gone, but the credential would still work if someone copied it.
+        raise fail(
+            f"Removed the local credential of {prof.user}, but the proxy could not revoke it "
+            f"({problem}): it stays valid until {prof.expires}."
+        )
+    out.print(f"Logged out {prof.user} from {prof.proxy}.")
+
+
+def _revoke(prof: profiles.Profile, *, insecure: bool) -> str:
+    """Ask the proxy to revoke ``prof``'s credential; "" when done, else what went wrong."""
+
+    async def go() -> None:
+        client = ApiClient(
+            prof.proxy, ca_pem=prof.ca_pem or None, insecure=insecure or prof.insecure, token=prof.token
+        )
+        try:
+            await client.post("/v1/auth/logout", {})
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(go())
+    except AuthenticationError:
+        return ""  # the proxy no longer accepts it: nothing left to revoke
+    except BastionError as e:
+        return e.message
+    return ""
 
 
 def set_password(

@@ -169,8 +169,15 @@ class RemoteAdmin:
     async def reset_user(self, name: str) -> dict[str, Any]:
         return dict(await self.client.post(f"/v1/users/{name}/reset", {}))
 
-    async def add_token(self, roles: list[str], ttl: timedelta | None) -> dict[str, Any]:
-        body: dict[str, Any] = {"roles": roles}
+    async def add_token(
+        self,
+        roles: list[str],
+        ttl: timedelta | None,
+        *,
+        apps: list[str] | None = None,
+        labels: dict[str, list[str]] | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"roles": roles, "apps": apps or [], "labels": labels or {}}
         if ttl:
             body["ttl_seconds"] = ttl.total_seconds()
         return dict(await self.client.post("/v1/tokens", body))
@@ -179,6 +186,10 @@ class RemoteAdmin:
         return dict(
             await self.client.post("/v1/auth/sign", {"user": user, "ttl_seconds": ttl.total_seconds()})
         )
+
+    async def logout(self) -> dict[str, Any]:
+        """Revoke the credential this client presents."""
+        return dict(await self.client.post("/v1/auth/logout", {}))
 
     async def audit_search(self, params: dict[str, str]) -> list[dict[str, Any]]:
         return list(await self.client.request("GET", "/v1/audit/events", params=params))

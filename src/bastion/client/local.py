@@ -90,8 +90,15 @@ class LocalAdmin:
         inv = await self.auth.reset_user(self.actor, name)
         return {"user": inv.user, "code": inv.code, "expires": inv.expires.isoformat()}
 
-    async def add_token(self, roles: list[str], ttl: timedelta | None) -> dict[str, Any]:
-        secret, token = await self.auth.add_token(self.actor, roles, ttl)
+    async def add_token(
+        self,
+        roles: list[str],
+        ttl: timedelta | None,
+        *,
+        apps: list[str] | None = None,
+        labels: dict[str, list[str]] | None = None,
+    ) -> dict[str, Any]:
+        secret, token = await self.auth.add_token(self.actor, roles, ttl, apps=apps or (), labels=labels)
         from bastion.auth.ca import fingerprint
 
         return {

@@ -18,6 +18,7 @@ Routes (JSON in, JSON out; authenticated ones take ``Authorization: Bearer``):
     POST   /v1/users   PATCH /v1/users/{name}   POST /v1/users/{name}/reset [auth]
     POST   /v1/tokens                       new join token                  [auth]
     POST   /v1/auth/sign                    credential for a user           [auth]
+    POST   /v1/auth/logout                  revoke the credential used      [auth]
 
 Handlers parse and call ``AuthServer``; they decide nothing themselves.
 """
@@ -39,8 +40,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion import __version__
+from bastion.audit import identity_events
 from bastion.auth.ca import fingerprint
-from bastion.auth.server import Actor, AuthServer
+from bastion.auth.scope import parse_label_scope
+from bastion.auth.server import Actor, AuthServer, LoginRefusedError
 from bastion.errors import AuthenticationError, BastionError, ValidationError
 from bastion.log import request_id
 from bastion.proxy.errors import error_response
@@ -154,14 +157,48 @@ def build_webapi(
         await auth.backend.current_revision()
         return _json({"status": "ok"})
 
+    async def _audit(event: Any) -> None:
+        if audit is not None:
+            try:
+                await audit.record(event)
+            except BastionError as e:
+                log.warning("cannot audit", extra={"event": event.type, "error": e.message})
+
+    def _source(request: Request) -> str:
+        return request.client.host if request.client else ""
+
     async def login(request: Request) -> Response:
         data = await _body(request)
-        token, ident = await auth.login(
-            _str(data, "user"),
-            _str(data, "password"),
-            totp_code=_str(data, "otp", required=False),
-            ttl=_ttl(data),
-        )
+        user, source = _str(data, "user"), _source(request)
+        try:
+            token, ident = await auth.login(
+                user,
+                _str(data, "password"),
+                totp_code=_str(data, "otp", required=False),
+                ttl=_ttl(data),
+                source=source,
+            )
+        except LoginRefusedError as e:
+            # Refusals while locked are not audited one by one (a flood would fill the disk);
+            # the failures that led to the lock were.
+            if e.reason in ("password", "second_factor"):
+                log.warning(
+                    "login failed",
+                    extra={
+                        "user": user[:128],
+                        "remote": source,
+                        "reason": e.reason,
+                        "locked_now": e.locked_now,
+                    },
+                )
+                now = auth.clock.now()
+                await _audit(
+                    identity_events.login(
+                        now, auth.cluster_name, user, source, error=e.message, reason=e.reason
+                    )
+                )
+            raise
+        await _audit(identity_events.login(auth.clock.now(), auth.cluster_name, ident.username, source))
         log.info("user logged in", extra={"user": ident.username, "expires": ident.expires.isoformat()})
         return _json(
             {
@@ -252,7 +289,19 @@ def build_webapi(
     async def add_token(request: Request) -> Response:
         actor = await actor_of(request)
         data = await _body(request)
-        secret, token = await auth.add_token(actor, _strlist(data, "roles"), _ttl(data))
+        labels = data.get("labels", {})
+        if isinstance(labels, str):
+            try:
+                labels = parse_label_scope(labels)
+            except ValueError as e:
+                raise ValidationError(f'"labels": {e}') from None
+        secret, token = await auth.add_token(
+            actor,
+            _strlist(data, "roles"),
+            _ttl(data),
+            apps=_strlist(data, "apps"),
+            labels=_traitmap({"labels": labels}, "labels"),
+        )
         return _json(
             {
                 "token": secret,
@@ -268,11 +317,25 @@ def build_webapi(
         role = _str(data, "role")
         if role != "app":
             raise ValidationError(f'only app services join (role "app"), not "{role}"')
-        host_id, cert = await auth.join(
-            _str(data, "token"),
-            role,
-            public_key_pem=_str(data, "public_key").encode(),
-            hostname=_str(data, "hostname", required=False) or "unknown",
+        hostname = _str(data, "hostname", required=False)[:64] or "unknown"
+        try:
+            host_id, cert = await auth.join(
+                _str(data, "token"), role, public_key_pem=_str(data, "public_key").encode(), hostname=hostname
+            )
+        except AuthenticationError as e:
+            log.warning(
+                "host join refused",
+                extra={"hostname": hostname, "remote": _source(request), "error": e.message},
+            )
+            now = auth.clock.now()
+            await _audit(
+                identity_events.join(now, auth.cluster_name, hostname, _source(request), error=e.message)
+            )
+            raise
+        await _audit(
+            identity_events.join(
+                auth.clock.now(), auth.cluster_name, hostname, _source(request), host_id=host_id
+            )
         )
         log.info("host joined", extra={"host_id": host_id, "role": role})
         return _json(
@@ -291,6 +354,18 @@ def build_webapi(
         token, ident = await auth.sign(actor, _str(data, "user"), ttl)
         log.info("credential signed", extra={"by": actor.name, "for": ident.username})
         return _json({"token": token, "user": ident.username, "expires": ident.expires.isoformat()})
+
+    async def logout(request: Request) -> Response:
+        actor = await actor_of(request)
+        expires = await auth.revoke_credential(actor)
+        token_id = actor.identity.token_id if actor.identity else ""
+        await _audit(
+            identity_events.logout(
+                auth.clock.now(), auth.cluster_name, actor.name, _source(request), token_id
+            )
+        )
+        log.info("credential revoked", extra={"user": actor.name, "credential_id": token_id})
+        return _json({"revoked": token_id, "expires": expires.isoformat()})
 
     async def audit_events(request: Request) -> Response:
         actor = await actor_of(request)
@@ -328,6 +403,7 @@ def build_webapi(
         Route("/v1/users/{name}/reset", reset_user, methods=["POST"]),
         Route("/v1/tokens", add_token, methods=["POST"]),
         Route("/v1/auth/sign", sign, methods=["POST"]),
+        Route("/v1/auth/logout", logout, methods=["POST"]),
         Route("/v1/webapi/host/join", host_join, methods=["POST"]),
         Route("/v1/audit/events", audit_events),
         Route("/v1/mcp/apps", mcp_apps),

@@ -176,11 +176,25 @@ class UserSpec(_Frozen):
     traits: dict[str, list[str]] = Field(default_factory=dict)
 
 
+class UserStatus(_Frozen):
+    """Written by the cluster, never taken from a file (``create -f`` keeps the stored one)."""
+
+    #: Unique id of this user record, made when it is created.  Credentials name it, so a
+    #: user deleted and created again under the same name does not inherit old credentials.
+    uid: str = ""
+    #: Credentials revoked before they expire (``bastion logout``): credential id -> its expiry.
+    #: Entries are dropped once expired.
+    revoked: dict[str, datetime] = Field(default_factory=dict)
+    #: Credentials issued before this instant are refused (set when ``revoked`` would overflow).
+    not_before: datetime | None = None
+
+
 class User(_Frozen):
     kind: Literal["user"] = "user"
     version: Literal["v1"] = "v1"
     metadata: Metadata
     spec: UserSpec = Field(default_factory=UserSpec)
+    status: UserStatus = Field(default_factory=UserStatus)
 
 
 # --------------------------------------------------------------------- token
@@ -193,6 +207,30 @@ class TokenSpec(_Frozen):
     roles: list[str]
     #: SHA-256 (hex) of the secret.  The secret itself is never stored.
     secret_sha256: str = ""
+    #: What a host joined with it may serve: app names and an ``app_labels``-style selector
+    #: (both empty: any app).  Written into the host's certificate at join.
+    apps: list[str] = Field(default_factory=list)
+    labels: dict[str, LabelValues] = Field(default_factory=dict)
+
+    @field_validator("apps")
+    @classmethod
+    def _apps(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not NAME_RE.match(name):
+                raise ValueError(f'invalid app name "{name[:128]}"')
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _scope_labels(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for k, values in v.items():
+            if not LABEL_KEY_RE.match(k):
+                raise ValueError(f'invalid label key "{k[:128]}"')
+            if not values:
+                raise ValueError(f'label "{k}" needs at least one value')
+            for value in values:
+                check_regex_or_glob(value)
+        return v
 
     @field_validator("roles")
     @classmethod

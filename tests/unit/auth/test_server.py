@@ -7,6 +7,7 @@ import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pyotp
 import pytest
@@ -310,3 +311,114 @@ async def test_app_servers_expire(auth: AuthServer, clock: Clock) -> None:
         await auth.create_resource(ADMIN, {"kind": "app_server", "metadata": {"name": "x"}, "spec": {}})
     clock.t += timedelta(seconds=21)
     assert await auth.app_servers() == []
+
+
+async def test_concurrent_joins_one_wins_the_others_say_by_whom(auth: AuthServer) -> None:
+    from bastion.auth.ca import new_host_key
+
+    _, pub = new_host_key()
+    secret, _ = await auth.add_token(ADMIN, ["app"], timedelta(minutes=30))
+    results = await asyncio.gather(
+        *(auth.join(secret, "app", public_key_pem=pub, hostname=f"h{i}") for i in range(4)),
+        return_exceptions=True,
+    )
+    won = [r for r in results if not isinstance(r, BaseException)]
+    lost = [r for r in results if isinstance(r, BaseException)]
+    assert len(won) == 1 and len(lost) == 3
+    winner_id = won[0][0]
+    for e in lost:
+        assert isinstance(e, AuthenticationError)
+        assert "already used" in e.message and winner_id in e.message, e.message
+        assert "expired" not in e.message
+
+
+async def test_a_deleted_token_is_not_called_expired(auth: AuthServer) -> None:
+    secret, token = await auth.add_token(ADMIN, ["app"], timedelta(minutes=30))
+    await auth.delete_resource(ADMIN, "token", token.metadata.name)
+    with pytest.raises(AuthenticationError, match="was deleted before it was used"):
+        await auth.consume_join_token(secret, "app")
+
+
+async def test_scoped_token_goes_into_the_host_certificate(auth: AuthServer) -> None:
+    from cryptography import x509
+
+    from bastion.auth.ca import host_identity, new_host_key
+
+    _, pub = new_host_key()
+    secret, token = await auth.add_token(
+        ADMIN, ["app"], timedelta(minutes=30), apps=["a", "b"], labels={"env": ["dev"]}
+    )
+    assert token.spec.apps == ["a", "b"] and token.spec.labels == {"env": ["dev"]}
+    _, cert = await auth.join(secret, "app", public_key_pem=pub, hostname="h\n1 evil")
+    host = host_identity(x509.load_pem_x509_certificate(cert))
+    assert host.hostname == "h1evil"  # client input, bounded and cleaned
+    assert host.scope.apps == ("a", "b") and dict(host.scope.labels) == {"env": ("dev",)}
+    renewed = host_identity(x509.load_pem_x509_certificate(auth.renew_host_cert(host, pub)))
+    assert renewed.scope == host.scope
+    plain, _ = await auth.add_token(ADMIN, ["app"], timedelta(minutes=30))
+    _, cert = await auth.join(plain, "app", public_key_pem=pub, hostname="h2")
+    assert host_identity(x509.load_pem_x509_certificate(cert)).scope.unrestricted
+    with pytest.raises(ValidationError, match="invalid label key"):
+        await auth.add_token(ADMIN, ["app"], labels={"bad key!": ["x"]})
+
+
+async def test_logout_revokes_only_that_credential(auth: AuthServer, clock: Clock) -> None:
+    await _user(auth, "rita", ["mcp-user"])
+    first, _ = await auth.login("rita", PW)
+    second, _ = await auth.login("rita", PW)
+    actor = await auth.authenticate(first)
+    await auth.revoke_credential(actor)
+    with pytest.raises(AuthenticationError, match="revoked"):
+        await auth.authenticate(first)
+    assert (await auth.authenticate(second)).name == "rita"
+    # Entries are dropped once the credential they name has expired.
+    clock.t += timedelta(hours=13)
+    third, _ = await auth.login("rita", PW)
+    await auth.revoke_credential(await auth.authenticate(third))
+    user = await auth.get_resource(ADMIN, "user", "rita")
+    assert list(user.status.revoked) == [(await _ident(auth, third)).token_id]  # type: ignore[union-attr]
+
+
+async def _ident(auth: AuthServer, token: str) -> Any:
+    return auth.verifier.verify(token, auth.clock.now())
+
+
+async def test_deleted_and_recreated_user_does_not_inherit_credentials(auth: AuthServer) -> None:
+    await _user(auth, "sam", ["mcp-user"])
+    old, _ = await auth.login("sam", PW)
+    signed, _ = await auth.sign(ADMIN, "sam", timedelta(hours=1))
+    await auth.delete_resource(ADMIN, "user", "sam")
+    await _user(auth, "sam", ["mcp-user"])
+    for token in (old, signed):
+        with pytest.raises(AuthenticationError, match="earlier user"):
+            await auth.authenticate(token)
+    # A file re-creating the user cannot choose its id; overwriting keeps the stored one.
+    doc = {"kind": "user", "metadata": {"name": "sam"}, "spec": {"roles": ["mcp-user"]}}
+    stored = await auth.get_resource(ADMIN, "user", "sam")
+    kept = await auth.create_resource(ADMIN, {**doc, "status": {"uid": "forged"}}, overwrite=True)
+    assert kept.status.uid == stored.status.uid != "forged"  # type: ignore[union-attr]
+    new, _ = await auth.login("sam", PW)
+    assert (await auth.authenticate(new)).name == "sam"
+
+
+async def test_a_strangers_bad_passwords_do_not_lock_the_user(auth: AuthServer, clock: Clock) -> None:
+    await _user(auth, "tess", ["mcp-user"])
+    for _ in range(3):  # lockout_attempts=3 in this fixture
+        with pytest.raises(AuthenticationError, match="invalid user name or password"):
+            await auth.login("tess", "wrong password!", source="203.0.113.9")
+    with pytest.raises(AuthenticationError, match="from your address"):
+        await auth.login("tess", PW, source="203.0.113.9")
+    _, ident = await auth.login("tess", PW, source="198.51.100.7")
+    assert ident.username == "tess"
+
+
+async def test_parallel_guesses_cannot_overrun_the_pair_limit(auth: AuthServer) -> None:
+    from bastion.auth.server import LoginRefusedError
+
+    await _user(auth, "uma", ["mcp-user"])
+    results = await asyncio.gather(
+        *(auth.login("uma", f"wrong password {i}", source="203.0.113.9") for i in range(10)),
+        return_exceptions=True,
+    )
+    reasons = [r.reason for r in results if isinstance(r, LoginRefusedError)]
+    assert reasons.count("password") == 3 and reasons.count("locked") == 7

@@ -1,0 +1,70 @@
+"""Login throttling by source (decision 0020) over a real SQLite file, with a fake clock."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from bastion.auth.throttle import Limits, LoginThrottle
+from bastion.backend.sqlite import SQLiteBackend
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = datetime.now(UTC)
+
+    def now(self) -> datetime:
+        return self.t
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def throttle(tmp_path: Path, clock: Clock) -> AsyncIterator[LoginThrottle]:
+    backend = await SQLiteBackend.open(tmp_path / "backend.db", clock=clock)
+    try:
+        yield LoginThrottle(backend, Limits(pair_attempts=3, source_attempts=5, user_attempts=8), clock)
+    finally:
+        await backend.close()
+
+
+async def _fail(t: LoginThrottle, name: str, source: str) -> str:
+    verdict = await t.admit(name, source)
+    if not verdict.reason:
+        await t.failed(name, source)
+    return verdict.reason
+
+
+async def test_pair_lock_expires(throttle: LoginThrottle, clock: Clock) -> None:
+    assert [await _fail(throttle, "u", "s1") for _ in range(4)] == ["", "", "", "locked"]
+    clock.t += timedelta(minutes=21)
+    assert (await throttle.admit("u", "s1")).reason == ""
+
+
+async def test_spraying_from_one_source_blocks_the_source(throttle: LoginThrottle) -> None:
+    for i in range(5):
+        assert await _fail(throttle, f"user{i}", "s1") == ""
+    assert (await throttle.admit("someone-else", "s1")).reason == "source_locked"
+    assert (await throttle.admit("someone-else", "s2")).reason == ""
+
+
+async def test_distributed_guessing_leaves_known_sources_working(throttle: LoginThrottle) -> None:
+    await throttle.admit("u", "home")
+    await throttle.succeeded("u", "home")
+    for i in range(8):  # one failure from each of many addresses
+        assert await _fail(throttle, "u", f"bot{i}") == ""
+    assert (await throttle.admit("u", "bot-new")).reason == "throttled"
+    assert (await throttle.admit("u", "home")).reason == ""  # the user's own address
+
+
+async def test_clear_forgets_a_users_counters(throttle: LoginThrottle) -> None:
+    for _ in range(3):
+        await _fail(throttle, "u", "s1")
+    await throttle.clear("u")
+    assert (await throttle.admit("u", "s1")).reason == ""
