@@ -186,6 +186,7 @@ class Cluster:
                     data_dir=data_dir,
                     proxy_addr=lambda: advertised[0] if advertised else "",
                     on_change=changed,
+                    local_static=apps.registry.static_apps if apps else dict,
                 )
                 await tunnels.start()
                 tunnel_public = _tunnel_public(cfg, t_host, tunnels.port)

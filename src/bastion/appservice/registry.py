@@ -40,6 +40,10 @@ class AppRegistry:
     def is_static(self, name: str) -> bool:
         return name in self._static
 
+    def static_apps(self) -> dict[str, App]:
+        """The static apps (config file, demo) by name: the names this host's operator owns."""
+        return dict(self._static)
+
     def dynamic_names(self) -> list[str]:
         return list(self._dynamic)
 

@@ -336,6 +336,7 @@ class Agent:
         first = True
         now = asyncio.Event()
         self._beat_now.add(now)
+        told: dict[str, str] = {}
         try:
             while True:
                 try:
@@ -343,6 +344,7 @@ class Agent:
                     if first:
                         self.connected.set()
                         first = False
+                    told = _report_refused(reply.get("refused", ()), told)
                     # Every live proxy must be able to carry any session: connect to all.
                     for addr in reply.get("proxies", ()):
                         self._dial(str(addr))
@@ -473,6 +475,18 @@ class Agent:
         save_creds(self.data_dir, creds)
         self.creds = creds
         log.info("host certificate renewed", extra={"expires": ident.expires.isoformat()})
+
+
+def _report_refused(refused: Any, told: dict[str, str]) -> dict[str, str]:
+    """Log (once per app and reason) the apps the cluster refused to route to this host."""
+    now: dict[str, str] = {}
+    for r in refused if isinstance(refused, list) else ():
+        if isinstance(r, dict):
+            app, reason = str(r.get("app", ""))[:128], str(r.get("reason", ""))[:512]
+            now[app] = reason
+            if told.get(app) != reason:
+                log.warning("the cluster refused an app of this host", extra={"app": app, "reason": reason})
+    return now
 
 
 # ----------------------------------------------------- what goes through it

@@ -15,7 +15,10 @@ and the app service opens streams for its calls to the cluster:
     renew           a new host certificate for a new public key
 
 An app service only ever reaches app resources, its own heartbeat and the
-audit log through here; it never sees users, roles, keys or tokens.
+audit log through here; it never sees users, roles, keys or tokens.  A host
+joined with a scoped token sees only the app resources inside its scope, and
+what it advertises passes ``bastion.tunnel.admission`` (an app name is one
+app) before any session is routed to it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -37,12 +40,14 @@ from cryptography import x509
 
 from bastion import __version__
 from bastion._listen import bind_tcp
+from bastion.audit import identity_events
 from bastion.audit.emitter import AuditLog
 from bastion.auth.ca import HostIdentity, host_identity, issue_host_cert, new_host_key
-from bastion.auth.server import AuthServer
+from bastion.auth.server import AuthServer, decode_resource
+from bastion.backend import Event, EventType, Item
 from bastion.errors import BastionError, ConfigError, ValidationError, WatchExpiredError
 from bastion.resources import App, AppServer, AppServerSpec, Metadata
-from bastion.tunnel import wire
+from bastion.tunnel import admission, wire
 from bastion.tunnel.mux import Mux, Stream, StreamReset, TunnelClosed
 
 log = logging.getLogger("bastion.tunnel")
@@ -70,6 +75,8 @@ class AgentConn:
     connected_at: float = field(default_factory=time.monotonic)
     #: Set once the first heartbeat told us what it serves.
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Apps of its last heartbeat that were refused: name -> definition digest (alarm once).
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 class TunnelServer:
@@ -83,8 +90,11 @@ class TunnelServer:
         data_dir: Path,
         proxy_addr: Callable[[], str],
         on_change: Callable[[], None] | None = None,
+        local_static: Callable[[], Mapping[str, App]] = dict,
     ) -> None:
         self.auth = auth
+        #: The static apps of this node's own app service (they own their names).
+        self.local_static = local_static
         self.audit = audit
         self.host = host
         self._want_port = port
@@ -233,7 +243,7 @@ class TunnelServer:
             stream.reset(f"unexpected stream kind {h.get('kind')!r}")
             return
         if method == "apps.watch":
-            await self._watch(stream, int(h.get("revision", 0)))
+            await self._watch(conn, stream, int(h.get("revision", 0)))
             return
         body = await _read_all(stream)
         try:
@@ -251,7 +261,7 @@ class TunnelServer:
 
     async def _call(self, conn: AgentConn, method: str, args: dict[str, Any]) -> Any:
         if method == "heartbeat":
-            apps = {a.metadata.name: a for a in (wire.app_from_wire(d) for d in args.get("apps", ()))}
+            apps, refused = await self._admit(conn, [wire.app_from_wire(d) for d in args.get("apps", ())])
             conn.apps = apps
             first = not conn.ready.is_set()
             conn.ready.set()
@@ -280,12 +290,13 @@ class TunnelServer:
                 "proxy_version": __version__,
                 "cluster_name": self.auth.cluster_name,
                 "proxies": await self.auth.proxies(),
+                "refused": [{"app": r.app, "reason": r.reason} for r in refused],
             }
         if method == "revision":
             return {"revision": await self.auth.backend.current_revision()}
         if method == "apps.list":
             items = await self.auth.backend.list("/apps/")
-            return {"items": [wire.item_to_wire(i) for i in items]}
+            return {"items": [wire.item_to_wire(i) for i in items if self._in_scope(conn, i)]}
         if method == "audit.insert":
             if self.audit is None:
                 raise ValidationError("this proxy keeps no audit log")
@@ -305,10 +316,13 @@ class TunnelServer:
             return {"cert": cert.decode()}
         raise ValidationError(f"unknown tunnel call {method!r}")
 
-    async def _watch(self, stream: Stream, revision: int) -> None:
+    async def _watch(self, conn: AgentConn, stream: Stream, revision: int) -> None:
         try:
             async for ev in self.auth.backend.watch(revision):
                 if ev.item.key.startswith("/apps/"):
+                    if ev.type == EventType.PUT and not self._in_scope(conn, ev.item):
+                        # Moved out of (or created outside) the host's scope: for it, gone.
+                        ev = Event(EventType.DELETE, Item(ev.item.key, b"", ev.item.revision))
                     await stream.send(orjson.dumps(wire.event_of_item_to_wire(ev)) + b"\n")
         except WatchExpiredError:
             stream.reset("watch expired: list again")
@@ -316,6 +330,66 @@ class TunnelServer:
             stream.reset(f"watch failed: {e.message}")
         except (StreamReset, TunnelClosed):
             pass
+
+    # ------------------------------------------------------------ admission
+
+    def _in_scope(self, conn: AgentConn, item: Item) -> bool:
+        """Whether a scoped host may see an app resource (unscoped hosts see all)."""
+        scope = conn.host.scope
+        if scope.unrestricted:
+            return True
+        try:
+            app = decode_resource(item)
+        except (ValueError, KeyError):
+            return False
+        return isinstance(app, App) and not scope.refusal(app)
+
+    async def _admit(
+        self, conn: AgentConn, advertised: list[App]
+    ) -> tuple[dict[str, App], list[admission.Refusal]]:
+        """Apply ``bastion.tunnel.admission`` to a heartbeat; alarm once per refused definition."""
+        resources: dict[str, App] = {}
+        for item in await self.auth.backend.list("/apps/"):
+            with contextlib.suppress(ValueError, KeyError):
+                res = decode_resource(item)
+                if isinstance(res, App):
+                    resources[res.metadata.name] = res
+        others: dict[str, App] = {}
+        for c in sorted(self.conns.values(), key=lambda c: c.connected_at):
+            if c is not conn and not c.mux.closed:
+                for name, app in c.apps.items():
+                    others.setdefault(name, app)
+        known = admission.Authorities(dict(self.local_static()), resources, others)
+        accepted, refused = admission.admit(advertised, conn.host.scope, known)
+        now_refused = {r.app: r.digest for r in refused if r.alarm}
+        for r in refused:
+            if not r.alarm or conn.refused.get(r.app) == r.digest:
+                continue
+            log.warning(
+                "app of a joined host refused",
+                extra={
+                    "host_id": conn.host.host_id,
+                    "hostname": conn.host.hostname,
+                    "app": r.app,
+                    "reason": r.reason,
+                },
+            )
+            if self.audit is not None:
+                event = identity_events.app_refused(
+                    self.auth.clock.now(),
+                    self.auth.cluster_name,
+                    r.app,
+                    r.reason,
+                    host_id=conn.host.host_id,
+                    hostname=conn.host.hostname,
+                    remote_addr=conn.peer,
+                )
+                try:
+                    await self.audit.record(event)
+                except BastionError as e:
+                    log.warning("cannot audit a refused app", extra={"error": e.message})
+        conn.refused = now_refused
+        return accepted, refused
 
 
 async def _read_all(stream: Stream) -> bytes:

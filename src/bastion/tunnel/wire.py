@@ -28,7 +28,8 @@ def actor_to_wire(actor: Actor) -> dict[str, Any]:
     ident = actor.identity
     return {
         "name": actor.name,
-        "user": actor.user.model_dump(mode="json"),
+        # The status (record id, revocations) is the proxy's business; it never crosses.
+        "user": actor.user.model_dump(mode="json", exclude={"status"}),
         "roles": [r.model_dump(mode="json") for r in actor.roles],
         "policy_key": list(actor.policy_key),
         "identity": {
@@ -123,7 +124,9 @@ def event_of_item_from_wire(doc: dict[str, Any]) -> Event:
 
 
 def app_to_wire(app: App) -> dict[str, Any]:
-    return app.model_dump(mode="json", exclude={"metadata": {"revision"}})
+    """An app as a heartbeat carries it; the revision of a dynamic app lets the proxy tell a
+    host catching up with an update from one serving another definition."""
+    return app.model_dump(mode="json")
 
 
 def app_from_wire(doc: dict[str, Any]) -> App:
