@@ -5,8 +5,11 @@ Listens on 127.0.0.1 only.  Every request to ``/`` or ``/mcp`` is carried to
 login profile (re-read when it changes, so a new ``bastion login`` applies
 without a restart), over one keep-alive pool that trusts the pinned cluster
 CA.  Bodies and SSE streams are passed through as they arrive.  Browser
-requests from other origins are refused (403): a local listener is exactly
-what DNS-rebinding attacks aim at.
+requests from any origin but this listener's own (``http://`` + ``localhost``,
+``127.0.0.1`` or ``[::1]`` + its port) are refused (403): another local web
+server's page (``http://localhost:8080``) or a DNS-rebinding page must not
+borrow the user's credential.  Requests without ``Origin`` (MCP clients that
+are not browsers) are served.
 """
 
 from __future__ import annotations
@@ -97,7 +100,6 @@ class LocalMCPProxy:
             response_timeout=600.0,
         )
         self.target = f"/mcp/apps/{app_name}"
-        self.allowed_origins = {f"http://127.0.0.1:{port}", f"http://localhost:{port}"}
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -114,11 +116,10 @@ class LocalMCPProxy:
             lk = k.lower()
             if lk == b"origin":
                 origin = v.decode("latin-1")
-                if origin not in self.allowed_origins and urlsplit(origin).hostname not in (
-                    "localhost",
-                    "127.0.0.1",
-                ):
-                    await _error(send, 403, f"origin {origin!r} is not allowed")
+                if not own_origin(origin, self.port):
+                    shown = origin[:200]
+                    log.warning("request from a foreign origin refused", extra={"origin": shown})
+                    await _error(send, 403, f"origin {shown!r} is not allowed (only this proxy's own)")
                     return
             elif lk in _PASS:
                 headers.append((lk, v))
@@ -157,6 +158,28 @@ class LocalMCPProxy:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await resp.aclose()
+
+
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def own_origin(origin: str, port: int) -> bool:
+    """Whether ``origin`` is this listener's own: ``http``, a loopback spelling, exactly ``port``."""
+    try:
+        parts = urlsplit(origin)
+        origin_port = parts.port
+    except ValueError:
+        return False
+    return (
+        parts.scheme == "http"
+        and (parts.hostname or "") in _LOOPBACK_NAMES
+        and origin_port == port
+        and not parts.username
+        and not parts.password
+        and parts.path in ("", "/")
+        and not parts.query
+        and not parts.fragment
+    )
 
 
 async def _error(send: Send, status: int, message: str) -> None:
