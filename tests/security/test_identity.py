@@ -1,0 +1,151 @@
+"""Credentials and logins against a real node: logout revokes, a re-created user inherits nothing,
+strangers cannot lock a user out, and `bastion proxy mcp` serves only its own origin."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.integration.conftest import Node, start_node, stop_node
+from tests.integration.test_cluster import PW, _user
+from tests.integration.test_data_path import local_proxy
+
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"},
+    },
+}
+MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    n = start_node(
+        tmp_path_factory.mktemp("identity"),
+        extra_config="app_service:\n  enabled: true\n  demo_server: true\n",
+    )
+    try:
+        yield n
+    finally:
+        stop_node(n)
+
+
+def _ca(node: Node) -> ssl.SSLContext:
+    return ssl.create_default_context(cadata=node.cli("auth", "export", "--type=tls", local=True).stdout)
+
+
+def _client(node: Node, **kw: Any) -> httpx.Client:
+    return httpx.Client(base_url=f"https://{node.addr}", verify=_ca(node), timeout=30, **kw)
+
+
+def _status(node: Node, token: str) -> tuple[int, int]:
+    """(whoami, MCP initialize) status codes for a bearer token."""
+    auth = {"Authorization": f"Bearer {token}"}
+    with _client(node) as c:
+        who = c.get("/v1/whoami", headers=auth).status_code
+        mcp = c.post("/mcp/apps/bastion-demo", json=INIT, headers={**auth, **MCP_HEADERS}).status_code
+    return who, mcp
+
+
+def _until(what: str, check: Callable[[], bool], deadline: float = 10.0) -> None:
+    """Poll ``check`` until it holds (the proxy caches actors ~2 s)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if check():
+            return
+    raise AssertionError(f"{what}: not within {deadline}s")
+
+
+def _profile_token(home: Path) -> str:
+    profile = next((home / "profiles").iterdir())
+    return str(yaml.safe_load(profile.read_text())["token"])
+
+
+def _audit(node: Node, event_type: str) -> list[dict[str, Any]]:
+    out = node.cli("audit", "search", f"--type={event_type}", "--format=json", local=True).stdout
+    return list(json.loads(out))
+
+
+def test_logout_revokes_the_credential(node: Node, tmp_path: Path) -> None:
+    home, other = tmp_path / "dave", tmp_path / "dave-laptop"
+    _user(node, "dave", "mcp-user", home)
+    fp = node.cli("auth", "export", "--type=tls", "--fingerprint", local=True).stdout.strip()
+    login = ["login", f"--proxy={node.addr}", "--user=dave", "--password-stdin", f"--ca-fingerprint={fp}"]
+    node.cli(*login, input=PW + "\n", home=other)
+    old, kept = _profile_token(home), _profile_token(other)
+    assert _status(node, old) == (200, 200)
+    out = node.cli("logout", home=home).stdout
+    assert "Logged out dave" in out
+    _until("the logged-out credential is refused", lambda: _status(node, old) == (401, 401))
+    with _client(node) as c:
+        r = c.get("/v1/whoami", headers={"Authorization": f"Bearer {old}"})
+    assert "revoked" in r.json()["error"]["message"]
+    assert _status(node, kept) == (200, 200)  # another login of the same user is untouched
+    assert any(e["user"] == "dave" for e in _audit(node, "user.logout"))
+
+
+def test_a_recreated_user_does_not_inherit_credentials(node: Node) -> None:
+    node.cli("users", "add", "erin", "--roles=mcp-user", local=True)
+    old = node.cli("auth", "sign", "--user=erin", "--format=token", local=True).stdout.strip()
+    assert _status(node, old) == (200, 200)
+    node.cli("users", "rm", "erin", local=True)
+    node.cli("users", "add", "erin", "--roles=mcp-user", local=True)
+    _until("the old user's credential is refused", lambda: _status(node, old) == (401, 401))
+    with _client(node) as c:
+        r = c.get("/v1/whoami", headers={"Authorization": f"Bearer {old}"})
+    assert "earlier user" in r.json()["error"]["message"]
+    new = node.cli("auth", "sign", "--user=erin", "--format=token", local=True).stdout.strip()
+    assert _status(node, new) == (200, 200)
+
+
+def test_a_strangers_bad_passwords_do_not_lock_the_user(node: Node, tmp_path: Path) -> None:
+    home = tmp_path / "frank"
+    _user(node, "frank", "mcp-user", home)
+    # The stranger comes from another loopback address (Linux routes all of 127/8 to lo).
+    stranger = httpx.HTTPTransport(local_address="127.0.0.2", verify=_ca(node))
+    with _client(node, transport=stranger) as c:
+        for _ in range(5):
+            r = c.post("/v1/webapi/login", json={"user": "frank", "password": "not the password!"})
+            assert r.status_code == 401
+            assert "invalid user name or password" in r.json()["error"]["message"]
+        r = c.post("/v1/webapi/login", json={"user": "frank", "password": PW})
+        assert r.status_code == 401  # the stranger is locked out, even with the right password
+        assert "from your address" in r.json()["error"]["message"]
+    login = node.cli(
+        "login", f"--proxy={node.addr}", "--user=frank", "--password-stdin", input=PW + "\n", home=home
+    )
+    assert "Logged in as: frank" in login.stdout
+    failures = [e for e in _audit(node, "user.login") if not e["success"] and e["user"] == "frank"]
+    assert len(failures) == 5 and {e["remote_addr"] for e in failures} == {"127.0.0.2"}
+
+
+def test_proxy_mcp_refuses_a_foreign_origin(node: Node, tmp_path: Path) -> None:
+    node.cli("users", "add", "gina", "--roles=mcp-user", local=True)
+    with local_proxy(node, "bastion-demo", "gina", tmp_path) as addr, httpx.Client(timeout=30) as c:
+        port = addr.rpartition(":")[2]
+        url = f"http://{addr}/mcp"
+        for foreign in (
+            f"http://localhost:{int(port) + 1}",
+            "http://localhost:8080",
+            "http://evil.example",
+            "null",
+        ):
+            r = c.post(url, json=INIT, headers={**MCP_HEADERS, "Origin": foreign})
+            assert r.status_code == 403, (foreign, r.text)
+        for own in (f"http://localhost:{port}", f"http://127.0.0.1:{port}", None):
+            headers = {**MCP_HEADERS, **({"Origin": own} if own else {})}
+            r = c.post(url, json=INIT, headers=headers)
+            assert r.status_code == 200, (own, r.text)
