@@ -129,7 +129,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             root / "hostile",
             node,
             (),
-            static_apps(("logger", "dev", f"{hostile.url}/mcp"), ("prod-app", "dev", f"{hostile.url}/mcp")),
+            static_apps(
+                ("logger", "dev", f"{hostile.url}/mcp"),
+                ("prod-app", "dev", f"{hostile.url}/mcp"),
+                ("squat", "dev", f"{hostile.url}/squat"),
+            ),
         )
         stack.callback(bad.stop)
         narrow = _join_agent(
@@ -192,6 +196,19 @@ def test_a_relabelled_copy_of_an_admin_app_is_refused(cluster: Cluster) -> None:
     """F8: `prod-app` relabelled env=dev by a host does not reach a user limited to env=dev."""
     r = _initialize(cluster, "limited", "prod-app")
     assert r.status_code == 404, r.text
+    assert cluster.hostile.received() == []
+
+
+def test_a_resource_created_later_takes_its_name_back(cluster: Cluster, tmp_path: Path) -> None:
+    """A host that was first to serve `squat` loses it once an administrator defines `app/squat`."""
+    app = tmp_path / "squat.yaml"
+    app.write_text(
+        "kind: app\nversion: v1\nmetadata: {name: squat, labels: {env: dev}}\n"
+        "spec: {uri: 'mcp+https://squat.example.com/mcp'}\n"
+    )
+    cluster.node.cli("create", str(app), local=True)
+    wait_for_log(cluster.node.log, r"app of a joined host refused .*app=squat", cluster.node.proc, 10.0)
+    assert _initialize(cluster, "alice", "squat").status_code == 404
     assert cluster.hostile.received() == []
 
 

@@ -75,6 +75,8 @@ class AgentConn:
     connected_at: float = field(default_factory=time.monotonic)
     #: Set once the first heartbeat told us what it serves.
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    #: What its last heartbeat advertised (re-checked when app resources change).
+    advertised: list[App] = field(default_factory=list)
     #: Apps of its last heartbeat that were refused: name -> definition digest (alarm once).
     refused: dict[str, str] = field(default_factory=dict)
 
@@ -146,6 +148,8 @@ class TunnelServer:
             self._accept, sock=sock, ssl=self._ssl(), ssl_handshake_timeout=10.0
         )
         self.port = int(sock.getsockname()[1])
+        follow = asyncio.create_task(self._follow_apps(), name="tunnel-app-admission")
+        self._tasks.add(follow)
         log.info("tunnel listening", extra={"addr": f"{self.host}:{self.port}"})
 
     async def stop(self) -> None:
@@ -261,7 +265,8 @@ class TunnelServer:
 
     async def _call(self, conn: AgentConn, method: str, args: dict[str, Any]) -> Any:
         if method == "heartbeat":
-            apps, refused = await self._admit(conn, [wire.app_from_wire(d) for d in args.get("apps", ())])
+            conn.advertised = [wire.app_from_wire(d) for d in args.get("apps", ())]
+            apps, refused = await self._admit(conn, conn.advertised)
             conn.apps = apps
             first = not conn.ready.is_set()
             conn.ready.set()
@@ -344,16 +349,58 @@ class TunnelServer:
             return False
         return isinstance(app, App) and not scope.refusal(app)
 
-    async def _admit(
-        self, conn: AgentConn, advertised: list[App]
-    ) -> tuple[dict[str, App], list[admission.Refusal]]:
-        """Apply ``bastion.tunnel.admission`` to a heartbeat; alarm once per refused definition."""
+    async def _resources(self) -> dict[str, App]:
         resources: dict[str, App] = {}
         for item in await self.auth.backend.list("/apps/"):
             with contextlib.suppress(ValueError, KeyError):
                 res = decode_resource(item)
                 if isinstance(res, App):
                     resources[res.metadata.name] = res
+        return resources
+
+    async def _follow_apps(self) -> None:
+        """Re-check what connected hosts serve whenever app resources change, so that a name
+        clash made by a change (a resource created under a name a host serves) holds at once,
+        not only at that host's next heartbeat."""
+        delay = 0.5
+        while True:
+            try:
+                rev = await self.auth.backend.current_revision()
+                await self._readmit_all()
+                delay = 0.5
+                async for ev in self.auth.backend.watch(rev):
+                    if ev.item.key.startswith("/apps/"):
+                        await self._readmit_all()
+            except WatchExpiredError:
+                continue
+            except BastionError as e:
+                log.warning("app admission watch failed; retrying", extra={"error": e.message})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _readmit_all(self) -> None:
+        if not self.conns:
+            return
+        resources = await self._resources()
+        for conn in sorted(self.conns.values(), key=lambda c: c.connected_at):
+            if conn.ready.is_set() and not conn.mux.closed:
+                conn.apps, _ = await self._admit(conn, conn.advertised, resources, keep_stale=True)
+        self.on_change()
+
+    async def _admit(
+        self,
+        conn: AgentConn,
+        advertised: list[App],
+        resources: dict[str, App] | None = None,
+        *,
+        keep_stale: bool = False,
+    ) -> tuple[dict[str, App], list[admission.Refusal]]:
+        """Apply ``bastion.tunnel.admission`` to what ``conn`` advertises; alarm once per refused
+        definition.  With ``keep_stale`` (a re-check between heartbeats) an app the host served
+        and that an update made stale stays served until the host's next heartbeat, as before
+        (a live update applies to new sessions once the host has it)."""
+        if resources is None:
+            resources = await self._resources()
         others: dict[str, App] = {}
         for c in sorted(self.conns.values(), key=lambda c: c.connected_at):
             if c is not conn and not c.mux.closed:
@@ -361,6 +408,11 @@ class TunnelServer:
                     others.setdefault(name, app)
         known = admission.Authorities(dict(self.local_static()), resources, others)
         accepted, refused = admission.admit(advertised, conn.host.scope, known)
+        if keep_stale:
+            for r in refused:
+                had = conn.apps.get(r.app)
+                if not r.alarm and had is not None and admission.digest(had) == r.digest:
+                    accepted[r.app] = had
         now_refused = {r.app: r.digest for r in refused if r.alarm}
         for r in refused:
             if not r.alarm or conn.refused.get(r.app) == r.digest:
