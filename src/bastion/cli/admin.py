@@ -415,13 +415,23 @@ def _table(items: list[dict[str, Any]], kind: str) -> Table:
                 _labels(i["spec"].get("traits", {})),
             )
     elif kind == "token":
-        for c in ("ID", "Type", "Expires"):
+        for c in ("ID", "Type", "Expires", "Scope"):
             t.add_column(c)
         for i in items:
+            spec = i["spec"]
+            scope = " ".join(
+                x
+                for x in (
+                    "apps=" + ",".join(spec["apps"]) if spec.get("apps") else "",
+                    "labels=" + _labels(spec["labels"]) if spec.get("labels") else "",
+                )
+                if x
+            )
             t.add_row(
                 i["metadata"]["name"],
-                ",".join(i["spec"]["roles"]),
+                ",".join(spec["roles"]),
                 _when(i["metadata"].get("expires")),
+                scope or "any app",
             )
     elif kind == "role":
         for c in ("Name", "Allowed app labels", "Allowed tools", "Rules", "Denied tools"):
