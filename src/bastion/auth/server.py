@@ -84,6 +84,10 @@ class LoginRefusedError(AuthenticationError):
         self.locked_now = locked_now
 
 
+class JoinThrottledError(AuthenticationError):
+    """Too many refused joins from one address: refused unchecked (and not audited one by one)."""
+
+
 @dataclass(frozen=True)
 class AuthSettings:
     second_factor: Literal["off", "optional", "on"] = "optional"
@@ -596,13 +600,15 @@ class AuthServer:
     # -------------------------------------------------------- host identities
 
     async def join(
-        self, secret: str, role: str, *, public_key_pem: bytes, hostname: str
+        self, secret: str, role: str, *, public_key_pem: bytes, hostname: str, source: str = ""
     ) -> tuple[str, bytes]:
         """Exchange a join token for a host certificate: ``(host_id, cert_pem)``.
 
         The token's scope (apps, labels) goes into the certificate, so every
         proxy enforces it on the host's heartbeats without a backend read.
         """
+        if await self.throttle.join_blocked(source):
+            raise JoinThrottledError("too many refused joins from your address; wait a while, then try again")
         host_id = str(uuid.uuid4())
         hostname = _safe_hostname(hostname)
         try:
@@ -618,7 +624,11 @@ class AuthServer:
             )
         except ValueError as e:
             raise ValidationError(f"cannot issue a host certificate: {e}") from None
-        token = await self.consume_join_token(secret, role, used_by=f"{hostname} ({host_id})")
+        try:
+            token = await self.consume_join_token(secret, role, used_by=f"{hostname} ({host_id})")
+        except AuthenticationError:
+            await self.throttle.join_failed(source)
+            raise
         cert = issue_host_cert(
             self.cas["host"],
             public_key_pem=public_key_pem,

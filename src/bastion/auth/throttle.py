@@ -16,6 +16,10 @@ The rule (decision 0020):
    30 days may still try (each under rule 1).  A distributed attacker gets no
    more guesses; the user, from a known address, keeps working.
 
+Refused joins (bad join tokens) are counted per source the same way (rule 2):
+past ``source_attempts`` the address is refused without a check, and without
+an audit event each, so a flood of bad tokens cannot fill the audit log.
+
 Counters live in the backend with an expiry, keyed by SHA-256 of the name and
 the address (known or unknown names alike: a refusal never tells whether a
 user exists).  Only ``AuthServer`` uses this; it does I/O only through the
@@ -91,6 +95,16 @@ class LoginThrottle:
     @staticmethod
     def source_key(source: str) -> str:
         return f"/login_attempts_by_source/{_h(source)}"
+
+    @staticmethod
+    def join_key(source: str) -> str:
+        return f"/join_attempts_by_source/{_h(source)}"
+
+    async def join_blocked(self, source: str) -> bool:
+        return await self._count(self.join_key(source)) >= self.limits.source_attempts
+
+    async def join_failed(self, source: str) -> None:
+        await self._bump(self.join_key(source))
 
     @staticmethod
     def known_key(name: str) -> str:

@@ -43,7 +43,7 @@ from bastion import __version__
 from bastion.audit import identity_events
 from bastion.auth.ca import fingerprint
 from bastion.auth.scope import parse_label_scope
-from bastion.auth.server import Actor, AuthServer, LoginRefusedError
+from bastion.auth.server import Actor, AuthServer, JoinThrottledError, LoginRefusedError
 from bastion.errors import AuthenticationError, BastionError, ValidationError
 from bastion.log import request_id
 from bastion.proxy.errors import error_response
@@ -320,8 +320,14 @@ def build_webapi(
         hostname = _str(data, "hostname", required=False)[:64] or "unknown"
         try:
             host_id, cert = await auth.join(
-                _str(data, "token"), role, public_key_pem=_str(data, "public_key").encode(), hostname=hostname
+                _str(data, "token"),
+                role,
+                public_key_pem=_str(data, "public_key").encode(),
+                hostname=hostname,
+                source=_source(request),
             )
+        except JoinThrottledError:
+            raise  # the refusals that led here were audited; a flood of these is not
         except AuthenticationError as e:
             log.warning(
                 "host join refused",

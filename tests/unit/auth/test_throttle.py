@@ -68,3 +68,11 @@ async def test_clear_forgets_a_users_counters(throttle: LoginThrottle) -> None:
         await _fail(throttle, "u", "s1")
     await throttle.clear("u")
     assert (await throttle.admit("u", "s1")).reason == ""
+
+
+async def test_refused_joins_block_the_source(throttle: LoginThrottle) -> None:
+    for _ in range(5):
+        assert not await throttle.join_blocked("s1")
+        await throttle.join_failed("s1")
+    assert await throttle.join_blocked("s1")
+    assert not await throttle.join_blocked("s2")
