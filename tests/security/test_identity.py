@@ -4,7 +4,6 @@ strangers cannot lock a user out, and `bastion proxy mcp` serves only its own or
 from __future__ import annotations
 
 import json
-import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,19 +14,10 @@ import pytest
 import yaml
 
 from tests.integration.conftest import Node, start_node, stop_node
-from tests.integration.test_cluster import PW, _user
+from tests.integration.test_cluster import PW, _ca, _user
 from tests.integration.test_data_path import local_proxy
+from tests.security.test_join import INIT
 
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "t", "version": "1"},
-    },
-}
 MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 
@@ -41,10 +31,6 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         yield n
     finally:
         stop_node(n)
-
-
-def _ca(node: Node) -> ssl.SSLContext:
-    return ssl.create_default_context(cadata=node.cli("auth", "export", "--type=tls", local=True).stdout)
 
 
 def _client(node: Node, **kw: Any) -> httpx.Client:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import ssl
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -29,6 +28,7 @@ import pytest
 from bastion.auth.ca import new_host_key
 from tests.integration.conftest import Node, start_node, stop_node, wait_for_log
 from tests.integration.test_agents import AgentProc, _agent_config, _start_agent
+from tests.integration.test_cluster import _ca
 from tests.peers import free_port, run_server
 
 INIT = {
@@ -157,10 +157,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 agent.log, rf"the cluster refused an app of this host app={app_name} ", agent.proc, 30.0
             )
         yield Cluster(node, legit, hostile, scoped, tokens, bad, narrow)
-
-
-def _ca(node: Node) -> ssl.SSLContext:
-    return ssl.create_default_context(cadata=node.cli("auth", "export", "--type=tls", local=True).stdout)
 
 
 def _initialize(c: Cluster, user: str, app: str) -> httpx.Response:

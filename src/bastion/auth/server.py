@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import secrets
@@ -609,40 +610,29 @@ class AuthServer:
         """
         if await self.throttle.join_blocked(source):
             raise JoinThrottledError("too many refused joins from your address; wait a while, then try again")
-        host_id = str(uuid.uuid4())
-        hostname = _safe_hostname(hostname)
+        new = HostIdentity(
+            host_id=str(uuid.uuid4()),
+            role=role,
+            cluster_name=self.cluster_name,
+            hostname=_safe_hostname(hostname),
+            expires=self.clock.now(),
+        )
+        # Validate the key before spending the token, so a bad request keeps it usable.
+        self._host_cert(new, public_key_pem, "issue a")
         try:
-            # Validate the key before spending the token, so a bad request keeps it usable.
-            issue_host_cert(
-                self.cas["host"],
-                public_key_pem=public_key_pem,
-                host_id=host_id,
-                role=role,
-                hostname=hostname,
-                now=self.clock.now(),
-                ttl=self.settings.host_cert_ttl,
-            )
-        except ValueError as e:
-            raise ValidationError(f"cannot issue a host certificate: {e}") from None
-        try:
-            token = await self.consume_join_token(secret, role, used_by=f"{hostname} ({host_id})")
+            token = await self.consume_join_token(secret, role, used_by=f"{new.hostname} ({new.host_id})")
         except AuthenticationError:
             await self.throttle.join_failed(source)
             raise
-        cert = issue_host_cert(
-            self.cas["host"],
-            public_key_pem=public_key_pem,
-            host_id=host_id,
-            role=role,
-            hostname=hostname,
-            now=self.clock.now(),
-            ttl=self.settings.host_cert_ttl,
-            scope=HostScope.of(token.spec.apps, token.spec.labels),
-        )
-        return host_id, cert
+        scoped = dataclasses.replace(new, scope=HostScope.of(token.spec.apps, token.spec.labels))
+        return new.host_id, self._host_cert(scoped, public_key_pem, "issue a")
 
     def renew_host_cert(self, host: HostIdentity, public_key_pem: bytes) -> bytes:
-        """A fresh certificate for an already-authenticated host (same id, role and name)."""
+        """A fresh certificate for an already-authenticated host (same id, role, name and scope:
+        a renewal never widens what the host may serve)."""
+        return self._host_cert(host, public_key_pem, "renew the")
+
+    def _host_cert(self, host: HostIdentity, public_key_pem: bytes, what: str) -> bytes:
         try:
             return issue_host_cert(
                 self.cas["host"],
@@ -652,10 +642,10 @@ class AuthServer:
                 hostname=host.hostname,
                 now=self.clock.now(),
                 ttl=self.settings.host_cert_ttl,
-                scope=host.scope,  # a renewal never widens what the host may serve
+                scope=host.scope,
             )
         except ValueError as e:
-            raise ValidationError(f"cannot renew the host certificate: {e}") from None
+            raise ValidationError(f"cannot {what} host certificate: {e}") from None
 
     # ---------------------------------------------------------- app servers
 

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from bastion.auth.throttle import Limits, LoginThrottle
 from bastion.backend.sqlite import SQLiteBackend
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = datetime.now(UTC)
-
-    def now(self) -> datetime:
-        return self.t
+from tests.unit.auth.test_server import Clock
 
 
 @pytest.fixture
