@@ -116,6 +116,7 @@ def test_a_strangers_bad_passwords_do_not_lock_the_user(node: Node, tmp_path: Pa
     assert "Logged in as: frank" in login.stdout
     failures = [e for e in _audit(node, "user.login") if not e["success"] and e["user"] == "frank"]
     assert len(failures) == 5 and {e["remote_addr"] for e in failures} == {"127.0.0.2"}
+    assert sum(e.get("extra", {}).get("locked") == "address+user" for e in failures) == 1
 
 
 def test_proxy_mcp_refuses_a_foreign_origin(node: Node, tmp_path: Path) -> None:

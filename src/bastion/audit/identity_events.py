@@ -49,10 +49,20 @@ def _event(
 
 
 def login(
-    now: datetime, cluster: str, user: str, remote_addr: str, *, error: str = "", reason: str = ""
+    now: datetime,
+    cluster: str,
+    user: str,
+    remote_addr: str,
+    *,
+    error: str = "",
+    reason: str = "",
+    locked_now: bool = False,
 ) -> AuditEvent:
-    """A login: ``error`` empty = success; ``reason`` says why it was refused."""
-    extra = {"reason": reason} if reason else None
+    """A login: ``error`` empty = success; ``reason`` says why it was refused; ``locked_now``
+    when this failure locked the (address, user) pair."""
+    extra: dict[str, Any] = {"reason": reason} if reason else {}
+    if locked_now:
+        extra["locked"] = "address+user"
     return _event(
         ev.USER_LOGIN, not error, now, cluster, user=user, error=error, remote_addr=remote_addr, extra=extra
     )

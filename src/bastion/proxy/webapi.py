@@ -194,7 +194,13 @@ def build_webapi(
                 now = auth.clock.now()
                 await _audit(
                     identity_events.login(
-                        now, auth.cluster_name, user, source, error=e.message, reason=e.reason
+                        now,
+                        auth.cluster_name,
+                        user,
+                        source,
+                        error=e.message,
+                        reason=e.reason,
+                        locked_now=e.locked_now,
                     )
                 )
             raise
