@@ -6,8 +6,10 @@ One node (auth + proxy + its own app service with a static app ``logger``), an a
 * a *hostile* one, joined with an ordinary token, advertising its own ``logger`` and a
   ``prod-app`` relabelled ``env=dev`` (the F8 reproduction), both pointing at a recording
   upstream that must receive nothing;
-* a *scoped* one, joined with ``tokens add --apps=scoped-dev,scoped-prod --labels=env=dev``,
-  advertising one app inside its scope and two outside it.
+* a *scoped* one, joined with ``tokens add --apps=scoped-dev,scoped-prod,scoped-dyn
+  --labels=env=dev`` and selecting every app resource: it serves one static app and the app
+  resource ``scoped-dyn`` inside its scope, and is refused two static apps outside it and never
+  even told about ``prod-app``.
 """
 
 from __future__ import annotations
@@ -87,9 +89,9 @@ def _token(node: Node, *scope: str) -> tuple[str, str]:
     return out["token"], out["ca_pin"]
 
 
-def _join_agent(root: Path, node: Node, scope: tuple[str, ...], apps: str) -> AgentProc:
+def _join_agent(root: Path, node: Node, scope: tuple[str, ...], apps: str, selector: str) -> AgentProc:
     token, pin = _token(node, *scope)
-    cfg = _agent_config(root, node, token, pin, "{x: y}")
+    cfg = _agent_config(root, node, token, pin, selector)
     cfg.write_text(cfg.read_text() + apps)
     return _start_agent(root, cfg)
 
@@ -112,13 +114,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "kind: role\nversion: v1\nmetadata: {name: dev-only}\n"
             "spec: {allow: {app_labels: {env: dev}, mcp: {tools: [echo]}}}\n"
         )
-        app = root / "prod-app.yaml"
-        app.write_text(
-            "kind: app\nversion: v1\nmetadata: {name: prod-app, labels: {env: prod}}\n"
-            "spec: {uri: 'mcp+https://prod.example.com/mcp'}\n"
-        )
         node.cli("create", str(role), local=True)
-        node.cli("create", str(app), local=True)
+        for name, env in (("prod-app", "prod"), ("scoped-dyn", "dev")):
+            app = root / f"{name}.yaml"
+            app.write_text(
+                f"kind: app\nversion: v1\nmetadata: {{name: {name}, labels: {{env: {env}}}}}\n"
+                f"spec: {{uri: 'mcp+https://{name}.example.com/mcp'}}\n"
+            )
+            node.cli("create", str(app), local=True)
         node.cli("users", "add", "alice", "--roles=mcp-user", local=True)
         node.cli("users", "add", "limited", "--roles=dev-only", local=True)
         tokens = {
@@ -134,17 +137,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 ("prod-app", "dev", f"{hostile.url}/mcp"),
                 ("squat", "dev", f"{hostile.url}/squat"),
             ),
+            "{x: y}",
         )
         stack.callback(bad.stop)
         narrow = _join_agent(
             root / "scoped",
             node,
-            ("--apps=scoped-dev,scoped-prod", "--labels=env=dev"),
+            ("--apps=scoped-dev,scoped-prod,scoped-dyn", "--labels=env=dev"),
             static_apps(
                 ("scoped-dev", "dev", f"{scoped.url}/dev"),
                 ("scoped-prod", "prod", f"{scoped.url}/prod"),
                 ("scoped-other", "dev", f"{scoped.url}/other"),
             ),
+            "{'*': '*'}",
         )
         stack.callback(narrow.stop)
         for agent, app_name in (
@@ -214,9 +219,14 @@ def test_a_scoped_token_refuses_apps_outside_its_scope(cluster: Cluster) -> None
         assert _initialize(cluster, "alice", app).status_code == 404
     paths = {x["path"] for x in cluster.scoped.received()}
     assert paths == {"/dev"}, paths
+    agent = cluster.scoped_agent
+    wait_for_log(agent.log, r"dynamic app registered app=scoped-dyn", agent.proc, 10.0)
     servers = json.loads(cluster.node.cli("get", "app_servers", "--format=json", local=True).stdout)
     served = {a["metadata"]["name"] for s in servers for a in s["spec"]["apps"]}
+    assert {"scoped-dev", "scoped-dyn"} <= served
     assert not served & {"scoped-prod", "scoped-other", "prod-app"}
+    # The app resource outside its scope was never even shown to the scoped host.
+    assert "app=prod-app" not in agent.log.read_text()
 
 
 async def _join(client: httpx.AsyncClient, url: str, token: str, i: int) -> httpx.Response:
