@@ -156,6 +156,11 @@ class SessionGone(BastionError):
     http_status = 404
     code = "session_not_found"
 
+    def __init__(self, message: str, *, ended: GatewaySession | None = None) -> None:
+        super().__init__(message)
+        #: A session to end before answering (its app was redefined).
+        self.ended = ended
+
 
 class Refused(BastionError):
     """A request refused before (or without) a session engine: answered and audited in ``__call__``."""
@@ -294,6 +299,8 @@ class MCPHandler:
             extra = [(b"allow", e.allow)] if e.allow else None
             await _jsonrpc_error(send, e.status, e.mid, e.rpc_code, e.message, "client", extra)
         except SessionGone as e:
+            if e.ended is not None:
+                await self._end(e.ended, f'app "{app.metadata.name}" was redefined')
             self._refused(scope, actor, app, headers, 404, e.message)
             await _jsonrpc_error(send, 404, None, -32001, e.message, "client")
         except BastionError as e:
@@ -350,7 +357,7 @@ class MCPHandler:
                 raise Refused(400, why, rpc_code=jsonrpc.HEADER_MISMATCH)
         sid = headers.get(b"mcp-session-id", b"").decode("latin-1")
         if sid:
-            s = await self._session(sid, actor, app)
+            s = self._session(sid, actor, app)
         else:
             try:
                 msg = jsonrpc.parse_message(body)
@@ -372,7 +379,7 @@ class MCPHandler:
         else:
             await self._post_stream(s, send, body, headers, new=not sid)
 
-    async def _session(self, sid: str, actor: Actor, app: App) -> GatewaySession:
+    def _session(self, sid: str, actor: Actor, app: App) -> GatewaySession:
         s = self.sessions.get(sid)
         # Another user's session id, or one of another app, is as unknown as a made-up one.
         if s is None or s.user != actor.name or s.dead or s.app.metadata.name != app.metadata.name:
@@ -382,9 +389,8 @@ class MCPHandler:
         if s.app is not app and s.app != app:
             # The app was redefined since the session began (labels, upstream, rewrite): the
             # session was decided on the old definition, so it ends; access is checked anew.
-            await self._end(s, f'app "{app.metadata.name}" was redefined')
             raise SessionGone(
-                "the app was redefined since this session began: start a new one with initialize"
+                "the app was redefined since this session began: start a new one with initialize", ended=s
             )
         if actor.policy_key != s.policy_key and actor.checker is not None:
             # The user's roles changed: live sessions follow within the actor-cache TTL,
@@ -987,7 +993,7 @@ class MCPHandler:
         sid = headers.get(b"mcp-session-id", b"").decode("latin-1")
         if not sid:
             raise Refused(400, "missing Mcp-Session-Id header")
-        s = await self._session(sid, actor, app)
+        s = self._session(sid, actor, app)
         s.last_active = time.monotonic()
         if s.stream is None:
             pool = self.pools.for_app(s.app)
@@ -1032,7 +1038,7 @@ class MCPHandler:
         sid = headers.get(b"mcp-session-id", b"").decode("latin-1")
         if not sid:
             raise Refused(400, "missing Mcp-Session-Id header")
-        s = await self._session(sid, actor, app)
+        s = self._session(sid, actor, app)
         if s.stream is None and s.upstream_session_id:
             pool = self.pools.for_app(s.app)
             with contextlib.suppress(UpstreamError):

@@ -29,6 +29,7 @@ from bastion.proxy.routing import Router
 ASGI = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 MCP_PREFIX = "/mcp/apps/"
+_RAW_PREFIX = MCP_PREFIX.encode()
 ACTOR_TTL = 2.0
 _CACHE_MAX = 10_000
 
@@ -120,6 +121,8 @@ class Front:
                 app=name,
             )
         try:
+            if not raw.startswith(_RAW_PREFIX):  # "/mcp/%61pps/x": only decoded does it look like ours
+                raise paths.PathError("percent-encoded characters in the /mcp/apps/ prefix; send it as it is")
             sub = paths.normalise(raw_sub)
         except paths.PathError as e:
             return self._refuse(scope, send, 400, e.message, app=name)
