@@ -80,7 +80,7 @@ def test_tracked_sources_are_bounded() -> None:
 def test_refusals_become_bounded_events_and_a_flood_one_summary() -> None:
     clock = Clock()
     sink = Sink()
-    rec = Refusals(sink, cluster_name="c", clock=clock, limiter=limiter(clock))  # type: ignore[arg-type]
+    rec = Refusals(sink, cluster_name="c", clock=clock, limiter=limiter(clock))
     rec.refused(status=401, reason="bad credential", remote_addr="9.9.9.9", app="logger", auth=True)
     rec.refused(
         status=404,
@@ -111,6 +111,6 @@ def test_a_full_audit_queue_does_not_fail_the_refusal() -> None:
     clock = Clock()
     sink = Sink()
     sink.full = True
-    rec = Refusals(sink, cluster_name="c", clock=clock)  # type: ignore[arg-type]
+    rec = Refusals(sink, cluster_name="c", clock=clock)
     rec.refused(status=403, reason="origin", remote_addr="1.1.1.1")
     assert sink.events == []
