@@ -972,6 +972,8 @@ def render_starter(
                 "  #   # Headers added to every request to the server:",
                 "  #   rewrite:",
                 '  #     headers: ["Authorization: Bearer <secret>"]',
+                "  #   # Paths forwarded besides the uri's own and /.well-known/oauth-* (prefixes):",
+                '  #   extra_paths: ["/v2"]',
                 '  # - name: "files"',
                 "  #   mcp:",
                 '  #     command: "npx"',
