@@ -59,7 +59,7 @@ from bastion.auth.ca import CertAuthority
 from bastion.auth.server import Actor
 from bastion.errors import BastionError, LimitExceededError, UpstreamError
 from bastion.metrics import AppMetrics, app_metrics, maybe_tracer, upstream_error_kind
-from bastion.protocol import jsonrpc
+from bastion.protocol import jsonrpc, paths
 from bastion.protocol.headers import mismatch
 from bastion.protocol.sse import SSEParser, encode_event
 from bastion.resources import App
@@ -271,7 +271,9 @@ class MCPHandler:
         try:
             sub = ctx.get("subpath", "/")
             if sub != "/" and sub:
-                # Only the app's own paths go upstream (decision 0016); ``sub`` is normalised.
+                # Only the app's own paths go upstream (decision 0016).  ``sub`` was normalised by
+                # the proxy; normalised again here (a no-op then), because this app service decides.
+                sub = paths.normalise(paths.encode_target(sub).encode("ascii"))
                 target = upstream_target(app, sub)
                 if target is None:
                     raise Refused(

@@ -81,3 +81,12 @@ def test_decided_path_round_trips_through_the_target(text: str) -> None:
     target = encode_target(path)
     assert target.isascii() and " " not in target and "?" not in target and "#" not in target
     assert normalise(target.encode("ascii")) == path
+
+
+def test_a_decoded_path_from_an_older_proxy_is_decided_the_same_way() -> None:
+    """The app service re-normalises the (decoded) sub-path it is handed: dot segments that a
+    proxy left in are resolved before the allow-list, not forwarded for the upstream to resolve."""
+    assert normalise(encode_target("/.well-known/oauth-x/../../prod").encode()) == "/prod"
+    assert normalise(encode_target("/v2/./a b").encode()) == "/v2/a b"
+    with pytest.raises(PathError):
+        normalise(encode_target("/../prod").encode())
