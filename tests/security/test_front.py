@@ -12,7 +12,6 @@ import http.client
 import json
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,16 +21,8 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import Node, start_node, stop_node
-
-ROLES = """\
-kind: role
-version: v1
-metadata: {name: dev-echo}
-spec:
-  allow:
-    app_labels: {env: dev}
-    mcp: {tools: [echo]}
-"""
+from tests.peers import ROOT
+from tests.security.conftest import INIT, ROLES, Recording, recording_cmd
 
 DYN = """\
 kind: app
@@ -42,17 +33,6 @@ metadata:
 spec:
   uri: mcp+{url}/dyn
 """
-
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "t", "version": "1"},
-    },
-}
 
 
 def call(rid: int, tool: str = "echo") -> dict[str, Any]:
@@ -65,11 +45,11 @@ def call(rid: int, tool: str = "echo") -> dict[str, Any]:
 
 
 @dataclass
-class Recording:
+class Upstream:
     """The recording HTTP upstream: its base URL and what reached it."""
 
     url: str
-    file: Path
+    rec: Recording
     proc: subprocess.Popen[bytes]
 
     def stop(self) -> None:
@@ -79,37 +59,25 @@ class Recording:
             self.proc.stdout.close()
 
     def requests(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.file.read_text().splitlines() if line]
+        return self.rec.records()
 
 
-def start_recording(root: Path) -> Recording:
+def start_recording(root: Path) -> Upstream:
     file = root / "upstream.jsonl"
-    file.touch()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.fixtures.recording_server",
-            "--transport",
-            "http",
-            "--record",
-            str(file),
-        ],
-        stdout=subprocess.PIPE,
-    )
+    proc = subprocess.Popen(recording_cmd("http", file), stdout=subprocess.PIPE, cwd=ROOT)
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()  # printed once it accepts connections; "" if it died
-    rec = Recording(line.split()[-1] if line else "", file, proc)
+    up = Upstream(line.split()[-1] if line else "", Recording(file), proc)
     if not line.startswith("listening on "):
-        rec.stop()
+        up.stop()
         raise AssertionError(f"recording upstream did not start: {line!r}")
-    return rec
+    return up
 
 
 @dataclass
 class Front:
     node: Node
-    up: Recording
+    up: Upstream
     ctx: ssl.SSLContext
     tokens: dict[str, str]
 
@@ -178,7 +146,7 @@ app_service:
         try:
             (root / "roles.yaml").write_text(ROLES)
             node.cli("create", str(root / "roles.yaml"), local=True)
-            node.cli("users", "add", "limited", "--roles=dev-echo", local=True)
+            node.cli("users", "add", "limited", "--roles=echo-only", local=True)
             tokens = {
                 u: node.cli("auth", "sign", f"--user={u}", "--format=token", local=True).stdout.strip()
                 for u in ("limited",)

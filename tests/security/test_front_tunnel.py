@@ -16,7 +16,8 @@ import pytest
 
 from tests.integration.conftest import start_node, stop_node, wait_for_log
 from tests.integration.test_agents import _agent_config, _start_agent, _token
-from tests.security.test_front import INIT, ROLES, Front, call, refusal_events, start_recording
+from tests.security.conftest import INIT, ROLES
+from tests.security.test_front import Front, call, refusal_events, start_recording
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
     try:
         (root / "roles.yaml").write_text(ROLES)
         node.cli("create", str(root / "roles.yaml"), local=True)
-        node.cli("users", "add", "limited", "--roles=dev-echo", local=True)
+        node.cli("users", "add", "limited", "--roles=echo-only", local=True)
         token, pin = _token(node)
         cfg = _agent_config(root / "agent", node, token, pin, "{kind: none}")
         with cfg.open("a") as out:
