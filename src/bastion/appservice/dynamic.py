@@ -44,11 +44,14 @@ class DynamicApps:
         selectors: Sequence[dict[str, list[str]]],
         *,
         on_removed: Callable[[str], Awaitable[None]],
+        on_redefined: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.backend = backend
         self.registry = registry
         self.selectors = [LabelSelector.compile(s, {}) for s in selectors]
         self.on_removed = on_removed
+        #: Called after an app served here changed definition (its older sessions end).
+        self.on_redefined = on_redefined
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
 
@@ -97,7 +100,7 @@ class DynamicApps:
         for name in set(self.registry.dynamic_names()) - set(wanted):
             await self._remove(name, "no longer matches")
         for app in wanted.values():
-            self._serve(app)
+            await self._serve(app)
 
     async def _apply(self, name: str, ev: Event) -> None:
         if ev.type == EventType.DELETE:
@@ -107,7 +110,7 @@ class DynamicApps:
         if app is None or not self.matches(app):
             await self._remove(name, "labels no longer match")
             return
-        self._serve(app)
+        await self._serve(app)
 
     def _decode(self, key: str, item: Item) -> App | None:
         try:
@@ -117,7 +120,7 @@ class DynamicApps:
             return None
         return res if isinstance(res, App) else None
 
-    def _serve(self, app: App) -> None:
+    async def _serve(self, app: App) -> None:
         name = app.metadata.name
         if self.registry.is_static(name):
             log.warning(
@@ -128,6 +131,8 @@ class DynamicApps:
         known = self.registry.get(name)
         self.registry.set_dynamic(app)
         log.info("dynamic app updated" if known else "dynamic app registered", extra={"app": name})
+        if known is not None and known != app and self.on_redefined is not None:
+            await self.on_redefined(name)
 
     async def _remove(self, name: str, why: str) -> None:
         if self.registry.remove_dynamic(name):

@@ -13,11 +13,17 @@ Types and codes (ours; the set follows Teleport's MCP session events)::
     mcp.session.notification     BMCP004I / BMCP004E
     mcp.session.listen_stream    BMCP005I / BMCP005E   (GET stream of streamable HTTP)
     mcp.session.invalid_request  BMCP006E              (not understood; refused)
-    user.login                   BAUTH001I / BAUTH001E (E: bad password, locked, throttled)
-    user.logout                  BAUTH002I             (a credential revoked)
+    mcp.session.rejected         BMCP007E              refused before any session engine saw it
+                                                       (bad Origin, app not found or hidden,
+                                                       unknown session, bad path or body, limits)
+    auth.failed                  BAUTH001E             missing or bad credential on an MCP request
+    user.login                   BAUTH002I / BAUTH002E (E: bad password or one-time code)
+    user.logout                  BAUTH003I             (a credential revoked)
     host.join                    BHOST001I / BHOST001E (an app service joined, or was refused)
     host.app_refused             BHOST002E             (a joined host advertised an app it may
-                                                        not serve; see bastion.tunnel.admission)
+                                                       not serve; see bastion.tunnel.admission)
+    audit.suppressed             BAUD001E              refusals from one source past its rate,
+                                                       counted instead of recorded one by one
 
 This module must not do I/O.
 """
@@ -34,6 +40,9 @@ REQUEST = "mcp.session.request"
 NOTIFICATION = "mcp.session.notification"
 LISTEN_STREAM = "mcp.session.listen_stream"
 INVALID_REQUEST = "mcp.session.invalid_request"
+SESSION_REJECTED = "mcp.session.rejected"
+AUTH_FAILED = "auth.failed"
+SUPPRESSED = "audit.suppressed"
 USER_LOGIN = "user.login"
 USER_LOGOUT = "user.logout"
 HOST_JOIN = "host.join"
@@ -46,8 +55,11 @@ _CODES = {
     NOTIFICATION: "BMCP004",
     LISTEN_STREAM: "BMCP005",
     INVALID_REQUEST: "BMCP006",
-    USER_LOGIN: "BAUTH001",
-    USER_LOGOUT: "BAUTH002",
+    SESSION_REJECTED: "BMCP007",
+    AUTH_FAILED: "BAUTH001",
+    SUPPRESSED: "BAUD001",
+    USER_LOGIN: "BAUTH002",
+    USER_LOGOUT: "BAUTH003",
     HOST_JOIN: "BHOST001",
     HOST_APP_REFUSED: "BHOST002",
 }
