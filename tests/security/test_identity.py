@@ -16,7 +16,7 @@ import yaml
 from tests.integration.conftest import Node, start_node, stop_node
 from tests.integration.test_cluster import PW, _ca, _user
 from tests.integration.test_data_path import local_proxy
-from tests.security.test_join import INIT
+from tests.security.conftest import INIT
 
 MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 

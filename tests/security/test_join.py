@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -32,38 +31,26 @@ from tests.integration.conftest import Node, start_node, stop_node, wait_for_log
 from tests.integration.test_agents import AgentProc, _agent_config, _start_agent
 from tests.integration.test_cluster import _ca
 from tests.peers import free_port, run_server
-
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "t", "version": "1"},
-    },
-}
+from tests.security.conftest import INIT, ROLES, Recording, recording_cmd
 
 
 @dataclass
 class Upstream:
-    """A recording MCP server over HTTP (tests/fixtures/recording_server.py)."""
+    """A recording MCP server over HTTP (tests/fixtures/recording_server.py) and what reached it."""
 
     url: str
-    record: Path
+    recording: Recording
 
     def received(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.record.read_text().splitlines() if line]
+        return self.recording.records()
 
 
 @contextmanager
 def recording_upstream(root: Path, name: str) -> Iterator[Upstream]:
     port, record = free_port(), root / f"{name}.jsonl"
-    record.touch()
-    cmd = [sys.executable, "-m", "tests.fixtures.recording_server", "--transport", "http"]
-    cmd += ["--record", str(record), "--port", str(port)]
+    cmd = [*recording_cmd("http", record), "--port", str(port)]
     with run_server(cmd, port, env=dict(os.environ, PYTHONUNBUFFERED="1")):
-        yield Upstream(f"http://127.0.0.1:{port}", record)
+        yield Upstream(f"http://127.0.0.1:{port}", Recording(record))
 
 
 def static_apps(*apps: tuple[str, str, str]) -> str:
@@ -109,11 +96,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             + static_apps(("logger", "dev", f"{legit.url}/mcp")),
         )
         stack.callback(stop_node, node)
-        role = root / "dev-only.yaml"
-        role.write_text(
-            "kind: role\nversion: v1\nmetadata: {name: dev-only}\n"
-            "spec: {allow: {app_labels: {env: dev}, mcp: {tools: [echo]}}}\n"
-        )
+        role = root / "echo-only.yaml"
+        role.write_text(ROLES)  # env=dev apps, tool echo
         node.cli("create", str(role), local=True)
         for name, env in (("prod-app", "prod"), ("scoped-dyn", "dev")):
             app = root / f"{name}.yaml"
@@ -123,7 +107,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             )
             node.cli("create", str(app), local=True)
         node.cli("users", "add", "alice", "--roles=mcp-user", local=True)
-        node.cli("users", "add", "limited", "--roles=dev-only", local=True)
+        node.cli("users", "add", "limited", "--roles=echo-only", local=True)
         tokens = {
             u: node.cli("auth", "sign", f"--user={u}", "--format=token", local=True).stdout.strip()
             for u in ("alice", "limited")

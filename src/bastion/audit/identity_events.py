@@ -1,8 +1,11 @@
 """Audit events about identities, not sessions: logins, logouts, joins, refused host apps.
 
 Pure builders (no I/O): the proxy's web API and tunnel listener record what
-these return.  Every free-text field is bounded, since most of it is client
-input (a user name typed at a login prompt, a host's own app definitions).
+these return.  Every free-text field is clipped (``audit.bound``), since most
+of it is client input (a user name typed at a login prompt, a host's own app
+definitions).  How many there can be is bounded where they arise: login and
+join failures by ``auth.throttle`` (per source), refused host apps once per
+host, app and definition.
 """
 
 from __future__ import annotations
@@ -12,13 +15,10 @@ from datetime import datetime
 from typing import Any
 
 from bastion.audit import events as ev
+from bastion.audit.bound import MAX_ERROR, MAX_NAME, clip
 from bastion.audit.events import AuditEvent
 
-_MAX_FIELD = 256
-
-
-def _cut(text: str, limit: int = _MAX_FIELD) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"
+_MAX_ADDR = 64
 
 
 def _event(
@@ -39,12 +39,12 @@ def _event(
         time=now,
         success=success,
         cluster_name=cluster,
-        user=_cut(user, 128),
-        app=_cut(app, 128),
+        user=clip(user, MAX_NAME),
+        app=clip(app, MAX_NAME),
         session_id="",
-        error=_cut(error),
-        remote_addr=_cut(remote_addr, 64),
-        extra={k: _cut(str(v)) for k, v in (extra or {}).items()},
+        error=clip(error, MAX_ERROR),
+        remote_addr=clip(remote_addr, _MAX_ADDR),
+        extra={k: clip(str(v), MAX_NAME) for k, v in (extra or {}).items()},
     )
 
 
