@@ -97,6 +97,8 @@ class TunnelServer:
         self.auth = auth
         #: The static apps of this node's own app service (they own their names).
         self.local_static = local_static
+        #: App resources decoded for admission: key -> (revision, app).
+        self._decoded: dict[str, tuple[int, App | None]] = {}
         self.audit = audit
         self.host = host
         self._want_port = port
@@ -350,12 +352,21 @@ class TunnelServer:
         return isinstance(app, App) and not scope.refusal(app)
 
     async def _resources(self) -> dict[str, App]:
+        """The app resources by name; each decoded once per revision (heartbeats are frequent)."""
         resources: dict[str, App] = {}
+        seen: dict[str, tuple[int, App | None]] = {}
         for item in await self.auth.backend.list("/apps/"):
-            with contextlib.suppress(ValueError, KeyError):
-                res = decode_resource(item)
-                if isinstance(res, App):
-                    resources[res.metadata.name] = res
+            hit = self._decoded.get(item.key)
+            if hit is None or hit[0] != item.revision:
+                app: App | None = None
+                with contextlib.suppress(ValueError, KeyError):
+                    res = decode_resource(item)
+                    app = res if isinstance(res, App) else None
+                hit = (item.revision, app)
+            seen[item.key] = hit
+            if hit[1] is not None:
+                resources[hit[1].metadata.name] = hit[1]
+        self._decoded = seen
         return resources
 
     async def _follow_apps(self) -> None:
