@@ -11,7 +11,11 @@ backend's poll interval) and keeps the registry in step:
   sessions end cleanly (each with its end event);
 * a dynamic app named like a static one from the config file is ignored with
   a warning: **the config file wins** (an admin with only backend access must
-  not be able to replace what the host's operator configured).
+  not be able to replace what the host's operator configured);
+* a dynamic app the host's policy refuses (``app_service.dynamic_apps``: a
+  command, host user, variable or upstream address the host does not allow) is
+  not served, with a warning giving the reason; one already served stops
+  (its live sessions end).  The reasons are kept in ``refused``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
+from bastion.appservice.hostpolicy import HostPolicy
 from bastion.appservice.registry import AppRegistry
 from bastion.auth.server import decode_resource
 from bastion.backend import Backend, Event, EventType, Item
@@ -44,7 +49,12 @@ class DynamicApps:
         selectors: Sequence[dict[str, list[str]]],
         *,
         on_removed: Callable[[str], Awaitable[None]],
+        policy: HostPolicy | None = None,
     ) -> None:
+        #: ``policy`` None: the defaults, which serve no dynamic stdio or HTTP/SSE app.
+        self.policy = policy if policy is not None else HostPolicy.defaults(registry.is_static)
+        #: Dynamic apps this host refuses to serve: name -> reason.
+        self.refused: dict[str, str] = {}
         self.backend = backend
         self.registry = registry
         self.selectors = [LabelSelector.compile(s, {}) for s in selectors]
@@ -94,10 +104,12 @@ class DynamicApps:
             app = self._decode(item.key, item)
             if app is not None and self.matches(app):
                 wanted[app.metadata.name] = app
+        for name in set(self.refused) - set(wanted):
+            del self.refused[name]
         for name in set(self.registry.dynamic_names()) - set(wanted):
             await self._remove(name, "no longer matches")
         for app in wanted.values():
-            self._serve(app)
+            await self._serve(app)
 
     async def _apply(self, name: str, ev: Event) -> None:
         if ev.type == EventType.DELETE:
@@ -107,7 +119,7 @@ class DynamicApps:
         if app is None or not self.matches(app):
             await self._remove(name, "labels no longer match")
             return
-        self._serve(app)
+        await self._serve(app)
 
     def _decode(self, key: str, item: Item) -> App | None:
         try:
@@ -117,7 +129,7 @@ class DynamicApps:
             return None
         return res if isinstance(res, App) else None
 
-    def _serve(self, app: App) -> None:
+    async def _serve(self, app: App) -> None:
         name = app.metadata.name
         if self.registry.is_static(name):
             log.warning(
@@ -125,11 +137,23 @@ class DynamicApps:
                 extra={"app": name},
             )
             return
+        why = self.policy.refusal(app)
+        if why is not None:
+            if self.refused.get(name) != why:
+                log.warning(
+                    "dynamic app not served: refused by this host", extra={"app": name, "reason": why}
+                )
+            self.refused[name] = why
+            await self._remove(name, f"refused by this host: {why}")
+            return
+        self.refused.pop(name, None)
         known = self.registry.get(name)
         self.registry.set_dynamic(app)
         log.info("dynamic app updated" if known else "dynamic app registered", extra={"app": name})
 
     async def _remove(self, name: str, why: str) -> None:
+        if not why.startswith("refused by this host"):
+            self.refused.pop(name, None)
         if self.registry.remove_dynamic(name):
             log.info("dynamic app unregistered", extra={"app": name, "reason": why})
             await self.on_removed(name)
