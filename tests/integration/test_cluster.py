@@ -294,7 +294,7 @@ def test_join_tokens(node: Node) -> None:
     guide = node.cli("tokens", "add", "--type=app", local=True).stdout
     assert re.search(r"^The join token: [0-9a-f]{32}$", guide, re.M), guide
     assert re.search(r'ca_pin: "SHA256:[A-Za-z0-9+/]{43}"', guide), guide
-    assert f"proxy_server: \"{node.addr}\"" in guide, guide
+    assert f'proxy_server: "{node.addr}"' in guide, guide
     listed = node.cli("tokens", "ls", local=True).stdout
     ids = re.findall(r"^([0-9a-f]{16})\s+app\s", listed, re.M)
     assert ids, listed

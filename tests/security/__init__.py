@@ -1,1 +1,1 @@
-"""The standing adversarial suite: each test reproduces an attack and asserts what reached a recording upstream."""
+"""The standing adversarial suite: each test reproduces an attack and asserts what reached the upstream."""

@@ -466,7 +466,8 @@ class MCPHandler:
             if immediate:  # the gateway answered itself (denied, invalid, too many in flight)
                 if waiter is not None:
                     waiter = None
-                await _send_json(send, 200 if msg is not None else 400, immediate[0], extra)
+                request = msg is not None and msg.kind == "request"
+                await _send_json(send, 200 if request else 400, immediate[0], extra)
                 return
             if waiter is None:
                 await _send(send, 202, [], b"", extra)
@@ -677,6 +678,7 @@ class MCPHandler:
         # last) is carried out below, once every audit record before it is committed.
         fwd: ForwardToUpstream | None = None
         answer: bytes | None = None
+        status = 200  # 400 when the gateway's answer is not to a request (invalid, or no id)
         for cmd in cmds:
             if isinstance(cmd, RecordAudit):
                 try:
@@ -702,10 +704,12 @@ class MCPHandler:
             elif isinstance(cmd, SendToClient):
                 if answer is None:
                     answer = cmd.raw
+                    if cmd.related_request_id is None:
+                        status = 400
             else:
                 await self._run(s, (cmd,))
         if answer is not None:
-            await _send_json(send, 200, answer, extra)
+            await _send_json(send, status, answer, extra)
             return
         if fwd is None:
             await _send(send, 202, [], b"", extra)

@@ -1,10 +1,19 @@
-"""JSON-RPC 2.0 messages as MCP uses them: parse once, sanitise, keep the original bytes.
+"""JSON-RPC 2.0 messages as MCP uses them: parse once, sanitise, forward what was judged.
 
 :func:`parse_message` turns the bytes of one message into a :class:`Message`
-(kind, id, method, params, the parsed body) and keeps the bytes themselves in
-``Message.raw``: the gateway decides on the parsed values and forwards the raw
-bytes unchanged.  That is only safe if every JSON parser reads those bytes the
-same way we did, so messages that parsers disagree on are refused
+(kind, id, method, params, the parsed body) and puts in ``Message.raw`` the
+**canonical serialisation of the parsed body** (compact JSON, one line, no
+duplicate members, no raw control characters): the bytes the gateway forwards
+are the message it decided on, not the bytes it was sent.  An upstream that
+frames messages by newlines (stdio) or by blank lines (SSE) therefore reads
+exactly one message per message judged: a body of three lines whose first
+line is a ``ping`` (finding F1 of the security review) reaches it as one line,
+one ``ping``.  When the bytes already are that serialisation, the usual case,
+they are kept and nothing is copied.
+
+Re-serialising does not make ambiguity harmless on the way *in*: the audit
+event and the decision must read the message as every parser would, so
+messages that parsers disagree on are still refused
 (:class:`ProtocolError`, never forwarded):
 
 * **Case variants** of the members we decide on, at the top level and of
@@ -18,6 +27,9 @@ same way we did, so messages that parsers disagree on are refused
   are passed on: the gateway decides nothing on them.
 * **Batches** (JSON arrays): removed from MCP in 2025-06-18, and a classic way
   to smuggle a message past a gateway that inspects single messages.
+* **Oversized names**: a method over :data:`MAX_METHOD` characters or a string
+  id over :data:`MAX_ID` (no real one comes close; both are echoed in answers
+  and audit records, which must stay bounded).
 
 Also here: the JSON-RPC error codes (the standard ones, the MCP ones, and the
 gateway's own) and encoders for the few messages the gateway writes itself.
@@ -43,6 +55,8 @@ __all__ = [
     "INTERNAL_ERROR",
     "INVALID_PARAMS",
     "INVALID_REQUEST",
+    "MAX_ID",
+    "MAX_METHOD",
     "METHOD_NOT_FOUND",
     "NOTIFICATION",
     "PARSE_ERROR",
@@ -126,9 +140,19 @@ class ProtocolError(ValidationError):
         self.method = method
 
 
+#: The longest method name accepted (characters).
+MAX_METHOD: Final = 256
+#: The longest string id accepted (characters).
+MAX_ID: Final = 1024
+# The deepest nesting orjson serialises; deeper messages cannot be forwarded as judged.
+_MAX_DEPTH: Final = 254
+
+
 @dataclass(slots=True)
 class Message:
-    """One parsed JSON-RPC message and the exact bytes it came from.
+    """One parsed JSON-RPC message and its canonical bytes (see the module docstring).
+
+    ``raw`` is the compact serialisation of ``body``: the bytes to forward.
 
     ``params`` is the params object, or ``None`` when absent or an array (MCP
     params are always objects; an array is passed on but gives us nothing to
@@ -216,27 +240,18 @@ def _pairs_hook(pairs: list[tuple[str, Any]]) -> _Pairs:
     return obj
 
 
-def _may_have_duplicates(raw: bytes, body: Any) -> bool:
+def _may_have_duplicates(raw: bytes, again: bytes) -> bool:
     """False only if no member name in ``raw`` can occur twice in one object.
 
-    A cheap, conservative filter in front of :func:`_duplicated_member`.  When
+    ``again`` is the parsed value re-serialised, and differs from ``raw``.  A
+    cheap, conservative filter in front of :func:`_duplicated_member`.  When
     an object has a duplicate member, parsing keeps one of them, so the parsed
     value re-serialised has fewer ``"`` characters than the bytes (a member name
     alone has two).  Nothing else changes the count, provided no quote is
     written as ``\\u0022``; that and letters written as escapes are checked
-    first.  When the bytes are exactly the re-serialised value (compact JSON in
-    orjson's layout, the common case) there is nothing to count.  One
-    re-serialisation, a regex search and two byte counts cost less than
-    counting each member name's occurrences.
+    first.  A regex search and two byte counts cost less than counting each
+    member name's occurrences.
     """
-    try:
-        again = _dumps(body)
-    except orjson.JSONEncodeError:  # nested deeper than orjson writes: look closely
-        return True
-    if again == raw:
-        # The usual case (compact JSON, as most encoders write it): the bytes are exactly
-        # what the parsed value serialises to, which has no duplicates; one compare.
-        return False
     if _DISGUISED.search(raw) is not None:
         return True
     return raw.count(b'"') != again.count(b'"')
@@ -266,7 +281,15 @@ def _duplicated_member(raw: bytes) -> str | None:
 
 
 def _invalid(id: RequestId, method: Any, message: str) -> ProtocolError:
-    return ProtocolError(INVALID_REQUEST, message, id=id, method=method if type(method) is str else None)
+    # The id is echoed in the answer and both are audited: oversized ones are dropped.
+    if type(id) is str and len(id) > MAX_ID:
+        id = None
+    return ProtocolError(
+        INVALID_REQUEST,
+        message,
+        id=id,
+        method=method if type(method) is str and len(method) <= MAX_METHOD else None,
+    )
 
 
 def parse_message(raw: bytes) -> Message:
@@ -306,7 +329,7 @@ def parse_message(raw: bytes) -> Message:
                 raise _invalid(
                     good_id,
                     method,
-                    f'member "{key}" is a case variant of "{fold_key(key)}"; refused as ambiguous',
+                    f'member "{key[:64]}" is a case variant of "{fold_key(key)}"; refused as ambiguous',
                 )
 
     kind: Kind
@@ -326,7 +349,7 @@ def parse_message(raw: bytes) -> Message:
                             raise _invalid(
                                 good_id,
                                 method,
-                                f'member "params.{key}" is a case variant of "{fold_key(key)}"; refused',
+                                f'member "params.{key[:64]}" is a case variant of "{fold_key(key)}"; refused',
                             )
             elif type(p) is not list:
                 raise _invalid(good_id, method, '"params" must be an object or an array')
@@ -351,11 +374,31 @@ def parse_message(raw: bytes) -> Message:
     else:
         raise _invalid(good_id, method, 'a JSON-RPC message needs "method", "result" or "error"')
 
-    if _may_have_duplicates(raw, body):
+    if type(method) is str and len(method) > MAX_METHOD:
+        raise _invalid(
+            good_id,
+            None,
+            f"the method name is {len(method)} characters long; at most {MAX_METHOD} are accepted",
+        )
+    if type(good_id) is str and len(good_id) > MAX_ID:
+        raise _invalid(None, method, f'"id" is {len(good_id)} characters long; at most {MAX_ID} are accepted')
+
+    try:
+        canonical = _dumps(body)
+    except orjson.JSONEncodeError:
+        # Nested deeper than orjson writes (lone surrogates do not parse at all).
+        raise _invalid(
+            good_id, method, f"the message is nested more than {_MAX_DEPTH} levels deep; refused"
+        ) from None
+    if canonical == raw:
+        # The usual case (compact JSON, as most encoders write it): the bytes are exactly
+        # the parsed value's serialisation, which has no duplicates; one compare.
+        return Message(raw, kind, good_id, method, params, body)
+    if _may_have_duplicates(raw, canonical):
         dup = _duplicated_member(raw)
         if dup is not None:
             raise _invalid(good_id, method, f'member "{dup}" occurs more than once; refused as ambiguous')
-    return Message(raw, kind, good_id, method, params, body)
+    return Message(canonical, kind, good_id, method, params, body)
 
 
 # ------------------------------------------------------------------- encoding

@@ -13,32 +13,42 @@ Commands are orders: :class:`ForwardToUpstream`, :class:`SendToClient`,
 
 The rules, and their reasons:
 
-1. **Authorise exactly the bytes you forward.**  Every message is parsed once
+1. **Forward exactly what was decided.**  Every message is parsed once
    (:func:`~bastion.protocol.jsonrpc.parse_message` refuses ambiguous ones);
-   decisions use that parse; the original bytes are forwarded.  Only
-   ``tools/list`` results are re-serialised, because filtering changes them.
-2. **Deny wins; the gateway answers for itself.**  A denied ``tools/call`` is
+   decisions use that parse, and what is forwarded is its canonical
+   serialisation (``Message.raw``): one line, so a newline-framed (stdio) or
+   event-framed (SSE) peer reads one message per message judged.  Filtered
+   ``tools/list`` results are re-serialised too.
+2. **Every message is judged by its method, request or notification.**  A
+   method that is a request in MCP (``tools/call``...) sent without an id is
+   refused, never forwarded as a notification that escaped the tool check;
+   client notifications outside :data:`CLIENT_NOTIFICATIONS` are refused too.
+3. **Deny wins; the gateway answers for itself.**  A denied ``tools/call`` is
    never forwarded: the client gets a JSON-RPC error naming the tool and an
    audit event records the denial.  Bytes that do not parse are answered,
    recorded as ``mcp.session.invalid_request`` and never forwarded.
-3. **Audit before forward.**  A :class:`RecordAudit` always comes before the
+4. **Audit before forward.**  A :class:`RecordAudit` always comes before the
    :class:`ForwardToUpstream` it describes, and the runner must commit it
    durably before forwarding.  Each forwarded, audited request has exactly one
    event; its outcome arrives later as a :class:`CompleteAudit` for the same
    id (one row per call).  Requests the log would drown in (``ping`` and the
    ``*/list`` methods) are recorded only when they fail.
-4. **Every response is matched.**  Client requests are tracked by id, at most
+5. **Every response is matched.**  Client requests are tracked by id, at most
    ``max_in_flight`` at once; past that the gateway answers itself rather than
    forward a request whose response it could not match, because an unmatched
    ``tools/list`` result could not be filtered.  A response to an id the client
    never sent (or that was answered or cancelled) is dropped.
-5. **Lists are lists.**  A filtered ``tools/list`` result always has
+6. **Lists are lists.**  A filtered ``tools/list`` result always has
    ``"tools": [...]``, ``[]`` when nothing is allowed; a result the gateway
    cannot filter is replaced by an error, never passed on unfiltered.
 
+7. **Nothing unbounded is stored or echoed.**  Tool names, methods, ids,
+   params and upstream error texts enter events and answers through the caps
+   of :mod:`bastion.audit.bound`.
+
 Not decided here: resources, prompts and completions are forwarded without
 RBAC (as Teleport does); server-to-client requests and notifications pass
-through unchanged and are not audited.
+through (re-serialised) and are not audited.
 
 This module must not do I/O, await, read the wall clock (use the injected
 clock) or log directly (emit :class:`Log`).
@@ -54,6 +64,7 @@ from typing import Any, Final, Protocol
 
 from bastion._time import Clock
 from bastion.audit import events as ev
+from bastion.audit.bound import MAX_ERROR, MAX_NAME, MAX_QUOTE, clip, clip_params
 from bastion.audit.events import AuditEvent
 from bastion.auth.credentials import Identity
 from bastion.policy.rbac import Decision
@@ -76,6 +87,7 @@ from bastion.protocol.jsonrpc import (
 from bastion.resources import App
 
 __all__ = [
+    "CLIENT_NOTIFICATIONS",
     "QUIET_METHODS",
     "CloseSession",
     "Command",
@@ -170,6 +182,18 @@ class ToolPolicy(Protocol):
 #: Requests recorded only when they fail: frequent, read-only, and uninteresting when they work.
 QUIET_METHODS: Final = frozenset(
     {"ping", "tools/list", "resources/list", "resources/templates/list", "prompts/list"}
+)
+
+#: The notifications an MCP client may send its server (2025-06-18 to 2026-07-28).  Any other
+#: method without an id is refused: a request sent as a notification would escape the checks
+#: requests get (finding F4: a ``tools/call`` without an id reached upstreams that ran it).
+CLIENT_NOTIFICATIONS: Final = frozenset(
+    {
+        "notifications/initialized",
+        "notifications/cancelled",
+        "notifications/progress",
+        "notifications/roots/list_changed",
+    }
 )
 
 _LIST_CHANGED: Final = notification("notifications/tools/list_changed")
@@ -270,8 +294,8 @@ def _ms(start: datetime, end: datetime) -> float:
 def _error_text(error: dict[str, Any]) -> str:
     message = error.get("message")
     if isinstance(message, str) and message:
-        return message
-    return f"error code {error.get('code')!r}"
+        return clip(message, MAX_ERROR)
+    return clip(f"error code {error.get('code')!r}", MAX_ERROR)
 
 
 def _tool_is_unambiguous(tool: Mapping[str, Any]) -> bool:
@@ -492,6 +516,13 @@ class Session:
                 return self._refuse(
                     msg, INVALID_PARAMS, 'tools/call needs "params.name": the tool name, a string'
                 )
+            if len(name) > MAX_NAME:
+                return self._refuse(
+                    msg,
+                    INVALID_PARAMS,
+                    f"the tool name is {len(name)} characters long; at most {MAX_NAME} are accepted",
+                    tool=clip(name, MAX_QUOTE),
+                )
             decision = self._checker.check_tool(self._app, name)
             if not decision.allowed:
                 return self._deny_tool(msg, name, decision)
@@ -514,8 +545,9 @@ class Session:
 
     def _deny_tool(self, msg: Message, tool: str, decision: Decision) -> list[Command]:
         app = self._app_name
+        shown = clip(tool, MAX_QUOTE)
         text = (
-            f'tool "{tool}" is not allowed for user "{self._identity.username}" on app "{app}": '
+            f'tool "{shown}" is not allowed for user "{self._identity.username}" on app "{app}": '
             f"{decision.reason}. Run `bastion mcp tools {app}` to see the tools you may call."
         )
         return self._refuse(
@@ -587,6 +619,8 @@ class Session:
     # -------------------------------------------------- client notifications
 
     def _client_notification(self, msg: Message) -> list[Command]:
+        if msg.method not in CLIENT_NOTIFICATIONS:
+            return self._refuse_notification(msg)
         now = self._clock.now()
         out: list[Command] = []
         if self._start_pending and not self._client_info:
@@ -596,6 +630,23 @@ class Session:
         if msg.method == "notifications/cancelled" and msg.params is not None:
             self._cancel(msg.params.get("requestId"), now, out)
         out.append(ForwardToUpstream(msg.raw, msg))
+        return out
+
+    def _refuse_notification(self, msg: Message) -> list[Command]:
+        """No id, and not a client notification: audited, answered, never forwarded."""
+        method = msg.method or ""
+        if method.startswith("notifications/"):
+            text = f"{method!r} is not a notification an MCP client may send; not forwarded"
+        else:
+            text = (
+                f"{method!r} is a request, and a request needs an id: "
+                "the gateway does not forward requests sent as notifications"
+            )
+        now = self._clock.now()
+        out: list[Command] = []
+        self._flush_start(out)
+        out.append(RecordAudit(self._event(ev.INVALID_REQUEST, False, now, msg, error=text, duration_ms=0.0)))
+        out.append(SendToClient(error_response(None, INVALID_REQUEST, text)))
         return out
 
     def _cancel(self, rid: Any, now: datetime, out: list[Command]) -> None:
@@ -812,7 +863,7 @@ class Session:
             values["request_id"] = msg.id if request_id is None else request_id
             params = msg.body.get("params")  # arrays too: audit what was sent
             if params is not None:
-                values["params"] = self._redact(params)
+                values["params"] = clip_params(self._redact(params), len(msg.raw))
         else:
             values["method"] = method
             values["request_id"] = request_id

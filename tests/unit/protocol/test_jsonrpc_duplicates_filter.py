@@ -21,10 +21,18 @@ from bastion.protocol.jsonrpc import ProtocolError, parse_message
         {"jsonrpc": "2.0", "id": "a", "result": {"content": [{"type": "text", "text": 'x"y'}], "id": 3}},
     ],
 )
-def test_compact_messages_pass_without_a_second_parse(value: dict[str, object]) -> None:
+def test_compact_messages_pass_without_a_second_parse(
+    value: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
     raw = orjson.dumps(value)
-    assert not jsonrpc._may_have_duplicates(raw, orjson.loads(raw))
-    assert parse_message(raw).body == value
+
+    def second_parse(raw: bytes) -> str | None:
+        raise AssertionError("compact bytes need no second parse")
+
+    monkeypatch.setattr(jsonrpc, "_duplicated_member", second_parse)
+    msg = parse_message(raw)
+    assert msg.body == value
+    assert msg.raw is raw  # the bytes are kept, not copied
 
 
 @pytest.mark.parametrize(

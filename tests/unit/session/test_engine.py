@@ -411,11 +411,16 @@ class TestToolCalls:
         assert cmds[1].raw is answer  # the upstream's bytes, untouched
         assert h.s.in_flight == 0
 
-    def test_forwarded_bytes_are_the_clients_bytes(self) -> None:
+    def test_forwarded_bytes_are_the_message_judged(self) -> None:
+        # Compact JSON is forwarded as it came; anything else as its canonical
+        # serialisation: one line, whatever whitespace the client used.
         h = initialized()
-        raw = b'{ "jsonrpc": "2.0", "id": "a", "method": "tools/call", "params": {"name": "echo"} }'
+        compact = b'{"jsonrpc":"2.0","id":"b","method":"tools/call","params":{"name":"echo"}}'
+        (forward,) = forwarded(h.s.client_sent(compact))
+        assert forward.raw is compact
+        raw = b'{ "jsonrpc": "2.0", "id": "a",\n "method": "tools/call", "params": {"name": "echo"} }'
         (forward,) = forwarded(h.s.client_sent(raw))
-        assert forward.raw is raw
+        assert forward.raw == b'{"jsonrpc":"2.0","id":"a","method":"tools/call","params":{"name":"echo"}}'
 
     def test_failed_call(self) -> None:
         h = initialized()
