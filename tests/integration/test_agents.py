@@ -84,6 +84,10 @@ def _agent_config(root: Path, node: Node, token: str, pin: str, selector: str) -
         "  enabled: true\n"
         "  resources:\n"
         f"  - labels: {selector}\n"
+        # The host lets dynamic apps run server-everything, as root or the test's user.
+        "  dynamic_apps:\n"
+        f"    commands: [{everything_cmd('stdio')[0]}]\n"
+        f"    run_as: [root, {os.environ.get('USER') or 'root'}]\n"
     )
     return cfg
 
