@@ -1126,6 +1126,20 @@ def render_starter(
             out += ["  # resources:", '  # - labels: {"env": "dev"}', "  resources: []"]
         else:
             out += ["  resources:", "  - labels:", '      "*": "*"']
+        out += [
+            "  # What those apps (created through the API) may do on this host: nothing unless",
+            "  # allowed here.  Programs (a directory ending in / allows the programs in it), host",
+            "  # users (root only if listed), variables they may set (never LD_*, PYTHON*,",
+            "  # NODE_OPTIONS...), and the networks HTTP/SSE apps may reach (loopback, link-local",
+            "  # and this gateway's own listeners stay refused unless a CIDR inside them is listed).",
+            "  # dynamic_apps:",
+            '  #   commands: ["/opt/mcp/launchers/"]',
+            '  #   run_as: ["mcp"]',
+            '  #   env: ["API_KEY"]',
+            '  #   upstream_networks: ["10.20.0.0/16", "*.mcp.example.com"]',
+            "  # Limits on every stdio server this host runs (a client past a cap gets HTTP 429).",
+            "  # stdio_limits: {per_user: 16, per_app: 64, address_space: 4GiB, open_files: 1024, cpu_time: 1h}",
+        ]
     else:
         out += ["  enabled: false"]
     text = "\n".join(out) + "\n"
