@@ -1138,7 +1138,12 @@ def render_starter(
             '  #   env: ["API_KEY"]',
             '  #   upstream_networks: ["10.20.0.0/16", "*.mcp.example.com"]',
             "  # Limits on every stdio server this host runs (a client past a cap gets HTTP 429).",
-            "  # stdio_limits: {per_user: 16, per_app: 64, address_space: 4GiB, open_files: 1024, cpu_time: 1h}",
+            "  # stdio_limits:",
+            "  #   per_user: 16",
+            "  #   per_app: 64",
+            "  #   address_space: 4GiB",
+            "  #   open_files: 1024",
+            "  #   cpu_time: 1h",
         ]
     else:
         out += ["  enabled: false"]
