@@ -180,7 +180,8 @@ class HostPolicy:
                 return (
                     f"mcp.env {_q(name)} may never be set by an app resource (loader or interpreter variable)"
                 )
-            if name not in self._env_names and not name.startswith(self._env_prefixes or ("\0",)):
+            by_prefix = bool(self._env_prefixes) and name.startswith(self._env_prefixes)
+            if name not in self._env_names and not by_prefix:
                 return f"mcp.env {_q(name)} is not in app_service.dynamic_apps.env"
         return None
 

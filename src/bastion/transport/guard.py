@@ -176,16 +176,17 @@ class AddressGuard:
             try:
                 infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except socket.gaierror as e:
-                raise UpstreamError(f"cannot resolve {host!r}: {e.strerror}") from None
+                raise UpstreamError(f"cannot resolve {host[:255]!r}: {e.strerror}") from None
             addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         if not addresses:
-            raise UpstreamError(f"cannot resolve {host!r}: no addresses")
+            raise UpstreamError(f"cannot resolve {host[:255]!r}: no addresses")
         for text in addresses:
             ip = ipaddress.ip_address(text.partition("%")[0])
             local = self._needs_local_test(ip, port) and _is_local(ip)
             why = self.refusal(ip, port, by_name=by_name, is_local=local)
             if why is not None:
-                shown = host if literal is not None else f"{host} ({ip})"
+                name = host if len(host) <= 255 else host[:255] + "..."  # bounded: an app's URI
+                shown = name if literal is not None else f"{name} ({ip})"
                 raise ForbiddenAddressError(
                     f"refusing to connect a dynamic app to {shown} port {port}: {why}"
                 )

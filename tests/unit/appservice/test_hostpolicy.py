@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import resource
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bastion.appservice.hostpolicy import HostPolicy, StdioSlots
-from bastion.config import AppService, DynamicAppsPolicy, StdioLimits, refused_env
+from bastion.config import AppService, DynamicAppsPolicy, StdioLimits, default_config, refused_env
 from bastion.errors import ConfigError, LimitExceededError
 from bastion.resources import App
 
@@ -110,12 +111,9 @@ def test_config_keys_and_defaults() -> None:
     assert limits.address_space == 4 << 30 and limits.cpu_time.total_seconds() == 3600
     s = AppService.model_validate({"stdio_limits": {"address_space": "512MiB", "cpu_time": "off"}})
     assert s.stdio_limits.address_space == 512 << 20 and s.stdio_limits.cpu_time.total_seconds() == 0
-    from bastion.config import default_config
-
     with pytest.raises(ConfigError, match="upstream_networks"):
         default_config(
-            __import__("pathlib").Path("/tmp/x"),
-            overrides={"app_service": {"dynamic_apps": {"upstream_networks": ["a b"]}}},
+            Path("/tmp/x"), overrides={"app_service": {"dynamic_apps": {"upstream_networks": ["a b"]}}}
         )
 
 
