@@ -29,7 +29,7 @@ import pytest
 
 from tests.integration.conftest import Node, start_node, stop_node, wait_for_log
 from tests.peers import ROOT
-from tests.security.conftest import INIT, Gateway, RawSession, Recording, recording_cmd
+from tests.security.conftest import INIT, Gateway, RawSession, Recording, recording_cmd, recording_http
 
 NOBODY = "nobody"
 RECORDER = str(ROOT / "tests" / "fixtures" / "recording_server.py")
@@ -161,12 +161,9 @@ def host() -> Iterator[Host]:
     shared.mkdir()
     shared.chmod(0o777)
     http_rec = root / "upstream.jsonl"
-    http = subprocess.Popen(recording_cmd("http", http_rec), stdout=subprocess.PIPE, cwd=ROOT)
     try:
-        assert http.stdout is not None
-        line = http.stdout.readline().decode()
-        assert line.startswith("listening on "), line
-        extra = f"""\
+        with recording_http(http_rec) as url:
+            extra = f"""\
 app_service:
   resources:
   - labels: {{"*": "*"}}
@@ -182,26 +179,20 @@ app_service:
     open_files: 256
     cpu_time: 10m
 """
-        node = start_node(root / "node", extra_config=extra, bastion_config="  diag_addr: 127.0.0.1:0\n")
-        try:
-            (root / "roles.yaml").write_text(MAKER_ROLE)
-            node.cli("create", str(root / "roles.yaml"), local=True)
-            node.cli("users", "add", "maker", "--roles=app-maker", local=True)
-            for user in ("alice", "carol", "dave"):
-                node.cli("users", "add", user, "--roles=mcp-user", local=True)
-            ident = root / "maker.id"
-            node.cli("auth", "sign", "--user=maker", f"--out={ident}", local=True)
-            m = wait_for_log(node.log, r"diag listening addr=http://127\.0\.0\.1:(\d+)", node.proc, 10.0)
-            yield Host(
-                Gateway(node, {}), ident, shared, line.split()[-1], Recording(http_rec), int(m.group(1))
-            )
-        finally:
-            stop_node(node)
+            node = start_node(root / "node", extra_config=extra, bastion_config="  diag_addr: 127.0.0.1:0\n")
+            try:
+                (root / "roles.yaml").write_text(MAKER_ROLE)
+                node.cli("create", str(root / "roles.yaml"), local=True)
+                node.cli("users", "add", "maker", "--roles=app-maker", local=True)
+                for user in ("alice", "carol", "dave"):
+                    node.cli("users", "add", user, "--roles=mcp-user", local=True)
+                ident = root / "maker.id"
+                node.cli("auth", "sign", "--user=maker", f"--out={ident}", local=True)
+                m = wait_for_log(node.log, r"diag listening addr=http://127\.0\.0\.1:(\d+)", node.proc, 10.0)
+                yield Host(Gateway(node, {}), ident, shared, url, Recording(http_rec), int(m.group(1)))
+            finally:
+                stop_node(node)
     finally:
-        http.terminate()
-        http.wait(timeout=10)
-        if http.stdout is not None:
-            http.stdout.close()
         shutil.rmtree(root, ignore_errors=True)
 
 
