@@ -366,6 +366,7 @@ class Cluster:
                             via="proxy",
                             proxies=[self.proxy_addr] if self.proxy else [],
                             apps=self.apps.registry.all(),
+                            refused=self.apps.registry.refused(),
                         ),
                     )
                 )

@@ -111,6 +111,17 @@ class Host:
         )
         return m.group(1)
 
+    def refused_in_heartbeat(self, name: str) -> str:
+        """The reason ``bastion get app_servers`` gives for refusing ``name`` (waits for it)."""
+        deadline = time.monotonic() + 10
+        while True:
+            out = json.loads(self.node.cli("get", "app_servers", "--format=json", local=True).stdout)
+            reasons = [s["spec"].get("refused", {}).get(name) for s in out]
+            found = [r for r in reasons if r]
+            if found or time.monotonic() > deadline:
+                assert found, out
+                return str(found[0])
+
     def served(self, name: str) -> None:
         wait_for_log(self.node.log, rf"dynamic app registered app={re.escape(name)}\b", self.node.proc, 10.0)
 
@@ -214,6 +225,7 @@ def test_f2_root_shell_with_ld_preload_from_a_create_only_user_never_runs(host: 
     )
     reason = host.refused("f2-root-sh")
     assert "'/bin/sh' is not in app_service.dynamic_apps.commands" in reason
+    assert reason in host.refused_in_heartbeat("f2-root-sh")  # `bastion get app_servers` shows it
     r = host.initialize("alice", "f2-root-sh")
     assert r.status_code == 404  # not served: no such app
     assert not marker.exists()

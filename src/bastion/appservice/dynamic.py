@@ -15,7 +15,8 @@ backend's poll interval) and keeps the registry in step:
 * a dynamic app the host's policy refuses (``app_service.dynamic_apps``: a
   command, host user, variable or upstream address the host does not allow) is
   not served, with a warning giving the reason; one already served stops
-  (its live sessions end).  The reasons are kept in ``refused``.
+  (its live sessions end).  The reasons are kept in the registry (``refused()``),
+  which heartbeats show (``bastion get app_servers``).
 """
 
 from __future__ import annotations
@@ -53,8 +54,6 @@ class DynamicApps:
     ) -> None:
         #: ``policy`` None: the defaults, which serve no dynamic stdio or HTTP/SSE app.
         self.policy = policy if policy is not None else HostPolicy.defaults(registry.is_static)
-        #: Dynamic apps this host refuses to serve: name -> reason.
-        self.refused: dict[str, str] = {}
         self.backend = backend
         self.registry = registry
         self.selectors = [LabelSelector.compile(s, {}) for s in selectors]
@@ -104,8 +103,8 @@ class DynamicApps:
             app = self._decode(item.key, item)
             if app is not None and self.matches(app):
                 wanted[app.metadata.name] = app
-        for name in set(self.refused) - set(wanted):
-            del self.refused[name]
+        for name in set(self.registry.refused()) - set(wanted):
+            self.registry.set_refused(name, None)
         for name in set(self.registry.dynamic_names()) - set(wanted):
             await self._remove(name, "no longer matches")
         for app in wanted.values():
@@ -139,21 +138,21 @@ class DynamicApps:
             return
         why = self.policy.refusal(app)
         if why is not None:
-            if self.refused.get(name) != why:
+            if self.registry.refused().get(name) != why:
                 log.warning(
                     "dynamic app not served: refused by this host", extra={"app": name, "reason": why}
                 )
-            self.refused[name] = why
+            self.registry.set_refused(name, why)
             await self._remove(name, f"refused by this host: {why}")
             return
-        self.refused.pop(name, None)
+        self.registry.set_refused(name, None)
         known = self.registry.get(name)
         self.registry.set_dynamic(app)
         log.info("dynamic app updated" if known else "dynamic app registered", extra={"app": name})
 
     async def _remove(self, name: str, why: str) -> None:
         if not why.startswith("refused by this host"):
-            self.refused.pop(name, None)
+            self.registry.set_refused(name, None)
         if self.registry.remove_dynamic(name):
             log.info("dynamic app unregistered", extra={"app": name, "reason": why})
             await self.on_removed(name)
