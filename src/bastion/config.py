@@ -694,8 +694,12 @@ class StdioLimits(_Model):
     per_user: int = Field(default=16, ge=1)
     #: Stdio server processes of one app on this host (all users).
     per_app: int = Field(default=64, ge=1)
-    #: RLIMIT_AS of each server (virtual memory, bytes or 512MiB / 4GiB).
-    address_space: Annotated[int, BeforeValidator(_size), Field(ge=0)] = 4 << 30
+    #: RLIMIT_DATA of each server: its writable private memory (heap, anonymous mappings),
+    #: in bytes or 512MiB / 4GiB.  Address space merely reserved is not counted.
+    memory: Annotated[int, BeforeValidator(_size), Field(ge=0)] = 4 << 30
+    #: RLIMIT_AS of each server: all its virtual memory.  Off by default: runtimes reserve
+    #: far more than they use (WebAssembly in Node needs ~10 GiB, Chromium's V8 sandbox 1 TiB).
+    address_space: Annotated[int, BeforeValidator(_size), Field(ge=0)] = 0
     #: RLIMIT_NOFILE of each server.
     open_files: int = Field(default=1024, ge=0)
     #: RLIMIT_CPU of each server: CPU time over its life (SIGXCPU then SIGKILL past it).
@@ -1141,7 +1145,7 @@ def render_starter(
             "  # stdio_limits:",
             "  #   per_user: 16",
             "  #   per_app: 64",
-            "  #   address_space: 4GiB",
+            "  #   memory: 4GiB",
             "  #   open_files: 1024",
             "  #   cpu_time: 1h",
         ]

@@ -186,7 +186,8 @@ app_service:
   stdio_limits:
     per_user: 3
     per_app: 5
-    address_space: 2GiB
+    memory: 2GiB
+    address_space: 16GiB
     open_files: 256
     cpu_time: 10m
 """
@@ -396,7 +397,8 @@ def test_f13_stdio_caps_answer_429_and_bound_the_processes(host: Host) -> None:
         # The children carry the host's rlimits (and no core dumps).
         for pid in mine:
             limits = _limits(pid)
-            assert limits["Max address space"] == str(2 << 30)
+            assert limits["Max data size"] == str(2 << 30)
+            assert limits["Max address space"] == str(16 << 30)
             assert limits["Max open files"] == "256"
             assert limits["Max cpu time"] == "600"
             assert limits["Max core file size"] == "0"

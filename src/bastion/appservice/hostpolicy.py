@@ -130,6 +130,7 @@ class HostPolicy:
         self.rlimits: tuple[tuple[int, int], ...] = tuple(
             (res, value)
             for res, value in (
+                (resource.RLIMIT_DATA, limits.memory),
                 (resource.RLIMIT_AS, limits.address_space),
                 (resource.RLIMIT_NOFILE, limits.open_files),
                 (resource.RLIMIT_CPU, int(limits.cpu_time.total_seconds())),

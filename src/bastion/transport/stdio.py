@@ -35,7 +35,7 @@ Security decisions:
   running as root can only run servers as itself.
 - **Limits.**  ``rlimits`` (resource, value) pairs are set in the child after the
   user switch and before exec, so the server and everything it starts inherit
-  them (``RLIMIT_AS``, ``RLIMIT_NOFILE``, ``RLIMIT_CPU``...; see
+  them (``RLIMIT_DATA``, ``RLIMIT_NOFILE``, ``RLIMIT_CPU``...; see
   docs/decisions/0015-stdio-process-limits.md).  A limit is only ever lowered:
   it is capped at the gateway's own hard limit.  Core dumps are always off (a
   core file would hold what the server had in memory).

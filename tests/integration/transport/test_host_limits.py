@@ -15,7 +15,7 @@ from bastion.transport.http import HTTPUpstreamPool
 from bastion.transport.sse import connect_sse
 from bastion.transport.stdio import spawn_stdio
 
-LIMITS = "grep -E '^Max (open files|address space|cpu time|core file size)' /proc/self/limits; sleep 30"
+LIMITS = "grep -E '^Max (open files|data size|cpu time|core file size)' /proc/self/limits; sleep 30"
 
 
 def _me() -> str:
@@ -31,7 +31,7 @@ async def test_stdio_child_gets_rlimits_and_releases_its_slot_once() -> None:
         cmd,
         name="limits",
         grace=0.5,
-        rlimits=[(resource.RLIMIT_NOFILE, 100), (resource.RLIMIT_AS, 1 << 30), (resource.RLIMIT_CPU, 60)],
+        rlimits=[(resource.RLIMIT_NOFILE, 100), (resource.RLIMIT_DATA, 1 << 30), (resource.RLIMIT_CPU, 60)],
         on_close=lambda: released.append(1),
     )
     try:
@@ -44,7 +44,7 @@ async def test_stdio_child_gets_rlimits_and_releases_its_slot_once() -> None:
         "Max cpu time": "60",
         "Max core file size": "0",
         "Max open files": "100",
-        "Max address space": str(1 << 30),
+        "Max data size": str(1 << 30),
     }
     assert released == [1]
 

@@ -108,9 +108,12 @@ def test_config_keys_and_defaults() -> None:
     assert (a.dynamic_apps.commands, a.dynamic_apps.run_as, a.dynamic_apps.upstream_networks) == ([], [], [])
     limits = a.stdio_limits
     assert (limits.per_user, limits.per_app, limits.open_files) == (16, 64, 1024)
-    assert limits.address_space == 4 << 30 and limits.cpu_time.total_seconds() == 3600
-    s = AppService.model_validate({"stdio_limits": {"address_space": "512MiB", "cpu_time": "off"}})
-    assert s.stdio_limits.address_space == 512 << 20 and s.stdio_limits.cpu_time.total_seconds() == 0
+    assert limits.memory == 4 << 30 and limits.address_space == 0 and limits.cpu_time.total_seconds() == 3600
+    s = AppService.model_validate(
+        {"stdio_limits": {"memory": "512MiB", "cpu_time": "off", "address_space": "16G"}}
+    )
+    assert s.stdio_limits.memory == 512 << 20 and s.stdio_limits.cpu_time.total_seconds() == 0
+    assert s.stdio_limits.address_space == 16 << 30
     with pytest.raises(ConfigError, match="upstream_networks"):
         default_config(
             Path("/tmp/x"), overrides={"app_service": {"dynamic_apps": {"upstream_networks": ["a b"]}}}
@@ -120,13 +123,11 @@ def test_config_keys_and_defaults() -> None:
 def test_rlimits_from_the_config() -> None:
     p = HostPolicy(
         DynamicAppsPolicy(),
-        StdioLimits.model_validate(
-            {"address_space": "1GiB", "open_files": 256, "cpu_time": 0, "processes": 50}
-        ),
+        StdioLimits.model_validate({"memory": "1GiB", "open_files": 256, "cpu_time": 0, "processes": 50}),
         trusted=lambda _: False,
     )
     assert dict(p.rlimits) == {
-        resource.RLIMIT_AS: 1 << 30,
+        resource.RLIMIT_DATA: 1 << 30,
         resource.RLIMIT_NOFILE: 256,
         resource.RLIMIT_NPROC: 50,
     }
