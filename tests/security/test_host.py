@@ -340,6 +340,9 @@ class _Redirect(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length", "0")))
+        self.do_GET()
+
+    def do_GET(self) -> None:
         self.send_response(307)
         self.send_header("Location", self.target)
         self.send_header("Content-Length", "0")
@@ -349,16 +352,18 @@ class _Redirect(BaseHTTPRequestHandler):
         return
 
 
-def test_f11_redirects_from_an_upstream_are_not_followed(host: Host) -> None:
+@pytest.mark.parametrize("scheme", ["mcp+http", "mcp+sse+http"])
+def test_f11_redirects_from_an_upstream_are_not_followed(host: Host, scheme: str) -> None:
     # The redirect points at the recording upstream: nothing may reach it through the gateway.
     handler = type("R", (_Redirect,), {"target": f"{host.upstream}/redirected"})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        host.create("f11-redirect", {"uri": f"mcp+http://127.0.0.1:{server.server_address[1]}/mcp"})
-        host.served("f11-redirect")
-        r = host.initialize("alice", "f11-redirect")
+        name = "f11-redirect-" + scheme.replace("+", "-")
+        host.create(name, {"uri": f"{scheme}://127.0.0.1:{server.server_address[1]}/mcp"})
+        host.served(name)
+        r = host.initialize("alice", name)
         assert r.status_code != 200
         assert not [x for x in host.upstream_rec.records() if x.get("path") == "/redirected"]
     finally:
