@@ -302,9 +302,14 @@ class Target:
         return mc.Target(self.url, token=self.token, ssl_ctx=self.ssl_ctx)
 
 
-def start_bastion(procs: Procs, tmp: Path, http_port: int) -> tuple[int, str, str, ssl.SSLContext, Path]:
-    """A one-node cluster with apps bench-http and bench-stdio and a user `bench` (mcp-user)."""
-    root = tmp / "bastion"
+def start_bastion(
+    procs: Procs, tmp: Path, http_port: int, name: str = "bastion", src: Path | None = None
+) -> tuple[int, str, str, ssl.SSLContext, Path]:
+    """A one-node cluster with apps bench-http and bench-stdio and a user `bench` (mcp-user).
+
+    ``src``: run the package from that source tree (a checkout of an earlier commit) instead.
+    """
+    root = tmp / name
     root.mkdir()
     stdio = stdio_cmd()
     run_as = "root" if os.geteuid() == 0 else ""
@@ -332,17 +337,19 @@ def start_bastion(procs: Procs, tmp: Path, http_port: int) -> tuple[int, str, st
         f"      run_as_host_user: {json.dumps(run_as)}\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
     proc = procs.start(
-        "bastion", [PY, "-m", "bastion.cli.main", "start", "--config", str(config)], core=GW_CORE, env=env
+        name, [PY, "-m", "bastion.cli.main", "start", "--config", str(config)], core=GW_CORE, env=env
     )
     end = time.monotonic() + 60
     addr = ""
     while not addr:
-        m = re.search(r"proxy listening addr=https://([\d.]+:\d+)", procs.log("bastion"))
+        m = re.search(r"proxy listening addr=https://([\d.]+:\d+)", procs.log(name))
         if m:
             addr = m.group(1)
         elif proc.poll() is not None or time.monotonic() > end:
-            raise RuntimeError(f"bastion start failed:\n{procs.log('bastion')}")
+            raise RuntimeError(f"{name} start failed:\n{procs.log(name)}")
         else:
             time.sleep(0.1)
 
@@ -369,7 +376,7 @@ def start_bastion(procs: Procs, tmp: Path, http_port: int) -> tuple[int, str, st
     return proc.pid, f"https://{addr}", token, ctx, root / "data"
 
 
-def start_all(procs: Procs, tmp: Path, skipped: dict[str, str]) -> list[Target]:
+def start_all(procs: Procs, tmp: Path, skipped: dict[str, str], baseline: Path | None = None) -> list[Target]:
     targets: list[Target] = []
 
     up = procs.start(
@@ -425,6 +432,24 @@ def start_all(procs: Procs, tmp: Path, skipped: dict[str, str]) -> list[Target]:
             spawns_per_session=True,
         )
     )
+
+    if baseline is not None:
+        # The same gateway at an earlier commit, same machine, same run: "before" figures.
+        b_pid, b_base, b_token, b_ctx, _ = start_bastion(procs, tmp, http_port, "before", baseline / "src")
+        for kind, app, extra in (("http", "bench-http", {}), ("stdio", "bench-stdio", {"idle_n": 50})):
+            targets.append(
+                Target(
+                    f"before-{kind}",
+                    f"bastion before (baseline) → {kind} upstream",
+                    kind,
+                    b_pid,
+                    url=f"{b_base}/mcp/apps/{app}",
+                    token=b_token,
+                    ssl_ctx=b_ctx,
+                    spawns_per_session=kind == "stdio",
+                    **extra,  # type: ignore[arg-type]
+                )
+            )
 
     peers: list[tuple[str, str, list[str], Path, bool]] = []
     stdio_line = " ".join(stdio_cmd())
@@ -932,6 +957,11 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated target keys to run (default: all)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, audit.db)")
     ap.add_argument(
+        "--baseline",
+        default="",
+        help="a git commit: also measure the gateway at that commit (targets before-http, before-stdio)",
+    )
+    ap.add_argument(
         "--max-wait",
         type=float,
         default=5.0,
@@ -970,7 +1000,16 @@ def main() -> int:
     t_start = time.monotonic()
     try:
         print(f"starting servers (logs in {tmp}) ...", flush=True)
-        targets = start_all(procs, tmp, skipped)
+        baseline = None
+        if args.baseline:
+            baseline = tmp / "baseline-src"
+            subprocess.run(
+                ["git", "-C", str(BENCH.parent), "worktree", "add", "--detach", str(baseline), args.baseline],
+                check=True,
+                capture_output=True,
+            )
+            meta["baseline"] = args.baseline
+        targets = start_all(procs, tmp, skipped, baseline)
         if args.only:
             keep = set(args.only.split(","))
             targets = [t for t in targets if t.key in keep]
@@ -1027,6 +1066,12 @@ def main() -> int:
         )
     finally:
         procs.stop_all()
+        if args.baseline:
+            subprocess.run(
+                ["git", "-C", str(BENCH.parent), "worktree", "remove", "--force", str(tmp / "baseline-src")],
+                check=False,
+                capture_output=True,
+            )
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
 

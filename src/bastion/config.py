@@ -526,7 +526,7 @@ class AppConfig(AppSpec, _AppIdentity):
 
     Fields: ``name``, ``description``, ``labels``, ``uri``, ``mcp``
     (``command``, ``args``, ``run_as_host_user``, ``env``),
-    ``insecure_skip_verify``, ``rewrite`` (``headers``, ``jwt_claims``).
+    ``insecure_skip_verify``, ``rewrite`` (``headers``, ``jwt_claims``), ``extra_paths``.
     """
 
     def to_app(self) -> App:
@@ -538,6 +538,7 @@ class AppConfig(AppSpec, _AppIdentity):
                 mcp=self.mcp,
                 insecure_skip_verify=self.insecure_skip_verify,
                 rewrite=self.rewrite,
+                extra_paths=self.extra_paths,
             ),
         )
 
@@ -1117,6 +1118,8 @@ def render_starter(
                 "  #   # Headers added to every request to the server:",
                 "  #   rewrite:",
                 '  #     headers: ["Authorization: Bearer <secret>"]',
+                "  #   # Paths forwarded besides the uri's own and /.well-known/oauth-* (prefixes):",
+                '  #   extra_paths: ["/v2"]',
                 '  # - name: "files"',
                 "  #   mcp:",
                 '  #     command: "npx"',

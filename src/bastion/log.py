@@ -4,6 +4,16 @@ Log records carry facts (what, who, how long), never secrets: credentials,
 passwords, invite codes, join tokens and private keys are never passed to a
 logger in the first place.  ``request_id`` is a context variable set by the
 proxy for each HTTP request and copied onto every record logged while it runs.
+
+One record is one line, whatever its values hold: client input reaches log
+fields (paths, names, user agents), and a value with a line break could forge
+a whole record (finding F9: ``GET /v1/webapi/find%0d%0a2026-... INFO ...``).
+So the text format escapes every character that is not printable (control
+characters, line and paragraph separators, bidirectional overrides) as
+``\\n``, ``\\xNN`` or ``\\uNNNN``, quotes field values that hold a space, ``"``
+or ``=`` (so ``user=a admin=yes`` stays one field), and indents traceback
+lines so that none can pass for a record.  The JSON format is escaped by its
+encoder.
 """
 
 from __future__ import annotations
@@ -45,17 +55,49 @@ class JSONFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(ch: str) -> str:
+    named = _NAMED_ESCAPES.get(ch)
+    if named is not None:
+        return named
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def escape(text: str) -> str:
+    """``text`` with every non-printable character escaped: one line, nothing hidden."""
+    if text.isprintable():  # the usual case: one C-level scan
+        return text
+    return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)
+
+
+#: Longest field value written whole (characters); longer ones are cut, saying how much.
+MAX_FIELD = 1024
+
+
+def _field(value: Any) -> str:
+    text = str(value)
+    if len(text) > MAX_FIELD:
+        text = f"{text[:MAX_FIELD]}...(+{len(text) - MAX_FIELD} characters)"
+    if text and text.isprintable() and " " not in text and '"' not in text and "=" not in text:
+        return text
+    return '"' + escape(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-        parts = [ts, f"{record.levelname:<5}", f"[{record.name}]", record.getMessage()]
+        parts = [ts, f"{record.levelname:<5}", f"[{escape(record.name)}]", escape(record.getMessage())]
         rid = request_id.get()
         if rid:
-            parts.append(f"request_id={rid}")
-        parts.extend(f"{k}={v}" for k, v in _extras(record).items())
+            parts.append(f"request_id={_field(rid)}")
+        parts.extend(f"{escape(k)}={_field(v)}" for k, v in _extras(record).items())
         line = " ".join(parts)
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            trace = self.formatException(record.exc_info)
+            line += "".join("\n    | " + escape(t) for t in trace.split("\n"))
         return line
 
 

@@ -26,6 +26,7 @@ from bastion.appservice.mcp_http import Limits, MCPHandler
 from bastion.appservice.registry import AppRegistry
 from bastion.audit.emitter import AuditLog
 from bastion.audit.redact import DEFAULT_SECRET_KEYS, Redactor
+from bastion.audit.refusals import Refusals
 from bastion.audit.store import AuditStore, SQLiteAuditStore
 from bastion.auth.ca import CertAuthority, fingerprint
 from bastion.auth.server import AuthServer
@@ -102,6 +103,7 @@ class AppServiceParts:
             registry,
             [r.labels for r in a.resources],
             on_removed=handler.end_app_sessions,
+            on_redefined=handler.end_redefined_sessions,
             policy=host,
         )
         dynamic.start()
@@ -222,6 +224,11 @@ class Cluster:
                     local_registry=apps.registry if apps else None,
                     local_tag=local_tag,
                     tunnels=tunnels,
+                    # Refusals at the front are audited with the local app service's recorder
+                    # (one rate limit per source for the process), or one of the proxy's own.
+                    refusals=apps.handler.refusals
+                    if apps
+                    else Refusals(audit, cluster_name=auth.cluster_name, clock=auth.clock),
                 )
                 tls = cfg.proxy_service.tls
                 proxy = ProxyService(

@@ -103,6 +103,7 @@ class RawSession:
 
     def __init__(self, gw: Gateway, user: str, app: str) -> None:
         self.gw, self.user, self.app = gw, user, app
+        self._pings = 0
         self.client = gw.http()
         self.url = f"https://{gw.node.addr}/mcp/apps/{app}"
         r = self.post(json.dumps(INIT).encode(), session=False)
@@ -112,6 +113,13 @@ class RawSession:
         self.id = r.headers["mcp-session-id"]
         r = self.post(b'{"jsonrpc":"2.0","method":"notifications/initialized"}')
         assert r.status_code == 202, r.text
+        self.sync()
+
+    def sync(self) -> None:
+        """Return once everything sent so far reached the upstream: a ping was answered after it."""
+        self._pings += 1
+        r = self.post(b'{"jsonrpc":"2.0","id":"sync-%d","method":"ping"}' % self._pings)
+        assert r.status_code == 200, r.text
 
     def post(self, body: bytes, *, session: bool = True, path: str = "") -> httpx.Response:
         headers = {

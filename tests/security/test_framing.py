@@ -79,7 +79,8 @@ def test_f4_tools_call_sent_as_a_notification_is_refused_and_audited(gateway: Ga
         assert r.status_code == 400
         r = s.post(b'{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":99}}')
         assert r.status_code == 202
-        assert gateway.recordings[app].methods()[before:] == ["notifications/cancelled"]
+        s.sync()
+        assert gateway.recordings[app].methods()[before:] == ["notifications/cancelled", "ping"]
         refused = [
             e
             for e in gateway.audit("--user=limited", f"--app={app}", "--type=mcp.session.invalid_request")

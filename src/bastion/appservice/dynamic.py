@@ -50,6 +50,7 @@ class DynamicApps:
         selectors: Sequence[dict[str, list[str]]],
         *,
         on_removed: Callable[[str], Awaitable[None]],
+        on_redefined: Callable[[str], Awaitable[None]] | None = None,
         policy: HostPolicy | None = None,
     ) -> None:
         #: ``policy`` None: the defaults, which serve no dynamic stdio or HTTP/SSE app.
@@ -58,6 +59,8 @@ class DynamicApps:
         self.registry = registry
         self.selectors = [LabelSelector.compile(s, {}) for s in selectors]
         self.on_removed = on_removed
+        #: Called after an app served here changed definition (its older sessions end).
+        self.on_redefined = on_redefined
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
 
@@ -149,6 +152,8 @@ class DynamicApps:
         known = self.registry.get(name)
         self.registry.set_dynamic(app)
         log.info("dynamic app updated" if known else "dynamic app registered", extra={"app": name})
+        if known is not None and known != app and self.on_redefined is not None:
+            await self.on_redefined(name)
 
     async def _remove(self, name: str, why: str) -> None:
         if not why.startswith("refused by this host"):

@@ -46,16 +46,21 @@ from bastion.appservice.upstreams import (
     JWTCache,
     Pools,
     UpstreamIdentity,
+    is_identity_header,
     open_stream,
+    origin_and_path,
+    stripped_headers,
     upstream_target,
 )
+from bastion.audit.bound import MAX_QUOTE, clip
 from bastion.audit.emitter import AuditLog
 from bastion.audit.redact import redact_headers
+from bastion.audit.refusals import Refusals
 from bastion.auth.ca import CertAuthority
 from bastion.auth.server import Actor
 from bastion.errors import BastionError, LimitExceededError, UpstreamError
 from bastion.metrics import AppMetrics, app_metrics, maybe_tracer, upstream_error_kind
-from bastion.protocol import jsonrpc
+from bastion.protocol import jsonrpc, paths
 from bastion.protocol.headers import mismatch
 from bastion.protocol.sse import SSEParser, encode_event
 from bastion.resources import App
@@ -130,6 +135,9 @@ class GatewaySession:
     reader: asyncio.Task[None] | None = None
     dead: str = ""
     policy_key: tuple[int, ...] = ()
+    #: Client header names never passed upstream for this app (its rewrite headers and the
+    #: identity headers): computed once per app, checked only when the client's headers change.
+    strip: frozenset[bytes] = frozenset()
     #: The client's headers as last seen (without content-length), and what was derived
     #: from them: clients send the same headers on every request of a session.
     hdr_key: dict[bytes, bytes] | None = None
@@ -149,6 +157,27 @@ class SessionGone(BastionError):
     http_status = 404
     code = "session_not_found"
 
+    def __init__(self, message: str, *, ended: GatewaySession | None = None) -> None:
+        super().__init__(message)
+        #: A session to end before answering (its app was redefined).
+        self.ended = ended
+
+
+class Refused(BastionError):
+    """A request refused before (or without) a session engine: answered and audited in ``__call__``."""
+
+    origin = "client"
+    code = "refused"
+
+    def __init__(
+        self, status: int, message: str, *, rpc_code: int = -32600, mid: Any = None, allow: bytes = b""
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.rpc_code = rpc_code
+        self.mid = mid
+        self.allow = allow
+
 
 class MCPHandler:
     """The ASGI app for ``/mcp/apps/<app>[/...]``; the proxy calls it after authentication."""
@@ -164,6 +193,7 @@ class MCPHandler:
         redact: Callable[[Any], Any],
         limits: Limits | None = None,
         session_tag: str = "",
+        refusals: Refusals | None = None,
         host: HostPolicy | None = None,
     ) -> None:
         #: ``jwt_ca`` signs upstream JWTs in-process; without it (a joined app
@@ -175,6 +205,9 @@ class MCPHandler:
         self.session_prefix = f"{session_tag}." if session_tag else ""
         self.registry = registry
         self.audit = audit
+        #: Refused requests are audited here (rate-limited per source); our own unless shared.
+        self._own_refusals = refusals is None
+        self.refusals = refusals or Refusals(audit, cluster_name=cluster_name, clock=clock)
         self.redact = redact
         self.limits = limits or Limits()
         #: What the host lets apps do (address guard, stdio caps and rlimits); hostpolicy.py.
@@ -193,6 +226,8 @@ class MCPHandler:
 
     def start(self) -> None:
         self._reaper = asyncio.create_task(self._reap(), name="mcp-session-reaper")
+        if self._own_refusals:
+            self.refusals.start()
 
     async def aclose(self) -> None:
         if self._reaper:
@@ -202,11 +237,21 @@ class MCPHandler:
         for s in list(self.sessions.values()):
             await self._end(s, "gateway shutting down")
         await self.pools.aclose()
+        if self._own_refusals:
+            await self.refusals.aclose()
 
     async def end_app_sessions(self, app_name: str) -> None:
         """End every live session of an app that is no longer served (each with its end event)."""
         for s in [s for s in self.sessions.values() if s.app.metadata.name == app_name]:
             await self._end(s, f'app "{app_name}" is no longer served')
+
+    async def end_redefined_sessions(self, app_name: str) -> None:
+        """End the live sessions of ``app_name`` made with another definition than the served one:
+        a session is bound to its app's definition (labels, upstream, rewrite), not only its name."""
+        current = self.registry.get(app_name)
+        for s in [s for s in self.sessions.values() if s.app.metadata.name == app_name]:
+            if current is None or (s.app is not current and s.app != current):
+                await self._end(s, f'app "{app_name}" was redefined')
 
     async def _reap(self) -> None:
         while True:
@@ -228,6 +273,19 @@ class MCPHandler:
         headers = ctx.get("headers") or {k.lower(): v for k, v in scope["headers"]}
         method = scope["method"]
         try:
+            sub = ctx.get("subpath", "/")
+            if sub != "/" and sub:
+                # Only the app's own paths go upstream (decision 0016).  ``sub`` was normalised by
+                # the proxy; normalised again here (a no-op then), because this app service decides.
+                sub = paths.normalise(paths.encode_target(sub).encode("ascii"))
+                target = upstream_target(app, sub)
+                if target is None:
+                    raise Refused(
+                        404,
+                        f"path {clip(sub, MAX_QUOTE)!r} is not served by app {app.metadata.name!r}: "
+                        "only its MCP endpoint, /.well-known/oauth-* and the app's extra_paths are",
+                    )
+                ctx["target"] = target
             if method == "POST":
                 if self._tracer is None:
                     await self._post(scope, receive, send, actor, app, headers)
@@ -239,21 +297,44 @@ class MCPHandler:
             elif method == "GET":
                 await self._get(send, receive, actor, app, headers)
             elif method == "DELETE":
-                await self._delete(send, actor, headers)
+                await self._delete(send, actor, app, headers)
             else:
-                await _plain(
-                    send,
-                    405,
-                    b"method not allowed: use POST, GET or DELETE",
-                    "client",
-                    extra=[(b"allow", b"GET, POST, DELETE")],
-                )
+                raise Refused(405, "method not allowed: use POST, GET or DELETE", allow=b"GET, POST, DELETE")
+        except Refused as e:
+            self._refused(scope, actor, app, headers, e.status, e.message)
+            extra = [(b"allow", e.allow)] if e.allow else None
+            await _jsonrpc_error(send, e.status, e.mid, e.rpc_code, e.message, "client", extra)
         except SessionGone as e:
+            if e.ended is not None:
+                await self._end(e.ended, f'app "{app.metadata.name}" was redefined')
+            self._refused(scope, actor, app, headers, 404, e.message)
             await _jsonrpc_error(send, 404, None, -32001, e.message, "client")
         except BastionError as e:
+            if e.origin == "client":
+                self._refused(scope, actor, app, headers, e.http_status, e.message)
             await _jsonrpc_error(
                 send, e.http_status, None, -32603 if e.origin != "client" else -32600, e.message, e.origin
             )
+        except Exception:
+            # A gateway bug, not the client's input (that is refused above, with its reason).
+            log.exception("MCP request failed", extra={"app": app.metadata.name, "method": method})
+            with contextlib.suppress(Exception):  # the answer may have begun already
+                await _jsonrpc_error(send, 500, None, -32603, "internal gateway error", "gateway")
+
+    def _refused(
+        self, scope: Scope, actor: Actor, app: App, headers: dict[bytes, bytes], status: int, why: str
+    ) -> None:
+        raw = scope.get("raw_path")
+        self.refusals.refused(
+            status=status,
+            reason=why,
+            remote_addr=(scope.get("client") or ("", 0))[0],
+            user=actor.name,
+            app=app.metadata.name,
+            session_id=headers.get(b"mcp-session-id", b"").decode("latin-1"),
+            http_method=scope.get("method", ""),
+            path=raw.decode("latin-1") if raw else str(scope.get("path", "")),
+        )
 
     # ------------------------------------------------------------------ POST
 
@@ -262,22 +343,15 @@ class MCPHandler:
     ) -> None:
         body = await _read_body(receive, self.limits.max_body)
         if body is None:
-            await _jsonrpc_error(
-                send, 413, None, -32600, f"request body larger than {self.limits.max_body} bytes", "client"
-            )
-            return
+            raise Refused(413, f"request body larger than {self.limits.max_body} bytes")
         version = headers.get(b"mcp-protocol-version", b"").decode("latin-1")
         if version and version not in SUPPORTED_VERSIONS:
-            await _jsonrpc_error(
-                send,
+            raise Refused(
                 400,
-                None,
-                jsonrpc.UNSUPPORTED_PROTOCOL_VERSION,
-                f"unsupported MCP-Protocol-Version {version!r} "
+                f"unsupported MCP-Protocol-Version {clip(version, MAX_QUOTE)!r} "
                 f"(supported: {', '.join(sorted(SUPPORTED_VERSIONS))})",
-                "client",
+                rpc_code=jsonrpc.UNSUPPORTED_PROTOCOL_VERSION,
             )
-            return
         m_method, m_name = headers.get(b"mcp-method"), headers.get(b"mcp-name")
         if m_method is not None or m_name is not None:
             try:
@@ -286,27 +360,24 @@ class MCPHandler:
             except jsonrpc.ProtocolError:
                 why = ""  # the body's own error is reported below
             if why:
-                await _jsonrpc_error(send, 400, None, jsonrpc.HEADER_MISMATCH, why, "client")
-                return
+                raise Refused(400, why, rpc_code=jsonrpc.HEADER_MISMATCH)
         sid = headers.get(b"mcp-session-id", b"").decode("latin-1")
         if sid:
-            s = self._session(sid, actor)
+            s = self._session(sid, actor, app)
         else:
             try:
                 msg = jsonrpc.parse_message(body)
             except jsonrpc.ProtocolError as e:
-                await _jsonrpc_error(send, 400, e.id, e.rpc_code, e.message, "client")
-                return
+                raise Refused(400, e.message, rpc_code=e.rpc_code, mid=e.id) from None
             if msg.method != "initialize" or msg.kind != "request":
                 what = (
                     "server/discover (MCP 2026-07-28) is not supported by this gateway yet; use initialize"
                     if msg.method == "server/discover"
                     else "missing Mcp-Session-Id header: start a session with an initialize request"
                 )
-                await _jsonrpc_error(
-                    send, 400, msg.id, -32600 if msg.method != "server/discover" else -32601, what, "client"
+                raise Refused(
+                    400, what, rpc_code=-32600 if msg.method != "server/discover" else -32601, mid=msg.id
                 )
-                return
             s = await self._new_session(actor, app, scope)
         s.last_active = time.monotonic()
         if s.stream is None:
@@ -314,12 +385,18 @@ class MCPHandler:
         else:
             await self._post_stream(s, send, body, headers, new=not sid)
 
-    def _session(self, sid: str, actor: Actor) -> GatewaySession:
+    def _session(self, sid: str, actor: Actor, app: App) -> GatewaySession:
         s = self.sessions.get(sid)
-        # Another user's session id is as unknown as a made-up one.
-        if s is None or s.user != actor.name or s.dead:
+        # Another user's session id, or one of another app, is as unknown as a made-up one.
+        if s is None or s.user != actor.name or s.dead or s.app.metadata.name != app.metadata.name:
             raise SessionGone(
                 "session not found (it ended or never existed): start a new one with initialize"
+            )
+        if s.app is not app and s.app != app:
+            # The app was redefined since the session began (labels, upstream, rewrite): the
+            # session was decided on the old definition, so it ends; access is checked anew.
+            raise SessionGone(
+                "the app was redefined since this session began: start a new one with initialize", ended=s
             )
         if actor.policy_key != s.policy_key and actor.checker is not None:
             # The user's roles changed: live sessions follow within the actor-cache TTL,
@@ -360,7 +437,14 @@ class MCPHandler:
         is_demo = app.metadata.name == DEMO_APP_NAME and self.registry.is_demo(app)
         m = app_metrics(app.metadata.name, "demo" if is_demo else app.spec.transport)
         s = GatewaySession(
-            id=sid, user=actor.name, app=app, engine=engine, ident=ident, m=m, policy_key=actor.policy_key
+            id=sid,
+            user=actor.name,
+            app=app,
+            engine=engine,
+            ident=ident,
+            m=m,
+            policy_key=actor.policy_key,
+            strip=stripped_headers(app),
         )
         if app.spec.transport != "http" or is_demo:
             try:
@@ -610,7 +694,7 @@ class MCPHandler:
             with contextlib.suppress(Exception):
                 resp = await asyncio.wait_for(
                     self.pools.for_app(s.app).request(
-                        "DELETE", upstream_target(s.app, "/"), self._upstream_headers(s, {}, accept=_JSON)
+                        "DELETE", origin_and_path(s.app)[1], self._upstream_headers(s, {}, accept=_JSON)
                     ),
                     5.0,
                 )
@@ -657,7 +741,7 @@ class MCPHandler:
         pool = s.pool
         if pool is None:
             pool = s.pool = self.pools.for_app(s.app)
-            s.target = upstream_target(s.app, "/")
+            s.target = origin_and_path(s.app)[1]
         return pool
 
     async def _post_http(
@@ -715,13 +799,20 @@ class MCPHandler:
             await _send(send, 202, [], b"", extra)
             return
         pool = s.pool or self._pool(s)
-        sub = scope["bastion"].get("subpath", "/")
-        target = s.target if sub == "/" or not sub else sub
-        up_headers = self._post_headers(s, headers)
+        # Set by __call__ for an allowed sub-path (already normalised and re-encoded).
+        target = scope["bastion"].get("target") or s.target
         request_id = fwd.message.id
         sent_at = time.perf_counter()
         try:
+            up_headers = self._post_headers(s, headers)
             resp = await pool.request("POST", target, up_headers, fwd.raw)
+        except ValueError as e:
+            # The request could not be written (a header or target the pool refuses): our fault,
+            # since client input is checked before; the call is still completed in the audit log.
+            log.error("upstream request not built", extra={"session_id": s.id, "error": str(e)[:200]})
+            body = await self._fail_request(s, request_id, "the gateway could not build the upstream request")
+            await _send(send, 500, [(b"content-type", _JSON), (ORIGIN_HEADER, b"gateway")], body, extra)
+            return
         except UpstreamError as e:
             s.m.upstream_error(upstream_error_kind(e))
             body = await self._fail_request(s, request_id, e.message)
@@ -912,14 +1003,13 @@ class MCPHandler:
     ) -> None:
         sid = headers.get(b"mcp-session-id", b"").decode("latin-1")
         if not sid:
-            await _jsonrpc_error(send, 400, None, -32600, "missing Mcp-Session-Id header", "client")
-            return
-        s = self._session(sid, actor)
+            raise Refused(400, "missing Mcp-Session-Id header")
+        s = self._session(sid, actor, app)
         s.last_active = time.monotonic()
         if s.stream is None:
             pool = self.pools.for_app(s.app)
             up = self._upstream_headers(s, headers, accept=b"text/event-stream")
-            resp = await pool.request("GET", upstream_target(s.app, "/"), up)
+            resp = await pool.request("GET", origin_and_path(s.app)[1], up)
             try:
                 ctype = (resp.header(b"content-type") or b"").split(b";")[0].strip().lower()
                 if resp.status != 200 or ctype != _SSE:
@@ -955,18 +1045,17 @@ class MCPHandler:
 
     # ---------------------------------------------------------------- DELETE
 
-    async def _delete(self, send: Send, actor: Actor, headers: dict[bytes, bytes]) -> None:
+    async def _delete(self, send: Send, actor: Actor, app: App, headers: dict[bytes, bytes]) -> None:
         sid = headers.get(b"mcp-session-id", b"").decode("latin-1")
         if not sid:
-            await _jsonrpc_error(send, 400, None, -32600, "missing Mcp-Session-Id header", "client")
-            return
-        s = self._session(sid, actor)
+            raise Refused(400, "missing Mcp-Session-Id header")
+        s = self._session(sid, actor, app)
         if s.stream is None and s.upstream_session_id:
             pool = self.pools.for_app(s.app)
             with contextlib.suppress(UpstreamError):
                 resp = await pool.request(
                     "DELETE",
-                    upstream_target(s.app, "/"),
+                    origin_and_path(s.app)[1],
                     self._upstream_headers(s, headers, accept=b"application/json"),
                 )
                 await resp.aclose()
@@ -1002,10 +1091,17 @@ def _session_headers(
         if h != s.hdr_key:
             s.hdr_key = h
             s.audit_hdrs = _audit_headers(headers)
+            strip = s.strip
             s.pass_hdrs = [
                 (k, v)
                 for k, v in headers.items()
-                if not (k in _HOP or k.startswith(b"x-bastion") or k in (b"accept", b"content-type"))
+                if not (
+                    k in _HOP
+                    or k in strip
+                    or k.startswith(b"x-bastion")
+                    or is_identity_header(k)
+                    or k in (b"accept", b"content-type")
+                )
             ]
         s.hdr_seen = headers
     return s.audit_hdrs, s.pass_hdrs
@@ -1072,14 +1168,6 @@ async def _send_json(
         hs = [(b"content-type", _JSON), (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": status, "headers": hs})
     await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def _plain(
-    send: Send, status: int, text: bytes, origin: str, extra: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    await _send(
-        send, status, [(b"content-type", b"text/plain"), (ORIGIN_HEADER, origin.encode())], text, extra
-    )
 
 
 async def _jsonrpc_error(

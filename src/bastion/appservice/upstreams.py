@@ -21,13 +21,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from bastion.appservice.demo import DemoServer
 from bastion.appservice.hostpolicy import HostPolicy
 from bastion.auth import appjwt
 from bastion.auth.ca import CertAuthority
 from bastion.errors import UpstreamError
+from bastion.protocol.paths import encode_target
 from bastion.resources import App
 from bastion.transport.http import HTTPUpstreamPool
 
@@ -64,11 +65,57 @@ def _origin_and_path(url: str) -> tuple[str, str]:
     return f"{parts.scheme}://{parts.netloc}", path
 
 
-def upstream_target(app: App, client_path: str) -> str:
-    """The guide's path rule: ``/`` goes to the URI's path; any other path is forwarded as it is."""
-    if client_path in ("", "/"):
+#: Discovery documents a client needs to authenticate to an upstream (RFC 8414, RFC 9728):
+#: forwarded for every streamable-HTTP app.
+OAUTH_DISCOVERY = "/.well-known/oauth-"
+
+
+def upstream_target(app: App, path: str) -> str | None:
+    """The upstream request target for a client's normalised sub-path, or None: not forwarded.
+
+    ``/`` (or nothing) goes to the URI's path, as in Teleport.  Unlike Teleport, which
+    forwards any other path as it is, only these are (decision 0016): the URI's own path,
+    ``/.well-known/oauth-*``, and the prefixes in the app's ``extra_paths``.  ``path``
+    comes from ``bastion.protocol.paths.normalise``; the target is its re-encoding.
+    """
+    if path in ("", "/"):
         return origin_and_path(app)[1]
-    return client_path
+    if path == _uri_path(app.spec.uri) or path.startswith(OAUTH_DISCOVERY):
+        return encode_target(path)
+    for prefix in app.spec.extra_paths:
+        if path == prefix or path.startswith(prefix if prefix.endswith("/") else prefix + "/"):
+            return encode_target(path)
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _uri_path(uri: str) -> str:
+    for prefix in ("mcp+sse+", "mcp+"):
+        if uri.startswith(prefix):
+            uri = uri[len(prefix) :]
+            break
+    return unquote(urlsplit(uri).path) or "/"
+
+
+#: Client headers never passed upstream, whatever the app: they claim an identity, and only
+#: the gateway states identities (``X-Forwarded-*`` and ``*-Jwt-Assertion`` by pattern too).
+IDENTITY_HEADERS = frozenset({b"forwarded", b"x-real-ip", JWT_HEADER.lower().encode()})
+
+
+def stripped_headers(app: App) -> frozenset[bytes]:
+    """Client header names (lower case) this app's upstream must not receive from the client:
+    :data:`IDENTITY_HEADERS` and the app's rewrite headers, which the gateway sets itself."""
+    return _stripped(tuple(h.name for h in app.spec.rewrite.headers))
+
+
+@functools.lru_cache(maxsize=1024)
+def _stripped(names: tuple[str, ...]) -> frozenset[bytes]:
+    return IDENTITY_HEADERS | {n.lower().encode("latin-1") for n in names}
+
+
+def is_identity_header(name: bytes) -> bool:
+    """``X-Forwarded-*`` or ``*-Jwt-Assertion`` (``name`` in lower case); see :data:`IDENTITY_HEADERS`."""
+    return name.startswith(b"x-forwarded-") or name.endswith(b"-jwt-assertion")
 
 
 #: Signed upstream JWTs shared by the sessions of one user with one app: ``key -> (jwt, expires)``.

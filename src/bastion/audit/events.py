@@ -13,6 +13,12 @@ Types and codes (ours; the set follows Teleport's MCP session events)::
     mcp.session.notification     BMCP004I / BMCP004E
     mcp.session.listen_stream    BMCP005I / BMCP005E   (GET stream of streamable HTTP)
     mcp.session.invalid_request  BMCP006E              (not understood; refused)
+    mcp.session.rejected         BMCP007E              refused before any session engine saw it
+                                                       (bad Origin, app not found or hidden,
+                                                       unknown session, bad path or body, limits)
+    auth.failed                  BAUTH001E             missing or bad credential on an MCP request
+    audit.suppressed             BAUD001E              refusals from one source past its rate,
+                                                       counted instead of recorded one by one
 
 This module must not do I/O.
 """
@@ -29,6 +35,9 @@ REQUEST = "mcp.session.request"
 NOTIFICATION = "mcp.session.notification"
 LISTEN_STREAM = "mcp.session.listen_stream"
 INVALID_REQUEST = "mcp.session.invalid_request"
+SESSION_REJECTED = "mcp.session.rejected"
+AUTH_FAILED = "auth.failed"
+SUPPRESSED = "audit.suppressed"
 
 _CODES = {
     SESSION_START: "BMCP001",
@@ -37,6 +46,9 @@ _CODES = {
     NOTIFICATION: "BMCP004",
     LISTEN_STREAM: "BMCP005",
     INVALID_REQUEST: "BMCP006",
+    SESSION_REJECTED: "BMCP007",
+    AUTH_FAILED: "BAUTH001",
+    SUPPRESSED: "BAUD001",
 }
 
 EVENT_TYPES = tuple(_CODES)

@@ -3,9 +3,11 @@
 ``/mcp/apps/<app>[/<path>]`` is the hot path, so it is plain ASGI with no
 framework: check ``Origin``, authenticate the bearer credential (verified
 identities are cached for a few seconds, so a role change reaches live
-sessions within that time), resolve the app — an app the caller's labels do
-not match is answered exactly like a missing one — and hand over to the app
-service.  Everything else goes to the Starlette web API.
+sessions within that time), normalise the path after the app name once, from
+the raw target (``protocol/paths.py``: encoded slashes, control characters and
+dot segments above the root are refused), resolve the app — an app the
+caller's labels do not match is answered exactly like a missing one — and
+hand over to the app service.  Every refusal is audited.  Everything else goes to the Starlette web API.
 """
 
 from __future__ import annotations
@@ -16,14 +18,18 @@ from collections.abc import Awaitable, Callable
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from bastion.audit.bound import MAX_QUOTE, clip
+from bastion.audit.refusals import Refusals
 from bastion.auth import appjwt
 from bastion.auth.server import Actor, AuthServer
 from bastion.errors import BackendError, BastionError
+from bastion.protocol import paths
 from bastion.proxy.routing import Router
 
 ASGI = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 MCP_PREFIX = "/mcp/apps/"
+_RAW_PREFIX = MCP_PREFIX.encode()
 ACTOR_TTL = 2.0
 _CACHE_MAX = 10_000
 
@@ -43,11 +49,13 @@ class Front:
         self.allowed_origins = allowed_origins
         self._actors: dict[str, tuple[float, Actor]] = {}
         self._jwks = orjson.dumps(appjwt.jwks(auth.cas["jwt"]))
+        #: Refused MCP requests are audited through the router's (the process's) recorder.
+        self.refusals: Refusals | None = router.refusals if router is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] == "http" and path.startswith(MCP_PREFIX) and self.router is not None:
-            await self._mcp(scope, receive, send, path[len(MCP_PREFIX) :])
+            await self._mcp(scope, receive, send)
         elif scope["type"] == "http" and path == "/.well-known/jwks.json":
             await _reply(send, 200, self._jwks, b"application/json", [(b"cache-control", b"max-age=300")])
         else:
@@ -86,26 +94,38 @@ class Front:
         self._actors[token] = (now, actor)
         return actor
 
-    def _mcp(self, scope: Scope, receive: Receive, send: Send, rest: str) -> Awaitable[None]:
+    def _mcp(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         """What answers an MCP request, to be awaited.  Not a coroutine itself: with a cached
-        actor, what is awaited is the app service's own coroutine (one frame less per request)."""
-        name, _, sub = rest.partition("/")
+        actor, what is awaited is the app service's own coroutine (one frame less per request).
+
+        Every refusal here is audited (``audit/refusals.py``, rate-limited per source)."""
+        # The raw target, not the decoded ``path``: "%2F" must not become a "/" before we decide.
+        raw = scope.get("raw_path") or scope["path"].encode("utf-8")
+        name, raw_sub = paths.split_app(raw[len(MCP_PREFIX) :])
         # ASGI servers give header names in lower case; one dict serves everything after.
         headers: dict[bytes, bytes] = dict(scope["headers"])
         origin = headers.get(b"origin", b"")
         auth_header = headers.get(b"authorization", b"")
         if origin and origin.decode("latin-1") not in self.allowed_origins:
-            return _error(send, 403, f"origin {origin.decode('latin-1')!r} is not allowed", "client")
+            shown = clip(origin.decode("latin-1"), MAX_QUOTE)
+            return self._refuse(scope, send, 403, f"origin {shown!r} is not allowed", app=name)
         scheme, _, token = auth_header.decode("latin-1").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            return _error(
+            return self._refuse(
+                scope,
                 send,
                 401,
                 "no credential: send `Authorization: Bearer <token>` "
                 "(get one with `bastion login` or `bastion auth sign --format=token`)",
-                "client",
+                app=name,
             )
+        try:
+            if not raw.startswith(_RAW_PREFIX):  # "/mcp/%61pps/x": only decoded does it look like ours
+                raise paths.PathError("percent-encoded characters in the /mcp/apps/ prefix; send it as it is")
+            sub = paths.normalise(raw_sub)
+        except paths.PathError as e:
+            return self._refuse(scope, send, 400, e.message, app=name)
         actor = self._cached_actor(token)
         if actor is None:
             return self._authenticate_and_route(scope, receive, send, token, name, sub, headers)
@@ -124,7 +144,7 @@ class Front:
         try:
             actor = await self.actor(token)
         except BastionError as e:
-            await _error(send, e.http_status, e.message, e.origin)
+            await self._refuse(scope, send, e.http_status, e.message, app=name, origin=e.origin)
             return
         await self._route(scope, receive, send, actor, name, sub, headers)
 
@@ -141,10 +161,55 @@ class Front:
         assert self.router is not None
         job = None
         if actor.checker is not None:
-            job = self.router.route(scope, receive, send, actor, name, "/" + sub, headers)
+            job = self.router.route(scope, receive, send, actor, name, sub, headers)
         if job is None:
-            return _error(send, 404, f'no MCP app named "{name}" (see `bastion mcp ls`)', "client")
+            return self._refuse(
+                scope,
+                send,
+                404,
+                f"no MCP app named {clip(name, MAX_QUOTE)!r} (see `bastion mcp ls`)",
+                app=name,
+                user=actor.name,
+            )
         return job
+
+    def _refuse(
+        self,
+        scope: Scope,
+        send: Send,
+        status: int,
+        message: str,
+        *,
+        app: str,
+        user: str = "",
+        origin: str = "client",
+    ) -> Awaitable[None]:
+        """Answer a refused MCP request with ``message`` (which quotes nothing unbounded), and audit it."""
+        if self.refusals is not None:
+            self.refusals.refused(
+                status=status,
+                reason=message,
+                remote_addr=(scope.get("client") or ("", 0))[0],
+                user=user,
+                app=app,
+                session_id=_session_id(scope),
+                http_method=scope.get("method", ""),
+                path=_raw_path(scope),
+                auth=status == 401,
+            )
+        return _error(send, status, message, origin)
+
+
+def _raw_path(scope: Scope) -> str:
+    raw = scope.get("raw_path")
+    return raw.decode("latin-1") if raw else str(scope.get("path", ""))
+
+
+def _session_id(scope: Scope) -> str:
+    for k, v in scope["headers"]:
+        if k == b"mcp-session-id":
+            return str(v.decode("latin-1"))
+    return ""
 
 
 async def _reply(

@@ -22,6 +22,7 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from bastion.appservice.registry import AppRegistry
+from bastion.audit.refusals import Refusals
 from bastion.auth import appjwt
 from bastion.auth.server import Actor, AuthServer
 from bastion.resources import App
@@ -54,8 +55,11 @@ class Router:
         local_registry: AppRegistry | None,
         local_tag: str,
         tunnels: TunnelServer | None,
+        refusals: Refusals | None = None,
     ) -> None:
         self.auth = auth
+        #: Where refused requests are audited (shared with the front and the local app service).
+        self.refusals = refusals
         self.local = local
         self.local_registry = local_registry
         self.local_tag = local_tag
@@ -136,14 +140,21 @@ class Router:
             if t is None:
                 if not any(actor.checker.can_access_app(x.app) for x in self._targets(name)):
                     return None
-                return _error(
-                    send,
-                    404,
-                    -32001,
+                why = (
                     "session not found (it ended, or the app service that held it is gone): "
-                    "start a new one with initialize",
-                    "client",
+                    "start a new one with initialize"
                 )
+                if self.refusals is not None:
+                    self.refusals.refused(
+                        status=404,
+                        reason=why,
+                        remote_addr=(scope.get("client") or ("", 0))[0],
+                        user=actor.name,
+                        app=name,
+                        session_id=sid,
+                        http_method=scope.get("method", ""),
+                    )
+                return _error(send, 404, -32001, why, "client")
             if not actor.checker.can_access_app(t.app):
                 return None
             targets = [t]

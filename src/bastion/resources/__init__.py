@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -265,11 +266,30 @@ def transport_of(uri: str) -> str:
     raise ValueError(f'unknown scheme "{scheme}" (known: {", ".join(MCP_SCHEMES)})')
 
 
+def _extra_path(v: str) -> str:
+    """An ``extra_paths`` entry: an absolute path, already in normal form (what the gateway
+    compares decoded, dot-resolved request paths with)."""
+    from bastion.protocol.paths import PathError, normalise
+
+    if not v.startswith("/") or not v.isascii() or "%" in v or "?" in v or "#" in v:
+        raise ValueError(f'extra path "{v}" must be an absolute path without %, ? or #')
+    try:
+        ok = normalise(v.encode("ascii")) == v
+    except PathError as e:
+        raise ValueError(f'extra path "{v}": {e.message}') from None
+    if not ok:
+        raise ValueError(f'extra path "{v}" is not in normal form (no "." or ".." segments)')
+    return v
+
+
 class AppSpec(_Frozen):
     uri: str = ""
     mcp: MCPCommand | None = None
     insecure_skip_verify: bool = False
     rewrite: Rewrite = Field(default_factory=Rewrite)
+    #: Streamable HTTP: path prefixes forwarded to the upstream besides the URI's own path
+    #: and ``/.well-known/oauth-*`` (decision 0016); nothing else is.
+    extra_paths: list[Annotated[str, AfterValidator(_extra_path)]] = Field(default_factory=list)
 
     @field_validator("uri")
     @classmethod

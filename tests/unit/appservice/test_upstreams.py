@@ -12,7 +12,9 @@ from bastion.appservice.upstreams import (
     JWT_HEADER,
     JWTCache,
     UpstreamIdentity,
+    is_identity_header,
     origin_and_path,
+    stripped_headers,
     upstream_target,
 )
 from bastion.auth.ca import CertAuthority, generate_ca
@@ -51,7 +53,50 @@ def test_origin_and_path_and_target() -> None:
     assert origin_and_path(a) == ("http://up.example:8080", "/mcp?x=1")
     assert upstream_target(a, "/") == "/mcp?x=1"
     assert upstream_target(a, "") == "/mcp?x=1"
-    assert upstream_target(a, "/other") == "/other"
+    # Only the app's own paths go upstream (decision 0016), re-encoded from the decided path.
+    assert upstream_target(a, "/other") is None
+    assert upstream_target(a, "/mcp") == "/mcp"
+    assert upstream_target(a, "/.well-known/oauth-protected-resource/mcp") == (
+        "/.well-known/oauth-protected-resource/mcp"
+    )
+    assert upstream_target(a, "/.well-known/openid-configuration") is None
+
+
+def test_extra_paths_are_prefixes_on_segment_boundaries() -> None:
+    a = App.model_validate(
+        {"metadata": {"name": "a"}, "spec": {"uri": "mcp+http://up:1/mcp", "extra_paths": ["/files"]}}
+    )
+    assert upstream_target(a, "/files") == "/files"
+    assert upstream_target(a, "/files/a b") == "/files/a%20b"
+    assert upstream_target(a, "/files/100%") == "/files/100%25"  # decoded once, never twice
+    assert upstream_target(a, "/filesystem") is None
+    assert upstream_target(a, "/prod") is None
+
+
+@pytest.mark.parametrize("bad", ["files", "/a/../b", "/a/./b", "/a%2fb", "/a?x", "/a\\b", "/a\x00"])
+def test_extra_paths_must_be_in_normal_form(bad: str) -> None:
+    with pytest.raises(ValueError, match="extra path"):
+        App.model_validate(
+            {"metadata": {"name": "a"}, "spec": {"uri": "mcp+http://up:1/", "extra_paths": [bad]}}
+        )
+
+
+def test_identity_and_rewrite_headers_are_stripped_by_name() -> None:
+    a = App.model_validate(
+        {
+            "metadata": {"name": "a"},
+            "spec": {
+                "uri": "mcp+http://up:1/mcp",
+                "rewrite": {"headers": ["X-Upstream-Identity: {{internal.jwt}}"]},
+            },
+        }
+    )
+    strip = stripped_headers(a)
+    assert {b"x-upstream-identity", b"forwarded", b"x-real-ip", JWT_HEADER.lower().encode()} <= strip
+    assert stripped_headers(a) is strip  # computed once per definition
+    for name in (b"x-forwarded-user", b"x-forwarded-for", b"teleport-jwt-assertion"):
+        assert is_identity_header(name)
+    assert not is_identity_header(b"x-request-id")
 
 
 def test_sessions_of_one_user_and_app_share_a_token(ca: CertAuthority) -> None:
