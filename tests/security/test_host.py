@@ -109,7 +109,10 @@ class Host:
             self.node.proc,
             10.0,
         )
-        return m.group(1)
+        reason = m.group(1)  # quoted by the log when it holds spaces
+        if reason.startswith('"') and reason.endswith('"'):
+            reason = reason[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+        return reason
 
     def refused_in_heartbeat(self, name: str) -> str:
         """The reason ``bastion get app_servers`` gives for refusing ``name`` (waits for it)."""
