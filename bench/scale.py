@@ -50,6 +50,7 @@ import datetime
 import functools
 import json
 import os
+import pwd
 import re
 import shutil
 import ssl
@@ -339,8 +340,14 @@ def app_service_config(root: Path, proxy: str, pin: str, token_file: Path) -> st
         "app_service:\n"
         "  enabled: true\n"
         "  sessions_per_user: 100000\n"
+        "  stdio_limits: {per_user: 100000, per_app: 100000}\n"
         "  resources:\n"
         "  - labels: {'*': '*'}\n"
+        # The host lets the dynamic bench apps run the bench stdio server and reach loopback.
+        "  dynamic_apps:\n"
+        f"    commands: [{run.PY}]\n"
+        f"    run_as: [{pwd.getpwuid(os.geteuid()).pw_name}]\n"
+        "    upstream_networks: [127.0.0.1/32]\n"
     )
 
 

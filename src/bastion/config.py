@@ -11,7 +11,7 @@ services never re-check or re-interpret what they are given::
     bastion:        {data_dir, cluster_name, join_params, proxy_server, log, diag_addr}
     auth_service:   {enabled, listen_addr, backend, second_factor, authentication}
     proxy_service:  {enabled, listen_addr, public_addr, tls}
-    app_service:    {enabled, demo_server, apps, resources}
+    app_service:    {enabled, demo_server, apps, resources, dynamic_apps, stdio_limits}
 
 Every problem, wherever it is, becomes a ``ConfigError`` whose message is
 ``key.path: reason`` (one line per problem when there are several).
@@ -47,7 +47,7 @@ from pydantic import (
     model_validator,
 )
 
-from bastion._time import format_duration
+from bastion._time import format_duration, parse_duration
 from bastion.errors import ConfigError
 from bastion.resources import (
     LABEL_KEY_RE,
@@ -78,10 +78,12 @@ __all__ = [
     "Backend",
     "BastionSection",
     "Config",
+    "DynamicAppsPolicy",
     "JoinParams",
     "LogConfig",
     "ProxyService",
     "ResourceMatcher",
+    "StdioLimits",
     "TLSConfig",
     "default_config",
     "load_config",
@@ -565,6 +567,148 @@ class ResourceMatcher(_Model):
         return v
 
 
+#: Environment variables an app resource may never set, whatever the host allows: they
+#: change what the loader or an interpreter runs (``LD_PRELOAD``, ``NODE_OPTIONS``...),
+#: whom the server trusts, or what the gateway itself sets.  Matched ignoring case (npm
+#: reads ``npm_config_*`` in any case).  Prefixes first, then exact names.
+REFUSED_ENV_PREFIXES = (
+    "LD_", "DYLD_", "PYTHON", "PERL", "RUBY", "NODE_", "NPM_CONFIG_", "BUN_", "DENO_",
+    "BASH_FUNC_", "MALLOC_", "LUA_", "GEM_", "BUNDLE_", "GIT_", "PIP_", "UV_", "SSL_CERT_",
+    "OPENSSL_", "XDG_", "ERL_", "DOTNET_", "CORECLR_", "COMPLUS_", "R_LIBS", "R_PROFILE",
+)  # fmt: skip
+REFUSED_ENV_NAMES = (
+    "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "CLASSPATH", "BASH_ENV", "ENV",
+    "SHELLOPTS", "BASHOPTS", "PS4", "IFS", "CDPATH", "GLOBIGNORE", "GCONV_PATH",
+    "GLIBC_TUNABLES", "LOCPATH", "NLSPATH", "HOSTALIASES", "RES_OPTIONS", "LOCALDOMAIN",
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TMPDIR", "PHPRC", "PHP_INI_SCAN_DIR",
+    "TCLLIBPATH", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "ELIXIR_ERL_OPTIONS",
+)  # fmt: skip
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def refused_env(name: str) -> bool:
+    """Whether ``name`` is a variable no app resource may set (see ``REFUSED_ENV_PREFIXES``)."""
+    upper = name.upper()
+    return upper in REFUSED_ENV_NAMES or upper.startswith(REFUSED_ENV_PREFIXES)
+
+
+def _check_command_entry(v: str) -> str:
+    if not v.startswith("/"):
+        raise ValueError(f'"{v}" must be an absolute path (a program, or a directory ending in "/")')
+    if os.path.normpath(v) + ("/" if v.endswith("/") and v != "/" else "") != v or "//" in v:
+        raise ValueError(f'"{v}" must be written without "..", "." or repeated "/"')
+    if v == "/":
+        raise ValueError('"/" would allow every program under the root directory; name a directory')
+    return v
+
+
+def _check_env_entry(v: str) -> str:
+    name = v[:-1] if v.endswith("*") else v
+    if not name or not _ENV_NAME.match(name):
+        raise ValueError(f'"{v}" is not a variable name (letters, digits, "_"; "PREFIX_*" for a prefix)')
+    covers = (*REFUSED_ENV_PREFIXES, *REFUSED_ENV_NAMES) if v.endswith("*") else ()
+    if refused_env(name) or any(r.startswith(name.upper()) for r in covers):
+        raise ValueError(
+            f'"{v}" would let an app resource set a loader, interpreter or gateway variable '
+            "(LD_*, PYTHON*, NODE_OPTIONS, PATH...), which is never allowed"
+        )
+    return v
+
+
+def _check_network_entry(v: str) -> str:
+    v = v.strip()
+    try:
+        ipaddress.ip_network(v, strict=False)
+        return v
+    except ValueError:
+        pass
+    host = v[2:] if v.startswith("*.") else v
+    labels = host.rstrip(".").split(".")
+    if "/" in v or not host or not all(_HOST_LABEL.match(label) for label in labels):
+        raise ValueError(f'"{v}" is not a CIDR, an IP address, a host name or "*.domain"')
+    return v
+
+
+class DynamicAppsPolicy(_Model):
+    """What apps created through the API (``app`` resources) may do on this host.
+
+    The apps in this file are the host's own decision and are not limited by it.
+    Everything is refused by default: a dynamic stdio app is served only when its
+    command, user and environment are allowed here, a dynamic HTTP/SSE app only when
+    its upstream address is (docs/decisions/0013-running-code-is-a-host-decision.md).
+    """
+
+    #: Absolute paths of programs a dynamic stdio app may run; an entry ending in ``/``
+    #: allows every program directly in that directory (a directory of launchers).
+    commands: Annotated[list[Annotated[str, AfterValidator(_check_command_entry)]], _none_as_empty([])] = (
+        Field(default_factory=list)
+    )
+    #: Host users a dynamic stdio app may run as (``root`` only if written here).
+    run_as: Annotated[list[str], _none_as_empty([])] = Field(default_factory=list)
+    #: Variables a dynamic app may set in ``mcp.env``: names, or ``PREFIX_*``.
+    env: Annotated[list[Annotated[str, AfterValidator(_check_env_entry)]], _none_as_empty([])] = Field(
+        default_factory=list
+    )
+    #: Where a dynamic HTTP/SSE app may connect: CIDRs, IP addresses, host names
+    #: (``*.example.com``).  Loopback, link-local (cloud metadata), multicast and the
+    #: gateway's own listeners stay refused unless a CIDR inside them is named.
+    upstream_networks: Annotated[
+        list[Annotated[str, AfterValidator(_check_network_entry)]], _none_as_empty([])
+    ] = Field(default_factory=list)
+
+    @field_validator("run_as")
+    @classmethod
+    def _users(cls, v: list[str]) -> list[str]:
+        for user in v:
+            if not user or not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\$?$", user):
+                raise ValueError(f'"{user}" is not a user name')
+        return v
+
+
+def _cpu_time(v: Any) -> Any:
+    if v is None or (isinstance(v, int | str) and str(v).strip() in ("0", "off")):
+        return timedelta(0)
+    if isinstance(v, int):
+        return timedelta(seconds=v)
+    if isinstance(v, str):
+        return parse_duration(v)
+    return v
+
+
+def _size(v: Any) -> Any:
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*(\d+)\s*(|[KMGT]i?B?)\s*", v, re.IGNORECASE)
+        if not m:
+            raise ValueError(f'invalid size "{v}" (a number of bytes, or like 512MiB, 4GiB; 0 = no limit)')
+        unit = m.group(2)[:1].upper()
+        return int(m.group(1)) << (10 * " KMGT".index(unit or " "))
+    return v
+
+
+class StdioLimits(_Model):
+    """Limits on the stdio server processes this host runs (config file apps and dynamic ones).
+
+    ``0`` means no limit for the rlimits.  A client over a cap is answered 429.
+    """
+
+    #: Stdio server processes one user may have running on this host (all apps).
+    per_user: int = Field(default=16, ge=1)
+    #: Stdio server processes of one app on this host (all users).
+    per_app: int = Field(default=64, ge=1)
+    #: RLIMIT_DATA of each server: its writable private memory (heap, anonymous mappings),
+    #: in bytes or 512MiB / 4GiB.  Address space merely reserved is not counted.
+    memory: Annotated[int, BeforeValidator(_size), Field(ge=0)] = 4 << 30
+    #: RLIMIT_AS of each server: all its virtual memory.  Off by default: runtimes reserve
+    #: far more than they use (WebAssembly in Node needs ~10 GiB, Chromium's V8 sandbox 1 TiB).
+    address_space: Annotated[int, BeforeValidator(_size), Field(ge=0)] = 0
+    #: RLIMIT_NOFILE of each server.
+    open_files: int = Field(default=1024, ge=0)
+    #: RLIMIT_CPU of each server: CPU time over its life (SIGXCPU then SIGKILL past it).
+    cpu_time: Annotated[timedelta, BeforeValidator(_cpu_time)] = timedelta(hours=1)
+    #: RLIMIT_NPROC of each server: processes of its host user, counted by the kernel per uid.
+    processes: int = Field(default=0, ge=0)
+
+
 class AppService(_Model):
     enabled: bool = True
     #: Also serve the built-in demo MCP server.
@@ -578,6 +722,8 @@ class AppService(_Model):
     idle_timeout: Duration = timedelta(minutes=30)
     response_timeout: Duration = timedelta(minutes=5)
     resources: Annotated[list[ResourceMatcher], _none_as_empty([])] = Field(default_factory=list)
+    dynamic_apps: DynamicAppsPolicy = Field(default_factory=DynamicAppsPolicy)
+    stdio_limits: StdioLimits = Field(default_factory=StdioLimits)
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppService:
@@ -987,6 +1133,25 @@ def render_starter(
             out += ["  # resources:", '  # - labels: {"env": "dev"}', "  resources: []"]
         else:
             out += ["  resources:", "  - labels:", '      "*": "*"']
+        out += [
+            "  # What those apps (created through the API) may do on this host: nothing unless",
+            "  # allowed here.  Programs (a directory ending in / allows the programs in it), host",
+            "  # users (root only if listed), variables they may set (never LD_*, PYTHON*,",
+            "  # NODE_OPTIONS...), and the networks HTTP/SSE apps may reach (loopback, link-local",
+            "  # and this gateway's own listeners stay refused unless a CIDR inside them is listed).",
+            "  # dynamic_apps:",
+            '  #   commands: ["/opt/mcp/launchers/"]',
+            '  #   run_as: ["mcp"]',
+            '  #   env: ["API_KEY"]',
+            '  #   upstream_networks: ["10.20.0.0/16", "*.mcp.example.com"]',
+            "  # Limits on every stdio server this host runs (a client past a cap gets HTTP 429).",
+            "  # stdio_limits:",
+            "  #   per_user: 16",
+            "  #   per_app: 64",
+            "  #   memory: 4GiB",
+            "  #   open_files: 1024",
+            "  #   cpu_time: 1h",
+        ]
     else:
         out += ["  enabled: false"]
     text = "\n".join(out) + "\n"

@@ -21,6 +21,7 @@ from typing import Any
 from bastion import __version__, metrics
 from bastion._time import Clock, SystemClock
 from bastion.appservice.dynamic import DynamicApps
+from bastion.appservice.hostpolicy import HostPolicy
 from bastion.appservice.mcp_http import Limits, MCPHandler
 from bastion.appservice.registry import AppRegistry
 from bastion.audit.emitter import AuditLog
@@ -83,6 +84,8 @@ class AppServiceParts:
             response_timeout=a.response_timeout.total_seconds(),
         )
         redactor = Redactor((*DEFAULT_SECRET_KEYS, *a.audit_redact_keys))
+        host = HostPolicy(a.dynamic_apps, a.stdio_limits, trusted=registry.is_static)
+        _warn_gateway_user(host)
         handler = MCPHandler(
             cluster_name=cluster_name,
             clock=clock,
@@ -92,6 +95,7 @@ class AppServiceParts:
             redact=redactor,
             limits=limits,
             session_tag=tag,
+            host=host,
         )
         handler.start()
         dynamic = DynamicApps(
@@ -100,6 +104,7 @@ class AppServiceParts:
             [r.labels for r in a.resources],
             on_removed=handler.end_app_sessions,
             on_redefined=handler.end_redefined_sessions,
+            policy=host,
         )
         dynamic.start()
         log.info("app service started", extra={"apps": ",".join(x.metadata.name for x in registry.all())})
@@ -108,6 +113,24 @@ class AppServiceParts:
     async def aclose(self) -> None:
         await self.dynamic.aclose()
         await self.handler.aclose()
+
+
+def _warn_gateway_user(host: HostPolicy) -> None:
+    if host.gateway_user in host.dynamic.run_as:
+        log.warning(
+            "app_service.dynamic_apps.run_as lists the user bastion runs as: a dynamic stdio app "
+            "running as it can read the data directory and the cluster's keys",
+            extra={"user": host.gateway_user},
+        )
+
+
+def _guard_own_listeners(apps: AppServiceParts, cfg: Config, *bound: tuple[str, int] | None) -> None:
+    """Tell the address guard where this process listens: dynamic apps may never dial it."""
+    guard = apps.handler.host.guard
+    auth_host, auth_port = split_addr(cfg.auth_service.listen_addr, allow_zero=True)
+    for addr in (*bound, (auth_host, auth_port)):
+        if addr is not None and addr[1]:
+            guard.add_listener(*addr)
 
 
 EXPIRE_EVERY = 30.0
@@ -249,6 +272,14 @@ class Cluster:
                 await store.close()
             await backend.close()
             raise
+        if apps is not None:
+            _guard_own_listeners(
+                apps,
+                cfg,
+                (proxy.settings.host, proxy.port) if proxy is not None else None,
+                (tunnels.host, tunnels.port) if tunnels is not None else None,
+                (diag.host, diag.port) if diag is not None else None,
+            )
         cluster = cls(
             cfg, backend, auth, proxy, apps, audit=audit, audit_store=store, tunnels=tunnels, diag=diag
         )
@@ -313,6 +344,7 @@ class Cluster:
                 await apps.aclose()
                 await audit.close()
                 raise
+        _guard_own_listeners(apps, cfg, (diag.host, diag.port) if diag is not None else None)
         log.info(
             "app service started as an agent",
             extra={"cluster": creds.cluster_name, "host_id": creds.host_id, "proxy": proxy_addr},
@@ -342,6 +374,7 @@ class Cluster:
                             via="proxy",
                             proxies=[self.proxy_addr] if self.proxy else [],
                             apps=self.apps.registry.all(),
+                            refused=self.apps.registry.refused(),
                         ),
                     )
                 )

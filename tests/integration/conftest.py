@@ -76,15 +76,22 @@ def wait_for_log(log: Path, pattern: str, proc: subprocess.Popen[bytes], deadlin
     raise AssertionError(f"timed out waiting for {pattern!r} in {log}:\n{log.read_text()}")
 
 
-def start_node(root: Path, *, extra_config: str = "", auth_config: str = "", cluster: str = "itest") -> Node:
+def start_node(
+    root: Path,
+    *,
+    extra_config: str = "",
+    auth_config: str = "",
+    cluster: str = "itest",
+    bastion_config: str = "",
+) -> Node:
+    """``bastion_config``: more lines of the ``bastion:`` section (indented two spaces)."""
     root.mkdir(parents=True, exist_ok=True)
     config = root / "bastion.yaml"
     config.write_text(
         "version: v1\n"
         "bastion:\n"
         f"  data_dir: {root / 'data'}\n"
-        f"  cluster_name: {cluster}\n"
-        "auth_service:\n"
+        f"  cluster_name: {cluster}\n" + bastion_config + "auth_service:\n"
         "  listen_addr: 127.0.0.1:0\n"
         + auth_config
         + "proxy_service:\n  listen_addr: 127.0.0.1:0\n"

@@ -84,6 +84,10 @@ def _agent_config(root: Path, node: Node, token: str, pin: str, selector: str) -
         "  enabled: true\n"
         "  resources:\n"
         f"  - labels: {selector}\n"
+        # The host lets dynamic apps run server-everything, as root or the test's user.
+        "  dynamic_apps:\n"
+        f"    commands: [{everything_cmd('stdio')[0]}]\n"
+        f"    run_as: [root, {os.environ.get('USER') or 'root'}]\n"
     )
     return cfg
 
@@ -236,6 +240,22 @@ def test_join_walk_and_failover(topo: Topology, tmp_path: Path) -> None:
     t.node.cli("rm", "app/everything", local=True)
     _until("no app service serves it", lambda: _serving(t) == 0)
     assert _ls(t) == set()
+
+
+def test_a_dynamic_app_the_hosts_refuse_is_reported_not_served(topo: Topology, tmp_path: Path) -> None:
+    app = tmp_path / "sh.yaml"
+    app.write_text(APP.format(env="dev", command="/bin/sh", args='["-c", "id"]', user="root"))
+    t = topo
+    t.node.cli("create", str(app), local=True)
+
+    def refused_by_both() -> bool:
+        out = json.loads(t.node.cli("get", "app_servers", "--format=json", local=True).stdout)
+        why = [s["spec"].get("refused", {}).get("everything", "") for s in out]
+        return len(why) == 2 and all("is not in app_service.dynamic_apps.commands" in w for w in why)
+
+    _until("both app services report the refusal", refused_by_both)
+    assert _serving(t) == 0
+    t.node.cli("rm", "app/everything", local=True)
 
 
 def test_kill_one_of_two(topo: Topology, tmp_path: Path) -> None:

@@ -73,6 +73,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         apps = f"""\
 app_service:
   demo_server: true
+  # The conformance suite leaves ~30 sessions open (a stdio server each); the default cap is 16.
+  stdio_limits: {{per_user: 64}}
   apps:
   - name: everything-http
     uri: mcp+{http_url}

@@ -35,6 +35,8 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, str]]
         extra = (
             "app_service:\n  resources:\n  - labels: {team: '^(a|b)$'}\n  apps:\n  - name: static-one\n"
             f"    uri: mcp+{url}\n"
+            # The host lets dynamic apps reach the loopback server (refused by default).
+            "  dynamic_apps: {upstream_networks: [127.0.0.1/32]}\n"
         )
         n = start_node(root, extra_config=extra)
         try:

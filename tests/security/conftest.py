@@ -7,6 +7,7 @@ reached it; user ``limited`` may call ``echo`` only, ``alice`` everything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 import subprocess
@@ -159,17 +160,28 @@ def recording_cmd(transport: str, record: Path) -> list[str]:
     ]
 
 
+@contextlib.contextmanager
+def recording_http(record: Path) -> Iterator[str]:
+    """The recording server over HTTP on a free loopback port; yields its base URL."""
+    http = subprocess.Popen(recording_cmd("http", record), stdout=subprocess.PIPE, cwd=ROOT)
+    try:
+        assert http.stdout is not None
+        line = http.stdout.readline().decode()  # "listening on http://127.0.0.1:PORT"
+        assert line.startswith("listening on "), line
+        yield line.split()[-1]
+    finally:
+        http.terminate()
+        http.wait(timeout=10)
+        if http.stdout is not None:
+            http.stdout.close()
+
+
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     root = tmp_path_factory.mktemp("sec")
     rec_stdio, rec_http = root / "stdio.jsonl", root / "http.jsonl"
     cmd = recording_cmd("stdio", rec_stdio)
-    http = subprocess.Popen(recording_cmd("http", rec_http), stdout=subprocess.PIPE, cwd=ROOT)
-    try:
-        assert http.stdout is not None
-        line = http.stdout.readline().decode()  # "listening on http://127.0.0.1:PORT"
-        assert line.startswith("listening on "), line
-        url = line.split()[-1]
+    with recording_http(rec_http) as url:
         apps = f"""\
 app_service:
   apps:
@@ -193,8 +205,3 @@ app_service:
             yield Gateway(node, {"rec-stdio": Recording(rec_stdio), "rec-http": Recording(rec_http)})
         finally:
             stop_node(node)
-    finally:
-        http.terminate()
-        http.wait(timeout=10)
-        if http.stdout is not None:
-            http.stdout.close()

@@ -131,6 +131,7 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
 app_service:
   resources:
   - labels: {{kind: dyn}}
+  dynamic_apps: {{upstream_networks: [127.0.0.1/32]}}  # dyn-log's loopback upstream
   apps:
   - name: logger
     uri: mcp+{up.url}/logger

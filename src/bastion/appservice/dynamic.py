@@ -11,7 +11,12 @@ backend's poll interval) and keeps the registry in step:
   sessions end cleanly (each with its end event);
 * a dynamic app named like a static one from the config file is ignored with
   a warning: **the config file wins** (an admin with only backend access must
-  not be able to replace what the host's operator configured).
+  not be able to replace what the host's operator configured);
+* a dynamic app the host's policy refuses (``app_service.dynamic_apps``: a
+  command, host user, variable or upstream address the host does not allow) is
+  not served, with a warning giving the reason; one already served stops
+  (its live sessions end).  The reasons are kept in the registry (``refused()``),
+  which heartbeats show (``bastion get app_servers``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
+from bastion.appservice.hostpolicy import HostPolicy
 from bastion.appservice.registry import AppRegistry
 from bastion.auth.server import decode_resource
 from bastion.backend import Backend, Event, EventType, Item
@@ -45,7 +51,10 @@ class DynamicApps:
         *,
         on_removed: Callable[[str], Awaitable[None]],
         on_redefined: Callable[[str], Awaitable[None]] | None = None,
+        policy: HostPolicy | None = None,
     ) -> None:
+        #: ``policy`` None: the defaults, which serve no dynamic stdio or HTTP/SSE app.
+        self.policy = policy if policy is not None else HostPolicy.defaults(registry.is_static)
         self.backend = backend
         self.registry = registry
         self.selectors = [LabelSelector.compile(s, {}) for s in selectors]
@@ -97,6 +106,8 @@ class DynamicApps:
             app = self._decode(item.key, item)
             if app is not None and self.matches(app):
                 wanted[app.metadata.name] = app
+        for name in set(self.registry.refused()) - set(wanted):
+            self.registry.set_refused(name, None)
         for name in set(self.registry.dynamic_names()) - set(wanted):
             await self._remove(name, "no longer matches")
         for app in wanted.values():
@@ -128,6 +139,16 @@ class DynamicApps:
                 extra={"app": name},
             )
             return
+        why = self.policy.refusal(app)
+        if why is not None:
+            if self.registry.refused().get(name) != why:
+                log.warning(
+                    "dynamic app not served: refused by this host", extra={"app": name, "reason": why}
+                )
+            self.registry.set_refused(name, why)
+            await self._remove(name, f"refused by this host: {why}")
+            return
+        self.registry.set_refused(name, None)
         known = self.registry.get(name)
         self.registry.set_dynamic(app)
         log.info("dynamic app updated" if known else "dynamic app registered", extra={"app": name})
@@ -135,6 +156,8 @@ class DynamicApps:
             await self.on_redefined(name)
 
     async def _remove(self, name: str, why: str) -> None:
+        if not why.startswith("refused by this host"):
+            self.registry.set_refused(name, None)
         if self.registry.remove_dynamic(name):
             log.info("dynamic app unregistered", extra={"app": name, "reason": why})
             await self.on_removed(name)

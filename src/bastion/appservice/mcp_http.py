@@ -38,6 +38,7 @@ from starlette.types import Receive, Scope, Send
 
 from bastion._time import Clock
 from bastion.appservice.demo import DEMO_APP_NAME
+from bastion.appservice.hostpolicy import HostPolicy
 from bastion.appservice.registry import AppRegistry
 from bastion.appservice.resume import EventLog, EventLogs
 from bastion.appservice.upstreams import (
@@ -193,6 +194,7 @@ class MCPHandler:
         limits: Limits | None = None,
         session_tag: str = "",
         refusals: Refusals | None = None,
+        host: HostPolicy | None = None,
     ) -> None:
         #: ``jwt_ca`` signs upstream JWTs in-process; without it (a joined app
         #: service holds no cluster keys) the proxy sends one with each request.
@@ -208,7 +210,9 @@ class MCPHandler:
         self.refusals = refusals or Refusals(audit, cluster_name=cluster_name, clock=clock)
         self.redact = redact
         self.limits = limits or Limits()
-        self.pools = Pools(response_timeout=self.limits.response_timeout)
+        #: What the host lets apps do (address guard, stdio caps and rlimits); hostpolicy.py.
+        self.host = host if host is not None else HostPolicy.defaults(registry.is_static)
+        self.pools = Pools(response_timeout=self.limits.response_timeout, host=self.host)
         self.sessions: dict[str, GatewaySession] = {}
         #: Upstream JWTs by user and app, shared by that user's sessions (see UpstreamIdentity).
         self._jwts: JWTCache = {}
@@ -450,6 +454,7 @@ class MCPHandler:
                     session_id=sid,
                     cluster_name=self.cluster_name,
                     is_demo=is_demo,
+                    host=self.host,
                     now=self.clock.now(),
                 )
             except UpstreamError:

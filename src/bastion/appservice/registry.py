@@ -22,6 +22,7 @@ class AppRegistry:
     ) -> None:
         self._static: dict[str, App] = {}
         self._dynamic: dict[str, App] = {}
+        self._refused: dict[str, str] = {}
         self._on_change = on_change
         self._changed: asyncio.Event | None = None
         for app in apps:
@@ -56,6 +57,20 @@ class AppRegistry:
         if gone:
             self._notify()
         return gone
+
+    def refused(self) -> dict[str, str]:
+        """Dynamic apps the host's policy refuses: name -> reason (shown in heartbeats)."""
+        return dict(self._refused)
+
+    def set_refused(self, name: str, reason: str | None) -> None:
+        """Record (or with ``None``, forget) why a dynamic app is not served."""
+        before = self._refused.get(name)
+        if reason is None:
+            self._refused.pop(name, None)
+        else:
+            self._refused[name] = reason
+        if before != reason:
+            self._notify()
 
     def _notify(self) -> None:
         if self._changed is not None:

@@ -6,6 +6,10 @@ origin instead (built once; TLS contexts too).  Headers sent upstream are
 built here: the cluster-signed JWT (one per user and app, shared by that user's
 sessions and renewed shortly before it expires) and the app's
 ``rewrite.headers`` templates.  The user's own credential is never among them.
+
+The host's policy (``hostpolicy.HostPolicy``) applies here: a dynamic app's
+HTTP/SSE upstream is dialled through the address guard, and every stdio server
+takes a slot (per user, per app) and gets the host's rlimits.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from bastion.appservice.demo import DemoServer
+from bastion.appservice.hostpolicy import HostPolicy
 from bastion.auth import appjwt
 from bastion.auth.ca import CertAuthority
 from bastion.errors import UpstreamError
@@ -220,17 +225,23 @@ class UpstreamIdentity:
 class Pools:
     """One keep-alive pool per upstream origin, created on first use."""
 
-    def __init__(self, *, response_timeout: float = 300.0) -> None:
-        self._pools: dict[tuple[str, bool], HTTPUpstreamPool] = {}
+    def __init__(self, *, response_timeout: float = 300.0, host: HostPolicy | None = None) -> None:
+        self._pools: dict[tuple[str, bool, bool], HTTPUpstreamPool] = {}
         self._response_timeout = response_timeout
+        self._host = host
 
     def for_app(self, app: App) -> HTTPUpstreamPool:
         origin, _ = origin_and_path(app)
         verify = not app.spec.insecure_skip_verify
-        key = (origin, verify)
+        guard = None if self._host is None else self._host.guard_for(app)
+        # A trusted (config file) app and a dynamic one never share a pool: the
+        # dynamic one's connections are all made through the guard.
+        key = (origin, verify, guard is not None)
         pool = self._pools.get(key)
         if pool is None:
-            pool = HTTPUpstreamPool(origin, verify=verify, response_timeout=self._response_timeout)
+            pool = HTTPUpstreamPool(
+                origin, verify=verify, response_timeout=self._response_timeout, guard=guard
+            )
             self._pools[key] = pool
         return pool
 
@@ -248,8 +259,14 @@ async def open_stream(
     cluster_name: str,
     is_demo: bool,
     now: datetime,
+    host: HostPolicy | None = None,
 ) -> Any:
-    """A message stream to the app's upstream (stdio process, SSE session, or the demo)."""
+    """A message stream to the app's upstream (stdio process, SSE session, or the demo).
+
+    With ``host``: a dynamic app the policy refuses is not started (``UpstreamError``,
+    a second check behind the one that kept it out of the registry), a stdio server
+    over a cap is ``LimitExceededError`` (429), and SSE connects go through the guard.
+    """
     transport = app.spec.transport
     if is_demo:
         return DemoServer(
@@ -265,13 +282,28 @@ async def open_stream(
 
         if app.spec.mcp is None:
             raise UpstreamError(f'app "{app.metadata.name}" has no command to run')
-        return await spawn_stdio(app.spec.mcp, name=app.metadata.name)
+        if host is None:
+            return await spawn_stdio(app.spec.mcp, name=app.metadata.name)
+        _check_dynamic(host, app)
+        release = host.slots.take(ident.username, app.metadata.name)
+        return await spawn_stdio(app.spec.mcp, name=app.metadata.name, rlimits=host.rlimits, on_close=release)
     if transport == "sse":
         from bastion.transport.sse import connect_sse
 
+        if host is not None:
+            _check_dynamic(host, app)
         return await connect_sse(
             http_url(app),
             headers=dict(ident.headers(now)),
             verify=not app.spec.insecure_skip_verify,
+            guard=None if host is None else host.guard_for(app),
         )
     raise UpstreamError(f'app "{app.metadata.name}": transport {transport!r} is not a message stream')
+
+
+def _check_dynamic(host: HostPolicy, app: App) -> None:
+    if host.trusted(app.metadata.name):
+        return
+    why = host.refusal(app)
+    if why is not None:
+        raise UpstreamError(f'app "{app.metadata.name}" is not served by this host: {why}')

@@ -449,7 +449,7 @@ def _table(items: list[dict[str, Any]], kind: str) -> Table:
                 ",".join(deny.get("mcp", {}).get("tools", [])),
             )
     elif kind == "app_server":
-        for c in ("Host ID", "Hostname", "Via", "Apps", "Proxies", "Version", "Expires"):
+        for c in ("Host ID", "Hostname", "Via", "Apps", "Refused", "Proxies", "Version", "Expires"):
             t.add_column(c)
         for i in items:
             spec = i["spec"]
@@ -458,6 +458,7 @@ def _table(items: list[dict[str, Any]], kind: str) -> Table:
                 spec.get("hostname", ""),
                 spec.get("via", ""),
                 ",".join(a["metadata"]["name"] for a in spec.get("apps", [])),
+                ",".join(spec.get("refused", {})),
                 ",".join(spec.get("proxies", [])),
                 spec.get("version", ""),
                 _when(i["metadata"].get("expires")),

@@ -373,6 +373,8 @@ class AppServerSpec(_Frozen):
     proxies: list[str] = Field(default_factory=list)
     #: The apps it serves now (static and dynamic).
     apps: list[App] = Field(default_factory=list)
+    #: Dynamic apps its host policy refuses to serve: name -> reason (app_service.dynamic_apps).
+    refused: dict[str, str] = Field(default_factory=dict)
 
 
 class AppServer(_Frozen):

@@ -77,6 +77,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from bastion.errors import UpstreamError
+from bastion.transport.guard import AddressGuard
 
 __all__ = [
     "DEFAULT_MAX_BODY",
@@ -662,6 +663,8 @@ class HTTPUpstreamPool:
     requests wait (FIFO) up to ``response_timeout``.  ``max_idle`` bounds idle connections
     kept between bursts: the excess is closed once idle for min(1 s, idle_timeout / 4);
     0 disables keep-alive.  ``idle_timeout`` closes connections unused that long.
+    ``guard`` (dynamic apps) decides which addresses may be dialled: the host name is
+    resolved and checked at each connect, and only the checked addresses are dialled.
     """
 
     def __init__(
@@ -675,6 +678,7 @@ class HTTPUpstreamPool:
         connect_timeout: float = 10.0,
         response_timeout: float = 60.0,
         idle_timeout: float = 30.0,
+        guard: AddressGuard | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         scheme = parts.scheme.lower()
@@ -729,6 +733,7 @@ class HTTPUpstreamPool:
         self._watchdog: asyncio.TimerHandle | None = None
         self._tick = min(1.0, response_timeout / 4)
         self._closed = False
+        self._guard = guard
         self.stats = PoolStats()
 
     def __repr__(self) -> str:
@@ -924,14 +929,11 @@ class HTTPUpstreamPool:
         address = f"{self.host}:{self.port}"
         try:
             async with asyncio.timeout(self._connect_timeout):
-                await loop.create_connection(
-                    lambda: conn,
-                    self.host,
-                    self.port,
-                    ssl=self._ssl,
-                    server_hostname=self.host if self._ssl is not None else None,
-                    ssl_handshake_timeout=self._connect_timeout if self._ssl is not None else None,
-                )
+                if self._guard is None:
+                    await self._dial(loop, conn, self.host)
+                else:
+                    # The addresses checked are the addresses dialled: no second lookup.
+                    await self._dial_checked(loop, conn, await self._guard.resolve(self.host, self.port))
         except BaseException as exc:
             conn.closed = True
             self._forget(conn)
@@ -945,6 +947,28 @@ class HTTPUpstreamPool:
             conn._close_now()
             raise UpstreamUnreachableError(f"connection pool for upstream {self.origin} is closed")
         return conn
+
+    async def _dial(self, loop: asyncio.AbstractEventLoop, conn: _Connection, host: str) -> None:
+        await loop.create_connection(
+            lambda: conn,
+            host,
+            self.port,
+            ssl=self._ssl,
+            server_hostname=self.host if self._ssl is not None else None,
+            ssl_handshake_timeout=self._connect_timeout if self._ssl is not None else None,
+        )
+
+    async def _dial_checked(
+        self, loop: asyncio.AbstractEventLoop, conn: _Connection, addresses: Sequence[str]
+    ) -> None:
+        """Try each address the guard allowed, in order; the last failure is raised."""
+        for i, address in enumerate(addresses):
+            try:
+                await self._dial(loop, conn, address)
+                return
+            except OSError:
+                if i == len(addresses) - 1:
+                    raise
 
     def _unreachable(self, exc: BaseException, address: str) -> BaseException:
         if isinstance(exc, TimeoutError):

@@ -13,7 +13,9 @@ POSTed to it, so an endpoint on another origin (scheme, host, port) than
 HTTP client choices: one ``httpx.AsyncClient`` per upstream session (this is
 not the hot path); ``trust_env=False``, so the gateway's environment does not
 silently add proxies or ``.netrc`` credentials; no redirects (a redirect could
-lead to another origin).  The event stream has no read timeout, on purpose:
+lead to another origin).  With a ``guard`` (dynamic apps), every TCP connect
+resolves the host through it and dials only the addresses it allowed (see
+``bastion.transport.guard``).  The event stream has no read timeout, on purpose:
 an idle SSE stream is normal, and idle sessions are the session layer's
 business.  Every other wait (connect, response headers, the endpoint event,
 each POST) has one.
@@ -25,13 +27,16 @@ import asyncio
 import logging
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import httpcore
 import httpx
 
 from bastion.errors import UpstreamError
 from bastion.transport import UpstreamClosedError, _Inbox
+from bastion.transport.guard import AddressGuard
 
 __all__ = ["SSEUpstream", "connect_sse"]
 
@@ -181,6 +186,7 @@ async def connect_sse(
     endpoint_timeout: float = 10,
     post_timeout: float = 60,
     max_message: int = DEFAULT_MAX_MESSAGE,
+    guard: AddressGuard | None = None,
 ) -> SSEUpstream:
     """Open the event stream at ``url`` and wait for its ``endpoint`` event.
 
@@ -190,7 +196,8 @@ async def connect_sse(
     bounds the wait for the response headers and, again, for the ``endpoint``
     event; ``post_timeout`` bounds each POST.  Raises ``UpstreamError`` when
     the server is unreachable, answers other than 200 ``text/event-stream``,
-    sends no endpoint in time, or names an endpoint on another origin.
+    sends no endpoint in time, or names an endpoint on another origin;
+    ``ForbiddenAddressError`` when ``guard`` refuses the address.
     """
     try:
         base = httpx.URL(url)
@@ -200,6 +207,7 @@ async def connect_sse(
         raise UpstreamError(f"invalid upstream SSE URL {_display(base)}: expected http(s)://host/...")
     client = httpx.AsyncClient(
         verify=verify,
+        transport=None if guard is None else _guarded_transport(guard, verify),
         trust_env=False,
         follow_redirects=False,
         timeout=httpx.Timeout(post_timeout, connect=connect_timeout),
@@ -217,6 +225,53 @@ async def connect_sse(
         else:
             await client.aclose()
         raise
+
+
+class _GuardedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend with every TCP connect going through an ``AddressGuard``."""
+
+    def __init__(self, guard: AddressGuard) -> None:
+        self._guard = guard
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = await self._guard.resolve(host, port)
+        for i, address in enumerate(addresses):
+            try:
+                return await self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout):
+                if i == len(addresses) - 1:
+                    raise
+        raise httpcore.ConnectError(f"no address for {host}")  # resolve() never returns none
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("unix sockets are not dialled for dynamic apps")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def _guarded_transport(guard: AddressGuard, verify: bool | ssl.SSLContext) -> httpx.AsyncHTTPTransport:
+    transport = httpx.AsyncHTTPTransport(verify=verify, trust_env=False)
+    # httpx offers no way to pass httpcore a network backend: replace the pool it built
+    # with the same one plus ours (tests/unit/transport/test_sse.py checks the dial).
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=httpx.create_ssl_context(verify=verify, trust_env=False),
+        network_backend=_GuardedBackend(guard),
+    )
+    return transport
 
 
 class SSEUpstream:

@@ -33,6 +33,12 @@ Security decisions:
   unreadable to it).  A gateway running as root refuses to start a server as
   root unless ``run_as_host_user`` says ``root`` explicitly.  A gateway not
   running as root can only run servers as itself.
+- **Limits.**  ``rlimits`` (resource, value) pairs are set in the child after the
+  user switch and before exec, so the server and everything it starts inherit
+  them (``RLIMIT_DATA``, ``RLIMIT_NOFILE``, ``RLIMIT_CPU``...; see
+  docs/decisions/0015-stdio-process-limits.md).  A limit is only ever lowered:
+  it is capped at the gateway's own hard limit.  Core dumps are always off (a
+  core file would hold what the server had in memory).
 """
 
 from __future__ import annotations
@@ -42,10 +48,12 @@ import contextlib
 import logging
 import os
 import pwd
+import resource
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bastion.errors import BastionError, UpstreamError
@@ -169,6 +177,29 @@ def _identity(cmd: MCPCommand, name: str) -> tuple[dict[str, Any], dict[str, str
     return kwargs, env, pw.pw_name
 
 
+def _limits_setter(rlimits: Sequence[tuple[int, int]]) -> Callable[[], None]:
+    """A ``preexec_fn`` setting ``rlimits`` (plus no core dumps), each capped at our hard limit.
+
+    Everything is computed here, in the parent: the child only calls ``setrlimit``
+    with ready-made tuples (no imports, no logging, no locks between fork and exec).
+    """
+    wanted = dict(rlimits)
+    wanted[resource.RLIMIT_CORE] = 0
+    pairs: list[tuple[int, tuple[int, int]]] = []
+    for res, value in wanted.items():
+        hard = resource.getrlimit(res)[1]
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        pairs.append((res, (value, value)))
+    setrlimit = resource.setrlimit
+
+    def apply() -> None:
+        for res, values in pairs:
+            setrlimit(res, values)
+
+    return apply
+
+
 async def spawn_stdio(
     cmd: MCPCommand,
     *,
@@ -176,6 +207,8 @@ async def spawn_stdio(
     grace: float = 5.0,
     max_message: int = DEFAULT_MAX_MESSAGE,
     send_timeout: float = 60.0,
+    rlimits: Sequence[tuple[int, int]] = (),
+    on_close: Callable[[], None] | None = None,
     logger: logging.Logger = logging.getLogger("bastion.upstream.stdio"),  # noqa: B008
 ) -> StdioUpstream:
     """Start ``cmd`` for app ``name`` and return its message stream.
@@ -185,7 +218,28 @@ async def spawn_stdio(
     ``send`` waits for the server to read its stdin.  Raises ``UpstreamError``
     when the user policy refuses (see the module docstring), the user is
     unknown, or the command cannot be executed (the message names it).
+    ``rlimits`` are ``(resource.RLIMIT_*, value)`` pairs for the child;
+    ``on_close`` is called once the server is stopped and reaped (or at once
+    when it could not be started).
     """
+    try:
+        return await _spawn(cmd, name, grace, max_message, send_timeout, rlimits, on_close, logger)
+    except BaseException:
+        if on_close is not None:
+            on_close()
+        raise
+
+
+async def _spawn(
+    cmd: MCPCommand,
+    name: str,
+    grace: float,
+    max_message: int,
+    send_timeout: float,
+    rlimits: Sequence[tuple[int, int]],
+    on_close: Callable[[], None] | None,
+    logger: logging.Logger,
+) -> StdioUpstream:
     kwargs, env, user = _identity(cmd, name)
     cannot = f'app {name}: cannot start stdio server "{cmd.command}"'
     try:
@@ -204,6 +258,8 @@ async def spawn_stdio(
             # Own session and process group: signals reach the whole tree, and a Ctrl-C
             # on the gateway's terminal does not hit upstream servers behind its back.
             start_new_session=True,
+            # Runs after the user switch, before exec (see _limits_setter).
+            preexec_fn=_limits_setter(rlimits),
             **kwargs,
         )
     except FileNotFoundError:
@@ -234,6 +290,7 @@ async def spawn_stdio(
         grace=grace,
         max_message=max_message,
         send_timeout=send_timeout,
+        on_close=on_close,
         logger=logger,
     )
 
@@ -369,8 +426,10 @@ class StdioUpstream:
         max_message: int,
         send_timeout: float,
         logger: logging.Logger,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.upstream_session_id = ""
+        self._on_close = on_close
         self._proc = popen
         self._pipes = pipes
         self._exited = pipes.exited
@@ -531,6 +590,13 @@ class StdioUpstream:
         await asyncio.shield(self._closer)
 
     async def _shutdown(self) -> None:
+        try:
+            await self._stop()
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+
+    async def _stop(self) -> None:
         proc = self._proc
         started = time.monotonic()
         self._stdin.close()

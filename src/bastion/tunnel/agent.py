@@ -360,6 +360,7 @@ class Agent:
         return {
             "version": __version__,
             "apps": [wire.app_to_wire(a) for a in self.registry.all()],
+            "refused": self.registry.refused(),
             "proxies": sorted(self.conns),
         }
 

@@ -285,6 +285,7 @@ class TunnelServer:
                         via="tunnel",
                         proxies=proxies,
                         apps=list(apps.values()),
+                        refused=_refused(args.get("refused")),
                     ),
                 )
             )
@@ -466,3 +467,11 @@ async def _read_all(stream: Stream) -> bytes:
         if size > _MAX_RPC_BODY:
             raise ValidationError("tunnel request too large")
         parts.append(chunk)
+
+
+def _refused(value: Any) -> dict[str, str]:
+    """A joined host's refused dynamic apps, bounded (its own words, shown to admins)."""
+    if not isinstance(value, dict):
+        return {}
+    items = list(value.items())[:256]
+    return {str(k)[:128]: str(v)[:512] for k, v in items}
