@@ -320,7 +320,9 @@ def test_f6_a_session_is_bound_to_its_app_and_its_definition(front: Front, tmp_p
     front.node.cli("create", str(f), local=True)
     deadline = time.monotonic() + 10
     while True:  # until the app service serves it
-        status, hdrs, _ = front.send("/mcp/apps/dyn-log", INIT)
+        # Each miss is an audited 404: polled from an address of its own, so that the
+        # misses cannot use up 127.0.0.1's audit rate and hide the refusal checked below.
+        status, hdrs, _ = front.send("/mcp/apps/dyn-log", INIT, source="127.0.0.20")
         if status == 200:
             break
         assert time.monotonic() < deadline, "dyn-log was not served within 10s"

@@ -46,7 +46,8 @@ def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
         tok = node.cli("auth", "sign", "--user=limited", "--format=token", local=True).stdout.strip()
         f = Front(node, up, ssl.create_default_context(cafile=str(ca)), {"limited": tok})
         deadline = time.monotonic() + 20
-        while f.send("/mcp/apps/remote-a", INIT)[0] != 200:  # until the proxy sees the host's apps
+        # Until the proxy sees the host's apps; the misses (audited 404s) from an address of their own.
+        while f.send("/mcp/apps/remote-a", INIT, source="127.0.0.20")[0] != 200:
             assert time.monotonic() < deadline, "remote-a was not served within 20s"
         yield f
     finally:
