@@ -417,8 +417,10 @@ class Session:
             return self._client_request(msg)
         if kind == "notification":
             return self._client_notification(msg)
-        # A response to a server-to-client request (sampling, elicitation, roots).
-        return [ForwardToUpstream(raw, msg)]
+        # A response to a server-to-client request (sampling, elicitation, roots): forwarded
+        # as parsed, like every other message (its raw bytes may hold line breaks a stdio
+        # server would read as several messages).
+        return [ForwardToUpstream(msg.raw, msg)]
 
     def upstream_sent(self, raw: bytes) -> list[Command]:
         """The upstream MCP server sent one JSON-RPC message."""

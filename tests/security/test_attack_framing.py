@@ -1,0 +1,43 @@
+"""Attacks around the framing fixes (F1, F4): what the second review got past them.
+
+A client may send *responses* (to a server's sampling, elicitation or roots request).  They were
+forwarded as the bytes the client sent, not as the message parsed: a response whose body holds
+line breaks reached an HTTP upstream as is, and made the stdio transport refuse the write with a
+500 blamed on the gateway.  Every message, responses included, is forwarded as parsed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.security.conftest import Gateway
+
+# A response to a server request, written over three lines; the middle one is a tools/call of a
+# tool the user may not call.  One message, so a newline-framed reader must see one line.
+SMUGGLED_RESPONSE = (
+    b'{"jsonrpc":"2.0","id":"srv-1","result":{"x":\n'
+    b'{"jsonrpc":"2.0","id":66,"method":"tools/call","params":{"name":"get-env","arguments":{}}}\r\n'
+    b"}}"
+)
+CANONICAL = (
+    b'{"jsonrpc":"2.0","id":"srv-1","result":{"x":{"jsonrpc":"2.0","id":66,"method":"tools/call",'
+    b'"params":{"name":"get-env","arguments":{}}}}}'
+)
+
+
+@pytest.mark.parametrize("app", ["rec-stdio", "rec-http"])
+def test_a_client_response_is_forwarded_as_the_message_parsed(gateway: Gateway, app: str) -> None:
+    rec = gateway.recordings[app]
+    with gateway.session("limited", app) as s:
+        n = len(rec.records())
+        r = s.post(SMUGGLED_RESPONSE)
+        assert r.status_code == 202, r.text  # accepted: a response needs no answer
+        s.sync()
+    got = rec.records()[n:]
+    raw = [g.get("line", g.get("body")) for g in got]
+    # What reached the upstream: the response re-serialised on one line, then the sync ping.
+    assert raw[0] == CANONICAL.decode()
+    assert [m.get("method") if isinstance(m, dict) else None for m in map(json.loads, raw)] == [None, "ping"]
+    assert all(m.get("method") != "tools/call" for m in rec.messages() if isinstance(m, dict))
