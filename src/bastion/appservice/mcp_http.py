@@ -1092,19 +1092,27 @@ def _session_headers(
             s.hdr_key = h
             s.audit_hdrs = _audit_headers(headers)
             strip = s.strip
-            s.pass_hdrs = [
-                (k, v)
-                for k, v in headers.items()
-                if not (
-                    k in _HOP
-                    or k in strip
-                    or k.startswith(b"x-bastion")
-                    or is_identity_header(k)
-                    or k in (b"accept", b"content-type")
-                )
-            ]
+            s.pass_hdrs = [(k, v) for k, v in headers.items() if not _dropped(k, strip)]
         s.hdr_seen = headers
     return s.audit_hdrs, s.pass_hdrs
+
+
+def _dropped(name: bytes, strip: frozenset[bytes]) -> bool:
+    """Whether a client header (lower-case ``name``) is kept from the upstream.
+
+    Compared with ``_`` read as ``-``: CGI, WSGI and Rack servers store both spellings under
+    one key (``HTTP_X_FORWARDED_USER``), so ``X_Forwarded_User`` would reach such an upstream
+    as the identity header it names, beside or before the gateway's own value.
+    """
+    if b"_" in name:
+        name = name.replace(b"_", b"-")
+    return (
+        name in _HOP
+        or name in strip
+        or name.startswith(b"x-bastion")
+        or is_identity_header(name)
+        or name in (b"accept", b"content-type")
+    )
 
 
 def _audit_headers(headers: dict[bytes, bytes]) -> dict[str, str]:
