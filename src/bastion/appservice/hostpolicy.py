@@ -24,6 +24,7 @@ import ipaddress
 import os
 import posixpath
 import pwd
+import re
 import resource
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -36,6 +37,9 @@ from bastion.transport.guard import AddressGuard
 __all__ = ["HostPolicy", "StdioSlots"]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+#: What an environment variable an app resource sets may be called: a name the program reads
+#: back as that name (no ``=``, no NUL, no space; ``Popen`` refuses the first two outright).
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 #: Bounds what a refusal quotes from an app resource (a command, a variable name).
 _QUOTE = 120
 
@@ -176,11 +180,15 @@ class HostPolicy:
             return f"host user {_q(user)} is not in app_service.dynamic_apps.run_as" + (
                 "" if cmd.run_as_host_user else " (mcp.run_as_host_user is empty: the gateway's own user)"
             )
+        if any("\0" in a for a in cmd.args) or any("\0" in v for v in cmd.env.values()):
+            return "mcp.args and mcp.env values may not hold a NUL character"
         for name in cmd.env:
             if refused_env(name):
                 return (
                     f"mcp.env {_q(name)} may never be set by an app resource (loader or interpreter variable)"
                 )
+            if not _ENV_NAME.match(name):
+                return f"mcp.env {_q(name)} is not a variable name (letters, digits and '_')"
             by_prefix = bool(self._env_prefixes) and name.startswith(self._env_prefixes)
             if name not in self._env_names and not by_prefix:
                 return f"mcp.env {_q(name)} is not in app_service.dynamic_apps.env"

@@ -268,6 +268,8 @@ async def _spawn(
         raise UpstreamError(f"{cannot}: not executable ({e.strerror})") from None
     except OSError as e:
         raise UpstreamError(f"{cannot}: {e.strerror or e}") from None
+    except ValueError as e:  # a NUL in an argument, "=" in a variable name: the app's definition
+        raise UpstreamError(f"{cannot}: {str(e)[:200]}") from None
     try:
         pipes = await _Pipes.connect(popen)
     except BaseException:
