@@ -22,6 +22,8 @@ FORGED = {
     "Bastion_Jwt_Assertion": "forged.jwt.value",
     "Mcp_Session_Id": "someone-elses-upstream-session",
     "X_Bastion_User": "admin",
+    "Mcp_Name": "get-env",  # the gateway checks Mcp-Name against the body, not this spelling
+    "Mcp_Method": "tools/call",
     "X_Request_Id": "kept-1",  # not an identity header: passes
 }
 
@@ -50,4 +52,5 @@ def test_underscore_spellings_of_rewrite_and_identity_headers_never_reach_the_up
             assert name not in names, name
         assert "FORGED" not in values and "forged.jwt.value" not in values and "admin" not in values
         assert "someone-elses-upstream-session" not in values
+        assert "get-env" not in values and "mcp-name" not in names and "mcp-method" not in names
         assert ("x_request_id", "kept-1") in [tuple(h) for h in req["headers"]]

@@ -1102,10 +1102,13 @@ def _dropped(name: bytes, strip: frozenset[bytes]) -> bool:
 
     Compared with ``_`` read as ``-``: CGI, WSGI and Rack servers store both spellings under
     one key (``HTTP_X_FORWARDED_USER``), so ``X_Forwarded_User`` would reach such an upstream
-    as the identity header it names, beside or before the gateway's own value.
+    as the identity header it names, beside or before the gateway's own value; an ``Mcp_*``
+    spelling of a header the gateway checks against the body (``Mcp-Name``...) is dropped too.
     """
     if b"_" in name:
         name = name.replace(b"_", b"-")
+        if name.startswith(b"mcp-"):
+            return True  # Mcp_Name, Mcp_Method...: the gateway checks the "-" spellings only
     return (
         name in _HOP
         or name in strip
