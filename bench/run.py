@@ -325,9 +325,10 @@ def start_bastion(
         "  listen_addr: 127.0.0.1:0\n"
         "app_service:\n"
         "  sessions_per_user: 100000\n"
-        # The idle-memory step opens 100 stdio sessions as one user (default cap: 16).
-        "  stdio_limits: {per_user: 100000, per_app: 100000}\n"
-        "  apps:\n"
+        # The idle-memory step opens 100 stdio sessions as one user (default cap: 16);
+        # a baseline from before stdio_limits existed does not know the key.
+        + ("  stdio_limits: {per_user: 100000, per_app: 100000}\n" if src is None else "")
+        + "  apps:\n"
         "  - name: bench-http\n"
         f"    uri: mcp+http://127.0.0.1:{http_port}/mcp\n"
         "  - name: bench-stdio\n"

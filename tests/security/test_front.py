@@ -214,7 +214,7 @@ def test_f3_encoded_separators_are_refused_before_any_decision(front: Front, sub
     status, _, body = front.send(f"/mcp/apps/logger/{sub}", call(2), headers={"Mcp-Session-Id": sid})
     assert status == 400 and why in _error(body)
     assert front.up.requests()[n:] == []  # nothing reached the upstream host
-    assert refusal_events(front, before, status=400, app="logger")
+    assert refusal_events(front, before, status=400, app="logger", user="limited")  # the caller is named
 
 
 def test_f3_dot_segments_are_resolved_then_decided(front: Front) -> None:

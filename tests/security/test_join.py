@@ -79,7 +79,8 @@ def _token(node: Node, *scope: str) -> tuple[str, str]:
 def _join_agent(root: Path, node: Node, scope: tuple[str, ...], apps: str, selector: str) -> AgentProc:
     token, pin = _token(node, *scope)
     cfg = _agent_config(root, node, token, pin, selector)
-    cfg.write_text(cfg.read_text() + apps)
+    # Continues the config's dynamic_apps: the app resources here name hosts under example.com.
+    cfg.write_text(cfg.read_text() + "    upstream_networks: ['*.example.com']\n" + apps)
     return _start_agent(root, cfg)
 
 

@@ -120,12 +120,8 @@ class Front:
                 "(get one with `bastion login` or `bastion auth sign --format=token`)",
                 app=name,
             )
-        try:
-            if not raw.startswith(_RAW_PREFIX):  # "/mcp/%61pps/x": only decoded does it look like ours
-                raise paths.PathError("percent-encoded characters in the /mcp/apps/ prefix; send it as it is")
-            sub = paths.normalise(raw_sub)
-        except paths.PathError as e:
-            return self._refuse(scope, send, 400, e.message, app=name)
+        # The path is judged once the caller is known, so that its refusal names them.
+        sub = raw_sub if raw.startswith(_RAW_PREFIX) else None  # "/mcp/%61pps/x": ours only decoded
         actor = self._cached_actor(token)
         if actor is None:
             return self._authenticate_and_route(scope, receive, send, token, name, sub, headers)
@@ -138,7 +134,7 @@ class Front:
         send: Send,
         token: str,
         name: str,
-        sub: str,
+        sub: bytes | None,
         headers: dict[bytes, bytes],
     ) -> None:
         try:
@@ -155,10 +151,16 @@ class Front:
         send: Send,
         actor: Actor,
         name: str,
-        sub: str,
+        raw_sub: bytes | None,
         headers: dict[bytes, bytes],
     ) -> Awaitable[None]:
         assert self.router is not None
+        try:
+            if raw_sub is None:
+                raise paths.PathError("percent-encoded characters in the /mcp/apps/ prefix; send it as it is")
+            sub = paths.normalise(raw_sub)
+        except paths.PathError as e:
+            return self._refuse(scope, send, 400, e.message, app=name, user=actor.name)
         job = None
         if actor.checker is not None:
             job = self.router.route(scope, receive, send, actor, name, sub, headers)
