@@ -602,7 +602,7 @@ class Session:
             self._client_info = _name_version(info)
         version = params.get("protocolVersion")
         if isinstance(version, str):
-            self._protocol_version = version
+            self._protocol_version = clip(version, MAX_NAME)
         self._base = None
 
     def _note_meta(self, params: dict[str, Any] | None) -> None:
@@ -615,7 +615,7 @@ class Session:
             self._base = None
         version = meta.get(_META_PROTOCOL_VERSION)
         if isinstance(version, str):
-            self._protocol_version = version
+            self._protocol_version = clip(version, MAX_NAME)
             self._base = None
 
     # -------------------------------------------------- client notifications
@@ -798,7 +798,7 @@ class Session:
                     self._server_info = _name_version(info)
                 version = result.get("protocolVersion")
                 if isinstance(version, str):
-                    self._protocol_version = version  # the negotiated one
+                    self._protocol_version = clip(version, MAX_NAME)  # the negotiated one
                 self._base = None
             self._initialized = True
         self._flush_start(out)
@@ -885,8 +885,10 @@ class Session:
 
 
 def _name_version(info: dict[str, Any]) -> str:
+    """``name/version`` of a clientInfo or serverInfo, bounded: it is stored in every event of
+    the session, so an unbounded one (a 1 MiB name) made each small call a 1 MiB audit row."""
     name = info.get("name")
     version = info.get("version")
     if not isinstance(name, str) or not name:
         return ""
-    return f"{name}/{version}" if isinstance(version, str) and version else name
+    return clip(f"{name}/{version}" if isinstance(version, str) and version else name, MAX_NAME)
