@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 
 from bastion.audit.bound import MAX_NAME
+from bastion.session import RecordAudit, Session
 from tests.security.conftest import INIT, Gateway
+from tests.security.test_properties import APP, CHECKER, IDENTITY, _Clock
 
 BIG = 1 << 20
 
@@ -46,3 +48,27 @@ def test_a_huge_client_info_is_stored_cut_not_in_every_event(gateway: Gateway) -
     assert len(denied) == 5
     assert "cut: " in denied[0]["client_info"] and "sha256:" in denied[0]["client_info"]
     assert sum(len(json.dumps(e)) for e in denied) < 5 * 16 * 1024
+
+
+def test_a_hostile_upstreams_session_id_and_server_info_are_stored_cut() -> None:
+    """The same for what an upstream says of itself (an app's creator chooses the upstream): its
+    session id (up to 64 KiB of response headers) and serverInfo are in every event too."""
+    s = Session(
+        app=APP,
+        checker=CHECKER,
+        identity=IDENTITY,
+        session_id="s",
+        cluster_name="t",
+        transport="http",
+        clock=_Clock(),
+    )
+    s.client_sent(b'{"jsonrpc":"2.0","id":"init","method":"initialize","params":{}}')
+    big = {"protocolVersion": "2025-06-18", "serverInfo": {"name": "S" * BIG, "version": "1"}}
+    s.upstream_sent(json.dumps({"jsonrpc": "2.0", "id": "init", "result": big}).encode())
+    s.upstream_session_known("U" * 60_000)
+    cmds = s.client_sent(b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"get-env"}}')
+    events = [c.event for c in cmds if isinstance(c, RecordAudit)]
+    assert events
+    for e in events:
+        assert len(e.upstream_session_id) <= MAX_NAME + 100
+        assert len(e.server_info) <= MAX_NAME + 100

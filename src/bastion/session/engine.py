@@ -482,7 +482,7 @@ class Session:
 
     def upstream_session_known(self, upstream_session_id: str) -> list[Command]:
         """The upstream's own session id (``Mcp-Session-Id``, SSE session) is known; events carry it."""
-        self._upstream_session_id = upstream_session_id
+        self._upstream_session_id = clip(upstream_session_id, MAX_NAME)  # an upstream's: in every event
         self._base = None
         return []
 
