@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 
 from bastion.audit.bound import MAX_NAME
-from bastion.session import RecordAudit, Session
+from bastion.session import RecordAudit
 from tests.security.conftest import INIT, Gateway
-from tests.security.test_properties import APP, CHECKER, IDENTITY, _Clock
+from tests.security.test_properties import new_session
 
 BIG = 1 << 20
 
@@ -53,18 +53,10 @@ def test_a_huge_client_info_is_stored_cut_not_in_every_event(gateway: Gateway) -
 def test_a_hostile_upstreams_session_id_and_server_info_are_stored_cut() -> None:
     """The same for what an upstream says of itself (an app's creator chooses the upstream): its
     session id (up to 64 KiB of response headers) and serverInfo are in every event too."""
-    s = Session(
-        app=APP,
-        checker=CHECKER,
-        identity=IDENTITY,
-        session_id="s",
-        cluster_name="t",
-        transport="http",
-        clock=_Clock(),
-    )
-    s.client_sent(b'{"jsonrpc":"2.0","id":"init","method":"initialize","params":{}}')
+    s = new_session()  # initialized; a second initialize is noted like the first
+    s.client_sent(b'{"jsonrpc":"2.0","id":"init2","method":"initialize","params":{}}')
     big = {"protocolVersion": "2025-06-18", "serverInfo": {"name": "S" * BIG, "version": "1"}}
-    s.upstream_sent(json.dumps({"jsonrpc": "2.0", "id": "init", "result": big}).encode())
+    s.upstream_sent(json.dumps({"jsonrpc": "2.0", "id": "init2", "result": big}).encode())
     s.upstream_session_known("U" * 60_000)
     cmds = s.client_sent(b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"get-env"}}')
     events = [c.event for c in cmds if isinstance(c, RecordAudit)]
@@ -72,3 +64,4 @@ def test_a_hostile_upstreams_session_id_and_server_info_are_stored_cut() -> None
     for e in events:
         assert len(e.upstream_session_id) <= MAX_NAME + 100
         assert len(e.server_info) <= MAX_NAME + 100
+    assert "cut: " in events[-1].server_info and "cut: " in events[-1].upstream_session_id
