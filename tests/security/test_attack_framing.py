@@ -41,3 +41,22 @@ def test_a_client_response_is_forwarded_as_the_message_parsed(gateway: Gateway, 
     assert raw[0] == CANONICAL.decode()
     assert [m.get("method") if isinstance(m, dict) else None for m in map(json.loads, raw)] == [None, "ping"]
     assert all(m.get("method") != "tools/call" for m in rec.messages() if isinstance(m, dict))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="client responses are forwarded whether or not the upstream sent a request they answer, "
+    "and never audited (tests/unit/session/test_engine.py asserts it: "
+    "test_client_responses_are_forwarded_not_audited); a rule for the lead",
+)
+def test_a_response_to_no_request_of_the_upstream_is_not_forwarded_and_is_audited(gateway: Gateway) -> None:
+    rec = gateway.recordings["rec-http"]
+    unsolicited = b'{"jsonrpc":"2.0","id":"never-asked","result":{"exfil":"anything the client likes"}}'
+    with gateway.session("limited", "rec-http") as s:
+        n = len(rec.records())
+        r = s.post(unsolicited)
+        s.sync()
+        sid = s.id
+    assert r.status_code == 400, r.text
+    assert [m.get("method") for m in rec.messages()[n:] if isinstance(m, dict)] == ["ping"]
+    assert any(e.get("error") for e in gateway.audit() if e.get("session_id") == sid and not e["success"])
