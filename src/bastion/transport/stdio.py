@@ -117,12 +117,24 @@ class _LineSplitter:
         return rest
 
 
-def _escape_separators(raw: bytes) -> bytes:
-    return (
-        raw.replace(b"\xe2\x80\xa8", b"\\u2028")
-        .replace(b"\xe2\x80\xa9", b"\\u2029")
-        .replace(b"\xc2\x85", b"\\u0085")
-    )
+def line_for(raw: bytes) -> bytes:
+    """The one line (without its newline) written to a stdio server for the JSON message ``raw``.
+
+    ``raw`` must be one line: the session engine forwards canonical JSON, and
+    anything else is refused (:class:`ValueError`) rather than let the server
+    read two messages where one was judged.  The line separators U+0085,
+    U+2028 and U+2029 (which ``str.splitlines`` splits on) can only stand
+    inside JSON strings, so they are written as ``\\u`` escapes: the same JSON.
+    """
+    if b"\n" in raw or b"\r" in raw:
+        raise ValueError("refused to write a message with a line break to a stdio MCP server")
+    if b"\xe2\x80\xa8" in raw or b"\xe2\x80\xa9" in raw or b"\xc2\x85" in raw:
+        return (
+            raw.replace(b"\xe2\x80\xa8", b"\\u2028")
+            .replace(b"\xe2\x80\xa9", b"\\u2029")
+            .replace(b"\xc2\x85", b"\\u0085")
+        )
+    return raw
 
 
 class _TooLong(Exception):
@@ -467,18 +479,11 @@ class StdioUpstream:
     # ------------------------------------------------------------- messages
 
     async def send(self, raw: bytes) -> None:
-        """Write ``raw`` and a newline to the server's stdin and wait until it drains.
-
-        ``raw`` must be one line: the session engine forwards canonical JSON,
-        and this refuses anything else rather than let the server read two
-        messages where one was judged.  The line separators U+0085, U+2028 and
-        U+2029 (which ``str.splitlines`` splits on) can only stand inside JSON
-        strings, so they are written as ``\\u`` escapes: the same JSON.
-        """
-        if b"\n" in raw or b"\r" in raw:
-            raise BastionError("refused to write a message with a line break to a stdio MCP server")
-        if b"\xe2\x80\xa8" in raw or b"\xe2\x80\xa9" in raw or b"\xc2\x85" in raw:
-            raw = _escape_separators(raw)
+        """Write ``raw`` as one line (:func:`line_for`) to the server's stdin and wait until it drains."""
+        try:
+            raw = line_for(raw)
+        except ValueError as e:
+            raise BastionError(str(e)) from None
         if self._closer is not None:
             raise UpstreamClosedError("upstream connection already closed by the gateway")
         if self._proc.returncode is not None or self._stdin.is_closing():
