@@ -10,9 +10,13 @@ without a backend lookup.  An empty scope allows any app (tokens made without
 Rule: an app is inside the scope when its name is one of ``apps`` (if any are
 given) **and** its labels match ``labels`` with the semantics of a role's
 ``app_labels`` selector (every key must match; values are literals, globs or
-``^regex$``).  Labels come from the host's own config for static apps: a host
-cannot widen its scope by labelling an app as it likes, because the labels are
-checked, not trusted.
+``^regex$``), **and** it has no label whose key the scope does not name.
+Labels come from the host's own config for static apps: a host cannot widen
+its scope by labelling an app as it likes, because the labels are checked, not
+trusted.  The last clause is why: a host scoped to ``env=dev`` that labels its
+app ``{env: dev, team: admins}`` would otherwise be offered to every role that
+selects ``team: admins``, users the scope never named (found by the second
+adversarial review, A5).
 
 Pure: no I/O.
 """
@@ -27,7 +31,7 @@ import orjson
 
 from bastion.policy.matchers import LabelSelector
 from bastion.policy.rbac import app_labels
-from bastion.resources import App
+from bastion.resources import SUB_KIND_LABEL, App
 
 #: OID of the certificate extension holding a host's scope (JSON): a UUID-derived OID
 #: (``2.25.<uuid>``, ITU-T X.667), so it needs no registration and clashes with nothing.
@@ -54,10 +58,18 @@ class HostScope:
         if self.apps and name not in self.apps:
             return f'app "{name}" is not among the apps its join token allows ({", ".join(self.apps)})'
         if self.labels:
+            labels = app_labels(app)
             sel = LabelSelector.compile(dict(self.labels), {}, fail_closed=True)
-            if not sel.matches(app_labels(app)):
+            if not sel.matches(labels):
                 return (
                     f'the labels of app "{name}" are outside what its join token allows ({self.describe()})'
+                )
+            extra = sorted(k for k in labels if k not in self.labels and k != SUB_KIND_LABEL)
+            if extra:
+                shown = ", ".join(k[:64] for k in extra[:5])
+                return (
+                    f'app "{name}" has labels its join token does not name ({shown}); '
+                    f"the token allows only {self.describe()}"
                 )
         return ""
 

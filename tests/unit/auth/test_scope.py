@@ -27,6 +27,14 @@ def test_names_and_labels_must_both_hold() -> None:
     assert "labels" in scope.refusal(_app("a"))  # a missing label never matches
 
 
+def test_a_label_the_scope_does_not_name_is_refused() -> None:
+    # A host scoped to env=dev may not offer its app to roles selecting other labels.
+    scope = HostScope.of(labels={"env": ["dev"]})
+    why = scope.refusal(_app("x", env="dev", team="admins"))
+    assert "does not name (team)" in why and "env=dev" in why
+    assert HostScope.of(["x"]).refusal(_app("x", env="dev", team="admins")) == ""  # names only: any labels
+
+
 def test_label_values_are_alternatives_and_globs() -> None:
     scope = HostScope.of(labels=parse_label_scope("env=dev|test,team=a*"))
     assert scope.refusal(_app("x", env="test", team="alpha")) == ""
