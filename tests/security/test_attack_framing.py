@@ -3,7 +3,9 @@
 A client may send *responses* (to a server's sampling, elicitation or roots request).  They were
 forwarded as the bytes the client sent, not as the message parsed: a response whose body holds
 line breaks reached an HTTP upstream as is, and made the stdio transport refuse the write with a
-500 blamed on the gateway.  Every message, responses included, is forwarded as parsed.
+500 blamed on the gateway.  Every message, responses included, is forwarded as parsed; and a
+response is forwarded only when it answers an open request of the upstream (A6): any other is
+refused and audited.
 """
 
 from __future__ import annotations
@@ -21,34 +23,23 @@ SMUGGLED_RESPONSE = (
     b'{"jsonrpc":"2.0","id":66,"method":"tools/call","params":{"name":"get-env","arguments":{}}}\r\n'
     b"}}"
 )
-CANONICAL = (
-    b'{"jsonrpc":"2.0","id":"srv-1","result":{"x":{"jsonrpc":"2.0","id":66,"method":"tools/call",'
-    b'"params":{"name":"get-env","arguments":{}}}}}'
-)
 
 
 @pytest.mark.parametrize("app", ["rec-stdio", "rec-http"])
-def test_a_client_response_is_forwarded_as_the_message_parsed(gateway: Gateway, app: str) -> None:
+def test_a_smuggled_client_response_reaches_no_upstream(gateway: Gateway, app: str) -> None:
+    # The upstream asked nothing, so the response is refused (and audited) before framing matters;
+    # a response it did ask for is forwarded as parsed, one line (tests/unit/session/test_engine.py).
     rec = gateway.recordings[app]
     with gateway.session("limited", app) as s:
         n = len(rec.records())
         r = s.post(SMUGGLED_RESPONSE)
-        assert r.status_code == 202, r.text  # accepted: a response needs no answer
+        assert r.status_code == 400, r.text
         s.sync()
-    got = rec.records()[n:]
-    raw = [g.get("line", g.get("body")) for g in got]
-    # What reached the upstream: the response re-serialised on one line, then the sync ping.
-    assert raw[0] == CANONICAL.decode()
-    assert [m.get("method") if isinstance(m, dict) else None for m in map(json.loads, raw)] == [None, "ping"]
+    raw = [g.get("line", g.get("body")) for g in rec.records()[n:]]
+    assert [json.loads(x).get("method") for x in raw] == ["ping"]
     assert all(m.get("method") != "tools/call" for m in rec.messages() if isinstance(m, dict))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client responses are forwarded whether or not the upstream sent a request they answer, "
-    "and never audited (tests/unit/session/test_engine.py asserts it: "
-    "test_client_responses_are_forwarded_not_audited); a rule for the lead",
-)
 def test_a_response_to_no_request_of_the_upstream_is_not_forwarded_and_is_audited(gateway: Gateway) -> None:
     rec = gateway.recordings["rec-http"]
     unsolicited = b'{"jsonrpc":"2.0","id":"never-asked","result":{"exfil":"anything the client likes"}}'

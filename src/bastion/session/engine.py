@@ -48,7 +48,9 @@ The rules, and their reasons:
 
 Not decided here: resources, prompts and completions are forwarded without
 RBAC (as Teleport does); server-to-client requests and notifications pass
-through (re-serialised) and are not audited.
+through (re-serialised) and are not audited.  A client's response is
+forwarded only when it answers an open request of the upstream; any other is
+refused and audited.
 
 This module must not do I/O, await, read the wall clock (use the injected
 clock) or log directly (emit :class:`Log`).
@@ -342,6 +344,8 @@ class Session:
         self._remote_addr = remote_addr
         self._new_id: Callable[[], str] = new_id if new_id is not None else _EventIds().next
         self._inflight: dict[RequestId, _Pending] = {}
+        #: Ids of the upstream's requests to the client not answered yet (oldest first).
+        self._asked: dict[RequestId, bool] = {}
         self._cancelled = 0  # how many of _inflight are cancelled
         self._started_at = clock.now()
         self._start_pending = True
@@ -418,9 +422,10 @@ class Session:
         if kind == "notification":
             return self._client_notification(msg)
         # A response to a server-to-client request (sampling, elicitation, roots): forwarded
-        # as parsed, like every other message (its raw bytes may hold line breaks a stdio
-        # server would read as several messages).
-        return [ForwardToUpstream(msg.raw, msg)]
+        # as parsed, like every other message, and only if the upstream asked.
+        if self._asked.pop(msg.id, False):
+            return [ForwardToUpstream(msg.raw, msg)]
+        return self._refuse_response(msg)
 
     def upstream_sent(self, raw: bytes) -> list[Command]:
         """The upstream MCP server sent one JSON-RPC message."""
@@ -436,8 +441,13 @@ class Session:
         if kind == "response" or kind == "error":
             return self._upstream_response(msg)
         # Notifications (tools/list_changed included: the client re-lists and is
-        # filtered again) and server-to-client requests pass through unchanged.
-        return [SendToClient(raw)]
+        # filtered again) and server-to-client requests pass through, as parsed.
+        if kind == "request":
+            asked = self._asked
+            if len(asked) >= self._max_in_flight:  # bounded: the oldest question is forgotten
+                del asked[next(iter(asked))]
+            asked[msg.id] = True
+        return [SendToClient(msg.raw)]
 
     def ended(self, error: str = "") -> list[Command]:
         """The session is over; ``error`` says why if it ended abnormally.  Later inputs are ignored.
@@ -644,6 +654,23 @@ class Session:
                 f"{method!r} is a request, and a request needs an id: "
                 "the gateway does not forward requests sent as notifications"
             )
+        now = self._clock.now()
+        out: list[Command] = []
+        self._flush_start(out)
+        out.append(RecordAudit(self._event(ev.INVALID_REQUEST, False, now, msg, error=text, duration_ms=0.0)))
+        out.append(SendToClient(error_response(None, INVALID_REQUEST, text)))
+        return out
+
+    def _refuse_response(self, msg: Message) -> list[Command]:
+        """A client response to no open request of the upstream: audited, answered, never forwarded.
+
+        Otherwise a client could send the upstream anything as the "result" of a
+        question it never asked: a channel no policy judges and no record shows.
+        """
+        text = (
+            f"response to request id {clip(repr(msg.id), MAX_QUOTE)}, which the upstream MCP server did "
+            "not send or which was already answered; not forwarded"
+        )
         now = self._clock.now()
         out: list[Command] = []
         self._flush_start(out)

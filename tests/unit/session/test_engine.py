@@ -777,6 +777,7 @@ class TestMatching:
         assert forwarded(
             h.s.client_sent(notif("notifications/progress", {"progressToken": 1, "progress": 1}))
         )
+        h.s.upstream_sent(req("s-1", "sampling/createMessage"))
         assert forwarded(h.s.client_sent(res("s-1", {})))
         # An answer frees a slot.
         h.s.upstream_sent(res(2, {}))
@@ -859,10 +860,24 @@ class TestPassThrough:
         ):
             assert h.s.upstream_sent(raw) == [SendToClient(raw)]
 
-    def test_client_responses_are_forwarded_not_audited(self) -> None:
+    def test_client_responses_to_the_upstreams_requests_are_forwarded_not_audited(self) -> None:
         h = initialized()
+        h.s.upstream_sent(req("s-1", "sampling/createMessage"))
+        h.s.upstream_sent(req("s-2", "elicitation/create"))
         for raw in (res("s-1", {"role": "assistant"}), err("s-2", -1, "declined")):
             assert h.s.client_sent(raw) == [fwd(raw)]
+
+    def test_a_client_response_to_no_open_request_is_refused_and_audited(self) -> None:
+        h = initialized()
+        h.s.upstream_sent(req("s-1", "roots/list"))
+        assert forwarded(h.s.client_sent(res("s-1", {"roots": []})))
+        for raw in (res("s-1", {"again": True}), res("never", {"exfil": 1}), err(None, -1, "x")):
+            cmds = h.s.client_sent(raw)
+            assert forwarded(cmds) == []
+            (audit,) = [c for c in cmds if isinstance(c, RecordAudit)]
+            assert audit.event.type == ev.INVALID_REQUEST and not audit.event.success
+            assert "not forwarded" in audit.event.error
+            assert error_of(cmds[-1])["code"] == INVALID_REQUEST
 
     def test_other_requests_are_forwarded_and_audited(self) -> None:
         h = initialized()
