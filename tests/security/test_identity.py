@@ -119,7 +119,7 @@ def test_a_strangers_bad_passwords_do_not_lock_the_user(node: Node, tmp_path: Pa
     assert sum(e.get("extra", {}).get("locked") == "address+user" for e in failures) == 1
 
 
-def test_proxy_mcp_refuses_a_foreign_origin(node: Node, tmp_path: Path) -> None:
+def test_proxy_mcp_refuses_a_foreign_origin_or_host(node: Node, tmp_path: Path) -> None:
     node.cli("users", "add", "gina", "--roles=mcp-user", local=True)
     with local_proxy(node, "bastion-demo", "gina", tmp_path) as addr, httpx.Client(timeout=30) as c:
         port = addr.rpartition(":")[2]
@@ -132,6 +132,10 @@ def test_proxy_mcp_refuses_a_foreign_origin(node: Node, tmp_path: Path) -> None:
         ):
             r = c.post(url, json=INIT, headers={**MCP_HEADERS, "Origin": foreign})
             assert r.status_code == 403, (foreign, r.text)
+        # DNS rebinding without an Origin: a foreign Host name is refused too.
+        for host in (f"evil.example:{port}", f"localhost:{int(port) + 1}"):
+            r = c.post(url, json=INIT, headers={**MCP_HEADERS, "Host": host})
+            assert r.status_code == 403, (host, r.text)
         for own in (f"http://localhost:{port}", f"http://127.0.0.1:{port}", None):
             headers = {**MCP_HEADERS, **({"Origin": own} if own else {})}
             r = c.post(url, json=INIT, headers=headers)

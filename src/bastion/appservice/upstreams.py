@@ -99,7 +99,24 @@ def _uri_path(uri: str) -> str:
 
 #: Client headers never passed upstream, whatever the app: they claim an identity, and only
 #: the gateway states identities (``X-Forwarded-*`` and ``*-Jwt-Assertion`` by pattern too).
-IDENTITY_HEADERS = frozenset({b"forwarded", b"x-real-ip", JWT_HEADER.lower().encode()})
+IDENTITY_HEADERS = frozenset(
+    {
+        b"forwarded",
+        b"x-real-ip",
+        b"x-forwarded",
+        b"true-client-ip",
+        b"x-client-ip",
+        b"cf-connecting-ip",
+        b"remote-user",
+        b"x-remote-user",
+        b"x-auth-request-user",
+        b"x-auth-request-email",
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"x-original-uri",
+        JWT_HEADER.lower().encode(),
+    }
+)
 
 
 def stripped_headers(app: App) -> frozenset[bytes]:

@@ -121,6 +121,15 @@ class LocalMCPProxy:
                     log.warning("request from a foreign origin refused", extra={"origin": shown})
                     await _error(send, 403, f"origin {shown!r} is not allowed (only this proxy's own)")
                     return
+            elif lk == b"host":
+                # DNS rebinding: a page on evil.example that resolves to 127.0.0.1 sends its own
+                # name as Host (browsers add Origin to POSTs, but not every request has one).
+                host = v.decode("latin-1")
+                if not own_origin(f"http://{host}", self.port):
+                    shown = host[:200]
+                    log.warning("request for a foreign host name refused", extra={"host": shown})
+                    await _error(send, 403, f"host {shown!r} is not this proxy (use localhost:{self.port})")
+                    return
             elif lk in _PASS:
                 headers.append((lk, v))
         body = b""

@@ -29,7 +29,8 @@ messages that parsers disagree on are still refused
   to smuggle a message past a gateway that inspects single messages.
 * **Oversized names**: a method over :data:`MAX_METHOD` characters or a string
   id over :data:`MAX_ID` (no real one comes close; both are echoed in answers
-  and audit records, which must stay bounded).
+  and audit records, which must stay bounded), and integer ids beyond 2**53 - 1
+  (JavaScript peers read them as another number).
 
 Also here: the JSON-RPC error codes (the standard ones, the MCP ones, and the
 gateway's own) and encoders for the few messages the gateway writes itself.
@@ -144,6 +145,8 @@ class ProtocolError(ValidationError):
 MAX_METHOD: Final = 256
 #: The longest string id accepted (characters).
 MAX_ID: Final = 1024
+# Integer ids beyond this lose precision in JavaScript (Number.MAX_SAFE_INTEGER).
+_MAX_SAFE_INT: Final = 2**53 - 1
 # The deepest nesting orjson serialises; deeper messages cannot be forwarded as judged.
 _MAX_DEPTH: Final = 254
 
@@ -380,8 +383,17 @@ def parse_message(raw: bytes) -> Message:
             None,
             f"the method name is {len(method)} characters long; at most {MAX_METHOD} are accepted",
         )
-    if type(good_id) is str and len(good_id) > MAX_ID:
-        raise _invalid(None, method, f'"id" is {len(good_id)} characters long; at most {MAX_ID} are accepted')
+    if type(good_id) is str:
+        if len(good_id) > MAX_ID:
+            raise _invalid(
+                None, method, f'"id" is {len(good_id)} characters long; at most {MAX_ID} are accepted'
+            )
+    elif type(good_id) is int and not -_MAX_SAFE_INT <= good_id <= _MAX_SAFE_INT:
+        # JavaScript reads such a number as the nearest double: two ids could become one
+        # upstream, and a server that refuses it leaves the request in flight forever.
+        raise _invalid(
+            None, method, '"id" is an integer beyond 2**53 - 1, which JavaScript peers cannot read exactly'
+        )
 
     try:
         canonical = _dumps(body)

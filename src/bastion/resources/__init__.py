@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     AfterValidator,
@@ -254,6 +254,25 @@ class Token(_Frozen):
 # ----------------------------------------------------------------------- app
 
 
+#: Headers a rewrite may not name: the gateway writes them (framing, connection, session).
+_GATEWAY_HEADERS: Final = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "proxy-connection",
+        "expect",
+        "content-type",
+        "accept",
+    }
+)
+
+
 class Header(_Frozen):
     name: str
     value: str
@@ -262,7 +281,13 @@ class Header(_Frozen):
     @classmethod
     def _name(cls, v: str) -> str:
         if not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", v):
-            raise ValueError(f'invalid header name "{v}"')
+            raise ValueError(f'invalid header name "{v[:64]}"')
+        folded = v.lower().replace("_", "-")
+        if folded in _GATEWAY_HEADERS or folded.startswith("mcp-") or folded.startswith("x-bastion"):
+            raise ValueError(
+                f'header "{v}" is set by the gateway itself (HTTP framing, the MCP session or '
+                "the protocol); a rewrite cannot replace it"
+            )
         return v
 
 

@@ -420,3 +420,11 @@ def test_error_codes() -> None:
     # Clear of codes the SDKs and the MCP spec already use.
     assert not set(ours) & {-32000, -32001, -32002, -32020, -32022, -32042}
     assert len(set(standard + ours)) == len(standard + ours)
+
+
+@pytest.mark.parametrize("rid", [2**53, -(2**53), 2**63 - 1])
+def test_integer_ids_javascript_cannot_read_exactly_are_refused(rid: int) -> None:
+    raw = b'{"jsonrpc":"2.0","id":%d,"method":"ping"}' % rid
+    e = refused(raw)
+    assert e.id is None and "2**53" in e.message
+    assert parse_message(b'{"jsonrpc":"2.0","id":%d,"method":"ping"}' % (2**53 - 1)).id == 2**53 - 1
