@@ -155,6 +155,11 @@ async def test_upstream_garbage_is_dropped_and_the_call_still_answers(gw: Node) 
         assert r.status_code == 200 and r.json()["result"]["content"][0]["text"] == "ok"
     finally:
         await c.aclose()
+    # The engine's Log command is carried out: the dropped line is in the service log, on one line.
+    lines = [
+        ln for ln in gw.log.read_text().splitlines() if "dropped an invalid message from the upstream" in ln
+    ]
+    assert lines and "WARN" in lines[0] and "session_id=" in lines[0]
 
 
 @pytest.mark.parametrize(

@@ -69,6 +69,7 @@ from bastion.session.engine import (
     CompleteAudit,
     EventIds,
     ForwardToUpstream,
+    Log,
     RecordAudit,
     SendToClient,
     Session,
@@ -76,6 +77,12 @@ from bastion.session.engine import (
 from bastion.transport.http import HTTPUpstreamPool, PreparedHeaders
 
 log = logging.getLogger("bastion.app")
+_LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 SUPPORTED_VERSIONS = frozenset({"2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"})
@@ -157,10 +164,12 @@ class SessionGone(BastionError):
     http_status = 404
     code = "session_not_found"
 
-    def __init__(self, message: str, *, ended: GatewaySession | None = None) -> None:
+    def __init__(self, message: str, *, ended: GatewaySession | None = None, why: str = "") -> None:
         super().__init__(message)
-        #: A session to end before answering (its app was redefined).
+        #: A session to end before answering (its app was redefined, or access to it revoked).
         self.ended = ended
+        #: Why it ends, for its end event ("" = its app was redefined).
+        self.why = why
 
 
 class Refused(BastionError):
@@ -306,7 +315,7 @@ class MCPHandler:
             await _jsonrpc_error(send, e.status, e.mid, e.rpc_code, e.message, "client", extra)
         except SessionGone as e:
             if e.ended is not None:
-                await self._end(e.ended, f'app "{app.metadata.name}" was redefined')
+                await self._end(e.ended, e.why or f'app "{app.metadata.name}" was redefined')
             self._refused(scope, actor, app, headers, 404, e.message)
             await _jsonrpc_error(send, 404, None, -32001, e.message, "client")
         except BastionError as e:
@@ -405,6 +414,12 @@ class MCPHandler:
             for cmd in s.engine.policy_changed(actor.checker):
                 if isinstance(cmd, SendToClient):
                     self._route(s, cmd.raw, None)
+                elif isinstance(cmd, CloseSession):  # access to the app was revoked: it ends now
+                    raise SessionGone(
+                        "session not found (it ended or never existed): start a new one with initialize",
+                        ended=s,
+                        why=cmd.reason,
+                    )
         return s
 
     async def _new_session(self, actor: Actor, app: App, scope: Scope) -> GatewaySession:
@@ -501,6 +516,12 @@ class MCPHandler:
                     self._route(s, cmd.raw, cmd.related_request_id)
             elif isinstance(cmd, CloseSession):
                 s.dead = cmd.reason
+            elif isinstance(cmd, Log):
+                log.log(
+                    _LOG_LEVELS.get(cmd.level, logging.WARNING),
+                    cmd.message,
+                    extra={"session_id": s.id, **cmd.fields},
+                )
         return True
 
     def _route(self, s: GatewaySession, raw: bytes, related: Any) -> None:
