@@ -60,10 +60,11 @@ postgres:
 	    || echo "could not install PostgreSQL: its tests will skip" >&2; \
 	else echo "PostgreSQL is not installed and cannot be installed here: its tests will skip" >&2; fi
 
-## test: install everything the tests need, then lint, type-check and run the whole suite
+## test: install everything the tests need, then lint, type-check, check the import layers (decision 0024) and run the whole suite
 test: $(TSTAMP) $(NODE_STAMP) postgres
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 lint: $(TSTAMP)
@@ -72,6 +73,7 @@ lint: $(TSTAMP)
 
 typecheck: $(TSTAMP)
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) $(NODE_DIR)/node_modules .pytest_cache .mypy_cache .ruff_cache demo-data

@@ -29,10 +29,9 @@ from bastion.audit.redact import DEFAULT_SECRET_KEYS, Redactor
 from bastion.audit.refusals import Refusals
 from bastion.audit.store import AuditStore, SQLiteAuditStore
 from bastion.auth.ca import CertAuthority, fingerprint
-from bastion.auth.server import AuthServer
+from bastion.auth.server import PROXY_ADDR_KEY, AuthServer, settings_from
 from bastion.backend import Backend, Item
 from bastion.backend.factory import open_backend
-from bastion.client.local import PROXY_ADDR_KEY, settings_from
 from bastion.config import Config, split_addr
 from bastion.diag import DiagServer
 from bastion.errors import BastionError

@@ -3,7 +3,7 @@
 Same contract as ``SQLiteAuditStore`` (see ``bastion.audit.store``): the same
 stored document (``AuditEvent.to_dict`` as JSON, built by the same helpers),
 the outcome of a call kept in the ``success``/``error``/``duration_ms``
-columns and merged into the document by search (the same ``_merge``; rows
+columns and merged into the document by search (the same ``merge_outcome``; rows
 completed by versions before 2026-11-22, which also rewrote the JSON, read
 the same), the same search semantics (``since <= time < until``, types,
 user, app, session; oldest first by event time, then insertion order; at
@@ -47,7 +47,15 @@ from bastion._pg import (
     open_pool,
 )
 from bastion.audit.events import AuditEvent
-from bastion.audit.store import AuditQuery, AuditStore, Completion, _clean, _merge, _micros, _row
+from bastion.audit.store import (
+    AuditQuery,
+    AuditStore,
+    Completion,
+    clean_text,
+    epoch_micros,
+    event_row,
+    merge_outcome,
+)
 from bastion.errors import BackendError, BastionError
 
 if TYPE_CHECKING:
@@ -104,7 +112,7 @@ _COMPLETE: Final = (
     " AS u (id, success, error, duration_ms) WHERE a.id = u.id"
 )
 
-#: Columns of ``_row``'s tuple that are TEXT columns here (NUL not allowed).
+#: Columns of ``event_row``'s tuple that are TEXT columns here (NUL not allowed).
 _TEXT_COLUMNS: Final = (0, 2, 3, 4, 5, 7)
 
 
@@ -155,13 +163,15 @@ class PostgresAuditStore:
         if not (events or updates):
             return
         self._check_open()
-        columns = [list(c) for c in zip(*[_pg_row(_row(e)) for e in events], strict=True)] if events else []
+        columns = (
+            [list(c) for c in zip(*[_pg_row(event_row(e)) for e in events], strict=True)] if events else []
+        )
         # The last completion of each event (a later one wins), in one statement.
         final: dict[str, tuple[bool, str, float | None]] = {}
         for event_id, success, error, duration_ms in updates:
-            final[_nul_free(_clean(event_id))] = (
+            final[_nul_free(clean_text(event_id))] = (
                 bool(success),
-                _nul_free(_clean(error)) if error else "",
+                _nul_free(clean_text(error)) if error else "",
                 duration_ms,
             )
         outcomes = [list(final), *([list(c) for c in zip(*final.values(), strict=True)] if final else [])]
@@ -189,7 +199,7 @@ class PostgresAuditStore:
             return await conn.fetch(sql, *params)
 
         rows = await self._run("search", fetch)
-        return [_merge(row[0], row[1], row[2], row[3]) for row in rows]
+        return [merge_outcome(row[0], row[1], row[2], row[3]) for row in rows]
 
     async def close(self) -> None:
         if self._closer is None:
@@ -248,7 +258,7 @@ def _nul_free(text: str) -> str:
 
 
 def _pg_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    """``store._row``'s tuple with its text columns made storable in PostgreSQL."""
+    """``store.event_row``'s tuple with its text columns made storable in PostgreSQL."""
     if not any("\x00" in row[i] for i in _TEXT_COLUMNS):
         return row
     fixed = list(row)
@@ -267,14 +277,14 @@ def _search_sql(query: AuditQuery) -> tuple[str, list[Any]]:
         return f"${len(params)}"
 
     if query.since is not None:
-        where.append(f"time_us >= {param(_micros(query.since))}")
+        where.append(f"time_us >= {param(epoch_micros(query.since))}")
     if query.until is not None:
-        where.append(f"time_us < {param(_micros(query.until))}")
+        where.append(f"time_us < {param(epoch_micros(query.until))}")
     if query.types:
-        where.append(f"type = ANY({param([_nul_free(_clean(t)) for t in query.types])}::text[])")
+        where.append(f"type = ANY({param([_nul_free(clean_text(t)) for t in query.types])}::text[])")
     for column, value in (('"user"', query.user), ("app", query.app), ("session_id", query.session_id)):
         if value:
-            where.append(f"{column} = {param(_nul_free(_clean(value)))}")
+            where.append(f"{column} = {param(_nul_free(clean_text(value)))}")
     sql = f"SELECT event, success, error, duration_ms FROM {TABLE}"
     if where:
         sql += " WHERE " + " AND ".join(where)

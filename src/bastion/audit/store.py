@@ -111,6 +111,10 @@ __all__ = [
     "AuditStore",
     "Completion",
     "SQLiteAuditStore",
+    "clean_text",
+    "epoch_micros",
+    "event_row",
+    "merge_outcome",
     "search_files",
 ]
 
@@ -175,7 +179,7 @@ _INSERT: Final = (
 )
 
 # A completion sets the outcome columns only; the stored JSON stays the event
-# as recorded, and search merges the columns into it (``_merge``).
+# as recorded, and search merges the columns into it (``merge_outcome``).
 _COMPLETE: Final = "UPDATE audit_events SET success = ?, error = ?, duration_ms = ? WHERE id = ?"
 
 
@@ -393,16 +397,16 @@ class SQLiteAuditStore:
                 f"audit database {self._path}: cannot {action}: {waiting} journaled events wait to be "
                 f"indexed ({self._index_error or 'indexing is behind'})"
             )
-        rows = [_row(e) for e in events]
+        rows = [event_row(e) for e in events]
         # (success, error, duration_ms, id) for _COMPLETE.  Only text that is
         # not ASCII can hold a lone surrogate (which can be neither bound nor
         # written as UTF-8).
         outcomes = [
             (
                 bool(success),
-                (error if error.isascii() else _clean(error)) if error else "",
+                (error if error.isascii() else clean_text(error)) if error else "",
                 duration_ms,
-                event_id if event_id.isascii() else _clean(event_id),
+                event_id if event_id.isascii() else clean_text(event_id),
             )
             for event_id, success, error, duration_ms in updates
         ]
@@ -600,7 +604,7 @@ def _index_rows(
 # -- rows ----------------------------------------------------------------------
 
 
-def _micros(when: datetime) -> int:
+def epoch_micros(when: datetime) -> int:
     """Microseconds since the epoch; naive datetimes are UTC."""
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
@@ -646,7 +650,8 @@ def _put(d: dict[str, Any], k: str, v: Any) -> None:
     d[k] = v
 
 
-def _row(event: AuditEvent) -> tuple[Any, ...]:
+def event_row(event: AuditEvent) -> tuple[Any, ...]:
+    """The index row of ``event`` (shared with ``pg_store``, whose columns are the same)."""
     doc = _doc(event)
     try:
         text = orjson.dumps(doc, default=_json_default).decode()
@@ -655,14 +660,14 @@ def _row(event: AuditEvent) -> tuple[Any, ...]:
         # repair rather than lose the event.  Rare, so slow is fine.
         text = orjson.dumps(_sanitise(doc, 0), default=_json_default).decode()
         return (
-            _clean(event.id),
-            _micros(event.time),
-            _clean(event.type),
-            _clean(event.user),
-            _clean(event.app),
-            _clean(event.session_id),
+            clean_text(event.id),
+            epoch_micros(event.time),
+            clean_text(event.type),
+            clean_text(event.user),
+            clean_text(event.app),
+            clean_text(event.session_id),
             bool(event.success),
-            _clean(event.error),
+            clean_text(event.error),
             event.duration_ms,
             text,
         )
@@ -670,7 +675,7 @@ def _row(event: AuditEvent) -> tuple[Any, ...]:
     # so they encode as UTF-8 and binding them cannot fail.
     return (
         event.id,
-        _micros(event.time),
+        epoch_micros(event.time),
         event.type,
         event.user,
         event.app,
@@ -685,10 +690,10 @@ def _row(event: AuditEvent) -> tuple[Any, ...]:
 def _completed_json(text: str, success: bool, error: str, duration_ms: float | None) -> str:
     """The stored JSON ``text`` rewritten with an outcome (for stores that keep it in the JSON).
 
-    ``SQLiteAuditStore`` keeps the outcome in columns instead (see ``_merge``);
+    ``SQLiteAuditStore`` keeps the outcome in columns instead (see ``merge_outcome``);
     ``bastion.audit.pg_store`` rewrites its JSON with this.
     """
-    return orjson.dumps(_merge(text, success, error, duration_ms)).decode()
+    return orjson.dumps(merge_outcome(text, success, error, duration_ms)).decode()
 
 
 def _json_default(value: Any) -> Any:
@@ -700,7 +705,7 @@ def _json_default(value: Any) -> Any:
     return repr(value)
 
 
-def _clean(text: str) -> str:
+def clean_text(text: str) -> str:
     """``text`` with lone surrogates replaced, so it encodes as UTF-8."""
     try:
         text.encode()
@@ -714,11 +719,11 @@ _SANITISE_DEPTH = 200
 
 def _sanitise(value: Any, depth: int) -> Any:
     if isinstance(value, str):
-        return _clean(value)
+        return clean_text(value)
     if depth > _SANITISE_DEPTH:
         return "<TOO DEEP>"
     if isinstance(value, dict):
-        return {_clean(str(k)): _sanitise(v, depth + 1) for k, v in value.items()}
+        return {clean_text(str(k)): _sanitise(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_sanitise(v, depth + 1) for v in value]
     return value
@@ -831,7 +836,7 @@ def _read_journal(folder: Path) -> list[_Item]:
 
 
 def _row_of(doc: dict[str, Any], text: str) -> list[Any]:
-    """The row of a journaled event document (as ``_row`` built it from the event)."""
+    """The row of a journaled event document (as ``event_row`` built it from the event)."""
     return [
         str(doc["id"]),
         _doc_micros(doc),
@@ -849,7 +854,7 @@ def _row_of(doc: dict[str, Any], text: str) -> list[Any]:
 
 def _doc_micros(doc: dict[str, Any]) -> int:
     try:
-        return _micros(datetime.fromisoformat(doc["time"]))
+        return epoch_micros(datetime.fromisoformat(doc["time"]))
     except (KeyError, TypeError, ValueError):
         return 0
 
@@ -972,9 +977,9 @@ def _search(path: Path, query: AuditQuery) -> list[dict[str, Any]]:
 
 
 def _matches(query: AuditQuery, doc: dict[str, Any], t: int) -> bool:
-    if query.since is not None and t < _micros(query.since):
+    if query.since is not None and t < epoch_micros(query.since):
         return False
-    if query.until is not None and t >= _micros(query.until):
+    if query.until is not None and t >= epoch_micros(query.until):
         return False
     if query.types and doc.get("event") not in query.types:
         return False
@@ -989,10 +994,10 @@ def _search_sql(query: AuditQuery) -> tuple[str, list[Any]]:
     params: list[Any] = []
     if query.since is not None:
         where.append("time_us >= ?")
-        params.append(_micros(query.since))
+        params.append(epoch_micros(query.since))
     if query.until is not None:
         where.append("time_us < ?")
-        params.append(_micros(query.until))
+        params.append(epoch_micros(query.until))
     if query.types:
         where.append(f"type IN ({', '.join('?' * len(query.types))})")
         params.extend(query.types)
@@ -1022,11 +1027,12 @@ def _read(path: Path, sql: str, params: list[Any]) -> list[tuple[str, int, dict[
     finally:
         conn.close()
     return [
-        (eid, t, _merge(text, success, error, duration)) for eid, t, text, success, error, duration in rows
+        (eid, t, merge_outcome(text, success, error, duration))
+        for eid, t, text, success, error, duration in rows
     ]
 
 
-def _merge(text: str, success: Any, error: str, duration_ms: float | None) -> dict[str, Any]:
+def merge_outcome(text: str, success: Any, error: str, duration_ms: float | None) -> dict[str, Any]:
     """The stored event with the outcome columns applied (see ``_apply``)."""
     doc: dict[str, Any] = orjson.loads(text)
     _apply(doc, success, error, duration_ms)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import secrets
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import jwt
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from bastion.auth.ca import CertAuthority
 from bastion.errors import AuthenticationError
+from bastion.identity import Identity as Identity  # re-exported: its old home
 
 CREDENTIAL_KIND = "user"
 _RELOGIN = "log in again with `bastion login`"
@@ -39,21 +39,6 @@ _RELOGIN = "log in again with `bastion login`"
 
 def audience_for(cluster_name: str) -> str:
     return f"bastion:{cluster_name}"
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who a verified credential belongs to."""
-
-    username: str
-    cluster_name: str
-    roles: tuple[str, ...]
-    traits: Mapping[str, tuple[str, ...]]
-    expires: datetime
-    issued_at: datetime
-    token_id: str = field(default="")
-    #: The ``uid`` of the user record the credential was issued for ("" for older ones).
-    user_uid: str = ""
 
 
 def issue(

@@ -30,7 +30,7 @@ import pydantic
 from bastion._time import Clock, SystemClock
 from bastion.auth import credentials, passwords
 from bastion.auth.ca import CertAuthority, HostIdentity, ensure_cas, issue_host_cert
-from bastion.auth.credentials import Identity, Verifier
+from bastion.auth.credentials import Verifier
 from bastion.auth.scope import HostScope
 from bastion.auth.throttle import Limits, LoginThrottle
 from bastion.backend import Backend, Item
@@ -44,6 +44,7 @@ from bastion.errors import (
     SecondFactorRequiredError,
     ValidationError,
 )
+from bastion.identity import Identity
 from bastion.policy import AccessChecker, preset_roles
 from bastion.resources import (
     KINDS,
@@ -64,6 +65,8 @@ from bastion.resources.codec import format_pydantic_error
 ADMIN_NAME = "bastion-admin"
 _LOGIN_FAILED = "invalid user name or password"
 _CLUSTER_KEY = "/cluster/name"
+#: The address the running proxy listens on (it may have been port 0), for local admin commands.
+PROXY_ADDR_KEY = "/cluster/proxy_addr"
 _TOKEN_HISTORY = timedelta(days=7)
 #: Revoked credentials kept per user before the list is folded into ``not_before``.
 _MAX_REVOKED = 256
@@ -104,6 +107,18 @@ class AuthSettings:
     default_token_ttl: timedelta = timedelta(minutes=30)
     #: Lifetime of a joined host's certificate; hosts renew at two thirds of it.
     host_cert_ttl: timedelta = timedelta(hours=24)
+
+
+def settings_from(cfg: Any) -> AuthSettings:
+    """The auth service's settings from the validated configuration (``config.Config``)."""
+    a = cfg.auth_service
+    return AuthSettings(
+        second_factor=a.second_factor,
+        lockout_attempts=a.authentication.lockout_attempts,
+        lockout_duration=a.authentication.lockout_duration,
+        invite_ttl=a.authentication.invite_ttl,
+        host_cert_ttl=a.host_cert_ttl,
+    )
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ from bastion._pg import (
 )
 from bastion._time import Clock, SystemClock
 from bastion.backend import Event, EventType, Item
-from bastion.backend.sqlite import _prefix_upper_bound
+from bastion.backend.sqlite import prefix_upper_bound
 from bastion.errors import (
     AlreadyExistsError,
     BackendError,
@@ -253,7 +253,7 @@ class PostgresBackend:
         return _item(row)
 
     async def list(self, prefix: str) -> builtins.list[Item]:
-        upper = _prefix_upper_bound(prefix)
+        upper = prefix_upper_bound(prefix)
         now = self._now()
         if upper is None:
             sql = f"{_SELECT_ITEM} WHERE key >= $1 AND {_LIVE} ORDER BY key"

@@ -43,7 +43,7 @@ from bastion.errors import (
 )
 from bastion.metrics import backend_error
 
-__all__ = ["SQLiteBackend"]
+__all__ = ["SQLiteBackend", "prefix_upper_bound"]
 
 _T = TypeVar("_T")
 
@@ -97,7 +97,7 @@ def _from_epoch(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, UTC)
 
 
-def _prefix_upper_bound(prefix: str) -> str | None:
+def prefix_upper_bound(prefix: str) -> str | None:
     """The smallest string greater than every string starting with ``prefix``.
 
     SQLite compares TEXT with memcmp on UTF-8, which orders like Python's
@@ -267,7 +267,7 @@ class SQLiteBackend:
         return _item(rows[0])
 
     async def list(self, prefix: str) -> builtins.list[Item]:
-        upper = _prefix_upper_bound(prefix)
+        upper = prefix_upper_bound(prefix)
         live = "(expires IS NULL OR expires > ?)"
         if upper is None:
             sql = f"SELECT key, value, revision, expires FROM kv WHERE key >= ? AND {live}"

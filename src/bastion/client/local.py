@@ -12,13 +12,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from bastion.auth.server import Actor, AuthServer, AuthSettings
+from bastion.auth.server import PROXY_ADDR_KEY, Actor, AuthServer, settings_from
 from bastion.backend import Backend
 from bastion.backend.factory import open_backend
 from bastion.config import load_config
 from bastion.errors import NotFoundError
 
-PROXY_ADDR_KEY = "/cluster/proxy_addr"
+__all__ = ["PROXY_ADDR_KEY", "LocalAdmin", "settings_from"]
 
 
 class LocalAdmin:
@@ -131,14 +131,3 @@ class LocalAdmin:
 
     async def ca_pem(self) -> str:
         return self.auth.cas["host"].cert_pem.decode()
-
-
-def settings_from(cfg: Any) -> AuthSettings:
-    a = cfg.auth_service
-    return AuthSettings(
-        second_factor=a.second_factor,
-        lockout_attempts=a.authentication.lockout_attempts,
-        lockout_duration=a.authentication.lockout_duration,
-        invite_ttl=a.authentication.invite_ttl,
-        host_cert_ttl=a.host_cert_ttl,
-    )

@@ -68,7 +68,7 @@ from bastion._time import Clock
 from bastion.audit import events as ev
 from bastion.audit.bound import MAX_ERROR, MAX_NAME, MAX_QUOTE, clip, clip_params
 from bastion.audit.events import AuditEvent
-from bastion.auth.credentials import Identity
+from bastion.identity import Identity
 from bastion.policy.rbac import Decision
 from bastion.protocol.jsonrpc import (
     ACCESS_DENIED,

@@ -26,7 +26,7 @@ from typing import Protocol
 
 from bastion.errors import UpstreamError
 
-__all__ = ["MessageStream", "UpstreamClosedError"]
+__all__ = ["Inbox", "MessageStream", "UpstreamClosedError"]
 
 
 class UpstreamClosedError(UpstreamError):
@@ -64,10 +64,10 @@ class MessageStream(Protocol):
     async def aclose(self) -> None: ...
 
 
-class _Inbox:
+class Inbox:
     """Bounded, single-consumer queue of upstream messages that ends with an error.
 
-    Private to the transports.  ``asyncio.Queue`` (3.11) cannot be closed, so a
+    Shared by the message-stream transports (stdio, SSE).  ``asyncio.Queue`` (3.11) cannot be closed, so a
     consumer blocked in ``get`` could not be woken when the upstream ends; this
     can.  The bound is the backpressure: a reader blocked in ``put`` stops
     reading its pipe or socket, so a fast upstream is slowed to the client's pace.

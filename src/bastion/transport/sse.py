@@ -35,7 +35,7 @@ import httpcore
 import httpx
 
 from bastion.errors import UpstreamError
-from bastion.transport import UpstreamClosedError, _Inbox
+from bastion.transport import Inbox, UpstreamClosedError
 from bastion.transport.guard import AddressGuard
 
 __all__ = ["SSEUpstream", "connect_sse"]
@@ -298,7 +298,7 @@ class SSEUpstream:
         self._headers = dict(headers)
         self._endpoint_timeout = endpoint_timeout
         self._parser = _SSEParser(max_message)
-        self._inbox = _Inbox()
+        self._inbox = Inbox()
         self._endpoint: httpx.URL | None = None
         self._endpoint_ready: asyncio.Future[httpx.URL] = asyncio.get_running_loop().create_future()
         self._response: httpx.Response | None = None

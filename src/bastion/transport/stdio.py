@@ -58,7 +58,7 @@ from typing import Any
 
 from bastion.errors import BastionError, UpstreamError
 from bastion.resources import MCPCommand
-from bastion.transport import UpstreamClosedError, _Inbox
+from bastion.transport import Inbox, UpstreamClosedError
 
 __all__ = ["StdioUpstream", "spawn_stdio"]
 
@@ -453,7 +453,7 @@ class StdioUpstream:
         self._max_message = max_message
         self._send_timeout = send_timeout
         self._log = logger
-        self._inbox = _Inbox()
+        self._inbox = Inbox()
         self._closer: asyncio.Task[None] | None = None
         # Progress of the stdout reader, for _watch_exit.
         self._stdout_waiting = False

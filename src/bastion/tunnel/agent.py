@@ -27,14 +27,13 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from cryptography import x509
 from starlette.types import Receive, Send
 
 from bastion import __version__
-from bastion.appservice.registry import AppRegistry
 from bastion.audit.events import AuditEvent
 from bastion.audit.store import AuditQuery, Completion
 from bastion.auth.ca import fingerprint, host_identity, new_host_key
@@ -48,6 +47,7 @@ from bastion.errors import (
     ValidationError,
     WatchExpiredError,
 )
+from bastion.resources import App
 from bastion.tunnel import http as tunnel_http
 from bastion.tunnel import wire
 from bastion.tunnel.mux import Mux, Stream, StreamReset, TunnelClosed
@@ -116,7 +116,7 @@ async def join(
     data_dir: Path, proxy: str, token: str, ca_pins: Sequence[str], *, now: datetime | None = None
 ) -> HostCreds:
     """Exchange ``token`` for a host identity, or return the one already kept in ``data_dir``."""
-    from bastion.client.api import ApiClient, fetch_ca_unverified
+    from bastion.apiclient import ApiClient, fetch_ca_unverified
 
     have = load_creds(data_dir)
     now = now or datetime.now(UTC)
@@ -167,6 +167,21 @@ async def join(
 # ------------------------------------------------------------------ agent
 
 
+class ServedApps(Protocol):
+    """What the agent needs of the app service's registry (``appservice.registry.AppRegistry``).
+
+    A narrow protocol rather than an import: the tunnel sits below the app service in the layer
+    order (docs/architecture.md), and the composition root (``service.py``) hands the real
+    registry in.
+    """
+
+    def get(self, name: str) -> App | None: ...
+
+    def all(self) -> list[App]: ...
+
+    def refused(self) -> dict[str, str]: ...
+
+
 class Agent:
     """Connections to the proxies and everything carried over them."""
 
@@ -175,7 +190,7 @@ class Agent:
         creds: HostCreds,
         data_dir: Path,
         proxy: str,
-        registry: AppRegistry,
+        registry: ServedApps,
         *,
         handler: Any = None,
     ) -> None:
@@ -241,7 +256,7 @@ class Agent:
     # ---------------------------------------------------------- connections
 
     async def _tunnel_addr(self, proxy: str) -> str:
-        from bastion.client.api import ApiClient
+        from bastion.apiclient import ApiClient
 
         api = ApiClient(proxy, ca_pem=self.creds.ca_pem.decode(), system_trust=True)
         try:

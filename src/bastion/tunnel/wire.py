@@ -14,9 +14,9 @@ from datetime import datetime
 from typing import Any
 
 from bastion.audit import codec
-from bastion.auth.credentials import Identity
 from bastion.auth.server import Actor
 from bastion.backend import Event, EventType, Item
+from bastion.identity import Identity
 from bastion.policy import AccessChecker
 from bastion.resources import App, Role, User
 

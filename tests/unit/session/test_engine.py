@@ -13,7 +13,7 @@ import pytest
 import bastion.session as session_pkg
 from bastion.audit import events as ev
 from bastion.audit.events import AuditEvent
-from bastion.auth.credentials import Identity
+from bastion.identity import Identity
 from bastion.policy import AccessChecker
 from bastion.protocol.jsonrpc import (
     ACCESS_DENIED,
