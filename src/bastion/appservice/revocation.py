@@ -1,0 +1,73 @@
+"""Revocation ends live sessions: when users or roles change, sessions that lost their app end.
+
+A request on a live session already takes the user's new roles (``MCPHandler._session``), but
+a session nobody sends to would keep its upstream (a stdio child process) until the idle
+reaper. This watcher follows the backend's ordered change feed, like ``dynamic.py``, and on
+every change to a ``user`` or ``role`` resource asks the handler to end each session whose
+user may no longer use its app (``MCPHandler.end_unauthorised_sessions``): upstream closed,
+streams closed, end event with the reason.  Nothing here runs per request.
+
+Only an app service in the auth server's process can follow the backend; a joined app
+service (over the tunnel) has no backend access, so its sessions still end on their next
+request or at the idle reaper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from bastion.backend import Backend
+from bastion.errors import BastionError, WatchExpiredError
+from bastion.resources import prefix_for
+from bastion.session.engine import ToolPolicy
+
+log = logging.getLogger("bastion.app.revocation")
+
+#: Changes to these resources can take an app away from a user.
+_WATCHED = (prefix_for("user"), prefix_for("role"))
+
+Access = Callable[[str], Awaitable[ToolPolicy | None]]
+
+
+class AccessWatch:
+    """Re-checks live sessions whenever a user or a role changes in ``backend``."""
+
+    def __init__(self, backend: Backend, access: Access, end: Callable[[Access], Awaitable[None]]) -> None:
+        #: ``access(user)``: the user's current policy (None: no such user any more);
+        #: ``end(access)``: ends the sessions it no longer allows.
+        self.backend = backend
+        self.access = access
+        self.end = end
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="access-watch")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                rev = await self.backend.current_revision()
+                # Whatever changed while we were not watching (start, a gap) is checked once.
+                await self.end(self.access)
+                delay = 0.5
+                async for ev in self.backend.watch(rev):
+                    if ev.item.key.startswith(_WATCHED):
+                        await self.end(self.access)
+            except asyncio.CancelledError:
+                raise
+            except WatchExpiredError:
+                log.info("access watch fell behind; checking every session again")
+            except BastionError as e:
+                log.warning("access watch failed; retrying", extra={"error": e.message, "retry_in_s": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
