@@ -32,6 +32,11 @@ _WATCHED = (prefix_for("user"), prefix_for("role"))
 Access = Callable[[str], Awaitable[ToolPolicy | None]]
 
 
+def concerns_access(key: str) -> bool:
+    """Can a change to the backend ``key`` take an app away from a user?"""
+    return key.startswith(_WATCHED)
+
+
 class AccessWatch:
     """Re-checks live sessions whenever a user or a role changes in ``backend``."""
 
@@ -61,7 +66,7 @@ class AccessWatch:
                 await self.end(self.access)
                 delay = 0.5
                 async for ev in self.backend.watch(rev):
-                    if ev.item.key.startswith(_WATCHED):
+                    if concerns_access(ev.item.key):
                         await self.end(self.access)
             except asyncio.CancelledError:
                 raise
