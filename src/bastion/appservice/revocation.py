@@ -19,8 +19,8 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from bastion.backend import Backend
-from bastion.errors import BastionError, WatchExpiredError
+from bastion.appservice.follow import follow_changes
+from bastion.backend import Backend, Event
 from bastion.resources import prefix_for
 from bastion.session.engine import ToolPolicy
 
@@ -58,21 +58,12 @@ class AccessWatch:
                 await self._task
 
     async def _run(self) -> None:
-        delay = 0.5
-        while True:
-            try:
-                rev = await self.backend.current_revision()
-                # Whatever changed while we were not watching (start, a gap) is checked once.
+        async def check() -> None:
+            # On start and after a gap: whatever changed while nobody watched is checked once.
+            await self.end(self.access)
+
+        async def apply(ev: Event) -> None:
+            if concerns_access(ev.item.key):
                 await self.end(self.access)
-                delay = 0.5
-                async for ev in self.backend.watch(rev):
-                    if concerns_access(ev.item.key):
-                        await self.end(self.access)
-            except asyncio.CancelledError:
-                raise
-            except WatchExpiredError:
-                log.info("access watch fell behind; checking every session again")
-            except BastionError as e:
-                log.warning("access watch failed; retrying", extra={"error": e.message, "retry_in_s": delay})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+
+        await follow_changes(self.backend, resync=check, apply=apply, log=log, what="access watch")
