@@ -140,7 +140,10 @@ def conformance_fixture_cmd(transport: Literal["stdio", "http"] = "stdio", *args
 
 
 def free_port() -> int:
-    """A loopback TCP port that was free a moment ago (for servers that cannot listen on port 0)."""
+    """A loopback TCP port that was free a moment ago (for servers that cannot listen on port 0).
+
+    Another process may take it before the server does: ``run_server`` checks that whatever
+    listens there is the server it started, and says so when it is not."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -169,6 +172,45 @@ def wait_for_port(
         if time.monotonic() > end:
             raise AssertionError(f"{proc.args!r} did not listen on {port} in {deadline}s:\n{_read_log(log)}")
         time.sleep(0.05)  # between connection attempts, bounded by the deadline
+
+
+def _listeners(port: int) -> set[int] | None:
+    """The processes listening on TCP ``port`` that we can see (from /proc); None off Linux."""
+    inodes: set[str] = set()
+    tables = [Path(t) for t in ("/proc/net/tcp", "/proc/net/tcp6") if Path(t).exists()]
+    if not tables:
+        return None
+    for table in tables:
+        for line in table.read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{f[9]}]")
+    pids: set[int] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):  # gone, or not ours to read
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                pids.add(int(proc.name))
+    return pids
+
+
+def _check_listener_is(proc: subprocess.Popen[bytes], port: int, log: IO[bytes]) -> None:
+    """Fail, saying why, if what answers on ``port`` is not ``proc`` (or a child in its group):
+    a port picked by ``free_port`` can be taken by another program before ``proc`` binds it."""
+    pids = _listeners(port)
+    if pids is None:
+        return
+    ours = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == proc.pid:  # start_new_session: the group is proc's alone
+                ours.add(pid)
+    if not ours:
+        raise AssertionError(
+            f"port {port} was taken by another process before {proc.args!r} could listen on it "
+            f"(a free port is only free until someone binds it); run the test again:\n{_read_log(log)}"
+        )
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
@@ -211,6 +253,7 @@ def run_server(
         )
         try:
             wait_for_port(port, proc, log, deadline)
+            _check_listener_is(proc, port, log)
             yield proc
         finally:
             stop_process(proc)

@@ -24,6 +24,7 @@ from bastion.appservice.dynamic import DynamicApps
 from bastion.appservice.hostpolicy import HostPolicy
 from bastion.appservice.mcp_http import Limits, MCPHandler
 from bastion.appservice.registry import AppRegistry
+from bastion.appservice.revocation import Access, AccessWatch
 from bastion.audit.emitter import AuditLog
 from bastion.audit.redact import DEFAULT_SECRET_KEYS, Redactor
 from bastion.audit.refusals import Refusals
@@ -60,6 +61,12 @@ class AppServiceParts:
         self.handler = handler
         self.dynamic = dynamic
         self.tag = tag
+        #: Ends sessions whose user lost their app (only where the backend is at hand).
+        self.access_watch: AccessWatch | None = None
+
+    def watch_access(self, backend: Backend, access: Access) -> None:
+        self.access_watch = AccessWatch(backend, access, self.handler.end_unauthorised_sessions)
+        self.access_watch.start()
 
     @classmethod
     async def start(
@@ -110,6 +117,8 @@ class AppServiceParts:
         return cls(registry, audit, handler, dynamic, tag)
 
     async def aclose(self) -> None:
+        if self.access_watch is not None:
+            await self.access_watch.aclose()
         await self.dynamic.aclose()
         await self.handler.aclose()
 
@@ -201,6 +210,7 @@ class Cluster:
                     apps_source=backend,
                     tag=local_tag,
                 )
+                apps.watch_access(backend, auth.checker_of)
             if cfg.proxy_service.enabled:
                 host, port = split_addr(cfg.proxy_service.listen_addr, allow_zero=True)
                 t_host, t_port = cfg.proxy_service.effective_tunnel_listen

@@ -294,11 +294,17 @@ async def test_expired_credential_then_new_login_same_process(gateway: Node, tmp
 
 
 def restart(node: Node) -> Node:
-    """Stop the node and start it again on the same data directory and proxy port."""
+    """Stop the node and start it again on the same data directory and proxy port.
+
+    The proxy port must stay (the bridge reconnects to it); every other listener takes a
+    free port again (a fixed proxy port would otherwise default the tunnel to 3024). If
+    another process takes the proxy port in the moment between stop and start, the
+    test cannot go on: it is skipped saying so rather than failing for someone else's socket."""
     port = node.addr.rsplit(":", 1)[1]
     text = node.config.read_text()
     fixed = text.replace(
-        "proxy_service:\n  listen_addr: 127.0.0.1:0", f"proxy_service:\n  listen_addr: 127.0.0.1:{port}"
+        "proxy_service:\n  listen_addr: 127.0.0.1:0",
+        f"proxy_service:\n  listen_addr: 127.0.0.1:{port}\n  tunnel_listen_addr: 127.0.0.1:0",
     )
     assert fixed != text
     node.config.write_text(fixed)
@@ -309,7 +315,12 @@ def restart(node: Node) -> Node:
         proc = subprocess.Popen(
             bastion_cmd("start", "--config", str(node.config)), stdout=f, stderr=subprocess.STDOUT, env=env
         )
-    m = wait_for_log(log, r"proxy listening addr=https://([\d.]+:\d+)", proc, START_DEADLINE)
+    try:
+        m = wait_for_log(log, r"proxy listening addr=https://([\d.]+:\d+)", proc, START_DEADLINE)
+    except AssertionError:
+        if f"{port}: Address already in use" in log.read_text():
+            pytest.skip(f"another process took port {port} while the gateway restarted")
+        raise
     assert m.group(1) == node.addr
     return Node(root=node.root, config=node.config, addr=node.addr, proc=proc, log=log)
 

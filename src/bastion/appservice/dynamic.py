@@ -26,11 +26,11 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
+from bastion.appservice.follow import follow_changes
 from bastion.appservice.hostpolicy import HostPolicy
 from bastion.appservice.registry import AppRegistry
 from bastion.auth.server import decode_resource
 from bastion.backend import Backend, Event, EventType, Item
-from bastion.errors import BastionError, WatchExpiredError
 from bastion.policy.matchers import LabelSelector
 from bastion.policy.rbac import app_labels
 from bastion.resources import App, prefix_for
@@ -81,24 +81,15 @@ class DynamicApps:
                 await self._task
 
     async def _run(self) -> None:
-        delay = 0.5
-        while True:
-            try:
-                rev = await self.backend.current_revision()
-                await self._resync()
-                self.ready.set()
-                delay = 0.5
-                async for ev in self.backend.watch(rev):
-                    if ev.item.key.startswith(PREFIX):
-                        await self._apply(ev.item.key[len(PREFIX) :], ev)
-            except asyncio.CancelledError:
-                raise
-            except WatchExpiredError:
-                log.info("app watch fell behind; listing apps again")
-            except BastionError as e:
-                log.warning("app watch failed; retrying", extra={"error": e.message, "retry_in_s": delay})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        async def resync() -> None:
+            await self._resync()
+            self.ready.set()
+
+        async def apply(ev: Event) -> None:
+            if ev.item.key.startswith(PREFIX):
+                await self._apply(ev.item.key[len(PREFIX) :], ev)
+
+        await follow_changes(self.backend, resync=resync, apply=apply, log=log, what="app watch")
 
     async def _resync(self) -> None:
         wanted: dict[str, App] = {}

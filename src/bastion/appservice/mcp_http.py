@@ -28,7 +28,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -73,6 +73,7 @@ from bastion.session.engine import (
     RecordAudit,
     SendToClient,
     Session,
+    ToolPolicy,
 )
 from bastion.transport.http import HTTPUpstreamPool, PreparedHeaders
 
@@ -261,6 +262,36 @@ class MCPHandler:
         for s in [s for s in self.sessions.values() if s.app.metadata.name == app_name]:
             if current is None or (s.app is not current and s.app != current):
                 await self._end(s, f'app "{app_name}" was redefined')
+
+    async def end_unauthorised_sessions(self, access: Callable[[str], Awaitable[ToolPolicy | None]]) -> None:
+        """End every live session whose user may no longer use its app (each with its end event).
+
+        ``access(user)`` is the user's current policy, None if the user no longer exists. Called
+        when users or roles change (``revocation.py``): a session whose app is still allowed
+        keeps going and takes the new roles on its next request (``_session``)."""
+        by_user: dict[str, list[GatewaySession]] = {}
+        for s in self.sessions.values():
+            by_user.setdefault(s.user, []).append(s)
+        for user, sessions in by_user.items():
+            checker = await access(user)
+            for s in sessions:
+                if s.dead or self.sessions.get(s.id) is not s:
+                    continue
+                name = s.app.metadata.name
+                if checker is None:
+                    why = f'access to app {name!r} was revoked: user "{user}" no longer exists'
+                elif checker.app_decision(s.app).allowed:
+                    continue
+                else:  # the engine words it, as when a request finds the roles changed
+                    cmds = s.engine.policy_changed(checker)
+                    why = next(
+                        (c.reason for c in cmds if isinstance(c, CloseSession)),
+                        f"access to app {name!r} was revoked",
+                    )
+                log.info(
+                    "session ended: access revoked", extra={"session_id": s.id, "app": name, "reason": why}
+                )
+                await self._end(s, why)
 
     async def _reap(self) -> None:
         while True:

@@ -294,6 +294,14 @@ class AuthServer:
     async def checker_for(self, user: User) -> AccessChecker:
         return AccessChecker(await self._roles_of(user), user.spec.traits)
 
+    async def checker_of(self, username: str) -> AccessChecker | None:
+        """What ``username`` may do under their current roles; None if the user no longer exists."""
+        try:
+            user = await self._get_typed(User, "user", username)
+        except NotFoundError:
+            return None
+        return await self.checker_for(user)
+
     async def _roles_of(self, user: User) -> list[Role]:
         roles = []
         for name in user.spec.roles:
