@@ -654,6 +654,10 @@ class Session:
                 f"{method!r} is a request, and a request needs an id: "
                 "the gateway does not forward requests sent as notifications"
             )
+        return self._refuse_unanswerable(msg, text)
+
+    def _refuse_unanswerable(self, msg: Message, text: str) -> list[Command]:
+        """Refuse a message that has no id to answer: audited, answered with id null, not forwarded."""
         now = self._clock.now()
         out: list[Command] = []
         self._flush_start(out)
@@ -671,12 +675,7 @@ class Session:
             f"response to request id {clip(repr(msg.id), MAX_QUOTE)}, which the upstream MCP server did "
             "not send or which was already answered; not forwarded"
         )
-        now = self._clock.now()
-        out: list[Command] = []
-        self._flush_start(out)
-        out.append(RecordAudit(self._event(ev.INVALID_REQUEST, False, now, msg, error=text, duration_ms=0.0)))
-        out.append(SendToClient(error_response(None, INVALID_REQUEST, text)))
-        return out
+        return self._refuse_unanswerable(msg, text)
 
     def _cancel(self, rid: Any, now: datetime, out: list[Command]) -> None:
         # The upstream SHOULD NOT answer a cancelled request, so its audit event
