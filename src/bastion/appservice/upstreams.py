@@ -30,6 +30,7 @@ from bastion.auth.ca import CertAuthority
 from bastion.errors import UpstreamError
 from bastion.protocol.paths import encode_target
 from bastion.resources import App
+from bastion.transport import MessageStream
 from bastion.transport.http import HTTPUpstreamPool
 
 JWT_HEADER = "Bastion-Jwt-Assertion"
@@ -277,7 +278,7 @@ async def open_stream(
     is_demo: bool,
     now: datetime,
     host: HostPolicy | None = None,
-) -> Any:
+) -> MessageStream:
     """A message stream to the app's upstream (stdio process, SSE session, or the demo).
 
     With ``host``: a dynamic app the policy refuses is not started (``UpstreamError``,

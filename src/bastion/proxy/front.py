@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from bastion.answers import send_jsonrpc_error
 from bastion.audit.bound import MAX_QUOTE, clip
 from bastion.audit.refusals import Refusals
 from bastion.auth import appjwt
@@ -223,14 +224,4 @@ async def _reply(
 
 
 async def _error(send: Send, status: int, message: str, origin: str) -> None:
-    body = orjson.dumps(
-        {
-            "jsonrpc": "2.0",
-            "id": None,
-            "error": {"code": -32600 if status < 500 else -32603, "message": message},
-        }
-    )
-    extra = [(b"x-bastion-error-origin", origin.encode())]
-    if status == 401:
-        extra.append((b"www-authenticate", b'Bearer realm="bastion", error="invalid_token"'))
-    await _reply(send, status, body, b"application/json", extra)
+    await send_jsonrpc_error(send, status, message, origin)

@@ -21,10 +21,12 @@ from typing import Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from bastion.answers import send_jsonrpc_error
 from bastion.appservice.registry import AppRegistry
 from bastion.audit.refusals import Refusals
 from bastion.auth import appjwt
 from bastion.auth.server import Actor, AuthServer
+from bastion.handoff import SCOPE_KEY, Handoff
 from bastion.resources import App
 from bastion.tunnel import wire
 from bastion.tunnel.http import NotStarted, forward
@@ -169,7 +171,7 @@ class Router:
         if first.conn is None:
             assert self.local is not None
             # The scope is this request's own (the server makes one per request): no copy.
-            scope["bastion"] = {"actor": actor, "app": first.app, "subpath": sub, "headers": headers}
+            scope[SCOPE_KEY] = Handoff(actor, first.app, sub, headers)
             job: Awaitable[None] = self.local(scope, receive, send)
             return job
         return self._carry(scope, receive, send, actor, name, sub, headers, sid, targets)
@@ -192,7 +194,7 @@ class Router:
             if t.conn is None:
                 assert self.local is not None
                 scope = dict(scope)
-                scope["bastion"] = {"actor": actor, "app": t.app, "subpath": sub, "headers": headers}
+                scope[SCOPE_KEY] = Handoff(actor, t.app, sub, headers)
                 if body is not None:
                     await self.local(scope, _replay(body, receive), send)
                 else:
@@ -302,16 +304,4 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 async def _error(send: Send, status: int, code: int, message: str, origin: str) -> None:
-    body = orjson.dumps({"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}})
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"x-bastion-error-origin", origin.encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send_jsonrpc_error(send, status, message, origin, code=code)

@@ -396,23 +396,36 @@ class Session:
 
     # ---------------------------------------------------------------- inputs
 
-    def client_sent(self, raw: bytes, headers: dict[str, str] | None = None) -> list[Command]:
-        """The client sent one JSON-RPC message (``headers``: its redacted HTTP headers, if any,
-        recorded on the audit events this message causes)."""
+    def client_sent(
+        self,
+        raw: bytes,
+        headers: dict[str, str] | None = None,
+        *,
+        parsed: Message | ProtocolError | None = None,
+    ) -> list[Command]:
+        """The client sent one JSON-RPC message, ``raw``.  ``parsed``: what ``parse_message`` made
+        of it, when the transport parsed it already (a message is parsed once).  ``headers``: its
+        redacted HTTP headers, if any, recorded on the audit events this message causes.
+
+        At most one :class:`ForwardToUpstream` results, and it comes last."""
         self._headers = headers
         try:
-            return self._client_sent(raw)
+            return self._client_sent(raw, parsed)
         finally:
             self._headers = None
 
-    def _client_sent(self, raw: bytes) -> list[Command]:
+    def _client_sent(self, raw: bytes, parsed: Message | ProtocolError | None) -> list[Command]:
         if self._closed:
             return [Log("debug", "client message after the session ended; dropped", {"size": len(raw)})]
-        try:
-            msg = parse_message(raw)
-        except ProtocolError as e:
+        if parsed is None:
+            try:
+                parsed = parse_message(raw)
+            except ProtocolError as e:
+                parsed = e
+        if isinstance(parsed, ProtocolError):
             self.last_method = ""
-            return self._client_invalid(raw, e)
+            return self._client_invalid(raw, parsed)
+        msg = parsed
         self.last_method = msg.method or "response"
         if self._app_denial is not None:
             return self._app_denied(msg)

@@ -34,6 +34,7 @@ from cryptography import x509
 from starlette.types import Receive, Send
 
 from bastion import __version__
+from bastion.answers import send_jsonrpc_error
 from bastion.audit.events import AuditEvent
 from bastion.audit.store import AuditQuery, Completion
 from bastion.auth.ca import fingerprint, host_identity, new_host_key
@@ -47,6 +48,7 @@ from bastion.errors import (
     ValidationError,
     WatchExpiredError,
 )
+from bastion.handoff import SCOPE_KEY, Handoff
 from bastion.resources import App
 from bastion.tunnel import http as tunnel_http
 from bastion.tunnel import wire
@@ -390,24 +392,7 @@ class Agent:
     async def _handle_http(self, h: dict[str, Any], receive: Receive, send: Send) -> None:
         app = self.registry.get(str(h.get("app", "")))
         if app is None:
-            body = orjson.dumps(
-                {
-                    "jsonrpc": "2.0",
-                    "id": None,
-                    "error": {"code": -32600, "message": f'no MCP app named "{h.get("app")}"'},
-                }
-            )
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 404,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"x-bastion-error-origin", b"client"),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body, "more_body": False})
+            await send_jsonrpc_error(send, 404, f'no MCP app named "{h.get("app")}"', "client")
             return
         actor = self.actors.get(h["actor"])
         sub = str(h.get("subpath", "/"))
@@ -418,7 +403,7 @@ class Agent:
             "query_string": str(h.get("query", "")).encode("latin-1"),
             "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in h["headers"]],
             "client": tuple(h.get("client") or ("", 0)),
-            "bastion": {"actor": actor, "app": app, "subpath": sub, "jwt": h.get("jwt")},
+            SCOPE_KEY: Handoff(actor, app, sub, jwt=_offered_jwt(h.get("jwt"))),
         }
         await self.handler(scope, receive, send)
 
@@ -577,3 +562,10 @@ class TunnelAppsView:
                         yield wire.event_of_item_from_wire(json.loads(line))
         finally:
             stream.reset("watch closed")
+
+
+def _offered_jwt(value: Any) -> tuple[str, datetime] | None:
+    """The upstream JWT the proxy sent with a request (``[token, expiry]``), if any."""
+    if not value:
+        return None
+    return (str(value[0]), datetime.fromisoformat(str(value[1])))

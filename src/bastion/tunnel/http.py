@@ -20,6 +20,8 @@ from typing import Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from bastion.answers import error_headers
+from bastion.protocol import jsonrpc
 from bastion.tunnel.mux import Stream, StreamReset, TunnelClosed
 
 log = logging.getLogger("bastion.tunnel")
@@ -139,25 +141,10 @@ async def serve(stream: Stream, handler: Callable[[dict[str, Any], Receive, Send
     except Exception as e:
         log.exception("tunnelled request failed")
         if not started:
-            body = orjson.dumps(
-                {
-                    "jsonrpc": "2.0",
-                    "id": None,
-                    "error": {"code": -32603, "message": f"app service error: {e}"},
-                }
-            )
+            body = jsonrpc.error_response(None, jsonrpc.INTERNAL_ERROR, f"app service error: {e}")
+            head = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in error_headers(502, "gateway")]
             with contextlib.suppress(StreamReset, TunnelClosed):
-                await stream.send(
-                    orjson.dumps(
-                        {
-                            "status": 502,
-                            "headers": [
-                                ("content-type", "application/json"),
-                                ("x-bastion-error-origin", "gateway"),
-                            ],
-                        }
-                    )
-                )
+                await stream.send(orjson.dumps({"status": 502, "headers": head}))
                 await stream.send(body)
                 await stream.end()
         else:

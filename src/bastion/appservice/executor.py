@@ -1,0 +1,142 @@
+"""The executor: the one place where the session engine's commands are carried out.
+
+The engine (``session/engine.py``) decides and returns commands; :meth:`Executor.run` does
+them, in order, with a ``match`` over the whole ``Command`` union (``assert_never`` makes a
+new command a type error until it is handled here):
+
+- ``RecordAudit``: committed durably before anything later in the batch; if the audit log
+  cannot take it, the batch stops and ``run`` returns False (nothing is forwarded);
+- ``CompleteAudit``: the stored event gets its outcome;
+- ``ForwardToUpstream`` and ``SendToClient``: handed to the batch's :class:`Outlet` (the
+  client's POST collects its answer and its forward; a session's upstream delivers the rest);
+- ``CloseSession``: the session ends (upstream and streams closed, end event with the reason);
+- ``Log``: a line in the structured log, with the session id.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol, assert_never
+
+from bastion.appservice.sessions import GatewaySession
+from bastion.audit.emitter import AuditLog
+from bastion.errors import BastionError
+from bastion.protocol import jsonrpc
+from bastion.session.engine import (
+    CloseSession,
+    Command,
+    CompleteAudit,
+    ForwardToUpstream,
+    Log,
+    RecordAudit,
+    SendToClient,
+)
+
+log = logging.getLogger("bastion.app")
+_LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+#: Ends a session: (session, reason).  The handler's, since it owns the session table.
+Ender = Callable[[GatewaySession, str], Awaitable[None]]
+
+
+class Outlet(Protocol):
+    """Where a batch's messages go: to the client, and (from a client message only) upstream."""
+
+    def to_client(self, cmd: SendToClient) -> None: ...
+
+    def forward(self, cmd: ForwardToUpstream) -> None: ...
+
+
+class Collected:
+    """The outlet of a batch whose messages the caller writes itself: a client's POST (the
+    gateway's own answer, or the one forward to carry out) and an upstream's answer to it."""
+
+    __slots__ = ("fwd", "replies")
+
+    def __init__(self) -> None:
+        self.replies: list[SendToClient] = []
+        self.fwd: ForwardToUpstream | None = None
+
+    def to_client(self, cmd: SendToClient) -> None:
+        self.replies.append(cmd)
+
+    def forward(self, cmd: ForwardToUpstream) -> None:
+        if self.fwd is None:  # the engine forwards at most one message per client message
+            self.fwd = cmd
+        else:
+            log.error("the engine forwarded twice for one client message; the second was dropped")
+
+
+class Executor:
+    """Carries out engine commands for the sessions of one MCP handler."""
+
+    def __init__(self, audit: AuditLog, *, end: Ender, upstream_failed: Ender) -> None:
+        self.audit = audit
+        #: End a session (its end event records the reason as given).
+        self.end = end
+        #: End a session whose upstream broke (counted and logged as an upstream failure).
+        self.upstream_failed = upstream_failed
+
+    async def run(self, s: GatewaySession, commands: Iterable[Command], out: Outlet | None = None) -> bool:
+        """Carry out ``commands`` in order; False if an audit record could not be committed
+        (the rest of the batch, its forward included, is not carried out).
+
+        ``out`` defaults to the session's upstream, which delivers messages to the client
+        outside any POST's answer."""
+        if out is None:
+            out = s.upstream
+        for cmd in commands:
+            match cmd:
+                case RecordAudit():
+                    try:
+                        await self.audit.record(cmd.event)
+                    except BastionError as e:
+                        log.error("audit unavailable; refusing the request", extra={"error": e.message})
+                        return False
+                    if cmd.denied:
+                        s.m.denied(cmd.denied)
+                case ForwardToUpstream():
+                    out.forward(cmd)
+                case SendToClient():
+                    out.to_client(cmd)
+                case CompleteAudit():
+                    self.audit.complete(cmd.event_id, cmd.success, cmd.error, cmd.duration_ms)
+                case CloseSession():
+                    log.info(
+                        "session closed by the gateway",
+                        extra={"session_id": s.id, "app": s.app.metadata.name, "reason": cmd.reason},
+                    )
+                    await self.end(s, cmd.reason)
+                case Log():
+                    log.log(
+                        _LOG_LEVELS.get(cmd.level, logging.WARNING),
+                        cmd.message,
+                        extra={"session_id": s.id, **cmd.fields},
+                    )
+                case _:
+                    assert_never(cmd)
+        return True
+
+    async def upstream_sent(self, s: GatewaySession, raw: bytes, out: Outlet | None = None) -> bool:
+        """A message from the upstream: through the engine, then carried out."""
+        cmds = s.engine.upstream_sent(raw)
+        s.m.upstream(s.engine.last_method)
+        return await self.run(s, cmds, out)
+
+    async def fail_request(self, s: GatewaySession, request_id: Any, message: str) -> bytes:
+        """Answer a forwarded request with an upstream error *through the engine*; the answer's bytes.
+
+        The engine then completes the request's audit record as failed and frees its
+        in-flight slot, exactly as if the upstream had answered with the error; a late real
+        answer is dropped as unknown.
+        """
+        raw = jsonrpc.error_response(request_id, jsonrpc.INTERNAL_ERROR, message)
+        got = Collected()
+        await self.run(s, s.engine.upstream_sent(raw), got)
+        return got.replies[0].raw if got.replies else raw
