@@ -280,9 +280,9 @@ def bastion_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def parse_header(text: str) -> str:
     """Validate one ``-H "Name: value"`` exactly as ``bastion mcp connect`` will (one rule, in
-    ``client.bridge``): an entry whose header the bridge refuses would fail every time the
+    ``client.app_endpoint``): an entry whose header the bridge refuses would fail every time the
     client starts it.  Returns ``Name: value``."""
-    from bastion.client.bridge import parse_header as bridge_parse_header
+    from bastion.client.app_endpoint import parse_header as bridge_parse_header
 
     try:
         name, value = bridge_parse_header(text)
