@@ -197,10 +197,10 @@ def event_row(event: AuditEvent) -> tuple[Any, ...]:
 
 
 def _completed_json(text: str, success: bool, error: str, duration_ms: float | None) -> str:
-    """The stored JSON ``text`` rewritten with an outcome (for stores that keep it in the JSON).
+    """The stored JSON ``text`` rewritten with an outcome, as versions before 2026-11-22 stored it.
 
-    ``SQLiteAuditStore`` keeps the outcome in columns instead (see ``merge_outcome``);
-    ``bastion.audit.pg_store`` rewrites its JSON with this.
+    Both stores now keep the outcome in columns instead (see ``merge_outcome``);
+    the tests build such older rows with this.
     """
     return orjson.dumps(merge_outcome(text, success, error, duration_ms)).decode()
 
