@@ -52,7 +52,7 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     from bastion.audit.emitter import AuditLog
     from bastion.audit.events import REQUEST, AuditEvent
     from bastion.audit.redact import redact_headers
-    from bastion.audit.store import SQLiteAuditStore
+    from bastion.audit.sqlite_store import SQLiteAuditStore
 
     # The gateway runs on uvloop where it can.
     uvloop: Any = importlib.import_module("uvloop") if importlib.util.find_spec("uvloop") else None

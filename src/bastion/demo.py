@@ -18,7 +18,8 @@ from pathlib import Path
 from bastion import log as logs
 from bastion.auth.ca import fingerprint
 from bastion.auth.server import Actor
-from bastion.config import load_config, render_starter
+from bastion.config import load_config
+from bastion.config_template import render_starter
 from bastion.errors import AlreadyExistsError, BastionError
 from bastion.service import Cluster
 

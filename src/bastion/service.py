@@ -28,7 +28,8 @@ from bastion.appservice.revocation import Access, AccessWatch
 from bastion.audit.emitter import AuditLog
 from bastion.audit.redact import DEFAULT_SECRET_KEYS, Redactor
 from bastion.audit.refusals import Refusals
-from bastion.audit.store import AuditStore, SQLiteAuditStore
+from bastion.audit.sqlite_store import SQLiteAuditStore
+from bastion.audit.store import AuditStore
 from bastion.auth.ca import CertAuthority, fingerprint
 from bastion.auth.server import PROXY_ADDR_KEY, AuthServer, settings_from
 from bastion.backend import Backend, Item

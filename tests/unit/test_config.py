@@ -16,10 +16,10 @@ from bastion.config import (
     Config,
     default_config,
     load_config,
-    render_starter,
     split_addr,
     validate_config,
 )
+from bastion.config_template import render_starter
 from bastion.errors import ConfigError
 from bastion.resources import App, Header
 

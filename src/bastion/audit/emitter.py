@@ -40,7 +40,7 @@ Contract:
 
 What it costs: this module's queue, futures and wake-ups ~1.3 µs of CPU per
 call (record + complete), measured with a store that writes nothing; the
-rest is the store's (``bastion.audit.store`` has the breakdown, and
+rest is the store's (``bastion.audit.sqlite_store`` has the breakdown, and
 ``bench/audit_micro.py`` measures the whole: docs/benchmarks.md).
 """
 

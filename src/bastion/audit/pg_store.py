@@ -268,7 +268,7 @@ def _pg_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def _search_sql(query: AuditQuery) -> tuple[str, list[Any]]:
-    """``store._search_sql`` for PostgreSQL: same filters, same order, ``$n`` parameters."""
+    """``sqlite_store._search_sql`` for PostgreSQL: same filters, same order, ``$n`` parameters."""
     where: list[str] = []
     params: list[Any] = []
 

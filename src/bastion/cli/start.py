@@ -10,7 +10,8 @@ import typer
 
 from bastion import log as logs
 from bastion.cli._common import err, fail, out, run
-from bastion.config import load_config, render_starter
+from bastion.config import load_config
+from bastion.config_template import render_starter
 from bastion.errors import ConfigError
 
 

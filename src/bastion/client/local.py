@@ -117,7 +117,7 @@ class LocalAdmin:
 
         query = query_from_params(params)
         if not self.dsn:
-            from bastion.audit.store import search_files
+            from bastion.audit.sqlite_store import search_files
 
             # Read-only: the cluster may be running and writing this audit log.
             return await search_files(self.data_dir, query)

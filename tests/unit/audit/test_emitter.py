@@ -24,7 +24,8 @@ import pytest
 
 from bastion.audit.emitter import WRITER_TASK_NAME, AuditLog
 from bastion.audit.events import NOTIFICATION, REQUEST, SESSION_START, AuditEvent
-from bastion.audit.store import AuditQuery, AuditStore, Completion, SQLiteAuditStore, search_files
+from bastion.audit.sqlite_store import SQLiteAuditStore, search_files
+from bastion.audit.store import AuditQuery, AuditStore, Completion
 from bastion.errors import BackendError
 
 #: Seconds any awaited condition may take before the test fails.
@@ -209,7 +210,7 @@ async def test_recorded_event_survives_a_crash_right_after(tmp_path: Path) -> No
         from datetime import UTC, datetime
         from bastion.audit.emitter import AuditLog
         from bastion.audit.events import REQUEST, AuditEvent
-        from bastion.audit.store import SQLiteAuditStore
+        from bastion.audit.sqlite_store import SQLiteAuditStore
 
         async def main():
             store = await SQLiteAuditStore.open(sys.argv[1])

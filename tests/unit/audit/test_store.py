@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 import pytest
 
+from bastion.audit import sqlite_store as sqlite_module
 from bastion.audit import store as store_module
 from bastion.audit.events import (
     INVALID_REQUEST,
@@ -31,7 +32,8 @@ from bastion.audit.events import (
     AuditEvent,
 )
 from bastion.audit.redact import REDACTED, Redactor, redact_headers
-from bastion.audit.store import AUDIT_DB_NAME, AuditQuery, Completion, SQLiteAuditStore
+from bastion.audit.sqlite_store import AUDIT_DB_NAME, SQLiteAuditStore
+from bastion.audit.store import AuditQuery, Completion
 from bastion.errors import BackendError, ValidationError
 
 T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -131,7 +133,7 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     s = await SQLiteAuditStore.open(tmp_path)
     await s.close()
     conn = sqlite3.connect(tmp_path / AUDIT_DB_NAME)
-    conn.execute(f"PRAGMA user_version = {store_module.SCHEMA_VERSION + 1}")
+    conn.execute(f"PRAGMA user_version = {sqlite_module.SCHEMA_VERSION + 1}")
     conn.close()
     with pytest.raises(BackendError, match="newer"):
         await SQLiteAuditStore.open(tmp_path)
@@ -438,11 +440,11 @@ async def test_write_batch_inserts_then_completes_in_one_transaction(store: SQLi
 
 def journal_segment(store: SQLiteAuditStore) -> Path:
     """The journal segment taking appends now."""
-    return store.path.parent / f"{store_module.JOURNAL_NAME}.{store._segment}"
+    return store.path.parent / f"{sqlite_module.JOURNAL_NAME}.{store._segment}"
 
 
 def journal_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(store_module.JOURNAL_NAME))
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(sqlite_module.JOURNAL_NAME))
 
 
 async def test_a_write_is_journaled_and_indexed_in_the_background(store: SQLiteAuditStore) -> None:
@@ -459,14 +461,14 @@ async def test_a_write_is_journaled_and_indexed_in_the_background(store: SQLiteA
         await asyncio.sleep(0.01)
     if store._indexer is not None:
         await asyncio.wait_for(store._indexer, timeout=10)
-    assert all(p.stat().st_size == 0 for p in store.path.parent.glob(f"{store_module.JOURNAL_NAME}.*"))
+    assert all(p.stat().st_size == 0 for p in store.path.parent.glob(f"{sqlite_module.JOURNAL_NAME}.*"))
 
 
 async def test_many_writes_start_indexing_at_once(
     store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "INDEX_DELAY", 3600.0)
-    monkeypatch.setattr(store_module, "INDEX_ITEMS", 10)
+    monkeypatch.setattr(sqlite_module, "INDEX_DELAY", 3600.0)
+    monkeypatch.setattr(sqlite_module, "INDEX_ITEMS", 10)
     await store.insert_many([make_event() for _ in range(10)])
     assert store._indexer is not None
     await asyncio.wait_for(store._indexer, timeout=10)
@@ -522,20 +524,20 @@ async def test_search_sees_journaled_and_indexed_events_in_time_order(store: SQL
         e.id for e in old[2:5]
     ]
     # Another process sees the same, without opening the log for writing.
-    assert await store_module.search_files(store.path.parent, AuditQuery(limit=100)) == got
+    assert await sqlite_module.search_files(store.path.parent, AuditQuery(limit=100)) == got
 
 
 async def test_indexing_runs_in_a_worker_thread(
     store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     threads: list[int] = []
-    real = store_module._index_rows
+    real = sqlite_module._index_rows
 
     def spy(*args: Any) -> str:
         threads.append(threading.get_ident())
         return real(*args)
 
-    monkeypatch.setattr(store_module, "_index_rows", spy)
+    monkeypatch.setattr(sqlite_module, "_index_rows", spy)
     await store.insert_many([make_event()])
     await store.flush()
     assert threads and threading.get_ident() not in threads
@@ -553,12 +555,12 @@ async def test_a_journal_left_by_a_crash_is_indexed_at_open(tmp_path: Path) -> N
     s._conn.close()
     os.close(s._jfd)
     os.close(s._lock_fd)
-    segment = tmp_path / f"{store_module.JOURNAL_NAME}.{s._segment}"
+    segment = tmp_path / f"{sqlite_module.JOURNAL_NAME}.{s._segment}"
     with segment.open("ab") as f:
         f.write(b'{"event":"mcp.session.request","id":"torn-by-a-cr')  # an OS crash mid-write
     s = await SQLiteAuditStore.open(tmp_path)
     try:
-        assert journal_files(tmp_path) == [f"{store_module.JOURNAL_NAME}.{s._segment}"]
+        assert journal_files(tmp_path) == [f"{sqlite_module.JOURNAL_NAME}.{s._segment}"]
         assert s._segment > int(segment.name.rsplit(".", 1)[1])
         rows = raw_rows(s.path, "SELECT id, success, error, duration_ms FROM audit_events ORDER BY seq")
         assert rows == [(done.id, 0, "HTTP 500", 4.0), (open_.id, 1, "", None)]
@@ -715,7 +717,7 @@ async def test_secrets_never_reach_the_file(store: SQLiteAuditStore) -> None:
 async def test_an_index_that_cannot_be_written_keeps_the_journal_and_retries(
     store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(store_module, "INDEX_RETRY", 0.05)
+    monkeypatch.setattr(sqlite_module, "INDEX_RETRY", 0.05)
     conn = sqlite3.connect(store.path)
     conn.execute(
         "CREATE TRIGGER no_rows BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'nope'); END"
@@ -747,8 +749,8 @@ async def test_an_index_that_cannot_be_written_keeps_the_journal_and_retries(
 async def test_writes_are_refused_when_too_much_waits_to_be_indexed(
     store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "MAX_UNINDEXED", 5)
-    monkeypatch.setattr(store_module, "INDEX_RETRY", 3600.0)
+    monkeypatch.setattr(sqlite_module, "MAX_UNINDEXED", 5)
+    monkeypatch.setattr(sqlite_module, "INDEX_RETRY", 3600.0)
     conn = sqlite3.connect(store.path)
     conn.execute("DROP TABLE audit_events")
     conn.close()
@@ -766,16 +768,16 @@ async def test_writes_are_refused_when_too_much_waits_to_be_indexed(
 async def test_a_slow_indexer_slows_writes_down_instead_of_failing_them(
     store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "INDEX_ITEMS", 10)
-    monkeypatch.setattr(store_module, "INDEX_BEHIND", 50)
-    monkeypatch.setattr(store_module, "MAX_UNINDEXED", 100)
-    real = store_module._index_rows
+    monkeypatch.setattr(sqlite_module, "INDEX_ITEMS", 10)
+    monkeypatch.setattr(sqlite_module, "INDEX_BEHIND", 50)
+    monkeypatch.setattr(sqlite_module, "MAX_UNINDEXED", 100)
+    real = sqlite_module._index_rows
 
     def slow(*args: Any) -> str:
         time.sleep(0.05)  # a slow disk, in the indexer's thread
         return real(*args)
 
-    monkeypatch.setattr(store_module, "_index_rows", slow)
+    monkeypatch.setattr(sqlite_module, "_index_rows", slow)
     most = 0
     for _ in range(40):
         await store.insert_many([make_event() for _ in range(10)])  # faster than it indexes
@@ -813,7 +815,7 @@ async def test_the_wal_starts_again_and_stays_small(
 ) -> None:
     # Checkpoints run after commits in the indexer's thread, where nothing else
     # writes: they finish, and the next commit starts the WAL from its beginning.
-    monkeypatch.setattr(store_module, "CHECKPOINT_ROWS", 50)
+    monkeypatch.setattr(sqlite_module, "CHECKPOINT_ROWS", 50)
     wal = Path(f"{store.path}-wal")
 
     def wal_restarts() -> int:
@@ -833,13 +835,13 @@ async def test_the_wal_starts_again_and_stays_small(
 
 
 async def test_a_big_wal_is_truncated(store: SQLiteAuditStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_module, "WAL_LIMIT", 64 * 1024)
-    monkeypatch.setattr(store_module, "CHECKPOINT_ROWS", 1000)  # a checkpoint after each batch below
+    monkeypatch.setattr(sqlite_module, "WAL_LIMIT", 64 * 1024)
+    monkeypatch.setattr(sqlite_module, "CHECKPOINT_ROWS", 1000)  # a checkpoint after each batch below
     wal = Path(f"{store.path}-wal")
     for batch in range(3):
         await store.insert_many(
             [make_event(id=f"e{batch}-{i}", params={"blob": "x" * 500}) for i in range(2000)]
         )
         await store.flush()
-    assert wal.stat().st_size < store_module.WAL_LIMIT  # truncated, not ever-growing
+    assert wal.stat().st_size < sqlite_module.WAL_LIMIT  # truncated, not ever-growing
     assert len(await everything(store)) == 3 * 2000

@@ -1,0 +1,835 @@
+"""``SQLiteAuditStore``: the ``AuditStore`` of one node, a journal in front of SQLite.
+
+The contract, the query and outcome types and the stored rows are
+``bastion.audit.store``'s.
+
+``SQLiteAuditStore`` keeps ``<data_dir>/audit.db`` (mode 0600), an index
+of the events that ``search`` reads, and in front of it a journal,
+``<data_dir>/audit.journal`` (0600): a write is committed when its batch
+is appended to the journal, with one ``write(2)`` (durable against a crash
+of the process, like SQLite's WAL with ``synchronous=NORMAL``; an OS crash
+or power loss may lose the last writes).  What is journaled is indexed into
+``audit.db`` in the background, in a worker thread, in large transactions:
+one row per event, a call's outcome merged into its row when it came
+before the row was indexed (the common case) and an ``UPDATE`` otherwise;
+then that part of the journal is removed.  At open, a journal left by a
+crash is indexed first.  ``search`` reads the index and the journal, so it
+sees every committed event whether indexed yet or not (also from another
+process: ``search_files``).  One process writes a data directory's audit
+log (a lock, ``audit.lock``, says which); any process may search it.
+
+The journal: one line per item, UTF-8.  An inserted event is its JSON
+document as stored (``{...}``, the ``to_dict`` form); an outcome is
+``["<event id>", success, "error", duration_ms]``.  ``audit.journal`` takes
+the appends; when indexing starts it is renamed ``audit.journal.indexing``
+(and a new ``audit.journal`` started), and that file is removed once its
+transaction is committed: so the journal files hold exactly what may not
+be indexed yet, the older one first.  A line that does not parse (a write
+torn by an OS crash) is skipped with a warning.
+
+Why, measured 2026-11-22 on this 2-vCPU host (CPython 3.11.7, SQLite
+3.40.1, uvloop, the process pinned to one core; ``bench/audit_micro.py``:
+``AuditLog`` over this store, 16 concurrent callers, a tools/call event of
+~900 bytes of JSON; CPU of the whole process, worker threads included,
+minus the callers alone; docs/benchmarks.md has the table)::
+
+    audit CPU µs per call, medians                  1 session   16 sessions
+    two SQLite commits per batch, JSON rebuilt
+      on completion (before 2026-11-22)                33.5         48.7
+    one SQLite transaction per batch, on the loop      24.1         36.4
+      (again, same run as the line below)              25.2         37.6
+    this version (journal, indexed in the background)   19.0         20.4
+
+A SQLite transaction of a few rows costs far more per row than a large one
+(each commit writes every page it dirtied, whole, to the WAL: ~25 pages
+for 16 calls; the six b-trees each dirty a leaf or more), and with one
+call in flight the old design paid two transactions per call (75 µs);
+an append to a file costs a few microseconds however small the batch.
+The index transactions run in a thread so that the loop never stalls on
+them (SQLite releases the GIL while it works; there are a few per second,
+so the thread hand-offs cost nothing measurable), and checkpoints (copying
+the WAL into the database file) run in the same thread after a commit,
+when nothing else writes the database: they always finish, and the WAL
+starts again from its beginning instead of growing.
+
+What this store must not do: block the loop on anything but its own
+journal appends, let ``sqlite3`` exceptions escape, keep unbounded memory
+(when more is written than the indexer keeps up with, writes wait for it past
+``INDEX_BEHIND`` items waiting; when the index cannot be written at all, past
+``MAX_UNINDEXED`` they are refused: calls are refused rather than
+unaudited), or import anything above ``bastion.errors`` and
+``bastion.audit.events``/``store``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from bastion.audit.events import AuditEvent
+from bastion.audit.store import (
+    AuditQuery,
+    Completion,
+    apply_outcome,
+    clean_text,
+    epoch_micros,
+    event_row,
+    merge_outcome,
+)
+from bastion.errors import BackendError
+
+log = logging.getLogger("bastion.audit")
+
+__all__ = ["AUDIT_DB_NAME", "SQLiteAuditStore", "search_files"]
+
+AUDIT_DB_NAME: Final = "audit.db"
+JOURNAL_NAME: Final = "audit.journal"
+#: The journal being indexed (renamed from ``JOURNAL_NAME`` when indexing starts).
+INDEXING_NAME: Final = "audit.journal.indexing"
+LOCK_NAME: Final = "audit.lock"
+#: ``PRAGMA user_version`` of the schema below; bump it with a migration.
+SCHEMA_VERSION: Final = 1
+#: How long a write waits for another process's write lock (the index thread
+#: and the open; reads too).
+BUSY_TIMEOUT_MS: Final = 5000
+#: Journaled items (events and outcomes) that start indexing at once...
+INDEX_ITEMS: Final = 2048
+#: ...or this long (seconds) after the first of them was journaled.
+INDEX_DELAY: Final = 0.1
+#: After a failed indexing, the next try (seconds).
+INDEX_RETRY: Final = 1.0
+#: Journaled items not yet indexed past which writes wait for the indexer to catch up
+#: (when more come in than it indexes: backpressure, not failure)...
+INDEX_BEHIND: Final = 8_192
+#: ...and past which writes are refused (the index is failing: memory must stay
+#: bounded, and calls are refused rather than unaudited).
+MAX_UNINDEXED: Final = 20_000
+#: Rows indexed between two checkpoints (about 10-20 MiB of WAL with this schema).
+CHECKPOINT_ROWS: Final = 8192
+#: WAL size past which a checkpoint also truncates it (after readers kept it from restarting).
+WAL_LIMIT: Final = 64 << 20
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS audit_events (
+    seq         INTEGER PRIMARY KEY,
+    id          TEXT    NOT NULL UNIQUE,
+    time_us     INTEGER NOT NULL,
+    type        TEXT    NOT NULL,
+    user        TEXT    NOT NULL,
+    app         TEXT    NOT NULL,
+    session_id  TEXT    NOT NULL,
+    success     INTEGER NOT NULL,
+    error       TEXT    NOT NULL,
+    duration_ms REAL    NULL,
+    event       TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_events_time ON audit_events (time_us);
+CREATE INDEX IF NOT EXISTS audit_events_type ON audit_events (type, time_us);
+CREATE INDEX IF NOT EXISTS audit_events_user ON audit_events (user, time_us);
+CREATE INDEX IF NOT EXISTS audit_events_app ON audit_events (app, time_us);
+CREATE INDEX IF NOT EXISTS audit_events_session ON audit_events (session_id, time_us)
+"""
+
+# One row per event.  A row journaled with its outcome (the 11th parameter
+# true) sets that outcome on a stored row of the same id (a retried insert
+# whose first try was indexed); otherwise the stored row stays as it is.
+_INSERT: Final = (
+    "INSERT INTO audit_events"
+    " (id, time_us, type, user, app, session_id, success, error, duration_ms, event)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (id) DO UPDATE SET"
+    " success = excluded.success, error = excluded.error, duration_ms = excluded.duration_ms WHERE ?11"
+)
+
+# A completion sets the outcome columns only; the stored JSON stays the event
+# as recorded, and search merges the columns into it (``merge_outcome``).
+_COMPLETE: Final = "UPDATE audit_events SET success = ?, error = ?, duration_ms = ? WHERE id = ?"
+
+
+class SQLiteAuditStore:
+    """``AuditStore`` on ``<data_dir>/audit.db`` and its journal: ``await SQLiteAuditStore.open(data_dir)``.
+
+    Writes are appended to the journal on the calling (event-loop) thread,
+    one ``write(2)`` per batch; a task indexes them into ``audit.db`` in a
+    worker thread, ``INDEX_ITEMS`` at a time or ``INDEX_DELAY`` after the
+    first; see the module doc for why and for the numbers.
+    """
+
+    def __init__(
+        self, conn: sqlite3.Connection, path: Path, lock_fd: int, segment: int, journal_fd: int
+    ) -> None:
+        # Use ``open``: the connection must be configured, migrated and the
+        # journal left by a crash indexed first.
+        self._conn = conn
+        self._path = path
+        self._dir = path.parent
+        self._lock_fd = lock_fd
+        # The journal segment taking appends, its fd and size; the older
+        # segments still on disk (being indexed, or left by a failed indexing).
+        self._segment = segment
+        self._jfd = journal_fd
+        self._jsize = 0
+        self._old_segments: list[int] = []
+        # Journaled and not yet handed to the indexer: rows by event id, in
+        # order (lists: an outcome journaled before indexing is merged in),
+        # and the outcomes of events not among them.
+        self._rows: dict[str, list[Any]] = {}
+        self._updates: list[tuple[Any, ...]] = []
+        # Items the indexer is writing now (counted against MAX_UNINDEXED).
+        self._indexing = 0
+        self._indexer: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._index_error = ""
+        self._rows_since_checkpoint = 0
+        self._closed = False
+        self._closer: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, data_dir: str | Path) -> SQLiteAuditStore:
+        """Open (creating if needed) ``<data_dir>/audit.db`` and its journal.
+
+        ``data_dir`` is created with mode 0700 if missing; the files are made
+        0600 (tool arguments may be sensitive even after redaction).  Events
+        journaled and not indexed when the last writer stopped (a crash) are
+        indexed first.  Refused (``BackendError``) while another process has
+        the same audit log open for writing.
+        """
+        path = Path(data_dir) / AUDIT_DB_NAME
+        # Creating files, migrating and indexing a journal touch the disk
+        # (and may wait for a lock): keep them off the event loop.
+        conn, lock_fd, segment, jfd = await asyncio.to_thread(_open_writer, path)
+        return cls(conn, path, lock_fd, segment, jfd)
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    async def insert_many(self, events: Sequence[AuditEvent]) -> None:
+        if events:
+            await self._keep_up()
+            self._append("insert", events, ())
+
+    async def complete_many(self, updates: Sequence[Completion]) -> None:
+        if updates:
+            await self._keep_up()
+            self._append("complete", (), updates)
+
+    async def write_batch(self, events: Sequence[AuditEvent], updates: Sequence[Completion]) -> None:
+        """``insert_many(events)`` then ``complete_many(updates)``, in one append."""
+        if events or updates:
+            await self._keep_up()
+            self._append("write", events, updates)
+
+    async def search(self, query: AuditQuery) -> list[dict[str, Any]]:
+        if self._closed:
+            raise self._closed_error()
+        # A thread: a big search must not stall the loop; it reads the index
+        # on its own read-only connection, and the journal.
+        return await asyncio.to_thread(_search, self._path, query)
+
+    async def flush(self) -> None:
+        """Index everything journaled so far into ``audit.db`` now (tests, tools).
+
+        Raises ``BackendError`` if that fails (it is retried in the background).
+        """
+        if self._closed:
+            raise self._closed_error()
+        while True:
+            if self._indexer is not None:
+                await asyncio.wait([self._indexer])
+                continue
+            if not (self._rows or self._updates):
+                break
+            await asyncio.wait([self._start_indexer()])
+            if self._index_error:
+                raise BackendError(f"audit database {self._path}: cannot index: {self._index_error}")
+
+    async def close(self) -> None:
+        if self._closer is None:
+            if self._closed:
+                return
+            self._closed = True
+            self._closer = asyncio.get_running_loop().create_task(
+                self._close(), name="bastion-audit-store-close"
+            )
+        # Shielded: a cancelled caller must not leave files open or close the
+        # connection under a running indexer; the close finishes anyway.
+        await asyncio.shield(self._closer)
+
+    async def _close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._indexer is not None:
+            await asyncio.wait([self._indexer])
+        if self._rows or self._updates:
+            await asyncio.wait([self._start_indexer()])
+        left = len(self._rows) + len(self._updates)
+        if left:
+            log.error(
+                "audit database %s: %d journaled items could not be indexed (%s); they stay in %s "
+                "and are indexed when the audit log is next opened",
+                self._path,
+                left,
+                self._index_error,
+                self._dir,
+            )
+        # Closing the last connection checkpoints the whole WAL (fsyncs): in a thread.
+        try:
+            await asyncio.to_thread(self._close_files, not left)
+        except (sqlite3.Error, OSError) as exc:
+            raise _error(self._path, "close", exc) from exc
+
+    def _close_files(self, indexed: bool) -> None:
+        try:
+            self._conn.close()
+        finally:
+            os.close(self._jfd)
+            if indexed:
+                for n in [*self._old_segments, self._segment]:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self._dir / f"{JOURNAL_NAME}.{n}")
+            os.close(self._lock_fd)  # releases the lock
+
+    # -- writing -------------------------------------------------------------
+
+    async def _keep_up(self) -> None:
+        """Backpressure: while ``INDEX_BEHIND`` items or more wait for a working indexer,
+        writes wait for it to catch up (rather than memory growing, or calls being refused)."""
+        while (
+            self._indexer is not None
+            and not self._index_error
+            and len(self._rows) + len(self._updates) + self._indexing >= INDEX_BEHIND
+        ):
+            await asyncio.wait([self._indexer])
+
+    def _append(self, action: str, events: Sequence[AuditEvent], updates: Sequence[Completion]) -> None:
+        """Journal ``events`` and ``updates`` with one write; see the module doc."""
+        if self._closed:
+            raise self._closed_error()
+        waiting = len(self._rows) + len(self._updates) + self._indexing
+        if waiting >= MAX_UNINDEXED:
+            raise BackendError(
+                f"audit database {self._path}: cannot {action}: {waiting} journaled events wait to be "
+                f"indexed ({self._index_error or 'indexing is behind'})"
+            )
+        rows = [event_row(e) for e in events]
+        # (success, error, duration_ms, id) for _COMPLETE.  Only text that is
+        # not ASCII can hold a lone surrogate (which can be neither bound nor
+        # written as UTF-8).
+        outcomes = [
+            (
+                bool(success),
+                (error if error.isascii() else clean_text(error)) if error else "",
+                duration_ms,
+                event_id if event_id.isascii() else clean_text(event_id),
+            )
+            for event_id, success, error, duration_ms in updates
+        ]
+        data = "\n".join([r[9] for r in rows]).encode() + b"\n" if rows else b""
+        if outcomes:
+            data += b"".join([orjson.dumps((i, s, e, d)) + b"\n" for s, e, d, i in outcomes])
+        fd = self._jfd
+        try:
+            written = os.write(fd, data)
+            while written < len(data):  # a short write: rare (a signal, a full disk)
+                written += os.write(fd, memoryview(data)[written:])
+        except OSError as exc:
+            # Whole lines only: cut a partial append back off.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self._jsize)
+            raise BackendError(
+                f"audit journal {self._dir / JOURNAL_NAME}.{self._segment}: cannot {action}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        self._jsize += len(data)
+        pending = self._rows
+        for r in rows:
+            if r[0] not in pending:  # an id already journaled: the first one stays
+                pending[r[0]] = [*r, False]
+        for outcome in outcomes:
+            _pend_outcome(pending, self._updates, outcome)
+        if self._indexer is None:
+            if len(pending) + len(self._updates) >= INDEX_ITEMS:
+                self._start_indexer()
+            elif self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(INDEX_DELAY, self._on_timer)
+
+    # -- indexing ------------------------------------------------------------
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._indexer is None and (self._rows or self._updates) and not self._closed:
+            self._start_indexer()
+
+    def _start_indexer(self) -> asyncio.Task[None]:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        task = asyncio.get_running_loop().create_task(self._index(), name="bastion-audit-indexer")
+        self._indexer = task
+        return task
+
+    async def _index(self) -> None:
+        """Index what is journaled now in a worker thread, then drop its journal segments."""
+        rows, updates = list(self._rows.values()), self._updates
+        self._rows, self._updates = {}, []
+        self._indexing = len(rows) + len(updates)
+        retry = False
+        try:
+            try:
+                covered = self._rotate()
+            except OSError as exc:
+                raise _IndexFailed(f"cannot start a new journal segment: {exc.strerror or exc}") from exc
+            checkpoint = self._rows_since_checkpoint + len(rows) >= CHECKPOINT_ROWS
+            try:
+                warning = await asyncio.to_thread(
+                    _index_rows, self._conn, self._path, rows, updates, checkpoint
+                )
+            except sqlite3.Error as exc:
+                raise _IndexFailed(str(exc) or type(exc).__name__) from exc
+            if warning:
+                log.warning("audit database %s: checkpoint failed: %s", self._path, warning)
+            self._rows_since_checkpoint = 0 if checkpoint else self._rows_since_checkpoint + len(rows)
+            if self._index_error:
+                log.info("audit database %s: indexing works again", self._path)
+            self._index_error = ""
+            self._drop_segments(covered)
+        except _IndexFailed as exc:
+            if exc.reason != self._index_error:
+                log.error(
+                    "audit database %s: cannot index %d journaled items (they stay in the journal; "
+                    "retrying every %gs): %s",
+                    self._path,
+                    len(rows) + len(updates),
+                    INDEX_RETRY,
+                    exc.reason,
+                )
+            self._index_error = exc.reason
+            # Back in front of what came since, in order.
+            restored = {r[0]: r for r in rows}
+            for k, v in self._rows.items():
+                restored.setdefault(k, v)
+            self._rows = restored
+            self._updates = updates + self._updates
+            retry = True
+        finally:
+            self._indexing = 0
+            self._indexer = None
+        if self._closed:
+            return  # close() indexes what is left itself
+        if retry:
+            self._timer = asyncio.get_running_loop().call_later(INDEX_RETRY, self._on_timer)
+        elif len(self._rows) + len(self._updates) >= INDEX_ITEMS:
+            self._start_indexer()
+        elif (self._rows or self._updates) and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(INDEX_DELAY, self._on_timer)
+
+    def _rotate(self) -> int:
+        """Start a new journal segment (when the current one holds anything); returns
+        the newest segment whose items are all in the snapshot being indexed."""
+        if self._jsize == 0:
+            return self._segment - 1
+        nxt = self._segment + 1
+        fd = _open_segment(self._dir, nxt)
+        os.close(self._jfd)
+        self._old_segments.append(self._segment)
+        self._segment, self._jfd, self._jsize = nxt, fd, 0
+        return nxt - 1
+
+    def _drop_segments(self, covered: int) -> None:
+        keep = []
+        for n in self._old_segments:
+            if n > covered:
+                keep.append(n)
+                continue
+            try:
+                os.unlink(self._dir / f"{JOURNAL_NAME}.{n}")
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                # Harmless (indexing it again changes nothing), but it takes space.
+                log.warning("audit journal %s.%d: cannot remove: %s", self._dir / JOURNAL_NAME, n, exc)
+        self._old_segments = keep
+
+    def _closed_error(self) -> BackendError:
+        return BackendError(f"audit database {self._path}: store is closed")
+
+
+def _pend_outcome(
+    rows: dict[str, list[Any]], updates: list[tuple[Any, ...]], outcome: tuple[Any, ...]
+) -> None:
+    """Merge ``outcome`` (success, error, duration_ms, id) into its not yet indexed row,
+    or keep it as an ``UPDATE`` for a row indexed already (or unknown)."""
+    row = rows.get(outcome[3])
+    if row is None:
+        updates.append(outcome)
+    else:
+        row[6], row[7], row[8], row[10] = outcome[0], outcome[1], outcome[2], True
+
+
+class _IndexFailed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _index_rows(
+    conn: sqlite3.Connection,
+    path: Path,
+    rows: Sequence[Sequence[Any]],
+    updates: Sequence[Sequence[Any]],
+    checkpoint: bool,
+) -> str:
+    """One transaction: insert ``rows`` (outcomes merged), then apply ``updates``; in a worker thread.
+
+    Then, if ``checkpoint``, copy the WAL into the database (nothing else
+    writes it, so the copy finishes and the next commit starts the WAL again).
+    Returns a checkpoint failure ("" if none): the rows are committed anyway.
+    """
+    cur = conn.cursor()
+    if conn.in_transaction:
+        # Left open by a failed COMMIT whose ROLLBACK failed too; without this
+        # every later transaction would fail ("within a transaction").
+        cur.execute("ROLLBACK")
+    cur.execute("BEGIN IMMEDIATE")
+    try:
+        if rows:
+            cur.executemany(_INSERT, rows)
+        if updates:
+            cur.executemany(_COMPLETE, updates)
+        cur.execute("COMMIT")
+    except BaseException:
+        # After a failed COMMIT SQLite may already have rolled back.
+        with contextlib.suppress(sqlite3.Error):
+            cur.execute("ROLLBACK")
+        raise
+    if not checkpoint:
+        return ""
+    try:
+        try:
+            big = os.stat(f"{path}-wal").st_size > WAL_LIMIT
+        except OSError:
+            big = False
+        cur.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if big else 'PASSIVE'})").fetchall()
+    except sqlite3.Error as exc:
+        return str(exc) or type(exc).__name__
+    return ""
+
+
+# -- opening, the journal, reading (worker threads) ----------------------------------
+
+
+def _open_writer(path: Path) -> tuple[sqlite3.Connection, int, int, int]:
+    """Create/open the files, take the writer's lock, migrate, index a journal left behind.
+
+    Returns the connection, the lock's fd, the first journal segment number and its fd.
+    """
+    folder = path.parent
+    try:
+        # The mode only applies to directories created here.
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Create the file ourselves so it is never world-readable, not even
+        # between sqlite creating it and a chmod; chmod also fixes an old
+        # file.  SQLite gives -wal and -shm the database file's mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        path.chmod(0o600)
+        lock_fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise BackendError(f"audit database {path}: cannot create: {exc}") from exc
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise BackendError(
+                    f"audit database {path}: in use by another process (it holds {folder / LOCK_NAME}); "
+                    "only one bastion process may write a data directory's audit log"
+                ) from None
+            raise BackendError(f"audit database {path}: cannot lock {folder / LOCK_NAME}: {exc}") from exc
+        try:
+            # isolation_level=None: no implicit transactions, only our BEGINs.
+            # check_same_thread=False: used by the indexer's worker threads.
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise _error(path, "open", exc) from exc
+        try:
+            _configure(conn, path)
+            segment = _replay(conn, path)
+            jfd = _open_segment(folder, segment)
+        except OSError as exc:
+            conn.close()
+            raise BackendError(f"audit journal {folder / JOURNAL_NAME}: cannot open: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    return conn, lock_fd, segment, jfd
+
+
+def _open_segment(folder: Path, n: int) -> int:
+    return os.open(
+        folder / f"{JOURNAL_NAME}.{n}", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+    )
+
+
+def _segments(folder: Path) -> list[int]:
+    """The journal segments in ``folder``, oldest first."""
+    prefix = JOURNAL_NAME + "."
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    return sorted(int(n[len(prefix) :]) for n in names if n.startswith(prefix) and n[len(prefix) :].isdigit())
+
+
+# A journal item: an inserted event ("i", id, document, its JSON) or an outcome
+# ("c", id, success, error, duration_ms).
+_Item = tuple[Any, ...]
+
+
+def _read_journal(folder: Path) -> list[_Item]:
+    """Every item of the journal segments in ``folder``, in the order written.
+
+    A segment removed while this reads was indexed before it was removed.
+    Lines that do not parse (a torn write) are skipped with a warning.
+    """
+    items: list[_Item] = []
+    bad = 0
+    for n in _segments(folder):
+        try:
+            data = (folder / f"{JOURNAL_NAME}.{n}").read_bytes()
+        except FileNotFoundError:
+            continue
+        for line in data.split(b"\n"):
+            if not line:
+                continue
+            try:
+                value = orjson.loads(line)
+                if isinstance(value, dict):
+                    items.append(("i", str(value["id"]), value, line.decode()))
+                elif isinstance(value, list) and len(value) == 4:
+                    items.append(("c", str(value[0]), bool(value[1]), str(value[2] or ""), value[3]))
+                else:
+                    bad += 1
+            except (orjson.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+                bad += 1
+    if bad:
+        log.warning(
+            "audit journal %s: %d unreadable lines skipped (torn writes?)", folder / JOURNAL_NAME, bad
+        )
+    return items
+
+
+def _row_of(doc: dict[str, Any], text: str) -> list[Any]:
+    """The row of a journaled event document (as ``event_row`` built it from the event)."""
+    return [
+        str(doc["id"]),
+        _doc_micros(doc),
+        str(doc.get("event", "")),
+        str(doc.get("user", "")),
+        str(doc.get("app", "")),
+        str(doc.get("session_id", "")),
+        bool(doc.get("success")),
+        str(doc.get("error", "")),
+        doc.get("duration_ms"),
+        text,
+        False,
+    ]
+
+
+def _doc_micros(doc: dict[str, Any]) -> int:
+    try:
+        return epoch_micros(datetime.fromisoformat(doc["time"]))
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+def _replay(conn: sqlite3.Connection, path: Path) -> int:
+    """Index what a previous writer journaled and did not index; returns the next segment number."""
+    folder = path.parent
+    segments = _segments(folder)
+    if not segments:
+        return 1
+    rows: dict[str, list[Any]] = {}
+    updates: list[tuple[Any, ...]] = []
+    for item in _read_journal(folder):
+        if item[0] == "i":
+            try:
+                rows.setdefault(item[1], _row_of(item[2], item[3]))
+            except (TypeError, ValueError):
+                continue
+        else:
+            _, eid, success, error, duration = item
+            _pend_outcome(rows, updates, (success, error, duration, eid))
+    try:
+        warning = _index_rows(conn, path, list(rows.values()), updates, True)
+    except sqlite3.Error as exc:
+        raise _error(path, "index the journal left by the last run", exc) from exc
+    if warning:
+        log.warning("audit database %s: checkpoint failed: %s", path, warning)
+    log.info(
+        "audit database %s: indexed %d events and %d outcomes journaled by the last run",
+        path,
+        len(rows),
+        len(updates),
+    )
+    for n in segments:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(folder / f"{JOURNAL_NAME}.{n}")
+    return segments[-1] + 1
+
+
+def _configure(conn: sqlite3.Connection, path: Path) -> None:
+    try:
+        # busy_timeout first, so switching to WAL and migrating wait for
+        # another process doing the same instead of failing at once.
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
+        if mode != "wal":
+            raise BackendError(
+                f"audit database {path}: cannot use WAL journal mode (got {mode!r}); "
+                "is it on a network filesystem?"
+            )
+        # NORMAL is durable across application crashes in WAL mode.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        # Checkpoints run in a worker thread (see SQLiteAuditStore), never
+        # inside one of this connection's commits on the loop.
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        # A WAL that grew (checkpoints kept back by readers) is cut back when
+        # it starts again from its beginning.
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise BackendError(
+                    f"audit database {path}: schema version {version} is newer than "
+                    f"this bastion supports ({SCHEMA_VERSION}); upgrade bastion"
+                )
+            if version < SCHEMA_VERSION:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as exc:
+        raise _error(path, "open", exc) from exc
+
+
+# -- searching (worker threads; any process) ---------------------------------------
+
+
+async def search_files(data_dir: str | Path, query: AuditQuery) -> list[dict[str, Any]]:
+    """``search`` on a data directory's audit log without opening it for writing.
+
+    For another process (``bastion audit search --config``): it may run while
+    the cluster writes; it sees every committed event, indexed or journaled.
+    """
+    return await asyncio.to_thread(_search, Path(data_dir) / AUDIT_DB_NAME, query)
+
+
+def _search(path: Path, query: AuditQuery) -> list[dict[str, Any]]:
+    # The journal first, then the index: an item indexed (and its segment
+    # removed) between the two reads is in the index by the time it is read.
+    items = _read_journal(path.parent)
+    stored = _read(path, *_search_sql(query)) if path.exists() else []
+    if not items:
+        return [doc for _, _, doc in stored]
+    by_id: dict[str, dict[str, Any]] = {}
+    found: list[tuple[int, int, int, dict[str, Any]]] = []
+    for i, (eid, t, doc) in enumerate(stored):
+        by_id[eid] = doc
+        found.append((t, 0, i, doc))
+    for j, item in enumerate(items):
+        if item[0] == "i":
+            eid, doc = item[1], item[2]
+            if eid in by_id:
+                continue
+            t = _doc_micros(doc)
+            if _matches(query, doc, t):
+                by_id[eid] = doc
+                found.append((t, 1, j, doc))
+        else:
+            target = by_id.get(item[1])
+            if target is not None:
+                apply_outcome(target, item[2], item[3], item[4])
+    found.sort(key=lambda f: f[:3])
+    return [f[3] for f in found[: query.limit]]
+
+
+def _matches(query: AuditQuery, doc: dict[str, Any], t: int) -> bool:
+    if query.since is not None and t < epoch_micros(query.since):
+        return False
+    if query.until is not None and t >= epoch_micros(query.until):
+        return False
+    if query.types and doc.get("event") not in query.types:
+        return False
+    return all(
+        not want or doc.get(field, "") == want
+        for field, want in (("user", query.user), ("app", query.app), ("session_id", query.session_id))
+    )
+
+
+def _search_sql(query: AuditQuery) -> tuple[str, list[Any]]:
+    where: list[str] = []
+    params: list[Any] = []
+    if query.since is not None:
+        where.append("time_us >= ?")
+        params.append(epoch_micros(query.since))
+    if query.until is not None:
+        where.append("time_us < ?")
+        params.append(epoch_micros(query.until))
+    if query.types:
+        where.append(f"type IN ({', '.join('?' * len(query.types))})")
+        params.extend(query.types)
+    for column, value in (("user", query.user), ("app", query.app), ("session_id", query.session_id)):
+        if value:
+            where.append(f"{column} = ?")
+            params.append(value)
+    sql = "SELECT id, time_us, event, success, error, duration_ms FROM audit_events"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY time_us, seq LIMIT ?"
+    params.append(query.limit)
+    return sql, params
+
+
+def _read(path: Path, sql: str, params: list[Any]) -> list[tuple[str, int, dict[str, Any]]]:
+    try:
+        # mode=ro: a reader can never write, whatever goes wrong.
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise _error(path, "search", exc) from exc
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        rows = conn.execute(sql, params).fetchall()
+    except sqlite3.Error as exc:
+        raise _error(path, "search", exc) from exc
+    finally:
+        conn.close()
+    return [
+        (eid, t, merge_outcome(text, success, error, duration))
+        for eid, t, text, success, error, duration in rows
+    ]
+
+
+def _error(path: Path, action: str, exc: BaseException) -> BackendError:
+    detail = str(exc) or type(exc).__name__
+    return BackendError(f"audit database {path}: cannot {action}: {detail}")
