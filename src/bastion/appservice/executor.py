@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol, assert_never
 
 from bastion.appservice.sessions import GatewaySession
-from bastion.audit.emitter import AuditLog
+from bastion.audit.events import AuditEvent
 from bastion.errors import BastionError
 from bastion.protocol import jsonrpc
 from bastion.session.engine import (
@@ -43,6 +43,14 @@ _LOG_LEVELS = {
 
 #: Ends a session: (session, reason).  The handler's, since it owns the session table.
 Ender = Callable[[GatewaySession, str], Awaitable[None]]
+
+
+class AuditSink(Protocol):
+    """What the executor needs of the audit log (``audit.emitter.AuditLog``)."""
+
+    async def record(self, event: AuditEvent) -> None: ...
+
+    def complete(self, event_id: str, success: bool, error: str, duration_ms: float) -> None: ...
 
 
 class Outlet(Protocol):
@@ -76,7 +84,7 @@ class Collected:
 class Executor:
     """Carries out engine commands for the sessions of one MCP handler."""
 
-    def __init__(self, audit: AuditLog, *, end: Ender, upstream_failed: Ender) -> None:
+    def __init__(self, audit: AuditSink, *, end: Ender, upstream_failed: Ender) -> None:
         self.audit = audit
         #: End a session (its end event records the reason as given).
         self.end = end
