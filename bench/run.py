@@ -327,7 +327,7 @@ def start_bastion(
         "  sessions_per_user: 100000\n"
         # The idle-memory step opens 100 stdio sessions as one user (default cap: 16);
         # a baseline from before stdio_limits existed does not know the key.
-        + ("  stdio_limits: {per_user: 100000, per_app: 100000}\n" if src is None else "")
+        + ("  stdio_limits: {per_user: 100000, per_app: 100000}\n" if _knows_stdio_limits(src) else "")
         + "  apps:\n"
         "  - name: bench-http\n"
         f"    uri: mcp+http://127.0.0.1:{http_port}/mcp\n"
@@ -375,6 +375,11 @@ def start_bastion(
     ca.write_text(cli("auth", "export", "--type=tls"))
     ctx = ssl.create_default_context(cafile=str(ca))
     return proc.pid, f"https://{addr}", token, ctx, root / "data"
+
+
+def _knows_stdio_limits(src: Path | None) -> bool:
+    """Whether the gateway's source (None: this checkout) has ``app_service.stdio_limits``."""
+    return src is None or "stdio_limits" in (src / "bastion" / "config.py").read_text()
 
 
 def start_all(procs: Procs, tmp: Path, skipped: dict[str, str], baseline: Path | None = None) -> list[Target]:

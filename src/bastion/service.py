@@ -40,7 +40,7 @@ from bastion.errors import BastionError
 from bastion.proxy.routing import Router
 from bastion.proxy.server import ProxyService, ProxySettings
 from bastion.resources import AppServer, AppServerSpec, Metadata
-from bastion.tunnel.agent import Agent, TunnelAppsView, TunnelAuditStore, join
+from bastion.tunnel.agent import Agent, HostCreds, TunnelAppsView, TunnelAuditStore, join, peer_creds
 from bastion.tunnel.server import HEARTBEAT_EVERY, HEARTBEAT_TTL, TunnelServer
 
 log = logging.getLogger("bastion.service")
@@ -176,6 +176,8 @@ class Cluster:
         self.diag = diag
         self._tasks: list[asyncio.Task[None]] = []
         self._proxy_id = ""
+        #: A node's own app service serving the other nodes' proxies (shared backend only).
+        self.peer: Agent | None = None
 
     @classmethod
     async def start(cls, cfg: Config) -> Cluster:
@@ -191,15 +193,32 @@ class Cluster:
         proxy: ProxyService | None = None
         diag: DiagServer | None = None
         local_tag = secrets.token_hex(4)
+        peer: Agent | None = None
         try:
             auth = await AuthServer.open(backend, cfg.bastion.cluster_name, settings_from(cfg))
+            # A node with every service on a shared backend is one of several: its app service
+            # also serves the other nodes' proxies, over their tunnels, as a joined one would
+            # (decision 0030). Its identity (and so the route tag of its sessions) comes first.
+            peer_id: HostCreds | None = None
+            if _shares_backend(cfg):
+                peer_id = peer_creds(
+                    auth.cas["host"],
+                    data_dir / "peer",
+                    cluster_name=auth.cluster_name,
+                    now=auth.clock.now(),
+                    ttl=auth.settings.host_cert_ttl,
+                )
+                local_tag = peer_id.tag
             store = await _open_audit_store(cfg)
             audit = AuditLog(store)
             metrics.register_audit_queue(lambda: audit.queue_depth if audit is not None else 0)
             router: Router | None = None
 
+            peer_ref: list[Agent] = []
+
             def changed() -> None:
-                return None
+                if peer_ref:
+                    peer_ref[0].apps_changed()
 
             if cfg.app_service.enabled:
                 apps = await AppServiceParts.start(
@@ -210,6 +229,7 @@ class Cluster:
                     audit=audit,
                     apps_source=backend,
                     tag=local_tag,
+                    on_change=changed,
                 )
                 apps.watch_access(backend, auth.checker_of)
             if cfg.proxy_service.enabled:
@@ -259,6 +279,19 @@ class Cluster:
                     tunnel_addr=lambda: tunnel_public,
                 )
                 await proxy.start()
+                if peer_id is not None and apps is not None:
+                    own_tunnel = frozenset({tunnel_public})
+                    peer = Agent(
+                        peer_id,
+                        data_dir / "peer",
+                        _public(cfg, proxy.port),
+                        apps.registry,
+                        handler=apps.handler,
+                        discover=auth.proxies,
+                        skip=lambda: own_tunnel,
+                    )
+                    peer_ref.append(peer)
+                    peer.start()
             if cfg.bastion.diag_addr:
 
                 async def ready() -> bool:
@@ -270,6 +303,8 @@ class Cluster:
         except BaseException:
             if diag is not None:
                 await diag.stop()
+            if peer is not None:
+                await peer.aclose()
             if proxy is not None:
                 await proxy.stop()
             if tunnels is not None:
@@ -293,6 +328,7 @@ class Cluster:
         cluster = cls(
             cfg, backend, auth, proxy, apps, audit=audit, audit_store=store, tunnels=tunnels, diag=diag
         )
+        cluster.peer = peer
         if proxy is not None:
             await backend.put(Item(PROXY_ADDR_KEY, cluster.proxy_addr.encode()))
         cluster._tasks.append(asyncio.create_task(cluster._housekeeping(), name="backend-housekeeping"))
@@ -370,7 +406,8 @@ class Cluster:
     async def _local_heartbeat(self) -> None:
         """Advertise the in-process app service like any other (``bastion get app_servers``)."""
         assert self.apps is not None and self.auth is not None
-        host_id = f"{self.auth.cluster_name}-{self.apps.tag}"
+        # Under the name the other proxies record it by, when it serves them too.
+        host_id = self.peer.creds.host_id if self.peer else f"{self.auth.cluster_name}-{self.apps.tag}"
         while True:
             try:
                 now = self.auth.clock.now()
@@ -439,6 +476,8 @@ class Cluster:
         if self.auth is not None and self._proxy_id:
             with contextlib.suppress(BastionError):
                 await self.auth.remove_proxy(self._proxy_id)
+        if self.peer is not None:  # the other proxies stop sending it requests first
+            await self.peer.aclose()
         if self.proxy:
             await self.proxy.stop()
         if self.tunnels:
@@ -460,6 +499,13 @@ class Cluster:
         if self.backend:
             await self.backend.close()
         log.info("cluster stopped")
+
+
+def _shares_backend(cfg: Config) -> bool:
+    """Whether this node runs every service on a backend other nodes may share (PostgreSQL)."""
+    return (
+        cfg.auth_service.backend.type == "postgres" and cfg.app_service.enabled and cfg.proxy_service.enabled
+    )
 
 
 async def _open_audit_store(cfg: Config) -> AuditStore:

@@ -23,9 +23,10 @@ import os
 import random
 import socket
 import ssl
-from collections.abc import AsyncIterator, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,7 +38,7 @@ from bastion import __version__
 from bastion.answers import send_jsonrpc_error
 from bastion.audit.events import AuditEvent
 from bastion.audit.store import AuditQuery, Completion
-from bastion.auth.ca import fingerprint, host_identity, new_host_key
+from bastion.auth.ca import CertAuthority, fingerprint, host_identity, issue_host_cert, new_host_key
 from bastion.backend import Event, Item
 from bastion.errors import (
     AuthenticationError,
@@ -166,6 +167,36 @@ async def join(
     return creds
 
 
+def peer_creds(
+    host_ca: CertAuthority, data_dir: Path, *, cluster_name: str, now: datetime, ttl: timedelta
+) -> HostCreds:
+    """The host identity of a node's own app service when the node also runs the auth service
+    and a proxy on a shared backend (decision 0030): issued in-process from the cluster's host
+    CA, since this process holds it (no join token), and kept under ``data_dir/host/`` while it
+    has more than a third of its life left, so the node keeps its id (and route tag) across
+    restarts."""
+    have = load_creds(data_dir)
+    if have is not None and have.cluster_name == cluster_name and have.expires - now > ttl / 3:
+        return have
+    key_pem, pub_pem = new_host_key()
+    host_id = have.host_id if have is not None and have.cluster_name == cluster_name else str(uuid.uuid4())
+    cert_pem = issue_host_cert(
+        host_ca,
+        public_key_pem=pub_pem,
+        host_id=host_id,
+        role="app",
+        hostname=socket.gethostname(),
+        now=now,
+        ttl=ttl,
+    )
+    ident = host_identity(x509.load_pem_x509_certificate(cert_pem))
+    creds = HostCreds(
+        ident.host_id, ident.cluster_name, ident.hostname, cert_pem, key_pem, host_ca.cert_pem, ident.expires
+    )
+    save_creds(data_dir, creds)
+    return creds
+
+
 # ------------------------------------------------------------------ agent
 
 
@@ -195,8 +226,15 @@ class Agent:
         registry: ServedApps,
         *,
         handler: Any = None,
+        discover: Callable[[], Awaitable[list[str]]] | None = None,
+        skip: Callable[[], Collection[str]] = frozenset,
     ) -> None:
+        """``discover``: where the proxies' tunnels are, asked every heartbeat instead of asking
+        ``proxy`` when no tunnel is up (a node's own app service reads the backend's list);
+        ``skip``: tunnel addresses never dialled (that node's own proxy)."""
         self.creds = creds
+        self._discover = discover
+        self._skip = skip
         self.data_dir = data_dir
         self.proxy = proxy
         self.registry = registry
@@ -217,6 +255,9 @@ class Agent:
 
     async def _bootstrap(self) -> None:
         """Whenever no tunnel is up, ask ``proxy_server`` where to dial (it may be a balancer)."""
+        if self._discover is not None:
+            await self._follow_proxies(self._discover)
+            return
         delay = _BACKOFF_MIN
         while not self._closing:
             if not self.conns:
@@ -232,9 +273,19 @@ class Agent:
                     delay = min(delay * 2, _BACKOFF_MAX)
             await asyncio.sleep(delay * (0.5 + random.random()) if not self.conns else HEARTBEAT_EVERY)
 
+    async def _follow_proxies(self, discover: Callable[[], Awaitable[list[str]]]) -> None:
+        """Dial every live proxy the cluster lists, each heartbeat (proxies come and go)."""
+        while not self._closing:
+            try:
+                for tunnel in await discover():
+                    self._dial(tunnel)
+            except BastionError as e:
+                log.warning("cannot list the cluster's proxies; retrying", extra={"error": e.message})
+            await asyncio.sleep(HEARTBEAT_EVERY)
+
     def _dial(self, tunnel: str) -> None:
         """Keep a tunnel to ``tunnel`` (``host:port``) while that proxy lives."""
-        if tunnel in self._dialers or self._closing:
+        if tunnel in self._dialers or self._closing or tunnel in self._skip():
             return
         task = asyncio.create_task(self._dial_loop(tunnel), name=f"tunnel-dial-{tunnel}")
         self._dialers[tunnel] = task

@@ -1,0 +1,224 @@
+"""Several all-in-one nodes on one PostgreSQL are one cluster: any node carries any session.
+
+Two `bastion start` processes, each with the auth service, a proxy and an app service, on a
+fresh PostgreSQL database (decision 0030). A session begun through node A is carried by node B
+too (B reaches A's app service over A's tunnel to B, as it reaches a joined app service), and
+each call is audited exactly once. A node that dies takes only its own sessions with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bastion.tunnel.agent import load_creds
+from tests import pg
+from tests.integration.conftest import Node, start_node, stop_node, wait_for_log
+from tests.peers import everything_cmd, requires_node_peers
+
+pytestmark = [requires_node_peers, pytest.mark.postgres]
+
+VERSION = "2025-06-18"
+
+
+@dataclass
+class Pair:
+    a: Node
+    b: Node
+    token: str
+    ca: Path
+
+
+def _app_config(cmd: list[str]) -> str:
+    return (
+        "app_service:\n"
+        "  apps:\n"
+        "  - name: everything\n"
+        "    labels: {env: dev}\n"
+        "    mcp:\n"
+        f"      command: {cmd[0]}\n"
+        f"      args: {json.dumps(cmd[1:])}\n"
+        "      run_as_host_user: root\n"
+    )
+
+
+async def _create_db() -> tuple[str, str, str]:
+    import uuid
+
+    import asyncpg
+
+    server = await pg.server_dsn()
+    name = f"{pg.DB_PREFIX}{uuid.uuid4().hex[:16]}"
+    conn = await asyncpg.connect(server, timeout=10)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return server, name, pg.with_database(server, name)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    server, dbname, dsn = asyncio.run(_create_db())
+    root = tmp_path_factory.mktemp("topology")
+    auth = f"  backend:\n    type: postgres\n    dsn: {dsn}\n"
+    extra = _app_config(everything_cmd("stdio"))
+    nodes: list[Node] = []
+    try:
+        for name in ("a", "b"):
+            nodes.append(start_node(root / name, auth_config=auth, cluster="pair", extra_config=extra))
+        a, b = nodes
+        # Each node's app service has joined the other node's proxy (its first heartbeat there).
+        for n in nodes:
+            wait_for_log(n.log, r"app service serves .*apps=everything", n.proc, 30.0)
+        a.cli("users", "add", "alice", "--roles=mcp-user", local=True)
+        ca = root / "ca.pem"
+        ca.write_text(a.cli("auth", "export", local=True).stdout)
+        token = a.cli("auth", "sign", "--user=alice", "--format=token", local=True).stdout.strip()
+        yield Pair(a, b, token, ca)
+    finally:
+        for n in nodes:
+            stop_node(n)
+        asyncio.run(pg.drop_database(server, dbname))
+
+
+def tag_of(node: Node) -> str:
+    creds = load_creds(node.root / "data" / "peer")
+    assert creds is not None, "the node has no identity for its app service"
+    return creds.tag
+
+
+class Client:
+    """One MCP session over plain HTTPS; each request names the node it goes through."""
+
+    def __init__(self, p: Pair) -> None:
+        self.p = p
+        self.sid = ""
+        self.n = 0
+        self.http = httpx.Client(
+            verify=ssl.create_default_context(cafile=str(p.ca)),
+            timeout=30,
+            headers={"Authorization": f"Bearer {p.token}", "Accept": "application/json, text/event-stream"},
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def url(self, node: Node) -> str:
+        return f"https://{node.addr}/mcp/apps/everything"
+
+    def post(self, node: Node, body: dict[str, Any]) -> httpx.Response:
+        headers = {"Mcp-Session-Id": self.sid, "MCP-Protocol-Version": VERSION} if self.sid else {}
+        return self.http.post(self.url(node), json=body, headers=headers)
+
+    def rpc(self, node: Node, method: str, params: dict[str, Any] | None = None) -> Any:
+        self.n += 1
+        body: dict[str, Any] = {"jsonrpc": "2.0", "id": self.n, "method": method}
+        if params is not None:
+            body["params"] = params
+        r = self.post(node, body)
+        assert r.status_code == 200, (r.status_code, r.text)
+        if not self.sid:
+            self.sid = r.headers["mcp-session-id"]
+        if r.headers["content-type"].startswith("text/event-stream"):
+            for line in r.text.splitlines():
+                if line.startswith("data:"):
+                    msg = json.loads(line[5:])
+                    if msg.get("id") == self.n:
+                        return msg
+            raise AssertionError(f"no answer in the stream: {r.text[:500]}")
+        return r.json()
+
+    def start(self, node: Node) -> None:
+        init = self.rpc(
+            node,
+            "initialize",
+            {"protocolVersion": VERSION, "capabilities": {}, "clientInfo": {"name": "pair", "version": "1"}},
+        )
+        assert init["result"]["serverInfo"], init
+        r = self.post(node, {"jsonrpc": "2.0", "method": "notifications/initialized"})
+        assert r.status_code == 202, r.text
+
+    def echo(self, node: Node, text: str) -> None:
+        got = self.rpc(node, "tools/call", {"name": "echo", "arguments": {"message": text}})
+        assert got["result"]["content"][0]["text"] == f"Echo: {text}", got
+
+
+def audited_calls(node: Node, sid: str) -> list[str]:
+    out = node.cli(
+        "audit",
+        "search",
+        "--type=mcp.session.request",
+        "--user=alice",
+        "--format=json",
+        "--limit=10000",
+        local=True,
+    )
+    rows = json.loads(out.stdout)
+    return [
+        r["params"]["arguments"]["message"]
+        for r in rows
+        if r.get("session_id") == sid and r.get("tool") == "echo"
+    ]
+
+
+def test_any_node_carries_any_session_and_a_dead_node_takes_only_its_own(pair: Pair) -> None:
+    a, b = pair.a, pair.b
+    s = Client(pair)
+    try:
+        s.start(a)
+        assert s.sid.startswith(tag_of(a) + "."), "a session begun through A is A's"
+        sent = [f"hop {i}" for i in range(20)]
+        for i, text in enumerate(sent):
+            s.echo(b if i % 2 == 0 else a, text)
+        tools = s.rpc(b, "tools/list")
+        assert "echo" in {t["name"] for t in tools["result"]["tools"]}
+        r = s.http.delete(s.url(a), headers={"Mcp-Session-Id": s.sid})
+        assert r.status_code == 200, r.text
+        gone = s.post(b, {"jsonrpc": "2.0", "id": 99, "method": "tools/list"})
+        assert gone.status_code == 404, gone.text
+        assert "session not found" in gone.json()["error"]["message"]
+        # Every call audited exactly once (either node reads the one audit log).
+        assert sorted(audited_calls(b, s.sid)) == sorted(sent)
+    finally:
+        s.close()
+
+    # Sessions of each node, then A dies: B's still work through B; A's are a clear 404.
+    mine: Client | None = None
+    theirs: Client | None = None
+    opened: list[Client] = []
+    try:
+        for _ in range(8):  # new sessions through B go to either node's app service
+            c = Client(pair)
+            opened.append(c)
+            c.start(b)
+            if c.sid.startswith(tag_of(b) + "."):
+                mine = mine or c
+            elif c.sid.startswith(tag_of(a) + "."):
+                theirs = theirs or c
+        if theirs is None:
+            theirs = Client(pair)
+            opened.append(theirs)
+            theirs.start(a)
+        assert mine is not None, "no session through B landed on B's own app service"
+        a.proc.kill()
+        a.proc.wait(15)
+        mine.echo(b, "after A died")
+        lost = theirs.post(b, {"jsonrpc": "2.0", "id": 7, "method": "tools/list"})
+        assert lost.status_code == 404, lost.text
+        assert "start a new one with initialize" in lost.json()["error"]["message"]
+        again = Client(pair)
+        opened.append(again)
+        again.start(b)  # re-initialize through the living node
+        again.echo(b, "a new session")
+    finally:
+        for c in opened:
+            c.close()
