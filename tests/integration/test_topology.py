@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import ssl
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,15 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
         for n in nodes:
             stop_node(n)
         asyncio.run(pg.drop_database(server, dbname))
+
+
+def _until(what: str, check: Callable[[], bool], deadline: float) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {deadline}s")
 
 
 def tag_of(node: Node) -> str:
@@ -168,6 +179,35 @@ def audited_calls(node: Node, sid: str) -> list[str]:
         for r in rows
         if r.get("session_id") == sid and r.get("tool") == "echo"
     ]
+
+
+def test_a_proxy_without_an_app_service_reaches_both_nodes(pair: Pair, tmp_path: Path) -> None:
+    """A mixed topology: a proxy-only node joins the pair's database; both all-in-one nodes'
+    app services serve it (each dials every live proxy), and a session through it is carried
+    through the other nodes too."""
+    dsn = pair.a.config.read_text().split("dsn: ", 1)[1].split("\n", 1)[0]
+    proxy = start_node(
+        tmp_path / "p",
+        auth_config=f"  backend:\n    type: postgres\n    dsn: {dsn}\n",
+        cluster="pair",
+        extra_config="app_service:\n  enabled: false\n",
+    )
+    try:
+
+        def joined() -> int:
+            return len(re.findall(r"app service serves .*apps=everything", proxy.log.read_text()))
+
+        _until("both nodes' app services joined the new proxy", lambda: joined() >= 2, 30.0)
+        s = Client(pair)
+        try:
+            s.start(proxy)
+            assert s.sid.split(".")[0] in (tag_of(pair.a), tag_of(pair.b))
+            for i, via in enumerate((proxy, pair.a, pair.b, proxy)):
+                s.echo(via, f"mixed {i}")
+        finally:
+            s.close()
+    finally:
+        stop_node(proxy)
 
 
 def test_any_node_carries_any_session_and_a_dead_node_takes_only_its_own(pair: Pair) -> None:
