@@ -102,6 +102,11 @@ def test_create_update_delete(node: tuple[Node, str], tmp_path: Path) -> None:
             headers={"Mcp-Session-Id": sid},
         )
         assert gone.status_code == 404
+        # Not the client's fault, and not "no such app": the cluster removed it.
+        assert gone.json()["error"]["message"] == (
+            "app 'dyn' was removed by the cluster; its sessions ended (see `bastion mcp ls`)"
+        )
+        assert gone.headers["x-bastion-error-origin"] == "gateway"
     ended = json.loads(
         n.cli(
             "audit", "search", "--format=json", "--type=mcp.session.end", f"--session={sid}", local=True

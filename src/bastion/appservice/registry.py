@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 
 from bastion.appservice.demo import demo_app
 from bastion.resources import App
+from bastion.tombstones import Removed
 
 
 class AppRegistry:
@@ -23,6 +24,8 @@ class AppRegistry:
         self._static: dict[str, App] = {}
         self._dynamic: dict[str, App] = {}
         self._refused: dict[str, str] = {}
+        #: Dynamic apps removed by the cluster (``Removed``).
+        self.removed = Removed()
         self._on_change = on_change
         self._changed: asyncio.Event | None = None
         for app in apps:
@@ -50,13 +53,15 @@ class AppRegistry:
 
     def set_dynamic(self, app: App) -> None:
         self._dynamic[app.metadata.name] = app
+        self.removed.forget(app.metadata.name)
         self._notify()
 
     def remove_dynamic(self, name: str) -> bool:
-        gone = self._dynamic.pop(name, None) is not None
-        if gone:
+        gone = self._dynamic.pop(name, None)
+        if gone is not None:
+            self.removed.add(gone)
             self._notify()
-        return gone
+        return gone is not None
 
     def refused(self) -> dict[str, str]:
         """Dynamic apps the host's policy refuses: name -> reason (shown in heartbeats)."""

@@ -166,6 +166,19 @@ class Front:
         if actor.checker is not None:
             job = self.router.route(scope, receive, send, actor, name, sub, headers)
         if job is None:
+            gone = self.router.removed(name)
+            if gone is not None and actor.checker is not None and actor.checker.can_access_app(gone):
+                # Only to a user who could reach it: to anyone else it never existed.
+                return self._refuse(
+                    scope,
+                    send,
+                    404,
+                    f"app {clip(name, MAX_QUOTE)!r} was removed by the cluster; its sessions ended "
+                    "(see `bastion mcp ls`)",
+                    app=name,
+                    user=actor.name,
+                    origin="gateway",
+                )
             return self._refuse(
                 scope,
                 send,

@@ -93,6 +93,14 @@ class Router:
                     seen.setdefault(name, a)
         return sorted(seen.values(), key=lambda a: a.metadata.name)
 
+    def removed(self, name: str) -> App | None:
+        """The definition of an app the cluster removed lately (served here or by a joined host)."""
+        if self.local_registry is not None:
+            app = self.local_registry.removed.get(name)
+            if app is not None:
+                return app
+        return self.tunnels.removed.get(name) if self.tunnels is not None else None
+
     def _targets(self, name: str) -> list[_Target]:
         out: list[_Target] = []
         if self.local_registry is not None and self.local is not None:

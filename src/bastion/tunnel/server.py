@@ -47,6 +47,7 @@ from bastion.auth.server import AuthServer, decode_resource
 from bastion.backend import Event, EventType, Item
 from bastion.errors import BastionError, ConfigError, ValidationError, WatchExpiredError
 from bastion.resources import App, AppServer, AppServerSpec, Metadata
+from bastion.tombstones import Removed
 from bastion.tunnel import admission, wire
 from bastion.tunnel.mux import Mux, Stream, StreamReset, TunnelClosed
 
@@ -106,6 +107,8 @@ class TunnelServer:
         self.proxy_addr = proxy_addr
         self.on_change = on_change or (lambda: None)
         self.conns: dict[str, AgentConn] = {}
+        #: Apps joined hosts stopped serving (removed by the cluster), remembered for a while.
+        self.removed = Removed()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.port = 0
@@ -269,6 +272,10 @@ class TunnelServer:
         if method == "heartbeat":
             conn.advertised = [wire.app_from_wire(d) for d in args.get("apps", ())]
             apps, refused = await self._admit(conn, conn.advertised)
+            for name in conn.apps.keys() - apps.keys():
+                self.removed.add(conn.apps[name])
+            for name in apps:
+                self.removed.forget(name)
             conn.apps = apps
             first = not conn.ready.is_set()
             conn.ready.set()
