@@ -178,6 +178,8 @@ class Cluster:
         self._proxy_id = ""
         #: A node's own app service serving the other nodes' proxies (shared backend only).
         self.peer: Agent | None = None
+        #: Tells joined app services when users or roles change (a proxy with a tunnel listener).
+        self.access_notices: AccessWatch | None = None
 
     @classmethod
     async def start(cls, cfg: Config) -> Cluster:
@@ -329,6 +331,16 @@ class Cluster:
             cfg, backend, auth, proxy, apps, audit=audit, audit_store=store, tunnels=tunnels, diag=diag
         )
         cluster.peer = peer
+        if tunnels is not None:
+            # Joined app services cannot follow the backend: this proxy tells them when users
+            # or roles change, and they re-check their live sessions (decision 0025).
+            tunnel_server = tunnels
+
+            async def tell_app_services(_access: Access) -> None:
+                await tunnel_server.access_changed()
+
+            cluster.access_notices = AccessWatch(backend, auth.checker_of, tell_app_services)
+            cluster.access_notices.start()
         if proxy is not None:
             await backend.put(Item(PROXY_ADDR_KEY, cluster.proxy_addr.encode()))
         cluster._tasks.append(asyncio.create_task(cluster._housekeeping(), name="backend-housekeeping"))
@@ -374,6 +386,8 @@ class Cluster:
         )
         agent.registry = apps.registry
         agent.handler = apps.handler
+        # A proxy says when users or roles change; sessions that lost their app end then.
+        agent.end_unauthorised = apps.handler.end_unauthorised_sessions
         agent.start()
         metrics.register_audit_queue(lambda: audit.queue_depth)
         diag: DiagServer | None = None
@@ -476,6 +490,8 @@ class Cluster:
         if self.auth is not None and self._proxy_id:
             with contextlib.suppress(BastionError):
                 await self.auth.remove_proxy(self._proxy_id)
+        if self.access_notices is not None:
+            await self.access_notices.aclose()
         if self.peer is not None:  # the other proxies stop sending it requests first
             await self.peer.aclose()
         if self.proxy:

@@ -156,14 +156,19 @@ class MCPHandler:
     async def end_unauthorised_sessions(self, access: Callable[[str], Awaitable[ToolPolicy | None]]) -> None:
         """End every live session whose user may no longer use its app (each with its end event).
 
-        ``access(user)`` is the user's current policy, None if the user no longer exists. Called
-        when users or roles change (``revocation.py``): a session whose app is still allowed
-        keeps going and takes the new roles on its next request (``_session``)."""
+        ``access(user)`` is the user's current policy, None if the user no longer exists, and
+        raises LookupError for a user it cannot tell about (their sessions are left alone). Called
+        when users or roles change (``revocation.py``; a joined app service when a proxy says so):
+        a session whose app is still allowed keeps going and takes the new roles on its next
+        request (``_session``)."""
         by_user: dict[str, list[GatewaySession]] = {}
         for s in self.sessions.values():
             by_user.setdefault(s.user, []).append(s)
         for user, sessions in by_user.items():
-            checker = await access(user)
+            try:
+                checker = await access(user)
+            except LookupError:
+                continue
             for s in sessions:
                 if s.dead or self.sessions.get(s.id) is not s:
                     continue

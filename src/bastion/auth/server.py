@@ -302,6 +302,15 @@ class AuthServer:
             return None
         return await self.checker_for(user)
 
+    async def policy_of(self, username: str) -> tuple[list[Role], dict[str, tuple[str, ...]]] | None:
+        """The roles and traits that decide for ``username`` now; None if the user no longer
+        exists (what a joined app service needs to re-check its live sessions)."""
+        try:
+            user = await self._get_typed(User, "user", username)
+        except NotFoundError:
+            return None
+        return await self._roles_of(user), dict(user.spec.traits)
+
     async def _roles_of(self, user: User) -> list[Role]:
         roles = []
         for name in user.spec.roles:

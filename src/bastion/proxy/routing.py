@@ -213,6 +213,7 @@ class Router:
                 if body is None:
                     await _error(send, 413, -32600, f"request body larger than {_MAX_BODY} bytes", "client")
                     return
+            t.conn.carried(actor.name)
             try:
                 stream = await t.conn.mux.open(self._header(scope, actor, t.app, sub))
                 await forward(stream, body, send, receive)

@@ -50,7 +50,8 @@ from bastion.errors import (
     WatchExpiredError,
 )
 from bastion.handoff import SCOPE_KEY, Handoff
-from bastion.resources import App
+from bastion.policy import AccessChecker
+from bastion.resources import App, Role
 from bastion.tunnel import http as tunnel_http
 from bastion.tunnel import wire
 from bastion.tunnel.mux import Mux, Stream, StreamReset, TunnelClosed
@@ -235,6 +236,11 @@ class Agent:
         self.creds = creds
         self._discover = discover
         self._skip = skip
+        #: ``end_unauthorised(access)``: ends the live sessions ``access`` no longer allows
+        #: (the handler's); called when a proxy says users or roles changed, and on connecting.
+        self.end_unauthorised: Callable[[Callable[[str], Awaitable[Any]]], Awaitable[None]] | None = None
+        self._recheck: asyncio.Task[None] | None = None
+        self._recheck_via: set[Mux] = set()
         self.data_dir = data_dir
         self.proxy = proxy
         self.registry = registry
@@ -360,7 +366,7 @@ class Agent:
                     raise AuthenticationError(
                         f"{host}:{port} is not a proxy of cluster {self.creds.cluster_name!r}"
                     )
-                mux = Mux(reader, writer, initiator=True, on_stream=self._serve_stream)
+                mux = self._new_mux(reader, writer)
                 self.conns[proxy] = mux
                 log.info("tunnel connected", extra={"tunnel": proxy})
                 runner = asyncio.create_task(mux.run(), name="tunnel-mux")
@@ -400,6 +406,17 @@ class Agent:
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, _BACKOFF_MAX)
 
+    def _new_mux(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Mux:
+        """A tunnel whose incoming streams are served knowing which tunnel they came on."""
+        mine: list[Mux] = []
+
+        async def on_stream(stream: Stream) -> None:
+            await self._serve_stream(stream, mine[0])
+
+        mux = Mux(reader, writer, initiator=True, on_stream=on_stream)
+        mine.append(mux)
+        return mux
+
     async def _heartbeat_loop(self, mux: Mux) -> None:
         first = True
         now = asyncio.Event()
@@ -412,6 +429,8 @@ class Agent:
                     if first:
                         self.connected.set()
                         first = False
+                        # Whatever changed while this tunnel was down is checked once.
+                        self.recheck_access(mux)
                     told = _report_refused(reply.get("refused", ()), told)
                     # Every live proxy must be able to carry any session: connect to all.
                     for addr in reply.get("proxies", ()):
@@ -434,7 +453,13 @@ class Agent:
 
     # -------------------------------------------------------------- serving
 
-    async def _serve_stream(self, stream: Stream) -> None:
+    async def _serve_stream(self, stream: Stream, via: Mux) -> None:
+        if stream.header.get("kind") == "notice":
+            if stream.header.get("what") == "access.changed":
+                self.recheck_access(via)
+            with contextlib.suppress(StreamReset, TunnelClosed):
+                await stream.end()
+            return
         if stream.header.get("kind") != "http":
             stream.reset(f"unexpected stream kind {stream.header.get('kind')!r}")
             return
@@ -457,6 +482,55 @@ class Agent:
             SCOPE_KEY: Handoff(actor, app, sub, jwt=_offered_jwt(h.get("jwt"))),
         }
         await self.handler(scope, receive, send)
+
+    # ---------------------------------------------------------- revocation
+
+    def recheck_access(self, via: Mux) -> None:
+        """Re-check live sessions against the users' current policies, as the proxy at the other
+        end of ``via`` knows them (one run at a time; what comes in meanwhile runs next)."""
+        if self.end_unauthorised is None or self._closing:
+            return
+        self._recheck_via.add(via)
+        if self._recheck is None or self._recheck.done():
+            self._recheck = asyncio.create_task(self._recheck_loop(), name="access-recheck")
+            self._tasks.append(self._recheck)
+
+    async def _recheck_loop(self) -> None:
+        assert self.end_unauthorised is not None
+        while self._recheck_via:
+            via = self._recheck_via.pop()
+            if via.closed:
+                continue
+            try:
+                await self.end_unauthorised(self._current_policies(via))
+            except BastionError as e:
+                log.warning(
+                    "could not re-check live sessions after an access change", extra={"error": e.message}
+                )
+
+    def _current_policies(self, via: Mux) -> Callable[[str], Awaitable[AccessChecker | None]]:
+        """``access(user)``: the user's policy now, asked of one proxy once per user per re-check;
+        None for a user who no longer exists; LookupError for one that proxy never carried
+        requests of (another proxy, which did, tells us about them)."""
+        asked: dict[str, AccessChecker | None] = {}
+
+        async def access(user: str) -> AccessChecker | None:
+            if user not in asked:
+                got = await self._call_on(via, "policies", {"users": [user]})
+                doc = got["policies"].get(user)
+                if isinstance(doc, dict) and doc.get("unknown"):
+                    raise LookupError(user)
+                asked[user] = (
+                    None
+                    if doc is None
+                    else AccessChecker(
+                        [Role.model_validate(r) for r in doc["roles"]],
+                        {k: tuple(v) for k, v in doc["traits"].items()},
+                    )
+                )
+            return asked[user]
+
+        return access
 
     # ------------------------------------------------------------ calls out
 

@@ -56,6 +56,9 @@ log = logging.getLogger("bastion.tunnel")
 #: An app service heartbeats this often; its record lives a few beats longer.
 HEARTBEAT_EVERY = 5.0
 HEARTBEAT_TTL = timedelta(seconds=20)
+#: Users per ``policies`` call (an app service batches its users).
+_MAX_POLICY_USERS = 500
+_MAX_CARRIED_USERS = 100_000
 _MAX_RPC_BODY = 64 << 20
 
 
@@ -80,6 +83,12 @@ class AgentConn:
     advertised: list[App] = field(default_factory=list)
     #: Apps of its last heartbeat that were refused: name -> definition digest (alarm once).
     refused: dict[str, str] = field(default_factory=dict)
+    #: Users this proxy carried requests of to it: the only ones whose policies it may ask for.
+    users: set[str] = field(default_factory=set)
+
+    def carried(self, user: str) -> None:
+        if user not in self.users and len(self.users) < _MAX_CARRIED_USERS:
+            self.users.add(user)
 
 
 class TunnelServer:
@@ -109,6 +118,8 @@ class TunnelServer:
         self.conns: dict[str, AgentConn] = {}
         #: Apps joined hosts stopped serving (removed by the cluster), remembered for a while.
         self.removed = Removed()
+        #: By host id: the users whose requests this proxy carried to that host.
+        self._carried: dict[str, set[str]] = {}
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.port = 0
@@ -196,7 +207,14 @@ class TunnelServer:
                 await self._rpc(conn, stream)
 
             mux = Mux(reader, writer, initiator=False, on_stream=on_stream)
-            conn = AgentConn(host=host, mux=mux, peer=peer_s, tag=route_tag(host.host_id))
+            conn = AgentConn(
+                host=host,
+                mux=mux,
+                peer=peer_s,
+                tag=route_tag(host.host_id),
+                # Kept across reconnections: its sessions outlive a dropped tunnel.
+                users=self._carried.setdefault(host.host_id, set()),
+            )
             old = self.conns.get(host.host_id)
             self.conns[host.host_id] = conn
             if old is not None:
@@ -228,6 +246,21 @@ class TunnelServer:
                     await self.auth.remove_app_server(host_id)
         except BastionError as e:
             log.warning("cannot drop app server heartbeat", extra={"error": e.message})
+
+    async def access_changed(self) -> None:
+        """Users or roles changed: tell every connected app service to re-check its live sessions
+        (it asks back for the policies of the users it holds sessions of: ``policies``)."""
+        for conn in list(self.conns.values()):
+            if conn.mux.closed:
+                continue
+            try:
+                stream = await conn.mux.open({"kind": "notice", "what": "access.changed"})
+                await stream.end()
+            except (StreamReset, TunnelClosed) as e:
+                log.info(
+                    "could not tell an app service that access changed",
+                    extra={"host_id": conn.host.host_id, "error": str(e)},
+                )
 
     @property
     def advertised(self) -> str:
@@ -307,6 +340,26 @@ class TunnelServer:
                 "proxies": await self.auth.proxies(),
                 "refused": [{"app": r.app, "reason": r.reason} for r in refused],
             }
+        if method == "policies":
+            # The current roles and traits of users with live sessions on the host (access.changed):
+            # only of users whose requests this proxy carried to it (it saw their actors then);
+            # of anyone else, "unknown" (a host cannot read the policies of every user).
+            users = [str(u) for u in args["users"]][:_MAX_POLICY_USERS]
+            out: dict[str, Any] = {}
+            for name in users:
+                if name not in conn.users:
+                    out[name] = {"unknown": True}
+                    continue
+                got = await self.auth.policy_of(name)
+                out[name] = (
+                    None
+                    if got is None
+                    else {
+                        "roles": [r.model_dump(mode="json") for r in got[0]],
+                        "traits": {k: list(v) for k, v in got[1].items()},
+                    }
+                )
+            return {"policies": out}
         if method == "revision":
             return {"revision": await self.auth.backend.current_revision()}
         if method == "apps.list":
