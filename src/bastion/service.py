@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bastion import __version__, metrics
+from bastion._tasks import stop_tasks
 from bastion._time import Clock, SystemClock
 from bastion.appservice.dynamic import DynamicApps
 from bastion.appservice.hostpolicy import HostPolicy
@@ -482,11 +483,7 @@ class Cluster:
     async def stop(self) -> None:
         if self.diag:
             await self.diag.stop()
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await stop_tasks(*self._tasks)
         if self.auth is not None and self._proxy_id:
             with contextlib.suppress(BastionError):
                 await self.auth.remove_proxy(self._proxy_id)

@@ -22,10 +22,10 @@ backend's poll interval) and keeps the registry in step:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
+from bastion._tasks import stop_tasks
 from bastion.appservice.follow import follow_changes
 from bastion.appservice.hostpolicy import HostPolicy
 from bastion.appservice.registry import AppRegistry
@@ -76,9 +76,7 @@ class DynamicApps:
 
     async def aclose(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks(self._task)
 
     async def _run(self) -> None:
         async def resync() -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
+from bastion._tasks import stop_tasks
 from bastion._time import Clock
 from bastion.answers import NO_HEADERS, Answer, send_jsonrpc_error
 from bastion.appservice.demo import DEMO_APP_NAME
@@ -131,9 +132,7 @@ class MCPHandler:
 
     async def aclose(self) -> None:
         if self._reaper:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+            await stop_tasks(self._reaper)
         for s in list(self.sessions.values()):
             await self._end(s, "gateway shutting down")
         await self.pools.aclose()

@@ -15,10 +15,10 @@ request or at the idle reaper.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from bastion._tasks import stop_tasks
 from bastion.appservice.follow import follow_changes
 from bastion.backend import Backend, Event
 from bastion.resources import prefix_for
@@ -53,9 +53,7 @@ class AccessWatch:
 
     async def aclose(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks(self._task)
 
     async def _run(self) -> None:
         async def check() -> None:

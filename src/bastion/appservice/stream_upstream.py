@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from starlette.types import Receive
 
+from bastion._tasks import stop_tasks
 from bastion.answers import Answer
 from bastion.appservice.executor import Executor
 from bastion.appservice.resume import EventLog, EventLogs
@@ -225,11 +226,7 @@ class StreamUpstream:
         return None  # closing the stream (release) ends the upstream's side
 
     async def stop(self, s: GatewaySession) -> None:
-        reader = self.reader
-        if reader is not None and reader is not asyncio.current_task():
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+        await stop_tasks(self.reader)  # not when the reader itself ends the session
         for q in list(self.pending.values()):
             q.put_nowait(None)
         if self.get_log is not None:

@@ -24,7 +24,6 @@ log line: refusing must not fail), and a task flushes counts once per window.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final, Protocol
 
+from bastion._tasks import stop_tasks
 from bastion._time import Clock
 from bastion.audit.bound import MAX_ERROR, MAX_NAME, clip
 from bastion.audit.events import AUTH_FAILED, SESSION_REJECTED, SUPPRESSED, AuditEvent
@@ -220,9 +220,7 @@ class Refusals:
 
     async def aclose(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks(self._task)
             self._task = None
         self.flush(everything=True)
 

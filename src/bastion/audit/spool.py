@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from bastion._tasks import stop_tasks
 from bastion.audit import codec
 from bastion.audit.events import AuditEvent
 from bastion.audit.store import AuditQuery, AuditStore, Completion
@@ -113,9 +114,7 @@ class SpoolingAuditStore:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._drainer), 5.0)
         if self._drainer is not None:
-            self._drainer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._drainer
+            await stop_tasks(self._drainer)
         await self.primary.close()
         self._db.close()
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ from bastion._pg import (
     open_pool,
     wait_event,
 )
+from bastion._tasks import stop_tasks
 from bastion._time import Clock, SystemClock
 from bastion.backend import Event, EventType, Item
 from bastion.backend.sqlite import prefix_upper_bound
@@ -226,9 +226,7 @@ class PostgresBackend:
             await asyncio.wait(set(self._tasks))
         listener, self._listener = self._listener, None
         if listener is not None:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            await stop_tasks(listener)
         try:
             # Graceful: waits for connections in use (a watcher's last query).
             async with asyncio.timeout(10):

@@ -35,6 +35,7 @@ from cryptography import x509
 from starlette.types import Receive, Send
 
 from bastion import __version__
+from bastion._tasks import stop_tasks
 from bastion.answers import send_jsonrpc_error
 from bastion.audit.events import AuditEvent
 from bastion.audit.store import AuditQuery, Completion
@@ -301,11 +302,7 @@ class Agent:
         self._closing = True
         for mux in list(self.conns.values()):
             await mux.close("app service shutting down")
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await stop_tasks(*self._tasks)
 
     def apps_changed(self) -> None:
         """Tell the proxies what is served now (called when the registry changes)."""
@@ -376,9 +373,7 @@ class Agent:
                 try:
                     await runner
                 finally:
-                    beat.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await beat
+                    await stop_tasks(beat)
                     if self.conns.get(proxy) is mux:
                         del self.conns[proxy]
                     if not self.conns:

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from bastion._tasks import stop_tasks
 from bastion.answers import error_headers
 from bastion.protocol import jsonrpc
 from bastion.tunnel.mux import Stream, StreamReset, TunnelClosed
@@ -75,9 +76,7 @@ async def forward(
         with contextlib.suppress(OSError, RuntimeError):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        await stop_tasks(watcher)
         if not stream.done:
             stream.reset("done")
 

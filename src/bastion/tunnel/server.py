@@ -40,6 +40,7 @@ from cryptography import x509
 
 from bastion import __version__
 from bastion._listen import bind_tcp
+from bastion._tasks import stop_tasks
 from bastion.audit import identity_events
 from bastion.audit.emitter import AuditLog
 from bastion.auth.ca import HostIdentity, host_identity, issue_host_cert, new_host_key
@@ -173,11 +174,7 @@ class TunnelServer:
             self._server.close()
         for conn in list(self.conns.values()):
             await conn.mux.close("proxy shutting down")
-        for t in list(self._tasks):
-            t.cancel()
-        for t in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await stop_tasks(*list(self._tasks))
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5.0)
