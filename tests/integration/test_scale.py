@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import pytest
 
 from tests import pg
 from tests.integration.conftest import Node, start_node, stop_node, wait_for_log
+from tests.integration.mcp_https import McpOverHttps
 from tests.integration.test_agents import AgentProc, _agent_config, _start_agent, _token, _until
 from tests.peers import everything_cmd, requires_node_peers
 
@@ -124,66 +124,18 @@ def topo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
         _run(pg.drop_database(server, dbname))
 
 
-class Session:
-    """One MCP session over plain HTTPS; each request may go to a different proxy."""
+class Session(McpOverHttps):
+    """One MCP session; each request names the proxy (0 or 1) it goes through."""
 
     def __init__(self, t: Topology) -> None:
+        super().__init__(t.ca, t.token)
         self.t = t
-        self.sid = ""
-        self.n = 0
-        self.http = httpx.Client(
-            verify=ssl.create_default_context(cafile=str(t.ca)),
-            timeout=30,
-            headers={"Authorization": f"Bearer {t.token}", "Accept": "application/json, text/event-stream"},
-        )
 
-    def close(self) -> None:
-        self.http.close()
+    def addr_of(self, where: Any) -> str:
+        return self.t.proxies[where].addr
 
-    def url(self, proxy: int) -> str:
-        return f"https://{self.t.proxies[proxy].addr}/mcp/apps/everything"
-
-    def rpc(self, proxy: int, method: str, params: dict[str, Any] | None = None) -> Any:
-        self.n += 1
-        body: dict[str, Any] = {"jsonrpc": "2.0", "id": self.n, "method": method}
-        if params is not None:
-            body["params"] = params
-        headers = {"Mcp-Session-Id": self.sid} if self.sid else {}
-        if self.sid:
-            headers["MCP-Protocol-Version"] = "2025-06-18"
-        r = self.http.post(self.url(proxy), json=body, headers=headers)
-        assert r.status_code == 200, (r.status_code, r.text)
-        if not self.sid:
-            self.sid = r.headers["mcp-session-id"]
-        if r.headers["content-type"].startswith("text/event-stream"):
-            for line in r.text.splitlines():
-                if line.startswith("data:"):
-                    msg = json.loads(line[5:])
-                    if msg.get("id") == self.n:
-                        return msg
-            raise AssertionError(f"no answer in the stream: {r.text[:500]}")
-        return r.json()
-
-    def notify(self, proxy: int, method: str) -> None:
-        r = self.http.post(
-            self.url(proxy),
-            json={"jsonrpc": "2.0", "method": method},
-            headers={"Mcp-Session-Id": self.sid, "MCP-Protocol-Version": "2025-06-18"},
-        )
-        assert r.status_code == 202, (r.status_code, r.text)
-
-    def start(self) -> None:
-        init = self.rpc(
-            0,
-            "initialize",
-            {
-                "protocolVersion": "2025-06-18",
-                "capabilities": {},
-                "clientInfo": {"name": "scale", "version": "1"},
-            },
-        )
-        assert init["result"]["serverInfo"], init
-        self.notify(1, "notifications/initialized")
+    def start(self, where: Any = 0, then: Any = 1) -> None:
+        super().start(where, then)
 
 
 def test_one_session_alternating_between_proxies(topo: Topology) -> None:

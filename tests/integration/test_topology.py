@@ -11,19 +11,17 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 
 from bastion.tunnel.agent import load_creds
 from tests import pg
 from tests.integration.conftest import Node, start_node, stop_node, wait_for_log
+from tests.integration.mcp_https import McpOverHttps
 from tests.peers import everything_cmd, requires_node_peers
 
 pytestmark = [requires_node_peers, pytest.mark.postgres]
@@ -107,60 +105,9 @@ def tag_of(node: Node) -> str:
     return creds.tag
 
 
-class Client:
-    """One MCP session over plain HTTPS; each request names the node it goes through."""
-
+class Client(McpOverHttps):
     def __init__(self, p: Pair) -> None:
-        self.p = p
-        self.sid = ""
-        self.n = 0
-        self.http = httpx.Client(
-            verify=ssl.create_default_context(cafile=str(p.ca)),
-            timeout=30,
-            headers={"Authorization": f"Bearer {p.token}", "Accept": "application/json, text/event-stream"},
-        )
-
-    def close(self) -> None:
-        self.http.close()
-
-    def url(self, node: Node) -> str:
-        return f"https://{node.addr}/mcp/apps/everything"
-
-    def post(self, node: Node, body: dict[str, Any]) -> httpx.Response:
-        headers = {"Mcp-Session-Id": self.sid, "MCP-Protocol-Version": VERSION} if self.sid else {}
-        return self.http.post(self.url(node), json=body, headers=headers)
-
-    def rpc(self, node: Node, method: str, params: dict[str, Any] | None = None) -> Any:
-        self.n += 1
-        body: dict[str, Any] = {"jsonrpc": "2.0", "id": self.n, "method": method}
-        if params is not None:
-            body["params"] = params
-        r = self.post(node, body)
-        assert r.status_code == 200, (r.status_code, r.text)
-        if not self.sid:
-            self.sid = r.headers["mcp-session-id"]
-        if r.headers["content-type"].startswith("text/event-stream"):
-            for line in r.text.splitlines():
-                if line.startswith("data:"):
-                    msg = json.loads(line[5:])
-                    if msg.get("id") == self.n:
-                        return msg
-            raise AssertionError(f"no answer in the stream: {r.text[:500]}")
-        return r.json()
-
-    def start(self, node: Node) -> None:
-        init = self.rpc(
-            node,
-            "initialize",
-            {"protocolVersion": VERSION, "capabilities": {}, "clientInfo": {"name": "pair", "version": "1"}},
-        )
-        assert init["result"]["serverInfo"], init
-        r = self.post(node, {"jsonrpc": "2.0", "method": "notifications/initialized"})
-        assert r.status_code == 202, r.text
-
-    def echo(self, node: Node, text: str) -> None:
-        got = self.rpc(node, "tools/call", {"name": "echo", "arguments": {"message": text}})
-        assert got["result"]["content"][0]["text"] == f"Echo: {text}", got
+        super().__init__(p.ca, p.token)
 
 
 def audited_calls(node: Node, sid: str) -> list[str]:
