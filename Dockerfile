@@ -36,7 +36,8 @@ ENV PATH=/opt/bastion/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     BASTION_CONFIG=/etc/bastion/bastion.yaml \
     BASTION_HEALTH_URL=http://127.0.0.1:3434/healthz
-USER bastion:bastion
+# numeric, so that runtimes (Kubernetes runAsNonRoot) can tell it is not root
+USER 10001:10001
 WORKDIR /var/lib/bastion
 # data_dir: keys, host certificate, SQLite files, the audit spool.
 VOLUME ["/var/lib/bastion"]
