@@ -1,0 +1,38 @@
+"""``helm template`` for tests/packaging/test_deploy.py, run by the deploy tools' venv.
+
+Usage: ``python helm_render.py CHART VALUES.yaml|- ...`` (``-``: the chart's defaults alone).
+Prints a JSON list, one entry per values file: ``{"ok": true, "manifests": {template: text}}``
+or ``{"ok": false, "error": "..."}`` when Helm refuses the values (the schema) or the
+templates.  It needs ``helm_python`` (Helm's Go SDK, the PyPI package helm-python-sdk), which
+the project's own venv does not have: `make deploy-tools` puts it in .venv-deploy.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import helm_python as helm
+import yaml
+
+
+def render(chart: Any, values_file: str) -> dict[str, Any]:
+    values = {}
+    if values_file != "-":
+        with open(values_file, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    try:
+        return {"ok": True, "manifests": chart.render(values, name="rel", namespace="mcp")}
+    except helm.HelmError as e:
+        return {"ok": False, "error": str(e)}
+
+
+def main(argv: list[str]) -> int:
+    with helm.Chart.load(argv[1]) as chart:
+        print(json.dumps([render(chart, v) for v in argv[2:]]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
