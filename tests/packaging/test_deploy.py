@@ -393,3 +393,66 @@ def test_helm_without_app_services_needs_no_join_settings(renders: dict[str, dic
 def test_helm_schema_refuses_a_bad_pin(renders: dict[str, dict[str, Any]]) -> None:
     result = renders["bad-pin"]
     assert not result["ok"] and "/appService/caPin" in result["error"], result
+
+
+def _container(result: dict[str, Any], kind: str) -> dict[str, Any]:
+    doc = _by_kind(_documents(result["manifests"]))[kind]
+    container: dict[str, Any] = doc["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+def _run_start_script(script: str, paths: dict[str, Path], env: dict[str, str], tmp_path: Path) -> Any:
+    """The container's ``sh -c`` script, its paths moved under ``tmp_path``, ``bastion`` a stand-in."""
+    for old, new in paths.items():
+        script = script.replace(old, str(new))
+    stub = tmp_path / "bin" / "bastion"
+    stub.parent.mkdir(exist_ok=True)
+    stub.write_text('#!/bin/sh\necho "bastion $*"\n')
+    stub.chmod(0o755)
+    return subprocess.run(
+        ["sh", "-c", script],
+        env={"PATH": f"{stub.parent}:/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_helm_proxy_start_script_advertises_the_pod_address(
+    renders: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    result = renders["minimal"]
+    container = _container(result, "Deployment/rel-bastion-proxy")
+    assert container["command"] == ["/bin/sh", "-c"]
+    template = tmp_path / "template"
+    template.mkdir()
+    kinds = _by_kind(_documents(result["manifests"]))
+    (template / "bastion.yaml").write_text(kinds["ConfigMap/rel-bastion-proxy"]["data"]["bastion.yaml"])
+    for pod_ip, advertised in (("10.1.2.3", "10.1.2.3:3024"), ("fd00::7", "[fd00::7]:3024")):
+        config = tmp_path / f"run-{len(advertised)}.yaml"
+        run = _run_start_script(
+            container["args"][0],
+            {"/etc/bastion/template": template},
+            {"POD_IP": pod_ip, "BASTION_CONFIG": str(config)},
+            tmp_path,
+        )
+        assert run.returncode == 0 and run.stdout == "bastion start\n", run.stderr
+        assert load_config(config).proxy_service.tunnel_public_addr == advertised
+
+
+def test_helm_app_start_script_takes_the_replicas_own_token(
+    renders: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    container = _container(renders["minimal"], "StatefulSet/rel-bastion-app")
+    tokens, run_dir = tmp_path / "join", tmp_path / "run"
+    tokens.mkdir()
+    run_dir.mkdir()
+    (tokens / "token-0").write_text("aaaa\n")
+    (tokens / "token-1").write_text("bbbb\n")
+    paths = {"/etc/bastion/join": tokens, "/run/bastion": run_dir}
+    run = _run_start_script(container["args"][0], paths, {"HOSTNAME": "rel-bastion-app-1"}, tmp_path)
+    assert run.returncode == 0 and run.stdout == "bastion start\n", run.stderr
+    assert (run_dir / "join-token").read_text() == "bbbb\n"
+    run = _run_start_script(container["args"][0], paths, {"HOSTNAME": "rel-bastion-app-2"}, tmp_path)
+    assert run.returncode == 1
+    assert "no join token for this replica: add the key token-2 to the Secret bastion-join" in run.stderr
