@@ -5,13 +5,14 @@
   when `make deploy-tools` could install it.
 * ``deploy/docker-compose.yml``: parses, every file it mounts exists, its bastion
   configurations validate with ``bastion.config``, the names the proxy and the app service use
-  for each other agree.
+  for each other agree; ``docker-compose config`` accepts it where installed.
 * ``deploy/systemd/``: the units parse, and ``systemd-analyze verify`` accepts them where it
   exists.
-* ``deploy/helm/bastion``: ``helm template`` (Helm's own Go SDK, from the PyPI package
-  helm-python-sdk) with the chart's ``ci/`` values, the values schema, every manifest against
-  the Kubernetes API schemas (kubernetes-validate), and the bastion configurations it renders.
-  These need the tools `make deploy-tools` installs in ``.venv-deploy``; without them they skip.
+* ``deploy/helm/bastion``: ``helm template`` and ``helm lint --strict`` (Helm's own Go SDK,
+  from the PyPI package helm-python-sdk) with the chart's ``ci/`` values, the values schema,
+  every manifest against the Kubernetes API schemas (kubernetes-validate), the bastion
+  configurations it renders, and the containers' start scripts.  These need the tools `make
+  deploy-tools` installs in ``.venv-deploy``; without them they skip.
 """
 
 from __future__ import annotations
@@ -344,6 +345,10 @@ def test_helm_template_renders_proxies_and_app_services(rendered: dict[str, Any]
         probes = pod["containers"][0]
         assert probes["livenessProbe"]["httpGet"]["path"] == "/healthz"
         assert probes["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def test_helm_lint_finds_nothing(rendered: dict[str, Any]) -> None:
+    assert rendered["lint"] == []
 
 
 def test_helm_manifests_match_the_kubernetes_schemas(rendered: dict[str, Any], tmp_path: Path) -> None:
