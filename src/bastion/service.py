@@ -16,6 +16,7 @@ import secrets
 import signal
 import socket
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from bastion import __version__, metrics
@@ -41,7 +42,15 @@ from bastion.errors import BastionError
 from bastion.proxy.routing import Router
 from bastion.proxy.server import ProxyService, ProxySettings
 from bastion.resources import AppServer, AppServerSpec, Metadata
-from bastion.tunnel.agent import Agent, HostCreds, TunnelAppsView, TunnelAuditStore, join, peer_creds
+from bastion.tunnel.agent import (
+    Agent,
+    HostCreds,
+    TunnelAppsView,
+    TunnelAuditStore,
+    join,
+    load_creds,
+    peer_creds,
+)
 from bastion.tunnel.server import HEARTBEAT_EVERY, HEARTBEAT_TTL, TunnelServer
 
 log = logging.getLogger("bastion.service")
@@ -364,7 +373,11 @@ class Cluster:
         """An app service alone: join through the proxy, then serve over the tunnel."""
         data_dir = cfg.bastion.data_dir
         proxy_addr = cfg.bastion.proxy_server
-        creds = await join(data_dir, proxy_addr, cfg.bastion.join_params.read_token(), cfg.bastion.ca_pin)
+        creds = load_creds(data_dir)
+        if creds is None or creds.expires <= datetime.now(UTC):
+            # The token is read only to join: once joined, the host certificate is what counts
+            # (renewed over the tunnel), and the token file may be gone.
+            creds = await join(data_dir, proxy_addr, cfg.bastion.join_params.read_token(), cfg.bastion.ca_pin)
         registry_ref: list[Agent] = []
 
         def changed() -> None:

@@ -294,6 +294,14 @@ def test_used_and_expired_tokens_are_refused(topo: Topology, tmp_path: Path) -> 
         wait_for_log(first.log, r"tunnel connected", first.proc, 30.0)
     finally:
         first.stop()
+    # Once joined, the token file is not needed again: the host certificate is what counts.
+    (tmp_path / "a" / "token").unlink()
+    first.log.write_text("")
+    restarted = _start_agent(tmp_path / "a", tmp_path / "a" / "app.yaml")
+    try:
+        wait_for_log(restarted.log, r"tunnel connected", restarted.proc, 30.0)
+    finally:
+        restarted.stop()
     again = subprocess.run(
         bastion_cmd("start", "--config", str(_agent_config(tmp_path / "b", t.node, token, pin, "{x: y}"))),
         capture_output=True,
