@@ -169,8 +169,21 @@ class HTTPUpstream:
                 return
             if status >= 400 or ctype not in (JSON, SSE):
                 data = await resp.read()
-                if ctype == JSON and data:
-                    await ex.upstream_sent(s, data, Collected())
+                if ctype in (JSON, SSE):
+                    # JSON-RPC under an error status: the client reads what the engine made of it
+                    # (filtered, canonical), never the upstream's bytes, nor events it did not see.
+                    got = Collected()
+                    if ctype == JSON and data:
+                        await ex.upstream_sent(s, data, got)
+                    body = (
+                        got.replies[0].raw
+                        if got.replies
+                        else await ex.fail_request(
+                            s, request_id, f"the upstream MCP server answered with HTTP status {status}"
+                        )
+                    )
+                    await answer.whole(status, [(b"content-type", JSON), (ORIGIN_HEADER, b"upstream")], body)
+                    return
                 await answer.whole(
                     status, [(b"content-type", ctype or b"text/plain"), (ORIGIN_HEADER, b"upstream")], data
                 )
