@@ -2,9 +2,13 @@
 
 * A hostile streamable-HTTP upstream answering under an error status: its JSON body reached the
   client as sent, not as the engine made it (an unfiltered ``tools/list``, for instance).
+* A ``Last-Event-ID`` whose number Python cannot read: an internal error (500) and a traceback
+  in the log for each such GET, from any authenticated client.
 """
 
 from __future__ import annotations
+
+import json
 
 from tests.security.conftest import Gateway
 
@@ -18,3 +22,20 @@ def test_an_error_status_does_not_carry_an_unfiltered_answer_to_the_client(gatew
         r = s.post(b'{"jsonrpc":"2.0","id":8,"method":"tools/list","params":{"x-reply-status":500}}')
         assert r.status_code >= 400
         assert "get-env" not in r.text, r.text
+
+
+def test_a_last_event_id_python_cannot_count_is_not_an_internal_error(gateway: Gateway) -> None:
+    with gateway.session("limited", "rec-stdio") as s:
+        headers = {
+            "Authorization": f"Bearer {gateway.token('limited')}",
+            "Accept": "text/event-stream",
+            "Mcp-Session-Id": s.id,
+        }
+        with s.client.stream("GET", s.url, headers=headers) as r:  # makes the GET stream's log, g1
+            assert r.status_code == 200
+        for last in ("g1." + "9" * 5000, "g1.\xb2"):
+            with s.client.stream(
+                "GET", s.url, headers={**headers, "Last-Event-ID": last.encode("latin-1")}
+            ) as r:
+                assert r.status_code != 500, r.read()
+        assert json.loads(s.post(b'{"jsonrpc":"2.0","id":9,"method":"ping"}').text)["result"] == {}
