@@ -334,6 +334,11 @@ class MCPHandler:
         if got.fwd is None:
             await answer.empty(202)
             return
+        if s.dead:
+            # It ended while the audit record was committed (its end event failed this call):
+            # nothing more reaches its upstream, and no waiter is left that nothing will wake.
+            await answer.error(404, _GONE, "client", code=-32001, mid=_id_of(msg))
+            return
         await s.upstream.exchange(s, got.fwd, answer, ClientPost(headers, target, not sid))
 
     async def _session(self, sid: str, actor: Actor, app: App) -> GatewaySession:

@@ -1,0 +1,238 @@
+"""Races on one session, driven in-process so that each interleaving is chosen, not hoped for.
+
+The MCP handler runs with a message-stream upstream that records what reached it and an audit
+log whose commits a test holds open: a call allowed and audited while its session ends
+(DELETE, revocation, the idle reaper, the upstream failing) must not then reach the upstream,
+and its client must be answered at once, not after the response timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from bastion.appservice import mcp_http
+from bastion.appservice.mcp_http import Limits, MCPHandler
+from bastion.appservice.registry import AppRegistry
+from bastion.audit.events import REQUEST, SESSION_END, AuditEvent
+from bastion.auth.credentials import Identity
+from bastion.auth.server import Actor
+from bastion.handoff import SCOPE_KEY, Handoff
+from bastion.policy import AccessChecker
+from bastion.resources import App, Role, User
+from bastion.transport import UpstreamClosedError
+
+T0 = datetime(2026, 12, 7, 12, 0, 0, tzinfo=UTC)
+APP = App.model_validate(
+    {"metadata": {"name": "rec", "labels": {"env": "dev"}}, "spec": {"mcp": {"command": "rec"}}}
+)
+ROLE = Role.model_validate(
+    {
+        "metadata": {"name": "echo-only"},
+        "spec": {"allow": {"app_labels": {"env": "dev"}, "mcp": {"tools": ["echo"]}}},
+    }
+)
+USER = User.model_validate(
+    {"kind": "user", "metadata": {"name": "limited"}, "spec": {"roles": ["echo-only"]}}
+)
+ACTOR = Actor(
+    "limited",
+    AccessChecker([ROLE], {}),
+    Identity("limited", "t", ("echo-only",), {}, T0 + timedelta(hours=1), T0),
+    USER,
+    (1,),
+    (ROLE,),
+)
+
+
+class Clock:
+    def now(self) -> datetime:
+        return T0
+
+
+class HeldAudit:
+    """An audit log that keeps every event; ``hold()`` makes the next commit wait for a release."""
+
+    def __init__(self) -> None:
+        self.events: list[AuditEvent] = []
+        self.completed: list[tuple[str, bool, str]] = []
+        self._held: list[tuple[asyncio.Event, asyncio.Event]] = []
+
+    def hold(self) -> tuple[asyncio.Event, asyncio.Event]:
+        """(reached: the commit is waiting, release: let it commit)."""
+        pair = (asyncio.Event(), asyncio.Event())
+        self._held.append(pair)
+        return pair
+
+    async def record(self, event: AuditEvent) -> None:
+        if self._held:
+            reached, release = self._held.pop(0)
+            reached.set()
+            await release.wait()
+        self.events.append(event)
+
+    def complete(
+        self, event_id: str, success: bool, error: str = "", duration_ms: float | None = None
+    ) -> None:
+        self.completed.append((event_id, success, error))
+
+    def record_nowait(self, event: AuditEvent) -> None:
+        self.events.append(event)
+
+
+class RecordingStream:
+    """A stdio-like upstream: answers every request with ``{}`` and records what it was sent."""
+
+    upstream_session_id = ""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.called = asyncio.Event()  # a tools/call reached it
+        self.closed = False
+        self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def send(self, raw: bytes) -> None:
+        if self.closed:
+            raise UpstreamClosedError("stdio server exited")
+        msg = json.loads(raw)
+        self.sent.append(msg)
+        if msg.get("method") == "tools/call":
+            self.called.set()
+        if "id" in msg and "method" in msg:
+            result: dict[str, Any] = {}
+            if msg["method"] == "initialize":
+                result = {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}}}
+            self._out.put_nowait(json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": result}).encode())
+
+    async def receive(self) -> bytes:
+        raw = await self._out.get()
+        if raw is None or self.closed:
+            raise UpstreamClosedError("stdio server exited")
+        return raw
+
+    async def aclose(self) -> None:
+        self.closed = True
+        self._out.put_nowait(None)
+
+
+@pytest.fixture
+async def node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[tuple[MCPHandler, HeldAudit, RecordingStream]]:
+    stream = RecordingStream()
+
+    async def open_stream(*args: Any, **kwargs: Any) -> RecordingStream:
+        return stream
+
+    monkeypatch.setattr(mcp_http, "open_stream", open_stream)
+    audit = HeldAudit()
+    handler = MCPHandler(
+        cluster_name="t",
+        clock=Clock(),
+        jwt_ca=None,
+        registry=AppRegistry([APP]),
+        audit=audit,  # type: ignore[arg-type]
+        redact=lambda v: v,
+        limits=Limits(response_timeout=60.0),
+    )
+    try:
+        yield handler, audit, stream
+    finally:
+        await handler.aclose()
+
+
+async def request(
+    handler: MCPHandler, method: str, body: bytes = b"", sid: str = ""
+) -> tuple[int, dict[bytes, bytes], bytes]:
+    headers = {b"accept": b"application/json, text/event-stream", b"content-type": b"application/json"}
+    if sid:
+        headers[b"mcp-session-id"] = sid.encode()
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": "/mcp/apps/rec",
+        "headers": list(headers.items()),
+        "client": ("192.0.2.1", 1),
+        SCOPE_KEY: Handoff(ACTOR, APP, "/", headers),
+    }
+    fed = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal fed
+        if not fed:
+            fed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # the client stays
+        raise AssertionError
+
+    out: dict[str, Any] = {"body": b""}
+
+    async def send(m: dict[str, Any]) -> None:
+        if m["type"] == "http.response.start":
+            out["status"], out["headers"] = m["status"], dict(m["headers"])
+        else:
+            out["body"] += m.get("body", b"")
+
+    await handler(scope, receive, send)
+    return out["status"], out["headers"], out["body"]
+
+
+async def started(handler: MCPHandler) -> str:
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "a", "version": "1"},
+        },
+    }
+    status, headers, body = await request(handler, "POST", json.dumps(init).encode())
+    assert status == 200, body
+    sid = headers[b"mcp-session-id"].decode()
+    status, _, body = await request(
+        handler, "POST", b'{"jsonrpc":"2.0","method":"notifications/initialized"}', sid
+    )
+    assert status == 202, body
+    return sid
+
+
+CALL = b'{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"echo","arguments":{}}}'
+
+
+async def test_a_call_audited_while_its_session_ends_is_not_forwarded_and_is_answered_at_once(
+    node: tuple[MCPHandler, HeldAudit, RecordingStream],
+) -> None:
+    handler, audit, stream = node
+    sid = await started(handler)
+    call_reached, call_release = audit.hold()  # the call's audit event: committed late
+    call = asyncio.create_task(request(handler, "POST", CALL, sid))
+    async with asyncio.timeout(10):
+        await call_reached.wait()
+    end_reached, end_release = audit.hold()  # the session's end event: being committed
+    delete = asyncio.create_task(request(handler, "DELETE", b"", sid))
+    async with asyncio.timeout(10):
+        await end_reached.wait()
+    call_release.set()  # the call's record commits while the session is ending
+    called = asyncio.create_task(stream.called.wait())
+    async with asyncio.timeout(10):
+        await asyncio.wait({call, called}, return_when=asyncio.FIRST_COMPLETED)
+    called.cancel()
+    end_release.set()
+    async with asyncio.timeout(10):
+        assert (await delete)[0] == 200
+    assert [m.get("method") for m in stream.sent if m.get("method") == "tools/call"] == [], (
+        "a call reached the upstream of a session that had ended"
+    )
+    async with asyncio.timeout(10):  # not after the 60 s response timeout
+        status, _, body = await call
+    assert status in (404, 502), body
+    assert [e.type for e in audit.events].count(SESSION_END) == 1
+    (recorded,) = [e for e in audit.events if e.type == REQUEST and e.tool == "echo"]
+    assert [ok for eid, ok, _ in audit.completed if eid == recorded.id] == [False]  # never ran
