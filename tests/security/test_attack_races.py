@@ -4,6 +4,9 @@ The MCP handler runs with a message-stream upstream that records what reached it
 log whose commits a test holds open: a call allowed and audited while its session ends
 (DELETE, revocation, the idle reaper, the upstream failing) must not then reach the upstream,
 and its client must be answered at once, not after the response timeout.
+
+A streamable-HTTP upstream whose SSE event is over the parser's limit: the call was left in
+flight (its audit event never completed) and a refusal was audited as the *client's* (429).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from bastion.auth.credentials import Identity
 from bastion.auth.server import Actor
 from bastion.handoff import SCOPE_KEY, Handoff
 from bastion.policy import AccessChecker
+from bastion.protocol.sse import DEFAULT_MAX_EVENT_SIZE
 from bastion.resources import App, Role, User
 from bastion.transport import UpstreamClosedError
 
@@ -147,7 +151,7 @@ async def node(
 
 
 async def request(
-    handler: MCPHandler, method: str, body: bytes = b"", sid: str = ""
+    handler: MCPHandler, method: str, body: bytes = b"", sid: str = "", app: App = APP
 ) -> tuple[int, dict[bytes, bytes], bytes]:
     headers = {b"accept": b"application/json, text/event-stream", b"content-type": b"application/json"}
     if sid:
@@ -158,7 +162,7 @@ async def request(
         "path": "/mcp/apps/rec",
         "headers": list(headers.items()),
         "client": ("192.0.2.1", 1),
-        SCOPE_KEY: Handoff(ACTOR, APP, "/", headers),
+        SCOPE_KEY: Handoff(ACTOR, app, "/", headers, jwt=("upstream-jwt", T0 + timedelta(hours=1))),
     }
     fed = False
 
@@ -182,7 +186,7 @@ async def request(
     return out["status"], out["headers"], out["body"]
 
 
-async def started(handler: MCPHandler) -> str:
+async def started(handler: MCPHandler, app: App = APP) -> str:
     init = {
         "jsonrpc": "2.0",
         "id": 1,
@@ -193,11 +197,11 @@ async def started(handler: MCPHandler) -> str:
             "clientInfo": {"name": "a", "version": "1"},
         },
     }
-    status, headers, body = await request(handler, "POST", json.dumps(init).encode())
+    status, headers, body = await request(handler, "POST", json.dumps(init).encode(), app=app)
     assert status == 200, body
     sid = headers[b"mcp-session-id"].decode()
     status, _, body = await request(
-        handler, "POST", b'{"jsonrpc":"2.0","method":"notifications/initialized"}', sid
+        handler, "POST", b'{"jsonrpc":"2.0","method":"notifications/initialized"}', sid, app
     )
     assert status == 202, body
     return sid
@@ -236,3 +240,84 @@ async def test_a_call_audited_while_its_session_ends_is_not_forwarded_and_is_ans
     assert [e.type for e in audit.events].count(SESSION_END) == 1
     (recorded,) = [e for e in audit.events if e.type == REQUEST and e.tool == "echo"]
     assert [ok for eid, ok, _ in audit.completed if eid == recorded.id] == [False]  # never ran
+
+
+# ------------------------------------------------- a hostile streamable-HTTP upstream
+
+
+@pytest.fixture
+async def huge_event_upstream() -> AsyncIterator[str]:
+    """A streamable-HTTP MCP server that answers tools/call with an SSE event over the parser's
+    limit (16 MiB); its base URL."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                msg = json.loads(await reader.readexactly(length)) if length else {}
+                if "id" not in msg:
+                    writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+                elif msg.get("method") == "tools/call":
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+                    )
+                    writer.write(b"data: " + b"x" * (DEFAULT_MAX_EVENT_SIZE + 1024) + b"\n\n")
+                    await writer.drain()
+                    return
+                else:
+                    result = {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}}}
+                    body = json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": result}).encode()
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nMcp-Session-Id: up-1\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                    )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+async def test_an_upstream_event_over_the_limit_fails_the_call_and_is_not_blamed_on_the_client(
+    monkeypatch: pytest.MonkeyPatch, huge_event_upstream: str
+) -> None:
+    app = App.model_validate(
+        {
+            "metadata": {"name": "rec", "labels": {"env": "dev"}},
+            "spec": {"uri": f"mcp+{huge_event_upstream}/mcp"},
+        }
+    )
+    monkeypatch.setattr(mcp_http, "open_stream", None)  # never a message stream here
+    audit = HeldAudit()
+    handler = MCPHandler(
+        cluster_name="t",
+        clock=Clock(),
+        jwt_ca=None,
+        registry=AppRegistry([app]),
+        audit=audit,  # type: ignore[arg-type]
+        redact=lambda v: v,
+        limits=Limits(response_timeout=60.0),
+    )
+    refused: list[dict[str, Any]] = []
+    monkeypatch.setattr(handler.refusals, "refused", lambda **kw: refused.append(kw))
+    try:
+        sid = await started(handler, app)
+        async with asyncio.timeout(30):
+            _, _, body = await request(handler, "POST", CALL, sid, app)
+    finally:
+        await handler.aclose()
+    assert refused == [], "the upstream's oversized event was recorded as the client's refusal"
+    (recorded,) = [e for e in audit.events if e.type == REQUEST and e.tool == "echo"]
+    done = [(ok, why) for eid, ok, why in audit.completed if eid == recorded.id]
+    assert len(done) == 1 and not done[0][0] and "larger than the limit" in done[0][1], done
+    assert b"larger than the limit" in body, body[:300]

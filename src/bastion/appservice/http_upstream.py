@@ -24,7 +24,7 @@ from bastion.appservice.sessions import GatewaySession, session_headers
 from bastion.appservice.upstream import ClientPost
 from bastion.errors import UpstreamError
 from bastion.metrics import upstream_error_kind
-from bastion.protocol.sse import SSEParser, encode_event
+from bastion.protocol.sse import EventTooLargeError, SSEParser, encode_event
 from bastion.session.engine import ForwardToUpstream, SendToClient
 from bastion.transport.http import HTTPUpstreamPool, PreparedHeaders
 
@@ -190,9 +190,9 @@ class HTTPUpstream:
                 return
             streaming = True  # relay starts the answer before anything else
             await self._relay(s, answer, resp)
-        except UpstreamError as e:
-            # The upstream broke off mid-answer: fail the call through the engine
-            # (audit completed as failed), and tell the client whose fault it was.
+        except (UpstreamError, EventTooLargeError) as e:
+            # The upstream broke off mid-answer, or sent an event over the limit: fail the call
+            # through the engine (audit completed as failed), and tell the client whose fault it was.
             s.m.upstream_error(upstream_error_kind(e))
             body = await ex.fail_request(s, request_id, e.message)
             if not streaming:
@@ -236,7 +236,13 @@ class HTTPUpstream:
                     data,
                 )
                 return
-            await self._relay(s, answer, resp)
+            try:
+                await self._relay(s, answer, resp)
+            except (UpstreamError, EventTooLargeError) as e:
+                # The upstream's fault, not the client's: the stream ends (the client may GET again).
+                s.m.upstream_error(upstream_error_kind(e))
+                log.warning("upstream stream ended", extra={"session_id": s.id, "error": e.message})
+                await answer.finish()
         finally:
             await resp.aclose()
 
