@@ -4,6 +4,8 @@
   client as sent, not as the engine made it (an unfiltered ``tools/list``, for instance).
 * A ``Last-Event-ID`` whose number Python cannot read: an internal error (500) and a traceback
   in the log for each such GET, from any authenticated client.
+* ``Mcp-Name`` / ``Mcp-Method`` disagreeing with the body: the refusal quoted the body's tool name
+  or method whole (megabytes back to the client).
 """
 
 from __future__ import annotations
@@ -39,3 +41,25 @@ def test_a_last_event_id_python_cannot_count_is_not_an_internal_error(gateway: G
             ) as r:
                 assert r.status_code != 500, r.read()
         assert json.loads(s.post(b'{"jsonrpc":"2.0","id":9,"method":"ping"}').text)["result"] == {}
+
+
+def test_a_mirrored_header_mismatch_does_not_echo_the_body(gateway: Gateway) -> None:
+    """``Mcp-Name`` disagreeing with a 1 MiB tool name (or ``Mcp-Method`` with a long method):
+    the refusal quotes both, cut, not the whole body back."""
+    big = "A" * (1 << 20)
+    with gateway.session("limited", "rec-stdio") as s:
+        call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": big}}
+        for name, value in (("Mcp-Name", "echo"), ("Mcp-Method", "tools/call" + "x" * 6000)):
+            r = s.client.post(
+                s.url,
+                content=json.dumps(call).encode(),
+                headers={
+                    "Authorization": f"Bearer {gateway.token('limited')}",
+                    "Accept": "application/json, text/event-stream",
+                    "Content-Type": "application/json",
+                    "Mcp-Session-Id": s.id,
+                    name: value,
+                },
+            )
+            assert r.status_code == 400, r.text[:200]
+            assert len(r.content) < 2000, (name, len(r.content))
