@@ -7,6 +7,8 @@ and its client must be answered at once, not after the response timeout.
 
 A streamable-HTTP upstream whose SSE event is over the parser's limit: the call was left in
 flight (its audit event never completed) and a refusal was audited as the *client's* (429).
+
+Initializes sent together: each passed the per-user session limit (one stdio process each).
 """
 
 from __future__ import annotations
@@ -321,3 +323,47 @@ async def test_an_upstream_event_over_the_limit_fails_the_call_and_is_not_blamed
     done = [(ok, why) for eid, ok, why in audit.completed if eid == recorded.id]
     assert len(done) == 1 and not done[0][0] and "larger than the limit" in done[0][1], done
     assert b"larger than the limit" in body, body[:300]
+
+
+async def test_concurrent_initializes_do_not_open_more_sessions_than_the_users_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The per-user session limit was counted before the upstream was started and the session
+    stored after: initializes sent together each passed the count (one stdio process each)."""
+    gate, over = asyncio.Event(), asyncio.Event()
+    opened: list[RecordingStream] = []
+
+    async def open_stream(*args: Any, **kwargs: Any) -> RecordingStream:
+        stream = RecordingStream()
+        opened.append(stream)
+        if len(opened) > 2:
+            over.set()
+        await gate.wait()  # starting a process takes a while
+        return stream
+
+    monkeypatch.setattr(mcp_http, "open_stream", open_stream)
+    handler = MCPHandler(
+        cluster_name="t",
+        clock=Clock(),
+        jwt_ca=None,
+        registry=AppRegistry([APP]),
+        audit=HeldAudit(),  # type: ignore[arg-type]
+        redact=lambda v: v,
+        limits=Limits(sessions_per_user=2),
+    )
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18"}}
+    try:
+        tasks = {asyncio.create_task(request(handler, "POST", json.dumps(init).encode())) for _ in range(5)}
+        watch = asyncio.create_task(over.wait())
+        async with asyncio.timeout(10):
+            while not watch.done() and sum(t.done() for t in tasks) < 3:
+                await asyncio.wait({*tasks, watch}, return_when=asyncio.FIRST_COMPLETED)
+        watch.cancel()
+        gate.set()
+        async with asyncio.timeout(10):
+            statuses = sorted([(await t)[0] for t in tasks])
+        assert len(opened) <= 2, f"{len(opened)} upstream processes started for a limit of 2"
+        assert statuses == [200, 200, 429, 429, 429]
+        assert len(handler.sessions) == 2
+    finally:
+        await handler.aclose()

@@ -112,6 +112,8 @@ class MCPHandler:
         self.host = host if host is not None else HostPolicy.defaults(registry.is_static)
         self.pools = Pools(response_timeout=self.limits.response_timeout, host=self.host)
         self.sessions: dict[str, GatewaySession] = {}
+        #: Sessions being opened, by user (counted against the user's limit until stored).
+        self._opening: dict[str, int] = {}
         #: Upstream JWTs by user and app, shared by that user's sessions (see UpstreamIdentity).
         self._jwts: JWTCache = {}
         #: Audit event ids for every session here (one random draw, not one per session).
@@ -364,10 +366,24 @@ class MCPHandler:
         return s
 
     async def _new_session(self, actor: Actor, app: App, scope: Scope) -> GatewaySession:
+        # Counted as the user's from the check until stored (starting the upstream takes a while):
+        # else initializes sent together all pass the limit, each with its own stdio process.
+        name = actor.name
+        self._opening[name] = self._opening.get(name, 0) + 1
+        try:
+            return await self._open_session(actor, app, scope)
+        finally:
+            left = self._opening[name] - 1
+            if left:
+                self._opening[name] = left
+            else:
+                del self._opening[name]
+
+    async def _open_session(self, actor: Actor, app: App, scope: Scope) -> GatewaySession:
         user = actor.user
         assert user is not None and actor.checker is not None
         mine = sum(1 for s in self.sessions.values() if s.user == actor.name)
-        if mine >= self.limits.sessions_per_user:
+        if mine + self._opening[actor.name] - 1 >= self.limits.sessions_per_user:
             raise LimitExceededError(
                 f"too many open MCP sessions for user {actor.name!r} "
                 f"(limit {self.limits.sessions_per_user}); "
