@@ -9,6 +9,7 @@ A streamable-HTTP upstream whose SSE event is over the parser's limit: the call 
 flight (its audit event never completed) and a refusal was audited as the *client's* (429).
 
 Initializes sent together: each passed the per-user session limit (one stdio process each).
+Access revoked while a session's upstream was starting: the watch did not see it, and it lived.
 """
 
 from __future__ import annotations
@@ -365,5 +366,48 @@ async def test_concurrent_initializes_do_not_open_more_sessions_than_the_users_l
         assert len(opened) <= 2, f"{len(opened)} upstream processes started for a limit of 2"
         assert statuses == [200, 200, 429, 429, 429]
         assert len(handler.sessions) == 2
+    finally:
+        await handler.aclose()
+
+
+async def test_access_revoked_while_a_session_opens_ends_it_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The revocation watch checks the sessions in the table; one whose upstream was still
+    starting was not there, and lived on (its stdio process too) until the idle reaper."""
+    gate, entered = asyncio.Event(), asyncio.Event()
+    stream = RecordingStream()
+
+    async def open_stream(*args: Any, **kwargs: Any) -> RecordingStream:
+        entered.set()
+        await gate.wait()
+        return stream
+
+    async def nobody(user: str) -> None:
+        return None
+
+    monkeypatch.setattr(mcp_http, "open_stream", open_stream)
+    audit = HeldAudit()
+    handler = MCPHandler(
+        cluster_name="t",
+        clock=Clock(),
+        jwt_ca=None,
+        registry=AppRegistry([APP]),
+        audit=audit,  # type: ignore[arg-type]
+        redact=lambda v: v,
+    )
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18"}}
+    try:
+        opening = asyncio.create_task(request(handler, "POST", json.dumps(init).encode()))
+        async with asyncio.timeout(10):
+            await entered.wait()
+        await handler.end_unauthorised_sessions(nobody)  # the user was deleted meanwhile
+        gate.set()
+        async with asyncio.timeout(10):
+            status, _, body = await opening
+        assert handler.sessions == {}, "a session of a deleted user lives on"
+        assert stream.closed, "its upstream process was left running"
+        assert status == 404, body
+        ends = [e for e in audit.events if e.type == SESSION_END]
+        assert len(ends) == 1 and "no longer exists" in ends[0].error
+        assert [m.get("method") for m in stream.sent] == []
     finally:
         await handler.aclose()
