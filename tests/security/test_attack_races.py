@@ -411,3 +411,86 @@ async def test_access_revoked_while_a_session_opens_ends_it_too(monkeypatch: pyt
         assert [m.get("method") for m in stream.sent] == []
     finally:
         await handler.aclose()
+
+
+class ChattyStream(RecordingStream):
+    """Answers tools/call with 5000 progress notifications and no result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drained = asyncio.Event()
+
+    async def send(self, raw: bytes) -> None:
+        msg = json.loads(raw)
+        if msg.get("method") != "tools/call":
+            await super().send(raw)
+            return
+        self.sent.append(msg)
+        note = {
+            "jsonrpc": "2.0",
+            "method": "notifications/progress",
+            "params": {"progressToken": 1, "progress": 0},
+        }
+        for _ in range(5000):
+            self._out.put_nowait(json.dumps(note).encode())
+
+    async def receive(self) -> bytes:
+        if self._out.empty():
+            self.drained.set()
+        return await super().receive()
+
+
+@pytest.mark.xfail(strict=True, reason="not fixed: a POST's queue has no bound (reported)")
+async def test_a_chatty_upstream_and_a_slow_client_do_not_grow_memory_without_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = ChattyStream()
+
+    async def open_stream(*args: Any, **kwargs: Any) -> RecordingStream:
+        return stream
+
+    monkeypatch.setattr(mcp_http, "open_stream", open_stream)
+    handler = MCPHandler(
+        cluster_name="t",
+        clock=Clock(),
+        jwt_ca=None,
+        registry=AppRegistry([APP]),
+        audit=HeldAudit(),  # type: ignore[arg-type]
+        redact=lambda v: v,
+    )
+    try:
+        sid = await started(handler)
+        stuck = asyncio.Event()
+        headers = {b"accept": b"application/json, text/event-stream", b"mcp-session-id": sid.encode()}
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "headers": list(headers.items()),
+            "client": ("192.0.2.1", 1),
+            SCOPE_KEY: Handoff(ACTOR, APP, "/", headers),
+        }
+        fed = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal fed
+            if not fed:
+                fed = True
+                return {"type": "http.request", "body": CALL, "more_body": False}
+            await asyncio.Event().wait()
+            raise AssertionError
+
+        async def send(m: dict[str, Any]) -> None:
+            if m["type"] == "http.response.body":
+                stuck.set()
+                await asyncio.Event().wait()  # a client that does not read
+
+        call = asyncio.create_task(handler(scope, receive, send))
+        async with asyncio.timeout(10):
+            await stuck.wait()
+            await stream.drained.wait()
+        up = handler.sessions[sid].upstream
+        queued = sum(q.qsize() for q in up.pending.values())  # type: ignore[attr-defined]
+        call.cancel()
+        assert queued <= 1024, f"{queued} messages held for one client that does not read"
+    finally:
+        await handler.aclose()
