@@ -7,6 +7,7 @@ and its client must be answered at once, not after the response timeout.
 
 A streamable-HTTP upstream whose SSE event is over the parser's limit: the call was left in
 flight (its audit event never completed) and a refusal was audited as the *client's* (429).
+One that answers a call with a text 500: the call stayed in flight too.
 
 Initializes sent together: each passed the per-user session limit (one stdio process each).
 Access revoked while a session's upstream was starting: the watch did not see it, and it lived.
@@ -251,7 +252,7 @@ async def test_a_call_audited_while_its_session_ends_is_not_forwarded_and_is_ans
 @pytest.fixture
 async def huge_event_upstream() -> AsyncIterator[str]:
     """A streamable-HTTP MCP server that answers tools/call with an SSE event over the parser's
-    limit (16 MiB); its base URL."""
+    limit (16 MiB), or (``"arguments": {"plain": true}``) with a text 500; its base URL."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -264,6 +265,11 @@ async def huge_event_upstream() -> AsyncIterator[str]:
                 msg = json.loads(await reader.readexactly(length)) if length else {}
                 if "id" not in msg:
                     writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+                elif msg.get("method") == "tools/call" and msg["params"].get("arguments", {}).get("plain"):
+                    writer.write(
+                        b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n"
+                        b"Content-Length: 4\r\n\r\noops"
+                    )
                 elif msg.get("method") == "tools/call":
                     writer.write(
                         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
@@ -324,6 +330,42 @@ async def test_an_upstream_event_over_the_limit_fails_the_call_and_is_not_blamed
     done = [(ok, why) for eid, ok, why in audit.completed if eid == recorded.id]
     assert len(done) == 1 and not done[0][0] and "larger than the limit" in done[0][1], done
     assert b"larger than the limit" in body, body[:300]
+
+
+async def test_an_upstream_error_without_json_still_completes_the_calls_audit_event(
+    monkeypatch: pytest.MonkeyPatch, huge_event_upstream: str
+) -> None:
+    """A text 500: the client got it, but the call stayed in flight in the engine (its audit
+    event open until the session ended, its slot held: enough of them and the session refuses
+    every request as too many in flight)."""
+    app = App.model_validate(
+        {
+            "metadata": {"name": "rec", "labels": {"env": "dev"}},
+            "spec": {"uri": f"mcp+{huge_event_upstream}/mcp"},
+        }
+    )
+    audit = HeldAudit()
+    handler = MCPHandler(
+        cluster_name="t",
+        clock=Clock(),
+        jwt_ca=None,
+        registry=AppRegistry([app]),
+        audit=audit,  # type: ignore[arg-type]
+        redact=lambda v: v,
+    )
+    plain = (
+        b'{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"echo","arguments":{"plain":true}}}'
+    )
+    try:
+        sid = await started(handler, app)
+        async with asyncio.timeout(30):
+            status, _, body = await request(handler, "POST", plain, sid, app)
+        assert (status, body) == (500, b"oops")
+        (recorded,) = [e for e in audit.events if e.type == REQUEST and e.tool == "echo"]
+        assert [ok for eid, ok, _ in audit.completed if eid == recorded.id] == [False]
+        assert handler.sessions[sid].engine.in_flight == 0
+    finally:
+        await handler.aclose()
 
 
 async def test_concurrent_initializes_do_not_open_more_sessions_than_the_users_limit(

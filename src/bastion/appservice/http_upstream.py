@@ -184,6 +184,12 @@ class HTTPUpstream:
                     )
                     await answer.whole(status, [(b"content-type", JSON), (ORIGIN_HEADER, b"upstream")], body)
                     return
+                if fwd.message.kind == "request":  # no JSON-RPC answer will come: the call is over
+                    await ex.fail_request(
+                        s,
+                        request_id,
+                        f"the upstream MCP server answered HTTP {status} without a JSON-RPC message",
+                    )
                 await answer.whole(
                     status, [(b"content-type", ctype or b"text/plain"), (ORIGIN_HEADER, b"upstream")], data
                 )
