@@ -457,6 +457,58 @@ async def test_access_revoked_while_a_session_opens_ends_it_too(monkeypatch: pyt
         await handler.aclose()
 
 
+@pytest.mark.parametrize("sweep", ["app removed", "gateway shutting down"])
+async def test_a_session_opening_during_a_sweep_is_swept_too(
+    monkeypatch: pytest.MonkeyPatch, sweep: str
+) -> None:
+    """Sessions are ended by passes over the table (an app removed, the gateway shutting down);
+    one whose upstream was still starting was not there, and kept its stdio process."""
+    gate, entered = asyncio.Event(), asyncio.Event()
+    stream = RecordingStream()
+
+    async def open_stream(*args: Any, **kwargs: Any) -> RecordingStream:
+        entered.set()
+        await gate.wait()
+        return stream
+
+    monkeypatch.setattr(mcp_http, "open_stream", open_stream)
+    audit = HeldAudit()
+    registry = AppRegistry()
+    registry.set_dynamic(APP)
+    handler = MCPHandler(
+        cluster_name="t",
+        clock=Clock(),
+        jwt_ca=None,
+        registry=registry,
+        audit=audit,  # type: ignore[arg-type]
+        redact=lambda v: v,
+    )
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18"}}
+    closed = False
+    try:
+        opening = asyncio.create_task(request(handler, "POST", json.dumps(init).encode()))
+        async with asyncio.timeout(10):
+            await entered.wait()
+        if sweep == "app removed":
+            registry.remove_dynamic(APP.metadata.name)
+            await handler.end_app_sessions(APP.metadata.name)
+        else:
+            await handler.aclose()
+            closed = True
+        gate.set()
+        async with asyncio.timeout(10):
+            status, _, body = await opening
+        assert handler.sessions == {}, "a session opened during the sweep lives on"
+        assert stream.closed, "its upstream process was left running"
+        assert status == 404, body
+        ends = [e for e in audit.events if e.type == SESSION_END]
+        assert len(ends) == 1
+        assert [m.get("method") for m in stream.sent] == []
+    finally:
+        if not closed:
+            await handler.aclose()
+
+
 class ChattyStream(RecordingStream):
     """Answers tools/call with 5000 progress notifications and no result."""
 

@@ -127,6 +127,10 @@ class MCPHandler:
         self.executor = Executor(audit, end=self._end, upstream_failed=self._upstream_failed)
         #: An OpenTelemetry tracer only when enabled (BASTION_OTEL=1): else one None check per POST.
         self._tracer = maybe_tracer()
+        #: Counts clean-up passes over the sessions (apps removed or redefined, shutdown), so a
+        #: session whose upstream was starting meanwhile is checked once stored.
+        self._sweeps = 0
+        self._closing = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -136,6 +140,8 @@ class MCPHandler:
             self.refusals.start()
 
     async def aclose(self) -> None:
+        self._closing = True
+        self._sweeps += 1
         if self._reaper:
             await stop_tasks(self._reaper)
         for s in list(self.sessions.values()):
@@ -146,16 +152,24 @@ class MCPHandler:
 
     async def end_app_sessions(self, app_name: str) -> None:
         """End every live session of an app that is no longer served (each with its end event)."""
+        self._sweeps += 1
         for s in [s for s in self.sessions.values() if s.app.metadata.name == app_name]:
             await self._end(s, f'app "{app_name}" is no longer served')
 
     async def end_redefined_sessions(self, app_name: str) -> None:
         """End the live sessions of ``app_name`` made with another definition than the served one:
         a session is bound to its app's definition (labels, upstream, rewrite), not only its name."""
-        current = self.registry.get(app_name)
+        self._sweeps += 1
         for s in [s for s in self.sessions.values() if s.app.metadata.name == app_name]:
-            if current is None or (s.app is not current and s.app != current):
-                await self._end(s, f'app "{app_name}" was redefined')
+            await self._end_if_redefined(s)
+
+    async def _end_if_redefined(self, s: GatewaySession) -> None:
+        name = s.app.metadata.name
+        current = self.registry.get(name)
+        if current is None:
+            await self._end(s, f'app "{name}" is no longer served')
+        elif s.app is not current and s.app != current:
+            await self._end(s, f'app "{name}" was redefined')
 
     async def end_unauthorised_sessions(self, access: Callable[[str], Awaitable[ToolPolicy | None]]) -> None:
         """End every live session whose user may no longer use its app (each with its end event).
@@ -384,7 +398,7 @@ class MCPHandler:
         # else initializes sent together all pass the limit, each with its own stdio process.
         name = actor.name
         self._opening[name] = self._opening.get(name, 0) + 1
-        checks = self._access_checks
+        checks, sweeps = self._access_checks, self._sweeps
         try:
             s = await self._open_session(actor, app, scope)
         finally:
@@ -393,6 +407,14 @@ class MCPHandler:
                 self._opening[name] = left
             else:
                 del self._opening[name]
+        if self._sweeps != sweeps:
+            # Sessions were swept while the upstream started, without this one: now.
+            if self._closing:
+                await self._end(s, "gateway shutting down")
+                return s
+            await self._end_if_redefined(s)
+            if s.dead:
+                return s
         if self._access_checks != checks and self._access is not None:
             # Access was re-checked while the upstream started, without this session: now.
             try:
