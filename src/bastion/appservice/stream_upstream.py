@@ -123,7 +123,9 @@ class StreamUpstream:
         msg = fwd.message
         rid = msg.id
         waiter: asyncio.Queue[bytes | None] | None = None
-        if msg.kind == "request" and rid not in self.pending:
+        if msg.kind == "request":
+            # The engine forwards a request only when its id is free; a POST still finishing with
+            # the same id (its answer already in its own queue) keeps that queue, not the id.
             waiter = asyncio.Queue()
             self.pending[rid] = waiter
             self.order.append(rid)
