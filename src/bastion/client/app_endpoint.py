@@ -204,8 +204,7 @@ class PoolCache:
             self._key = key
             self._pool = HTTPUpstreamPool(
                 f"https://{prof.proxy}",
-                verify=key[2],
-                ca_pem=prof.ca_pem or None,
+                ssl_context=prof.trust(insecure=self.insecure).context(),
                 # Longer than the gateway's own upstream timeout, so it answers first.
                 response_timeout=600.0,
             )
