@@ -213,27 +213,27 @@ def logout(proxy: ProxyOpt = None, insecure: InsecureOpt = False) -> None:
     """
     prof = profiles.load_current(proxy)
     forgot = profiles.forget_ca(proxy) if proxy else None
+    said = f"Forgot the cluster CA pinned for {proxy} ({forgot})." if forgot else ""
     if prof is None:
         out.print("Not logged in.")
-        _print_forgot(proxy, forgot)
+        if said:
+            out.print(said)
         return
     problem = ""
     if not prof.is_expired(utcnow()):
         problem = _revoke(prof, insecure=insecure)
     profiles.remove(prof.proxy)
-    _print_forgot(proxy, forgot)
     if problem:
+        if said:
+            out.print(said)
         # The local copy is gone, but the credential would still work if someone copied it.
         raise fail(
             f"Removed the local credential of {prof.user}, but the proxy could not revoke it "
             f"({problem}): it stays valid until {prof.expires}."
         )
     out.print(f"Logged out {prof.user} from {prof.proxy}.")
-
-
-def _print_forgot(proxy: str | None, path: Path | None) -> None:
-    if path is not None:
-        out.print(f"Forgot the cluster CA pinned for {proxy} ({path}).")
+    if said:
+        out.print(said)
 
 
 def _revoke(prof: profiles.Profile, *, insecure: bool) -> str:
