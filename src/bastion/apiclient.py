@@ -98,6 +98,14 @@ class Trust:
             f"connection, or the cluster was re-created (then {self.hint})"
         )
 
+    def refused(self, proxy: str, e: BaseException) -> UntrustedProxyError | None:
+        """The error to raise if ``e`` (an httpx error) is this policy refusing the certificate."""
+        cause = _verify_failure(e)
+        if cause is None and "CERTIFICATE_VERIFY" not in str(e):
+            return None
+        reason = str(cause.verify_message or "") if cause is not None else ""
+        return UntrustedProxyError(self.refusal(proxy, reason))
+
 
 def _verify_failure(e: BaseException) -> ssl.SSLCertVerificationError | None:
     """The certificate error behind ``e`` (httpx wraps httpcore's, which wraps ssl's), if any."""
@@ -142,10 +150,9 @@ class ApiClient:
         try:
             resp = await self._http.request(method, path, **kw)
         except httpx.ConnectError as e:
-            cause = _verify_failure(e)
-            if cause is not None or "CERTIFICATE_VERIFY" in str(e):
-                reason = str(cause.verify_message or "") if cause is not None else ""
-                raise UntrustedProxyError(self.trust.refusal(self.proxy, reason)) from None
+            refused = self.trust.refused(self.proxy, e)
+            if refused is not None:
+                raise refused from None
             raise ProxyUnreachableError(f"cannot reach the proxy at {self.proxy}: {e}") from None
         except httpx.HTTPError as e:
             raise ProxyUnreachableError(f"request to the proxy at {self.proxy} failed: {e}") from None

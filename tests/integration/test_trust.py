@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -253,6 +254,83 @@ def test_untrusted_proxy_error_names_the_identity_file(gateway: Node, tmp_path: 
 
 
 # ------------------------------------------------------------------ MCP clients
+
+
+def _refusal(node: Node, ident: Path) -> str:
+    """The message every client path gives when neither trust accepts the proxy (regex)."""
+    return (
+        re.escape(
+            f"the proxy {node.addr} presented a certificate that neither the system trust "
+            f"store nor the cluster CA pinned for it in {ident} accepts ("
+        )
+        + r"[^)]+"
+        + re.escape(
+            "): someone may be intercepting the connection, or the cluster was re-created (then ask "
+            "for a new identity file (`bastion auth sign`))"
+        )
+    )
+
+
+def test_untrusted_proxy_error_from_every_mcp_path(gateway: Node, tmp_path: Path) -> None:
+    """Without the organisation's CA, `mcp call`, `mcp connect` and `proxy mcp` say the same."""
+    ident = gateway.root / "bob.id"
+    env = {k: v for k, v in _cli_env(gateway, tmp_path / "h").items() if k != "SSL_CERT_FILE"}
+    i = ["-i", str(ident), "--proxy", gateway.addr]
+    called = subprocess.run(
+        bastion_cmd("mcp", "call", "bastion-demo", "bastion_user_info", *i),
+        capture_output=True,
+        text=True,
+        env={**env, "COLUMNS": "400"},
+        timeout=60,
+    )
+    assert called.returncode == 1
+    assert re.fullmatch("error: " + _refusal(gateway, ident) + "\n", called.stderr), called.stderr
+
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"},
+        },
+    }
+    bridged = subprocess.run(
+        bastion_cmd("mcp", "connect", "bastion-demo", *i),
+        input=json.dumps(init) + "\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    answer = json.loads(bridged.stdout.splitlines()[0])
+    assert re.fullmatch(
+        re.escape(f"cannot reach the bastion proxy at {gateway.addr} for bastion-demo: ")
+        + _refusal(gateway, ident),
+        answer["error"]["message"],
+    ), answer
+
+    cmd = bastion_cmd("proxy", "mcp", "bastion-demo", "-p", "0", *i)
+    with (
+        (tmp_path / "proxy.log").open("w") as log,
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env) as proc,
+    ):
+        try:
+            assert proc.stdout is not None
+            m = re.search(r"on (127\.0\.0\.1:\d+)", proc.stdout.readline())
+            assert m
+            r = httpx.post(
+                f"http://{m.group(1)}/mcp",
+                json=init,
+                headers={"Accept": "application/json, text/event-stream"},
+                timeout=30,
+            )
+            assert r.status_code == 502
+            assert re.search("cannot reach the bastion proxy: " + _refusal(gateway, ident), r.text), r.text
+        finally:
+            proc.terminate()
+            proc.wait(timeout=15)
 
 
 def _cli_env(node: Node, home: Path) -> dict[str, str]:

@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from bastion._time import utcnow
 from bastion.client import profile as profiles
 from bastion.errors import AuthenticationError, BastionError
-from bastion.transport.http import HTTPUpstreamPool
+from bastion.transport.http import HTTPUpstreamPool, UpstreamCertificateError
 
 log = logging.getLogger("bastion.client.proxy")
 
@@ -147,6 +147,10 @@ class LocalMCPProxy:
         headers.append((b"authorization", b"Bearer " + token.encode()))
         try:
             resp = await self.pool.request(scope["method"], self.target, headers, body)
+        except UpstreamCertificateError as e:
+            refusal = self.creds.profile.trust().refusal(self.creds.profile.proxy, e.verify_message)
+            await _error(send, 502, f"cannot reach the bastion proxy: {refusal}")
+            return
         except BastionError as e:
             await _error(send, 502, f"cannot reach the bastion proxy: {e.message}")
             return

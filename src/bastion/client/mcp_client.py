@@ -36,6 +36,8 @@ class MCPClient:
     def __init__(self, *, proxy: str, app: str, token: str, trust: Trust) -> None:
         self.url = f"https://{proxy}/mcp/apps/{app}"
         self.app = app
+        self.proxy = proxy
+        self.trust = trust
         self._http = httpx.AsyncClient(
             verify=trust.context(),
             timeout=httpx.Timeout(300.0, connect=10.0),
@@ -111,6 +113,9 @@ class MCPClient:
                     raise UpstreamError(f"{self.app}: the stream ended without an answer")
                 body = await resp.aread()
         except httpx.HTTPError as e:
+            refused = self.trust.refused(self.proxy, e)
+            if refused is not None:
+                raise refused from None
             raise BastionError(f"cannot reach the proxy for {self.app}: {e}") from None
         try:
             obj = orjson.loads(body)

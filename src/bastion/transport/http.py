@@ -84,6 +84,7 @@ __all__ = [
     "HTTPUpstreamPool",
     "PoolStats",
     "PreparedHeaders",
+    "UpstreamCertificateError",
     "UpstreamResponse",
     "UpstreamTimeoutError",
     "UpstreamUnreachableError",
@@ -120,6 +121,14 @@ class UpstreamUnreachableError(UpstreamError):
 
     http_status = 502
     code = "upstream_unreachable"
+
+
+class UpstreamCertificateError(UpstreamUnreachableError):
+    """The upstream's TLS certificate was not accepted (``verify_message``: OpenSSL's reason)."""
+
+    def __init__(self, message: str, verify_message: str) -> None:
+        super().__init__(message)
+        self.verify_message = verify_message
 
 
 class PreparedHeaders:
@@ -980,7 +989,12 @@ class HTTPUpstreamPool:
         if isinstance(exc, TimeoutError):
             reason = f"connect timed out after {self._connect_timeout:g} s"
         elif isinstance(exc, ssl.SSLCertVerificationError):
-            reason = f"TLS certificate verification failed: {exc.verify_message or exc.reason}"
+            why = str(exc.verify_message or exc.reason)
+            return UpstreamCertificateError(
+                f"cannot connect to upstream {self.origin} ({address}): "
+                f"TLS certificate verification failed: {why}",
+                verify_message=why,
+            )
         elif isinstance(exc, ssl.SSLError):
             reason = f"TLS handshake failed: {exc.reason or exc}"
         elif isinstance(exc, socket.gaierror):
