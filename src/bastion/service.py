@@ -285,6 +285,7 @@ class Cluster:
                         key_file=tls.key_file,
                         allowed_origins=tuple(cfg.proxy_service.allowed_origins),
                         http_server=cfg.proxy_service.http_server,
+                        acme=cfg.proxy_service.acme,
                     ),
                     router=router,
                     audit=audit,

@@ -120,9 +120,7 @@ def client_for(
         raise AuthenticationError(
             f"your credential for {prof.proxy} expired at {prof.expires}; log in again with `bastion login`"
         )
-    client = ApiClient(
-        prof.proxy, ca_pem=prof.ca_pem or None, insecure=insecure or prof.insecure, token=prof.token
-    )
+    client = ApiClient(prof.proxy, trust=prof.trust(insecure=insecure), token=prof.token)
     return client, prof
 
 

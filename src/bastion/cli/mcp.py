@@ -149,8 +149,7 @@ def _client(name: str, *, identity: Any, proxy: str | None, insecure: bool) -> A
         proxy=prof.proxy,
         app=name,
         token=prof.token,
-        ca_pem=prof.ca_pem or None,
-        insecure=insecure or prof.insecure,
+        trust=prof.trust(insecure=insecure),
     )
 
 

@@ -1,15 +1,14 @@
 """``bastion proxy mcp``: a local streamable-HTTP listener that adds the user's credential.
 
-Listens on 127.0.0.1 only.  Every request to ``/`` or ``/mcp`` is carried to
-``https://<proxy>/mcp/apps/<app>`` with ``Authorization: Bearer`` from the
-login profile (re-read when it changes, so a new ``bastion login`` applies
-without a restart), over one keep-alive pool that trusts the pinned cluster
-CA.  Bodies and SSE streams are passed through as they arrive.  Browser
-requests from any origin but this listener's own (``http://`` + ``localhost``,
-``127.0.0.1`` or ``[::1]`` + its port) are refused (403): another local web
-server's page (``http://localhost:8080``) or a DNS-rebinding page must not
-borrow the user's credential.  Requests without ``Origin`` (MCP clients that
-are not browsers) are served.
+Listens on 127.0.0.1 only. Every request to ``/`` or ``/mcp`` is carried to
+``https://<proxy>/mcp/apps/<app>`` with ``Authorization: Bearer`` from the login profile
+(re-read when it changes, so a new ``bastion login`` applies without a restart), over one
+keep-alive pool that accepts what the profile's ``Trust`` accepts (the system trust store
+or the pinned cluster CA). Bodies and SSE streams are passed through as they arrive.
+Browser requests from any origin but this listener's own (``http://`` + ``localhost``,
+``127.0.0.1`` or ``[::1]`` + its port) are refused (403): another local web server's page
+(``http://localhost:8080``) or a DNS-rebinding page must not borrow the user's credential.
+Requests without ``Origin`` (MCP clients that are not browsers) are served.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from bastion._time import utcnow
 from bastion.client import profile as profiles
 from bastion.errors import AuthenticationError, BastionError
-from bastion.transport.http import HTTPUpstreamPool
+from bastion.transport.http import HTTPUpstreamPool, UpstreamCertificateError
 
 log = logging.getLogger("bastion.client.proxy")
 
@@ -95,8 +94,7 @@ class LocalMCPProxy:
         self.port = port
         self.pool = HTTPUpstreamPool(
             f"https://{prof.proxy}",
-            verify=not prof.insecure,
-            ca_pem=prof.ca_pem or None,
+            ssl_context=prof.trust().context(),
             response_timeout=600.0,
         )
         self.target = f"/mcp/apps/{app_name}"
@@ -149,6 +147,10 @@ class LocalMCPProxy:
         headers.append((b"authorization", b"Bearer " + token.encode()))
         try:
             resp = await self.pool.request(scope["method"], self.target, headers, body)
+        except UpstreamCertificateError as e:
+            refusal = self.creds.profile.trust().refusal(self.creds.profile.proxy, e.verify_message)
+            await _error(send, 502, f"cannot reach the bastion proxy: {refusal}")
+            return
         except BastionError as e:
             await _error(send, 502, f"cannot reach the bastion proxy: {e.message}")
             return

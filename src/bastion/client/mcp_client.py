@@ -15,7 +15,7 @@ import httpx
 import orjson
 
 from bastion import __version__
-from bastion.client.api import tls_context
+from bastion.client.api import Trust
 from bastion.errors import BastionError, UpstreamError
 from bastion.protocol.sse import SSEParser
 
@@ -33,13 +33,13 @@ class MCPCallError(BastionError):
 
 
 class MCPClient:
-    def __init__(
-        self, *, proxy: str, app: str, token: str, ca_pem: str | None, insecure: bool = False
-    ) -> None:
+    def __init__(self, *, proxy: str, app: str, token: str, trust: Trust) -> None:
         self.url = f"https://{proxy}/mcp/apps/{app}"
         self.app = app
+        self.proxy = proxy
+        self.trust = trust
         self._http = httpx.AsyncClient(
-            verify=tls_context(ca_pem, insecure=insecure),
+            verify=trust.context(),
             timeout=httpx.Timeout(300.0, connect=10.0),
             headers={
                 "Authorization": f"Bearer {token}",
@@ -113,6 +113,9 @@ class MCPClient:
                     raise UpstreamError(f"{self.app}: the stream ended without an answer")
                 body = await resp.aread()
         except httpx.HTTPError as e:
+            refused = self.trust.refused(self.proxy, e)
+            if refused is not None:
+                raise refused from None
             raise BastionError(f"cannot reach the proxy for {self.app}: {e}") from None
         try:
             obj = orjson.loads(body)
