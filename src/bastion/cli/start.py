@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from bastion import log as logs
+from bastion.appservice.hostcheck import Host, check_static_apps
 from bastion.cli._common import err, fail, out, run
 from bastion.config import load_config
 from bastion.config_template import render_starter
@@ -23,6 +24,8 @@ def start(
     """Run the services the configuration enables, in the foreground."""
     try:
         cfg = load_config(config)
+        if cfg.app_service.enabled:
+            check_static_apps(cfg.app_service, Host.this())  # before anything listens
     except ConfigError as e:
         err.print(f"[red]error:[/red] invalid configuration {config}:", markup=True)
         err.print(e.message, markup=False)
