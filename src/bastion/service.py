@@ -390,6 +390,7 @@ class Cluster:
                             proxies=[self.proxy_addr] if self.proxy else [],
                             apps=self.apps.registry.all(),
                             refused=self.apps.registry.refused(),
+                            static=sorted(self.apps.registry.static_apps()),
                         ),
                     )
                 )
