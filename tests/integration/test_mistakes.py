@@ -233,3 +233,33 @@ def test_a_dynamic_app_the_host_cannot_run_is_refused_not_a_502(
         r = c.post(f"https://{node.addr}/mcp/apps/{name}", json=INIT)
     assert r.status_code == 404  # not served here: never started, never a 502
     node.cli("rm", f"app/{name}", local=True)
+
+
+# ------------------------------------------------------------- at call time
+
+
+def test_a_host_that_changed_after_start_is_a_gateway_fault_not_an_upstream_one(tmp_path: Path) -> None:
+    server = tmp_path / "server.sh"
+    server.write_text("#!/bin/sh\nexec cat\n")
+    server.chmod(0o755)
+    me = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
+    extra = f"app_service:\n  apps:\n  - name: gone\n    mcp: {{command: {server}, run_as_host_user: {me}}}\n"
+    n = start_node(tmp_path / "node", extra_config=extra)
+    try:
+        n.cli("users", "add", "alice", "--roles=mcp-user", local=True)
+        server.unlink()  # the program the file names is removed while bastion runs
+        ca = tmp_path / "ca.pem"
+        ca.write_text(n.cli("auth", "export", local=True).stdout)
+        token = n.cli("auth", "sign", "--user=alice", "--format=token", local=True).stdout.strip()
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"}
+        with httpx.Client(
+            verify=ssl.create_default_context(cafile=str(ca)), headers=headers, timeout=30
+        ) as c:
+            r = c.post(f"https://{n.addr}/mcp/apps/gone", json=INIT)
+    finally:
+        stop_node(n)
+    assert r.status_code == 500
+    assert r.headers["x-bastion-error-origin"] == "gateway"
+    assert (
+        r.json()["error"]["message"] == f'app gone: cannot start stdio server "{server}": command not found'
+    )
