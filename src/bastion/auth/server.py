@@ -765,9 +765,16 @@ class AuthServer:
         return await self._write(res, expected)
 
     async def _refuse_static_name(self, name: str) -> None:
-        """Refuse an app resource named like a static app: the file would win (decision 8)."""
+        """Refuse an app resource named like a static app that would win over it (decision 8).
+
+        Those are the static apps of app services running in a proxy's process (``via``
+        ``proxy``) and of this node's own file.  A joined host's static app does not win:
+        the resource takes the name back from it (decision 19), so it is not refused.
+        """
         owners = sorted(
-            f"app service {s.metadata.name}" for s in await self.app_servers() if name in s.spec.static
+            f"app service {s.metadata.name}"
+            for s in await self.app_servers()
+            if s.spec.via == "proxy" and name in s.spec.static
         )
         if not owners and name in self.settings.static_apps:
             owners = ["the auth service's own node"]

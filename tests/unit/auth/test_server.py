@@ -320,10 +320,10 @@ def _app_doc(name: str) -> dict[str, Any]:
 async def test_an_app_resource_may_not_take_a_static_apps_name(auth: AuthServer, clock: Clock) -> None:
     from bastion.resources import AppServer, AppServerSpec, Metadata
 
-    for name in ("h-2", "h-1"):
+    for name, via in (("h-2", "proxy"), ("h-1", "proxy"), ("j-1", "tunnel")):
         srv = AppServer(
             metadata=Metadata(name=name, expires=clock.t + timedelta(seconds=20)),
-            spec=AppServerSpec(hostname="h", via="tunnel", static=["files", "bastion-demo"]),
+            spec=AppServerSpec(hostname="h", via=via, static=["files", "bastion-demo", f"{via}-only"]),
         )
         await auth.upsert_app_server(srv)
     for overwrite in (False, True):
@@ -335,6 +335,10 @@ async def test_an_app_resource_may_not_take_a_static_apps_name(auth: AuthServer,
             "choose another name"
         )
     await auth.create_resource(ADMIN, _app_doc("other"))
+    # A joined host's static app does not win: the resource takes the name back (decision 19).
+    await auth.create_resource(ADMIN, _app_doc("tunnel-only"))
+    with pytest.raises(AlreadyExistsError):
+        await auth.create_resource(ADMIN, _app_doc("proxy-only"))
     clock.t += timedelta(seconds=21)  # the hosts went away: the name is free
     await auth.create_resource(ADMIN, _app_doc("files"))
 
