@@ -263,3 +263,26 @@ def test_a_host_that_changed_after_start_is_a_gateway_fault_not_an_upstream_one(
     assert (
         r.json()["error"]["message"] == f'app gone: cannot start stdio server "{server}": command not found'
     )
+
+
+def test_configure_warns_about_a_stdio_app_this_host_cannot_run(tmp_path: Path) -> None:
+    out = tmp_path / "bastion.yaml"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    env |= {"NO_COLOR": "1", "COLUMNS": "200", "PATH": "/usr/bin:/bin"}
+    res = subprocess.run(
+        bastion_cmd(
+            "configure", "-o", str(out), "--data-dir", str(tmp_path / "data"), "--app", "x=nosuch -v"
+        ),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert res.returncode == 0 and out.exists()  # the file may be meant for another host
+    why = (
+        "app_service.apps[0].mcp.run_as_host_user: required when bastion runs as root: name the host "
+        "user the server runs as (write root only if you mean it)"
+        if IS_ROOT
+        else "app_service.apps[0].mcp.command: 'nosuch' is not found on PATH ('/usr/bin:/bin')"
+    )
+    assert res.stderr == f"warning: bastion start on this host would refuse it: {why}\n"

@@ -99,7 +99,12 @@ def configure(
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     try:
-        load_config(output)
+        written = load_config(output)
     except ConfigError as e:
         raise fail(f"the written file does not validate: {e.message}") from None
+    try:  # the file may be meant for another host: a warning, not a failure
+        check_static_apps(written.app_service, Host.this())
+    except ConfigError as e:
+        why = e.message.replace("[", r"\[")
+        err.print(f"[yellow]warning:[/yellow] bastion start on this host would refuse it: {why}")
     out.print(f"Wrote {output}. Start the cluster with:\n  bastion start --config {output}")
