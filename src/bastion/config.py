@@ -70,6 +70,7 @@ __all__ = [
     "DEFAULT_AUTH_LISTEN",
     "DEFAULT_DATA_DIR",
     "DEFAULT_PROXY_LISTEN",
+    "DEMO_APP_NAME",
     "AppConfig",
     "AppService",
     "AuthService",
@@ -95,6 +96,8 @@ DEFAULT_DATA_DIR = Path("/var/lib/bastion")
 DEFAULT_AUTH_LISTEN = "127.0.0.1:3025"
 DEFAULT_PROXY_LISTEN = "127.0.0.1:3080"
 DEFAULT_TUNNEL_PORT = 3024
+#: The name of the built-in demo app (``app_service.demo_server``).
+DEMO_APP_NAME = "bastion-demo"
 ALL_ROLES = frozenset({"auth", "proxy", "app"})
 
 #: Context key (``model_validate(..., context=...)``) naming the directory that
@@ -755,6 +758,12 @@ class AppService(_Model):
     resources: Annotated[list[ResourceMatcher], _none_as_empty([])] = Field(default_factory=list)
     dynamic_apps: DynamicAppsPolicy = Field(default_factory=DynamicAppsPolicy)
     stdio_limits: StdioLimits = Field(default_factory=StdioLimits)
+
+    @property
+    def static_names(self) -> frozenset[str]:
+        """The app names this file owns: its apps and, if served, the demo (decision 8)."""
+        names = {a.name for a in self.apps}
+        return frozenset(names | {DEMO_APP_NAME} if self.demo_server else names)
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppService:

@@ -218,6 +218,8 @@ class ServedApps(Protocol):
 
     def refused(self) -> dict[str, str]: ...
 
+    def static_apps(self) -> dict[str, App]: ...
+
 
 class Agent:
     """Connections to the proxies and everything carried over them."""
@@ -447,6 +449,7 @@ class Agent:
             "version": __version__,
             "apps": [wire.app_to_wire(a) for a in self.registry.all()],
             "refused": self.registry.refused(),
+            "static": sorted(self.registry.static_apps()),
             "proxies": sorted(self.conns),
         }
 
