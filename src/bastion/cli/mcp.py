@@ -151,6 +151,7 @@ def _client(name: str, *, identity: Any, proxy: str | None, insecure: bool) -> A
         token=prof.token,
         ca_pem=prof.ca_pem or None,
         insecure=insecure or prof.insecure,
+        on_slow_start=lambda message: err.print(message, markup=False),
     )
 
 
