@@ -263,6 +263,7 @@ def _host_part(uri: str) -> str:
     return uri.split("+")[-1]
 
 
+@pytest.mark.timeout(600)  # some forty commands, each a new process
 def test_every_readme_command_works_as_written(shell: Shell) -> None:
     blocks = readme_blocks()
     config = shell.cwd / "bastion.yaml"
