@@ -10,7 +10,8 @@ from typer.core import TyperArgument, TyperOption
 
 import bastion.cli.mcp_connect  # noqa: F401  (registers `bastion mcp connect`)
 from bastion import __version__
-from bastion.cli import _common, admin, audit, auth, login, mcp, proxy, start
+from bastion.cli import admin, audit, auth, login, mcp, proxy, start
+from bastion.cli._common import full_width_unless_terminal
 
 app = typer.Typer(
     name="bastion",
@@ -34,7 +35,7 @@ def _root(
     ] = False,
 ) -> None:
     """mcp-bastion: an identity-aware access gateway for MCP servers."""
-    _common.full_width_unless_terminal()
+    full_width_unless_terminal()
 
 
 app.command("start")(start.start)
