@@ -26,7 +26,7 @@ import pytest
 
 from bastion.auth.ca import fingerprint, generate_ca
 from tests.integration.conftest import Node, bastion_cmd, start_node, stop_node, wait_for_log
-from tests.peers import everything_cmd, inspector_cmd, node_env, requires_node_peers
+from tests.peers import ROOT, conformance_cmd, everything_cmd, inspector_cmd, node_env, requires_node_peers
 from tests.testca import OrgCA, make_org_ca
 
 PW = "correct horse battery staple"
@@ -49,6 +49,14 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, org_ca: OrgCA) -> Iterator
         extra_config=(
             f"  tls:\n    cert_file: {org_ca.cert_file}\n    key_file: {org_ca.key_file}\n"
             "app_service:\n  demo_server: true\n"
+            # The conformance suite's fixture, to run the suite through `proxy mcp` (it leaves
+            # ~30 sessions open, a stdio server each; the default cap is 16).
+            "  stdio_limits: {per_user: 64}\n"
+            "  apps:\n  - name: conformance-stdio\n    labels: {env: test}\n    mcp:\n"
+            f"      command: {sys.executable}\n"
+            "      args: [-m, tests.fixtures.conformance_server, --transport, stdio]\n"
+            "      run_as_host_user: root\n"
+            f'      env: {{PYTHONPATH: "{ROOT}"}}\n'
         ),
     )
     node.env["SSL_CERT_FILE"] = str(org_ca.ca_file)
@@ -113,7 +121,7 @@ def test_login_needs_no_fingerprint_when_the_system_trusts_the_proxy(gateway: No
     assert _pin_file(home, gateway).read_text() == _cluster_ca(gateway)
     assert "Logged in as: alice" in gateway.cli("status", home=home).stdout
     listed = json.loads(gateway.cli("mcp", "ls", "--format=json", home=home).stdout)
-    assert [a["name"] for a in listed] == ["bastion-demo"]
+    assert [a["name"] for a in listed] == ["bastion-demo", "conformance-stdio"]
 
 
 def test_without_the_system_trust_first_contact_asks_for_the_fingerprint(
@@ -135,7 +143,7 @@ def test_identity_file_status_and_mcp_commands(gateway: Node, tmp_path: Path) ->
     status = gateway.cli("status", *i, home=home).stdout
     assert "Logged in as: bob" in status
     listed = json.loads(gateway.cli("mcp", "ls", "--format=json", *i, home=home).stdout)
-    assert [a["name"] for a in listed] == ["bastion-demo"]
+    assert [a["name"] for a in listed] == ["bastion-demo", "conformance-stdio"]
     tools = gateway.cli("mcp", "tools", "bastion-demo", "--format=json", *i, home=home).stdout
     assert "bastion_user_info" in {t["name"] for t in json.loads(tools)}
     called = gateway.cli("mcp", "call", "bastion-demo", "bastion_user_info", *i, home=home).stdout
@@ -336,6 +344,53 @@ def test_proxy_mcp(gateway: Node, tmp_path: Path) -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=15)
+
+
+@requires_node_peers
+@pytest.mark.timeout(600)
+def test_the_conformance_suite_through_proxy_mcp(gateway: Node, tmp_path: Path) -> None:
+    """The official conformance suite, through `bastion proxy mcp` to a proxy whose certificate
+    only the organisation's CA (in SSL_CERT_FILE) vouches for."""
+    ident = gateway.root / "bob.id"
+    cmd = bastion_cmd(
+        "proxy", "mcp", "conformance-stdio", "-p", "0", "-i", str(ident), "--proxy", gateway.addr
+    )
+    with (
+        (tmp_path / "proxy.log").open("w") as log,
+        subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=_cli_env(gateway, tmp_path / "h")
+        ) as proc,
+        (tmp_path / "conformance.out").open("w+") as out,
+    ):
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            m = re.search(r"on (127\.0\.0\.1:\d+)", line)
+            assert m, line
+            res = subprocess.run(
+                [
+                    *conformance_cmd(),
+                    "server",
+                    "--url",
+                    f"http://{m.group(1)}/mcp",
+                    "-o",
+                    str(tmp_path / "r"),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=node_env(),
+                cwd=tmp_path,
+                timeout=300,
+            )
+            out.seek(0)
+            summary = out.read()[-6000:]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=15)
+    assert res.returncode == 0, summary
+    got = re.search(r"(\d+) passed, (\d+) failed", summary)
+    assert got and int(got.group(1)) > 0 and int(got.group(2)) == 0, summary
 
 
 # ------------------------------------------------------------------ a joined app service
