@@ -41,6 +41,7 @@ __all__ = [
     "Chain",
     "Seal",
     "Verifier",
+    "VerifyReport",
     "checker_of",
     "completion_item",
     "event_digest",
@@ -206,7 +207,9 @@ class Verifier:
     #: Per writer: its last seal (seq, time_us, kind, signed).
     tails: dict[int, tuple[int, int, str, bool]] = field(default_factory=dict)
     # First insert digest per event id (and its seal's time); outcomes, last per id.
-    _inserted: dict[str, tuple[str, int]] = field(default_factory=dict)
+    _inserted: dict[str, tuple[str, int, tuple[int, int, int]]] = field(default_factory=dict)
+    # Breaks with their place in the chain (writer, seq, item), to order those of one time.
+    _found: list[tuple[tuple[int, int, int], Break]] = field(default_factory=list)
     _outcomes: dict[str, tuple[tuple[int, int, int], list[Any]]] = field(default_factory=dict)
     _seen: set[str] = field(default_factory=set)
     _anchors: dict[int, tuple[tuple[int, int, int], int, bytes]] = field(default_factory=dict)
@@ -254,7 +257,7 @@ class Verifier:
         for n, item in enumerate(items):
             kind, eid = item[0], str(item[1])
             if kind == "i":
-                self._inserted.setdefault(eid, (str(item[2]), seal.time_us))
+                self._inserted.setdefault(eid, (str(item[2]), seal.time_us, (w, seal.seq, n)))
             else:
                 order = (seal.time_us, seal.seq, n)
                 last = self._outcomes.get(eid)
@@ -283,13 +286,15 @@ class Verifier:
                 row.time_us, row.id, "stored but not in any seal (inserted behind the writer's back?)"
             )
             return
+        # Breaks of sealed events are placed where they were sealed.
+        at, pos = sealed[1], sealed[2]
         if event_digest(row.text) != sealed[0]:
-            self._break(row.time_us, row.id, "its stored document differs from the one sealed")
+            self._break(at, row.id, "its stored document differs from the one sealed", pos)
             return
         try:
             doc = orjson.loads(row.text)
         except orjson.JSONDecodeError:
-            self._break(row.time_us, row.id, "its stored document does not parse")
+            self._break(at, row.id, "its stored document does not parse", pos)
             return
         columns = (row.id, row.type, row.user, row.app, row.session_id)
         expected = (
@@ -300,7 +305,7 @@ class Verifier:
             str(doc.get("session_id", "")),
         )
         if not _same_columns(columns, expected):
-            self._break(row.time_us, row.id, "its indexed columns differ from its sealed document")
+            self._break(at, row.id, "its indexed columns differ from its sealed document", pos)
             return
         outcome = self._outcomes.get(row.id)
         want = (
@@ -309,16 +314,16 @@ class Verifier:
             else [bool(doc.get("success")), str(doc.get("error", "")), doc.get("duration_ms")]
         )
         if [bool(row.success), row.error, row.duration_ms] != [bool(want[0]), want[1] or "", want[2]]:
-            self._break(row.time_us, row.id, "its outcome differs from the one sealed")
+            self._break(at, row.id, "its outcome differs from the one sealed", pos)
 
     def finish(self) -> list[Break]:
         """After every row: sealed events not stored, chains whose start is missing.
 
         Returns every break, earliest first.
         """
-        for eid, (_, time_us) in self._inserted.items():
+        for eid, (_, time_us, pos) in self._inserted.items():
             if eid not in self._seen and (self.since_us is None or time_us >= self.since_us):
-                self._break(time_us, eid, "sealed but no longer stored (deleted?)")
+                self._break(time_us, eid, "sealed but no longer stored (deleted?)", pos)
         if self.since_us is None:
             for w, (seq, prev, time_us) in self._first_seq.items():
                 anchor = self._anchors.get(w)
@@ -329,11 +334,40 @@ class Verifier:
                         )
                 elif seq != 1 or prev != GENESIS:
                     self._break(time_us, f"(seal {w}/{seq})", f"seals 1..{seq - 1} of writer {w} are missing")
-        self.breaks.sort(key=lambda b: b.time_us)
+        self._found.sort(key=lambda f: (f[1].time_us, f[0]))
+        self.breaks = [b for _, b in self._found]
         return self.breaks
 
-    def _break(self, time_us: int, event_id: str, reason: str) -> None:
-        self.breaks.append(Break(time_us, event_id, reason))
+    def _break(self, time_us: int, event_id: str, reason: str, pos: tuple[int, int, int] = (0, 0, 0)) -> None:
+        self._found.append((pos, Break(time_us, event_id, reason)))
+
+
+class VerifyReport:
+    """What ``verify_files`` found: the breaks (earliest first) and counts."""
+
+    def __init__(self, verifier: Verifier, breaks: list[Break], journaled: int) -> None:
+        self.breaks = breaks
+        self.seals = verifier.seals
+        self.signed = verifier.signed
+        self.events = verifier.events
+        self.legacy = verifier.legacy
+        #: Items journaled and not yet indexed (not sealed yet: they will be when indexed).
+        self.journaled = journaled
+        #: Per writer: its last seal (seq, time_us, kind, signed).
+        self.tails = verifier.tails
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": not self.breaks,
+            "events": self.events,
+            "seals": self.seals,
+            "signed_seals": self.signed,
+            "unsealed_legacy_events": self.legacy,
+            "journaled_not_yet_sealed": self.journaled,
+            "breaks": [
+                {"event_id": b.event_id, "time_us": b.time_us, "reason": b.reason} for b in self.breaks
+            ],
+        }
 
 
 def _same_columns(columns: tuple[str, ...], expected: tuple[str, ...]) -> bool:

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import sqlite3
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,12 @@ class SpoolingAuditStore:
 
     async def search(self, query: AuditQuery) -> list[dict[str, Any]]:
         return await self.primary.search(query)
+
+    async def prune(self, before: datetime) -> None:
+        """Retention: the primary's ``prune`` (the spool holds only what it has not stored yet)."""
+        prune = getattr(self.primary, "prune", None)
+        if prune is not None:
+            await prune(before)
 
     async def close(self) -> None:
         if self._closed:

@@ -79,7 +79,7 @@ from typing import Any, Final
 import orjson
 
 from bastion.audit import chain as chain_mod
-from bastion.audit.chain import Break, Chain, Checker, Seal, Signer, Verifier
+from bastion.audit.chain import Break, Chain, Checker, Seal, Signer, Verifier, VerifyReport
 from bastion.audit.events import AuditEvent
 from bastion.audit.store import (
     AuditQuery,
@@ -94,7 +94,7 @@ from bastion.errors import BackendError
 
 log = logging.getLogger("bastion.audit")
 
-__all__ = ["AUDIT_DB_NAME", "SQLiteAuditStore", "VerifyReport", "search_files", "verify_files"]
+__all__ = ["AUDIT_DB_NAME", "SQLiteAuditStore", "search_files", "verify_files"]
 
 AUDIT_DB_NAME: Final = "audit.db"
 JOURNAL_NAME: Final = "audit.journal"
@@ -1090,34 +1090,6 @@ def _error(path: Path, action: str, exc: BaseException) -> BackendError:
 #: ``verify --since``: seals this much older than ``since`` are read too, so events dated
 #: (by the host that made them) a little before their seal are still found sealed.
 SINCE_SLACK_US: Final = 3600 * 1_000_000
-
-
-class VerifyReport:
-    """What ``verify_files`` found: the breaks (earliest first) and counts."""
-
-    def __init__(self, verifier: Verifier, breaks: list[Break], journaled: int) -> None:
-        self.breaks = breaks
-        self.seals = verifier.seals
-        self.signed = verifier.signed
-        self.events = verifier.events
-        self.legacy = verifier.legacy
-        #: Items journaled and not yet indexed (not sealed yet: they will be when indexed).
-        self.journaled = journaled
-        #: Per writer: its last seal (seq, time_us, kind, signed).
-        self.tails = verifier.tails
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": not self.breaks,
-            "events": self.events,
-            "seals": self.seals,
-            "signed_seals": self.signed,
-            "unsealed_legacy_events": self.legacy,
-            "journaled_not_yet_sealed": self.journaled,
-            "breaks": [
-                {"event_id": b.event_id, "time_us": b.time_us, "reason": b.reason} for b in self.breaks
-            ],
-        }
 
 
 async def verify_files(

@@ -1,4 +1,4 @@
-"""``bastion audit search``."""
+"""``bastion audit search``, ``bastion audit verify``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from bastion.cli._common import Admin, ConfigOpt, IdentityOpt, InsecureOpt, ProxyOpt, out, run, with_admin
+from bastion.errors import BastionError
 
 audit_app = typer.Typer(help="The audit log of MCP sessions.", no_args_is_help=True)
 
@@ -74,3 +75,53 @@ def _table(events: list[dict[str, Any]]) -> Table:
             details,
         )
     return t
+
+
+@audit_app.command("verify")
+def verify(
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Check only what was written since (RFC 3339, or how long ago: 24h)."),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
+    config: ConfigOpt = None,
+) -> None:
+    """Check the audit log against its signed hash chain; exit 1 naming the first bad event.
+
+    On the server host, through the data directory (--config), while the cluster runs or not.
+    """
+
+    async def go(admin: Admin) -> dict[str, Any]:
+        check = getattr(admin, "audit_verify", None)
+        if check is None:
+            raise BastionError(
+                "audit verify reads the data directory: run it on the server host with --config"
+            )
+        report: dict[str, Any] = await check(since)
+        return report
+
+    report = run(with_admin(go, config=config, identity=None, proxy=None, insecure=False))
+    if fmt == "json":
+        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    breaks = report["breaks"]
+    if fmt != "json":
+        if breaks:
+            first = breaks[0]
+            out.print(f"first bad event: {first['event_id']}: {first['reason']}", markup=False)
+            for b in breaks[1:20]:
+                out.print(f"  also: {b['event_id']}: {b['reason']}", markup=False)
+            if len(breaks) > 20:
+                out.print(f"  ... {len(breaks) - 20} more", markup=False)
+        else:
+            note = []
+            if report["unsealed_legacy_events"]:
+                note.append(f"{report['unsealed_legacy_events']} written before seals existed, not checked")
+            if report["journaled_not_yet_sealed"]:
+                note.append(f"{report['journaled_not_yet_sealed']} journaled items not sealed yet")
+            out.print(
+                f"ok: {report['events']} events in {report['seals']} seals "
+                f"({report['signed_seals']} signed)" + (f"; {'; '.join(note)}" if note else ""),
+                markup=False,
+            )
+    if breaks:
+        raise typer.Exit(1)

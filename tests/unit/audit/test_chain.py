@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bastion.audit import chain
+from bastion.audit import pg_store as pg_module
 from bastion.audit import sqlite_store as sqlite_module
 from bastion.audit.chain import Chain, Seal, Verifier, checker_of, signer_of
+from bastion.audit.pg_store import PostgresAuditStore
 from bastion.audit.sqlite_store import SQLiteAuditStore, verify_files
 from bastion.audit.store import Completion
+from tests.pg import fresh_database
 from tests.unit.audit.test_store import make_event
 
 
@@ -54,6 +61,11 @@ def test_each_seal_links_to_the_previous_one() -> None:
     assert v.finish() == [] and v.signed == 1
 
 
+def links(v: Verifier) -> list[chain.Break]:
+    """The breaks of the chain itself (no rows were given)."""
+    return [b for b in v.finish() if "no longer stored" not in b.reason]
+
+
 def test_a_changed_seal_breaks_the_next_link_and_a_gap_is_named() -> None:
     c = Chain(1)
     seals = []
@@ -63,10 +75,10 @@ def test_a_changed_seal_breaks_the_next_link_and_a_gap_is_named() -> None:
         seals.append(s)
     v = Verifier(None)
     v.add_seals([seals[0], seals[1]._replace(items=b'[["i","e1","00"]]'), seals[2], seals[3]])
-    assert [b.event_id for b in v.breaks] == ["e2"]  # seal 3 no longer follows seal 2
+    assert [b.event_id for b in links(v)] == ["e2"]  # seal 3 no longer follows seal 2
     v = Verifier(None)
     v.add_seals([seals[0], seals[2], seals[3]])
-    assert [(b.event_id, b.reason) for b in v.breaks] == [("e2", "seals 2..2 of writer 1 are missing")]
+    assert [(b.event_id, b.reason) for b in links(v)] == [("e2", "seals 2..2 of writer 1 are missing")]
 
 
 def test_a_signature_by_another_key_is_a_break() -> None:
@@ -261,3 +273,111 @@ async def test_events_of_a_version_1_log_are_counted_not_sealed(tmp_path: Path) 
 def test_seal_is_a_stored_row() -> None:
     s = Seal(1, 1, 0, chain.SEAL, chain.GENESIS, b"[]", "", None)
     assert len(s) == len(sqlite_module._SEAL_COLUMNS.split(","))
+
+
+# ------------------------------------------------------------------ PostgreSQL
+
+
+@pytest.fixture
+async def dsn() -> AsyncIterator[str]:
+    async with fresh_database() as database:
+        yield database
+
+
+async def pg_sealed(dsn: str, n: int = 30, **kw: Any) -> list[str]:
+    s = await PostgresAuditStore.open(dsn, signer=SIGN, **kw)
+    ids = []
+    for _ in range(n):
+        e = make_event()
+        await s.write_batch([e], ())
+        await s.write_batch([], [Completion(e.id, True, "", 3.0)])
+        ids.append(e.id)
+    await s.close()
+    return ids
+
+
+async def pg_verify(dsn: str, **kw: Any) -> list[tuple[str, str]]:
+    s = await PostgresAuditStore.open(dsn, seal=False)
+    try:
+        report = await s.verify(CHECK, **kw)
+    finally:
+        await s.close()
+    return [(b.event_id, b.reason) for b in report.breaks]
+
+
+async def pg(dsn: str, statement: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(statement, *args)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.postgres
+async def test_pg_untouched_log_of_several_writers_verifies(dsn: str) -> None:
+    a = await PostgresAuditStore.open(dsn, signer=SIGN)
+    b = await PostgresAuditStore.open(dsn, signer=SIGN)
+    for _ in range(10):  # two proxies on one database, interleaved: one chain each
+        ea, eb = make_event(), make_event()
+        await asyncio.gather(a.insert_many([ea]), b.insert_many([eb]))
+        await b.complete_many([Completion(ea.id, False, "late, through another proxy", 2.0)])
+    await a.close()
+    await b.close()
+    assert await pg_verify(dsn) == []
+    writers = await pg(dsn, f"SELECT DISTINCT writer FROM {pg_module.SEALS}")
+    assert len(writers) == 2
+
+
+@pytest.mark.postgres
+async def test_pg_edit_delete_and_cut_are_named(dsn: str) -> None:
+    ids = await pg_sealed(dsn)
+    table = pg_module.TABLE
+    await pg(
+        dsn, f"UPDATE {table} SET event = replace(event, 'read_file', 'read_fild') WHERE id = $1", ids[2]
+    )
+    await pg(dsn, f"DELETE FROM {table} WHERE id = $1", ids[9])
+    await pg(dsn, f"UPDATE {table} SET error = 'fine' WHERE id = $1", ids[12])
+    assert await pg_verify(dsn) == [
+        (ids[2], "its stored document differs from the one sealed"),
+        (ids[9], "sealed but no longer stored (deleted?)"),
+        (ids[12], "its outcome differs from the one sealed"),
+    ]
+
+
+@pytest.mark.postgres
+async def test_pg_last_ten_cut_off_name_the_first_of_them(dsn: str) -> None:
+    ids = await pg_sealed(dsn)
+    await pg(dsn, f"DELETE FROM {pg_module.TABLE} WHERE seq > (SELECT max(seq) - 10 FROM {pg_module.TABLE})")
+    assert [b[0] for b in await pg_verify(dsn)] == ids[-10:]
+
+
+@pytest.mark.postgres
+async def test_pg_a_write_whose_commit_is_unknown_keeps_the_chain(dsn: str) -> None:
+    s = await PostgresAuditStore.open(dsn, signer=SIGN)
+    try:
+        e = make_event()
+        await s.insert_many([e])
+        s._head_unknown = True  # as after a lost connection: the head is read back
+        await s.insert_many([make_event()])
+        await s.insert_many([e])  # a retried insert: stored once, sealed twice
+    finally:
+        await s.close()
+    assert await pg_verify(dsn) == []
+
+
+@pytest.mark.postgres
+async def test_pg_retention_prunes_and_the_rest_verifies(dsn: str) -> None:
+    now = [int(datetime(2026, 1, 1, tzinfo=UTC).timestamp() * 1e6)]
+    old = await pg_sealed(dsn, 5, clock=lambda: now[0])
+    s = await PostgresAuditStore.open(dsn, signer=SIGN, clock=lambda: now[0])
+    for _ in range(pg_module.PRUNE_SEALS):  # more than one prune step
+        await s.insert_many([make_event()])
+    now[0] += 100 * 86400 * 10**6
+    new = [make_event() for _ in range(3)]
+    await s.insert_many(new)
+    await s.complete_many([Completion(old[0], False, "late", 1.0)])
+    await s.prune(datetime.fromtimestamp(now[0] / 1e6, UTC) - timedelta(days=90))
+    await s.close()
+    left = {r[0] for r in await pg(dsn, f"SELECT id FROM {pg_module.TABLE}")}
+    assert left == {e.id for e in new}
+    assert await pg_verify(dsn) == []
