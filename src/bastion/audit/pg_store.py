@@ -84,8 +84,10 @@ WRITERS: Final = "bastion_audit_writers"
 #: A seal is signed at least this often (seconds) while events come in, and this
 #: long after the last unsigned one when they stop.
 SIGN_EVERY: Final = 10.0
-#: Seals pruned per transaction (retention).
+#: Seals pruned per transaction (retention), at most, and events (the step ends with the
+#: seal that passes it).
 PRUNE_SEALS: Final = 256
+PRUNE_EVENTS: Final = 4096
 #: ``verify --since``: seals this much older are read too (events dated by other hosts' clocks).
 SINCE_SLACK_US: Final = 3600 * 1_000_000
 #: Seconds a statement may take before it is abandoned.
@@ -417,19 +419,31 @@ class PostgresAuditStore:
                 chain_mod.PRUNE,
             )
             anchors: dict[int, tuple[int, bytes]] = {}
+            legacy = int(await conn.fetchval(f"SELECT value FROM {META} WHERE key = 'legacy_seq'") or 0)
+            removed = 0
+            if legacy:  # events from before seals existed (schema version 1): by time
+                status = await conn.execute(
+                    f"DELETE FROM {TABLE} WHERE seq IN"
+                    f" (SELECT seq FROM {TABLE} WHERE seq <= $1 AND time_us < $2 LIMIT $3)",
+                    legacy,
+                    before_us,
+                    PRUNE_EVENTS,
+                )
+                removed = int(status.split()[-1])
+            full = len(old) >= PRUNE_SEALS or removed >= PRUNE_EVENTS
+            events = 0
+            for n, seal in enumerate(old):  # fewer seals when they are big
+                events += seal.items.count(b'["i",')
+                if events >= PRUNE_EVENTS:
+                    full = full or n + 1 < len(old)
+                    old = old[: n + 1]
+                    break
             if row is not None:
                 newest = Seal(*row)
                 for w, seq, h in orjson.loads(newest.payload):
                     anchors[int(w)] = (int(seq), bytes.fromhex(h))
-                if newest.time_us < before_us:
+                if not full and newest.time_us < before_us:
                     old.append(newest)
-            legacy = int(await conn.fetchval(f"SELECT value FROM {META} WHERE key = 'legacy_seq'") or 0)
-            removed = 0
-            if legacy:
-                status = await conn.execute(
-                    f"DELETE FROM {TABLE} WHERE seq <= $1 AND time_us < $2", legacy, before_us
-                )
-                removed = int(status.split()[-1])
             if not old and not removed:
                 await tr.rollback()
                 return False
@@ -467,7 +481,7 @@ class PostgresAuditStore:
                 await tr.rollback()
             raise
         log.info("audit retention: pruned %d events sealed before the limit", len(ids) + removed)
-        return len(old) >= PRUNE_SEALS
+        return full
 
     async def verify(self, checker: Checker | None, since: datetime | None = None) -> VerifyReport:
         """Check the stored events against every writer's seals (ADR 32), in one snapshot."""

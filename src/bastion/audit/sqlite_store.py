@@ -163,8 +163,10 @@ WRITER: Final = 1
 #: A seal is signed at least this often (seconds) while events come in, and this
 #: long after the last unsigned one when they stop.
 SIGN_EVERY: Final = 10.0
-#: Seals pruned per transaction (retention), so indexing waits little behind it.
+#: Seals pruned per transaction (retention), at most, and events (the step ends with
+#: the seal that passes it), so indexing waits little behind a step.
 PRUNE_SEALS: Final = 256
+PRUNE_EVENTS: Final = 4096
 
 _INSERT_SEAL: Final = (
     "INSERT INTO audit_seals (writer, seq, time_us, kind, prev, items, payload, sig)"
@@ -243,6 +245,7 @@ class SQLiteAuditStore:
         self._sign_timer: asyncio.TimerHandle | None = None
         self._seal_due = False
         self._prune_before: int | None = None
+        self._prune_error = ""
 
     @classmethod
     async def open(
@@ -335,10 +338,11 @@ class SQLiteAuditStore:
         if self._closed:
             raise self._closed_error()
         self._prune_before = epoch_micros(before)
+        self._prune_error = ""
         while self._prune_before is not None and not self._closed:
             await asyncio.wait([self._indexer or self._start_indexer()])
-            if self._index_error:
-                raise BackendError(f"audit database {self._path}: cannot prune: {self._index_error}")
+        if self._prune_error:
+            raise BackendError(f"audit database {self._path}: cannot prune: {self._prune_error}")
 
     async def _close(self) -> None:
         if self._timer is not None:
@@ -488,11 +492,7 @@ class SQLiteAuditStore:
             checkpoint = self._rows_since_checkpoint + len(rows) >= CHECKPOINT_ROWS
             try:
                 if self._prune_before is not None:
-                    more = await asyncio.to_thread(
-                        _prune, self._conn, self._chain, self._prune_before, self._clock()
-                    )
-                    if not more:
-                        self._prune_before = None
+                    await self._prune_step(self._prune_before)
                 warning = ""
                 if rows or updates or sign:
                     warning = await asyncio.to_thread(
@@ -552,6 +552,17 @@ class SQLiteAuditStore:
             self._start_indexer()
         elif (self._rows or self._updates) and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(INDEX_DELAY, self._on_timer)
+
+    async def _prune_step(self, before_us: int) -> None:
+        """One retention step, before indexing; its failure never keeps rows from being indexed."""
+        try:
+            more = await asyncio.to_thread(_prune, self._conn, self._chain, before_us, self._clock())
+        except sqlite3.Error as exc:
+            self._prune_error = str(exc) or type(exc).__name__
+            log.warning("audit database %s: cannot prune (retried at the next run): %s", self._path, exc)
+            more = False
+        if not more:
+            self._prune_before = None
 
     def _rotate(self) -> int:
         """Start a new journal segment (when the current one holds anything); returns
@@ -712,15 +723,26 @@ def _prune(conn: sqlite3.Connection, chain: Chain, before_us: int, now_us: int) 
         if newest_prune is not None:
             for w, seq, h in orjson.loads(Seal(*newest_prune).payload):
                 anchors[int(w)] = (int(seq), bytes.fromhex(h))
-        if newest_prune is not None and Seal(*newest_prune).time_us < before_us:
-            old.append(Seal(*newest_prune))
-            old.sort(key=lambda x: (x.writer, x.seq))
+        # Events from before seals existed (schema version 1): by time.
         legacy = int(_meta(conn, "legacy_seq", "0"))
         removed_legacy = 0
         if legacy:
             removed_legacy = conn.execute(
-                "DELETE FROM audit_events WHERE seq <= ? AND time_us < ?", (legacy, before_us)
+                "DELETE FROM audit_events WHERE seq IN"
+                " (SELECT seq FROM audit_events WHERE seq <= ? AND time_us < ? LIMIT ?)",
+                (legacy, before_us, PRUNE_EVENTS),
             ).rowcount
+        full = len(old) >= PRUNE_SEALS or removed_legacy >= PRUNE_EVENTS
+        # Seals cover up to INDEX_ITEMS items each: fewer of them when they are big.
+        events = 0
+        for n, seal in enumerate(old):
+            events += seal.items.count(b'["i",')
+            if events >= PRUNE_EVENTS:
+                full = full or n + 1 < len(old)
+                old = old[: n + 1]
+                break
+        if not full and newest_prune is not None and Seal(*newest_prune).time_us < before_us:
+            old.append(Seal(*newest_prune))
         if not old and not removed_legacy:
             conn.execute("ROLLBACK")
             return False
@@ -749,7 +771,7 @@ def _prune(conn: sqlite3.Connection, chain: Chain, before_us: int, now_us: int) 
         raise
     chain.advance(seal)
     log.info("audit retention: pruned %d events sealed before the limit", len(ids) + removed_legacy)
-    return len(old) >= PRUNE_SEALS
+    return full
 
 
 def _meta(conn: sqlite3.Connection, key: str, default: str) -> str:

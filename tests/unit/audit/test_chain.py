@@ -23,6 +23,7 @@ from bastion.audit.chain import Chain, Seal, Verifier, checker_of, signer_of
 from bastion.audit.pg_store import PostgresAuditStore
 from bastion.audit.sqlite_store import SQLiteAuditStore, verify_files
 from bastion.audit.store import Completion
+from bastion.errors import BackendError
 from tests.pg import fresh_database
 from tests.unit.audit.test_store import make_event
 
@@ -381,3 +382,39 @@ async def test_pg_retention_prunes_and_the_rest_verifies(dsn: str) -> None:
     left = {r[0] for r in await pg(dsn, f"SELECT id FROM {pg_module.TABLE}")}
     assert left == {e.id for e in new}
     assert await pg_verify(dsn) == []
+
+
+async def test_a_prune_step_is_bounded_by_events(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_module, "PRUNE_EVENTS", 10)
+    now = [int(datetime(2026, 1, 1, tzinfo=UTC).timestamp() * 1e6)]
+    s = await SQLiteAuditStore.open(tmp_path, signer=SIGN, clock=lambda: now[0])
+    for _ in range(3):
+        await s.insert_many([make_event() for _ in range(25)])  # one big seal each
+        await s.flush()
+    now[0] += 10**9
+    await s.prune(datetime.fromtimestamp(now[0] / 1e6, UTC))
+    await s.close()
+    assert sql(tmp_path, "SELECT count(*) FROM audit_events") == [(0,)]
+    # One step (one transaction, one prune seal) per big seal.
+    assert sql(tmp_path, "SELECT count(*) FROM audit_seals WHERE kind = 'prune'") == [(3,)]
+    assert await verify(tmp_path) == []
+
+
+async def test_a_failing_prune_does_not_keep_events_from_being_indexed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any) -> bool:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(sqlite_module, "_prune", broken)
+    s = await SQLiteAuditStore.open(tmp_path, signer=SIGN)
+    try:
+        await s.insert_many([make_event()])
+        with pytest.raises(BackendError, match="cannot prune: disk I/O error"):
+            await s.prune(datetime.now(UTC))
+        await s.insert_many([make_event()])
+        await s.flush()
+        assert sql(tmp_path, "SELECT count(*) FROM audit_events") == [(2,)]
+    finally:
+        await s.close()
+    assert await verify(tmp_path) == []
