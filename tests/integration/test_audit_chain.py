@@ -84,6 +84,18 @@ async def test_tampering_with_the_sqlite_log_is_named(tmp_path: Path) -> None:
         code, out = verify(node)  # while it runs
         assert code == 0, out
         ids = request_ids(node)
+        # Through the web API, for users whose roles allow reading events.
+        node.cli("users", "add", "ed", "--roles=editor", local=True)
+        home = tmp_path / "remote-home"
+        for user, want in (("ed", 0), ("alice", 1)):
+            ident = tmp_path / f"{user}.id"
+            node.cli("auth", "sign", f"--user={user}", f"--out={ident}", local=True)
+            r = node.cli("audit", "verify", "--format=json", "-i", str(ident), home=home, check=False)
+            assert r.returncode == want, r.stdout + r.stderr
+            if want == 0:
+                assert json.loads(r.stdout)["ok"] is True
+            else:
+                assert "may not list event" in r.stderr
     finally:
         stop_node(node)
     data = tmp_path / "data"

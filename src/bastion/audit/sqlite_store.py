@@ -329,6 +329,12 @@ class SQLiteAuditStore:
         # connection under a running indexer; the close finishes anyway.
         await asyncio.shield(self._closer)
 
+    async def verify(self, checker: Checker | None, since: datetime | None = None) -> VerifyReport:
+        """``verify_files`` on this store's data directory (read-only, in a thread)."""
+        if self._closed:
+            raise self._closed_error()
+        return await verify_files(self._dir, checker, since)
+
     async def prune(self, before: datetime) -> None:
         """Retention: remove what was sealed before ``before`` and leave a signed prune seal (ADR 32).
 

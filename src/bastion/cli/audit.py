@@ -85,22 +85,24 @@ def verify(
     ] = None,
     fmt: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
     config: ConfigOpt = None,
+    identity: IdentityOpt = None,
+    proxy: ProxyOpt = None,
+    insecure: InsecureOpt = False,
 ) -> None:
     """Check the audit log against its signed hash chain; exit 1 naming the first bad event.
 
-    On the server host, through the data directory (--config), while the cluster runs or not.
+    On the server host through the data directory (--config), running or not; elsewhere through
+    the proxy (needs a role allowing list and read on `event`).
     """
 
     async def go(admin: Admin) -> dict[str, Any]:
         check = getattr(admin, "audit_verify", None)
         if check is None:
-            raise BastionError(
-                "audit verify reads the data directory: run it on the server host with --config"
-            )
+            raise BastionError("this client cannot verify the audit log")
         report: dict[str, Any] = await check(since)
         return report
 
-    report = run(with_admin(go, config=config, identity=None, proxy=None, insecure=False))
+    report = run(with_admin(go, config=config, identity=identity, proxy=proxy, insecure=insecure))
     if fmt == "json":
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     breaks = report["breaks"]

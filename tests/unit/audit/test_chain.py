@@ -20,6 +20,7 @@ from bastion.audit import chain
 from bastion.audit import pg_store as pg_module
 from bastion.audit import sqlite_store as sqlite_module
 from bastion.audit.chain import Chain, Seal, Verifier, checker_of, signer_of
+from bastion.audit.emitter import AuditLog
 from bastion.audit.pg_store import PostgresAuditStore
 from bastion.audit.sqlite_store import SQLiteAuditStore, verify_files
 from bastion.audit.store import Completion
@@ -418,3 +419,21 @@ async def test_a_failing_prune_does_not_keep_events_from_being_indexed(
     finally:
         await s.close()
     assert await verify(tmp_path) == []
+
+
+async def test_the_audit_log_verifies_its_store_while_it_writes(tmp_path: Path) -> None:
+    s = await SQLiteAuditStore.open(tmp_path, signer=SIGN)
+    log = AuditLog(s)
+    try:
+        events = [make_event() for _ in range(5)]
+        for e in events:
+            await log.record(e)
+            log.complete(e.id, True, "", 1.0)
+        await log.close()
+        await s.flush()
+        report = await log.verify(CHECK)
+        assert report.breaks == [] and report.events == 5
+        sql(tmp_path, "DELETE FROM audit_events WHERE id = ?", (events[2].id,))
+        assert [b.event_id for b in (await log.verify(CHECK)).breaks] == [events[2].id]
+    finally:
+        await s.close()
