@@ -554,7 +554,11 @@ class SQLiteAuditStore:
             return  # close() indexes what is left itself
         if retry:
             self._timer = asyncio.get_running_loop().call_later(INDEX_RETRY, self._on_timer)
-        elif len(self._rows) + len(self._updates) >= INDEX_ITEMS or self._prune_before is not None:
+        elif (
+            len(self._rows) + len(self._updates) >= INDEX_ITEMS
+            or self._prune_before is not None
+            or self._seal_due
+        ):
             self._start_indexer()
         elif (self._rows or self._updates) and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(INDEX_DELAY, self._on_timer)

@@ -437,3 +437,50 @@ async def test_the_audit_log_verifies_its_store_while_it_writes(tmp_path: Path) 
         assert [b.event_id for b in (await log.verify(CHECK)).breaks] == [events[2].id]
     finally:
         await s.close()
+
+
+async def until(what: str, check: Any, deadline: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while not await check():
+        assert loop.time() < end, f"{what}: not within {deadline}s"
+        await asyncio.sleep(0.02)
+
+
+async def test_the_end_of_the_chain_is_signed_soon_after_writes_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "SIGN_EVERY", 0.05)
+    s = await SQLiteAuditStore.open(tmp_path, signer=SIGN)
+    try:
+        await s.insert_many([make_event()])
+
+        async def last_is_signed() -> bool:
+            rows = sql(tmp_path, "SELECT sig IS NOT NULL, items FROM audit_seals ORDER BY seq DESC LIMIT 1")
+            return bool(rows) and rows[0] == (1, b"[]")
+
+        await until("a signed seal after the last write", last_is_signed)
+    finally:
+        await s.close()
+
+
+@pytest.mark.postgres
+async def test_pg_the_end_of_the_chain_is_signed_soon_after_writes_stop(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pg_module, "SIGN_EVERY", 0.05)
+    s = await PostgresAuditStore.open(dsn, signer=SIGN)
+    try:
+        await s.insert_many([make_event()])
+
+        async def last_is_signed() -> bool:
+            rows = await pg(
+                dsn,
+                f"SELECT sig IS NOT NULL AS signed, kind FROM {pg_module.SEALS} ORDER BY seq DESC LIMIT 1",
+            )
+            return bool(rows) and rows[0]["signed"] and rows[0]["kind"] == "seal"
+
+        await until("a signed seal after the last write", last_is_signed)
+    finally:
+        await s.close()
+    assert await pg_verify(dsn) == []
