@@ -21,6 +21,14 @@ whatever the batch size; of several completions of one event in a batch the
 last is sent); ``write_batch`` is both in one transaction.  Commits are
 durable when they return (PostgreSQL's ``synchronous_commit``, on by default).
 
+Seals (decision 0032, ``bastion.audit.chain``): each store instance is a
+writer with its own chain (a number from a sequence), so proxies sharing the
+database never contend for one; the seal of a batch is stored by the batch's
+own statement (a CTE: no extra round trip), and after a write of unknown
+outcome the chain's head is read back before the next one.  ``verify`` and
+``prune`` (retention, one process at a time: an advisory lock) as in
+``sqlite_store``.  ``open(dsn, seal=False)`` opens a reader (search, verify).
+
 PostgreSQL text cannot hold NUL characters: in the indexed columns they are
 stored as U+FFFD (the JSON document keeps them, escaped as ``\\u0000``), and
 search filters are mapped the same way.

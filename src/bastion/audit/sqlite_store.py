@@ -27,6 +27,14 @@ transaction is committed: so the journal files hold exactly what may not
 be indexed yet, the older one first.  A line that does not parse (a write
 torn by an OS crash) is skipped with a warning.
 
+Seals (decision 0032, ``bastion.audit.chain``): each indexing transaction
+also stores the seal covering what it indexed (``audit_seals``: one chain,
+continued across restarts, as one process writes at a time), signed at open,
+at close and every ``SIGN_EVERY`` seconds; so a journal replayed after a
+crash is sealed like any other.  ``verify_files`` checks the log against
+them (read-only, any process); ``prune`` (retention) removes what was sealed
+before a time, in steps between indexing runs, leaving a signed prune seal.
+
 Why, measured 2026-11-22 on this 2-vCPU host (CPython 3.11.7, SQLite
 3.40.1, uvloop, the process pinned to one core; ``bench/audit_micro.py``:
 ``AuditLog`` over this store, 16 concurrent callers, a tools/call event of
