@@ -191,8 +191,8 @@ class Verifier:
     ``since_us``: seals before it are not read (the first one read is trusted
     as the chain's start) and rows before it are not checked.  ``checker``:
     signatures are checked with it (``None``: not checked, only counted).
-    ``anchors``: where pruned chains start again (``prune_anchors`` of the
-    newest prune seal), filled by ``add_seals`` from the seals themselves.
+    Where pruned chains start again is read from the newest prune seal's
+    anchors (``prune_anchors``).
     """
 
     checker: Checker | None
@@ -225,7 +225,21 @@ class Verifier:
         w = seal.writer
         h = seal.hash()
         head = self._heads.get(w)
-        where = self._where(seal)
+        try:
+            items = orjson.loads(seal.items)
+            # Each item a list: ["i", id, digest] or ["c", id, success, error, duration_ms].
+            ok = isinstance(items, list) and all(
+                isinstance(i, list) and len(i) == (3 if i[:1] == ["i"] else 5) and i[0] in ("i", "c")
+                for i in items
+            )
+        except orjson.JSONDecodeError:
+            ok = False
+        if not ok:
+            items = []
+        # A seal's breaks are named after its first event.
+        where = str(items[0][1]) if items else f"(seal {w}/{seal.seq})"
+        if not ok:
+            self._break(seal.time_us, where, f"seal {seal.seq} of writer {w}: items unreadable")
         if head is None:
             self._first_seq[w] = (seal.seq, seal.prev, seal.time_us)
         elif seal.seq != head[0] + 1:
@@ -249,11 +263,6 @@ class Verifier:
                         self._anchors[int(writer)] = (key, int(seq), bytes.fromhex(prev))
             except (orjson.JSONDecodeError, TypeError, ValueError):
                 self._break(seal.time_us, where, f"prune seal {seal.seq} of writer {w}: bad anchors")
-        try:
-            items = orjson.loads(seal.items)
-        except orjson.JSONDecodeError:
-            self._break(seal.time_us, where, f"seal {seal.seq} of writer {w}: items unreadable")
-            return
         for n, item in enumerate(items):
             kind, eid = item[0], str(item[1])
             if kind == "i":
@@ -263,13 +272,6 @@ class Verifier:
                 last = self._outcomes.get(eid)
                 if last is None or last[0] < order:
                     self._outcomes[eid] = (order, item[2:5])
-
-    def _where(self, seal: Seal) -> str:
-        try:
-            items = orjson.loads(seal.items)
-        except orjson.JSONDecodeError:
-            items = []
-        return str(items[0][1]) if items else f"(seal {seal.writer}/{seal.seq})"
 
     def check_row(self, row: Row, seq: int) -> None:
         """Check one stored row against what the seals say of it."""

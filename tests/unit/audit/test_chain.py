@@ -83,6 +83,18 @@ def test_a_changed_seal_breaks_the_next_link_and_a_gap_is_named() -> None:
     assert [(b.event_id, b.reason) for b in links(v)] == [("e2", "seals 2..2 of writer 1 are missing")]
 
 
+def test_unreadable_items_are_a_break_not_a_crash() -> None:
+    c = Chain(1)
+    seals = []
+    for items in ([["i", "e0", "00"]], [["i", "e1", "00"]]):
+        seals.append(c.next(items, 1))
+        c.advance(seals[-1])
+    for garbage in (b"{", b'[["i"]]', b'[["x", "e1", 1, 2, 3]]', b'"text"', b"[1]"):
+        v = Verifier(None)
+        v.add_seals([seals[0], seals[1]._replace(items=garbage)])
+        assert "seal 2 of writer 1: items unreadable" in [b.reason for b in links(v)]
+
+
 def test_a_signature_by_another_key_is_a_break() -> None:
     other, _ = keypair()
     c = Chain(1, signer=other)
