@@ -395,16 +395,23 @@ class PostgresAuditStore:
     async def prune(self, before: datetime) -> None:
         """Retention: remove what was sealed before ``before``, leaving a signed prune seal (ADR 32).
 
-        ``PRUNE_SEALS`` seals per transaction; one process of the cluster at a
-        time (an advisory lock; the others skip this round).  Writers go on
-        meanwhile: only the prune seal waits for this writer's chain.
+        ``PRUNE_SEALS`` seals (``PRUNE_EVENTS`` events) per transaction; one
+        process of the cluster at a time (an advisory lock; the others skip this
+        round).  The prune seals go in a chain of their own (a writer number
+        drawn for the run), so writers never wait for a prune, nor a prune
+        holding row locks for a writer.
         """
         self._check_open()
         before_us = epoch_micros(before)
-        while await self._run("prune", lambda conn: self._prune_step(conn, before_us)):
+
+        async def writer(conn: _Conn) -> int:
+            return int(await conn.fetchval(f"SELECT nextval('{WRITERS}')"))
+
+        pruner = Chain(await self._run("prune", writer), signer=self._chain.signer if self._chain else None)
+        while await self._run("prune", lambda conn: self._prune_step(conn, before_us, pruner)):
             pass
 
-    async def _prune_step(self, conn: _Conn, before_us: int) -> bool:
+    async def _prune_step(self, conn: _Conn, before_us: int, pruner: Chain) -> bool:
         tr = conn.transaction()
         await tr.start()
         try:
@@ -469,20 +476,16 @@ class PostgresAuditStore:
                 anchors[w] = (top.seq, top.hash())
             if ids:
                 await conn.execute(f"DELETE FROM {TABLE} WHERE id = ANY($1::text[])", ids)
-            async with self._lock:
-                seal_ = await self._next_seal([], chain_mod.PRUNE, chain_mod.prune_anchors(anchors))
-                if seal_ is not None:
-                    await conn.execute(
-                        f"INSERT INTO {SEALS} ({_SEAL_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                        *seal_,
-                    )
-                try:
-                    await tr.commit()
-                except BaseException:
-                    self._head_unknown = seal_ is not None
-                    raise
-                if seal_ is not None and self._chain is not None:
-                    self._chain.advance(seal_)
+            seal = pruner.next(
+                [], self._clock(), kind=chain_mod.PRUNE, payload=chain_mod.prune_anchors(anchors), sign=True
+            )
+            # No ON CONFLICT: a step run again after a commit it did not hear of must fail,
+            # not store deletions its stored seal does not name.
+            await conn.execute(
+                f"INSERT INTO {SEALS} ({_SEAL_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)", *seal
+            )
+            await tr.commit()
+            pruner.advance(seal)
         except BaseException:
             # A transaction already finished refuses a rollback; nothing to undo then.
             with contextlib.suppress(*DRIVER_ERRORS, asyncpg.InterfaceError):
