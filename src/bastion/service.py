@@ -23,6 +23,7 @@ from bastion import __version__, metrics
 from bastion._tasks import stop_tasks
 from bastion._time import Clock, SystemClock
 from bastion.appservice.dynamic import DynamicApps
+from bastion.appservice.hostcheck import Host, check_static_apps
 from bastion.appservice.hostpolicy import HostPolicy
 from bastion.appservice.mcp_http import Limits, MCPHandler
 from bastion.appservice.registry import AppRegistry
@@ -102,7 +103,7 @@ class AppServiceParts:
             response_timeout=a.response_timeout.total_seconds(),
         )
         redactor = Redactor((*DEFAULT_SECRET_KEYS, *a.audit_redact_keys))
-        host = HostPolicy(a.dynamic_apps, a.stdio_limits, trusted=registry.is_static)
+        host = HostPolicy(a.dynamic_apps, a.stdio_limits, trusted=registry.is_static, host=Host.this())
         _warn_gateway_user(host)
         handler = MCPHandler(
             cluster_name=cluster_name,
@@ -196,6 +197,10 @@ class Cluster:
 
     @classmethod
     async def start(cls, cfg: Config) -> Cluster:
+        if cfg.app_service.enabled:
+            # Before anything is created or listens: a stdio app the host cannot run is
+            # a configuration error (ConfigError naming the key), not a failure at call time.
+            check_static_apps(cfg.app_service, Host.this())
         data_dir = cfg.bastion.data_dir
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not cfg.auth_service.enabled:
@@ -289,6 +294,7 @@ class Cluster:
                         key_file=tls.key_file,
                         allowed_origins=tuple(cfg.proxy_service.allowed_origins),
                         http_server=cfg.proxy_service.http_server,
+                        acme=cfg.proxy_service.acme,
                     ),
                     router=router,
                     audit=audit,
@@ -458,6 +464,7 @@ class Cluster:
                             proxies=[self.proxy_addr] if self.proxy else [],
                             apps=self.apps.registry.all(),
                             refused=self.apps.registry.refused(),
+                            static=sorted(self.apps.registry.static_apps()),
                         ),
                     )
                 )

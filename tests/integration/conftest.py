@@ -25,6 +25,7 @@ class Node:
     addr: str
     proc: subprocess.Popen[bytes]
     log: Path
+    #: More environment for every CLI run (e.g. SSL_CERT_FILE).
     env: dict[str, str] = field(default_factory=dict)
 
     def cli(
@@ -40,6 +41,7 @@ class Node:
         env["BASTION_HOME"] = str(home or self.root / "home")
         env["NO_COLOR"] = "1"
         env["COLUMNS"] = "200"
+        env.update(self.env)
         if local:
             env["BASTION_CONFIG"] = str(self.config)
         res = subprocess.run(

@@ -230,7 +230,7 @@ async def test_audit_shows_the_calls(gateway: Node) -> None:
         with pytest.raises(MCPError):
             await s.call_tool("get-sum", {"a": 1, "b": 2})
     out = gateway.cli(
-        "audit", "search", "--user=eve", "--app=everything-stdio", "--format=json", local=True
+        "audit", "search", "--order=asc", "--user=eve", "--app=everything-stdio", "--format=json", local=True
     ).stdout
     events = json.loads(out)
     calls = [e for e in events if e.get("method") == "tools/call"]

@@ -122,12 +122,16 @@ def test_create_update_delete(node: tuple[Node, str], tmp_path: Path) -> None:
 
 
 def test_config_file_wins_a_name_clash(node: tuple[Node, str], tmp_path: Path) -> None:
+    # The clash is refused at create (it used to be "created" and silently ignored: issue 15).
     n, _url = node
     f = tmp_path / "clash.yaml"
     f.write_text(
         APP.format(team="a", url="http://127.0.0.1:9/elsewhere").replace("name: dyn", "name: static-one")
     )
-    n.cli("create", str(f), local=True)
+    refused = n.cli("create", str(f), local=True, check=False)
+    assert refused.returncode == 1
+    assert 'app "static-one" is defined in the configuration file of ' in refused.stderr
+    assert "(the file wins, decision 8): choose another name" in refused.stderr
     ident = tmp_path / "alice.id"
     n.cli("auth", "sign", "--user=alice", f"--out={ident}", local=True)
     out = n.cli(
@@ -143,4 +147,4 @@ def test_config_file_wins_a_name_clash(node: tuple[Node, str], tmp_path: Path) -
         n.addr,
     )
     assert out.stdout.strip() == "Echo: still-static"
-    n.cli("rm", "app/static-one", local=True)
+    assert n.cli("get", "app/static-one", local=True, check=False).returncode == 1  # never created

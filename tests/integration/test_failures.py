@@ -100,8 +100,10 @@ class Client:
 
 def _audit(node: Node) -> list[dict[str, Any]]:
     return json.loads(
-        node.cli("audit", "search", "--format=json", "--app=crashy-stdio", local=True).stdout
-    ) + json.loads(node.cli("audit", "search", "--format=json", "--app=crashy-http", local=True).stdout)
+        node.cli("audit", "search", "--format=json", "--order=asc", "--app=crashy-stdio", local=True).stdout
+    ) + json.loads(
+        node.cli("audit", "search", "--format=json", "--order=asc", "--app=crashy-http", local=True).stdout
+    )
 
 
 async def test_stdio_server_dying_mid_call(gw: Node) -> None:

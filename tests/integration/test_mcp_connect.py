@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -348,6 +349,7 @@ async def test_bridge_survives_a_gateway_restart(
                 assert b.proc.returncode is None
         for b in (b1, b2):
             assert "reconnected to" in b.log(), b.log()
+            assert "Traceback" not in b.log(), b.log()
             assert b.proc.returncode == 0
     finally:
         stop_node(node)
@@ -384,16 +386,18 @@ async def test_stdout_carries_only_jsonrpc(gateway: Node, tmp_path: Path) -> Non
     assert "INFO" in log and "DEBUG" in log and "closed stdin" in log
 
 
-async def test_sigterm_ends_the_session_and_exits_0(gateway: Node, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_ends_the_session_and_exits_0(gateway: Node, tmp_path: Path, sig: int) -> None:
     ident = sign(gateway, tmp_path / "alice.id")
     args = connect_args(gateway, "everything-stdio", ident)
     async with bridge(args, bridge_env(tmp_path / "home"), tmp_path / "bridge.log") as b:
         await b.handshake()
         assert echo_text(await b.echo("x")) == "Echo: x"
-        b.proc.terminate()
+        b.proc.send_signal(sig)  # SIGINT: Ctrl-C
         async with asyncio.timeout(30):
             assert await b.proc.wait() == 0
-    assert "stopping on a signal" in b.log()
+    assert b.log().count("stopping on a signal; ending the session") == 1
+    assert "Traceback" not in b.log(), b.log()
 
 
 def test_malformed_header_is_refused(gateway: Node, tmp_path: Path) -> None:

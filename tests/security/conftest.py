@@ -90,7 +90,7 @@ class Gateway:
         return httpx.Client(verify=ssl.create_default_context(cafile=str(ca)), timeout=30)
 
     def audit(self, *filters: str) -> list[dict[str, Any]]:
-        out = self.node.cli("audit", "search", "--format=json", *filters, local=True).stdout
+        out = self.node.cli("audit", "search", "--format=json", "--order=asc", *filters, local=True).stdout
         events: list[dict[str, Any]] = json.loads(out)
         return events
 

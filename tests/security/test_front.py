@@ -118,7 +118,7 @@ class Front:
         return hdrs["mcp-session-id"]
 
     def audit(self, *args: str) -> list[dict[str, Any]]:
-        out = self.node.cli("audit", "search", "--format=json", *args, local=True).stdout
+        out = self.node.cli("audit", "search", "--format=json", "--order=asc", *args, local=True).stdout
         return list(json.loads(out))
 
 

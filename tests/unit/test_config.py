@@ -610,6 +610,33 @@ class TestErrors:
         e = config_error(write, 'version: v1\nproxy_service: {tls: {cert_file: "", key_file: k}}\n')
         assert e.path == "proxy_service.tls.cert_file"
 
+    def test_acme_needs_a_directory_and_names(self, write: WriteConfig) -> None:
+        e = config_error(write, "version: v1\nproxy_service: {acme: {enabled: true, domains: [a.example]}}\n")
+        assert str(e) == "proxy_service.acme.directory_url: required: the https:// URL of the ACME directory"
+        e = config_error(
+            write, "version: v1\nproxy_service: {acme: {enabled: true, directory_url: 'https://ca/dir'}}\n"
+        )
+        assert str(e) == "proxy_service.acme.domains: required: the names the certificate is for"
+
+    def test_acme_or_tls_files_not_both(self, write: WriteConfig) -> None:
+        e = config_error(
+            write,
+            "version: v1\nproxy_service:\n  tls: {cert_file: c.pem, key_file: k.pem}\n"
+            "  acme: {enabled: true, directory_url: 'https://ca/dir', domains: [a.example]}\n",
+        )
+        assert str(e) == "proxy_service.acme.enabled: set tls.cert_file/key_file or acme, not both"
+
+    def test_acme(self, write: WriteConfig) -> None:
+        cfg = load_config(
+            write(
+                "version: v1\nproxy_service:\n  acme: {enabled: true, directory_url: 'https://ca/dir',"
+                " domains: [a.example, 192.0.2.1], ca_file: ca.pem}\n"
+            )
+        )
+        acme = cfg.proxy_service.acme
+        assert acme.http_addr == "0.0.0.0:80" and acme.domains == ["a.example", "192.0.2.1"]
+        assert acme.ca_file is not None and acme.ca_file.is_absolute()
+
     def test_postgres_backend(self, write: WriteConfig) -> None:
         dsn = "postgresql://bastion:pw-s3cret@db.example.com:5432/bastion"
         cfg = load_config(

@@ -14,9 +14,10 @@ from typing import Any
 import orjson
 
 from bastion import __version__
+from bastion.config import DEMO_APP_NAME
 from bastion.resources import App, AppSpec, MCPCommand, Metadata
 
-DEMO_APP_NAME = "bastion-demo"
+__all__ = ["DEMO_APP_NAME", "DemoServer", "demo_app"]
 SUPPORTED_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 
 _TOOLS = [

@@ -11,7 +11,9 @@ backend's poll interval) and keeps the registry in step:
   sessions end cleanly (each with its end event);
 * a dynamic app named like a static one from the config file is ignored with
   a warning: **the config file wins** (an admin with only backend access must
-  not be able to replace what the host's operator configured);
+  not be able to replace what the host's operator configured); ``bastion
+  create`` refuses such a name when the cluster can tell (decision 28), so this
+  is left for a resource older than the static app;
 * a dynamic app the host's policy refuses (``app_service.dynamic_apps``: a
   command, host user, variable or upstream address the host does not allow) is
   not served, with a warning giving the reason; one already served stops

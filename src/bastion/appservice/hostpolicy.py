@@ -9,7 +9,9 @@ configuration file decides what runs on the host and what it connects to
   against ``app_service.dynamic_apps``: a stdio app's command, host user and
   environment; an HTTP/SSE app's address as far as it can be judged without a
   lookup (the rest is judged at connect time by the :class:`AddressGuard`).
-  Pure: no I/O.  Apps from the host's own configuration file are trusted.
+  Given a :class:`~bastion.appservice.hostcheck.Host`, it also refuses a stdio app
+  the host cannot run (unknown user, command not found); without one it is pure.
+  Apps from the host's own configuration file are trusted (checked at start).
 - :class:`StdioSlots` counts the stdio server processes running per user and per
   app and refuses one more past ``app_service.stdio_limits`` (a 429 for the client).
 - :attr:`HostPolicy.rlimits` are the per-process limits every stdio server gets.
@@ -29,6 +31,7 @@ import resource
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
+from bastion.appservice.hostcheck import Host, stdio_problem
 from bastion.config import DynamicAppsPolicy, StdioLimits, refused_env
 from bastion.errors import LimitExceededError
 from bastion.resources import App
@@ -120,8 +123,11 @@ class HostPolicy:
         *,
         trusted: Callable[[str], bool],
         gateway_user: str | None = None,
+        host: Host | None = None,
     ) -> None:
         self.dynamic = dynamic
+        #: What the host has (users, programs); ``None``: judge the rules alone.
+        self.host = host
         self.limits = limits
         self.trusted = trusted
         self.gateway_user = gateway_user if gateway_user is not None else _gateway_user()
@@ -192,6 +198,10 @@ class HostPolicy:
             by_prefix = bool(self._env_prefixes) and name.startswith(self._env_prefixes)
             if name not in self._env_names and not by_prefix:
                 return f"mcp.env {_q(name)} is not in app_service.dynamic_apps.env"
+        if self.host is not None:
+            problem = stdio_problem(cmd, self.host)
+            if problem is not None:
+                return f"{problem[0]}: {problem[1]}"
         return None
 
     def _address_refusal(self, uri: str) -> str | None:

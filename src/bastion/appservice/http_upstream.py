@@ -24,7 +24,7 @@ from bastion.appservice.sessions import GatewaySession, session_headers
 from bastion.appservice.upstream import ClientPost
 from bastion.errors import UpstreamError
 from bastion.metrics import upstream_error_kind
-from bastion.protocol.sse import SSEParser, encode_event
+from bastion.protocol.sse import EventTooLargeError, SSEParser, encode_event
 from bastion.session.engine import ForwardToUpstream, SendToClient
 from bastion.transport.http import HTTPUpstreamPool, PreparedHeaders
 
@@ -169,17 +169,36 @@ class HTTPUpstream:
                 return
             if status >= 400 or ctype not in (JSON, SSE):
                 data = await resp.read()
-                if ctype == JSON and data:
-                    await ex.upstream_sent(s, data, Collected())
+                if ctype in (JSON, SSE):
+                    # JSON-RPC under an error status: the client reads what the engine made of it
+                    # (filtered, canonical), never the upstream's bytes, nor events it did not see.
+                    got = Collected()
+                    if ctype == JSON and data:
+                        await ex.upstream_sent(s, data, got)
+                    body = (
+                        got.replies[0].raw
+                        if got.replies
+                        else await ex.fail_request(
+                            s, request_id, f"the upstream MCP server answered with HTTP status {status}"
+                        )
+                    )
+                    await answer.whole(status, [(b"content-type", JSON), (ORIGIN_HEADER, b"upstream")], body)
+                    return
+                if fwd.message.kind == "request":  # no JSON-RPC answer will come: the call is over
+                    await ex.fail_request(
+                        s,
+                        request_id,
+                        f"the upstream MCP server answered HTTP {status} without a JSON-RPC message",
+                    )
                 await answer.whole(
                     status, [(b"content-type", ctype or b"text/plain"), (ORIGIN_HEADER, b"upstream")], data
                 )
                 return
             streaming = True  # relay starts the answer before anything else
             await self._relay(s, answer, resp)
-        except UpstreamError as e:
-            # The upstream broke off mid-answer: fail the call through the engine
-            # (audit completed as failed), and tell the client whose fault it was.
+        except (UpstreamError, EventTooLargeError) as e:
+            # The upstream broke off mid-answer, or sent an event over the limit: fail the call
+            # through the engine (audit completed as failed), and tell the client whose fault it was.
             s.m.upstream_error(upstream_error_kind(e))
             body = await ex.fail_request(s, request_id, e.message)
             if not streaming:
@@ -223,7 +242,13 @@ class HTTPUpstream:
                     data,
                 )
                 return
-            await self._relay(s, answer, resp)
+            try:
+                await self._relay(s, answer, resp)
+            except (UpstreamError, EventTooLargeError) as e:
+                # The upstream's fault, not the client's: the stream ends (the client may GET again).
+                s.m.upstream_error(upstream_error_kind(e))
+                log.warning("upstream stream ended", extra={"session_id": s.id, "error": e.message})
+                await answer.finish()
         finally:
             await resp.aclose()
 

@@ -113,6 +113,11 @@ class MCPHandler:
         self.host = host if host is not None else HostPolicy.defaults(registry.is_static)
         self.pools = Pools(response_timeout=self.limits.response_timeout, host=self.host)
         self.sessions: dict[str, GatewaySession] = {}
+        #: Sessions being opened, by user (counted against the user's limit until stored).
+        self._opening: dict[str, int] = {}
+        #: The revocation watch's last ``access`` and how many checks it asked for.
+        self._access: Callable[[str], Awaitable[ToolPolicy | None]] | None = None
+        self._access_checks = 0
         #: Upstream JWTs by user and app, shared by that user's sessions (see UpstreamIdentity).
         self._jwts: JWTCache = {}
         #: Audit event ids for every session here (one random draw, not one per session).
@@ -122,6 +127,10 @@ class MCPHandler:
         self.executor = Executor(audit, end=self._end, upstream_failed=self._upstream_failed)
         #: An OpenTelemetry tracer only when enabled (BASTION_OTEL=1): else one None check per POST.
         self._tracer = maybe_tracer()
+        #: Counts clean-up passes over the sessions (apps removed or redefined, shutdown), so a
+        #: session whose upstream was starting meanwhile is checked once stored.
+        self._sweeps = 0
+        self._closing = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -131,6 +140,8 @@ class MCPHandler:
             self.refusals.start()
 
     async def aclose(self) -> None:
+        self._closing = True
+        self._sweeps += 1
         if self._reaper:
             await stop_tasks(self._reaper)
         for s in list(self.sessions.values()):
@@ -141,16 +152,24 @@ class MCPHandler:
 
     async def end_app_sessions(self, app_name: str) -> None:
         """End every live session of an app that is no longer served (each with its end event)."""
+        self._sweeps += 1
         for s in [s for s in self.sessions.values() if s.app.metadata.name == app_name]:
             await self._end(s, f'app "{app_name}" is no longer served')
 
     async def end_redefined_sessions(self, app_name: str) -> None:
         """End the live sessions of ``app_name`` made with another definition than the served one:
         a session is bound to its app's definition (labels, upstream, rewrite), not only its name."""
-        current = self.registry.get(app_name)
+        self._sweeps += 1
         for s in [s for s in self.sessions.values() if s.app.metadata.name == app_name]:
-            if current is None or (s.app is not current and s.app != current):
-                await self._end(s, f'app "{app_name}" was redefined')
+            await self._end_if_redefined(s)
+
+    async def _end_if_redefined(self, s: GatewaySession) -> None:
+        name = s.app.metadata.name
+        current = self.registry.get(name)
+        if current is None:
+            await self._end(s, f'app "{name}" is no longer served')
+        elif s.app is not current and s.app != current:
+            await self._end(s, f'app "{name}" was redefined')
 
     async def end_unauthorised_sessions(self, access: Callable[[str], Awaitable[ToolPolicy | None]]) -> None:
         """End every live session whose user may no longer use its app (each with its end event).
@@ -159,7 +178,9 @@ class MCPHandler:
         raises LookupError for a user it cannot tell about (their sessions are left alone). Called
         when users or roles change (``revocation.py``; a joined app service when a proxy says so):
         a session whose app is still allowed keeps going and takes the new roles on its next
-        request (``_session``)."""
+        request (``_session``).  A session still opening is checked once it is stored
+        (``_new_session``)."""
+        self._access, self._access_checks = access, self._access_checks + 1
         by_user: dict[str, list[GatewaySession]] = {}
         for s in self.sessions.values():
             by_user.setdefault(s.user, []).append(s)
@@ -169,20 +190,23 @@ class MCPHandler:
             except LookupError:
                 continue
             for s in sessions:
-                if s.dead or self.sessions.get(s.id) is not s:
-                    continue
-                name = s.app.metadata.name
-                if checker is None:
-                    why = f'access to app {name!r} was revoked: user "{user}" no longer exists'
-                    log.info(
-                        "session ended: access revoked",
-                        extra={"session_id": s.id, "app": name, "reason": why},
-                    )
-                    await self._end(s, why)
-                elif not checker.app_decision(s.app).allowed:
-                    # The engine words it and closes the session, as when a request finds the
-                    # roles changed; the executor ends it, with its end event.
-                    await self.executor.run(s, s.engine.policy_changed(checker))
+                await self._end_if_unauthorised(s, checker)
+
+    async def _end_if_unauthorised(self, s: GatewaySession, checker: ToolPolicy | None) -> None:
+        if s.dead or self.sessions.get(s.id) is not s:
+            return
+        name = s.app.metadata.name
+        if checker is None:
+            why = f'access to app {name!r} was revoked: user "{s.user}" no longer exists'
+            log.info(
+                "session ended: access revoked",
+                extra={"session_id": s.id, "app": name, "reason": why},
+            )
+            await self._end(s, why)
+        elif not checker.app_decision(s.app).allowed:
+            # The engine words it and closes the session, as when a request finds the
+            # roles changed; the executor ends it, with its end event.
+            await self.executor.run(s, s.engine.policy_changed(checker))
 
     async def _reap(self) -> None:
         while True:
@@ -321,6 +345,8 @@ class MCPHandler:
                     400, what, rpc_code=-32600 if msg.method != "server/discover" else -32601, mid=msg.id
                 )
             s = await self._new_session(actor, app, scope)
+            if s.dead:  # access was revoked while it opened
+                raise SessionGone(_GONE)
         s.last_active = time.monotonic()
         answer = Answer(send, [(b"mcp-session-id", s.id.encode())] if not sid else NO_HEADERS)
         engine = s.engine
@@ -337,6 +363,11 @@ class MCPHandler:
             return
         if got.fwd is None:
             await answer.empty(202)
+            return
+        if s.dead:
+            # It ended while the audit record was committed (its end event failed this call):
+            # nothing more reaches its upstream, and no waiter is left that nothing will wake.
+            await answer.error(404, _GONE, "client", code=-32001, mid=_id_of(msg))
             return
         await s.upstream.exchange(s, got.fwd, answer, ClientPost(headers, target, not sid))
 
@@ -363,10 +394,41 @@ class MCPHandler:
         return s
 
     async def _new_session(self, actor: Actor, app: App, scope: Scope) -> GatewaySession:
+        # Counted as the user's from the check until stored (starting the upstream takes a while):
+        # else initializes sent together all pass the limit, each with its own stdio process.
+        name = actor.name
+        self._opening[name] = self._opening.get(name, 0) + 1
+        checks, sweeps = self._access_checks, self._sweeps
+        try:
+            s = await self._open_session(actor, app, scope)
+        finally:
+            left = self._opening[name] - 1
+            if left:
+                self._opening[name] = left
+            else:
+                del self._opening[name]
+        if self._sweeps != sweeps:
+            # Sessions were swept while the upstream started, without this one: now.
+            if self._closing:
+                await self._end(s, "gateway shutting down")
+                return s
+            await self._end_if_redefined(s)
+            if s.dead:
+                return s
+        if self._access_checks != checks and self._access is not None:
+            # Access was re-checked while the upstream started, without this session: now.
+            try:
+                checker = await self._access(name)
+            except LookupError:  # the re-check could not tell about this user: nor can we
+                return s
+            await self._end_if_unauthorised(s, checker)
+        return s
+
+    async def _open_session(self, actor: Actor, app: App, scope: Scope) -> GatewaySession:
         user = actor.user
         assert user is not None and actor.checker is not None
         mine = sum(1 for s in self.sessions.values() if s.user == actor.name)
-        if mine >= self.limits.sessions_per_user:
+        if mine + self._opening[actor.name] - 1 >= self.limits.sessions_per_user:
             raise LimitExceededError(
                 f"too many open MCP sessions for user {actor.name!r} "
                 f"(limit {self.limits.sessions_per_user}); "

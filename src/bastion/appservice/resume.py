@@ -77,6 +77,7 @@ class EventLogs:
         """The log and position a ``Last-Event-ID`` points at, if we still have it."""
         stream_id, sep, n = last_event_id.strip().rpartition(".")
         log = self._logs.get(stream_id) if sep else None
-        if log is None or not n.isdigit():
+        # ASCII digits, at most 18: int() refuses "²" and numbers over 4300 digits (a 500 each).
+        if log is None or not (n.isascii() and n.isdigit()) or len(n) > 18:
             return None
         return log, int(n)

@@ -32,6 +32,10 @@ from bastion.transport import MessageStream
 
 log = logging.getLogger("bastion.app")
 
+#: Messages a waiting POST may hold that its client has not taken yet: beyond that, the reader
+#: stops reading the upstream (whose own pipe or stream then fills, and it waits).
+QUEUE_BOUND = 256
+
 
 class StreamUpstream:
     """The upstream of one session that speaks JSON-RPC messages over a stream."""
@@ -49,6 +53,10 @@ class StreamUpstream:
         self.get_sent = 0
         self.get_owner: object | None = None
         self.reader: asyncio.Task[None] | None = None
+        #: Set whenever a POST takes a message or stops waiting (room for the reader).
+        self._room = asyncio.Event()
+        #: Set while the reader waits for a client to take what it holds.
+        self.paused = asyncio.Event()
 
     @property
     def busy(self) -> bool:
@@ -86,6 +94,7 @@ class StreamUpstream:
                 raw = await self.stream.receive()
                 s.last_active = time.monotonic()
                 await self.ex.upstream_sent(s, raw, self)
+                await self._wait_for_room()
         except asyncio.CancelledError:
             raise
         except UpstreamError as e:
@@ -93,6 +102,18 @@ class StreamUpstream:
         except Exception as e:  # a bug must not leave clients waiting forever
             log.exception("upstream reader failed", extra={"session_id": s.id})
             await self.ex.upstream_failed(s, f"gateway error: {e}")
+
+    async def _wait_for_room(self) -> None:
+        """Backpressure: while a waiting POST holds ``QUEUE_BOUND`` messages its client has not
+        taken, read nothing more (a client that does not read stalls its own session only, and
+        only until its request's deadline)."""
+        while any(q.qsize() >= QUEUE_BOUND for q in self.pending.values()):
+            self.paused.set()
+            self._room.clear()
+            try:
+                await self._room.wait()
+            finally:
+                self.paused.clear()
 
     # ------------------------------------------------------------------ POST
 
@@ -102,7 +123,9 @@ class StreamUpstream:
         msg = fwd.message
         rid = msg.id
         waiter: asyncio.Queue[bytes | None] | None = None
-        if msg.kind == "request" and rid not in self.pending:
+        if msg.kind == "request":
+            # The engine forwards a request only when its id is free; a POST still finishing with
+            # the same id (its answer already in its own queue) keeps that queue, not the id.
             waiter = asyncio.Queue()
             self.pending[rid] = waiter
             self.order.append(rid)
@@ -123,6 +146,7 @@ class StreamUpstream:
                 del self.pending[rid]
                 with contextlib.suppress(ValueError):
                     self.order.remove(rid)
+                self._room.set()
 
     async def _answer_from_queue(
         self, s: GatewaySession, answer: Answer, waiter: asyncio.Queue[bytes | None], rid: Any, sent_at: float
@@ -132,6 +156,7 @@ class StreamUpstream:
             # asyncio.timeout, not wait_for: no task per wait (this is every stdio call).
             async with asyncio.timeout(deadline):
                 first = await waiter.get()
+            self._room.set()
         except TimeoutError:
             s.m.upstream_error("timeout")
             body = await self.ex.fail_request(
@@ -157,6 +182,7 @@ class StreamUpstream:
                 try:
                     async with asyncio.timeout(deadline):
                         item = await waiter.get()
+                    self._room.set()
                 except TimeoutError:
                     item = None
                 if item is None:

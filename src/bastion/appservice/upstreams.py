@@ -27,7 +27,7 @@ from bastion.appservice.demo import DemoServer
 from bastion.appservice.hostpolicy import HostPolicy
 from bastion.auth import appjwt
 from bastion.auth.ca import CertAuthority
-from bastion.errors import UpstreamError
+from bastion.errors import HostConfigError, UpstreamError
 from bastion.protocol.paths import encode_target
 from bastion.resources import App
 from bastion.transport import MessageStream
@@ -281,7 +281,7 @@ async def open_stream(
 ) -> MessageStream:
     """A message stream to the app's upstream (stdio process, SSE session, or the demo).
 
-    With ``host``: a dynamic app the policy refuses is not started (``UpstreamError``,
+    With ``host``: a dynamic app the policy refuses is not started (``HostConfigError``,
     a second check behind the one that kept it out of the registry), a stdio server
     over a cap is ``LimitExceededError`` (429), and SSE connects go through the guard.
     """
@@ -299,7 +299,7 @@ async def open_stream(
         from bastion.transport.stdio import spawn_stdio
 
         if app.spec.mcp is None:
-            raise UpstreamError(f'app "{app.metadata.name}" has no command to run')
+            raise HostConfigError(f'app "{app.metadata.name}" has no command to run')
         if host is None:
             return await spawn_stdio(app.spec.mcp, name=app.metadata.name)
         _check_dynamic(host, app)
@@ -324,4 +324,4 @@ def _check_dynamic(host: HostPolicy, app: App) -> None:
         return
     why = host.refusal(app)
     if why is not None:
-        raise UpstreamError(f'app "{app.metadata.name}" is not served by this host: {why}')
+        raise HostConfigError(f'app "{app.metadata.name}" is not served by this host: {why}')

@@ -141,7 +141,7 @@ class AuditLog:
         return len(self._queue)
 
     async def search(self, query: AuditQuery) -> list[dict[str, Any]]:
-        """The store's ``search``: committed events matching ``query``, oldest first."""
+        """The store's ``search``: committed events matching ``query``, in ``query.order``."""
         return await self._store.search(query)
 
     async def verify(self, checker: Checker | None, since: datetime | None = None) -> VerifyReport:

@@ -6,8 +6,8 @@ the outcome of a call kept in the ``success``/``error``/``duration_ms``
 columns and merged into the document by search (the same ``merge_outcome``; rows
 completed by versions before 2026-11-22, which also rewrote the JSON, read
 the same), the same search semantics (``since <= time < until``, types,
-user, app, session; oldest first by event time, then insertion order; at
-most ``limit``), and the optional ``write_batch``.
+user, app, session; oldest first by event time, then insertion order, or
+newest first; at most ``limit`` from that end), and the optional ``write_batch``.
 
 Idempotent, so a writer may retry a batch whose outcome it does not know
 (a connection lost around COMMIT): ``insert_many`` is ``ON CONFLICT (id) DO
@@ -619,7 +619,8 @@ def _search_sql(query: AuditQuery) -> tuple[str, list[Any]]:
     sql = f"SELECT event, success, error, duration_ms FROM {TABLE}"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += f" ORDER BY time_us, seq LIMIT {param(query.limit)}"
+    direction = " DESC" if query.order == "desc" else ""
+    sql += f" ORDER BY time_us{direction}, seq{direction} LIMIT {param(query.limit)}"
     return sql, params
 
 

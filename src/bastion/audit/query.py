@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from bastion._time import parse_duration
 from bastion.audit.events import EVENT_TYPES
-from bastion.audit.store import AuditQuery
+from bastion.audit.store import ORDERS, AuditQuery
 from bastion.errors import ValidationError
 
 
@@ -28,10 +28,15 @@ def parse_when(text: str, *, now: datetime | None = None) -> datetime:
 
 
 def query_from_params(params: Mapping[str, str]) -> AuditQuery:
+    """The query the parameters ask for: the newest ``limit`` events, newest first, unless
+    ``order=asc`` (then the oldest ``limit``, oldest first)."""
     types = tuple(t for t in (params.get("type") or "").split(",") if t)
     for t in types:
         if t not in EVENT_TYPES:
             raise ValidationError(f'unknown event type "{t}" (known: {", ".join(EVENT_TYPES)})')
+    order = params.get("order") or "desc"
+    if order not in ORDERS:
+        raise ValidationError(f'order must be asc or desc, not "{order}"')
     limit_text = params.get("limit") or "1000"
     if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100_000:
         raise ValidationError("limit must be a number from 1 to 100000")
@@ -43,4 +48,5 @@ def query_from_params(params: Mapping[str, str]) -> AuditQuery:
         app=params.get("app") or None,
         session_id=params.get("session") or None,
         limit=int(limit_text),
+        order=order,
     )

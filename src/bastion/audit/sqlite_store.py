@@ -1040,8 +1040,12 @@ def _search(path: Path, query: AuditQuery) -> list[dict[str, Any]]:
     # removed) between the two reads is in the index by the time it is read.
     items = _read_journal(path.parent)
     stored = _read(path, *_search_sql(query)) if path.exists() else []
+    desc = query.order == "desc"
     if not items:
         return [doc for _, _, doc in stored]
+    if desc:
+        # The index's newest ``limit``, put back in insertion order for the merge below.
+        stored.reverse()
     by_id: dict[str, dict[str, Any]] = {}
     found: list[tuple[int, int, int, dict[str, Any]]] = []
     for i, (eid, t, doc) in enumerate(stored):
@@ -1060,7 +1064,8 @@ def _search(path: Path, query: AuditQuery) -> list[dict[str, Any]]:
             target = by_id.get(item[1])
             if target is not None:
                 apply_outcome(target, item[2], item[3], item[4])
-    found.sort(key=lambda f: f[:3])
+    # Indexed items were written before journaled ones: (time, 0|1, position) is insertion order.
+    found.sort(key=lambda f: f[:3], reverse=desc)
     return [f[3] for f in found[: query.limit]]
 
 
@@ -1096,7 +1101,11 @@ def _search_sql(query: AuditQuery) -> tuple[str, list[Any]]:
     sql = "SELECT id, time_us, event, success, error, duration_ms FROM audit_events"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY time_us, seq LIMIT ?"
+    sql += (
+        " ORDER BY time_us DESC, seq DESC LIMIT ?"
+        if query.order == "desc"
+        else " ORDER BY time_us, seq LIMIT ?"
+    )
     params.append(query.limit)
     return sql, params
 

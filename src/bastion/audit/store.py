@@ -16,7 +16,9 @@ Contract of every ``AuditStore``:
   event wins.
 - ``search(query)`` returns stored events (the ``to_dict`` form, completions
   applied) matching every given filter, oldest first (by event time, then
-  by insertion order), at most ``query.limit`` of them.
+  by insertion order) -- newest first when ``query.order`` is ``"desc"`` --
+  at most ``query.limit`` of them, taken from that end: the oldest
+  ``limit`` ascending, the newest ``limit`` descending.
 - Failures raise ``BackendError``; ``close()`` is idempotent, and any other
   call after it raises ``BackendError``.
 - Optional: ``write_batch(events, updates)`` does ``insert_many(events)``
@@ -63,6 +65,8 @@ __all__ = [
     "merge_outcome",
 ]
 
+#: ``AuditQuery.order``: oldest first, newest first.
+ORDERS: Final = ("asc", "desc")
 #: The largest ``AuditQuery.limit`` accepted.
 MAX_LIMIT: Final = 100_000
 
@@ -86,7 +90,8 @@ class AuditQuery:
 
     ``since <= time < until`` (naive datetimes are UTC); ``types`` empty
     means any type; ``user``/``app``/``session_id`` ``None`` (or empty) mean
-    any.  Results are oldest first, at most ``limit`` (1..``MAX_LIMIT``).
+    any.  Results are oldest first (``order="asc"``) or newest first
+    (``order="desc"``), at most ``limit`` (1..``MAX_LIMIT``) from that end.
     """
 
     since: datetime | None = None
@@ -96,8 +101,11 @@ class AuditQuery:
     app: str | None = None
     session_id: str | None = None
     limit: int = 1000
+    order: str = "asc"
 
     def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ValidationError(f'audit search order must be "asc" or "desc", got "{self.order}"')
         if not 1 <= self.limit <= MAX_LIMIT:
             raise ValidationError(f"audit search limit must be between 1 and {MAX_LIMIT}, got {self.limit}")
 

@@ -49,6 +49,7 @@ from bastion.policy import AccessChecker, preset_roles
 from bastion.resources import (
     KINDS,
     READ_ONLY_KINDS,
+    App,
     AppServer,
     Metadata,
     Resource,
@@ -107,6 +108,9 @@ class AuthSettings:
     default_token_ttl: timedelta = timedelta(minutes=30)
     #: Lifetime of a joined host's certificate; hosts renew at two thirds of it.
     host_cert_ttl: timedelta = timedelta(hours=24)
+    #: App names this node's own configuration file defines (its app service's static apps):
+    #: no app resource may take one (decision 8), even while no heartbeat says so.
+    static_apps: frozenset[str] = frozenset()
 
 
 def settings_from(cfg: Any) -> AuthSettings:
@@ -118,6 +122,7 @@ def settings_from(cfg: Any) -> AuthSettings:
         lockout_duration=a.authentication.lockout_duration,
         invite_ttl=a.authentication.invite_ttl,
         host_cert_ttl=a.host_cert_ttl,
+        static_apps=cfg.app_service.static_names if cfg.app_service.enabled else frozenset(),
     )
 
 
@@ -751,8 +756,12 @@ class AuthServer:
             res = res.model_copy(update={"status": UserStatus(uid=_new_uid())})
         if not overwrite:
             actor.require(kind, "create")
+            if isinstance(res, App):
+                await self._refuse_static_name(res.metadata.name)
             return await self._create(res)
         actor.require(kind, "create", "update")
+        if isinstance(res, App):
+            await self._refuse_static_name(res.metadata.name)
         try:
             current = await self.backend.get(key_for(kind, res.metadata.name))
         except NotFoundError:
@@ -763,6 +772,27 @@ class AuthServer:
                 res = res.model_copy(update={"status": stored.status})
         expected = res.metadata.revision or current.revision
         return await self._write(res, expected)
+
+    async def _refuse_static_name(self, name: str) -> None:
+        """Refuse an app resource named like a static app that would win over it (decision 8).
+
+        Those are the static apps of app services running in a proxy's process (``via``
+        ``proxy``) and of this node's own file.  A joined host's static app does not win:
+        the resource takes the name back from it (decision 19), so it is not refused.
+        """
+        owners = sorted(
+            f"app service {s.metadata.name}"
+            for s in await self.app_servers()
+            if s.spec.via == "proxy" and name in s.spec.static
+        )
+        if not owners and name in self.settings.static_apps:
+            owners = ["the auth service's own node"]
+        if owners:
+            raise AlreadyExistsError(
+                f'app "{name}" is defined in the configuration file of {", ".join(owners)}; an app '
+                "resource of that name would never be served there (the file wins, decision 8): "
+                "choose another name"
+            )
 
     async def delete_resource(self, actor: Actor, kind: str, name: str) -> None:
         _check_kind(kind)

@@ -9,8 +9,11 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, Protocol, TypeVar
 
+import orjson
 import typer
+import yaml
 from rich.console import Console
+from rich.table import Table
 
 from bastion._time import utcnow
 from bastion.client import profile as profiles
@@ -19,6 +22,39 @@ from bastion.errors import AuthenticationError, BastionError, ConfigError
 
 out = Console(highlight=False, soft_wrap=True, markup=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+#: The width of output that is not a terminal (a pipe, a file): wide enough never to cut a line.
+UNLIMITED_WIDTH = 1_000_000
+
+
+def full_width_unless_terminal() -> None:
+    """Tables fit a terminal; piped or redirected, they are never cut (``| cat``, ``| grep``)."""
+    if not out.is_terminal:
+        out.width = UNLIMITED_WIDTH
+
+
+def table(*columns: str) -> Table:
+    """A table of plain columns whose long cells wrap (on a terminal) and are never cut."""
+    t = Table(box=None, header_style="bold", pad_edge=False)
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    return t
+
+
+def check_format(fmt: str, allowed: tuple[str, ...] = ("text", "yaml", "json")) -> str:
+    """``fmt`` if it is one of ``allowed``, else a usage error naming them."""
+    if fmt not in allowed:
+        raise typer.BadParameter(f'"{fmt}" is not one of {", ".join(allowed)}', param_hint="--format")
+    return fmt
+
+
+def print_data(data: Any, fmt: str) -> None:
+    """``data`` as JSON (indented) or YAML on stdout."""
+    if fmt == "json":
+        print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+
 
 DEFAULT_CONFIG = Path("/etc/bastion.yaml")
 
@@ -120,9 +156,7 @@ def client_for(
         raise AuthenticationError(
             f"your credential for {prof.proxy} expired at {prof.expires}; log in again with `bastion login`"
         )
-    client = ApiClient(
-        prof.proxy, ca_pem=prof.ca_pem or None, insecure=insecure or prof.insecure, token=prof.token
-    )
+    client = ApiClient(prof.proxy, trust=prof.trust(insecure=insecure), token=prof.token)
     return client, prof
 
 

@@ -25,6 +25,7 @@ from bastion.cli._common import (
     fail,
     out,
     run,
+    table,
     with_admin,
 )
 from bastion.errors import ValidationError
@@ -404,10 +405,8 @@ def _labels(d: dict[str, Any]) -> str:
 
 
 def _table(items: list[dict[str, Any]], kind: str) -> Table:
-    t = Table(box=None, header_style="bold", pad_edge=False)
     if kind == "user":
-        for c in ("Name", "Roles", "Traits"):
-            t.add_column(c)
+        t = table("Name", "Roles", "Traits")
         for i in items:
             t.add_row(
                 i["metadata"]["name"],
@@ -415,8 +414,7 @@ def _table(items: list[dict[str, Any]], kind: str) -> Table:
                 _labels(i["spec"].get("traits", {})),
             )
     elif kind == "token":
-        for c in ("ID", "Type", "Expires", "Scope"):
-            t.add_column(c)
+        t = table("ID", "Type", "Expires", "Scope")
         for i in items:
             spec = i["spec"]
             scope = " ".join(
@@ -434,8 +432,7 @@ def _table(items: list[dict[str, Any]], kind: str) -> Table:
                 scope or "any app",
             )
     elif kind == "role":
-        for c in ("Name", "Allowed app labels", "Allowed tools", "Rules", "Denied tools"):
-            t.add_column(c)
+        t = table("Name", "Allowed app labels", "Allowed tools", "Rules", "Denied tools")
         for i in items:
             allow, deny = i["spec"].get("allow", {}), i["spec"].get("deny", {})
             rules = "; ".join(
@@ -449,8 +446,7 @@ def _table(items: list[dict[str, Any]], kind: str) -> Table:
                 ",".join(deny.get("mcp", {}).get("tools", [])),
             )
     elif kind == "app_server":
-        for c in ("Host ID", "Hostname", "Via", "Apps", "Refused", "Proxies", "Version", "Expires"):
-            t.add_column(c)
+        t = table("Host ID", "Hostname", "Via", "Apps", "Refused", "Proxies", "Version", "Expires")
         for i in items:
             spec = i["spec"]
             t.add_row(
@@ -464,8 +460,7 @@ def _table(items: list[dict[str, Any]], kind: str) -> Table:
                 _when(i["metadata"].get("expires")),
             )
     else:
-        for c in ("Name", "Description", "URI / command", "Labels"):
-            t.add_column(c)
+        t = table("Name", "Description", "URI / command", "Labels")
         for i in items:
             spec = i["spec"]
             target = spec.get("uri") or " ".join(

@@ -8,7 +8,19 @@ import orjson
 import typer
 from rich.table import Table
 
-from bastion.cli._common import Admin, ConfigOpt, IdentityOpt, InsecureOpt, ProxyOpt, out, run, with_admin
+from bastion.cli._common import (
+    Admin,
+    ConfigOpt,
+    IdentityOpt,
+    InsecureOpt,
+    ProxyOpt,
+    check_format,
+    out,
+    print_data,
+    run,
+    table,
+    with_admin,
+)
 from bastion.errors import BastionError
 
 audit_app = typer.Typer(help="The audit log of MCP sessions.", no_args_is_help=True)
@@ -26,14 +38,23 @@ def search(
     user: Annotated[str | None, typer.Option("--user", help="Only this user's events.")] = None,
     app: Annotated[str | None, typer.Option("--app", help="Only this app's events.")] = None,
     session: Annotated[str | None, typer.Option("--session", help="Only this session's events.")] = None,
-    limit: Annotated[int, typer.Option("--limit", help="At most this many events (oldest first).")] = 1000,
-    fmt: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
+    limit: Annotated[
+        int,
+        typer.Option("--limit", help="At most this many events: the newest (the oldest with --order=asc)."),
+    ] = 1000,
+    order: Annotated[
+        str, typer.Option("--order", metavar="desc|asc", help="desc: newest first; asc: oldest first.")
+    ] = "desc",
+    fmt: Annotated[str, typer.Option("--format", help="text (a table), json or yaml.")] = "text",
     config: ConfigOpt = None,
     identity: IdentityOpt = None,
     proxy: ProxyOpt = None,
     insecure: InsecureOpt = False,
 ) -> None:
-    """Search audit events (needs a role allowing list and read on `event`)."""
+    """Search audit events, newest first (needs a role allowing list and read on `event`)."""
+    check_format(fmt)
+    if order not in ("asc", "desc"):
+        raise typer.BadParameter(f'"{order}" is not asc or desc', param_hint="--order")
     params = {
         k: v
         for k, v in {
@@ -44,14 +65,15 @@ def search(
             "app": app,
             "session": session,
             "limit": str(limit),
+            "order": order,
         }.items()
         if v
     }
 
     async def go(admin: Admin) -> None:
         events = await admin.audit_search(params)
-        if fmt == "json":
-            print(orjson.dumps(events, option=orjson.OPT_INDENT_2).decode())
+        if fmt != "text":
+            print_data(events, fmt)
             return
         out.print(_table(events))
 
@@ -59,13 +81,11 @@ def search(
 
 
 def _table(events: list[dict[str, Any]]) -> Table:
-    t = Table(box=None, header_style="bold", pad_edge=False)
-    for c in ("Time", "Event", "Code", "User", "App", "Method", "Tool", "Details"):
-        t.add_column(c)
+    t = table("Time", "Event", "Code", "User", "App", "Method", "Tool", "Details")
     for e in events:
-        details = e.get("error") or (orjson.dumps(e["params"]).decode()[:80] if e.get("params") else "")
+        details = e.get("error") or (orjson.dumps(e["params"]).decode() if e.get("params") else "")
         t.add_row(
-            str(e.get("time", ""))[:23],
+            str(e.get("time", "")),
             e.get("event", ""),
             e.get("code", ""),
             e.get("user", ""),
@@ -83,7 +103,7 @@ def verify(
         str | None,
         typer.Option("--since", help="Check only what was written since (RFC 3339, or how long ago: 24h)."),
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
+    fmt: Annotated[str, typer.Option("--format", help="text, json or yaml.")] = "text",
     config: ConfigOpt = None,
     identity: IdentityOpt = None,
     proxy: ProxyOpt = None,
@@ -94,6 +114,7 @@ def verify(
     On the server host through the data directory (--config), running or not; elsewhere through
     the proxy (needs a role allowing list and read on `event`).
     """
+    check_format(fmt)
 
     async def go(admin: Admin) -> dict[str, Any]:
         check = getattr(admin, "audit_verify", None)
@@ -103,10 +124,10 @@ def verify(
         return report
 
     report = run(with_admin(go, config=config, identity=identity, proxy=proxy, insecure=insecure))
-    if fmt == "json":
-        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    if fmt != "text":
+        print_data(report, fmt)
     breaks = report["breaks"]
-    if fmt != "json":
+    if fmt == "text":
         if breaks:
             first = breaks[0]
             out.print(f"first bad event: {first['event_id']}: {first['reason']}", markup=False)

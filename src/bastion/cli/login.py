@@ -25,7 +25,7 @@ from bastion.cli._common import (
     run,
 )
 from bastion.client import profile as profiles
-from bastion.client.api import ApiClient, ProxyUnreachableError, fetch_ca_unverified
+from bastion.client.api import ApiClient, Trust, UntrustedProxyError, fetch_ca_unverified
 from bastion.errors import AuthenticationError, BastionError, SecondFactorRequiredError, ValidationError
 
 CAFingerprintOpt = Annotated[
@@ -43,36 +43,40 @@ CAFileOpt = Annotated[
 
 async def resolve_trust(
     proxy: str, *, ca_fingerprint: str | None, ca_file: Path | None, insecure: bool
-) -> str:
-    """The CA PEM to verify ``proxy`` with ("" = the system trust store).
+) -> Trust:
+    """What to accept from ``proxy``: the system trust store and a cluster CA (decision 0027).
 
-    First contact shows the cluster CA's fingerprint and pins it only when the
-    user confirms it (or passed the expected one): trust on first use, never
-    silently.
+    ``--ca-file`` or ``--ca-fingerprint`` name the cluster CA to pin, whatever was pinned before.
+    Otherwise the CA pinned by an earlier login is used; on first contact, a proxy whose
+    certificate the system trusts gives its cluster CA over that verified connection (pinned
+    without a prompt), and any other shows the CA's fingerprint and has it pinned only when the
+    user confirms it (or passed the expected one): trust on first use, never silently.
     """
+    pin_file = str(profiles.ca_pin_path(proxy))
     if insecure:
         err.print(
             "[yellow]warning:[/yellow] --insecure: the proxy's identity is NOT verified",
             markup=True,
         )
-        return ""
+        return Trust(insecure=True)
     if ca_file is not None:
         try:
-            return ca_file.read_text()
+            return Trust(ca_file.read_text(), pinned_in=str(ca_file))
         except OSError as e:
             raise ValidationError(f"cannot read {ca_file}: {e.strerror}") from None
     pinned = profiles.pinned_ca(proxy)
-    if pinned:
-        return pinned
-    probe = ApiClient(proxy, ca_pem=None)
-    try:
-        await probe.get("/v1/webapi/find")
-        return ""  # a certificate the system trusts: nothing to pin
-    except ProxyUnreachableError as e:
-        if "certificate" not in e.message:
-            raise
-    finally:
-        await probe.close()
+    if pinned and not ca_fingerprint:
+        return Trust(pinned, pinned_in=pin_file)
+    if not ca_fingerprint:
+        probe = ApiClient(proxy, trust=Trust())
+        try:
+            ca = await probe.get("/v1/webapi/ca")
+            # A certificate the system trusts: the CA it vouches for needs no prompt.
+            return Trust(ca.decode() if isinstance(ca, bytes) else str(ca), pinned_in=pin_file)
+        except UntrustedProxyError:
+            pass
+        finally:
+            await probe.close()
     ca_pem = await fetch_ca_unverified(proxy)
     fp = fingerprint(ca_pem.encode())
     if ca_fingerprint:
@@ -92,7 +96,19 @@ async def resolve_trust(
             "with `bastion auth export --type=tls --fingerprint` on the server, then pass "
             "--ca-fingerprint=SHA256:..., or --ca-file FILE"
         )
-    return ca_pem
+    return Trust(ca_pem, pinned_in=pin_file)
+
+
+def pin(proxy: str, trust: Trust) -> None:
+    """Pin ``trust``'s CA for ``proxy`` (after a successful login); say so if it replaces another."""
+    if not trust.ca_pem:
+        return
+    before = profiles.pin_ca(proxy, trust.ca_pem)
+    if before:
+        err.print(
+            f"Re-pinned the cluster CA for {proxy}: {fingerprint(trust.ca_pem.encode())} replaces "
+            f"{fingerprint(before.encode())} in {profiles.ca_pin_path(proxy)}"
+        )
 
 
 def _read_password(password_stdin: bool, prompt: str, *, confirm: bool = False) -> str:
@@ -134,8 +150,8 @@ def login(
             raise typer.BadParameter(str(e), param_hint="--ttl") from None
 
     async def go() -> None:
-        ca_pem = await resolve_trust(proxy, ca_fingerprint=ca_fingerprint, ca_file=ca_file, insecure=insecure)
-        client = ApiClient(proxy, ca_pem=ca_pem or None, insecure=insecure)
+        trust = await resolve_trust(proxy, ca_fingerprint=ca_fingerprint, ca_file=ca_file, insecure=insecure)
+        client = ApiClient(proxy, trust=trust)
         try:
             password = _read_password(password_stdin, f"Enter password for {username}: ")
             body: dict[str, Any] = {"user": username, "password": password, "otp": otp or ""}
@@ -156,12 +172,11 @@ def login(
             cluster_name=res["cluster_name"],
             token=res["token"],
             expires=res["expires"],
-            ca_pem=ca_pem,
+            ca_pem=trust.ca_pem,
             insecure=insecure,
         )
         profiles.save(prof)
-        if ca_pem:
-            profiles.pin_ca(proxy, ca_pem)
+        pin(proxy, trust)
         _print_status(prof, res.get("roles", []))
 
     run(go())
@@ -192,31 +207,40 @@ def status(identity: IdentityOpt = None, proxy: ProxyOpt = None, insecure: Insec
 
 
 def logout(proxy: ProxyOpt = None, insecure: InsecureOpt = False) -> None:
-    """Revoke the credential of the current (or the named) profile at the proxy, and remove it."""
+    """Revoke the credential of the current (or the named) profile at the proxy, and remove it.
+
+    With --proxy, the cluster CA pinned for that proxy is forgotten too.
+    """
     prof = profiles.load_current(proxy)
+    forgot = profiles.forget_ca(proxy) if proxy else None
+    said = f"Forgot the cluster CA pinned for {proxy} ({forgot})." if forgot else ""
     if prof is None:
         out.print("Not logged in.")
+        if said:
+            out.print(said)
         return
     problem = ""
     if not prof.is_expired(utcnow()):
         problem = _revoke(prof, insecure=insecure)
     profiles.remove(prof.proxy)
     if problem:
+        if said:
+            out.print(said)
         # The local copy is gone, but the credential would still work if someone copied it.
         raise fail(
             f"Removed the local credential of {prof.user}, but the proxy could not revoke it "
             f"({problem}): it stays valid until {prof.expires}."
         )
     out.print(f"Logged out {prof.user} from {prof.proxy}.")
+    if said:
+        out.print(said)
 
 
 def _revoke(prof: profiles.Profile, *, insecure: bool) -> str:
     """Ask the proxy to revoke ``prof``'s credential; "" when done, else what went wrong."""
 
     async def go() -> None:
-        client = ApiClient(
-            prof.proxy, ca_pem=prof.ca_pem or None, insecure=insecure or prof.insecure, token=prof.token
-        )
+        client = ApiClient(prof.proxy, trust=prof.trust(insecure=insecure), token=prof.token)
         try:
             await client.post("/v1/auth/logout", {})
         finally:
@@ -251,8 +275,8 @@ def set_password(
     """Set your password with a one-time invite (and optionally register TOTP)."""
 
     async def go() -> None:
-        ca_pem = await resolve_trust(proxy, ca_fingerprint=ca_fingerprint, ca_file=ca_file, insecure=insecure)
-        client = ApiClient(proxy, ca_pem=ca_pem or None, insecure=insecure)
+        trust = await resolve_trust(proxy, ca_fingerprint=ca_fingerprint, ca_file=ca_file, insecure=insecure)
+        client = ApiClient(proxy, trust=trust)
         try:
             info = await client.post("/v1/webapi/invites/info", {"code": invite})
             user = info["user"]
@@ -278,8 +302,7 @@ def set_password(
             )
         finally:
             await client.close()
-        if ca_pem:
-            profiles.pin_ca(proxy, ca_pem)
+        pin(proxy, trust)
         out.print(f"Password set for {user}. Log in with:\n  bastion login --proxy={proxy} --user={user}")
 
     run(go())

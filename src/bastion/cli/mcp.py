@@ -6,10 +6,19 @@ from typing import Annotated, Any
 
 import orjson
 import typer
-import yaml
-from rich.table import Table
 
-from bastion.cli._common import IdentityOpt, InsecureOpt, ProxyOpt, client_for, err, out, run
+from bastion.cli._common import (
+    IdentityOpt,
+    InsecureOpt,
+    ProxyOpt,
+    check_format,
+    client_for,
+    err,
+    out,
+    print_data,
+    run,
+    table,
+)
 
 mcp_app = typer.Typer(help="Use MCP servers through the cluster.", no_args_is_help=True)
 
@@ -74,6 +83,7 @@ def ls(
     insecure: InsecureOpt = False,
 ) -> None:
     """List the MCP servers you may use, with their transport and the tools you may call."""
+    check_format(fmt)
     selector = parse_labels(labels)
     words = [w.lower() for w in (search or "").replace(",", " ").split() if w]
 
@@ -91,16 +101,12 @@ def ls(
                 ).lower()
 
             apps = [a for a in apps if all(w in haystack(a) for w in words)]
-        if fmt == "json":
-            print(orjson.dumps(apps, option=orjson.OPT_INDENT_2).decode())
-            return
-        if fmt == "yaml":
-            print(yaml.safe_dump(apps, sort_keys=False), end="")
+        if fmt != "text":
+            print_data(apps, fmt)
             return
         if not apps:
             err.print("No MCP servers found (none match, or your roles' app_labels match none).")
             return
-        t = Table(box=None, header_style="bold", pad_edge=False)
         cols = ["Name", "Description", "Type", "Allowed Tools", "Labels"]
         if verbose:
             cols = [
@@ -113,8 +119,7 @@ def ls(
                 "Allowed Tools",
                 "Denied Tools",
             ]
-        for c in cols:
-            t.add_column(c, overflow="fold")
+        t = table(*cols)
         for a in apps:
             labels_text = ",".join(
                 f"{k}={v}" for k, v in sorted(a["labels"].items()) if not k.startswith("bastion.internal/")
@@ -149,20 +154,21 @@ def _client(name: str, *, identity: Any, proxy: str | None, insecure: bool) -> A
         proxy=prof.proxy,
         app=name,
         token=prof.token,
-        ca_pem=prof.ca_pem or None,
-        insecure=insecure or prof.insecure,
+        trust=prof.trust(insecure=insecure),
+        on_slow_start=lambda message: err.print(message, markup=False),
     )
 
 
 @mcp_app.command("tools")
 def tools(
     name: Annotated[str, typer.Argument(help="The MCP server.")],
-    fmt: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
+    fmt: Annotated[str, typer.Option("--format", help="text (a table), json or yaml.")] = "text",
     identity: IdentityOpt = None,
     proxy: ProxyOpt = None,
     insecure: InsecureOpt = False,
 ) -> None:
     """List the tools of an MCP server that you may call, with their descriptions."""
+    check_format(fmt)
 
     async def go() -> None:
         listed: list[dict[str, Any]] = []
@@ -174,17 +180,15 @@ def tools(
                 cursor = page.get("nextCursor")
                 if not cursor:
                     break
-        if fmt == "json":
-            print(orjson.dumps(listed, option=orjson.OPT_INDENT_2).decode())
+        if fmt != "text":
+            print_data(listed, fmt)
             return
         if not listed:
             err.print(
                 f"You may not call any tool on {name}. " + NO_TOOLS_WARNING.removeprefix("[!] Warning: ")
             )
             return
-        t = Table(box=None, header_style="bold", pad_edge=False)
-        t.add_column("Tool")
-        t.add_column("Description", overflow="fold")
+        t = table("Tool", "Description")
         for tool in listed:
             t.add_row(str(tool.get("name")), str(tool.get("description") or "").strip().split("\n")[0])
         out.print(t)
@@ -203,13 +207,14 @@ def call(
         str | None, typer.Option("--args-json", help="All arguments as one JSON object.")
     ] = None,
     fmt: Annotated[
-        str, typer.Option("--format", help="text (the content) or json (the whole result).")
+        str, typer.Option("--format", help="text (the content), json or yaml (the whole result).")
     ] = "text",
     identity: IdentityOpt = None,
     proxy: ProxyOpt = None,
     insecure: InsecureOpt = False,
 ) -> None:
     """Call a tool of an MCP server from the terminal."""
+    check_format(fmt)
     arguments: dict[str, Any] = {}
     if args_json:
         try:
@@ -231,8 +236,8 @@ def call(
     async def go() -> None:
         async with _client(name, identity=identity, proxy=proxy, insecure=insecure) as c:
             result = await c.request("tools/call", {"name": tool, "arguments": arguments})
-        if fmt == "json":
-            print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+        if fmt != "text":
+            print_data(result, fmt)
             return
         for item in result.get("content") or []:
             if item.get("type") == "text":

@@ -22,11 +22,27 @@ def mcp(
     identity: IdentityOpt = None,
     proxy: ProxyOpt = None,
 ) -> None:
-    """Serve an MCP app as streamable HTTP on 127.0.0.1, authenticated as you."""
+    """Serve an MCP app as streamable HTTP on 127.0.0.1, authenticated as you.
+
+    The app must be one you may use (`bastion mcp ls`): that is checked before listening.
+    """
+    import logging
+
+    from bastion import log as logs
+    from bastion.cli.mcp import fetch_apps
     from bastion.client.local_proxy import CredentialSource, serve
+    from bastion.errors import NotFoundError
+
+    logs.setup("info", "text", "stderr")
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # not its start-up chatter
 
     async def go() -> None:
         creds = CredentialSource(identity=identity, proxy=proxy)
+        apps = await fetch_apps(identity=identity, proxy=proxy, insecure=False)
+        if name not in {a["name"] for a in apps}:
+            raise NotFoundError(
+                f'no MCP app "{name}" that you may use at {creds.profile.proxy}: see `bastion mcp ls`'
+            )
 
         def ready(p: int) -> None:
             print(f"Proxying connections to {name} on 127.0.0.1:{p}", flush=True)

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from bastion import log as logs
+from bastion.appservice.hostcheck import Host, check_static_apps
 from bastion.cli._common import err, fail, out, run
 from bastion.config import load_config
 from bastion.config_template import render_starter
@@ -23,6 +24,8 @@ def start(
     """Run the services the configuration enables, in the foreground."""
     try:
         cfg = load_config(config)
+        if cfg.app_service.enabled:
+            check_static_apps(cfg.app_service, Host.this())  # before anything listens
     except ConfigError as e:
         err.print(f"[red]error:[/red] invalid configuration {config}:", markup=True)
         err.print(e.message, markup=False)
@@ -96,7 +99,12 @@ def configure(
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     try:
-        load_config(output)
+        written = load_config(output)
     except ConfigError as e:
         raise fail(f"the written file does not validate: {e.message}") from None
+    try:  # the file may be meant for another host: a warning, not a failure
+        check_static_apps(written.app_service, Host.this())
+    except ConfigError as e:
+        why = e.message.replace("[", r"\[")
+        err.print(f"[yellow]warning:[/yellow] bastion start on this host would refuse it: {why}")
     out.print(f"Wrote {output}. Start the cluster with:\n  bastion start --config {output}")

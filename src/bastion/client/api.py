@@ -12,18 +12,20 @@ from typing import Any
 from bastion.apiclient import (
     ApiClient,
     ProxyUnreachableError,
+    Trust,
+    UntrustedProxyError,
     base_url,
     fetch_ca_unverified,
-    tls_context,
 )
 
 __all__ = [
     "ApiClient",
     "ProxyUnreachableError",
     "RemoteAdmin",
+    "Trust",
+    "UntrustedProxyError",
     "base_url",
     "fetch_ca_unverified",
-    "tls_context",
 ]
 
 

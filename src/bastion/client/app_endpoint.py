@@ -10,7 +10,8 @@ bridge to answer with (a ``SessionLost`` when a new session may help, a
 ``CredentialRenewed`` when a new login replaced a refused credential).
 
 Also here: the HTTP seam (:class:`Response`, :class:`Pool`, and :class:`PoolCache`,
-which builds the real pool for the proxy the credential names), the gateway
+which builds the real pool for the proxy the credential names, with the profile's
+``Trust``: a refused certificate is told as it tells it), the gateway
 :class:`Session` the headers name, and :func:`parse_header` for the ``-H`` headers.
 """
 
@@ -27,6 +28,7 @@ from urllib.parse import quote
 
 import orjson
 
+from bastion.client.api import Trust
 from bastion.client.credentials import CredentialExpiredError, Credentials, TokenSource
 from bastion.client.rpc_errors import (
     EXPIRED_MESSAGE,
@@ -43,7 +45,7 @@ from bastion.client.rpc_errors import (
 from bastion.errors import BastionError, UpstreamError
 from bastion.protocol import jsonrpc
 from bastion.protocol.sse import EventTooLargeError, SSEParser
-from bastion.transport.http import HTTPUpstreamPool, UpstreamTimeoutError
+from bastion.transport.http import HTTPUpstreamPool, UpstreamCertificateError, UpstreamTimeoutError
 
 __all__ = [
     "DELETE_TIMEOUT",
@@ -168,6 +170,31 @@ class Pool(Protocol):
     ) -> Any: ...
 
 
+def _unreachable(app: str, proxy: str, e: BastionError) -> str:
+    return network_message(app, proxy, e.message, temporary=not isinstance(e, UpstreamCertificateError))
+
+
+class TrustedPool:
+    """An ``HTTPUpstreamPool`` to the proxy whose refused certificate is told as ``trust`` tells it."""
+
+    def __init__(self, pool: HTTPUpstreamPool, trust: Trust, proxy: str) -> None:
+        self.pool = pool
+        self.trust = trust
+        self.proxy = proxy
+
+    async def request(
+        self, method: str, target: str, headers: Sequence[tuple[bytes, bytes]], body: bytes = b""
+    ) -> Any:
+        try:
+            return await self.pool.request(method, target, headers, body)
+        except UpstreamCertificateError as e:
+            msg = self.trust.refusal(self.proxy, e.verify_message)
+            raise UpstreamCertificateError(msg, e.verify_message) from None
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+
+
 class Closing:
     """``async with Closing(resp)``: the response is closed however the block ends."""
 
@@ -192,23 +219,24 @@ class PoolCache:
         self.creds = creds
         self.insecure = insecure
         self._key: tuple[str, str, bool] | None = None
-        self._pool: HTTPUpstreamPool | None = None
-        self._old: list[HTTPUpstreamPool] = []
+        self._pool: TrustedPool | None = None
+        self._old: list[TrustedPool] = []
 
-    def current(self) -> HTTPUpstreamPool:
+    def current(self) -> TrustedPool:
         prof = self.creds.profile
         key = (prof.proxy, prof.ca_pem, not (self.insecure or prof.insecure))
         if self._pool is None or key != self._key:
             if self._pool is not None:
                 self._old.append(self._pool)
             self._key = key
-            self._pool = HTTPUpstreamPool(
+            trust = prof.trust(insecure=self.insecure)
+            pool = HTTPUpstreamPool(
                 f"https://{prof.proxy}",
-                verify=key[2],
-                ca_pem=prof.ca_pem or None,
+                ssl_context=trust.context(),
                 # Longer than the gateway's own upstream timeout, so it answers first.
                 response_timeout=600.0,
             )
+            self._pool = TrustedPool(pool, trust, prof.proxy)
         return self._pool
 
     async def aclose(self) -> None:
@@ -281,9 +309,7 @@ class AppEndpoint:
             try:
                 resp = await self.request("POST", headers, init.raw)
             except UpstreamError as e:
-                raise Failure(
-                    PROXY_UNREACHABLE, network_message(self.app, self.creds.proxy, e.message)
-                ) from None
+                raise Failure(PROXY_UNREACHABLE, _unreachable(self.app, self.creds.proxy, e)) from None
             async with Closing(resp):
                 if resp.status == 401:
                     exc = await self.auth_failure(resp, token)
@@ -319,9 +345,7 @@ class AppEndpoint:
                             + (resp.content_type or "no content type"),
                         )
                 except (UpstreamError, EventTooLargeError) as e:
-                    raise Failure(
-                        PROXY_UNREACHABLE, network_message(self.app, self.creds.proxy, e.message)
-                    ) from None
+                    raise Failure(PROXY_UNREACHABLE, _unreachable(self.app, self.creds.proxy, e)) from None
                 if answer is None:
                     raise Failure(
                         jsonrpc.INTERNAL_ERROR,
@@ -343,9 +367,7 @@ class AppEndpoint:
             ) from None
         except UpstreamError as e:
             # Nothing came back: the proxy restarted or is unreachable.  A new session is tried.
-            raise SessionLost(
-                PROXY_UNREACHABLE, network_message(self.app, self.creds.proxy, e.message)
-            ) from None
+            raise SessionLost(PROXY_UNREACHABLE, _unreachable(self.app, self.creds.proxy, e)) from None
         async with Closing(resp):
             status = resp.status
             if status == 202:

@@ -25,6 +25,8 @@ gateway restarted, or the session idled out) -- it opens a new session by
 replaying ``initialize`` (+ ``initialized``), and sends the message again, once
 (only when no answer had started: the connection failed before any response, or the
 gateway answered 404).
+While the client's ``initialize`` goes unanswered for a while (a stdio server
+starting), one line on stderr says so.
 If the replayed ``serverInfo`` (name and version) differs, the server behind the
 app is not the one the client negotiated with: the bridge refuses to go on and
 answers every request with :data:`SERVER_CHANGED` until the client starts over.
@@ -97,6 +99,7 @@ from bastion.client.rpc_errors import (
     http_error,
     internal_message,
 )
+from bastion.client.slow import notice_if_slow, waiting_message
 from bastion.client.stdio import MAX_LINE, Output, open_input, reserve_stdout
 from bastion.errors import BastionError, UpstreamError
 from bastion.protocol import jsonrpc
@@ -249,7 +252,8 @@ class Bridge:
             self.halted = ""
             self.cache.start(msg)
             try:
-                answer, sid = await self.endpoint.open(msg, relay=True)
+                with notice_if_slow(lambda: log.info("%s", waiting_message(self.app))):
+                    answer, sid = await self.endpoint.open(msg, relay=True)
             except Failure as f:
                 self.cache.reset()
                 log.error("cannot open a session with %s: %s", self.app, f.message)

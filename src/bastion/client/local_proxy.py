@@ -1,23 +1,29 @@
 """``bastion proxy mcp``: a local streamable-HTTP listener that adds the user's credential.
 
-Listens on 127.0.0.1 only.  Every request to ``/`` or ``/mcp`` is carried to
-``https://<proxy>/mcp/apps/<app>`` with ``Authorization: Bearer`` from the
-login profile (re-read when it changes, so a new ``bastion login`` applies
-without a restart), over one keep-alive pool that trusts the pinned cluster
-CA.  Bodies and SSE streams are passed through as they arrive.  Browser
-requests from any origin but this listener's own (``http://`` + ``localhost``,
-``127.0.0.1`` or ``[::1]`` + its port) are refused (403): another local web
-server's page (``http://localhost:8080``) or a DNS-rebinding page must not
-borrow the user's credential.  Requests without ``Origin`` (MCP clients that
-are not browsers) are served.
+Listens on 127.0.0.1 only. Every request to ``/`` or ``/mcp`` is carried to
+``https://<proxy>/mcp/apps/<app>`` with ``Authorization: Bearer`` from the login profile
+(re-read when it changes, so a new ``bastion login`` applies without a restart), over one
+keep-alive pool that accepts what the profile's ``Trust`` accepts (the system trust store
+or the pinned cluster CA). Bodies and SSE streams are passed through as they arrive.
+Browser requests from any origin but this listener's own (``http://`` + ``localhost``,
+``127.0.0.1`` or ``[::1]`` + its port) are refused (403): another local web server's page
+(``http://localhost:8080``) or a DNS-rebinding page must not borrow the user's credential.
+Requests without ``Origin`` (MCP clients that are not browsers) are served.
+
+No tracebacks in normal operation: an SSE stream the cluster cuts (a restart) ends for the
+client with one warning line; the proxy unreachable is a 502 and one line; on Ctrl-C or
+SIGTERM open streams are ended (not cancelled mid-way) and the listener stops with one line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from urllib.parse import urlsplit
 
 import orjson
@@ -26,7 +32,7 @@ from starlette.types import Receive, Scope, Send
 from bastion._time import utcnow
 from bastion.client import profile as profiles
 from bastion.errors import AuthenticationError, BastionError
-from bastion.transport.http import HTTPUpstreamPool
+from bastion.transport.http import HTTPUpstreamPool, UpstreamCertificateError, UpstreamResponse
 
 log = logging.getLogger("bastion.client.proxy")
 
@@ -95,11 +101,12 @@ class LocalMCPProxy:
         self.port = port
         self.pool = HTTPUpstreamPool(
             f"https://{prof.proxy}",
-            verify=not prof.insecure,
-            ca_pem=prof.ca_pem or None,
+            ssl_context=prof.trust().context(),
             response_timeout=600.0,
         )
         self.target = f"/mcp/apps/{app_name}"
+        #: Set when the listener stops: open streams end instead of being cancelled mid-way.
+        self.closing = asyncio.Event()
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -149,7 +156,12 @@ class LocalMCPProxy:
         headers.append((b"authorization", b"Bearer " + token.encode()))
         try:
             resp = await self.pool.request(scope["method"], self.target, headers, body)
+        except UpstreamCertificateError as e:
+            refusal = self.creds.profile.trust().refusal(self.creds.profile.proxy, e.verify_message)
+            await _error(send, 502, f"cannot reach the bastion proxy: {refusal}")
+            return
         except BastionError as e:
+            log.warning("cannot reach the bastion proxy: %s", e.message)
             await _error(send, 502, f"cannot reach the bastion proxy: {e.message}")
             return
         try:
@@ -162,11 +174,37 @@ class LocalMCPProxy:
                 await send({"type": "http.response.body", "body": data, "more_body": False})
                 return
             await send({"type": "http.response.start", "status": resp.status, "headers": out})
-            async for chunk in resp.iter_chunks():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await self._relay(resp, send)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await resp.aclose()
+
+    def stop(self) -> None:
+        """End the open streams now (the listener is stopping): each client sees its stream end."""
+        self.closing.set()
+
+    async def _relay(self, resp: UpstreamResponse, send: Send) -> None:
+        """Pass an SSE stream on as it comes, until it ends, is cut, or the listener stops."""
+        chunks = resp.iter_chunks().__aiter__()
+        stopping = asyncio.ensure_future(self.closing.wait())
+        try:
+            while True:
+                nxt = asyncio.ensure_future(chunks.__anext__())
+                await asyncio.wait({nxt, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    await asyncio.gather(nxt, return_exceptions=True)
+                    return
+                try:
+                    chunk = nxt.result()
+                except StopAsyncIteration:
+                    return
+                except BastionError as e:
+                    log.warning("the cluster cut a stream of %s: %s", self.app_name, e.message)
+                    return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            stopping.cancel()
 
 
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -224,8 +262,18 @@ async def serve(app_name: str, creds: CredentialSource, *, port: int, ready: Cal
         # Open SSE streams would otherwise hold a stopped proxy forever.
         timeout_graceful_shutdown=2,
     )
+    loop = asyncio.get_running_loop()
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if not self.should_exit:
+                what = "interrupted" if sig == signal.SIGINT else f"signal {signal.Signals(sig).name}"
+                log.info("stopping (%s)", what)
+                loop.call_soon_threadsafe(app.stop)
+            super().handle_exit(sig, frame)
+
     try:
-        task = await start_uvicorn(uvicorn.Server(config), sock, name="local MCP proxy")
+        task = await start_uvicorn(Server(config), sock, name="local MCP proxy")
         ready(real_port)
         await task
     finally:

@@ -1,6 +1,7 @@
 """A small MCP client over streamable HTTP, for ``bastion mcp tools`` and ``bastion mcp call``.
 
-One session: ``initialize`` + ``notifications/initialized`` on enter, requests
+One session: ``initialize`` + ``notifications/initialized`` on enter (a slow
+``initialize`` is reported to ``on_slow_start``), requests
 answered as JSON or as an SSE stream (notifications on the way are skipped),
 ``DELETE`` on exit.  Errors keep the gateway's message and whose fault it was.
 """
@@ -8,6 +9,7 @@ answered as JSON or as an SSE stream (notifications on the way are skipped),
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -15,7 +17,8 @@ import httpx
 import orjson
 
 from bastion import __version__
-from bastion.client.api import tls_context
+from bastion.client.api import Trust
+from bastion.client.slow import notice_if_slow, waiting_message
 from bastion.errors import BastionError, UpstreamError
 from bastion.protocol.sse import SSEParser
 
@@ -34,12 +37,20 @@ class MCPCallError(BastionError):
 
 class MCPClient:
     def __init__(
-        self, *, proxy: str, app: str, token: str, ca_pem: str | None, insecure: bool = False
+        self,
+        *,
+        proxy: str,
+        app: str,
+        token: str,
+        trust: Trust,
+        on_slow_start: Callable[[str], None] | None = None,
     ) -> None:
         self.url = f"https://{proxy}/mcp/apps/{app}"
         self.app = app
+        self.proxy = proxy
+        self.trust = trust
         self._http = httpx.AsyncClient(
-            verify=tls_context(ca_pem, insecure=insecure),
+            verify=trust.context(),
             timeout=httpx.Timeout(300.0, connect=10.0),
             headers={
                 "Authorization": f"Bearer {token}",
@@ -50,17 +61,21 @@ class MCPClient:
         self._ids = itertools.count(1)
         self.session_id = ""
         self.server_info: dict[str, Any] = {}
+        #: Told :func:`~bastion.client.slow.waiting_message` when ``initialize`` is slow.
+        self.on_slow_start = on_slow_start
 
     async def __aenter__(self) -> MCPClient:
+        notice = self.on_slow_start
         try:
-            init = await self.request(
-                "initialize",
-                {
-                    "protocolVersion": PROTOCOL_VERSION,
-                    "capabilities": {},
-                    "clientInfo": {"name": "bastion-cli", "version": __version__},
-                },
-            )
+            with notice_if_slow(lambda: notice(waiting_message(self.app)) if notice else None):
+                init = await self.request(
+                    "initialize",
+                    {
+                        "protocolVersion": PROTOCOL_VERSION,
+                        "capabilities": {},
+                        "clientInfo": {"name": "bastion-cli", "version": __version__},
+                    },
+                )
             self.server_info = init.get("serverInfo") or {}
             self._http.headers["MCP-Protocol-Version"] = str(init.get("protocolVersion", PROTOCOL_VERSION))
             await self._post({"jsonrpc": "2.0", "method": "notifications/initialized"})
@@ -113,6 +128,9 @@ class MCPClient:
                     raise UpstreamError(f"{self.app}: the stream ended without an answer")
                 body = await resp.aread()
         except httpx.HTTPError as e:
+            refused = self.trust.refused(self.proxy, e)
+            if refused is not None:
+                raise refused from None
             raise BastionError(f"cannot reach the proxy for {self.app}: {e}") from None
         try:
             obj = orjson.loads(body)

@@ -4,23 +4,27 @@
 
     current-profile            name of the active profile (the proxy address)
     profiles/<proxy>.yaml      proxy, user, cluster, credential, expiry, pinned CA
+    cas/<proxy>.pem            the cluster CA pinned for a proxy (kept after a plain logout;
+                               ``logout --proxy`` and ``login --ca-fingerprint`` change it)
 
 Files holding a credential are written atomically with mode 0600 in a 0700
 directory.  An identity file (``bastion auth sign --out``) has the same fields
-and is used with ``-i FILE``.
+and is used with ``-i FILE``.  :meth:`Profile.trust` is what a client accepts from the
+proxy (``bastion.apiclient.Trust``: the system trust store or the CA pinned in the file).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from bastion.apiclient import Trust
 from bastion.errors import AuthenticationError, ValidationError
 
 
@@ -38,6 +42,22 @@ class Profile:
     ca_pem: str = ""
     insecure: bool = False
     kind: str = "profile"
+    #: The file this was read from (not written to it): named in TLS errors.
+    path: str = field(default="", compare=False)
+
+    def trust(self, *, insecure: bool = False) -> Trust:
+        """What a client accepts from this profile's proxy (``insecure``: the --insecure flag)."""
+        hint = (
+            "check its CA fingerprint and log in again with --ca-fingerprint=SHA256:..., which re-pins it"
+            if self.kind == "profile"
+            else "ask for a new identity file (`bastion auth sign`)"
+        )
+        return Trust(
+            ca_pem=self.ca_pem,
+            pinned_in=self.path,
+            insecure=insecure or self.insecure,
+            hint=hint,
+        )
 
     @property
     def expires_at(self) -> datetime:
@@ -47,7 +67,9 @@ class Profile:
         return self.expires_at <= now
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(asdict(self), sort_keys=False)
+        data = asdict(self)
+        del data["path"]
+        return yaml.safe_dump(data, sort_keys=False)
 
     @classmethod
     def from_yaml(cls, text: str, *, source: str) -> Profile:
@@ -55,7 +77,8 @@ class Profile:
             data: Any = yaml.safe_load(text)
             if not isinstance(data, dict):
                 raise TypeError("not a mapping")
-            return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+            fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "path"}
+            return cls(**fields, path=source)
         except (yaml.YAMLError, TypeError) as e:
             raise ValidationError(f"{source}: not a bastion profile or identity file ({e})") from None
 
@@ -102,14 +125,32 @@ def load_current(proxy: str | None = None) -> Profile | None:
     return Profile.from_yaml(path.read_text(), source=str(path))
 
 
+def ca_pin_path(proxy: str) -> Path:
+    """Where the cluster CA for ``proxy`` is pinned (whether or not it is)."""
+    return home() / "cas" / (proxy.replace(":", "_") + ".pem")
+
+
 def pinned_ca(proxy: str) -> str:
-    """The CA pinned for ``proxy`` by an earlier login (kept after logout)."""
-    path = home() / "cas" / (proxy.replace(":", "_") + ".pem")
+    """The CA pinned for ``proxy`` by an earlier login (kept after a plain logout)."""
+    path = ca_pin_path(proxy)
     return path.read_text() if path.exists() else ""
 
 
-def pin_ca(proxy: str, ca_pem: str) -> None:
-    write_private(home() / "cas" / (proxy.replace(":", "_") + ".pem"), ca_pem)
+def pin_ca(proxy: str, ca_pem: str) -> str:
+    """Pin ``ca_pem`` for ``proxy``; the CA pinned before, if it was another one ("" if none)."""
+    before = pinned_ca(proxy)
+    if before != ca_pem:
+        write_private(ca_pin_path(proxy), ca_pem)
+    return before if before != ca_pem else ""
+
+
+def forget_ca(proxy: str) -> Path | None:
+    """Remove the CA pinned for ``proxy``; the file it was in, or ``None`` if none was pinned."""
+    path = ca_pin_path(proxy)
+    if not path.exists():
+        return None
+    path.unlink()
+    return path
 
 
 def remove(proxy: str | None = None) -> Profile | None:

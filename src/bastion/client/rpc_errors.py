@@ -100,7 +100,10 @@ def http_error(app: str, status: int, origin: str, body: bytes) -> tuple[int, st
     return code, f"{text} (HTTP {status} from the bastion proxy; at fault: {_fault(origin, app)})"
 
 
-def network_message(app: str, proxy: str, reason: str) -> str:
+def network_message(app: str, proxy: str, reason: str, *, temporary: bool = True) -> str:
+    """``temporary=False``: the proxy's certificate was refused (``reason`` says what to do)."""
+    if not temporary:
+        return f"cannot reach the bastion proxy at {proxy} for {app}: {reason}"
     return (
         f"cannot reach the bastion proxy at {proxy} for {app}: {reason}; this is usually temporary: "
         "try again (`bastion mcp connect` reconnects by itself)"

@@ -15,6 +15,8 @@ from typing import Any
 
 #: Methods whose ``Mcp-Name`` mirrors a parameter, and which parameter.
 NAME_PARAM = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+#: The most characters of a value quoted in a refusal (the body may hold megabytes of it).
+_QUOTE = 128
 
 
 def decode_header_value(raw: bytes) -> str:
@@ -33,11 +35,17 @@ def mismatch(method_header: bytes | None, name_header: bytes | None, method: str
     if method_header is not None:
         want = decode_header_value(method_header)
         if want != (method or ""):
-            return f"Mcp-Method header {want!r} does not match the body's method {method!r}"
+            return f"Mcp-Method header {_quote(want)} does not match the body's method {_quote(method)}"
     if name_header is not None:
         key = NAME_PARAM.get(method or "")
         value = params.get(key) if key and isinstance(params, dict) else None
         got = decode_header_value(name_header)
         if not isinstance(value, str) or got != value:
-            return f"Mcp-Name header {got!r} does not match the body's {key or 'name'} {value!r}"
+            return f"Mcp-Name header {_quote(got)} does not match the body's {key or 'name'} {_quote(value)}"
     return ""
+
+
+def _quote(value: Any) -> str:
+    """``repr(value)``, cut to :data:`_QUOTE` characters."""
+    text = repr(value)
+    return text if len(text) <= _QUOTE else f"{text[:_QUOTE]}… ({len(text)} characters)"

@@ -5,9 +5,9 @@ The HTTP server is ours (``proxy/h1.py``) unless ``proxy_service.http_server`` s
 
 The socket is bound before anything else starts, so a busy port is a clear
 start-up error, and ``port 0`` works for tests (``ProxyService.port`` tells
-which port was picked).  Without a configured certificate, one is issued by
-the cluster's host CA for ``localhost``, the loopback addresses, this host's
-name and the public address; clients pin that CA at first login.
+which port was picked).  Without a configured certificate, one is ordered over ACME
+(``proxy_service.acme``, ``proxy/acme.py``) or issued by the cluster's host CA for
+``localhost``, the loopback addresses, this host's name and the public address.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import uvicorn
 from bastion._listen import bind_tcp, start_uvicorn
 from bastion.auth.ca import issue_server_cert
 from bastion.auth.server import AuthServer
+from bastion.config import ACMEConfig
 from bastion.errors import ConfigError
-from bastion.proxy import h1
+from bastion.proxy import acme, h1
 from bastion.proxy.front import Front
 from bastion.proxy.webapi import RequestContext, build_webapi
 
@@ -50,6 +51,8 @@ class ProxySettings:
     allowed_origins: tuple[str, ...] = ()
     #: ``bastion`` (proxy/h1.py, the default) or ``uvicorn``.
     http_server: str = "bastion"
+    #: Order the certificate over ACME (when enabled and no cert_file is given).
+    acme: ACMEConfig | None = None
 
 
 class _Server(uvicorn.Server):
@@ -95,6 +98,8 @@ class ProxyService:
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self._h1: h1.Server | None = None
+        self._ctx: ssl.SSLContext | None = None
+        self._renewal: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -124,14 +129,26 @@ class ProxyService:
     async def start(self) -> None:
         s = self.settings
         self._sock = _bind(s.host, s.port)
-        cert, key = self._tls_files()
+        ordered = s.acme is not None and s.acme.enabled and s.cert_file is None
+        if ordered:
+            assert s.acme is not None
+            cert, key = await acme.ensure(s.data_dir, s.acme, now=self.auth.clock.now())
+        else:
+            cert, key = self._tls_files()
 
         def tls_context(config: uvicorn.Config | None = None, default: object = None) -> ssl.SSLContext:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.load_cert_chain(str(cert), str(key))
             ctx.set_alpn_protocols(["http/1.1"])
+            self._ctx = ctx  # a renewed certificate is loaded into it in place
             return ctx
+
+        if ordered:
+            assert s.acme is not None
+            self._renewal = asyncio.create_task(
+                acme.renew_forever(s.data_dir, s.acme, cert, self._load_cert), name="acme-renewal"
+            )
 
         public = s.public_addr or f"{s.host}:{self.port}"
         webapi = RequestContext(
@@ -168,6 +185,12 @@ class ProxyService:
         self._task = await start_uvicorn(self._server, self._sock, name="proxy-http")
         log.info("proxy listening", extra={"addr": f"https://{s.host}:{self.port}"})
 
+    def _load_cert(self, cert: Path, key: Path) -> None:
+        """New handshakes use the renewed certificate; open connections keep theirs."""
+        if self._ctx is not None:
+            self._ctx.load_cert_chain(str(cert), str(key))
+            log.info("proxy certificate reloaded", extra={"cert": str(cert)})
+
     async def wait(self) -> None:
         if self._h1:
             await self._h1.wait_closed()
@@ -175,6 +198,10 @@ class ProxyService:
             await self._task
 
     async def stop(self) -> None:
+        if self._renewal is not None:
+            self._renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewal
         if self._h1:
             self._h1.close()
             await self._h1.wait_closed()

@@ -10,7 +10,7 @@ Routes (JSON in, JSON out; authenticated ones take ``Authorization: Bearer``):
     POST   /v1/webapi/invites/accept        set a password with an invite
     GET    /healthz  /readyz
     GET    /v1/mcp/apps                     MCP apps the caller may reach, with tool permissions [auth]
-    GET    /v1/audit/events?since=&until=&type=&user=&app=&session=&limit=   [auth]
+    GET    /v1/audit/events?since=&until=&type=&user=&app=&session=&limit=&order=   [auth]
     GET    /v1/audit/verify?since=          the log checked against its seals [auth]
     GET    /v1/whoami                       the caller, roles, expiry        [auth]
     GET    /v1/resources/{kind}[/{name}]                                    [auth]

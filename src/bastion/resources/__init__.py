@@ -400,6 +400,9 @@ class AppServerSpec(_Frozen):
     apps: list[App] = Field(default_factory=list)
     #: Dynamic apps its host policy refuses to serve: name -> reason (app_service.dynamic_apps).
     refused: dict[str, str] = Field(default_factory=dict)
+    #: Names of the apps its host's own configuration file defines (and the demo): an app
+    #: resource of such a name would never be served there, so it is refused at create.
+    static: list[str] = Field(default_factory=list)
 
 
 class AppServer(_Frozen):

@@ -84,6 +84,7 @@ __all__ = [
     "HTTPUpstreamPool",
     "PoolStats",
     "PreparedHeaders",
+    "UpstreamCertificateError",
     "UpstreamResponse",
     "UpstreamTimeoutError",
     "UpstreamUnreachableError",
@@ -120,6 +121,14 @@ class UpstreamUnreachableError(UpstreamError):
 
     http_status = 502
     code = "upstream_unreachable"
+
+
+class UpstreamCertificateError(UpstreamUnreachableError):
+    """The upstream's TLS certificate was not accepted (``verify_message``: OpenSSL's reason)."""
+
+    def __init__(self, message: str, verify_message: str) -> None:
+        super().__init__(message)
+        self.verify_message = verify_message
 
 
 class PreparedHeaders:
@@ -658,13 +667,15 @@ class HTTPUpstreamPool:
     """Keep-alive HTTP/1.1 connections to one origin; see the module docstring for the contract.
 
     ``base_url``: ``http://`` or ``https://`` host and optional port, no path.
-    ``verify=False`` is ``insecure_skip_verify``; ``ca_pem`` (PEM text) replaces the
-    system trust store.  ``max_connections`` bounds connections open or opening; more
-    requests wait (FIFO) up to ``response_timeout``.  ``max_idle`` bounds idle connections
-    kept between bursts: the excess is closed once idle for min(1 s, idle_timeout / 4);
-    0 disables keep-alive.  ``idle_timeout`` closes connections unused that long.
-    ``guard`` (dynamic apps) decides which addresses may be dialled: the host name is
-    resolved and checked at each connect, and only the checked addresses are dialled.
+    ``verify=False`` is ``insecure_skip_verify``; ``ca_pem`` (PEM text) replaces the system
+    trust store; ``ssl_context`` replaces both (a policy decided elsewhere: the CLI's
+    ``bastion.apiclient.Trust``; the pool sets ALPN http/1.1 on it). ``max_connections``
+    bounds connections open or opening; more requests wait (FIFO) up to ``response_timeout``.
+    ``max_idle`` bounds idle connections kept between bursts: the excess is closed once idle
+    for min(1 s, idle_timeout / 4); 0 disables keep-alive. ``idle_timeout`` closes connections
+    unused that long. ``guard`` (dynamic apps) decides which addresses may be dialled: the
+    host name is resolved and checked at each connect, and only the checked addresses are
+    dialled.
     """
 
     def __init__(
@@ -673,6 +684,7 @@ class HTTPUpstreamPool:
         *,
         verify: bool = True,
         ca_pem: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
         max_idle: int = 64,
         max_connections: int = 1024,
         connect_timeout: float = 10.0,
@@ -709,7 +721,10 @@ class HTTPUpstreamPool:
         self.origin = f"{scheme}://{host_in_header}"
         self._host_header = host_in_header.encode("ascii")
         # Built once per pool: creating SSL contexts per request was half the CPU of a peer.
-        self._ssl: ssl.SSLContext | None = _tls_context(verify, ca_pem) if scheme == "https" else None
+        self._ssl: ssl.SSLContext | None = None
+        if scheme == "https":
+            self._ssl = ssl_context or _tls_context(verify, ca_pem)
+            self._ssl.set_alpn_protocols(["http/1.1"])
         self._max_idle = max_idle
         self._max_connections = max_connections
         self._connect_timeout = connect_timeout
@@ -974,7 +989,12 @@ class HTTPUpstreamPool:
         if isinstance(exc, TimeoutError):
             reason = f"connect timed out after {self._connect_timeout:g} s"
         elif isinstance(exc, ssl.SSLCertVerificationError):
-            reason = f"TLS certificate verification failed: {exc.verify_message or exc.reason}"
+            why = str(exc.verify_message or exc.reason)
+            return UpstreamCertificateError(
+                f"cannot connect to upstream {self.origin} ({address}): "
+                f"TLS certificate verification failed: {why}",
+                verify_message=why,
+            )
         elif isinstance(exc, ssl.SSLError):
             reason = f"TLS handshake failed: {exc.reason or exc}"
         elif isinstance(exc, socket.gaierror):
@@ -1098,5 +1118,4 @@ def _tls_context(verify: bool, ca_pem: str | None) -> ssl.SSLContext:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols(["http/1.1"])
     return ctx

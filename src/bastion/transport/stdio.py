@@ -56,7 +56,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bastion.errors import BastionError, UpstreamError
+from bastion.errors import BastionError, HostConfigError, UpstreamError
 from bastion.resources import MCPCommand
 from bastion.transport import Inbox, UpstreamClosedError
 
@@ -160,7 +160,7 @@ def _identity(cmd: MCPCommand, name: str) -> tuple[dict[str, Any], dict[str, str
     wanted = cmd.run_as_host_user
     if not wanted:
         if euid == 0:
-            raise UpstreamError(
+            raise HostConfigError(
                 f"app {name}: refusing to run a stdio server as root; set mcp.run_as_host_user"
             )
         current = pwd.getpwuid(euid)
@@ -168,7 +168,7 @@ def _identity(cmd: MCPCommand, name: str) -> tuple[dict[str, Any], dict[str, str
     try:
         pw = pwd.getpwnam(wanted)
     except KeyError:
-        raise UpstreamError(
+        raise HostConfigError(
             f'app {name}: mcp.run_as_host_user "{wanted}" is not a user on this host'
         ) from None
     env = _environment(cmd, pw.pw_dir, pw.pw_name)
@@ -176,7 +176,7 @@ def _identity(cmd: MCPCommand, name: str) -> tuple[dict[str, Any], dict[str, str
         return {}, env, pw.pw_name
     if euid != 0:
         me = pwd.getpwuid(euid).pw_name
-        raise UpstreamError(
+        raise HostConfigError(
             f'app {name}: cannot run the stdio server as "{wanted}": the gateway runs as "{me}" '
             "and only root can switch users"
         )
@@ -227,9 +227,10 @@ async def spawn_stdio(
 
     ``grace`` is how long ``aclose`` waits after SIGINT before SIGKILL;
     ``max_message`` bounds one stdout line; ``send_timeout`` bounds how long
-    ``send`` waits for the server to read its stdin.  Raises ``UpstreamError``
-    when the user policy refuses (see the module docstring), the user is
-    unknown, or the command cannot be executed (the message names it).
+    ``send`` waits for the server to read its stdin.  Raises ``HostConfigError``
+    (the gateway's fault, not the server's) when the user policy refuses (see the
+    module docstring), the user is unknown, or the command cannot be executed
+    (the message names it).
     ``rlimits`` are ``(resource.RLIMIT_*, value)`` pairs for the child;
     ``on_close`` is called once the server is stopped and reaped (or at once
     when it could not be started).
@@ -275,13 +276,13 @@ async def _spawn(
             **kwargs,
         )
     except FileNotFoundError:
-        raise UpstreamError(f"{cannot}: command not found") from None
+        raise HostConfigError(f"{cannot}: command not found") from None
     except PermissionError as e:
-        raise UpstreamError(f"{cannot}: not executable ({e.strerror})") from None
+        raise HostConfigError(f"{cannot}: not executable ({e.strerror})") from None
     except OSError as e:
-        raise UpstreamError(f"{cannot}: {e.strerror or e}") from None
+        raise HostConfigError(f"{cannot}: {e.strerror or e}") from None
     except ValueError as e:  # a NUL in an argument, "=" in a variable name: the app's definition
-        raise UpstreamError(f"{cannot}: {str(e)[:200]}") from None
+        raise HostConfigError(f"{cannot}: {str(e)[:200]}") from None
     try:
         pipes = await _Pipes.connect(popen)
     except BaseException:

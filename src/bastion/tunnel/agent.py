@@ -64,6 +64,7 @@ _BACKOFF_MIN, _BACKOFF_MAX = 0.25, 10.0
 _RPC_TIMEOUT = 30.0
 _GIVE_UP_AFTER = 5
 _BACKDATED = 300.0  # seconds: how far issue_host_cert back-dates not_valid_before
+_REJOIN = "remove <data_dir>/host, set bastion.ca_pin to the new CA's fingerprint and join again"
 
 
 # ---------------------------------------------------------------- identity
@@ -121,7 +122,7 @@ async def join(
     data_dir: Path, proxy: str, token: str, ca_pins: Sequence[str], *, now: datetime | None = None
 ) -> HostCreds:
     """Exchange ``token`` for a host identity, or return the one already kept in ``data_dir``."""
-    from bastion.apiclient import ApiClient, fetch_ca_unverified
+    from bastion.apiclient import ApiClient, Trust, fetch_ca_unverified
 
     have = load_creds(data_dir)
     now = now or datetime.now(UTC)
@@ -145,7 +146,8 @@ async def join(
             "belongs to another cluster)"
         )
     key_pem, pub_pem = new_host_key()
-    api = ApiClient(proxy, ca_pem=ca_pem, system_trust=True)
+    # The web API may present the operator's certificate: the system store or the pinned CA.
+    api = ApiClient(proxy, trust=Trust(ca_pem, pinned_in="bastion.ca_pin", hint=_REJOIN))
     try:
         data = await api.request(
             "POST",
@@ -215,6 +217,8 @@ class ServedApps(Protocol):
     def all(self) -> list[App]: ...
 
     def refused(self) -> dict[str, str]: ...
+
+    def static_apps(self) -> dict[str, App]: ...
 
 
 class Agent:
@@ -312,9 +316,10 @@ class Agent:
     # ---------------------------------------------------------- connections
 
     async def _tunnel_addr(self, proxy: str) -> str:
-        from bastion.apiclient import ApiClient
+        from bastion.apiclient import ApiClient, Trust
 
-        api = ApiClient(proxy, ca_pem=self.creds.ca_pem.decode(), system_trust=True)
+        pinned_in = str(_host_dir(self.data_dir) / "ca.pem")
+        api = ApiClient(proxy, trust=Trust(self.creds.ca_pem.decode(), pinned_in=pinned_in, hint=_REJOIN))
         try:
             info = await api.request("GET", "/v1/webapi/find")
         finally:
@@ -331,6 +336,7 @@ class Agent:
     def _client_ssl(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        # The tunnel trusts the pinned cluster CA alone (never the system store, decision 0027).
         # Any certificate of this cluster's host CA is checked below for the proxy role;
         # names are not: proxies are reached by whatever address the operator gave.
         ctx.check_hostname = False
@@ -443,6 +449,7 @@ class Agent:
             "version": __version__,
             "apps": [wire.app_to_wire(a) for a in self.registry.all()],
             "refused": self.registry.refused(),
+            "static": sorted(self.registry.static_apps()),
             "proxies": sorted(self.conns),
         }
 

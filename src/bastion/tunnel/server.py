@@ -323,6 +323,7 @@ class TunnelServer:
                         proxies=proxies,
                         apps=list(apps.values()),
                         refused=_refused(args.get("refused")),
+                        static=_static(args.get("static"), apps),
                     ),
                 )
             )
@@ -524,6 +525,14 @@ async def _read_all(stream: Stream) -> bytes:
         if size > _MAX_RPC_BODY:
             raise ValidationError("tunnel request too large")
         parts.append(chunk)
+
+
+def _static(value: Any, accepted: dict[str, App]) -> list[str]:
+    """The names a joined host says its own file defines, among the apps it was accepted to serve
+    (so a host cannot hold names it does not serve against app resources)."""
+    if not isinstance(value, list):
+        return []
+    return sorted({v for v in value if isinstance(v, str) and v in accepted})
 
 
 def _refused(value: Any) -> dict[str, str]:

@@ -8,7 +8,7 @@ import pwd
 
 import pytest
 
-from bastion.errors import UpstreamError
+from bastion.errors import HostConfigError, UpstreamError
 from bastion.resources import MCPCommand
 from bastion.transport.guard import AddressGuard, ForbiddenAddressError
 from bastion.transport.http import HTTPUpstreamPool
@@ -52,7 +52,7 @@ async def test_stdio_child_gets_rlimits_and_releases_its_slot_once() -> None:
 async def test_stdio_slot_released_when_the_server_cannot_start() -> None:
     released: list[int] = []
     cmd = MCPCommand(command="/nonexistent/server", run_as_host_user=_me())
-    with pytest.raises(UpstreamError, match="command not found"):
+    with pytest.raises(HostConfigError, match="command not found"):
         await spawn_stdio(cmd, name="missing", on_close=lambda: released.append(1))
     assert released == [1]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.errors import UpstreamError
+from bastion.errors import HostConfigError, UpstreamError
 from bastion.resources import MCPCommand
 from bastion.transport import UpstreamClosedError, stdio
 from bastion.transport.stdio import StdioUpstream, spawn_stdio
@@ -248,7 +248,7 @@ async def test_line_at_the_limit_passes(server: Path, upstreams: list[StdioUpstr
 
 async def test_command_not_found() -> None:
     cmd = MCPCommand(command="bastion-no-such-command-xyz", run_as_host_user=RUN_AS)
-    with pytest.raises(UpstreamError, match=r'"bastion-no-such-command-xyz": command not found'):
+    with pytest.raises(HostConfigError, match=r'"bastion-no-such-command-xyz": command not found'):
         await spawn_stdio(cmd, name="missing")
 
 
@@ -257,14 +257,14 @@ async def test_command_not_executable(tmp_path: Path) -> None:
     script.write_text("#!/bin/sh\n")
     script.chmod(0o644)
     cmd = MCPCommand(command=str(script), run_as_host_user=RUN_AS)
-    with pytest.raises(UpstreamError, match="not executable") as exc:
+    with pytest.raises(HostConfigError, match="not executable") as exc:
         await spawn_stdio(cmd, name="noexec")
     assert str(script) in str(exc.value)
 
 
 async def test_unknown_user() -> None:
     cmd = MCPCommand(command="true", run_as_host_user="bastion-no-such-user")
-    with pytest.raises(UpstreamError, match='"bastion-no-such-user" is not a user on this host'):
+    with pytest.raises(HostConfigError, match='"bastion-no-such-user" is not a user on this host'):
         await spawn_stdio(cmd, name="who")
 
 
@@ -323,7 +323,7 @@ async def test_aclose_stops_the_whole_process_group(server: Path, upstreams: lis
 async def test_root_without_run_as_host_user_is_refused(server: Path) -> None:
     cmd = MCPCommand(command=sys.executable, args=[str(server)])
     with pytest.raises(
-        UpstreamError,
+        HostConfigError,
         match=re.escape("app echo: refusing to run a stdio server as root; set mcp.run_as_host_user"),
     ):
         await spawn_stdio(cmd, name="echo")

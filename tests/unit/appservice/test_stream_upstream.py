@@ -65,3 +65,69 @@ async def test_stop_wakes_every_waiting_post_and_ends_the_get_stream() -> None:
     assert q.get_nowait() == NOTE
     assert q.get_nowait() is None  # woken: the session is ending
     assert up.get_log is not None and up.get_log.done
+
+
+async def test_a_request_reusing_an_id_just_answered_gets_its_own_answer() -> None:
+    up = upstream()
+    old = waiting(up, 1)
+    up.to_client(SendToClient(b'{"jsonrpc":"2.0","id":1,"result":"first"}', 1))  # the first answer
+    new = waiting(up, 1)  # the client reuses id 1 before the first POST has finished
+    up.to_client(SendToClient(b'{"jsonrpc":"2.0","id":1,"result":"second"}', 1))
+    assert old.get_nowait() == b'{"jsonrpc":"2.0","id":1,"result":"first"}' and old.empty()
+    assert new.get_nowait() == b'{"jsonrpc":"2.0","id":1,"result":"second"}'
+
+
+async def test_exchange_waits_for_its_own_answer_while_an_earlier_post_with_its_id_finishes() -> None:
+    from bastion.answers import Answer
+    from bastion.appservice.sessions import GatewaySession
+    from bastion.appservice.upstream import ClientPost
+    from bastion.metrics import app_metrics
+    from bastion.protocol.jsonrpc import parse_message
+    from bastion.resources import App
+    from bastion.session.engine import ForwardToUpstream
+
+    sent: list[bytes] = []
+    sent_one, sent_two, writing = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    class Recorder(Stream):
+        async def send(self, raw: bytes) -> None:
+            sent.append(raw)
+            (sent_one if len(sent) == 1 else sent_two).set()
+
+    up = StreamUpstream(Recorder(), None, response_timeout=5.0)  # type: ignore[arg-type]
+    app = App.model_validate({"metadata": {"name": "files"}, "spec": {"uri": "mcp+http://x.internal/mcp"}})
+    s = GatewaySession(
+        id="s",
+        user="u",
+        app=app,
+        engine=None,
+        ident=None,
+        m=app_metrics("files", "stdio"),
+        upstream=up,  # type: ignore[arg-type]
+    )
+    call = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
+    fwd = ForwardToUpstream(call, parse_message(call))
+    release = asyncio.Event()
+    first_out: list[dict[str, object]] = []
+    second_out: list[dict[str, object]] = []
+
+    async def slow_client(m: dict[str, object]) -> None:  # the first POST's client reads slowly
+        first_out.append(m)
+        writing.set()
+        await release.wait()
+
+    async def client(m: dict[str, object]) -> None:
+        second_out.append(m)
+
+    first = asyncio.create_task(up.exchange(s, fwd, Answer(slow_client), ClientPost({})))
+    await asyncio.wait_for(sent_one.wait(), 5)
+    up.to_client(SendToClient(b'{"jsonrpc":"2.0","id":1,"result":{}}', 1))
+    await asyncio.wait_for(writing.wait(), 5)  # the first POST writes its answer, its id still registered
+    second = asyncio.create_task(up.exchange(s, fwd, Answer(client), ClientPost({})))
+    await asyncio.wait_for(sent_two.wait(), 5)
+    up.to_client(SendToClient(b'{"jsonrpc":"2.0","id":1,"result":{"again":true}}', 1))
+    await asyncio.wait_for(second, 5)
+    assert second_out[0]["status"] == 200  # not a 202 with the answer lost
+    assert second_out[1]["body"] == b'{"jsonrpc":"2.0","id":1,"result":{"again":true}}'
+    release.set()
+    await asyncio.wait_for(first, 5)

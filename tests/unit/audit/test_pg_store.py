@@ -431,6 +431,24 @@ async def test_search_limit(store: PostgresAuditStore, populated: list[AuditEven
     assert await search_times(store, limit=1, since=T0 + timedelta(seconds=35)) == [40]
 
 
+async def test_search_newest_first_takes_the_newest(
+    store: PostgresAuditStore, populated: list[AuditEvent]
+) -> None:
+    assert await search_times(store, order="desc") == [50, 40, 30, 20, 10]
+    assert await search_times(store, order="desc", limit=2) == [50, 40]
+    assert await search_times(store, order="desc", limit=2, user="alice") == [40, 30]
+    assert await search_times(store, order="desc", limit=1, until=T0 + timedelta(seconds=35)) == [30]
+    assert await store.search(AuditQuery(order="desc")) == [as_stored(e) for e in reversed(populated)]
+
+
+async def test_search_newest_first_same_time_is_reverse_insertion_order(store: PostgresAuditStore) -> None:
+    events = [make_event(at=5, tool=f"t{i}") for i in range(4)]
+    await store.insert_many(events[2:])
+    await store.insert_many(events[:2])
+    got = await store.search(AuditQuery(order="desc", limit=3))
+    assert [g["tool"] for g in got] == ["t1", "t0", "t3"]
+
+
 async def test_search_sees_completions(store: PostgresAuditStore, populated: list[AuditEvent]) -> None:
     await store.complete_many([Completion(populated[0].id, False, "denied", 0.5)])
     [got] = await store.search(AuditQuery(until=T0 + timedelta(seconds=11)))

@@ -525,6 +525,14 @@ async def test_search_sees_journaled_and_indexed_events_in_time_order(store: SQL
     ]
     # Another process sees the same, without opening the log for writing.
     assert await sqlite_module.search_files(store.path.parent, AuditQuery(limit=100)) == got
+    # Newest first: the journaled (newer here) and the indexed merged, the newest taken.
+    newest = await store.search(AuditQuery(order="desc", limit=4))
+    assert [g["id"] for g in newest] == [e.id for e in reversed(old[2:])]
+    assert [g["id"] for g in await store.search(AuditQuery(order="desc", user="bob", limit=2))] == [
+        old[4].id,
+        old[2].id,
+    ]
+    assert await sqlite_module.search_files(store.path.parent, AuditQuery(order="desc", limit=4)) == newest
 
 
 async def test_indexing_runs_in_a_worker_thread(
@@ -657,6 +665,24 @@ async def test_search_limit(store: SQLiteAuditStore, populated: list[AuditEvent]
     assert await search_times(store, limit=1, since=T0 + timedelta(seconds=35)) == [40]
 
 
+async def test_search_newest_first_takes_the_newest(
+    store: SQLiteAuditStore, populated: list[AuditEvent]
+) -> None:
+    assert await search_times(store, order="desc") == [50, 40, 30, 20, 10]
+    assert await search_times(store, order="desc", limit=2) == [50, 40]
+    assert await search_times(store, order="desc", limit=2, user="alice") == [40, 30]
+    assert await search_times(store, order="desc", limit=1, until=T0 + timedelta(seconds=35)) == [30]
+    assert await store.search(AuditQuery(order="desc")) == [as_stored(e) for e in reversed(populated)]
+
+
+async def test_search_newest_first_same_time_is_reverse_insertion_order(store: SQLiteAuditStore) -> None:
+    events = [make_event(at=5, tool=f"t{i}") for i in range(4)]
+    await store.insert_many(events[2:])
+    await store.insert_many(events[:2])
+    got = await store.search(AuditQuery(order="desc", limit=3))
+    assert [g["tool"] for g in got] == ["t1", "t0", "t3"]
+
+
 async def test_search_sees_completions(store: SQLiteAuditStore, populated: list[AuditEvent]) -> None:
     await store.complete_many([Completion(populated[0].id, False, "denied", 0.5)])
     [got] = await store.search(AuditQuery(until=T0 + timedelta(seconds=11)))
@@ -674,6 +700,11 @@ async def test_search_filter_values_are_data_not_sql(store: SQLiteAuditStore) ->
 def test_query_limit_must_be_sane(limit: int) -> None:
     with pytest.raises(ValidationError, match="limit"):
         AuditQuery(limit=limit)
+
+
+def test_query_order_must_be_asc_or_desc() -> None:
+    with pytest.raises(ValidationError, match='audit search order must be "asc" or "desc", got "newest"'):
+        AuditQuery(order="newest")
 
 
 # ------------------------------------------------------------------ secrets

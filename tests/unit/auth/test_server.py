@@ -313,6 +313,49 @@ async def test_app_servers_expire(auth: AuthServer, clock: Clock) -> None:
     assert await auth.app_servers() == []
 
 
+def _app_doc(name: str) -> dict[str, Any]:
+    return {"kind": "app", "metadata": {"name": name}, "spec": {"uri": "mcp+https://mcp.example.com/mcp"}}
+
+
+async def test_an_app_resource_may_not_take_a_static_apps_name(auth: AuthServer, clock: Clock) -> None:
+    from bastion.resources import AppServer, AppServerSpec, Metadata
+
+    for name, via in (("h-2", "proxy"), ("h-1", "proxy"), ("j-1", "tunnel")):
+        srv = AppServer(
+            metadata=Metadata(name=name, expires=clock.t + timedelta(seconds=20)),
+            spec=AppServerSpec(hostname="h", via=via, static=["files", "bastion-demo", f"{via}-only"]),
+        )
+        await auth.upsert_app_server(srv)
+    for overwrite in (False, True):
+        with pytest.raises(AlreadyExistsError) as e:
+            await auth.create_resource(ADMIN, _app_doc("files"), overwrite=overwrite)
+        assert e.value.message == (
+            'app "files" is defined in the configuration file of app service h-1, app service h-2; '
+            "an app resource of that name would never be served there (the file wins, decision 8): "
+            "choose another name"
+        )
+    await auth.create_resource(ADMIN, _app_doc("other"))
+    # A joined host's static app does not win: the resource takes the name back (decision 19).
+    await auth.create_resource(ADMIN, _app_doc("tunnel-only"))
+    with pytest.raises(AlreadyExistsError):
+        await auth.create_resource(ADMIN, _app_doc("proxy-only"))
+    clock.t += timedelta(seconds=21)  # the hosts went away: the name is free
+    await auth.create_resource(ADMIN, _app_doc("files"))
+
+
+async def test_this_nodes_static_apps_are_known_without_a_heartbeat(tmp_path: Path, clock: Clock) -> None:
+    backend = await SQLiteBackend.open(tmp_path / "b.db", clock=clock)
+    try:
+        auth = await AuthServer.open(backend, "t", AuthSettings(static_apps=frozenset({"logger"})), clock)
+        with pytest.raises(AlreadyExistsError) as e:
+            await auth.create_resource(ADMIN, _app_doc("logger"))
+        assert e.value.message.startswith(
+            'app "logger" is defined in the configuration file of the auth service\'s own node; '
+        )
+    finally:
+        await backend.close()
+
+
 async def test_concurrent_joins_one_wins_the_others_say_by_whom(auth: AuthServer) -> None:
     from bastion.auth.ca import new_host_key
 
