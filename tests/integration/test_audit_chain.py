@@ -51,7 +51,13 @@ def verify(node: Node, *args: str) -> tuple[int, str]:
 def request_ids(node: Node) -> list[str]:
     """Ids of the audited tools/call requests, oldest first."""
     out = node.cli(
-        "audit", "search", "--format=json", "--type=mcp.session.request", "--limit=100000", local=True
+        "audit",
+        "search",
+        "--format=json",
+        "--type=mcp.session.request",
+        "--limit=100000",
+        "--order=asc",
+        local=True,
     ).stdout
     return [e["id"] for e in json.loads(out) if e.get("method") == "tools/call"]
 
