@@ -775,6 +775,13 @@ class AppService(_Model):
         return self
 
 
+class AuditSection(_Model):
+    """``audit:``: how long the audit log keeps events (decision 0032)."""
+
+    #: Events older than this are pruned in the background; unset: kept forever.
+    retention: Duration | None = None
+
+
 # ------------------------------------------------------------------ Config
 
 
@@ -786,6 +793,7 @@ class Config(_Model):
     auth_service: AuthService = Field(default_factory=AuthService)
     proxy_service: ProxyService = Field(default_factory=ProxyService)
     app_service: AppService = Field(default_factory=AppService)
+    audit: AuditSection = Field(default_factory=AuditSection)
 
     @field_validator("version")
     @classmethod

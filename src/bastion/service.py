@@ -16,7 +16,7 @@ import secrets
 import signal
 import socket
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bastion import __version__, metrics
@@ -28,6 +28,7 @@ from bastion.appservice.hostpolicy import HostPolicy
 from bastion.appservice.mcp_http import Limits, MCPHandler
 from bastion.appservice.registry import AppRegistry
 from bastion.appservice.revocation import Access, AccessWatch
+from bastion.audit.chain import Signer, signer_of
 from bastion.audit.emitter import AuditLog
 from bastion.audit.redact import DEFAULT_SECRET_KEYS, Redactor
 from bastion.audit.refusals import Refusals
@@ -155,6 +156,8 @@ def _guard_own_listeners(apps: AppServiceParts, cfg: Config, *bound: tuple[str, 
 
 EXPIRE_EVERY = 30.0
 COMPACT_EVERY = 600.0
+#: Seconds between two audit retention runs (``audit.retention``).
+RETENTION_EVERY = 3600.0
 
 
 class Cluster:
@@ -226,7 +229,8 @@ class Cluster:
                     ttl=auth.settings.host_cert_ttl,
                 )
                 local_tag = peer_id.tag
-            store = await _open_audit_store(cfg)
+            # Seals are signed with the cluster's JWT key (decision 0032).
+            store = await _open_audit_store(cfg, signer_of(auth.cas["jwt"].private_key_pem))
             audit = AuditLog(store)
             metrics.register_audit_queue(lambda: audit.queue_depth if audit is not None else 0)
             router: Router | None = None
@@ -360,6 +364,10 @@ class Cluster:
         if proxy is not None:
             await backend.put(Item(PROXY_ADDR_KEY, cluster.proxy_addr.encode()))
         cluster._tasks.append(asyncio.create_task(cluster._housekeeping(), name="backend-housekeeping"))
+        if cfg.audit.retention is not None and store is not None:
+            cluster._tasks.append(
+                asyncio.create_task(cluster._audit_retention(cfg.audit.retention), name="audit-retention")
+            )
         if apps is not None:
             cluster._tasks.append(asyncio.create_task(cluster._local_heartbeat(), name="app-heartbeat"))
         if proxy is not None:
@@ -494,6 +502,18 @@ class Cluster:
             except BastionError as e:
                 log.warning("backend housekeeping failed; will retry", extra={"error": e.message})
 
+    async def _audit_retention(self, keep: timedelta) -> None:
+        """Prune audit events older than ``keep``: at start, then every ``RETENTION_EVERY``."""
+        prune = getattr(self.audit_store, "prune", None)
+        if prune is None:
+            return
+        while True:
+            try:
+                await prune(datetime.now(UTC) - keep)
+            except BastionError as e:
+                log.warning("audit retention failed; will retry", extra={"error": e.message})
+            await asyncio.sleep(RETENTION_EVERY)
+
     async def wait(self) -> None:
         if self.proxy:
             await self.proxy.wait()
@@ -541,7 +561,7 @@ def _shares_backend(cfg: Config) -> bool:
     )
 
 
-async def _open_audit_store(cfg: Config) -> AuditStore:
+async def _open_audit_store(cfg: Config, signer: Signer) -> AuditStore:
     """The cluster's audit log: SQLite next to the backend, or PostgreSQL with a local spool."""
     b = cfg.auth_service.backend
     if b.type == "postgres":
@@ -550,12 +570,12 @@ async def _open_audit_store(cfg: Config) -> AuditStore:
 
         assert b.dsn is not None
         store = SpoolingAuditStore(
-            await PostgresAuditStore.open(b.dsn.get_secret_value()),
+            await PostgresAuditStore.open(b.dsn.get_secret_value(), signer=signer),
             cfg.bastion.data_dir / "audit-spool.db",
         )
         store.start()
         return store
-    return await SQLiteAuditStore.open(cfg.bastion.data_dir)
+    return await SQLiteAuditStore.open(cfg.bastion.data_dir, signer=signer)
 
 
 def _tunnel_public(cfg: Config, host: str, port: int) -> str:

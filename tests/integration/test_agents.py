@@ -229,6 +229,9 @@ def test_join_walk_and_failover(topo: Topology, tmp_path: Path) -> None:
     )
     calls = [e for e in events if e.get("tool") == "echo"]
     assert len(calls) >= 4 and all(e["user"] == "alice" and e["success"] for e in calls)
+    # Joined app services' events are sealed by the proxy they write through (decision 0032).
+    verified = t.node.cli("audit", "verify", local=True, check=False)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
     # Relabel: the app service selecting env=dev drops it, the other keeps it.
     app.write_text(APP.format(env="prod", command=cmd[0], args=json.dumps(cmd[1:]), user=user))

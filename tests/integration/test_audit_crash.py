@@ -2,7 +2,7 @@
 
 The audit commit is an append to the journal (ADR 12); what the crash left journaled and not yet
 indexed must be visible to `bastion audit search` at once (read-only, from another process) and
-be indexed by the next start, without duplicates.
+be indexed by the next start, without duplicates; and the log's hash chain verifies (decision 0032).
 """
 
 from __future__ import annotations
@@ -87,10 +87,15 @@ async def test_calls_answered_before_a_crash_are_all_audited_once(tmp_path: Path
         node = start_node(tmp_path, extra_config=DEMO)
         assert not [n for n in left if (tmp_path / "data" / n).exists()]  # indexed at open
         assert calls_in_audit(node) == seen
+        # The hash chain held across the crash and the journal's replay (decision 0032).
+        verified = node.cli("audit", "verify", local=True, check=False)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
         # A clean stop indexes everything and leaves no journal behind.
         stop_node(node)
         assert not list((tmp_path / "data").glob("audit.journal.*"))
         assert calls_in_audit(node) == seen
+        verified = node.cli("audit", "verify", local=True, check=False)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
     finally:
         if node.proc.poll() is None:
             stop_node(node)

@@ -50,8 +50,10 @@ import asyncio
 import collections
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Any, Final
 
+from bastion.audit.chain import Checker, VerifyReport
 from bastion.audit.events import AuditEvent
 from bastion.audit.store import AuditQuery, AuditStore, Completion
 from bastion.errors import BackendError
@@ -141,6 +143,14 @@ class AuditLog:
     async def search(self, query: AuditQuery) -> list[dict[str, Any]]:
         """The store's ``search``: committed events matching ``query``, in ``query.order``."""
         return await self._store.search(query)
+
+    async def verify(self, checker: Checker | None, since: datetime | None = None) -> VerifyReport:
+        """The store's ``verify`` (decision 0032): stored events checked against their seals."""
+        verify = getattr(self._store, "verify", None)
+        if verify is None:
+            raise BackendError("audit log unavailable: this audit store keeps no seals")
+        report: VerifyReport = await verify(checker, since)
+        return report
 
     async def close(self) -> None:
         """Write everything queued, then stop the writer.  Idempotent.

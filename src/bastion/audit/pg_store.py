@@ -21,6 +21,14 @@ whatever the batch size; of several completions of one event in a batch the
 last is sent); ``write_batch`` is both in one transaction.  Commits are
 durable when they return (PostgreSQL's ``synchronous_commit``, on by default).
 
+Seals (decision 0032, ``bastion.audit.chain``): each store instance is a
+writer with its own chain (a number from a sequence), so proxies sharing the
+database never contend for one; the seal of a batch is stored by the batch's
+own statement (a CTE: no extra round trip), and after a write of unknown
+outcome the chain's head is read back before the next one.  ``verify`` and
+``prune`` (retention, one process at a time: an advisory lock) as in
+``sqlite_store``.  ``open(dsn, seal=False)`` opens a reader (search, verify).
+
 PostgreSQL text cannot hold NUL characters: in the indexed columns they are
 stored as U+FFFD (the JSON document keeps them, escaped as ``\\u0000``), and
 search filters are mapped the same way.
@@ -33,10 +41,15 @@ What it must not do: let ``asyncpg`` or socket exceptions escape (they become
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 
 import asyncpg
+import orjson
 
 from bastion._pg import (
     DRIVER_ERRORS,
@@ -46,6 +59,8 @@ from bastion._pg import (
     map_error,
     open_pool,
 )
+from bastion.audit import chain as chain_mod
+from bastion.audit.chain import Chain, Checker, Seal, Signer, Verifier, VerifyReport
 from bastion.audit.events import AuditEvent
 from bastion.audit.store import (
     AuditQuery,
@@ -63,11 +78,26 @@ if TYPE_CHECKING:
 
 __all__ = ["PostgresAuditStore"]
 
+log = logging.getLogger("bastion.audit")
+
 _T = TypeVar("_T")
 
 #: Component name of this schema in ``bastion_schema_migrations``.
 COMPONENT: Final = "audit"
 TABLE: Final = "bastion_audit_events"
+SEALS: Final = "bastion_audit_seals"
+META: Final = "bastion_audit_meta"
+#: Each store instance (process) is a writer with its own chain of seals (ADR 32).
+WRITERS: Final = "bastion_audit_writers"
+#: A seal is signed at least this often (seconds) while events come in, and this
+#: long after the last unsigned one when they stop.
+SIGN_EVERY: Final = 10.0
+#: Seals pruned per transaction (retention), at most, and events (the step ends with the
+#: seal that passes it).
+PRUNE_SEALS: Final = 256
+PRUNE_EVENTS: Final = 4096
+#: ``verify --since``: seals this much older are read too (events dated by other hosts' clocks).
+SINCE_SLACK_US: Final = 3600 * 1_000_000
 #: Seconds a statement may take before it is abandoned.
 COMMAND_TIMEOUT: Final = 30.0
 
@@ -97,7 +127,41 @@ MIGRATIONS: Final = (
             f"CREATE INDEX {TABLE}_session ON {TABLE} (session_id, time_us)",
         ),
     ),
+    Migration(
+        2,
+        "audit seals",
+        (
+            f"CREATE TABLE {SEALS} ("
+            " writer BIGINT NOT NULL,"
+            " seq BIGINT NOT NULL,"
+            " time_us BIGINT NOT NULL,"
+            " kind TEXT NOT NULL,"
+            " prev BYTEA NOT NULL,"
+            " items BYTEA NOT NULL,"
+            " payload TEXT NOT NULL,"
+            " sig BYTEA NULL,"
+            " PRIMARY KEY (writer, seq))",
+            f"CREATE INDEX {SEALS}_time ON {SEALS} (time_us)",
+            f"CREATE SEQUENCE {WRITERS}",
+            f"CREATE TABLE {META} (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+            # Events stored before seals existed are not sealed: verify counts them.
+            f"INSERT INTO {META} SELECT 'legacy_seq', coalesce(max(seq), 0)::text FROM {TABLE}",
+        ),
+    ),
 )
+
+_SEAL_COLUMNS: Final = "writer, seq, time_us, kind, prev, items, payload, sig"
+
+
+def _seal_cte(first: int) -> str:
+    """A data-modifying CTE storing one seal (parameters ``$first``..): same statement, no round trip."""
+    params = ", ".join(f"${first + i}" for i in range(8))
+    return f"WITH seal AS (INSERT INTO {SEALS} ({_SEAL_COLUMNS}) VALUES ({params}) ON CONFLICT DO NOTHING) "
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
 
 _INSERT: Final = (
     f'INSERT INTO {TABLE} (id, time_us, type, "user", app, session_id, success, error, duration_ms, event)'
@@ -119,17 +183,43 @@ _TEXT_COLUMNS: Final = (0, 2, 3, 4, 5, 7)
 class PostgresAuditStore:
     """``AuditStore`` on a PostgreSQL database; open with ``await PostgresAuditStore.open(dsn)``."""
 
-    def __init__(self, pool: asyncpg.Pool[asyncpg.Record], dsn: str) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool[asyncpg.Record],
+        dsn: str,
+        chain: Chain | None = None,
+        clock: Callable[[], int] = _now_us,
+    ) -> None:
         # Use ``open``: the pool must be created and the schema migrated first.
         self._pool = pool
         self._dsn = dsn
         self._label = f"postgres audit database {describe_dsn(dsn)}"
         self._closed = False
         self._closer: asyncio.Task[None] | None = None
+        # This writer's chain of seals (ADR 32); one write at a time extends it.
+        self._chain = chain
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._head_unknown = False
+        self._last_signed = time.monotonic()
+        self._sign_timer: asyncio.TimerHandle | None = None
+        self._signing: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, dsn: str, *, pool_size: int = 4) -> PostgresAuditStore:
-        """Connect to ``dsn`` (``postgresql://user:password@host:port/db``) and migrate."""
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        pool_size: int = 4,
+        signer: Signer | None = None,
+        clock: Callable[[], int] | None = None,
+        seal: bool = True,
+    ) -> PostgresAuditStore:
+        """Connect to ``dsn`` (``postgresql://user:password@host:port/db``) and migrate.
+
+        Unless ``seal`` is false (a reader: search, verify), the store is a
+        writer: it draws a writer number and writes its signed opening seal.
+        """
         label = f"postgres audit database {describe_dsn(dsn)}"
         pool = await open_pool(
             dsn,
@@ -143,7 +233,20 @@ class PostgresAuditStore:
             component=COMPONENT,
             migrations=MIGRATIONS,
         )
-        return cls(pool, dsn)
+        if not seal:
+            return cls(pool, dsn)
+        store = cls(pool, dsn, clock=clock or _now_us)
+        try:
+
+            async def writer(conn: _Conn) -> int:
+                return int(await conn.fetchval(f"SELECT nextval('{WRITERS}')"))
+
+            store._chain = Chain(await store._run("open", writer), signer=signer)
+            await store._write_seal(chain_mod.OPEN)
+        except BaseException:
+            await store.close()
+            raise
+        return store
 
     @property
     def label(self) -> str:
@@ -159,37 +262,125 @@ class PostgresAuditStore:
             await self.write_batch((), updates)
 
     async def write_batch(self, events: Sequence[AuditEvent], updates: Sequence[Completion]) -> None:
-        """``insert_many(events)`` then ``complete_many(updates)``, in one transaction."""
+        """``insert_many(events)`` then ``complete_many(updates)``, in one transaction, sealed."""
         if not (events or updates):
             return
         self._check_open()
-        columns = (
-            [list(c) for c in zip(*[_pg_row(event_row(e)) for e in events], strict=True)] if events else []
-        )
-        # The last completion of each event (a later one wins), in one statement.
+        rows = [_pg_row(event_row(e)) for e in events]
+        columns = [list(c) for c in zip(*rows, strict=True)] if events else []
+        # The last completion of each event (a later one wins), in one statement;
+        # the seal keeps them all, in order.
         final: dict[str, tuple[bool, str, float | None]] = {}
+        items: list[list[Any]] = [["i", r[0], chain_mod.event_digest(r[9])] for r in rows]
         for event_id, success, error, duration_ms in updates:
-            final[_nul_free(clean_text(event_id))] = (
-                bool(success),
-                _nul_free(clean_text(error)) if error else "",
-                duration_ms,
-            )
+            eid = _nul_free(clean_text(event_id))
+            outcome = (bool(success), _nul_free(clean_text(error)) if error else "", duration_ms)
+            final[eid] = outcome
+            items.append(["c", eid, *outcome])
         outcomes = [list(final), *([list(c) for c in zip(*final.values(), strict=True)] if final else [])]
         action = "write" if events and final else "insert" if events else "complete"
+        async with self._lock:
+            seal = await self._next_seal(items)
 
-        async def write(conn: _Conn) -> None:
-            if events and final:
-                async with conn.transaction():
-                    await conn.execute(_INSERT, *columns)
-                    await conn.execute(_COMPLETE, *outcomes)
-            elif events:
-                await conn.execute(_INSERT, *columns)
-            else:
-                await conn.execute(_COMPLETE, *outcomes)
+            async def write(conn: _Conn) -> None:
+                if seal is None:
+                    if events and final:
+                        async with conn.transaction():
+                            await conn.execute(_INSERT, *columns)
+                            await conn.execute(_COMPLETE, *outcomes)
+                    elif events:
+                        await conn.execute(_INSERT, *columns)
+                    else:
+                        await conn.execute(_COMPLETE, *outcomes)
+                    return
+                if events and final:
+                    async with conn.transaction():
+                        await conn.execute(_seal_cte(11) + _INSERT, *columns, *seal)
+                        await conn.execute(_COMPLETE, *outcomes)
+                elif events:
+                    await conn.execute(_seal_cte(11) + _INSERT, *columns, *seal)
+                else:
+                    await conn.execute(_seal_cte(5) + _COMPLETE, *outcomes, *seal)
 
-        # Safe to run again: a row already stored is left as it is, and the
-        # same outcomes give the same rows.
-        await self._run(action, write)
+            # Safe to run again: a row already stored is left as it is, the
+            # same outcomes give the same rows, and the same seal is stored once.
+            await self._sealed(action, write, seal)
+
+    # -- seals (ADR 32) ------------------------------------------------------
+
+    async def _next_seal(
+        self, items: list[list[Any]], kind: str = chain_mod.SEAL, payload: str = ""
+    ) -> Seal | None:
+        """The seal for ``items`` (under ``_lock``); after a failed write, from the head as stored."""
+        c = self._chain
+        if c is None:
+            return None
+        if self._head_unknown:
+            # A write whose commit is unknown: whether its seal was stored decides the head.
+            async def head(conn: _Conn) -> asyncpg.Record | None:
+                return await conn.fetchrow(
+                    f"SELECT {_SEAL_COLUMNS} FROM {SEALS} WHERE writer = $1 ORDER BY seq DESC LIMIT 1",
+                    c.writer,
+                )
+
+            row = await self._run("read the seal chain", head)
+            if row is not None:
+                last = Seal(*row)
+                c.seq, c.head = last.seq, last.hash()
+            self._head_unknown = False
+        sign = c.signer is not None and (
+            kind != chain_mod.SEAL or time.monotonic() - self._last_signed >= SIGN_EVERY
+        )
+        return c.next(items, self._clock(), kind=kind, payload=payload, sign=sign)
+
+    async def _sealed(
+        self, action: str, write: Callable[[_Conn], Awaitable[None]], seal: Seal | None
+    ) -> None:
+        try:
+            await self._run(action, write)
+        except BaseException:
+            self._head_unknown = seal is not None
+            raise
+        if seal is None or self._chain is None:
+            return
+        self._chain.advance(seal)
+        if seal.sig is not None:
+            self._last_signed = time.monotonic()
+            if self._sign_timer is not None:
+                self._sign_timer.cancel()
+                self._sign_timer = None
+        elif self._chain.signer is not None and self._sign_timer is None and not self._closed:
+            self._sign_timer = asyncio.get_running_loop().call_later(SIGN_EVERY, self._sign_later)
+
+    def _sign_later(self) -> None:
+        # Writes stopped after an unsigned seal: sign the chain's end now.
+        self._sign_timer = None
+        if not self._closed:
+            task = asyncio.get_running_loop().create_task(self._sign_end(), name="bastion-audit-sign")
+            self._signing = task
+
+    async def _sign_end(self) -> None:
+        try:
+            await self._write_seal(chain_mod.SEAL, sign=True)
+        except BastionError as e:
+            log.warning("audit: cannot write a signed seal (retried with the next write): %s", e)
+
+    async def _write_seal(self, kind: str, payload: str = "", *, sign: bool = True) -> None:
+        async with self._lock:
+            if self._chain is None:
+                return
+            seal = await self._next_seal([], kind, payload)
+            if seal is not None and sign and seal.sig is None and self._chain.signer is not None:
+                seal = seal._replace(sig=self._chain.signer(chain_mod.SIGNED_PREFIX + seal.hash()))
+
+            async def write(conn: _Conn) -> None:
+                await conn.execute(
+                    f"INSERT INTO {SEALS} ({_SEAL_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                    " ON CONFLICT DO NOTHING",
+                    *seal,  # type: ignore[misc]
+                )
+
+            await self._sealed("seal", write, seal)
 
     async def search(self, query: AuditQuery) -> list[dict[str, Any]]:
         self._check_open()
@@ -200,6 +391,135 @@ class PostgresAuditStore:
 
         rows = await self._run("search", fetch)
         return [merge_outcome(row[0], row[1], row[2], row[3]) for row in rows]
+
+    async def prune(self, before: datetime) -> None:
+        """Retention: remove what was sealed before ``before``, leaving a signed prune seal (ADR 32).
+
+        ``PRUNE_SEALS`` seals (``PRUNE_EVENTS`` events) per transaction; one
+        process of the cluster at a time (an advisory lock; the others skip this
+        round).  The prune seals go in a chain of their own (a writer number
+        drawn for the run), so writers never wait for a prune, nor a prune
+        holding row locks for a writer.
+        """
+        self._check_open()
+        before_us = epoch_micros(before)
+
+        async def writer(conn: _Conn) -> int:
+            return int(await conn.fetchval(f"SELECT nextval('{WRITERS}')"))
+
+        pruner = Chain(await self._run("prune", writer), signer=self._chain.signer if self._chain else None)
+        while await self._run("prune", lambda conn: self._prune_step(conn, before_us, pruner)):
+            pass
+
+    async def _prune_step(self, conn: _Conn, before_us: int, pruner: Chain) -> bool:
+        tr = conn.transaction()
+        await tr.start()
+        try:
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))", f"{SEALS}.prune"):
+                await tr.rollback()
+                return False
+            old = [
+                Seal(*r)
+                for r in await conn.fetch(
+                    f"SELECT {_SEAL_COLUMNS} FROM {SEALS} WHERE time_us < $1 AND kind <> $2"
+                    " ORDER BY time_us, writer, seq LIMIT $3",
+                    before_us,
+                    chain_mod.PRUNE,
+                    PRUNE_SEALS,
+                )
+            ]
+            row = await conn.fetchrow(
+                f"SELECT {_SEAL_COLUMNS} FROM {SEALS} WHERE kind = $1"
+                " ORDER BY time_us DESC, writer DESC, seq DESC LIMIT 1",
+                chain_mod.PRUNE,
+            )
+            anchors: dict[int, tuple[int, bytes]] = {}
+            legacy = int(await conn.fetchval(f"SELECT value FROM {META} WHERE key = 'legacy_seq'") or 0)
+            removed = 0
+            if legacy:  # events from before seals existed (schema version 1): by time
+                status = await conn.execute(
+                    f"DELETE FROM {TABLE} WHERE seq IN"
+                    f" (SELECT seq FROM {TABLE} WHERE seq <= $1 AND time_us < $2 LIMIT $3)",
+                    legacy,
+                    before_us,
+                    PRUNE_EVENTS,
+                )
+                removed = int(status.split()[-1])
+            full = len(old) >= PRUNE_SEALS or removed >= PRUNE_EVENTS
+            events = 0
+            for n, seal in enumerate(old):  # fewer seals when they are big
+                events += seal.items.count(b'["i",')
+                if events >= PRUNE_EVENTS:
+                    full = full or n + 1 < len(old)
+                    old = old[: n + 1]
+                    break
+            if row is not None:
+                newest = Seal(*row)
+                for w, seq, h in orjson.loads(newest.payload):
+                    anchors[int(w)] = (int(seq), bytes.fromhex(h))
+                if not full and newest.time_us < before_us:
+                    old.append(newest)
+            if not old and not removed:
+                await tr.rollback()
+                return False
+            last: dict[int, Seal] = {}
+            for seal in old:
+                if seal.writer not in last or last[seal.writer].seq < seal.seq:
+                    last[seal.writer] = seal
+            ids: list[str] = []
+            for w, top in last.items():
+                for (items,) in await conn.fetch(
+                    f"SELECT items FROM {SEALS} WHERE writer = $1 AND seq <= $2", w, top.seq
+                ):
+                    ids.extend(str(item[1]) for item in orjson.loads(items) if item[0] == "i")
+                await conn.execute(f"DELETE FROM {SEALS} WHERE writer = $1 AND seq <= $2", w, top.seq)
+                anchors[w] = (top.seq, top.hash())
+            if ids:
+                await conn.execute(f"DELETE FROM {TABLE} WHERE id = ANY($1::text[])", ids)
+            seal = pruner.next(
+                [], self._clock(), kind=chain_mod.PRUNE, payload=chain_mod.prune_anchors(anchors), sign=True
+            )
+            # No ON CONFLICT: a step run again after a commit it did not hear of must fail,
+            # not store deletions its stored seal does not name.
+            await conn.execute(
+                f"INSERT INTO {SEALS} ({_SEAL_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)", *seal
+            )
+            await tr.commit()
+            pruner.advance(seal)
+        except BaseException:
+            # A transaction already finished refuses a rollback; nothing to undo then.
+            with contextlib.suppress(*DRIVER_ERRORS, asyncpg.InterfaceError):
+                await tr.rollback()
+            raise
+        log.info("audit retention: pruned %d events sealed before the limit", len(ids) + removed)
+        return full
+
+    async def verify(self, checker: Checker | None, since: datetime | None = None) -> VerifyReport:
+        """Check the stored events against every writer's seals (ADR 32), in one snapshot."""
+        self._check_open()
+        since_us = None if since is None else epoch_micros(since)
+
+        async def check(conn: _Conn) -> Verifier:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                legacy = int(await conn.fetchval(f"SELECT value FROM {META} WHERE key = 'legacy_seq'") or 0)
+                v = Verifier(checker, since_us, legacy)
+                sql = f"SELECT {_SEAL_COLUMNS} FROM {SEALS}"
+                args: list[Any] = []
+                if since_us is not None:
+                    sql += " WHERE time_us >= $1"
+                    args.append(since_us - SINCE_SLACK_US)
+                async for r in conn.cursor(sql + " ORDER BY writer, seq", *args, prefetch=1000):
+                    v.add_seals([Seal(*r)])
+                async for r in conn.cursor(
+                    'SELECT seq, id, time_us, type, "user", app, session_id, success, error,'
+                    f" duration_ms, event FROM {TABLE} ORDER BY seq",
+                    prefetch=2000,
+                ):
+                    v.check_row(chain_mod.Row(*list(r)[1:]), r[0])
+            return v
+
+        v = await self._run("verify", check)
+        return VerifyReport(v, v.finish(), 0)
 
     async def close(self) -> None:
         if self._closer is None:
@@ -213,6 +533,17 @@ class PostgresAuditStore:
         await asyncio.shield(self._closer)
 
     async def _close(self) -> None:
+        if self._sign_timer is not None:
+            self._sign_timer.cancel()
+            self._sign_timer = None
+        if self._signing is not None:
+            await asyncio.wait([self._signing])
+        if self._chain is not None:
+            try:
+                # The signed end of this writer's chain (ADR 32).
+                await self._write_seal(chain_mod.CLOSE)
+            except BastionError as e:
+                log.error("%s: cannot write the closing seal: %s", self._label, e)
         try:
             async with asyncio.timeout(10):
                 await self._pool.close()  # waits for operations under way

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import sqlite3
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import orjson
 
 from bastion._tasks import stop_tasks
 from bastion.audit import codec
+from bastion.audit.chain import Checker, VerifyReport
 from bastion.audit.events import AuditEvent
 from bastion.audit.store import AuditQuery, AuditStore, Completion
 from bastion.errors import BackendError
@@ -104,6 +106,21 @@ class SpoolingAuditStore:
 
     async def search(self, query: AuditQuery) -> list[dict[str, Any]]:
         return await self.primary.search(query)
+
+    async def verify(self, checker: Checker | None, since: datetime | None = None) -> VerifyReport:
+        """The primary's ``verify``: what is spooled is not sealed yet (it is when replayed)."""
+        verify = getattr(self.primary, "verify", None)
+        if verify is None:
+            raise BackendError("this audit store keeps no seals")
+        report: VerifyReport = await verify(checker, since)
+        report.journaled = self._pending
+        return report
+
+    async def prune(self, before: datetime) -> None:
+        """Retention: the primary's ``prune`` (the spool holds only what it has not stored yet)."""
+        prune = getattr(self.primary, "prune", None)
+        if prune is not None:
+            await prune(before)
 
     async def close(self) -> None:
         if self._closed:

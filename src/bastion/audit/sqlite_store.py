@@ -27,6 +27,14 @@ transaction is committed: so the journal files hold exactly what may not
 be indexed yet, the older one first.  A line that does not parse (a write
 torn by an OS crash) is skipped with a warning.
 
+Seals (decision 0032, ``bastion.audit.chain``): each indexing transaction
+also stores the seal covering what it indexed (``audit_seals``: one chain,
+continued across restarts, as one process writes at a time), signed at open,
+at close and every ``SIGN_EVERY`` seconds; so a journal replayed after a
+crash is sealed like any other.  ``verify_files`` checks the log against
+them (read-only, any process); ``prune`` (retention) removes what was sealed
+before a time, in steps between indexing runs, leaving a signed prune seal.
+
 Why, measured 2026-11-22 on this 2-vCPU host (CPython 3.11.7, SQLite
 3.40.1, uvloop, the process pinned to one core; ``bench/audit_micro.py``:
 ``AuditLog`` over this store, 16 concurrent callers, a tools/call event of
@@ -70,13 +78,16 @@ import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
 import orjson
 
+from bastion.audit import chain as chain_mod
+from bastion.audit.chain import Break, Chain, Checker, Seal, Signer, Verifier, VerifyReport
 from bastion.audit.events import AuditEvent
 from bastion.audit.store import (
     AuditQuery,
@@ -91,7 +102,7 @@ from bastion.errors import BackendError
 
 log = logging.getLogger("bastion.audit")
 
-__all__ = ["AUDIT_DB_NAME", "SQLiteAuditStore", "search_files"]
+__all__ = ["AUDIT_DB_NAME", "SQLiteAuditStore", "search_files", "verify_files"]
 
 AUDIT_DB_NAME: Final = "audit.db"
 JOURNAL_NAME: Final = "audit.journal"
@@ -99,7 +110,7 @@ JOURNAL_NAME: Final = "audit.journal"
 INDEXING_NAME: Final = "audit.journal.indexing"
 LOCK_NAME: Final = "audit.lock"
 #: ``PRAGMA user_version`` of the schema below; bump it with a migration.
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 #: How long a write waits for another process's write lock (the index thread
 #: and the open; reads too).
 BUSY_TIMEOUT_MS: Final = 5000
@@ -138,8 +149,43 @@ CREATE INDEX IF NOT EXISTS audit_events_time ON audit_events (time_us);
 CREATE INDEX IF NOT EXISTS audit_events_type ON audit_events (type, time_us);
 CREATE INDEX IF NOT EXISTS audit_events_user ON audit_events (user, time_us);
 CREATE INDEX IF NOT EXISTS audit_events_app ON audit_events (app, time_us);
-CREATE INDEX IF NOT EXISTS audit_events_session ON audit_events (session_id, time_us)
+CREATE INDEX IF NOT EXISTS audit_events_session ON audit_events (session_id, time_us);
+
+CREATE TABLE IF NOT EXISTS audit_seals (
+    writer  INTEGER NOT NULL,
+    seq     INTEGER NOT NULL,
+    time_us INTEGER NOT NULL,
+    kind    TEXT    NOT NULL,
+    prev    BLOB    NOT NULL,
+    items   BLOB    NOT NULL,
+    payload TEXT    NOT NULL,
+    sig     BLOB    NULL,
+    PRIMARY KEY (writer, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS audit_seals_time ON audit_seals (time_us);
+CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)
 """
+
+#: The one chain of an ``audit.db`` (one writer at a time: the lock): ADR 32.
+WRITER: Final = 1
+#: A seal is signed at least this often (seconds) while events come in, and this
+#: long after the last unsigned one when they stop.
+SIGN_EVERY: Final = 10.0
+#: Seals pruned per transaction (retention), at most, and events (the step ends with
+#: the seal that passes it), so indexing waits little behind a step.
+PRUNE_SEALS: Final = 256
+PRUNE_EVENTS: Final = 4096
+
+_INSERT_SEAL: Final = (
+    "INSERT INTO audit_seals (writer, seq, time_us, kind, prev, items, payload, sig)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SEAL_COLUMNS: Final = "writer, seq, time_us, kind, prev, items, payload, sig"
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
 
 # One row per event.  A row journaled with its outcome (the 11th parameter
 # true) sets that outcome on a stored row of the same id (a retried insert
@@ -166,7 +212,14 @@ class SQLiteAuditStore:
     """
 
     def __init__(
-        self, conn: sqlite3.Connection, path: Path, lock_fd: int, segment: int, journal_fd: int
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        lock_fd: int,
+        segment: int,
+        journal_fd: int,
+        chain: Chain | None = None,
+        clock: Callable[[], int] = _now_us,
     ) -> None:
         # Use ``open``: the connection must be configured, migrated and the
         # journal left by a crash indexed first.
@@ -193,9 +246,23 @@ class SQLiteAuditStore:
         self._rows_since_checkpoint = 0
         self._closed = False
         self._closer: asyncio.Task[None] | None = None
+        # The chain of seals (ADR 32): extended by the indexer only, one run at a time.
+        self._chain = chain if chain is not None else Chain(WRITER)
+        self._clock = clock
+        self._last_signed = time.monotonic()
+        self._sign_timer: asyncio.TimerHandle | None = None
+        self._seal_due = False
+        self._prune_before: int | None = None
+        self._prune_error = ""
 
     @classmethod
-    async def open(cls, data_dir: str | Path) -> SQLiteAuditStore:
+    async def open(
+        cls,
+        data_dir: str | Path,
+        *,
+        signer: Signer | None = None,
+        clock: Callable[[], int] | None = None,
+    ) -> SQLiteAuditStore:
         """Open (creating if needed) ``<data_dir>/audit.db`` and its journal.
 
         ``data_dir`` is created with mode 0700 if missing; the files are made
@@ -203,12 +270,16 @@ class SQLiteAuditStore:
         journaled and not indexed when the last writer stopped (a crash) are
         indexed first.  Refused (``BackendError``) while another process has
         the same audit log open for writing.
+
+        ``signer`` signs seals (ADR 32; the cluster's JWT key); ``clock``
+        (microseconds since the epoch) dates them, for tests.
         """
         path = Path(data_dir) / AUDIT_DB_NAME
+        now = clock or _now_us
         # Creating files, migrating and indexing a journal touch the disk
         # (and may wait for a lock): keep them off the event loop.
-        conn, lock_fd, segment, jfd = await asyncio.to_thread(_open_writer, path)
-        return cls(conn, path, lock_fd, segment, jfd)
+        conn, lock_fd, segment, jfd, chain = await asyncio.to_thread(_open_writer, path, signer, now)
+        return cls(conn, path, lock_fd, segment, jfd, chain, now)
 
     @property
     def path(self) -> Path:
@@ -248,7 +319,7 @@ class SQLiteAuditStore:
             if self._indexer is not None:
                 await asyncio.wait([self._indexer])
                 continue
-            if not (self._rows or self._updates):
+            if not (self._rows or self._updates or self._seal_due or self._prune_before is not None):
                 break
             await asyncio.wait([self._start_indexer()])
             if self._index_error:
@@ -266,10 +337,34 @@ class SQLiteAuditStore:
         # connection under a running indexer; the close finishes anyway.
         await asyncio.shield(self._closer)
 
+    async def verify(self, checker: Checker | None, since: datetime | None = None) -> VerifyReport:
+        """``verify_files`` on this store's data directory (read-only, in a thread)."""
+        if self._closed:
+            raise self._closed_error()
+        return await verify_files(self._dir, checker, since)
+
+    async def prune(self, before: datetime) -> None:
+        """Retention: remove what was sealed before ``before`` and leave a signed prune seal (ADR 32).
+
+        Runs in the indexer's thread, ``PRUNE_SEALS`` seals per transaction
+        between indexing runs: writes go on being journaled meanwhile.
+        """
+        if self._closed:
+            raise self._closed_error()
+        self._prune_before = epoch_micros(before)
+        self._prune_error = ""
+        while self._prune_before is not None and not self._closed:
+            await asyncio.wait([self._indexer or self._start_indexer()])
+        if self._prune_error:
+            raise BackendError(f"audit database {self._path}: cannot prune: {self._prune_error}")
+
     async def _close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._sign_timer is not None:
+            self._sign_timer.cancel()
+            self._sign_timer = None
         if self._indexer is not None:
             await asyncio.wait([self._indexer])
         if self._rows or self._updates:
@@ -292,6 +387,12 @@ class SQLiteAuditStore:
 
     def _close_files(self, indexed: bool) -> None:
         try:
+            try:
+                # The signed end of this run's chain: a log truncated after it is told apart
+                # from one whose writer stopped (ADR 32).
+                _write_seal(self._conn, self._chain, [], self._clock(), chain_mod.CLOSE, "")
+            except sqlite3.Error as exc:
+                log.error("audit database %s: cannot write the closing seal: %s", self._path, exc)
             self._conn.close()
         finally:
             os.close(self._jfd)
@@ -372,6 +473,15 @@ class SQLiteAuditStore:
         if self._indexer is None and (self._rows or self._updates) and not self._closed:
             self._start_indexer()
 
+    def _on_sign_timer(self) -> None:
+        # Events stopped coming after an unsigned seal: sign the chain's end now.
+        self._sign_timer = None
+        if self._closed or self._chain.signer is None:
+            return
+        self._seal_due = True
+        if self._indexer is None:
+            self._start_indexer()
+
     def _start_indexer(self) -> asyncio.Task[None]:
         if self._timer is not None:
             self._timer.cancel()
@@ -385,6 +495,8 @@ class SQLiteAuditStore:
         rows, updates = list(self._rows.values()), self._updates
         self._rows, self._updates = {}, []
         self._indexing = len(rows) + len(updates)
+        signer = self._chain.signer
+        sign = signer is not None and (self._seal_due or time.monotonic() - self._last_signed >= SIGN_EVERY)
         retry = False
         try:
             try:
@@ -393,11 +505,31 @@ class SQLiteAuditStore:
                 raise _IndexFailed(f"cannot start a new journal segment: {exc.strerror or exc}") from exc
             checkpoint = self._rows_since_checkpoint + len(rows) >= CHECKPOINT_ROWS
             try:
-                warning = await asyncio.to_thread(
-                    _index_rows, self._conn, self._path, rows, updates, checkpoint
-                )
+                if self._prune_before is not None:
+                    await self._prune_step(self._prune_before)
+                warning = ""
+                if rows or updates or sign:
+                    warning = await asyncio.to_thread(
+                        _index_rows,
+                        self._conn,
+                        self._path,
+                        rows,
+                        updates,
+                        checkpoint,
+                        self._chain,
+                        self._clock(),
+                        sign,
+                    )
             except sqlite3.Error as exc:
                 raise _IndexFailed(str(exc) or type(exc).__name__) from exc
+            if sign:
+                self._last_signed = time.monotonic()
+                self._seal_due = False
+                if self._sign_timer is not None:
+                    self._sign_timer.cancel()
+                    self._sign_timer = None
+            elif (rows or updates) and signer is not None and self._sign_timer is None and not self._closed:
+                self._sign_timer = asyncio.get_running_loop().call_later(SIGN_EVERY, self._on_sign_timer)
             if warning:
                 log.warning("audit database %s: checkpoint failed: %s", self._path, warning)
             self._rows_since_checkpoint = 0 if checkpoint else self._rows_since_checkpoint + len(rows)
@@ -430,10 +562,25 @@ class SQLiteAuditStore:
             return  # close() indexes what is left itself
         if retry:
             self._timer = asyncio.get_running_loop().call_later(INDEX_RETRY, self._on_timer)
-        elif len(self._rows) + len(self._updates) >= INDEX_ITEMS:
+        elif (
+            len(self._rows) + len(self._updates) >= INDEX_ITEMS
+            or self._prune_before is not None
+            or self._seal_due
+        ):
             self._start_indexer()
         elif (self._rows or self._updates) and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(INDEX_DELAY, self._on_timer)
+
+    async def _prune_step(self, before_us: int) -> None:
+        """One retention step, before indexing; its failure never keeps rows from being indexed."""
+        try:
+            more = await asyncio.to_thread(_prune, self._conn, self._chain, before_us, self._clock())
+        except sqlite3.Error as exc:
+            self._prune_error = str(exc) or type(exc).__name__
+            log.warning("audit database %s: cannot prune (retried at the next run): %s", self._path, exc)
+            more = False
+        if not more:
+            self._prune_before = None
 
     def _rotate(self) -> int:
         """Start a new journal segment (when the current one holds anything); returns
@@ -484,36 +631,58 @@ class _IndexFailed(Exception):
         self.reason = reason
 
 
+def _seal_items(rows: Sequence[Sequence[Any]], updates: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """What a seal says of ``rows`` and ``updates`` (ADR 32): each event's digest, each outcome."""
+    digest = chain_mod.event_digest
+    items: list[list[Any]] = []
+    for r in rows:
+        items.append(["i", r[0], digest(r[9])])
+        if r[10]:  # an outcome merged into the row
+            items.append(["c", r[0], bool(r[6]), r[7], r[8]])
+    items.extend(["c", eid, bool(success), error, duration] for success, error, duration, eid in updates)
+    return items
+
+
 def _index_rows(
     conn: sqlite3.Connection,
     path: Path,
     rows: Sequence[Sequence[Any]],
     updates: Sequence[Sequence[Any]],
     checkpoint: bool,
+    chain: Chain | None = None,
+    time_us: int = 0,
+    sign: bool = False,
 ) -> str:
-    """One transaction: insert ``rows`` (outcomes merged), then apply ``updates``; in a worker thread.
+    """One transaction: insert ``rows`` (outcomes merged), then apply ``updates``, sealed; in a worker thread.
 
-    Then, if ``checkpoint``, copy the WAL into the database (nothing else
-    writes it, so the copy finishes and the next commit starts the WAL again).
-    Returns a checkpoint failure ("" if none): the rows are committed anyway.
+    The seal (ADR 32) that covers them is stored in the same transaction, and
+    the chain's head moves only once it is committed.  Then, if ``checkpoint``,
+    copy the WAL into the database (nothing else writes it, so the copy
+    finishes and the next commit starts the WAL again).  Returns a checkpoint
+    failure ("" if none): the rows are committed anyway.
     """
     cur = conn.cursor()
     if conn.in_transaction:
         # Left open by a failed COMMIT whose ROLLBACK failed too; without this
         # every later transaction would fail ("within a transaction").
         cur.execute("ROLLBACK")
+    seal = None if chain is None else chain.next(_seal_items(rows, updates), time_us or _now_us(), sign=sign)
     cur.execute("BEGIN IMMEDIATE")
     try:
         if rows:
             cur.executemany(_INSERT, rows)
         if updates:
             cur.executemany(_COMPLETE, updates)
+        if seal is not None:
+            cur.execute(_INSERT_SEAL, seal)
         cur.execute("COMMIT")
     except BaseException:
         # After a failed COMMIT SQLite may already have rolled back.
         with contextlib.suppress(sqlite3.Error):
             cur.execute("ROLLBACK")
         raise
+    if chain is not None and seal is not None:
+        chain.advance(seal)
     if not checkpoint:
         return ""
     try:
@@ -527,13 +696,127 @@ def _index_rows(
     return ""
 
 
+def _write_seal(
+    conn: sqlite3.Connection, chain: Chain, items: list[list[Any]], time_us: int, kind: str, payload: str
+) -> None:
+    """Store one signed seal alone (opening, closing), in its own transaction."""
+    seal = chain.next(items, time_us, kind=kind, payload=payload, sign=True)
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(_INSERT_SEAL, seal)
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    chain.advance(seal)
+
+
+def _prune(conn: sqlite3.Connection, chain: Chain, before_us: int, now_us: int) -> bool:
+    """Retention, one step: remove up to ``PRUNE_SEALS`` seals older than ``before_us`` and
+    the events they sealed, and seal where the chains now start (a signed prune seal).
+
+    Returns whether older seals remain.  One transaction; in the indexer's thread.
+    """
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        old = [
+            Seal(*r)
+            for r in conn.execute(
+                f"SELECT {_SEAL_COLUMNS} FROM audit_seals WHERE time_us < ? AND kind != ?"
+                " ORDER BY time_us, writer, seq LIMIT ?",
+                (before_us, chain_mod.PRUNE, PRUNE_SEALS),
+            )
+        ]
+        # Prune seals too once a newer one carries their anchors (only the newest is needed).
+        newest_prune = conn.execute(
+            f"SELECT {_SEAL_COLUMNS} FROM audit_seals WHERE kind = ? ORDER BY time_us DESC, seq DESC LIMIT 1",
+            (chain_mod.PRUNE,),
+        ).fetchone()
+        anchors: dict[int, tuple[int, bytes]] = {}
+        if newest_prune is not None:
+            for w, seq, h in orjson.loads(Seal(*newest_prune).payload):
+                anchors[int(w)] = (int(seq), bytes.fromhex(h))
+        # Events from before seals existed (schema version 1): by time.
+        legacy = int(_meta(conn, "legacy_seq", "0"))
+        removed_legacy = 0
+        if legacy:
+            removed_legacy = conn.execute(
+                "DELETE FROM audit_events WHERE seq IN"
+                " (SELECT seq FROM audit_events WHERE seq <= ? AND time_us < ? LIMIT ?)",
+                (legacy, before_us, PRUNE_EVENTS),
+            ).rowcount
+        full = len(old) >= PRUNE_SEALS or removed_legacy >= PRUNE_EVENTS
+        # Seals cover up to INDEX_ITEMS items each: fewer of them when they are big.
+        events = 0
+        for n, seal in enumerate(old):
+            events += seal.items.count(b'["i",')
+            if events >= PRUNE_EVENTS:
+                full = full or n + 1 < len(old)
+                old = old[: n + 1]
+                break
+        if not full and newest_prune is not None and Seal(*newest_prune).time_us < before_us:
+            old.append(Seal(*newest_prune))
+        if not old and not removed_legacy:
+            conn.execute("ROLLBACK")
+            return False
+        # Pruning removes a prefix of each chain: up to the newest old seal of each writer.
+        last: dict[int, Seal] = {}
+        for seal in old:
+            if seal.writer not in last or last[seal.writer].seq < seal.seq:
+                last[seal.writer] = seal
+        ids: list[tuple[str]] = []
+        for w, top in last.items():
+            for (items,) in conn.execute(
+                "SELECT items FROM audit_seals WHERE writer = ? AND seq <= ?", (w, top.seq)
+            ):
+                ids.extend((str(item[1]),) for item in orjson.loads(items) if item[0] == "i")
+            conn.execute("DELETE FROM audit_seals WHERE writer = ? AND seq <= ?", (w, top.seq))
+            anchors[w] = (top.seq, top.hash())
+        conn.executemany("DELETE FROM audit_events WHERE id = ?", ids)
+        seal = chain.next(
+            [], now_us, kind=chain_mod.PRUNE, payload=chain_mod.prune_anchors(anchors), sign=True
+        )
+        conn.execute(_INSERT_SEAL, seal)
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    chain.advance(seal)
+    log.info("audit retention: pruned %d events sealed before the limit", len(ids) + removed_legacy)
+    return full
+
+
+def _meta(conn: sqlite3.Connection, key: str, default: str) -> str:
+    row = conn.execute("SELECT value FROM audit_meta WHERE key = ?", (key,)).fetchone()
+    return default if row is None else str(row[0])
+
+
+def _chain_head(conn: sqlite3.Connection, signer: Signer | None) -> Chain:
+    row = conn.execute(
+        f"SELECT {_SEAL_COLUMNS} FROM audit_seals WHERE writer = ? ORDER BY seq DESC LIMIT 1", (WRITER,)
+    ).fetchone()
+    if row is None:
+        return Chain(WRITER, signer=signer)
+    last = Seal(*row)
+    return Chain(WRITER, last.seq, last.hash(), signer)
+
+
 # -- opening, the journal, reading (worker threads) ----------------------------------
 
 
-def _open_writer(path: Path) -> tuple[sqlite3.Connection, int, int, int]:
+def _open_writer(
+    path: Path, signer: Signer | None = None, clock: Callable[[], int] = _now_us
+) -> tuple[sqlite3.Connection, int, int, int, Chain]:
     """Create/open the files, take the writer's lock, migrate, index a journal left behind.
 
-    Returns the connection, the lock's fd, the first journal segment number and its fd.
+    Returns the connection, the lock's fd, the first journal segment number and its fd,
+    and the chain of seals (a signed opening seal written: ADR 32).
     """
     folder = path.parent
     try:
@@ -565,7 +848,9 @@ def _open_writer(path: Path) -> tuple[sqlite3.Connection, int, int, int]:
             raise _error(path, "open", exc) from exc
         try:
             _configure(conn, path)
-            segment = _replay(conn, path)
+            chain = _chain_head(conn, signer)
+            segment = _replay(conn, path, chain, clock)
+            _write_seal(conn, chain, [], clock(), chain_mod.OPEN, "")
             jfd = _open_segment(folder, segment)
         except OSError as exc:
             conn.close()
@@ -576,7 +861,7 @@ def _open_writer(path: Path) -> tuple[sqlite3.Connection, int, int, int]:
     except BaseException:
         os.close(lock_fd)
         raise
-    return conn, lock_fd, segment, jfd
+    return conn, lock_fd, segment, jfd, chain
 
 
 def _open_segment(folder: Path, n: int) -> int:
@@ -657,7 +942,7 @@ def _doc_micros(doc: dict[str, Any]) -> int:
         return 0
 
 
-def _replay(conn: sqlite3.Connection, path: Path) -> int:
+def _replay(conn: sqlite3.Connection, path: Path, chain: Chain, clock: Callable[[], int]) -> int:
     """Index what a previous writer journaled and did not index; returns the next segment number."""
     folder = path.parent
     segments = _segments(folder)
@@ -675,7 +960,7 @@ def _replay(conn: sqlite3.Connection, path: Path) -> int:
             _, eid, success, error, duration = item
             _pend_outcome(rows, updates, (success, error, duration, eid))
     try:
-        warning = _index_rows(conn, path, list(rows.values()), updates, True)
+        warning = _index_rows(conn, path, list(rows.values()), updates, True, chain, clock(), True)
     except sqlite3.Error as exc:
         raise _error(path, "index the journal left by the last run", exc) from exc
     if warning:
@@ -723,6 +1008,11 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                # Events stored before seals existed (version 1) are not sealed: verify counts them.
+                legacy = conn.execute("SELECT coalesce(max(seq), 0) FROM audit_events").fetchone()[0]
+                conn.execute(
+                    "INSERT OR REPLACE INTO audit_meta (key, value) VALUES ('legacy_seq', ?)", (str(legacy),)
+                )
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -842,3 +1132,88 @@ def _read(path: Path, sql: str, params: list[Any]) -> list[tuple[str, int, dict[
 def _error(path: Path, action: str, exc: BaseException) -> BackendError:
     detail = str(exc) or type(exc).__name__
     return BackendError(f"audit database {path}: cannot {action}: {detail}")
+
+
+# -- verifying (worker threads; any process) -------------------------------------------
+
+#: ``verify --since``: seals this much older than ``since`` are read too, so events dated
+#: (by the host that made them) a little before their seal are still found sealed.
+SINCE_SLACK_US: Final = 3600 * 1_000_000
+
+
+async def verify_files(
+    data_dir: str | Path, checker: Checker | None, since: datetime | None = None
+) -> VerifyReport:
+    """Check a data directory's audit log against its seals (ADR 32), read-only, from any process."""
+    return await asyncio.to_thread(_verify, Path(data_dir) / AUDIT_DB_NAME, checker, since)
+
+
+def _verify(path: Path, checker: Checker | None, since: datetime | None) -> VerifyReport:
+    since_us = None if since is None else epoch_micros(since)
+    if not path.exists():
+        raise BackendError(f"audit database {path}: not found")
+    journaled = sum(1 for _ in _read_journal(path.parent))
+    writer_running = _writer_running(path.parent)
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise _error(path, "verify", exc) from exc
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        # One read transaction: seals and rows from the same snapshot, whatever the indexer does.
+        conn.execute("BEGIN")
+        if int(conn.execute("PRAGMA user_version").fetchone()[0]) < 2:
+            raise BackendError(
+                f"audit database {path}: written by a bastion without seals; start the cluster once"
+            )
+        v = Verifier(checker, since_us, int(_meta(conn, "legacy_seq", "0")))
+        sql = f"SELECT {_SEAL_COLUMNS} FROM audit_seals"
+        params: list[Any] = []
+        if since_us is not None:
+            sql += " WHERE time_us >= ?"
+            params.append(since_us - SINCE_SLACK_US)
+        v.add_seals(Seal(*r) for r in conn.execute(sql + " ORDER BY writer, seq", params))
+        rows: Iterator[Any] = conn.execute(
+            "SELECT seq, id, time_us, type, user, app, session_id, success, error, duration_ms, event"
+            " FROM audit_events ORDER BY seq"
+        )
+        for seq, *rest in rows:
+            v.check_row(chain_mod.Row(*rest), seq)
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise _error(path, "verify", exc) from exc
+    finally:
+        conn.close()
+    breaks = v.finish()
+    tail = v.tails.get(WRITER)
+    if (
+        since_us is None
+        and not writer_running
+        and tail is not None
+        and tail[2] != chain_mod.CLOSE
+        and not breaks
+    ):
+        breaks.append(
+            Break(
+                tail[1],
+                f"(seal {WRITER}/{tail[0]})",
+                "the log does not end with its writer's closing seal: its end was cut off, or the "
+                "gateway stopped without closing it (start it again: it seals what it left)",
+            )
+        )
+    return VerifyReport(v, breaks, journaled)
+
+
+def _writer_running(folder: Path) -> bool:
+    """Whether a process holds the audit log's writer lock now."""
+    try:
+        fd = os.open(folder / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # releases a lock taken
+    return False

@@ -26,6 +26,10 @@ Contract of every ``AuditStore``:
   of either is stored).  ``AuditLog`` uses it when a store has it (one
   commit per batch instead of two) and the two methods above otherwise, so
   a store without it is still a complete ``AuditStore``.
+- Optional (decision 0032): ``verify(checker, since)`` checks what is stored
+  against the store's seals (a ``chain.VerifyReport``), and ``prune(before)``
+  removes what was sealed before ``before`` (retention); ``AuditLog.verify``
+  and the cluster's retention use them where a store has them.
 
 The stores: ``SQLiteAuditStore`` (``bastion.audit.sqlite_store``, a journal
 in front of ``<data_dir>/audit.db``) and ``PostgresAuditStore``

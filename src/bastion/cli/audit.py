@@ -1,4 +1,4 @@
-"""``bastion audit search``."""
+"""``bastion audit search``, ``bastion audit verify``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from bastion.cli._common import (
     table,
     with_admin,
 )
+from bastion.errors import BastionError
 
 audit_app = typer.Typer(help="The audit log of MCP sessions.", no_args_is_help=True)
 
@@ -94,3 +95,56 @@ def _table(events: list[dict[str, Any]]) -> Table:
             details,
         )
     return t
+
+
+@audit_app.command("verify")
+def verify(
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Check only what was written since (RFC 3339, or how long ago: 24h)."),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="text, json or yaml.")] = "text",
+    config: ConfigOpt = None,
+    identity: IdentityOpt = None,
+    proxy: ProxyOpt = None,
+    insecure: InsecureOpt = False,
+) -> None:
+    """Check the audit log against its signed hash chain; exit 1 naming the first bad event.
+
+    On the server host through the data directory (--config), running or not; elsewhere through
+    the proxy (needs a role allowing list and read on `event`).
+    """
+    check_format(fmt)
+
+    async def go(admin: Admin) -> dict[str, Any]:
+        check = getattr(admin, "audit_verify", None)
+        if check is None:
+            raise BastionError("this client cannot verify the audit log")
+        report: dict[str, Any] = await check(since)
+        return report
+
+    report = run(with_admin(go, config=config, identity=identity, proxy=proxy, insecure=insecure))
+    if fmt != "text":
+        print_data(report, fmt)
+    breaks = report["breaks"]
+    if fmt == "text":
+        if breaks:
+            first = breaks[0]
+            out.print(f"first bad event: {first['event_id']}: {first['reason']}", markup=False)
+            for b in breaks[1:20]:
+                out.print(f"  also: {b['event_id']}: {b['reason']}", markup=False)
+            if len(breaks) > 20:
+                out.print(f"  ... {len(breaks) - 20} more", markup=False)
+        else:
+            note = []
+            if report["unsealed_legacy_events"]:
+                note.append(f"{report['unsealed_legacy_events']} written before seals existed, not checked")
+            if report["journaled_not_yet_sealed"]:
+                note.append(f"{report['journaled_not_yet_sealed']} journaled items not sealed yet")
+            out.print(
+                f"ok: {report['events']} events in {report['seals']} seals "
+                f"({report['signed_seals']} signed)" + (f"; {'; '.join(note)}" if note else ""),
+                markup=False,
+            )
+    if breaks:
+        raise typer.Exit(1)

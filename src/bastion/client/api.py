@@ -97,6 +97,10 @@ class RemoteAdmin:
     async def audit_search(self, params: dict[str, str]) -> list[dict[str, Any]]:
         return list(await self.client.request("GET", "/v1/audit/events", params=params))
 
+    async def audit_verify(self, since: str | None = None) -> dict[str, Any]:
+        params = {"since": since} if since else {}
+        return dict(await self.client.request("GET", "/v1/audit/verify", params=params))
+
     async def ca_pem(self) -> str:
         data = await self.client.get("/v1/webapi/ca")
         return data.decode() if isinstance(data, bytes) else str(data)

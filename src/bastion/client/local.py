@@ -123,9 +123,29 @@ class LocalAdmin:
             return await search_files(self.data_dir, query)
         from bastion.audit.pg_store import PostgresAuditStore
 
-        store = await PostgresAuditStore.open(self.dsn)
+        store = await PostgresAuditStore.open(self.dsn, seal=False)
         try:
             return await store.search(query)
+        finally:
+            await store.close()
+
+    async def audit_verify(self, since: str | None = None) -> dict[str, Any]:
+        """Check the audit log against its seals (decision 0032): the report, breaks earliest first."""
+        from bastion.audit.chain import checker_of
+        from bastion.audit.query import parse_when
+
+        when = parse_when(since) if since else None
+        checker = checker_of(self.auth.cas["jwt"].public_key_pem)
+        if not self.dsn:
+            from bastion.audit.sqlite_store import verify_files
+
+            # Read-only: the cluster may be running and writing this audit log.
+            return (await verify_files(self.data_dir, checker, when)).to_dict()
+        from bastion.audit.pg_store import PostgresAuditStore
+
+        store = await PostgresAuditStore.open(self.dsn, seal=False)
+        try:
+            return (await store.verify(checker, when)).to_dict()
         finally:
             await store.close()
 

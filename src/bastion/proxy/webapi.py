@@ -11,6 +11,7 @@ Routes (JSON in, JSON out; authenticated ones take ``Authorization: Bearer``):
     GET    /healthz  /readyz
     GET    /v1/mcp/apps                     MCP apps the caller may reach, with tool permissions [auth]
     GET    /v1/audit/events?since=&until=&type=&user=&app=&session=&limit=&order=   [auth]
+    GET    /v1/audit/verify?since=          the log checked against its seals [auth]
     GET    /v1/whoami                       the caller, roles, expiry        [auth]
     GET    /v1/resources/{kind}[/{name}]                                    [auth]
     POST   /v1/resources?overwrite=1        create (or replace)              [auth]
@@ -389,6 +390,20 @@ def build_webapi(
         events = await audit.search(query_from_params(request.query_params))
         return _json(events)
 
+    async def audit_verify(request: Request) -> Response:
+        actor = await actor_of(request)
+        actor.require("event", "list", "read")
+        if audit is None:
+            raise ValidationError("this proxy keeps no audit log (no app service runs here)")
+        from bastion.audit.chain import checker_of
+        from bastion.audit.query import parse_when
+
+        since = request.query_params.get("since")
+        report = await audit.verify(
+            checker_of(auth.cas["jwt"].public_key_pem), parse_when(since) if since else None
+        )
+        return _json(report.to_dict())
+
     async def mcp_apps(request: Request) -> Response:
         actor = await actor_of(request)
         if registry is None or actor.checker is None:
@@ -418,6 +433,7 @@ def build_webapi(
         Route("/v1/auth/logout", logout, methods=["POST"]),
         Route("/v1/webapi/host/join", host_join, methods=["POST"]),
         Route("/v1/audit/events", audit_events),
+        Route("/v1/audit/verify", audit_verify),
         Route("/v1/mcp/apps", mcp_apps),
     ]
     app = Starlette(
