@@ -149,9 +149,9 @@ async def _admin(dsn: str) -> asyncpg.Connection[Any]:
     return await asyncpg.connect(dsn, timeout=10)
 
 
-@asynccontextmanager
-async def fresh_database() -> AsyncIterator[str]:
-    """A new empty database on the test server; yields its DSN, drops it afterwards."""
+async def create_database() -> tuple[str, str, str]:
+    """A new empty database on the test server: (server DSN, its name, its DSN); the caller drops
+    it (``drop_database``) — for module fixtures that outlive one event loop."""
     server = await server_dsn()
     name = f"{DB_PREFIX}{uuid.uuid4().hex[:16]}"
     admin = await _admin(server)
@@ -159,8 +159,15 @@ async def fresh_database() -> AsyncIterator[str]:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
+    return server, name, with_database(server, name)
+
+
+@asynccontextmanager
+async def fresh_database() -> AsyncIterator[str]:
+    """A new empty database on the test server; yields its DSN, drops it afterwards."""
+    server, name, dsn = await create_database()
     try:
-        yield with_database(server, name)
+        yield dsn
     finally:
         await drop_database(server, name)
 

@@ -54,24 +54,9 @@ def _run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-async def _create_db() -> tuple[str, str, str]:
-    server = await pg.server_dsn()
-    import uuid
-
-    import asyncpg
-
-    name = f"{pg.DB_PREFIX}{uuid.uuid4().hex[:16]}"
-    conn = await asyncpg.connect(server, timeout=10)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return server, name, pg.with_database(server, name)
-
-
 @pytest.fixture(scope="module")
 def topo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
-    server, dbname, dsn = _run(_create_db())
+    server, dbname, dsn = _run(pg.create_database())
     root = tmp_path_factory.mktemp("scale")
     auth = f"  backend:\n    type: postgres\n    dsn: {dsn}\n"
     proxies: list[Node] = []

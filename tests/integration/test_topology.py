@@ -50,24 +50,9 @@ def _app_config(cmd: list[str]) -> str:
     )
 
 
-async def _create_db() -> tuple[str, str, str]:
-    import uuid
-
-    import asyncpg
-
-    server = await pg.server_dsn()
-    name = f"{pg.DB_PREFIX}{uuid.uuid4().hex[:16]}"
-    conn = await asyncpg.connect(server, timeout=10)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return server, name, pg.with_database(server, name)
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    server, dbname, dsn = asyncio.run(_create_db())
+    server, dbname, dsn = asyncio.run(pg.create_database())
     root = tmp_path_factory.mktemp("topology")
     auth = f"  backend:\n    type: postgres\n    dsn: {dsn}\n"
     extra = _app_config(everything_cmd("stdio"))
