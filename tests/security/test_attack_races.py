@@ -130,6 +130,21 @@ class RecordingStream:
         self._out.put_nowait(None)
 
 
+def gateway_handler(
+    audit: HeldAudit, *, registry: AppRegistry | None = None, limits: Limits | None = None
+) -> MCPHandler:
+    """The MCP handler of an app service, in this process: the app ``APP``, audit held by the test."""
+    return MCPHandler(
+        cluster_name="t",
+        clock=Clock(),
+        jwt_ca=None,
+        registry=registry if registry is not None else AppRegistry([APP]),
+        audit=audit,  # type: ignore[arg-type]
+        redact=lambda v: v,
+        limits=limits,
+    )
+
+
 @pytest.fixture
 async def node(
     monkeypatch: pytest.MonkeyPatch,
@@ -141,15 +156,7 @@ async def node(
 
     monkeypatch.setattr(mcp_http, "open_stream", open_stream)
     audit = HeldAudit()
-    handler = MCPHandler(
-        cluster_name="t",
-        clock=Clock(),
-        jwt_ca=None,
-        registry=AppRegistry([APP]),
-        audit=audit,  # type: ignore[arg-type]
-        redact=lambda v: v,
-        limits=Limits(response_timeout=60.0),
-    )
+    handler = gateway_handler(audit, limits=Limits(response_timeout=60.0))
     try:
         yield handler, audit, stream
     finally:
@@ -310,15 +317,7 @@ async def test_an_upstream_event_over_the_limit_fails_the_call_and_is_not_blamed
     )
     monkeypatch.setattr(mcp_http, "open_stream", None)  # never a message stream here
     audit = HeldAudit()
-    handler = MCPHandler(
-        cluster_name="t",
-        clock=Clock(),
-        jwt_ca=None,
-        registry=AppRegistry([app]),
-        audit=audit,  # type: ignore[arg-type]
-        redact=lambda v: v,
-        limits=Limits(response_timeout=60.0),
-    )
+    handler = gateway_handler(audit, registry=AppRegistry([app]), limits=Limits(response_timeout=60.0))
     refused: list[dict[str, Any]] = []
     monkeypatch.setattr(handler.refusals, "refused", lambda **kw: refused.append(kw))
     try:
@@ -347,14 +346,7 @@ async def test_an_upstream_error_without_json_still_completes_the_calls_audit_ev
         }
     )
     audit = HeldAudit()
-    handler = MCPHandler(
-        cluster_name="t",
-        clock=Clock(),
-        jwt_ca=None,
-        registry=AppRegistry([app]),
-        audit=audit,  # type: ignore[arg-type]
-        redact=lambda v: v,
-    )
+    handler = gateway_handler(audit, registry=AppRegistry([app]))
     plain = (
         b'{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"echo","arguments":{"plain":true}}}'
     )
@@ -387,15 +379,7 @@ async def test_concurrent_initializes_do_not_open_more_sessions_than_the_users_l
         return stream
 
     monkeypatch.setattr(mcp_http, "open_stream", open_stream)
-    handler = MCPHandler(
-        cluster_name="t",
-        clock=Clock(),
-        jwt_ca=None,
-        registry=AppRegistry([APP]),
-        audit=HeldAudit(),  # type: ignore[arg-type]
-        redact=lambda v: v,
-        limits=Limits(sessions_per_user=2),
-    )
+    handler = gateway_handler(HeldAudit(), limits=Limits(sessions_per_user=2))
     init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18"}}
     try:
         tasks = {asyncio.create_task(request(handler, "POST", json.dumps(init).encode())) for _ in range(5)}
@@ -430,14 +414,7 @@ async def test_access_revoked_while_a_session_opens_ends_it_too(monkeypatch: pyt
 
     monkeypatch.setattr(mcp_http, "open_stream", open_stream)
     audit = HeldAudit()
-    handler = MCPHandler(
-        cluster_name="t",
-        clock=Clock(),
-        jwt_ca=None,
-        registry=AppRegistry([APP]),
-        audit=audit,  # type: ignore[arg-type]
-        redact=lambda v: v,
-    )
+    handler = gateway_handler(audit)
     init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18"}}
     try:
         opening = asyncio.create_task(request(handler, "POST", json.dumps(init).encode()))
@@ -475,14 +452,7 @@ async def test_a_session_opening_during_a_sweep_is_swept_too(
     audit = HeldAudit()
     registry = AppRegistry()
     registry.set_dynamic(APP)
-    handler = MCPHandler(
-        cluster_name="t",
-        clock=Clock(),
-        jwt_ca=None,
-        registry=registry,
-        audit=audit,  # type: ignore[arg-type]
-        redact=lambda v: v,
-    )
+    handler = gateway_handler(audit, registry=registry)
     init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18"}}
     closed = False
     try:
@@ -545,14 +515,7 @@ async def test_a_chatty_upstream_and_a_slow_client_do_not_grow_memory_without_bo
         return stream
 
     monkeypatch.setattr(mcp_http, "open_stream", open_stream)
-    handler = MCPHandler(
-        cluster_name="t",
-        clock=Clock(),
-        jwt_ca=None,
-        registry=AppRegistry([APP]),
-        audit=HeldAudit(),  # type: ignore[arg-type]
-        redact=lambda v: v,
-    )
+    handler = gateway_handler(HeldAudit())
     try:
         sid = await started(handler)
         stuck = asyncio.Event()
