@@ -107,6 +107,24 @@ def conformance_cmd() -> list[str]:
     return [str(node22_bin()), str(CONFORMANCE_JS)]
 
 
+def run_conformance_suite(url: str, workdir: Path) -> tuple[int, str]:
+    """The conformance suite's server scenarios against ``url``: (exit code, the output's last
+    6,000 characters, with its summary)."""
+    out_file = workdir / "conformance.out"
+    with out_file.open("w+") as out:
+        res = subprocess.run(
+            [*conformance_cmd(), "server", "--url", url, "-o", str(workdir / "results")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=node_env(),
+            cwd=workdir,
+            timeout=300,
+        )
+        out.seek(0)
+        return res.returncode, out.read()[-6000:]
+
+
 def inspector_cmd() -> list[str]:
     """Inspector 0.15.0, e.g. `inspector_cmd() + ["--cli", *target, "--method", "tools/list"]`
     (run it with `env=node_env()`: it starts `node` by name)."""

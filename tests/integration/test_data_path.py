@@ -24,12 +24,12 @@ import pytest
 from tests.integration.conftest import Node, start_node, stop_node
 from tests.peers import (
     ROOT,
-    conformance_cmd,
     everything_cmd,
     inspector_v2_cmd,
     node_env,
     requires_node_peers,
     run_conformance_fixture,
+    run_conformance_suite,
     run_everything,
 )
 
@@ -339,22 +339,9 @@ def test_inspector_cli_through_the_gateway(gateway: Node, app: str) -> None:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("app", ["conformance-http", "conformance-stdio"])
 def test_conformance_suite_through_the_gateway(gateway: Node, app: str, tmp_path: Path) -> None:
-    with (
-        local_proxy(gateway, app, "alice", tmp_path) as addr,
-        (tmp_path / "conformance.out").open("w+") as out,
-    ):
-        res = subprocess.run(
-            [*conformance_cmd(), "server", "--url", f"http://{addr}/mcp", "-o", str(tmp_path / "results")],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=node_env(),
-            cwd=tmp_path,
-            timeout=300,
-        )
-        out.seek(0)
-        summary = out.read()[-6000:]
-    assert res.returncode == 0, summary
+    with local_proxy(gateway, app, "alice", tmp_path) as addr:
+        code, summary = run_conformance_suite(f"http://{addr}/mcp", tmp_path)
+    assert code == 0, summary
     m = re.search(r"(\d+) passed, (\d+) failed", summary)
     assert m and int(m.group(2)) == 0, summary
 

@@ -26,7 +26,14 @@ import pytest
 
 from bastion.auth.ca import fingerprint, generate_ca
 from tests.integration.conftest import Node, bastion_cmd, start_node, stop_node, wait_for_log
-from tests.peers import ROOT, conformance_cmd, everything_cmd, inspector_cmd, node_env, requires_node_peers
+from tests.peers import (
+    ROOT,
+    everything_cmd,
+    inspector_cmd,
+    node_env,
+    requires_node_peers,
+    run_conformance_suite,
+)
 from tests.testca import OrgCA, make_org_ca
 
 PW = "correct horse battery staple"
@@ -360,35 +367,17 @@ def test_the_conformance_suite_through_proxy_mcp(gateway: Node, tmp_path: Path) 
         subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=_cli_env(gateway, tmp_path / "h")
         ) as proc,
-        (tmp_path / "conformance.out").open("w+") as out,
     ):
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline()
             m = re.search(r"on (127\.0\.0\.1:\d+)", line)
             assert m, line
-            res = subprocess.run(
-                [
-                    *conformance_cmd(),
-                    "server",
-                    "--url",
-                    f"http://{m.group(1)}/mcp",
-                    "-o",
-                    str(tmp_path / "r"),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env=node_env(),
-                cwd=tmp_path,
-                timeout=300,
-            )
-            out.seek(0)
-            summary = out.read()[-6000:]
+            code, summary = run_conformance_suite(f"http://{m.group(1)}/mcp", tmp_path)
         finally:
             proc.terminate()
             proc.wait(timeout=15)
-    assert res.returncode == 0, summary
+    assert code == 0, summary
     got = re.search(r"(\d+) passed, (\d+) failed", summary)
     assert got and int(got.group(1)) > 0 and int(got.group(2)) == 0, summary
 
