@@ -34,6 +34,7 @@ from bastion.audit.redact import DEFAULT_SECRET_KEYS, Redactor
 from bastion.audit.refusals import Refusals
 from bastion.audit.sqlite_store import SQLiteAuditStore
 from bastion.audit.store import AuditStore
+from bastion.auth import outbox
 from bastion.auth.ca import CertAuthority, fingerprint
 from bastion.auth.server import PROXY_ADDR_KEY, AuthServer, settings_from
 from bastion.backend import Backend, Item
@@ -232,6 +233,8 @@ class Cluster:
             # Seals are signed with the cluster's JWT key (decision 0032).
             store = await _open_audit_store(cfg, signer_of(auth.cas["jwt"].private_key_pem))
             audit = AuditLog(store)
+            # Cluster events (logins, changes, joins) are recorded by the auth server itself.
+            auth.audit = audit
             metrics.register_audit_queue(lambda: audit.queue_depth if audit is not None else 0)
             router: Router | None = None
 
@@ -364,6 +367,8 @@ class Cluster:
         if proxy is not None:
             await backend.put(Item(PROXY_ADDR_KEY, cluster.proxy_addr.encode()))
         cluster._tasks.append(asyncio.create_task(cluster._housekeeping(), name="backend-housekeeping"))
+        # What local administration did (while this node ran, or before it started) reaches the log.
+        cluster._tasks.append(asyncio.create_task(outbox.follow(backend, audit), name="audit-outbox"))
         if cfg.audit.retention is not None and store is not None:
             cluster._tasks.append(
                 asyncio.create_task(cluster._audit_retention(cfg.audit.retention), name="audit-retention")

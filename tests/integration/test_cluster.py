@@ -32,6 +32,12 @@ def _invite(node: Node, name: str, roles: str, *extra: str) -> tuple[str, str]:
 
 def _user(node: Node, name: str, roles: str, home: Path) -> None:
     code, fp = _invite(node, name, roles)
+    set_password(node, code, fp, PW, home)
+    log_in(node, name, PW, home)
+
+
+def set_password(node: Node, code: str, fp: str, password: str, home: Path) -> None:
+    """Use an invite as its user would (`bastion users set-password`)."""
     node.cli(
         "users",
         "set-password",
@@ -39,15 +45,18 @@ def _user(node: Node, name: str, roles: str, home: Path) -> None:
         f"--ca-fingerprint={fp}",
         f"--invite={code}",
         "--password-stdin",
-        input=PW + "\n",
+        input=password + "\n",
         home=home,
     )
+
+
+def log_in(node: Node, user: str, password: str, home: Path) -> None:
     node.cli(
         "login",
         f"--proxy={node.addr}",
-        f"--user={name}",
+        f"--user={user}",
         "--password-stdin",
-        input=PW + "\n",
+        input=password + "\n",
         home=home,
     )
 

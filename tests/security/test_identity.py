@@ -109,14 +109,25 @@ def test_a_strangers_bad_passwords_do_not_lock_the_user(node: Node, tmp_path: Pa
             assert "invalid user name or password" in r.json()["error"]["message"]
         r = c.post("/v1/webapi/login", json={"user": "frank", "password": PW})
         assert r.status_code == 401  # the stranger is locked out, even with the right password
-        assert "from your address" in r.json()["error"]["message"]
+        message = r.json()["error"]["message"]
+        assert "from your address" in message and "try again in 20 minutes" in message
     login = node.cli(
         "login", f"--proxy={node.addr}", "--user=frank", "--password-stdin", input=PW + "\n", home=home
     )
     assert "Logged in as: frank" in login.stdout
     failures = [e for e in _audit(node, "user.login") if not e["success"] and e["user"] == "frank"]
-    assert len(failures) == 5 and {e["remote_addr"] for e in failures} == {"127.0.0.2"}
+    assert {e["remote_addr"] for e in failures} == {"127.0.0.2"}
+    # Five bad passwords (the fifth locked the pair), then the right one refused while locked.
+    assert sorted(e["extra"]["reason"] for e in failures) == ["locked"] + ["password"] * 5
     assert sum(e.get("extra", {}).get("locked") == "address+user" for e in failures) == 1
+    (locked,) = _audit(node, "user.locked")
+    assert locked["user"] == "frank" and locked["remote_addr"] == "127.0.0.2"
+    ok = [e for e in _audit(node, "user.login") if e["success"] and e["user"] == "frank"]
+    assert ok and {e["remote_addr"] for e in ok} == {"127.0.0.1"}
+    # Each login issued one credential, audited with its TTL and roles.
+    certs = [e for e in _audit(node, "cert.create") if e["extra"]["for"] == "frank"]
+    assert len(certs) == len(ok)
+    assert all(c["roles"] == ["mcp-user"] and c["extra"]["ttl_s"] > 0 for c in certs)
 
 
 def test_proxy_mcp_refuses_a_foreign_origin_or_host(node: Node, tmp_path: Path) -> None:

@@ -239,5 +239,5 @@ def test_concurrent_joins_one_wins_the_others_are_told_by_whom(cluster: Cluster)
         message = r.json()["error"]["message"]
         assert "already used" in message and winner in message, message
         assert "expired" not in message
-    refusals = [e for e in _audit(cluster.node, "host.join") if not e["success"]]
+    refusals = [e for e in _audit(cluster.node, "app_server.join") if not e["success"]]
     assert sum("already used" in e.get("error", "") for e in refusals) >= 3

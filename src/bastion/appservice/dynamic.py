@@ -28,11 +28,11 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 from bastion._tasks import stop_tasks
-from bastion.appservice.follow import follow_changes
 from bastion.appservice.hostpolicy import HostPolicy
 from bastion.appservice.registry import AppRegistry
 from bastion.auth.server import decode_resource
 from bastion.backend import Backend, Event, EventType, Item
+from bastion.backend.follow import follow_changes
 from bastion.policy.matchers import LabelSelector
 from bastion.policy.rbac import app_labels
 from bastion.resources import App, prefix_for

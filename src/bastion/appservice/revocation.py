@@ -19,8 +19,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from bastion._tasks import stop_tasks
-from bastion.appservice.follow import follow_changes
 from bastion.backend import Backend, Event
+from bastion.backend.follow import follow_changes
 from bastion.resources import prefix_for
 from bastion.session.engine import ToolPolicy
 

@@ -17,9 +17,24 @@ Types and codes (ours; the set follows Teleport's MCP session events)::
                                                        (bad Origin, app not found or hidden,
                                                        unknown session, bad path or body, limits)
     auth.failed                  BAUTH001E             missing or bad credential on an MCP request
-    user.login                   BAUTH002I / BAUTH002E (E: bad password or one-time code)
+
+Cluster events (who did what to the cluster; decision 0033)::
+
+    user.login                   BAUTH002I / BAUTH002E (E: reason unknown_user, password,
+                                                       second_factor, no_second_factor, locked,
+                                                       source_locked or throttled)
     user.logout                  BAUTH003I             (a credential revoked)
-    host.join                    BHOST001I / BHOST001E (an app service joined, or was refused)
+    user.locked                  BAUTH004I             failures locked an (address, user) pair
+    user.unlocked                BAUTH005I             an administrator lifted a user's locks
+    cert.create                  BAUTH006I             a user credential issued (login, auth sign)
+    user.create / update / delete  BUSR001I / BUSR002I / BUSR003I
+    user.password_change         BUSR004I             a password set again through a reset invite
+    invite.create / use          BINV001I / BINV002I / BINV002E
+    role.create / update / delete  BROL001I / BROL002I / BROL003I
+    app.create / update / delete   BAPP001I / BAPP002I / BAPP003I   (dynamic apps)
+    join_token.create / delete   BTOK001I / BTOK002I
+    app_server.join              BHOST001I / BHOST001E (an app service joined, or was refused)
+    access.denied                BACC001E              an API call refused by role rules
     host.app_refused             BHOST002E             (a joined host advertised an app it may
                                                        not serve; see bastion.tunnel.admission)
     audit.suppressed             BAUD001E              refusals from one source past its rate,
@@ -45,8 +60,26 @@ AUTH_FAILED = "auth.failed"
 SUPPRESSED = "audit.suppressed"
 USER_LOGIN = "user.login"
 USER_LOGOUT = "user.logout"
-HOST_JOIN = "host.join"
+USER_LOCKED = "user.locked"
+USER_UNLOCKED = "user.unlocked"
+CERT_CREATE = "cert.create"
+USER_CREATE = "user.create"
+USER_UPDATE = "user.update"
+USER_DELETE = "user.delete"
+PASSWORD_CHANGE = "user.password_change"
+INVITE_CREATE = "invite.create"
+INVITE_USE = "invite.use"
+ROLE_CREATE = "role.create"
+ROLE_UPDATE = "role.update"
+ROLE_DELETE = "role.delete"
+APP_CREATE = "app.create"
+APP_UPDATE = "app.update"
+APP_DELETE = "app.delete"
+JOIN_TOKEN_CREATE = "join_token.create"
+JOIN_TOKEN_DELETE = "join_token.delete"
+HOST_JOIN = "app_server.join"
 HOST_APP_REFUSED = "host.app_refused"
+ACCESS_DENIED = "access.denied"
 
 _CODES = {
     SESSION_START: "BMCP001",
@@ -60,8 +93,34 @@ _CODES = {
     SUPPRESSED: "BAUD001",
     USER_LOGIN: "BAUTH002",
     USER_LOGOUT: "BAUTH003",
+    USER_LOCKED: "BAUTH004",
+    USER_UNLOCKED: "BAUTH005",
+    CERT_CREATE: "BAUTH006",
+    USER_CREATE: "BUSR001",
+    USER_UPDATE: "BUSR002",
+    USER_DELETE: "BUSR003",
+    PASSWORD_CHANGE: "BUSR004",
+    INVITE_CREATE: "BINV001",
+    INVITE_USE: "BINV002",
+    ROLE_CREATE: "BROL001",
+    ROLE_UPDATE: "BROL002",
+    ROLE_DELETE: "BROL003",
+    APP_CREATE: "BAPP001",
+    APP_UPDATE: "BAPP002",
+    APP_DELETE: "BAPP003",
+    JOIN_TOKEN_CREATE: "BTOK001",
+    JOIN_TOKEN_DELETE: "BTOK002",
     HOST_JOIN: "BHOST001",
     HOST_APP_REFUSED: "BHOST002",
+    ACCESS_DENIED: "BACC001",
+}
+
+#: Kinds whose create/update/delete are audited, and the event type of each change.
+RESOURCE_EVENTS: dict[str, tuple[str, str, str]] = {
+    "user": (USER_CREATE, USER_UPDATE, USER_DELETE),
+    "role": (ROLE_CREATE, ROLE_UPDATE, ROLE_DELETE),
+    "app": (APP_CREATE, APP_UPDATE, APP_DELETE),
+    "token": (JOIN_TOKEN_CREATE, JOIN_TOKEN_CREATE, JOIN_TOKEN_DELETE),
 }
 
 EVENT_TYPES = tuple(_CODES)

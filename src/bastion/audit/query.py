@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from bastion._time import parse_duration
-from bastion.audit.events import EVENT_TYPES
+from bastion.audit.events import EVENT_TYPES, AuditEvent
 from bastion.audit.store import ORDERS, AuditQuery
 from bastion.errors import ValidationError
 
@@ -49,4 +49,16 @@ def query_from_params(params: Mapping[str, str]) -> AuditQuery:
         session_id=params.get("session") or None,
         limit=int(limit_text),
         order=order,
+    )
+
+
+def matches(query: AuditQuery, event: AuditEvent) -> bool:
+    """Whether ``event`` is one ``query`` asks for (for events not in a store yet)."""
+    return (
+        (query.since is None or event.time >= query.since)
+        and (query.until is None or event.time <= query.until)
+        and (not query.types or event.type in query.types)
+        and (query.user is None or event.user == query.user)
+        and (query.app is None or event.app == query.app)
+        and (query.session_id is None or event.session_id == query.session_id)
     )

@@ -6,6 +6,13 @@ server host) may do anything; any other actor is a user whose roles' ``rules``
 decide (deny wins; nothing is allowed unless a rule allows it).  A denied
 operation raises ``AccessDeniedError`` before anything is read or written.
 
+Every change and every credential is audited here, whoever calls (the web
+API, local administration through the data directory): ``audit`` receives the
+cluster event (``bastion.audit.cluster_events``, decision 0033) and returns once
+it is durable, before the caller answers.  If it cannot be written the call
+fails, so no credential leaves unaudited (a change already made stays made; the
+error says so).
+
 This module talks to storage only through the ``Backend`` protocol and never
 formats wire responses (that is the proxy's job).
 """
@@ -22,22 +29,28 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 import pydantic
 
 from bastion._time import Clock, SystemClock
+from bastion.audit import cluster_events
+from bastion.audit import events as ev
+from bastion.audit.events import AuditEvent
+from bastion.audit.refusals import RefusalLimiter
 from bastion.auth import credentials, passwords
 from bastion.auth.ca import CertAuthority, HostIdentity, ensure_cas, issue_host_cert
 from bastion.auth.credentials import Verifier
 from bastion.auth.scope import HostScope
-from bastion.auth.throttle import Limits, LoginThrottle
+from bastion.auth.throttle import Limits, LoginThrottle, UserLocks
 from bastion.backend import Backend, Item
 from bastion.errors import (
     AccessDeniedError,
     AlreadyExistsError,
     AuthenticationError,
+    BackendError,
+    BastionError,
     ConfigError,
     ConflictError,
     NotFoundError,
@@ -72,6 +85,12 @@ _TOKEN_HISTORY = timedelta(days=7)
 #: Revoked credentials kept per user before the list is folded into ``not_before``.
 _MAX_REVOKED = 256
 _HOSTNAME_MAX = 64
+
+
+class ClusterAudit(Protocol):
+    """Where cluster events go: ``record`` returns once the event is durable (``AuditLog``)."""
+
+    async def record(self, event: AuditEvent) -> None: ...
 
 
 def _token_history_key(token_id: str) -> str:
@@ -138,6 +157,8 @@ class Actor:
     policy_key: tuple[int, ...] = ()
     #: The role documents the checker was built from (sent to remote app services).
     roles: tuple[Role, ...] = ()
+    #: The client's address, for the audit log ("" for the administrator on the server host).
+    remote_addr: str = ""
 
     @classmethod
     def admin(cls) -> Actor:
@@ -228,6 +249,11 @@ class AuthServer:
             ),
             clock,
         )
+        #: Cluster events go here (set by whoever runs this server: the service's audit log, or
+        #: local administration's outbox). None only in unit tests of this class.
+        self.audit: ClusterAudit | None = None
+        #: Bounds refusals nobody authenticated for (logins while locked, bad invites) per source.
+        self.refusal_limiter = RefusalLimiter()
 
     @classmethod
     async def open(
@@ -276,8 +302,9 @@ class AuthServer:
 
     # ------------------------------------------------------------ identity
 
-    async def authenticate(self, token: str) -> Actor:
-        """The actor behind a bearer credential; ``AuthenticationError`` otherwise."""
+    async def authenticate(self, token: str, *, source: str = "") -> Actor:
+        """The actor behind a bearer credential; ``AuthenticationError`` otherwise.
+        ``source`` (the client's address) goes into the audit events of what the actor does."""
         ident = self.verifier.verify(token, self.clock.now())
         try:
             user = await self._get_typed(User, "user", ident.username)
@@ -294,6 +321,7 @@ class AuthServer:
             user=user,
             policy_key=(user.metadata.revision or 0, *(r.metadata.revision or 0 for r in roles)),
             roles=tuple(roles),
+            remote_addr=source,
         )
 
     async def checker_for(self, user: User) -> AccessChecker:
@@ -345,6 +373,18 @@ class AuthServer:
         """
         verdict = await self.throttle.admit(username, source)
         if verdict.reason:
+            # Not counted, so not bounded by the throttle: recorded up to a rate per source.
+            await self._record_refusal(
+                source,
+                cluster_events.login(
+                    self.clock.now(),
+                    self.cluster_name,
+                    username,
+                    source,
+                    error=verdict.message,
+                    reason=verdict.reason,
+                ),
+            )
             raise LoginRefusedError(verdict.message, verdict.reason)
         try:
             user: User | None = await self._get_typed(User, "user", username)
@@ -353,22 +393,81 @@ class AuthServer:
         secret = await self._password_record(username) if user else {}
         ok = await asyncio.to_thread(passwords.verify_password, secret.get("hash"), password)
         if not ok or user is None:
-            locked = await self.throttle.failed(username, source)
-            raise LoginRefusedError(_LOGIN_FAILED, "password", locked_now=locked)
+            # Same answer for both; the audit log tells them apart.
+            await self._login_failed(username, source, "unknown_user" if user is None else "password")
+        assert user is not None
         totp_secret = secret.get("totp")
         if self.settings.second_factor == "on" and not totp_secret:
-            raise AuthenticationError(
+            message = (
                 "this cluster requires a second factor and none is registered for you; "
                 "ask an administrator for a new invite (`bastion users reset NAME`)"
             )
+            await self._record(
+                cluster_events.login(
+                    self.clock.now(),
+                    self.cluster_name,
+                    username,
+                    source,
+                    error=message,
+                    reason="no_second_factor",
+                )
+            )
+            raise AuthenticationError(message)
         if totp_secret and self.settings.second_factor != "off":
             if not totp_code:
                 raise SecondFactorRequiredError("a one-time code is required: pass it with --otp")
             if not passwords.verify_totp(totp_secret, totp_code, at=self.clock.now().timestamp()):
-                locked = await self.throttle.failed(username, source)
-                raise LoginRefusedError("invalid one-time code", "second_factor", locked_now=locked)
+                await self._login_failed(username, source, "second_factor")
         await self.throttle.succeeded(username, source)
-        return await self._issue(user, ttl)
+        token, ident = await self._issue(user, ttl)
+        now = self.clock.now()
+        await self._record(cluster_events.login(now, self.cluster_name, ident.username, source))
+        await self._cert_created(ident, actor=ident.username, source=source, how="login")
+        return token, ident
+
+    async def _login_failed(self, username: str, source: str, reason: str) -> None:
+        """Count a failed password or one-time code, audit it (and the lock it caused), refuse."""
+        locked = await self.throttle.failed(username, source)
+        message = "invalid one-time code" if reason == "second_factor" else _LOGIN_FAILED
+        now = self.clock.now()
+        await self._record(
+            cluster_events.login(
+                now, self.cluster_name, username, source, error=message, reason=reason, locked_now=locked
+            )
+        )
+        if locked:
+            until = now + self.settings.lockout_duration
+            await self._record(
+                cluster_events.event(
+                    ev.USER_LOCKED,
+                    now,
+                    self.cluster_name,
+                    user=username,
+                    remote_addr=source,
+                    extra={"scope": "address+user", "until": until.isoformat(), "after": reason},
+                )
+            )
+        raise LoginRefusedError(message, reason, locked_now=locked)
+
+    async def _cert_created(self, ident: Identity, *, actor: str, source: str, how: str) -> None:
+        ttl = ident.expires - self.clock.now()
+        await self._record(
+            cluster_events.event(
+                ev.CERT_CREATE,
+                self.clock.now(),
+                self.cluster_name,
+                user=actor,
+                remote_addr=source,
+                roles=tuple(ident.roles),
+                extra={
+                    "for": ident.username,
+                    "how": how,
+                    "credential_id": ident.token_id,
+                    "ttl_s": int(ttl.total_seconds()),
+                    "expires": ident.expires.isoformat(),
+                },
+            )
+        )
 
     async def _issue(self, user: User, ttl: timedelta | None) -> tuple[str, Identity]:
         checker = await self.checker_for(user)
@@ -388,7 +487,9 @@ class AuthServer:
         """A credential for ``username`` (machine identities); needs ``update`` on ``user``."""
         actor.require("user", "update")
         user = await self._get_typed(User, "user", username)
-        return await self._issue(user, ttl)
+        token, ident = await self._issue(user, ttl)
+        await self._cert_created(ident, actor=actor.name, source=actor.remote_addr, how="auth sign")
+        return token, ident
 
     async def revoke_credential(self, actor: Actor) -> datetime:
         """Revoke the credential ``actor`` authenticated with (``bastion logout``); its expiry.
@@ -396,6 +497,16 @@ class AuthServer:
         Recorded in the user's record (``status.revoked``: id -> expiry, dropped once
         expired), which ``authenticate`` reads anyway: the check costs no extra read.
         """
+        expires = await self._revoke(actor)
+        token_id = actor.identity.token_id if actor.identity else ""
+        await self._record(
+            cluster_events.logout(
+                self.clock.now(), self.cluster_name, actor.name, actor.remote_addr, token_id
+            )
+        )
+        return expires
+
+    async def _revoke(self, actor: Actor) -> datetime:
         ident, name = actor.identity, actor.name
         if ident is None or actor.user is None or not ident.token_id:
             raise ValidationError("only a user credential can be revoked (log out with `bastion logout`)")
@@ -427,11 +538,13 @@ class AuthServer:
 
     # ------------------------------------------------------------- invites
 
-    async def _new_invite(self, username: str) -> Invite:
+    async def _new_invite(self, actor: Actor, username: str, purpose: Literal["new", "reset"]) -> Invite:
         code = secrets.token_urlsafe(24)
         expires = self.clock.now() + self.settings.invite_ttl
-        await self.backend.create(
-            Item(f"/invites/{_sha256(code)}", orjson.dumps({"user": username}), expires=expires)
+        doc = orjson.dumps({"user": username, "purpose": purpose})
+        await self.backend.create(Item(f"/invites/{_sha256(code)}", doc, expires=expires))
+        await self._changed(
+            ev.INVITE_CREATE, actor, username, extra={"purpose": purpose, "expires": expires.isoformat()}
         )
         return Invite(user=username, code=code, expires=expires)
 
@@ -452,15 +565,30 @@ class AuthServer:
             ) from None
 
     async def accept_invite(
-        self, code: str, password: str, *, totp_secret: str = "", totp_code: str = ""
+        self, code: str, password: str, *, totp_secret: str = "", totp_code: str = "", source: str = ""
     ) -> str:
         """Set a password (and TOTP) with a one-time invite; returns the user name."""
         try:
             passwords.check_password_policy(password)
         except ValueError as e:
             raise ValidationError(str(e)) from None
-        item = await self._invite_item(code)
-        username = str(orjson.loads(item.value)["user"])
+        try:
+            item = await self._invite_item(code)
+        except AuthenticationError as e:
+            await self._record_refusal(
+                source,
+                cluster_events.event(
+                    ev.INVITE_USE,
+                    self.clock.now(),
+                    self.cluster_name,
+                    success=False,
+                    error=e.message,
+                    remote_addr=source,
+                ),
+            )
+            raise
+        invite = orjson.loads(item.value)
+        username = str(invite["user"])
         if self.settings.second_factor == "on" and not totp_secret:
             raise ValidationError("this cluster requires a second factor: register a TOTP app")
         if totp_secret and not passwords.verify_totp(totp_secret, totp_code, at=self.clock.now().timestamp()):
@@ -476,6 +604,24 @@ class AuthServer:
             record["totp"] = totp_secret
         await self.backend.put(Item(f"/passwords/{username}", orjson.dumps(record)))
         await self.throttle.clear(username)
+        now, purpose = self.clock.now(), str(invite.get("purpose", "new"))
+        extra = {"purpose": purpose, "second_factor": "totp" if "totp" in record else "none"}
+        await self._record(
+            cluster_events.event(
+                ev.INVITE_USE, now, self.cluster_name, user=username, remote_addr=source, extra=extra
+            )
+        )
+        if purpose == "reset":
+            await self._record(
+                cluster_events.event(
+                    ev.PASSWORD_CHANGE,
+                    now,
+                    self.cluster_name,
+                    user=username,
+                    remote_addr=source,
+                    extra={"how": "reset invite"},
+                )
+            )
         return username
 
     # --------------------------------------------------------------- users
@@ -494,7 +640,8 @@ class AuthServer:
         )
         await self._check_roles_exist(user.spec.roles)
         await self._create(user)
-        return await self._new_invite(name)
+        await self._changed(ev.USER_CREATE, actor, name, extra={"roles": list(user.spec.roles)})
+        return await self._new_invite(actor, name, "new")
 
     async def update_user(
         self,
@@ -519,7 +666,12 @@ class AuthServer:
                     merged.pop(k, None)
             spec = spec.model_copy(update={"traits": merged})
         updated = user.model_copy(update={"spec": UserSpec.model_validate(spec.model_dump())})
-        return await self._update(updated)  # type: ignore[return-value]
+        written = await self._update(updated)
+        changed: dict[str, Any] = {"roles": list(spec.roles)} if roles is not None else {}
+        if traits is not None:
+            changed["traits"] = sorted(traits)
+        await self._changed(ev.USER_UPDATE, actor, name, extra=changed)
+        return written  # type: ignore[return-value]
 
     async def reset_user(self, actor: Actor, name: str) -> Invite:
         """Remove a user's password and second factor and issue a new invite."""
@@ -528,7 +680,31 @@ class AuthServer:
         with contextlib.suppress(NotFoundError):
             await self.backend.delete(f"/passwords/{name}")
         await self.throttle.clear(name)
-        return await self._new_invite(name)
+        return await self._new_invite(actor, name, "reset")
+
+    async def user_locks(self, actor: Actor) -> dict[str, UserLocks]:
+        """Users that failed logins lock out now (decision 0020): name -> their locks."""
+        actor.require("user", "list", "read")
+        out = {}
+        for item in await self.backend.list(prefix_for("user")):
+            name = item.key.rsplit("/", 1)[-1]
+            locks = await self.throttle.locks(name)
+            if locks.locked:
+                out[name] = locks
+        return out
+
+    async def unlock_user(self, actor: Actor, name: str) -> UserLocks:
+        """Lift every login lock on ``name`` (what it was is returned); needs ``update`` on ``user``."""
+        actor.require("user", "update")
+        await self._get_typed(User, "user", name)
+        locks = await self.throttle.unlock(name)
+        await self._changed(
+            ev.USER_UNLOCKED,
+            actor,
+            name,
+            extra={"addresses": locks.addresses, "was_locked": locks.locked},
+        )
+        return locks
 
     # -------------------------------------------------------------- tokens
 
@@ -559,6 +735,17 @@ class AuthServer:
         )
         created = await self._create(token)
         assert isinstance(created, Token)
+        await self._changed(
+            ev.JOIN_TOKEN_CREATE,
+            actor,
+            token.metadata.name,
+            extra={
+                "roles": list(roles),
+                "apps": list(apps),
+                "labels": sorted(f"{k}={','.join(v)}" for k, v in (labels or {}).items()),
+                "expires": expires.isoformat(),
+            },
+        )
         # A short history of the token, kept a week past its expiry, so a refused
         # join can say *why* (expired, used by whom, wrong type) instead of guessing.
         await self.backend.put(
@@ -655,14 +842,43 @@ class AuthServer:
             expires=self.clock.now(),
         )
         # Validate the key before spending the token, so a bad request keeps it usable.
-        self._host_cert(new, public_key_pem, "issue a")
+        try:
+            self._host_cert(new, public_key_pem, "issue a")
+        except ValidationError as e:
+            # Not counted by the join throttle (the token was not tried): bounded per source.
+            await self._record_refusal(source, self._join_event(new, source, error=e.message))
+            raise
         try:
             token = await self.consume_join_token(secret, role, used_by=f"{new.hostname} ({new.host_id})")
-        except AuthenticationError:
+        except AuthenticationError as e:
             await self.throttle.join_failed(source)
+            await self._record(self._join_event(new, source, error=e.message))
             raise
-        scoped = dataclasses.replace(new, scope=HostScope.of(token.spec.apps, token.spec.labels))
-        return new.host_id, self._host_cert(scoped, public_key_pem, "issue a")
+        scope = HostScope.of(token.spec.apps, token.spec.labels)
+        cert = self._host_cert(dataclasses.replace(new, scope=scope), public_key_pem, "issue a")
+        await self._record(self._join_event(new, source, token=token))
+        return new.host_id, cert
+
+    def _join_event(
+        self, host: HostIdentity, source: str, *, error: str = "", token: Token | None = None
+    ) -> AuditEvent:
+        extra: dict[str, Any] = {"hostname": host.hostname, "role": host.role}
+        if token is not None:
+            extra |= {
+                "host_id": host.host_id,
+                "token": token.metadata.name,
+                "apps": list(token.spec.apps),
+                "labels": sorted(f"{k}={','.join(v)}" for k, v in token.spec.labels.items()),
+            }
+        return cluster_events.event(
+            ev.HOST_JOIN,
+            self.clock.now(),
+            self.cluster_name,
+            success=not error,
+            error=error,
+            remote_addr=source,
+            extra=extra,
+        )
 
     def renew_host_cert(self, host: HostIdentity, public_key_pem: bytes) -> bytes:
         """A fresh certificate for an already-authenticated host (same id, role, name and scope:
@@ -754,24 +970,28 @@ class AuthServer:
             await self._check_roles_exist(res.spec.roles)
             # The status is the cluster's, never the file's: a new record gets a new id.
             res = res.model_copy(update={"status": UserStatus(uid=_new_uid())})
-        if not overwrite:
+        if overwrite:
+            actor.require(kind, "create", "update")
+        else:
             actor.require(kind, "create")
-            if isinstance(res, App):
-                await self._refuse_static_name(res.metadata.name)
-            return await self._create(res)
-        actor.require(kind, "create", "update")
         if isinstance(res, App):
             await self._refuse_static_name(res.metadata.name)
-        try:
-            current = await self.backend.get(key_for(kind, res.metadata.name))
-        except NotFoundError:
-            return await self._create(res)
-        if isinstance(res, User):
-            stored = decode_resource(current)
-            if isinstance(stored, User):  # replacing a user keeps its id and revocations
-                res = res.model_copy(update={"status": stored.status})
-        expected = res.metadata.revision or current.revision
-        return await self._write(res, expected)
+        current: Item | None = None
+        if overwrite:
+            with contextlib.suppress(NotFoundError):
+                current = await self.backend.get(key_for(kind, res.metadata.name))
+        if current is None:
+            written = await self._create(res)
+        else:
+            if isinstance(res, User):
+                stored = decode_resource(current)
+                if isinstance(stored, User):  # replacing a user keeps its id and revocations
+                    res = res.model_copy(update={"status": stored.status})
+            written = await self._write(res, res.metadata.revision or current.revision)
+        create, update, _ = ev.RESOURCE_EVENTS[kind]
+        extra = {"roles": list(res.spec.roles)} if isinstance(res, User) else {}
+        await self._changed(create if current is None else update, actor, res.metadata.name, extra=extra)
+        return written
 
     async def _refuse_static_name(self, name: str) -> None:
         """Refuse an app resource named like a static app that would win over it (decision 8).
@@ -815,6 +1035,47 @@ class AuthServer:
             with contextlib.suppress(NotFoundError):
                 await self.backend.delete(f"/passwords/{name}")
             await self.throttle.clear(name)
+        if kind in ev.RESOURCE_EVENTS:
+            await self._changed(ev.RESOURCE_EVENTS[kind][2], actor, name)
+
+    # ---------------------------------------------------------------- audit
+
+    async def _record(self, event: AuditEvent) -> None:
+        """Write ``event`` durably before the caller answers; a failure fails the call."""
+        if self.audit is None:
+            return
+        try:
+            await self.audit.record(event)
+        except BastionError as e:
+            raise BackendError(
+                f"the audit log cannot record this {event.type} event ({e.message}); "
+                "what was asked may have been done: check, then retry"
+            ) from None
+
+    async def _record_refusal(self, source: str, event: AuditEvent) -> None:
+        """Record a refusal nobody authenticated for, up to a rate per source (a flood of them
+        must not fill the disk; the refusals that locked the address or user were recorded)."""
+        if self.refusal_limiter.admit(source or "?"):
+            await self._record(event)
+
+    async def _changed(
+        self, type_: str, actor: Actor, name: str, *, extra: dict[str, Any] | None = None
+    ) -> None:
+        """Audit a change ``actor`` made to the resource (or user) ``name``."""
+        about = {"name": name, **(extra or {})}
+        if actor.is_admin:
+            about["via"] = "server host"
+        await self._record(
+            cluster_events.event(
+                type_,
+                self.clock.now(),
+                self.cluster_name,
+                user=actor.name,
+                remote_addr=actor.remote_addr,
+                roles=tuple(r.metadata.name for r in actor.roles),
+                extra=about,
+            )
+        )
 
     # ------------------------------------------------------------- helpers
 

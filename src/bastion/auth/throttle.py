@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import orjson
 
@@ -63,18 +64,56 @@ class Verdict:
     message: str = ""
 
 
-_PAIR = Verdict(
-    "locked",
-    "too many failed login attempts for this user from your address; wait a while, then try again",
-)
-_SOURCE = Verdict(
-    "source_locked", "too many failed login attempts from your address; wait a while, then try again"
-)
-_USER = Verdict(
-    "throttled",
-    "this user is under a password-guessing attack: logins are accepted only from addresses the user "
-    "has logged in from before; wait a while, or ask an administrator",
-)
+@dataclass(frozen=True)
+class UserLocks:
+    """What failed logins hold against one user name now (``bastion users ls``)."""
+
+    #: Addresses locked out for this user (rule 1), and when the last of those locks ends.
+    addresses: int = 0
+    until: datetime | None = None
+    #: When rule 3 (only known addresses may try) stops applying, if it applies now.
+    throttled_until: datetime | None = None
+
+    @property
+    def locked(self) -> bool:
+        return bool(self.addresses) or self.throttled_until is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "locked": self.locked,
+            "addresses": self.addresses,
+            "until": self.until.isoformat() if self.until else None,
+            "throttled_until": self.throttled_until.isoformat() if self.throttled_until else None,
+        }
+
+
+def _wait(until: datetime | None, now: datetime) -> str:
+    """ "try again in 19 minutes (at 18:42 UTC)": how long a lock holds, for the refusal."""
+    if until is None:
+        return "wait a while, then try again"
+    minutes = max(1, -(-int((until - now).total_seconds()) // 60))
+    unit = "minute" if minutes == 1 else "minutes"
+    return f"try again in {minutes} {unit} (at {until:%H:%M} UTC)"
+
+
+def _pair(until: datetime | None, now: datetime) -> Verdict:
+    return Verdict(
+        "locked",
+        f"too many failed login attempts for this user from your address; {_wait(until, now)}, "
+        "or ask an administrator to unlock you (`bastion users unlock NAME`)",
+    )
+
+
+def _source(until: datetime | None, now: datetime) -> Verdict:
+    return Verdict("source_locked", f"too many failed login attempts from your address; {_wait(until, now)}")
+
+
+def _user(until: datetime | None, now: datetime) -> Verdict:
+    return Verdict(
+        "throttled",
+        "this user is under a password-guessing attack: logins are accepted only from addresses the "
+        f"user has logged in from before; {_wait(until, now)}, or ask an administrator",
+    )
 
 
 class LoginThrottle:
@@ -101,7 +140,7 @@ class LoginThrottle:
         return f"/join_attempts_by_source/{_h(source)}"
 
     async def join_blocked(self, source: str) -> bool:
-        return await self._count(self.join_key(source)) >= self.limits.source_attempts
+        return (await self._state(self.join_key(source)))[0] >= self.limits.source_attempts
 
     async def join_failed(self, source: str) -> None:
         await self._bump(self.join_key(source))
@@ -112,24 +151,26 @@ class LoginThrottle:
 
     async def admit(self, name: str, source: str) -> Verdict:
         """Check the limits and count this attempt for (source, user) before the password is checked."""
-        lim = self.limits
-        if await self._count(self.source_key(source)) >= lim.source_attempts:
-            return _SOURCE
-        if await self._count(self.pair_key(name, source)) >= lim.pair_attempts:
-            return _PAIR
-        if await self._count(self.user_key(name)) >= lim.user_attempts and not await self._known(
-            name, source
-        ):
-            return _USER
+        lim, now = self.limits, self.clock.now()
+        count, until = await self._state(self.source_key(source))
+        if count >= lim.source_attempts:
+            return _source(until, now)
+        count, until = await self._state(self.pair_key(name, source))
+        if count >= lim.pair_attempts:
+            return _pair(until, now)
+        count, until = await self._state(self.user_key(name))
+        if count >= lim.user_attempts and not await self._known(name, source):
+            return _user(until, now)
         if await self._bump(self.pair_key(name, source)) > lim.pair_attempts:
-            return _PAIR  # lost a race with parallel guesses from the same address
+            # Lost a race with parallel guesses from the same address.
+            return _pair(now + lim.duration, now)
         return Verdict()
 
     async def failed(self, name: str, source: str) -> bool:
         """Record a failure (the pair was counted by ``admit``); True when the pair is now locked."""
         await self._bump(self.user_key(name))
         await self._bump(self.source_key(source))
-        return await self._count(self.pair_key(name, source)) >= self.limits.pair_attempts
+        return (await self._state(self.pair_key(name, source)))[0] >= self.limits.pair_attempts
 
     async def succeeded(self, name: str, source: str) -> None:
         with contextlib.suppress(NotFoundError):
@@ -138,19 +179,43 @@ class LoginThrottle:
 
     async def clear(self, name: str) -> None:
         """Forget a user's counters (new password, deleted user)."""
-        keys = [self.user_key(name), self.known_key(name)]
-        keys += [i.key for i in await self.backend.list(self.user_key(name) + "/")]
+        await self.unlock(name)
+        with contextlib.suppress(NotFoundError):
+            await self.backend.delete(self.known_key(name))
+
+    async def locks(self, name: str) -> UserLocks:
+        """The locks failed logins hold against ``name`` now (addresses stay hashed: not shown)."""
+        pairs = [
+            (int(orjson.loads(i.value)["count"]), i.expires)
+            for i in await self.backend.list(self.user_key(name) + "/")
+        ]
+        locked = [exp for count, exp in pairs if count >= self.limits.pair_attempts]
+        total, total_until = await self._state(self.user_key(name))
+        return UserLocks(
+            addresses=len(locked),
+            until=max((e for e in locked if e is not None), default=None),
+            throttled_until=total_until if total >= self.limits.user_attempts else None,
+        )
+
+    async def unlock(self, name: str) -> UserLocks:
+        """Lift the locks on ``name`` (its per-address counters and its total); what they were.
+        The addresses it logged in from are kept (rule 3 still knows them)."""
+        before = await self.locks(name)
+        keys = [self.user_key(name)] + [i.key for i in await self.backend.list(self.user_key(name) + "/")]
         for key in keys:
             with contextlib.suppress(NotFoundError):
                 await self.backend.delete(key)
+        return before
 
     # ------------------------------------------------------------ storage
 
-    async def _count(self, key: str) -> int:
+    async def _state(self, key: str) -> tuple[int, datetime | None]:
+        """A counter's failures and when it expires (the lock it holds ends then)."""
         try:
-            return int(orjson.loads((await self.backend.get(key)).value)["count"])
+            item = await self.backend.get(key)
         except NotFoundError:
-            return 0
+            return 0, None
+        return int(orjson.loads(item.value)["count"]), item.expires
 
     async def _bump(self, key: str) -> int:
         """Add one failure (compare-and-swap, so parallel bumps are all counted); the new count."""

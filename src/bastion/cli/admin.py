@@ -108,10 +108,35 @@ def users_ls(
     proxy: ProxyOpt = None,
     insecure: InsecureOpt = False,
 ) -> None:
-    """List users."""
+    """List users, and who failed logins lock out now (and until when)."""
 
     async def go(admin: Admin) -> None:
-        render(await admin.ls("user"), fmt, "user")
+        users, locks = await admin.ls("user"), await admin.user_locks()
+        for u in users:
+            lock = locks.get(u["metadata"]["name"])
+            if lock:
+                u.setdefault("status", {})["login_lock"] = lock
+        render(users, fmt, "user")
+
+    run(with_admin(go, config=config, identity=identity, proxy=proxy, insecure=insecure))
+
+
+@users_app.command("unlock")
+def users_unlock(
+    name: str,
+    config: ConfigOpt = None,
+    identity: IdentityOpt = None,
+    proxy: ProxyOpt = None,
+    insecure: InsecureOpt = False,
+) -> None:
+    """Lift the login locks failed attempts put on a user (their password is unchanged)."""
+
+    async def go(admin: Admin) -> None:
+        was = (await admin.unlock_user(name))["was"]
+        if was["locked"]:
+            out.print(f'User "{name}" unlocked: they may log in again from every address.')
+        else:
+            out.print(f'User "{name}" was not locked; nothing to do.')
 
     run(with_admin(go, config=config, identity=identity, proxy=proxy, insecure=insecure))
 
@@ -400,18 +425,32 @@ def render(items: list[dict[str, Any]], fmt: str, kind: str) -> None:
         raise fail(f'unknown format "{fmt}" (use text, yaml or json)', 2)
 
 
+def _lock(lock: dict[str, Any] | None) -> str:
+    """ "locked from 2 addresses until 18:42:05 UTC (in 19m)", or "" when not locked."""
+    if not lock:
+        return ""
+    parts = []
+    if lock.get("addresses"):
+        n = lock["addresses"]
+        parts.append(f"locked from {n} address{'es' if n > 1 else ''} until {_when(lock.get('until'))}")
+    if lock.get("throttled_until"):
+        parts.append(f"known addresses only until {_when(lock['throttled_until'])}")
+    return "; ".join(parts)
+
+
 def _labels(d: dict[str, Any]) -> str:
     return ",".join(f"{k}={'|'.join(v) if isinstance(v, list) else v}" for k, v in d.items())
 
 
 def _table(items: list[dict[str, Any]], kind: str) -> Table:
     if kind == "user":
-        t = table("Name", "Roles", "Traits")
+        t = table("Name", "Roles", "Traits", "Login lock")
         for i in items:
             t.add_row(
                 i["metadata"]["name"],
                 ",".join(i["spec"].get("roles", [])),
                 _labels(i["spec"].get("traits", {})),
+                _lock(i.get("status", {}).get("login_lock")),
             )
     elif kind == "token":
         t = table("ID", "Type", "Expires", "Scope")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from typing import Any
+from urllib.parse import quote
 
 from bastion.apiclient import (
     ApiClient,
@@ -70,7 +71,13 @@ class RemoteAdmin:
         return dict(await self.client.request("PATCH", f"/v1/users/{name}", json=body))
 
     async def reset_user(self, name: str) -> dict[str, Any]:
-        return dict(await self.client.post(f"/v1/users/{name}/reset", {}))
+        return dict(await self.client.post(f"/v1/users/{quote(name, safe='')}/reset", {}))
+
+    async def user_locks(self) -> dict[str, dict[str, Any]]:
+        return dict(await self.client.get("/v1/users/locks"))
+
+    async def unlock_user(self, name: str) -> dict[str, Any]:
+        return dict(await self.client.post(f"/v1/users/{quote(name, safe='')}/unlock", {}))
 
     async def add_token(
         self,

@@ -12,6 +12,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from bastion.audit.query import matches
+from bastion.auth import outbox
+from bastion.auth.outbox import Outbox
 from bastion.auth.server import PROXY_ADDR_KEY, Actor, AuthServer, settings_from
 from bastion.backend import Backend
 from bastion.backend.factory import open_backend
@@ -46,6 +49,9 @@ class LocalAdmin:
         except BaseException:
             await backend.close()
             raise
+        # What the administrator does here is audited through the cluster's outbox: the running
+        # service (or the next one to start) moves it into the audit log (decision 0033).
+        auth.audit = Outbox(backend)
         admin = cls(auth, backend, proxy_addr, cfg.bastion.data_dir)
         admin.dsn = (
             cfg.auth_service.backend.dsn.get_secret_value()
@@ -90,6 +96,12 @@ class LocalAdmin:
         inv = await self.auth.reset_user(self.actor, name)
         return {"user": inv.user, "code": inv.code, "expires": inv.expires.isoformat()}
 
+    async def user_locks(self) -> dict[str, dict[str, Any]]:
+        return {name: v.to_dict() for name, v in (await self.auth.user_locks(self.actor)).items()}
+
+    async def unlock_user(self, name: str) -> dict[str, Any]:
+        return {"user": name, "was": (await self.auth.unlock_user(self.actor, name)).to_dict()}
+
     async def add_token(
         self,
         roles: list[str],
@@ -120,14 +132,23 @@ class LocalAdmin:
             from bastion.audit.sqlite_store import search_files
 
             # Read-only: the cluster may be running and writing this audit log.
-            return await search_files(self.data_dir, query)
-        from bastion.audit.pg_store import PostgresAuditStore
+            found = await search_files(self.data_dir, query)
+        else:
+            from bastion.audit.pg_store import PostgresAuditStore
 
-        store = await PostgresAuditStore.open(self.dsn, seal=False)
-        try:
-            return await store.search(query)
-        finally:
-            await store.close()
+            store = await PostgresAuditStore.open(self.dsn, seal=False)
+            try:
+                found = await store.search(query)
+            finally:
+                await store.close()
+        # Events of local administration not moved into the log yet (no service running).
+        waiting = [e.to_dict() for e in await outbox.pending(self.backend) if matches(query, e)]
+        if not waiting:
+            return found
+        seen = {e["id"] for e in found}
+        merged = found + [e for e in waiting if e["id"] not in seen]
+        merged.sort(key=lambda e: str(e["time"]), reverse=query.order == "desc")
+        return merged[: query.limit]
 
     async def audit_verify(self, since: str | None = None) -> dict[str, Any]:
         """Check the audit log against its seals (decision 0032): the report, breaks earliest first."""

@@ -17,11 +17,15 @@ Routes (JSON in, JSON out; authenticated ones take ``Authorization: Bearer``):
     POST   /v1/resources?overwrite=1        create (or replace)              [auth]
     DELETE /v1/resources/{kind}/{name}                                      [auth]
     POST   /v1/users   PATCH /v1/users/{name}   POST /v1/users/{name}/reset [auth]
+    GET    /v1/users/locks                  users locked out by failed logins [auth]
+    POST   /v1/users/{name}/unlock          lift a user's login locks        [auth]
     POST   /v1/tokens                       new join token                  [auth]
     POST   /v1/auth/sign                    credential for a user           [auth]
     POST   /v1/auth/logout                  revoke the credential used      [auth]
 
-Handlers parse and call ``AuthServer``; they decide nothing themselves.
+Handlers parse and call ``AuthServer``; they decide nothing themselves.  ``AuthServer``
+audits what they ask (decision 0033); a call its actor's roles refuse is audited here, once,
+as ``access.denied`` (``authed``).
 """
 
 from __future__ import annotations
@@ -41,11 +45,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion import __version__
-from bastion.audit import identity_events
+from bastion.audit import cluster_events
+from bastion.audit import events as ev
 from bastion.auth.ca import fingerprint
 from bastion.auth.scope import parse_label_scope
 from bastion.auth.server import Actor, AuthServer, JoinThrottledError, LoginRefusedError
-from bastion.errors import AuthenticationError, BastionError, ValidationError
+from bastion.errors import AccessDeniedError, AuthenticationError, BastionError, ValidationError
 from bastion.log import request_id
 from bastion.proxy.errors import error_response
 
@@ -136,7 +141,40 @@ def build_webapi(
             raise AuthenticationError(
                 "no credential: send `Authorization: Bearer <token>` (log in with `bastion login`)"
             )
-        return await auth.authenticate(token.strip())
+        return await auth.authenticate(token.strip(), source=_source(request))
+
+    def authed(handler: Callable[[Request, Actor], Awaitable[Response]]) -> Handler:
+        """A handler for authenticated callers; a refusal by role rules is audited."""
+
+        async def run(request: Request) -> Response:
+            actor = await actor_of(request)
+            try:
+                return await handler(request, actor)
+            except AccessDeniedError as e:
+                await _audit_denied(request, actor, e)
+                raise
+
+        return run
+
+    async def _audit_denied(request: Request, actor: Actor, e: AccessDeniedError) -> None:
+        # Bounded per source like other refusals; an authenticated flood is still a flood.
+        if audit is None or not auth.refusal_limiter.admit(actor.remote_addr or "?"):
+            return
+        event = cluster_events.event(
+            ev.ACCESS_DENIED,
+            auth.clock.now(),
+            auth.cluster_name,
+            success=False,
+            user=actor.name,
+            remote_addr=actor.remote_addr,
+            roles=tuple(r.metadata.name for r in actor.roles),
+            error=e.message,
+            extra={"http_method": request.method, "path": request.url.path},
+        )
+        try:
+            await audit.record(event)
+        except BastionError as err:
+            log.warning("cannot audit", extra={"event": event.type, "error": err.message})
 
     async def find(request: Request) -> Response:
         return _json(
@@ -158,13 +196,6 @@ def build_webapi(
         await auth.backend.current_revision()
         return _json({"status": "ok"})
 
-    async def _audit(event: Any) -> None:
-        if audit is not None:
-            try:
-                await audit.record(event)
-            except BastionError as e:
-                log.warning("cannot audit", extra={"event": event.type, "error": e.message})
-
     def _source(request: Request) -> str:
         return request.client.host if request.client else ""
 
@@ -180,9 +211,8 @@ def build_webapi(
                 source=source,
             )
         except LoginRefusedError as e:
-            # Refusals while locked are not audited one by one (a flood would fill the disk);
-            # the failures that led to the lock were.
-            if e.reason in ("password", "second_factor"):
+            # Audited by the auth server (decision 0033), with the reason; logged here.
+            if e.reason in ("password", "unknown_user", "second_factor"):
                 log.warning(
                     "login failed",
                     extra={
@@ -192,20 +222,7 @@ def build_webapi(
                         "locked_now": e.locked_now,
                     },
                 )
-                now = auth.clock.now()
-                await _audit(
-                    identity_events.login(
-                        now,
-                        auth.cluster_name,
-                        user,
-                        source,
-                        error=e.message,
-                        reason=e.reason,
-                        locked_now=e.locked_now,
-                    )
-                )
             raise
-        await _audit(identity_events.login(auth.clock.now(), auth.cluster_name, ident.username, source))
         log.info("user logged in", extra={"user": ident.username, "expires": ident.expires.isoformat()})
         return _json(
             {
@@ -234,15 +251,15 @@ def build_webapi(
             _str(data, "password"),
             totp_secret=_str(data, "totp_secret", required=False),
             totp_code=_str(data, "otp", required=False),
+            source=_source(request),
         )
         log.info("invite accepted", extra={"user": user})
         return _json({"user": user})
 
-    async def whoami(request: Request) -> Response:
-        return _json(identity_json(await actor_of(request)))
+    async def whoami(request: Request, actor: Actor) -> Response:
+        return _json(identity_json(actor))
 
-    async def get_resources(request: Request) -> Response:
-        actor = await actor_of(request)
+    async def get_resources(request: Request, actor: Actor) -> Response:
         kind = request.path_params["kind"]
         name = request.path_params.get("name")
         if name:
@@ -250,8 +267,7 @@ def build_webapi(
             return _json(res.model_dump(mode="json"))
         return _json([r.model_dump(mode="json") for r in await auth.list_resources(actor, kind)])
 
-    async def create_resource(request: Request) -> Response:
-        actor = await actor_of(request)
+    async def create_resource(request: Request, actor: Actor) -> Response:
         overwrite = request.query_params.get("overwrite") in ("1", "true")
         res = await auth.create_resource(actor, await _body(request), overwrite=overwrite)
         log.info(
@@ -260,8 +276,7 @@ def build_webapi(
         )
         return _json(res.model_dump(mode="json"), 201)
 
-    async def delete_resource(request: Request) -> Response:
-        actor = await actor_of(request)
+    async def delete_resource(request: Request, actor: Actor) -> Response:
         kind, name = request.path_params["kind"], request.path_params["name"]
         await auth.delete_resource(actor, kind, name)
         log.info("resource deleted", extra={"by": actor.name, "resource": f"{kind}/{name}"})
@@ -270,16 +285,14 @@ def build_webapi(
     def _invite_json(invite: Any) -> dict[str, Any]:
         return {"user": invite.user, "code": invite.code, "expires": invite.expires.isoformat()}
 
-    async def add_user(request: Request) -> Response:
-        actor = await actor_of(request)
+    async def add_user(request: Request, actor: Actor) -> Response:
         data = await _body(request)
         invite = await auth.add_user(
             actor, _str(data, "name"), _strlist(data, "roles"), _traitmap(data, "traits")
         )
         return _json(_invite_json(invite), 201)
 
-    async def update_user(request: Request) -> Response:
-        actor = await actor_of(request)
+    async def update_user(request: Request, actor: Actor) -> Response:
         data = await _body(request)
         user = await auth.update_user(
             actor,
@@ -289,12 +302,10 @@ def build_webapi(
         )
         return _json(user.model_dump(mode="json"))
 
-    async def reset_user(request: Request) -> Response:
-        actor = await actor_of(request)
+    async def reset_user(request: Request, actor: Actor) -> Response:
         return _json(_invite_json(await auth.reset_user(actor, request.path_params["name"])))
 
-    async def add_token(request: Request) -> Response:
-        actor = await actor_of(request)
+    async def add_token(request: Request, actor: Actor) -> Response:
         data = await _body(request)
         labels = data.get("labels", {})
         if isinstance(labels, str):
@@ -336,20 +347,12 @@ def build_webapi(
         except JoinThrottledError:
             raise  # the refusals that led here were audited; a flood of these is not
         except AuthenticationError as e:
+            # Audited by the auth server (decision 0033); logged here.
             log.warning(
                 "host join refused",
                 extra={"hostname": hostname, "remote": _source(request), "error": e.message},
             )
-            now = auth.clock.now()
-            await _audit(
-                identity_events.join(now, auth.cluster_name, hostname, _source(request), error=e.message)
-            )
             raise
-        await _audit(
-            identity_events.join(
-                auth.clock.now(), auth.cluster_name, hostname, _source(request), host_id=host_id
-            )
-        )
         log.info("host joined", extra={"host_id": host_id, "role": role})
         return _json(
             {
@@ -360,28 +363,28 @@ def build_webapi(
             }
         )
 
-    async def sign(request: Request) -> Response:
-        actor = await actor_of(request)
+    async def sign(request: Request, actor: Actor) -> Response:
         data = await _body(request)
         ttl = _ttl(data) or timedelta(hours=1)
         token, ident = await auth.sign(actor, _str(data, "user"), ttl)
         log.info("credential signed", extra={"by": actor.name, "for": ident.username})
         return _json({"token": token, "user": ident.username, "expires": ident.expires.isoformat()})
 
-    async def logout(request: Request) -> Response:
-        actor = await actor_of(request)
+    async def logout(request: Request, actor: Actor) -> Response:
         expires = await auth.revoke_credential(actor)
         token_id = actor.identity.token_id if actor.identity else ""
-        await _audit(
-            identity_events.logout(
-                auth.clock.now(), auth.cluster_name, actor.name, _source(request), token_id
-            )
-        )
         log.info("credential revoked", extra={"user": actor.name, "credential_id": token_id})
         return _json({"revoked": token_id, "expires": expires.isoformat()})
 
-    async def audit_events(request: Request) -> Response:
-        actor = await actor_of(request)
+    async def user_locks(request: Request, actor: Actor) -> Response:
+        return _json({name: locks.to_dict() for name, locks in (await auth.user_locks(actor)).items()})
+
+    async def unlock_user(request: Request, actor: Actor) -> Response:
+        locks = await auth.unlock_user(actor, request.path_params["name"])
+        log.info("user unlocked", extra={"by": actor.name, "user": request.path_params["name"][:128]})
+        return _json({"user": request.path_params["name"], "was": locks.to_dict()})
+
+    async def audit_events(request: Request, actor: Actor) -> Response:
         actor.require("event", "list", "read")
         if audit is None:
             raise ValidationError("this proxy keeps no audit log (no app service runs here)")
@@ -390,8 +393,7 @@ def build_webapi(
         events = await audit.search(query_from_params(request.query_params))
         return _json(events)
 
-    async def audit_verify(request: Request) -> Response:
-        actor = await actor_of(request)
+    async def audit_verify(request: Request, actor: Actor) -> Response:
         actor.require("event", "list", "read")
         if audit is None:
             raise ValidationError("this proxy keeps no audit log (no app service runs here)")
@@ -404,8 +406,7 @@ def build_webapi(
         )
         return _json(report.to_dict())
 
-    async def mcp_apps(request: Request) -> Response:
-        actor = await actor_of(request)
+    async def mcp_apps(request: Request, actor: Actor) -> Response:
         if registry is None or actor.checker is None:
             return _json([])
         apps = [a for a in registry.all() if actor.checker.can_access_app(a)]
@@ -420,21 +421,23 @@ def build_webapi(
         Route("/v1/webapi/login", login, methods=["POST"]),
         Route("/v1/webapi/invites/accept", invite_accept, methods=["POST"]),
         Route("/v1/webapi/invites/info", invite_info, methods=["POST"]),
-        Route("/v1/whoami", whoami),
-        Route("/v1/resources", create_resource, methods=["POST"]),
-        Route("/v1/resources/{kind}", get_resources),
-        Route("/v1/resources/{kind}/{name}", get_resources, methods=["GET"]),
-        Route("/v1/resources/{kind}/{name}", delete_resource, methods=["DELETE"]),
-        Route("/v1/users", add_user, methods=["POST"]),
-        Route("/v1/users/{name}", update_user, methods=["PATCH"]),
-        Route("/v1/users/{name}/reset", reset_user, methods=["POST"]),
-        Route("/v1/tokens", add_token, methods=["POST"]),
-        Route("/v1/auth/sign", sign, methods=["POST"]),
-        Route("/v1/auth/logout", logout, methods=["POST"]),
+        Route("/v1/whoami", authed(whoami)),
+        Route("/v1/resources", authed(create_resource), methods=["POST"]),
+        Route("/v1/resources/{kind}", authed(get_resources)),
+        Route("/v1/resources/{kind}/{name}", authed(get_resources), methods=["GET"]),
+        Route("/v1/resources/{kind}/{name}", authed(delete_resource), methods=["DELETE"]),
+        Route("/v1/users", authed(add_user), methods=["POST"]),
+        Route("/v1/users/locks", authed(user_locks)),
+        Route("/v1/users/{name}", authed(update_user), methods=["PATCH"]),
+        Route("/v1/users/{name}/unlock", authed(unlock_user), methods=["POST"]),
+        Route("/v1/users/{name}/reset", authed(reset_user), methods=["POST"]),
+        Route("/v1/tokens", authed(add_token), methods=["POST"]),
+        Route("/v1/auth/sign", authed(sign), methods=["POST"]),
+        Route("/v1/auth/logout", authed(logout), methods=["POST"]),
         Route("/v1/webapi/host/join", host_join, methods=["POST"]),
-        Route("/v1/audit/events", audit_events),
-        Route("/v1/audit/verify", audit_verify),
-        Route("/v1/mcp/apps", mcp_apps),
+        Route("/v1/audit/events", authed(audit_events)),
+        Route("/v1/audit/verify", authed(audit_verify)),
+        Route("/v1/mcp/apps", authed(mcp_apps)),
     ]
     app = Starlette(
         routes=routes,

@@ -41,7 +41,7 @@ from cryptography import x509
 from bastion import __version__
 from bastion._listen import bind_tcp
 from bastion._tasks import stop_tasks
-from bastion.audit import identity_events
+from bastion.audit import cluster_events
 from bastion.audit.emitter import AuditLog
 from bastion.auth.ca import HostIdentity, host_identity, issue_host_cert, new_host_key
 from bastion.auth.server import AuthServer, decode_resource
@@ -497,7 +497,7 @@ class TunnelServer:
                 },
             )
             if self.audit is not None:
-                event = identity_events.app_refused(
+                event = cluster_events.app_refused(
                     self.auth.clock.now(),
                     self.auth.cluster_name,
                     r.app,

@@ -465,3 +465,54 @@ async def test_parallel_guesses_cannot_overrun_the_pair_limit(auth: AuthServer) 
     )
     reasons = [r.reason for r in results if isinstance(r, LoginRefusedError)]
     assert reasons.count("password") == 3 and reasons.count("locked") == 7
+
+
+class Recorder:
+    """An audit log that keeps what it is given, or refuses everything (``broken``)."""
+
+    def __init__(self, *, broken: bool = False) -> None:
+        self.events: list[Any] = []
+        self.broken = broken
+
+    async def record(self, event: Any) -> None:
+        if self.broken:
+            from bastion.errors import BackendError
+
+            raise BackendError("the disk is full")
+        self.events.append(event)
+
+
+async def test_every_change_and_credential_is_audited_without_secrets(auth: AuthServer) -> None:
+    rec = Recorder()
+    auth.audit = rec
+    invite = await auth.add_user(ADMIN, "alice", ["mcp-user"], {})
+    await auth.accept_invite(invite.code, PW, source="192.0.2.7")
+    token, _ = await auth.login("alice", PW, source="192.0.2.7")
+    secret, tok = await auth.add_token(ADMIN, ["app"], timedelta(minutes=5))
+    await auth.delete_resource(ADMIN, "token", tok.metadata.name)
+    types = [e.type for e in rec.events]
+    assert types == [
+        "user.create",
+        "invite.create",
+        "invite.use",
+        "user.login",
+        "cert.create",
+        "join_token.create",
+        "join_token.delete",
+    ]
+    text = repr(rec.events)
+    for s in (invite.code, PW, token, secret):
+        assert s not in text
+    login = rec.events[3]
+    assert login.user == "alice" and login.remote_addr == "192.0.2.7" and login.success
+
+
+async def test_no_credential_leaves_when_the_audit_log_cannot_record(auth: AuthServer) -> None:
+    from bastion.errors import BackendError
+
+    await _user(auth, "alice", ["mcp-user"])
+    auth.audit = Recorder(broken=True)
+    with pytest.raises(BackendError, match=r"cannot record this user\.login event"):
+        await auth.login("alice", PW)
+    with pytest.raises(BackendError, match=r"cannot record this user\.create event.*may have been done"):
+        await auth.add_user(ADMIN, "bob", ["mcp-user"], {})

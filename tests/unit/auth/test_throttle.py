@@ -69,3 +69,35 @@ async def test_refused_joins_block_the_source(throttle: LoginThrottle) -> None:
         await throttle.join_failed("s1")
     assert await throttle.join_blocked("s1")
     assert not await throttle.join_blocked("s2")
+
+
+async def test_locks_are_listed_with_their_end_and_lifted_by_unlock(
+    throttle: LoginThrottle, clock: Clock
+) -> None:
+    await throttle.admit("u", "home")
+    await throttle.succeeded("u", "home")
+    assert not (await throttle.locks("u")).locked
+    for source in ("s1", "s2"):
+        for _ in range(3):
+            await _fail(throttle, "u", source)
+    refusal = await throttle.admit("u", "s1")
+    assert refusal.reason == "locked" and "try again in 20 minutes" in refusal.message
+    locks = await throttle.locks("u")
+    assert locks.addresses == 2 and locks.until == clock.t + timedelta(minutes=20)
+    assert locks.throttled_until is None and locks.to_dict()["locked"] is True
+    clock.t += timedelta(minutes=5)
+    assert "try again in 15 minutes" in (await throttle.admit("u", "s2")).message
+    was = await throttle.unlock("u")
+    assert was.addresses == 2
+    assert not (await throttle.locks("u")).locked
+    assert (await throttle.admit("u", "s1")).reason == ""
+    # The address the user logged in from is still known (rule 3 keeps working for them).
+    assert await throttle._known("u", "home")
+
+
+async def test_a_user_under_distributed_guessing_is_shown_throttled(throttle: LoginThrottle) -> None:
+    for i in range(8):
+        await _fail(throttle, "u", f"bot{i}")
+    locks = await throttle.locks("u")
+    assert locks.addresses == 0 and locks.throttled_until is not None and locks.locked
+    assert "ask an administrator" in (await throttle.admit("u", "bot-new")).message

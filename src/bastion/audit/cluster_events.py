@@ -1,16 +1,20 @@
-"""Audit events about identities, not sessions: logins, logouts, joins, refused host apps.
+"""Cluster events: who did what to the cluster, not inside an MCP session (decision 0033).
 
-Pure builders (no I/O): the proxy's web API and tunnel listener record what
-these return.  Every free-text field is clipped (``audit.bound``), since most
-of it is client input (a user name typed at a login prompt, a host's own app
-definitions).  How many there can be is bounded where they arise: login and
-join failures by ``auth.throttle`` (per source), refused host apps once per
-host, app and definition.
+Logins and their refusals, credentials issued, users, roles, apps and join tokens
+created, changed or deleted, invites, lockouts, hosts joining, API calls refused
+by role rules.  Pure builders (no I/O): ``AuthServer`` records what these return
+(the tunnel listener records refused host apps).  Every free-text field is
+clipped (``audit.bound``), since most of it is client input (a user name typed at
+a login prompt, a host's own app definitions); no builder takes a secret.  How
+many there can be is bounded where they arise: login and join failures by
+``auth.throttle`` (per source), refusals nobody authenticated for by a
+``RefusalLimiter`` per source, refused host apps once per host, app and definition.
 """
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -19,6 +23,38 @@ from bastion.audit.bound import MAX_ERROR, MAX_NAME, clip
 from bastion.audit.events import AuditEvent
 
 _MAX_ADDR = 64
+#: A list in ``extra`` (roles, changed fields) keeps at most this many entries.
+_MAX_LIST = 64
+
+
+def _extra_value(v: Any) -> Any:
+    if isinstance(v, list | tuple | set | frozenset):
+        return [clip(str(x), MAX_NAME) for x in list(v)[:_MAX_LIST]]
+    if isinstance(v, bool | int | float) or v is None:
+        return v
+    return clip(str(v), MAX_NAME)
+
+
+def event(
+    type_: str,
+    now: datetime,
+    cluster: str,
+    *,
+    success: bool = True,
+    user: str = "",
+    app: str = "",
+    error: str = "",
+    remote_addr: str = "",
+    roles: tuple[str, ...] = (),
+    extra: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """A cluster event of ``type_`` (one of ``events.EVENT_TYPES``); ``user`` is the actor."""
+    ev_ = _event(
+        type_, success, now, cluster, user=user, app=app, error=error, remote_addr=remote_addr, extra=extra
+    )
+    if roles:
+        ev_ = replace(ev_, roles=tuple(clip(r, MAX_NAME) for r in roles[:_MAX_LIST]))
+    return ev_
 
 
 def _event(
@@ -44,7 +80,7 @@ def _event(
         session_id="",
         error=clip(error, MAX_ERROR),
         remote_addr=clip(remote_addr, _MAX_ADDR),
-        extra={k: clip(str(v), MAX_NAME) for k, v in (extra or {}).items()},
+        extra={k: _extra_value(v) for k, v in (extra or {}).items() if v not in (None, "", [], ())},
     )
 
 
@@ -78,13 +114,6 @@ def logout(now: datetime, cluster: str, user: str, remote_addr: str, credential_
         remote_addr=remote_addr,
         extra={"credential_id": credential_id},
     )
-
-
-def join(
-    now: datetime, cluster: str, hostname: str, remote_addr: str, *, host_id: str = "", error: str = ""
-) -> AuditEvent:
-    extra = {"hostname": hostname, "host_id": host_id} if host_id else {"hostname": hostname}
-    return _event(ev.HOST_JOIN, not error, now, cluster, error=error, remote_addr=remote_addr, extra=extra)
 
 
 def app_refused(
