@@ -1,0 +1,242 @@
+"""What every fault scenario shares: a bounded load of MCP clients, and the checks after it.
+
+``Load`` runs one thread per client; each holds an MCP session over HTTPS (through the node it
+is given, or round robin over several) and calls ``echo`` with a message of its own, unique
+per call, paced by ``pace`` seconds between calls.  Each answer is classified:
+
+* ``ok``: a result with the echoed text;
+* ``lost``: 404 for the session (the spec says: initialize again, which the client then does);
+* ``error``: anything else (its status and the start of its body are kept).
+
+After a fault, ``check_audit`` asserts what issue 21 asks of every scenario: every call answered
+OK is in the audit log exactly once, with a successful outcome and a duration, and no row of
+any call is left without an outcome. ``recovery`` says how long after a moment the first OK
+answer of every affected client came.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.integration.conftest import Node
+from tests.integration.mcp_https import McpOverHttps
+
+#: Seconds a scenario waits for the audit log to hold every OK call (the spool may be draining).
+AUDIT_DEADLINE = 60.0
+
+
+@dataclass
+class Call:
+    client: str
+    message: str
+    at: float
+    outcome: str  # ok | lost | error
+    status: int = 0
+    detail: str = ""
+
+
+@dataclass
+class Client:
+    name: str
+    via: Sequence[Any]
+    calls: list[Call] = field(default_factory=list)
+    sessions: list[str] = field(default_factory=list)
+
+
+class Load:
+    """``clients`` MCP clients calling ``echo`` until ``stop``; see the module doc."""
+
+    def __init__(
+        self,
+        ca: Path,
+        token_of: Callable[[str], str],
+        clients: Mapping[str, Sequence[Any]],
+        *,
+        app: str,
+        pace: float = 0.02,
+    ) -> None:
+        self.ca, self.token_of, self.app, self.pace = ca, token_of, app, pace
+        self.clients = {name: Client(name, via) for name, via in clients.items()}
+        #: Makes every message of this load unique in an audit log other loads wrote to too.
+        self.run = uuid.uuid4().hex[:8]
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(c,), daemon=True) for c in self.clients.values()
+        ]
+        self._ready = threading.Barrier(len(self._threads) + 1)
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        try:
+            self._ready.wait(timeout=60)
+        except threading.BrokenBarrierError:
+            self.stop()
+            raise AssertionError(f"the clients could not all start a session: {self.summary()}") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+    def calls(self, outcome: str | None = None) -> list[Call]:
+        return [c for cl in self.clients.values() for c in cl.calls if outcome in (None, c.outcome)]
+
+    def ok_count(self) -> int:
+        return len(self.calls("ok"))
+
+    def wait_for_calls(self, n: int, deadline: float = 30.0) -> None:
+        """Until ``n`` more OK answers than now have come (the load is really running)."""
+        want, end = self.ok_count() + n, time.monotonic() + deadline
+        while self.ok_count() < want:
+            if time.monotonic() > end:
+                raise AssertionError(f"the load made no progress: {self.summary()}")
+            self._stop.wait(0.05)
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for cl in self.clients.values():
+            counts = out.setdefault(cl.name, {"ok": 0, "lost": 0, "error": 0})
+            for c in cl.calls:
+                counts[c.outcome] += 1
+        return out
+
+    def recovery(self, since: float) -> float:
+        """Seconds from ``since`` until every client that failed after it had an OK answer again."""
+        worst = 0.0
+        for cl in self.clients.values():
+            failed = [c for c in cl.calls if c.at >= since and c.outcome != "ok"]
+            if not failed:
+                continue
+            back = [c.at for c in cl.calls if c.at > failed[-1].at and c.outcome == "ok"]
+            assert back, f"client {cl.name} never recovered: last failure {failed[-1]}"
+            worst = max(worst, back[0] - since)
+        return worst
+
+    # ------------------------------------------------------------------ the clients
+
+    def _run(self, cl: Client) -> None:
+        mcp = McpOverHttps(self.ca, self.token_of(cl.name), app=self.app)
+        first = True
+        n = 0
+        try:
+            while not self._stop.is_set():
+                where = cl.via[n % len(cl.via)]
+                if not mcp.sid:
+                    if not self._start(mcp, cl, where):
+                        if first:
+                            cl.calls.append(Call(cl.name, "", time.monotonic(), "error", 0, "no session"))
+                            self._ready.abort()  # the scenario fails at once, saying so
+                            return
+                        self._stop.wait(0.2)  # pacing retries while the fault lasts
+                        continue
+                    if first:
+                        first = False
+                        self._ready.wait(timeout=60)
+                n += 1
+                self._call(mcp, cl, where, f"{self.run}-{cl.name}-{n}")
+                self._stop.wait(self.pace)
+        finally:
+            mcp.close()
+
+    def _start(self, mcp: McpOverHttps, cl: Client, where: Any) -> bool:
+        mcp.sid = ""
+        try:
+            mcp.start(where)
+        except (AssertionError, httpx.HTTPError, KeyError, ValueError):
+            mcp.sid = ""
+            return False
+        cl.sessions.append(mcp.sid)
+        return True
+
+    def _call(self, mcp: McpOverHttps, cl: Client, where: Any, message: str) -> None:
+        mcp.n += 1
+        body = {
+            "jsonrpc": "2.0",
+            "id": mcp.n,
+            "method": "tools/call",
+            "params": {"name": "echo", "arguments": {"message": message}},
+        }
+        at = time.monotonic()
+        try:
+            r = mcp.post(where, body)
+        except httpx.HTTPError as e:
+            cl.calls.append(Call(cl.name, message, at, "error", 0, type(e).__name__))
+            return
+        if r.status_code == 404:
+            cl.calls.append(Call(cl.name, message, at, "lost", 404, r.text[:200]))
+            mcp.sid = ""
+            return
+        answer = _answer(r, mcp.n) if r.status_code == 200 else None
+        text = ((answer or {}).get("result") or {}).get("content", [{}])[0].get("text")
+        if text == f"Echo: {message}":
+            cl.calls.append(Call(cl.name, message, at, "ok", 200))
+        else:
+            cl.calls.append(Call(cl.name, message, at, "error", r.status_code, r.text[:200]))
+
+
+def _answer(r: httpx.Response, rid: int) -> dict[str, Any] | None:
+    if r.headers.get("content-type", "").startswith("text/event-stream"):
+        for line in r.text.splitlines():
+            if line.startswith("data:"):
+                msg = json.loads(line[5:])
+                if msg.get("id") == rid:
+                    return dict(msg)
+        return None
+    return dict(r.json())
+
+
+def audited_echoes(node: Node) -> dict[str, list[dict[str, Any]]]:
+    """Every audited ``echo`` call, by its message."""
+    out = node.cli(
+        "audit",
+        "search",
+        "--type=mcp.session.request",
+        "--format=json",
+        "--limit=100000",
+        "--order=asc",
+        local=True,
+    )
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for r in json.loads(out.stdout):
+        if r.get("tool") == "echo":
+            msg = ((r.get("params") or {}).get("arguments") or {}).get("message")
+            rows.setdefault(str(msg), []).append(r)
+    return rows
+
+
+def check_audit(node: Node, load: Load) -> dict[str, list[dict[str, Any]]]:
+    """Every OK call audited exactly once with a successful outcome; no row without an outcome."""
+    ok = {c.message for c in load.calls("ok")}
+    end = time.monotonic() + AUDIT_DEADLINE
+    while True:
+        rows = audited_echoes(node)
+        missing = ok - set(rows)
+        if not missing or time.monotonic() > end:
+            break
+    assert not missing, f"{len(missing)} OK calls not audited, e.g. {sorted(missing)[:5]}"
+    twice = {m: r for m, r in rows.items() if m in ok and len(r) != 1}
+    assert not twice, f"OK calls audited more than once: {list(twice.items())[:3]}"
+    wrong = {
+        m: r[0]
+        for m, r in rows.items()
+        if m in ok and not (r[0]["success"] and r[0].get("duration_ms") is not None)
+    }
+    assert not wrong, f"OK calls audited without a successful outcome: {list(wrong.items())[:3]}"
+    mine = [r for m, rs in rows.items() if m.startswith(load.run) for r in rs]
+    pending = [r for r in mine if r["success"] and r.get("duration_ms") is None]
+    assert not pending, f"rows left without an outcome (they read as successes): {pending[:3]}"
+    return rows
