@@ -25,7 +25,7 @@ from bastion.auth import appjwt
 from bastion.auth.server import Actor, AuthServer
 from bastion.errors import BackendError, BastionError
 from bastion.protocol import paths
-from bastion.proxy.routing import Router
+from bastion.proxy.routing import Router, no_such_app
 
 ASGI = Callable[[Scope, Receive, Send], Awaitable[None]]
 
@@ -179,14 +179,7 @@ class Front:
                     user=actor.name,
                     origin="gateway",
                 )
-            return self._refuse(
-                scope,
-                send,
-                404,
-                f"no MCP app named {clip(name, MAX_QUOTE)!r} (see `bastion mcp ls`)",
-                app=name,
-                user=actor.name,
-            )
+            return self._refuse(scope, send, 404, no_such_app(name), app=name, user=actor.name)
         return job
 
     def _refuse(

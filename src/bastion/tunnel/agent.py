@@ -56,7 +56,7 @@ from bastion.resources import App, Role
 from bastion.tunnel import http as tunnel_http
 from bastion.tunnel import wire
 from bastion.tunnel.mux import Mux, Stream, StreamReset, TunnelClosed
-from bastion.tunnel.server import HEARTBEAT_EVERY, route_tag
+from bastion.tunnel.server import HEARTBEAT_EVERY, LEAVING, route_tag
 
 log = logging.getLogger("bastion.agent")
 
@@ -305,7 +305,7 @@ class Agent:
     async def aclose(self) -> None:
         self._closing = True
         for mux in list(self.conns.values()):
-            await mux.close("app service shutting down")
+            await mux.close(LEAVING)  # the proxies answer its sessions "gone" at once
         await stop_tasks(*self._tasks)
 
     def apps_changed(self) -> None:
