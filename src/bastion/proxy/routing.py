@@ -245,18 +245,9 @@ class Router:
     def _refuse(
         self, scope: Scope, send: Send, status: int, why: str, actor: Actor, name: str, sid: str
     ) -> Awaitable[None]:
-        """Answer a refused request of a session (audited, rate-limited per source)."""
-        if self.refusals is not None:
-            self.refusals.refused(
-                status=status,
-                reason=why,
-                remote_addr=(scope.get("client") or ("", 0))[0],
-                user=actor.name,
-                app=name,
-                session_id=sid,
-                http_method=scope.get("method", ""),
-            )
-        return _error(send, status, -32001, why, "client")
+        return refuse(
+            self.refusals, scope, send, status, why, app=name, user=actor.name, sid=sid, code=-32001
+        )
 
     async def _carry(
         self,
@@ -384,6 +375,37 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return dict(await receive())
 
     return again
+
+
+def refuse(
+    refusals: Refusals | None,
+    scope: Scope,
+    send: Send,
+    status: int,
+    message: str,
+    *,
+    app: str,
+    user: str = "",
+    sid: str = "",
+    origin: str = "client",
+    code: int | None = None,
+    path: str = "",
+) -> Awaitable[None]:
+    """Answer a refused MCP request with ``message`` (which quotes nothing unbounded), and audit
+    it (rate-limited per source): the front's refusals and the router's."""
+    if refusals is not None:
+        refusals.refused(
+            status=status,
+            reason=message,
+            remote_addr=(scope.get("client") or ("", 0))[0],
+            user=user,
+            app=app,
+            session_id=sid,
+            http_method=scope.get("method", ""),
+            path=path,
+            auth=status == 401,
+        )
+    return send_jsonrpc_error(send, status, message, origin, code=code)
 
 
 def _tag(sid: str) -> str:
