@@ -1,10 +1,17 @@
 """What the PostgreSQL stores share: opening a migrated pool, safe names for a DSN, error mapping, migrations.
 
 Used by ``bastion.backend.postgres`` and ``bastion.audit.pg_store``.  What it
-must not do: put a DSN's password (or the DSN itself) in any message, let an
-``asyncpg`` or socket exception escape unmapped, or import anything above
-``bastion.errors`` (``bastion.metrics``, a leaf, excepted: ``map_error`` counts
-``bastion_backend_errors_total``).
+must not do: put any part of a DSN (password, user, host, port, database) or an
+address in any message or log line, let an ``asyncpg`` or socket exception
+escape unmapped, or import anything above ``bastion.errors`` (``bastion.metrics``,
+a leaf, excepted: ``map_error`` counts ``bastion_backend_errors_total``).
+
+``map_error`` is the one place a driver or socket failure becomes words.  The
+error's message (what an HTTP body or a CLI line shows) names the component
+(``CLUSTER_DB``, ``AUDIT_DB``) and what to do, and nothing of the failure
+itself; the failure's detail goes to the log (``bastion.pg``), with every part
+of the DSN replaced by what it is (``<user>``, ``<host>``...) and addresses
+removed, at most once per component, action and detail every ``LOG_EVERY`` s.
 
 Migrations: every store names its ``component`` (``backend``, ``audit``)
 and lists its migrations in order, version 1 first.  ``migrate`` applies the
@@ -17,6 +24,10 @@ applied versions are rows of ``bastion_schema_migrations``.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -28,6 +39,8 @@ from bastion.errors import BackendError, BastionError, ValidationError
 from bastion.metrics import backend_error
 
 __all__ = [
+    "AUDIT_DB",
+    "CLUSTER_DB",
     "CONNECT_TIMEOUT",
     "DRIVER_ERRORS",
     "MIGRATIONS_TABLE",
@@ -41,6 +54,29 @@ __all__ = [
     "scrub",
     "wait_event",
 ]
+
+log = logging.getLogger("bastion.pg")
+
+#: What errors call the stores (never an address: bodies and logs show these).
+CLUSTER_DB: Final = "the cluster database"
+AUDIT_DB: Final = "the audit database"
+#: Seconds between two log lines of the same failure.
+LOG_EVERY: Final = 10.0
+_WHAT_TO_DO: Final = (
+    "retry shortly; if it lasts, an administrator should check that PostgreSQL is up and "
+    "reachable from this node (the detail is in this node's log)"
+)
+#: Addresses in a driver's or server's words: IPv4 (with a port, or as "('10.0.0.5', 5432)"),
+#: IPv6 in brackets, quotes or with "::", and a redacted host's port.
+_ADDRESS: Final = re.compile(
+    r"\(?'?\b(?:\d{1,3}\.){3}\d{1,3}\b'?(?:(?::|,\s*)\d+)?\)?"
+    r"|\[[0-9a-fA-F:.%\w]*:[0-9a-fA-F:.%\w]*\](?::\d+)?"
+    r"|'[0-9a-fA-F:.%]*:[0-9a-fA-F:.%]*'"
+    r"|\b[0-9a-fA-F]*::[0-9a-fA-F:]*"
+    r"|(?<=<host>):\d+"
+)
+_ERRNO: Final = re.compile(r"\[Errno (\d+)\]")
+_logged: dict[tuple[str, str, str], float] = {}
 
 #: Seconds to wait for a TCP connection and the PostgreSQL handshake.
 CONNECT_TIMEOUT: Final = 5.0
@@ -124,6 +160,61 @@ def scrub(text: str, dsn: str) -> str:
     return text
 
 
+def _parts(dsn: str) -> list[tuple[str, str]]:
+    """(value, what it is) for every part of ``dsn`` that names where or who, longest first."""
+    found: list[tuple[str, str]] = [(s, "***") for s in _secrets(dsn)]
+    try:
+        parts = urlsplit(dsn)
+        named: list[tuple[str | None, str]] = [
+            (parts.username, "<user>"),
+            (parts.hostname, "<host>"),
+            (parts.path.lstrip("/"), "<database>"),
+        ]
+        for pair in parts.query.split("&"):
+            name, _, value = pair.partition("=")
+            if name.lower() in ("user", "host", "hostaddr", "dbname", "port"):
+                named.append((value, f"<{name.lower()}>"))
+        for part, what in named:
+            if part:
+                found += [(part, what), (unquote(part), what)]
+    except ValueError:
+        pass
+    return sorted({(v, w) for v, w in found if len(v) > 1}, key=lambda p: len(p[0]), reverse=True)
+
+
+def redact(text: str, dsn: str) -> str:
+    """``text`` without any part of ``dsn`` (each replaced by what it is) or any address."""
+    for value, what in _parts(dsn):
+        text = text.replace(value, what)
+    return _ADDRESS.sub("<address>", text)
+
+
+def _detail(exc: BaseException, dsn: str) -> str:
+    """What went wrong, for the log: never the driver's own text for a socket error (it
+    quotes the address it dialled); the server's or driver's words redacted."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError):
+        errno = exc.errno or next((int(m) for m in _ERRNO.findall(str(exc))), 0)
+        return os.strerror(errno).lower() if errno else type(exc).__name__
+    text = redact(str(exc) or type(exc).__name__, dsn)
+    if len(text) > 300:
+        text = text[:300] + "..."
+    state = getattr(exc, "sqlstate", None)
+    return f"{text} (SQLSTATE {state})" if isinstance(state, str) else text
+
+
+def _log_once(label: str, action: str, detail: str) -> None:
+    now = time.monotonic()
+    key = (label, action, detail)
+    if now - _logged.get(key, -LOG_EVERY) < LOG_EVERY:
+        return
+    if len(_logged) > 1000:
+        _logged.clear()
+    _logged[key] = now
+    log.warning("%s: cannot %s: %s", label, action, detail)
+
+
 def is_unreachable(exc: BaseException) -> bool:
     """True when ``exc`` means the server cannot be talked to right now."""
     if isinstance(
@@ -150,30 +241,37 @@ def is_unreachable(exc: BaseException) -> bool:
 
 
 def map_error(label: str, dsn: str, action: str, exc: BaseException) -> BastionError:
-    """The project error for a driver/socket failure; never contains the password.
+    """The project error for a driver/socket failure: the one place they become words.
 
-    ``label`` names the store (``postgres database postgresql://u@h:5432/db``).
+    ``label`` names the component (``CLUSTER_DB``, ``AUDIT_DB``); the message says that and
+    what to do, nothing of ``dsn`` or the failure; the detail is logged, redacted.
     """
-    detail = "timed out" if isinstance(exc, TimeoutError) else scrub(str(exc) or type(exc).__name__, dsn)
-    if len(detail) > 300:
-        detail = detail[:300] + "..."
-    if is_unreachable(exc):
-        backend_error("postgres", action)
-        return UnreachableError(f"{label}: cannot {action}: the database is unreachable ({detail})")
     if isinstance(exc, asyncpg.DataError | UnicodeEncodeError | asyncpg.CharacterNotInRepertoireError):
         cause = exc if isinstance(exc, UnicodeEncodeError) else exc.__cause__
         if isinstance(cause, UnicodeEncodeError):
             return ValidationError(f"text is not valid Unicode: {cause.reason} at {cause.start}")
         if isinstance(exc, asyncpg.CharacterNotInRepertoireError):
             return ValidationError("text must not contain NUL characters")
-    if isinstance(exc, asyncpg.LockNotAvailableError):
-        detail += " (another bastion process held the write lock too long)"
-    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
-        detail = f"cannot log in: {detail}"
-    if isinstance(exc, ValueError | asyncpg.ClientConfigurationError):
-        detail = f"invalid dsn: {detail}"
     backend_error("postgres", action)
-    return BackendError(f"{label}: cannot {action}: {detail}")
+    _log_once(label, action, _detail(exc, dsn))
+    if is_unreachable(exc):
+        return UnreachableError(f"{label} is unreachable (cannot {action}): {_WHAT_TO_DO}")
+    if isinstance(exc, asyncpg.LockNotAvailableError):
+        return BackendError(
+            f"{label} is busy (cannot {action}: another bastion process held the write lock too "
+            "long): retry shortly"
+        )
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        return BackendError(
+            f"{label} refused the login (cannot {action}): an administrator should check the user "
+            "and password in auth_service.backend.dsn (the detail is in this node's log)"
+        )
+    if isinstance(exc, ValueError | asyncpg.ClientConfigurationError):
+        return BackendError(
+            f"auth_service.backend.dsn is not a valid PostgreSQL address for {label} "
+            "(the detail is in this node's log)"
+        )
+    return BackendError(f"{label} failed (cannot {action}); the detail is in this node's log")
 
 
 async def migrate(

@@ -42,6 +42,7 @@ from bastion.backend.factory import open_backend
 from bastion.config import Config, split_addr
 from bastion.diag import DiagServer
 from bastion.errors import BastionError
+from bastion.proxy.hosts import Hosts
 from bastion.proxy.routing import Router
 from bastion.proxy.server import ProxyService, ProxySettings
 from bastion.resources import AppServer, AppServerSpec, Metadata
@@ -213,6 +214,7 @@ class Cluster:
         tunnels: TunnelServer | None = None
         proxy: ProxyService | None = None
         diag: DiagServer | None = None
+        hosts: Hosts | None = None
         local_tag = secrets.token_hex(4)
         peer: Agent | None = None
         try:
@@ -273,6 +275,15 @@ class Cluster:
                 await tunnels.start()
                 tunnel_public = _tunnel_public(cfg, t_host, tunnels.port)
                 advertised.append(tunnel_public)
+                # Not ready, and no session of a live app service answered 404, until the app
+                # services the backend lists as alive have connected (decision 0036).
+                hosts = Hosts(
+                    auth,
+                    tunnels,
+                    own_tag=local_tag if apps else "",
+                    peers_dial_in=cfg.auth_service.backend.type == "postgres",
+                )
+                hosts.start()
                 router = Router(
                     auth,
                     local=apps.handler if apps else None,
@@ -284,6 +295,7 @@ class Cluster:
                     refusals=apps.handler.refusals
                     if apps
                     else Refusals(audit, cluster_name=auth.cluster_name, clock=auth.clock),
+                    hosts=hosts,
                 )
                 tls = cfg.proxy_service.tls
                 proxy = ProxyService(
@@ -321,7 +333,7 @@ class Cluster:
 
                 async def ready() -> bool:
                     await backend.current_revision()  # raises BackendError while the database is down
-                    return True
+                    return router is None or router.hosts is None or router.hosts.ready
 
                 diag = DiagServer(*split_addr(cfg.bastion.diag_addr, allow_zero=True), ready=ready)
                 await diag.start()
@@ -332,6 +344,8 @@ class Cluster:
                 await peer.aclose()
             if proxy is not None:
                 await proxy.stop()
+            if hosts is not None:
+                await hosts.aclose()
             if tunnels is not None:
                 await tunnels.stop()
             if apps is not None:
@@ -538,6 +552,8 @@ class Cluster:
             await self.peer.aclose()
         if self.proxy:
             await self.proxy.stop()
+            if self.proxy.router is not None and self.proxy.router.hosts is not None:
+                await self.proxy.router.hosts.aclose()
         if self.tunnels:
             await self.tunnels.stop()
         # Sessions end (with their end events) and the audit log is flushed while a

@@ -9,6 +9,7 @@ each call is audited exactly once. A node that dies takes only its own sessions 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -37,7 +38,7 @@ class Pair:
     ca: Path
 
 
-def _app_config(cmd: list[str]) -> str:
+def app_config(cmd: list[str]) -> str:
     return (
         "app_service:\n"
         "  apps:\n"
@@ -50,16 +51,26 @@ def _app_config(cmd: list[str]) -> str:
     )
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    server, dbname, dsn = asyncio.run(pg.create_database())
-    root = tmp_path_factory.mktemp("topology")
+def start_pair_node(root: Path, dsn: str, *, proxy_config: str = "") -> Node:
+    """One all-in-one node of the pair's cluster (also to restart one on its data);
+    ``proxy_config``: more lines of its ``proxy_service:`` section (indented two spaces)."""
     auth = f"  backend:\n    type: postgres\n    dsn: {dsn}\n"
-    extra = _app_config(everything_cmd("stdio"))
+    extra = proxy_config + app_config(everything_cmd("stdio"))
+    return start_node(root, auth_config=auth, cluster="pair", extra_config=extra)
+
+
+def dsn_of(node: Node) -> str:
+    return node.config.read_text().split("dsn: ", 1)[1].split("\n", 1)[0]
+
+
+@contextlib.contextmanager
+def running_pair(root: Path) -> Iterator[Pair]:
+    """Two all-in-one nodes on a fresh PostgreSQL database, each joined to the other's proxy."""
+    server, dbname, dsn = asyncio.run(pg.create_database())
     nodes: list[Node] = []
     try:
         for name in ("a", "b"):
-            nodes.append(start_node(root / name, auth_config=auth, cluster="pair", extra_config=extra))
+            nodes.append(start_pair_node(root / name, dsn))
         a, b = nodes
         # Each node's app service has joined the other node's proxy (its first heartbeat there).
         for n in nodes:
@@ -75,7 +86,13 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
         asyncio.run(pg.drop_database(server, dbname))
 
 
-def _until(what: str, check: Callable[[], bool], deadline: float) -> None:
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    with running_pair(tmp_path_factory.mktemp("topology")) as p:
+        yield p
+
+
+def until(what: str, check: Callable[[], bool], deadline: float) -> None:
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         if check():
@@ -117,7 +134,7 @@ def test_a_proxy_without_an_app_service_reaches_both_nodes(pair: Pair, tmp_path:
     """A mixed topology: a proxy-only node joins the pair's database; both all-in-one nodes'
     app services serve it (each dials every live proxy), and a session through it is carried
     through the other nodes too."""
-    dsn = pair.a.config.read_text().split("dsn: ", 1)[1].split("\n", 1)[0]
+    dsn = dsn_of(pair.a)
     proxy = start_node(
         tmp_path / "p",
         auth_config=f"  backend:\n    type: postgres\n    dsn: {dsn}\n",
@@ -129,7 +146,7 @@ def test_a_proxy_without_an_app_service_reaches_both_nodes(pair: Pair, tmp_path:
         def joined() -> int:
             return len(re.findall(r"app service serves .*apps=everything", proxy.log.read_text()))
 
-        _until("both nodes' app services joined the new proxy", lambda: joined() >= 2, 30.0)
+        until("both nodes' app services joined the new proxy", lambda: joined() >= 2, 30.0)
         s = Client(pair)
         try:
             s.start(proxy)
@@ -184,9 +201,22 @@ def test_any_node_carries_any_session_and_a_dead_node_takes_only_its_own(pair: P
         a.proc.kill()
         a.proc.wait(15)
         mine.echo(b, "after A died")
-        lost = theirs.post(b, {"jsonrpc": "2.0", "id": 7, "method": "tools/list"})
-        assert lost.status_code == 404, lost.text
-        assert "start a new one with initialize" in lost.json()["error"]["message"]
+        # A is believed alive while its heartbeat record lives (503, retry); then known dead:
+        # 404, start a new session (decision 0036).
+        answers: list[int] = []
+
+        def told_gone() -> bool:
+            lost = theirs.post(b, {"jsonrpc": "2.0", "id": 7, "method": "tools/list"})
+            answers.append(lost.status_code)
+            if lost.status_code == 503:
+                assert lost.headers["retry-after"].isdigit(), lost.headers
+                return False
+            assert lost.status_code == 404, lost.text
+            assert "start a new one with initialize" in lost.json()["error"]["message"]
+            return True
+
+        until("A's sessions are told gone through B", told_gone, 60.0)
+        assert set(answers) <= {503, 404}, answers
         again = Client(pair)
         opened.append(again)
         again.start(b)  # re-initialize through the living node

@@ -27,7 +27,8 @@ class AppRegistry:
         #: Dynamic apps removed by the cluster (``Removed``).
         self.removed = Removed()
         self._on_change = on_change
-        self._changed: asyncio.Event | None = None
+        # Made here, not at the first wait: a change before that wait must not be lost.
+        self._changed = asyncio.Event()
         for app in apps:
             self._static[app.metadata.name] = app
         if demo:
@@ -78,15 +79,16 @@ class AppRegistry:
             self._notify()
 
     def _notify(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
+        self._changed.set()
         if self._on_change is not None:
             self._on_change()
 
     async def wait_changed(self, within: float) -> None:
-        """Return when the served apps change, or after ``within`` seconds."""
-        if self._changed is None:
-            self._changed = asyncio.Event()
+        """Return when the served apps change, or after ``within`` seconds.
+
+        Cleared on return, before the caller reads what is served: a change after that
+        sets it again (no lost wake-up, as in the agent's heartbeat loop).
+        """
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), within)
         self._changed.clear()

@@ -52,10 +52,10 @@ import asyncpg
 import orjson
 
 from bastion._pg import (
+    AUDIT_DB,
     DRIVER_ERRORS,
     Migration,
     UnreachableError,
-    describe_dsn,
     map_error,
     open_pool,
 )
@@ -193,7 +193,7 @@ class PostgresAuditStore:
         # Use ``open``: the pool must be created and the schema migrated first.
         self._pool = pool
         self._dsn = dsn
-        self._label = f"postgres audit database {describe_dsn(dsn)}"
+        self._label = AUDIT_DB
         self._closed = False
         self._closer: asyncio.Task[None] | None = None
         # This writer's chain of seals (ADR 32); one write at a time extends it.
@@ -220,10 +220,9 @@ class PostgresAuditStore:
         Unless ``seal`` is false (a reader: search, verify), the store is a
         writer: it draws a writer number and writes its signed opening seal.
         """
-        label = f"postgres audit database {describe_dsn(dsn)}"
         pool = await open_pool(
             dsn,
-            label,
+            AUDIT_DB,
             pool_size=pool_size,
             command_timeout=COMMAND_TIMEOUT,
             # Plans made per statement: a cached generic plan picked while the table was
@@ -250,7 +249,7 @@ class PostgresAuditStore:
 
     @property
     def label(self) -> str:
-        """``postgres audit database postgresql://user@host:port/db`` (no password)."""
+        """What errors call it (``AUDIT_DB``: never its address)."""
         return self._label
 
     async def insert_many(self, events: Sequence[AuditEvent]) -> None:

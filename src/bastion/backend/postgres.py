@@ -48,11 +48,11 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 import asyncpg
 
 from bastion._pg import (
+    CLUSTER_DB,
     CONNECT_TIMEOUT,
     DRIVER_ERRORS,
     Migration,
     UnreachableError,
-    describe_dsn,
     map_error,
     open_pool,
     wait_event,
@@ -156,7 +156,7 @@ class PostgresBackend:
         # Use ``open``: the pool must be created and the schema migrated first.
         self._pool = pool
         self._dsn = dsn
-        self._label = f"postgres database {describe_dsn(dsn)}"
+        self._label = CLUSTER_DB
         self._clock = clock
         self._poll_interval = poll_interval
         self._event_retention = max(1, event_retention)
@@ -191,10 +191,9 @@ class PostgresBackend:
         """
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
-        label = f"postgres database {describe_dsn(dsn)}"
         pool = await open_pool(
             dsn,
-            label,
+            CLUSTER_DB,
             pool_size=pool_size,
             command_timeout=COMMAND_TIMEOUT,
             server_settings={
@@ -237,7 +236,7 @@ class PostgresBackend:
 
     @property
     def label(self) -> str:
-        """``postgres database postgresql://user@host:port/db`` (no password)."""
+        """What errors call it (``CLUSTER_DB``: never its address)."""
         return self._label
 
     # -- reads ---------------------------------------------------------------
@@ -517,7 +516,7 @@ class PostgresBackend:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise BackendError(f"{self._label}: backend is closed")
+            raise BackendError(f"{self._label} connection is closed (this node is stopping)")
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -594,7 +593,7 @@ class PostgresBackend:
 
     def _error(self, action: str, exc: BaseException) -> BastionError:
         if self._closed:
-            return BackendError(f"{self._label}: backend is closed")
+            return BackendError(f"{self._label} connection is closed (this node is stopping)")
         return map_error(self._label, self._dsn, action, exc)
 
 

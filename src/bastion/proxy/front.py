@@ -18,14 +18,13 @@ from collections.abc import Awaitable, Callable
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from bastion.answers import send_jsonrpc_error
 from bastion.audit.bound import MAX_QUOTE, clip
 from bastion.audit.refusals import Refusals
 from bastion.auth import appjwt
 from bastion.auth.server import Actor, AuthServer
 from bastion.errors import BackendError, BastionError
 from bastion.protocol import paths
-from bastion.proxy.routing import Router
+from bastion.proxy.routing import Router, no_such_app, refuse
 
 ASGI = Callable[[Scope, Receive, Send], Awaitable[None]]
 
@@ -179,14 +178,7 @@ class Front:
                     user=actor.name,
                     origin="gateway",
                 )
-            return self._refuse(
-                scope,
-                send,
-                404,
-                f"no MCP app named {clip(name, MAX_QUOTE)!r} (see `bastion mcp ls`)",
-                app=name,
-                user=actor.name,
-            )
+            return self._refuse(scope, send, 404, no_such_app(name), app=name, user=actor.name)
         return job
 
     def _refuse(
@@ -200,20 +192,18 @@ class Front:
         user: str = "",
         origin: str = "client",
     ) -> Awaitable[None]:
-        """Answer a refused MCP request with ``message`` (which quotes nothing unbounded), and audit it."""
-        if self.refusals is not None:
-            self.refusals.refused(
-                status=status,
-                reason=message,
-                remote_addr=(scope.get("client") or ("", 0))[0],
-                user=user,
-                app=app,
-                session_id=_session_id(scope),
-                http_method=scope.get("method", ""),
-                path=_raw_path(scope),
-                auth=status == 401,
-            )
-        return _error(send, status, message, origin)
+        return refuse(
+            self.refusals,
+            scope,
+            send,
+            status,
+            message,
+            app=app,
+            user=user,
+            sid=_session_id(scope),
+            origin=origin,
+            path=_raw_path(scope),
+        )
 
 
 def _raw_path(scope: Scope) -> str:
@@ -234,7 +224,3 @@ async def _reply(
     headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode()), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def _error(send: Send, status: int, message: str, origin: str) -> None:
-    await send_jsonrpc_error(send, status, message, origin)

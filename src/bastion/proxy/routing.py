@@ -3,9 +3,12 @@
 A new session (no ``Mcp-Session-Id``) goes to one of the live app services
 serving the app, in turn (round robin), skipping one whose tunnel fails
 before it answers.  A session's later requests go where the session lives:
-its id starts with that app service's route tag (``<tag>.<id>``); when that
-app service is gone the client is told to start a new session (404, as the
-spec asks).  Routing needs no shared state: any proxy the app service is
+its id starts with that app service's route tag (``<tag>.<id>``).  When no
+tunnel of that tag is up here, ``proxy/hosts.py`` says whether its app service
+is gone (the client is told to start a new session: 404, as the spec asks) or
+believed alive (the request waits briefly for its tunnel, then 503 with
+``Retry-After``: a live session is never thrown away because this proxy just
+started).  Routing needs no shared state: any proxy the app service is
 connected to can carry any request of the session.
 """
 
@@ -23,10 +26,12 @@ from starlette.types import Receive, Scope, Send
 
 from bastion.answers import send_jsonrpc_error
 from bastion.appservice.registry import AppRegistry
+from bastion.audit.bound import MAX_QUOTE, clip
 from bastion.audit.refusals import Refusals
 from bastion.auth import appjwt
 from bastion.auth.server import Actor, AuthServer
 from bastion.handoff import SCOPE_KEY, Handoff
+from bastion.proxy.hosts import HOLD, RETRY_AFTER, Fate, Hosts
 from bastion.resources import App
 from bastion.tunnel import wire
 from bastion.tunnel.http import NotStarted, forward
@@ -38,6 +43,14 @@ log = logging.getLogger("bastion.proxy")
 ASGI = Callable[[Scope, Receive, Send], Any]
 _MAX_BODY = 64 << 20
 _JWT_RENEW_BEFORE = timedelta(minutes=2)
+_SESSION_GONE = (
+    "session not found (it ended, or the app service that held it is gone): start a new one with initialize"
+)
+
+
+def no_such_app(name: str) -> str:
+    """The answer for an app that does not exist or that the caller may not see (the same)."""
+    return f"no MCP app named {clip(name, MAX_QUOTE)!r} (see `bastion mcp ls`)"
 
 
 @dataclass
@@ -58,8 +71,11 @@ class Router:
         local_tag: str,
         tunnels: TunnelServer | None,
         refusals: Refusals | None = None,
+        hosts: Hosts | None = None,
     ) -> None:
         self.auth = auth
+        #: Whether an app service without a tunnel here is gone or coming (and readiness).
+        self.hosts = hosts
         #: Where refused requests are audited (shared with the front and the local app service).
         self.refusals = refusals
         self.local = local
@@ -112,9 +128,7 @@ class Router:
         return out
 
     def _by_session(self, sid: str, name: str) -> _Target | None:
-        tag, dot, _ = sid.partition(".")
-        if not dot:
-            tag = ""
+        tag = _tag(sid)
         if tag == self.local_tag or not tag:
             if self.local_registry is not None and self.local is not None:
                 app = self.local_registry.get(name)
@@ -148,29 +162,21 @@ class Router:
         if sid:
             t = self._by_session(sid, name)
             if t is None:
+                tag = _tag(sid)
+                if self.hosts is not None and tag and tag != self.local_tag:
+                    return self._session_elsewhere(scope, receive, send, actor, name, sub, headers, sid, tag)
                 if not any(actor.checker.can_access_app(x.app) for x in self._targets(name)):
                     return None
-                why = (
-                    "session not found (it ended, or the app service that held it is gone): "
-                    "start a new one with initialize"
-                )
-                if self.refusals is not None:
-                    self.refusals.refused(
-                        status=404,
-                        reason=why,
-                        remote_addr=(scope.get("client") or ("", 0))[0],
-                        user=actor.name,
-                        app=name,
-                        session_id=sid,
-                        http_method=scope.get("method", ""),
-                    )
-                return _error(send, 404, -32001, why, "client")
+                return self._refuse(scope, send, 404, _SESSION_GONE, actor, name, sid)
             if not actor.checker.can_access_app(t.app):
                 return None
             targets = [t]
         else:
             targets = [t for t in self._targets(name) if actor.checker.can_access_app(t.app)]
             if not targets:
+                if self.hosts is not None and not self.hosts.ready:
+                    # The app services that serve it may not have connected yet.
+                    return _starting(send, self.hosts.reason)
                 return None
             if len(targets) > 1:
                 k = next(self._turn) % len(targets)
@@ -183,6 +189,65 @@ class Router:
             job: Awaitable[None] = self.local(scope, receive, send)
             return job
         return self._carry(scope, receive, send, actor, name, sub, headers, sid, targets)
+
+    async def _session_elsewhere(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        actor: Actor,
+        name: str,
+        sub: str,
+        headers: dict[bytes, bytes],
+        sid: str,
+        tag: str,
+    ) -> None:
+        """A session of an app service with no ready tunnel here (``proxy/hosts.py``): carried
+        if its tunnel comes within ``HOLD`` seconds, 503 + ``Retry-After`` while it is believed
+        alive, 404 once it is gone."""
+        assert self.hosts is not None and self.tunnels is not None
+        checker = actor.checker
+        assert checker is not None
+        fate, apps = await self.hosts.fate(tag)
+        if fate is Fate.COMING:
+            app = apps.get(name)
+            if app is not None and not checker.can_access_app(app):
+                await self._refuse(scope, send, 404, no_such_app(name), actor, name, sid)
+                return
+            if apps and app is None:
+                fate = Fate.GONE  # its last heartbeat did not serve this app: nor does it now
+            elif await self.tunnels.wait_tag(tag, HOLD) is None:
+                await _error(
+                    send,
+                    503,
+                    -32603,
+                    "the app service holding this session is believed alive but has no tunnel to "
+                    f"this proxy yet (it is reconnecting, or this proxy just started): retry in "
+                    f"{RETRY_AFTER} s",
+                    "gateway",
+                    [(b"retry-after", b"%d" % RETRY_AFTER)],
+                )
+                return
+        t = self._by_session(sid, name) if fate is not Fate.GONE else None
+        if t is None:
+            if any(checker.can_access_app(x.app) for x in self._targets(name)) or (
+                name in apps and checker.can_access_app(apps[name])
+            ):
+                await self._refuse(scope, send, 404, _SESSION_GONE, actor, name, sid)
+            else:
+                await self._refuse(scope, send, 404, no_such_app(name), actor, name, sid)
+            return
+        if not checker.can_access_app(t.app):
+            await self._refuse(scope, send, 404, no_such_app(name), actor, name, sid)
+            return
+        await self._carry(scope, receive, send, actor, name, sub, headers, sid, [t])
+
+    def _refuse(
+        self, scope: Scope, send: Send, status: int, why: str, actor: Actor, name: str, sid: str
+    ) -> Awaitable[None]:
+        return refuse(
+            self.refusals, scope, send, status, why, app=name, user=actor.name, sid=sid, code=-32001
+        )
 
     async def _carry(
         self,
@@ -312,5 +377,60 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return again
 
 
-async def _error(send: Send, status: int, code: int, message: str, origin: str) -> None:
-    await send_jsonrpc_error(send, status, message, origin, code=code)
+def refuse(
+    refusals: Refusals | None,
+    scope: Scope,
+    send: Send,
+    status: int,
+    message: str,
+    *,
+    app: str,
+    user: str = "",
+    sid: str = "",
+    origin: str = "client",
+    code: int | None = None,
+    path: str = "",
+) -> Awaitable[None]:
+    """Answer a refused MCP request with ``message`` (which quotes nothing unbounded), and audit
+    it (rate-limited per source): the front's refusals and the router's."""
+    if refusals is not None:
+        refusals.refused(
+            status=status,
+            reason=message,
+            remote_addr=(scope.get("client") or ("", 0))[0],
+            user=user,
+            app=app,
+            session_id=sid,
+            http_method=scope.get("method", ""),
+            path=path,
+            auth=status == 401,
+        )
+    return send_jsonrpc_error(send, status, message, origin, code=code)
+
+
+def _tag(sid: str) -> str:
+    """The route tag a session id starts with ("" for an id without one)."""
+    tag, dot, _ = sid.partition(".")
+    return tag if dot else ""
+
+
+async def _starting(send: Send, reason: str) -> None:
+    await _error(
+        send,
+        503,
+        -32603,
+        f"this proxy is {reason}: retry in {RETRY_AFTER} s",
+        "gateway",
+        [(b"retry-after", b"%d" % RETRY_AFTER)],
+    )
+
+
+async def _error(
+    send: Send,
+    status: int,
+    code: int,
+    message: str,
+    origin: str,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    await send_jsonrpc_error(send, status, message, origin, code=code, extra=extra or [])

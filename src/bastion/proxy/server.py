@@ -158,6 +158,7 @@ class ProxyService:
                 audit=self.audit,
                 registry=self.router,
                 tunnel_addr=self.tunnel_addr,
+                not_ready=self._not_ready,
             )
         )
         origins = frozenset({f"https://{public}", *s.allowed_origins})
@@ -184,6 +185,10 @@ class ProxyService:
         self._server = _Server(config)
         self._task = await start_uvicorn(self._server, self._sock, name="proxy-http")
         log.info("proxy listening", extra={"addr": f"https://{s.host}:{self.port}"})
+
+    def _not_ready(self) -> str:
+        hosts = self.router.hosts if self.router is not None else None
+        return hosts.reason if hosts is not None else ""
 
     def _load_cert(self, cert: Path, key: Path) -> None:
         """New handshakes use the renewed certificate; open connections keep theirs."""

@@ -133,7 +133,10 @@ def build_webapi(
     audit: Any = None,
     registry: Any = None,
     tunnel_addr: Callable[[], str] = lambda: "",
+    not_ready: Callable[[], str] = lambda: "",
 ) -> Starlette:
+    """``not_ready()``: why the proxy is not ready yet ("" when it is; ``proxy/hosts.py``)."""
+
     async def actor_of(request: Request) -> Actor:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -194,6 +197,10 @@ def build_webapi(
 
     async def readyz(request: Request) -> Response:
         await auth.backend.current_revision()
+        why = not_ready()
+        if why:
+            body = orjson.dumps({"status": "not ready", "reason": why})
+            return Response(body, 503, {"retry-after": "2"}, media_type="application/json")
         return _json({"status": "ok"})
 
     def _source(request: Request) -> str:

@@ -56,7 +56,7 @@ from bastion.resources import App, Role
 from bastion.tunnel import http as tunnel_http
 from bastion.tunnel import wire
 from bastion.tunnel.mux import Mux, Stream, StreamReset, TunnelClosed
-from bastion.tunnel.server import HEARTBEAT_EVERY, route_tag
+from bastion.tunnel.server import HEARTBEAT_EVERY, LEAVING, route_tag
 
 log = logging.getLogger("bastion.agent")
 
@@ -305,7 +305,7 @@ class Agent:
     async def aclose(self) -> None:
         self._closing = True
         for mux in list(self.conns.values()):
-            await mux.close("app service shutting down")
+            await mux.close(LEAVING)  # the proxies answer its sessions "gone" at once
         await stop_tasks(*self._tasks)
 
     def apps_changed(self) -> None:
@@ -419,12 +419,21 @@ class Agent:
         return mux
 
     async def _heartbeat_loop(self, mux: Mux) -> None:
+        """Beat every ``HEARTBEAT_EVERY`` seconds, and at once when ``apps_changed()`` is called.
+
+        Invariant (no lost wake-up): ``now`` is cleared *before* the state a beat carries is
+        read, and never after.  ``apps_changed()`` sets it, so a change made while a beat is
+        built or in flight leaves it set and the loop beats again at once with the new state.
+        Clearing it after the call dropped exactly that wake-up, and the proxy believed the
+        host served its old apps (none, just after a restart) until the next periodic beat.
+        """
         first = True
         now = asyncio.Event()
         self._beat_now.add(now)
         told: dict[str, str] = {}
         try:
             while True:
+                now.clear()  # before _heartbeat_doc() reads the registry: see the invariant
                 try:
                     reply = await self._call_on(mux, "heartbeat", self._heartbeat_doc())
                     if first:
@@ -438,7 +447,6 @@ class Agent:
                         self._dial(str(addr))
                 except BastionError as e:
                     log.warning("heartbeat failed", extra={"error": e.message})
-                now.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(now.wait(), HEARTBEAT_EVERY)
         finally:

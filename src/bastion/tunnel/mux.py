@@ -392,6 +392,7 @@ class Mux:
         self._writer_closed = False
         self._closed = False
         self._reason: str | None = None
+        self._peer_goaway: str | None = None
         self._finished_event = asyncio.Event()
         self._run_started = False
         self._read_task: asyncio.Task[None] | None = None
@@ -409,6 +410,12 @@ class Mux:
     def close_reason(self) -> str | None:
         """Why the connection closed (``None`` while open)."""
         return self._reason
+
+    @property
+    def peer_goaway(self) -> str | None:
+        """The reason the peer gave in its GOAWAY (``None`` if it sent none: the connection was
+        lost, or this end closed it)."""
+        return self._peer_goaway
 
     @property
     def open_streams(self) -> int:
@@ -556,6 +563,7 @@ class Mux:
                 off = self._process(data)
                 pending = data[off:] if off < len(data) else b""
         except _PeerGoaway as e:
+            self._peer_goaway = str(e)
             reason = f"peer closed: {e}"
         except _ProtocolError as e:
             reason = f"protocol error: {e}"

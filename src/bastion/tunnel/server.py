@@ -57,6 +57,11 @@ log = logging.getLogger("bastion.tunnel")
 #: An app service heartbeats this often; its record lives a few beats longer.
 HEARTBEAT_EVERY = 5.0
 HEARTBEAT_TTL = timedelta(seconds=20)
+#: The GOAWAY reason of an app service that is shutting down (its sessions end with it).
+LEAVING = "app service shutting down"
+#: Seconds a lost tunnel (no goodbye) has to come back before this proxy drops the host's
+#: record (when no other proxy carries it): a live host redials within about a second.
+LOST_GRACE = 5.0
 #: Users per ``policies`` call (an app service batches its users).
 _MAX_POLICY_USERS = 500
 _MAX_CARRIED_USERS = 100_000
@@ -121,6 +126,11 @@ class TunnelServer:
         self.removed = Removed()
         #: By host id: the users whose requests this proxy carried to that host.
         self._carried: dict[str, set[str]] = {}
+        #: By route tag: when (monotonic) an app service said it was leaving and has not come back.
+        self.left: dict[str, float] = {}
+        #: Set (then replaced) each time an app service's tunnel becomes ready.
+        self._arrived = asyncio.Event()
+        self._stopping = False
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.port = 0
@@ -170,6 +180,8 @@ class TunnelServer:
         log.info("tunnel listening", extra={"addr": f"{self.host}:{self.port}"})
 
     async def stop(self) -> None:
+        # The app services are not leaving: their records stay for the next proxy (or the others).
+        self._stopping = True
         if self._server is not None:
             self._server.close()
         for conn in list(self.conns.values()):
@@ -226,7 +238,21 @@ class TunnelServer:
                 if self.conns.get(host.host_id) is conn:
                     del self.conns[host.host_id]
                     self.on_change()
-                    await self._forget(host.host_id)
+                    # A host that said it is leaving is gone at once; a lost tunnel may come
+                    # back (its sessions are waited for, proxy/hosts.py), so its record is
+                    # dropped only if it has not within LOST_GRACE.  A proxy that stops drops
+                    # nothing: the hosts stay for the next one.
+                    if self._stopping:
+                        pass
+                    elif mux.peer_goaway == LEAVING:
+                        self._left(conn.tag)
+                        await self._forget(host.host_id)
+                    else:
+                        lost = asyncio.create_task(
+                            self._forget_unless_back(host.host_id), name="tunnel-lost-grace"
+                        )
+                        self._tasks.add(lost)
+                        lost.add_done_callback(self._tasks.discard)
                 log.info("app service disconnected", extra={"host_id": host.host_id, "peer": peer_s})
         except Exception:
             log.exception("tunnel connection failed", extra={"peer": peer_s})
@@ -234,6 +260,18 @@ class TunnelServer:
         finally:
             if task is not None:
                 self._tasks.discard(task)
+
+    def _left(self, tag: str) -> None:
+        now = time.monotonic()
+        ttl = HEARTBEAT_TTL.total_seconds()
+        # After its record's life, the backend tells the same (no record): forget older goodbyes.
+        self.left = {t: at for t, at in self.left.items() if now - at < ttl}
+        self.left[tag] = now
+
+    async def _forget_unless_back(self, host_id: str) -> None:
+        await asyncio.sleep(LOST_GRACE)
+        if host_id not in self.conns and not self._stopping:
+            await self._forget(host_id)
 
     async def _forget(self, host_id: str) -> None:
         """Drop the heartbeat of an app service that left, unless other proxies still carry it."""
@@ -268,10 +306,28 @@ class TunnelServer:
         return [c for c in self.conns.values() if name in c.apps and not c.mux.closed]
 
     def by_tag(self, tag: str) -> AgentConn | None:
+        """The connected app service with route tag ``tag``, once it told what it serves."""
         for c in self.conns.values():
-            if c.tag == tag and not c.mux.closed:
+            if c.tag == tag and c.ready.is_set() and not c.mux.closed:
                 return c
         return None
+
+    async def wait_tag(self, tag: str, within: float) -> AgentConn | None:
+        """``by_tag(tag)``, waiting up to ``within`` seconds for that app service to connect."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + within
+        while (conn := self.by_tag(tag)) is None:
+            left = until - loop.time()
+            if left <= 0:
+                return None
+            await self.arrival(left)
+        return conn
+
+    async def arrival(self, within: float) -> None:
+        """Return when an app service's tunnel becomes ready (its first heartbeat), or after
+        ``within`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._arrived.wait(), within)
 
     # ------------------------------------------------------------------ RPCs
 
@@ -309,6 +365,10 @@ class TunnelServer:
             conn.apps = apps
             first = not conn.ready.is_set()
             conn.ready.set()
+            if first:
+                self.left.pop(conn.tag, None)
+                self._arrived.set()
+                self._arrived = asyncio.Event()
             self.on_change()
             now = self.auth.clock.now()
             proxies = sorted({*args.get("proxies", ()), self.proxy_addr()})
