@@ -14,6 +14,7 @@ cluster locally or remotely.
 from __future__ import annotations
 
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,6 +165,26 @@ class ApiClient:
 
     async def get(self, path: str) -> Any:
         return await self.request("GET", path)
+
+    async def stream_lines(self, path: str, **kw: Any) -> AsyncIterator[bytes]:
+        """``GET path``, its body read line by line as it arrives (a JSON-lines answer)."""
+        try:
+            async with self._http.stream(
+                "GET", path, timeout=httpx.Timeout(300.0, connect=10.0), **kw
+            ) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    raise _error_from(resp)
+                async for line in resp.aiter_lines():
+                    if line:
+                        yield line.encode()
+        except httpx.ConnectError as e:
+            refused = self.trust.refused(self.proxy, e)
+            if refused is not None:
+                raise refused from None
+            raise ProxyUnreachableError(f"cannot reach the proxy at {self.proxy}: {e}") from None
+        except httpx.HTTPError as e:
+            raise ProxyUnreachableError(f"request to the proxy at {self.proxy} failed: {e}") from None
 
     async def post(self, path: str, body: Any, **kw: Any) -> Any:
         return await self.request("POST", path, json=body, **kw)
