@@ -129,13 +129,16 @@ def search(
     }
 
     async def go(admin: Admin) -> None:
-        async with _reader(admin) as reader:
-            pages: AsyncIterator[list[dict[str, Any]]] = reader.search_pages(params)
-            if fmt == "jsonl":
+        if limit == 0:  # everything: streamed page by page, in constant memory
+            async with _reader(admin) as reader:
+                pages: AsyncIterator[list[dict[str, Any]]] = reader.search_pages(params)
                 async for page in pages:
                     _write_lines(page)
-                return
-            events = [e async for page in pages for e in page]
+            return
+        events = await admin.audit_search(params)
+        if fmt == "jsonl":
+            _write_lines(events)
+            return
         if fmt != "text":
             print_data(events, fmt)
             return

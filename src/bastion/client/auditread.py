@@ -11,14 +11,14 @@ role allowing list and read on ``event``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import orjson
 
 from bastion.apiclient import ApiClient
 from bastion.audit.query import query_from_params
-from bastion.audit.store import FeedPage, iter_search
+from bastion.audit.store import AuditQuery, FeedPage, iter_search
 from bastion.errors import BastionError
 
 __all__ = ["AuditReader", "RemoteReader", "StoreReader"]
@@ -36,13 +36,33 @@ class AuditReader(Protocol):
 
 
 class StoreReader:
-    """An ``AuditReader`` over a store (``sqlite_store.AuditFiles`` or a reader ``PostgresAuditStore``)."""
+    """An ``AuditReader`` over a store (``sqlite_store.AuditFiles`` or a reader ``PostgresAuditStore``).
 
-    def __init__(self, store: Any) -> None:
+    ``pending(query)``: events matching ``query`` that are not in the store yet (local
+    administration's outbox while no service runs); a few, so they are read whole and put at
+    the newest end (they were made after what the store holds), never twice.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        pending: Callable[[AuditQuery], Awaitable[list[dict[str, Any]]]] | None = None,
+    ) -> None:
         self.store = store
+        self.pending = pending
 
-    def search_pages(self, params: dict[str, str]) -> AsyncIterator[list[dict[str, Any]]]:
-        return iter_search(self.store, query_from_params(params))
+    async def search_pages(self, params: dict[str, str]) -> AsyncIterator[list[dict[str, Any]]]:
+        query = query_from_params(params)
+        waiting = await self.pending(query) if self.pending is not None else []
+        desc = query.order == "desc"
+        waiting.sort(key=lambda e: str(e.get("time", "")), reverse=desc)
+        if waiting and desc:
+            yield waiting
+        ids = {e["id"] for e in waiting}
+        async for page in iter_search(self.store, query):
+            yield [e for e in page if e["id"] not in ids] if ids else page
+        if waiting and not desc:
+            yield waiting
 
     async def feed(self, cursor: str, limit: int, hold_ms: int) -> FeedPage:
         page: FeedPage = await self.store.feed(cursor, limit, hold_ms * 1000)

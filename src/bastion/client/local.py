@@ -24,6 +24,7 @@ from bastion.config import load_config
 from bastion.errors import NotFoundError
 
 if TYPE_CHECKING:
+    from bastion.audit.store import AuditQuery
     from bastion.client.auditread import StoreReader
 
 __all__ = ["PROXY_ADDR_KEY", "LocalAdmin", "settings_from"]
@@ -180,17 +181,21 @@ class LocalAdmin:
         """The audit log read-only (streaming search, feed): the data dir's files or PostgreSQL."""
         from bastion.client.auditread import StoreReader
 
+        async def waiting(query: AuditQuery) -> list[dict[str, Any]]:
+            # Events of local administration not moved into the log yet (no service running).
+            return [e.to_dict() for e in await outbox.pending(self.backend) if matches(query, e)]
+
         if not self.dsn:
             from bastion.audit.sqlite_store import AuditFiles
 
             # Read-only: the cluster may be running and writing this audit log.
-            yield StoreReader(AuditFiles(self.data_dir))
+            yield StoreReader(AuditFiles(self.data_dir), waiting)
             return
         from bastion.audit.pg_store import PostgresAuditStore
 
         store = await PostgresAuditStore.open(self.dsn, seal=False)
         try:
-            yield StoreReader(store)
+            yield StoreReader(store, waiting)
         finally:
             await store.close()
 

@@ -6,7 +6,9 @@ The SQLite feed reads the index, so those tests index (``flush``) before reading
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -99,9 +101,18 @@ async def test_limit_zero_is_everything_streamed_in_pages(store: Any) -> None:
 # ------------------------------------------------------------------ the feed
 
 
-async def feed_ids(store: Any, cursor: str, hold_us: int = 0) -> tuple[list[str], str]:
-    page = await store.feed(cursor, 1000, hold_us)
-    return [e["id"] for e in page.events], page.cursor
+async def feed_ids(store: Any, cursor: str, hold_us: int = 0, *, at_least: int = 0) -> tuple[list[str], str]:
+    """A feed page's ids, read again until it holds ``at_least`` events (deadline 30 s).
+
+    On PostgreSQL the feed stops below the oldest transaction running on the whole server:
+    another client's open transaction (other tests) holds it back for a while.
+    """
+    deadline = time.monotonic() + 30
+    while True:
+        page = await store.feed(cursor, 1000, hold_us)
+        if len(page.events) >= at_least or time.monotonic() > deadline:
+            return [e["id"] for e in page.events], page.cursor
+        await asyncio.sleep(0.05)  # polling a condition, bounded by the deadline
 
 
 async def test_the_feed_is_in_commit_order_not_event_time(store: Any) -> None:
@@ -111,24 +122,25 @@ async def test_the_feed_is_in_commit_order_not_event_time(store: Any) -> None:
     await store.insert_many([first])
     await store.insert_many([late])
     await indexed(store)
-    got, cursor = await feed_ids(store, "")
+    got, cursor = await feed_ids(store, "", at_least=2)
     assert got == [first.id, late.id]
     assert await feed_ids(store, cursor) == ([], cursor)
     # The same position again reads nothing twice.
     third = make_event(time=now - timedelta(hours=2))
     await store.insert_many([third])
     await indexed(store)
-    assert (await feed_ids(store, cursor))[0] == [third.id]
+    assert (await feed_ids(store, cursor, at_least=1))[0] == [third.id]
 
 
 async def test_a_late_outcome_moves_its_event_to_the_end(store: Any) -> None:
     a, b = make_event(), make_event()
     await store.insert_many([a, b])
     await indexed(store)
-    got, cursor = await feed_ids(store, "")
+    got, cursor = await feed_ids(store, "", at_least=2)
     assert got == [a.id, b.id]
     await store.complete_many([Completion(a.id, False, "upstream failed", 12.5)])
     await indexed(store)
+    assert (await feed_ids(store, cursor, at_least=1))[0] == [a.id]
     page = await store.feed(cursor, 1000, 0)
     assert [(e["id"], e["success"], e["error"], e["duration_ms"]) for e in page.events] == [
         (a.id, False, "upstream failed", 12.5)
@@ -144,23 +156,24 @@ async def test_a_recent_call_waits_for_its_outcome(store: Any) -> None:
     await store.insert_many([waiting, after])
     await indexed(store)
     hold = 60_000_000
-    got, cursor = await feed_ids(store, "", hold)
+    got, cursor = await feed_ids(store, "", hold, at_least=1)
     assert got == [done.id]  # stops before the call still waiting
     await store.complete_many([Completion(waiting.id, True, "", 2.0)])
     await indexed(store)
-    got, cursor = await feed_ids(store, cursor, hold)
+    got, cursor = await feed_ids(store, cursor, hold, at_least=2)
     assert got == [after.id, waiting.id]
     # Old enough, a waiting call is read as it is (and again when completed).
     stale = make_event(time=now - timedelta(minutes=5))
     await store.insert_many([stale])
     await indexed(store)
-    assert (await feed_ids(store, cursor, hold))[0] == [stale.id]
+    assert (await feed_ids(store, cursor, hold, at_least=1))[0] == [stale.id]
 
 
 async def test_feed_start_gives_the_last_n(store: Any) -> None:
     events = [make_event() for _ in range(5)]
     await store.insert_many(events)
     await indexed(store)
+    await feed_ids(store, "", at_least=5)  # all of them in the feed
     assert (await feed_ids(store, await store.feed_start(2)))[0] == [e.id for e in events[3:]]
     assert (await feed_ids(store, await store.feed_start(0)))[0] == []
     assert (await feed_ids(store, await store.feed_start(50)))[0] == [e.id for e in events]
@@ -196,7 +209,7 @@ async def test_postgres_feed_never_passes_a_transaction_still_running() -> None:
             await store.insert_many([quick])  # committed while the first is not
             assert (await feed_ids(store, cursor))[0] == []
             await tr.commit()
-            got, cursor = await feed_ids(store, cursor)
+            got, cursor = await feed_ids(store, cursor, at_least=2)
             assert got == [slow.id, quick.id]
         finally:
             await conn.close()
