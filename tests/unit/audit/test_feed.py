@@ -255,3 +255,23 @@ async def test_a_version_2_sqlite_log_keeps_working(tmp_path: Path) -> None:
     assert [e["id"] for e in (await files.feed("", 10)).events] == [old[0].id, new.id, old[1].id]
     lines = [orjson.dumps(e) for e in await files.search(AuditQuery(tool="add"))]
     assert len(lines) == 1 and orjson.loads(lines[0])["id"] == old[1].id
+
+
+@pytest.mark.postgres
+async def test_postgres_export_lease_is_held_by_one_store_and_keeps_the_cursor() -> None:
+    async with fresh_database() as dsn:
+        a, b = await PostgresAuditStore.open(dsn), await PostgresAuditStore.open(dsn)
+        try:
+            async with a.export_lease("http") as held:
+                assert held is not None
+                assert await held.load() == ""
+                await held.save("12:0:7")
+                async with b.export_lease("http") as other:
+                    assert other is None  # another proxy stands by
+                async with b.export_lease("file") as other_sink:
+                    assert other_sink is not None  # one lease per sink
+            async with b.export_lease("http") as taken_over:
+                assert taken_over is not None and await taken_over.load() == "12:0:7"
+        finally:
+            await a.close()
+            await b.close()
