@@ -13,7 +13,9 @@ cluster locally or remotely.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,15 +149,8 @@ class ApiClient:
         await self._http.aclose()
 
     async def request(self, method: str, path: str, **kw: Any) -> Any:
-        try:
+        with self._transport_errors():
             resp = await self._http.request(method, path, **kw)
-        except httpx.ConnectError as e:
-            refused = self.trust.refused(self.proxy, e)
-            if refused is not None:
-                raise refused from None
-            raise ProxyUnreachableError(f"cannot reach the proxy at {self.proxy}: {e}") from None
-        except httpx.HTTPError as e:
-            raise ProxyUnreachableError(f"request to the proxy at {self.proxy} failed: {e}") from None
         if resp.status_code >= 400:
             raise _error_from(resp)
         if resp.headers.get("content-type", "").startswith("application/json"):
@@ -164,6 +159,31 @@ class ApiClient:
 
     async def get(self, path: str) -> Any:
         return await self.request("GET", path)
+
+    async def stream_lines(self, path: str, **kw: Any) -> AsyncIterator[bytes]:
+        """``GET path``, its body read line by line as it arrives (a JSON-lines answer)."""
+        timeout = httpx.Timeout(300.0, connect=10.0)
+        with self._transport_errors():
+            async with self._http.stream("GET", path, timeout=timeout, **kw) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    raise _error_from(resp)
+                async for line in resp.aiter_lines():
+                    if line:
+                        yield line.encode()
+
+    @contextlib.contextmanager
+    def _transport_errors(self) -> Iterator[None]:
+        """httpx's errors as ours: an untrusted proxy, or an unreachable one."""
+        try:
+            yield
+        except httpx.ConnectError as e:
+            refused = self.trust.refused(self.proxy, e)
+            if refused is not None:
+                raise refused from None
+            raise ProxyUnreachableError(f"cannot reach the proxy at {self.proxy}: {e}") from None
+        except httpx.HTTPError as e:
+            raise ProxyUnreachableError(f"request to the proxy at {self.proxy} failed: {e}") from None
 
     async def post(self, path: str, body: Any, **kw: Any) -> Any:
         return await self.request("POST", path, json=body, **kw)

@@ -775,11 +775,54 @@ class AppService(_Model):
         return self
 
 
+class AuditExportFile(_Model):
+    """``audit.export.file``: every event as a JSON line appended to ``path``, rotated by size."""
+
+    path: AbsPath
+    #: The file is rotated (``path.1``, ``path.2``...) once it is this big.
+    max_bytes: int = Field(default=100 << 20, ge=4096)
+    #: Rotated files kept (the oldest is removed).
+    keep: int = Field(default=5, ge=1, le=1000)
+
+
+class AuditExportHttp(_Model):
+    """``audit.export.http``: batches of events POSTed to a webhook, retried with backoff."""
+
+    url: str
+    #: ``jsonl``: one event per line (application/x-ndjson); ``json``: a JSON array.
+    format: Literal["jsonl", "json"] = "jsonl"
+    #: Sent with every request (e.g. an ``Authorization`` the receiver checks).
+    headers: dict[str, str] = Field(default_factory=dict)
+    #: How long one POST may take before it counts as failed (and is retried).
+    timeout: Duration = timedelta(seconds=10)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+
+class AuditExport(_Model):
+    """``audit.export``: where every audit event goes, in commit order, at least once (decision 0035)."""
+
+    file: AuditExportFile | None = None
+    http: AuditExportHttp | None = None
+    #: Events sent at a time, at most.
+    batch: int = Field(default=500, ge=1, le=2000)
+    #: A forwarded call is held back this long for its outcome (then sent, and sent again
+    #: with its outcome when it comes: decision 0034).
+    hold: Duration = timedelta(seconds=2)
+
+
 class AuditSection(_Model):
-    """``audit:``: how long the audit log keeps events (decision 0032)."""
+    """``audit:``: how long the audit log keeps events (decision 0032), and where it is exported."""
 
     #: Events older than this are pruned in the background; unset: kept forever.
     retention: Duration | None = None
+    #: Unset: no export.
+    export: AuditExport | None = None
 
 
 # ------------------------------------------------------------------ Config

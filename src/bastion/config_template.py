@@ -268,6 +268,22 @@ def render_starter(
         ]
     else:
         out += ["  enabled: false"]
+    if not agent:
+        out += [
+            "",
+            "# The audit log (kept where the auth service runs).",
+            "# audit:",
+            "#   retention: 90d        # prune older events; unset: keep everything",
+            "#   export:               # every event, in commit order, at least once",
+            "#     file:",
+            '#       path: "/var/log/bastion/audit.jsonl"',
+            "#       max_bytes: 104857600   # then rotated to .1, .2...",
+            "#       keep: 5",
+            "#     http:                # a webhook: batches POSTed, retried with backoff",
+            '#       url: "https://siem.example.com/ingest"',
+            "#       format: jsonl        # or json (an array)",
+            '#       headers: {"Authorization": "Bearer ..."}',
+        ]
     text = "\n".join(out) + "\n"
 
     docs = load_documents(text, source="starter configuration")

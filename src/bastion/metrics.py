@@ -43,6 +43,9 @@ from prometheus_client import (
 )
 
 __all__ = [
+    "AUDIT_EXPORTED",
+    "AUDIT_EXPORT_BACKLOG",
+    "AUDIT_EXPORT_FAILURES",
     "AUDIT_QUEUE_DEPTH",
     "BACKEND_ERRORS",
     "DENIALS",
@@ -113,6 +116,25 @@ UPSTREAM_ERRORS: Final = Counter(
 AUDIT_QUEUE_DEPTH: Final = Gauge(
     "bastion_audit_queue_depth",
     "Audit items queued and not yet taken by the writer.",
+    registry=REGISTRY,
+)
+AUDIT_EXPORT_BACKLOG: Final = Gauge(
+    "bastion_audit_export_backlog",
+    "Audit events committed and not yet exported, per sink (file, http); 0 where this "
+    "process does not export (another one holds the lease).",
+    ["sink"],
+    registry=REGISTRY,
+)
+AUDIT_EXPORTED: Final = Counter(
+    "bastion_audit_exported",
+    "Audit events exported, per sink (an event may be sent again after a restart or with its outcome).",
+    ["sink"],
+    registry=REGISTRY,
+)
+AUDIT_EXPORT_FAILURES: Final = Counter(
+    "bastion_audit_export_failures",
+    "Failed attempts to export a batch of audit events, per sink (each is retried).",
+    ["sink"],
     registry=REGISTRY,
 )
 BACKEND_ERRORS: Final = Counter(

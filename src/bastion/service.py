@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import signal
 import socket
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from bastion import __version__, metrics
 from bastion._tasks import stop_tasks
@@ -30,6 +31,7 @@ from bastion.appservice.registry import AppRegistry
 from bastion.appservice.revocation import Access, AccessWatch
 from bastion.audit.chain import Signer, signer_of
 from bastion.audit.emitter import AuditLog
+from bastion.audit.export import Exporter, FileSink, HttpSink, Lease, Sink, Source, file_lease
 from bastion.audit.redact import DEFAULT_SECRET_KEYS, Redactor
 from bastion.audit.refusals import Refusals
 from bastion.audit.sqlite_store import SQLiteAuditStore
@@ -387,6 +389,11 @@ class Cluster:
             cluster._tasks.append(
                 asyncio.create_task(cluster._audit_retention(cfg.audit.retention), name="audit-retention")
             )
+        if cfg.audit.export is not None and store is not None:
+            for exporter in _audit_exporters(cfg, store):
+                cluster._tasks.append(
+                    asyncio.create_task(exporter.run(), name=f"audit-export-{exporter.sink.name}")
+                )
         if apps is not None:
             cluster._tasks.append(asyncio.create_task(cluster._local_heartbeat(), name="app-heartbeat"))
         if proxy is not None:
@@ -597,6 +604,32 @@ async def _open_audit_store(cfg: Config, signer: Signer) -> AuditStore:
         store.start()
         return store
     return await SQLiteAuditStore.open(cfg.bastion.data_dir, signer=signer)
+
+
+def _audit_exporters(cfg: Config, store: AuditStore) -> list[Exporter]:
+    """One exporter per sink of ``audit.export`` (decision 0035), reading ``store``'s feed."""
+    export = cfg.audit.export
+    assert export is not None
+    sinks: list[Sink] = []
+    if export.file is not None:
+        sinks.append(FileSink(export.file.path, max_bytes=export.file.max_bytes, keep=export.file.keep))
+    if export.http is not None:
+        h = export.http
+        sinks.append(HttpSink(h.url, fmt=h.format, headers=h.headers, timeout=h.timeout.total_seconds()))
+    source = cast(Source, store)
+    shared = cfg.auth_service.backend.type == "postgres"
+    out = []
+    for sink in sinks:
+        # PostgreSQL: one proxy of the cluster at a time, its cursor in the database.
+        lease: Lease = (
+            functools.partial(cast(Any, store).export_lease, sink.name)
+            if shared
+            else file_lease(cfg.bastion.data_dir / "audit-export" / f"{sink.name}.cursor")
+        )
+        out.append(
+            Exporter(source, sink, lease, batch=export.batch, hold_us=int(export.hold.total_seconds() * 1e6))
+        )
+    return out
 
 
 def _tunnel_public(cfg: Config, host: str, port: int) -> str:

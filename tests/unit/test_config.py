@@ -845,3 +845,33 @@ class TestErrors:
     def test_validate_config_direct(self) -> None:
         with pytest.raises(ConfigError, match=r"^app_service\.apps\[0\]\.uri: unknown scheme"):
             validate_config({"version": "v1", "app_service": {"apps": [{"name": "a", "uri": "x://"}]}})
+
+
+def test_audit_export(write: WriteConfig) -> None:
+    cfg = load_config(
+        write(
+            """\
+            version: v1
+            audit:
+              export:
+                file: {path: /var/log/bastion/audit.jsonl, keep: 3}
+                http: {url: "https://siem.example.com/in", format: json, headers: {Authorization: "Bearer x"}}
+                hold: 5s
+            """
+        )
+    )
+    export = cfg.audit.export
+    assert export is not None and export.file is not None and export.http is not None
+    assert (export.file.path, export.file.keep, export.file.max_bytes) == (
+        Path("/var/log/bastion/audit.jsonl"),
+        3,
+        100 << 20,
+    )
+    assert (export.http.format, export.http.headers, export.hold) == (
+        "json",
+        {"Authorization": "Bearer x"},
+        timedelta(seconds=5),
+    )
+    assert load_config(write("version: v1\n")).audit.export is None
+    e = config_error(write, "version: v1\naudit:\n  export:\n    http: {url: 'ftp://x'}\n")
+    assert "audit.export.http.url" in str(e) and "http:// or https://" in str(e)

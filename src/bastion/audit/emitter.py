@@ -49,13 +49,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, Final
 
 from bastion.audit.chain import Checker, VerifyReport
 from bastion.audit.events import AuditEvent
-from bastion.audit.store import AuditQuery, AuditStore, Completion
+from bastion.audit.store import AuditQuery, AuditStore, Completion, FeedPage, iter_search
 from bastion.errors import BackendError
 
 __all__ = ["AuditLog"]
@@ -143,6 +143,25 @@ class AuditLog:
     async def search(self, query: AuditQuery) -> list[dict[str, Any]]:
         """The store's ``search``: committed events matching ``query``, in ``query.order``."""
         return await self._store.search(query)
+
+    def search_pages(self, query: AuditQuery) -> AsyncIterator[list[dict[str, Any]]]:
+        """The store's streaming search (``store.iter_search``; decision 0035)."""
+        return iter_search(self._store, query)
+
+    async def feed(self, cursor: str, limit: int, hold_us: int = 0) -> FeedPage:
+        """The store's feed: events changed after ``cursor``, in commit order (decision 0034)."""
+        feed = getattr(self._store, "feed", None)
+        if feed is None:
+            raise BackendError("audit log unavailable: this audit store has no feed")
+        page: FeedPage = await feed(cursor, limit, hold_us)
+        return page
+
+    async def feed_start(self, last: int) -> str:
+        """The store's ``feed_start``: the cursor before the ``last`` newest changes."""
+        start = getattr(self._store, "feed_start", None)
+        if start is None:
+            raise BackendError("audit log unavailable: this audit store has no feed")
+        return str(await start(last))
 
     async def verify(self, checker: Checker | None, since: datetime | None = None) -> VerifyReport:
         """The store's ``verify`` (decision 0032): stored events checked against their seals."""

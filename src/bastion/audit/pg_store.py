@@ -44,7 +44,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 
@@ -66,17 +66,19 @@ from bastion.audit.store import (
     AuditQuery,
     AuditStore,
     Completion,
+    FeedPage,
     clean_text,
     epoch_micros,
     event_row,
     merge_outcome,
+    take_feed,
 )
-from bastion.errors import BackendError, BastionError
+from bastion.errors import BackendError, BastionError, ValidationError
 
 if TYPE_CHECKING:
     _Conn: TypeAlias = asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
 
-__all__ = ["PostgresAuditStore"]
+__all__ = ["ExportLease", "PostgresAuditStore"]
 
 log = logging.getLogger("bastion.audit")
 
@@ -89,6 +91,9 @@ SEALS: Final = "bastion_audit_seals"
 META: Final = "bastion_audit_meta"
 #: Each store instance (process) is a writer with its own chain of seals (ADR 32).
 WRITERS: Final = "bastion_audit_writers"
+#: Feed positions of completions (ADR 34), and where each exporter stands (ADR 35).
+REVS: Final = "bastion_audit_revs"
+EXPORTS: Final = "bastion_audit_exports"
 #: A seal is signed at least this often (seconds) while events come in, and this
 #: long after the last unsigned one when they stop.
 SIGN_EVERY: Final = 10.0
@@ -98,6 +103,8 @@ PRUNE_SEALS: Final = 256
 PRUNE_EVENTS: Final = 4096
 #: ``verify --since``: seals this much older are read too (events dated by other hosts' clocks).
 SINCE_SLACK_US: Final = 3600 * 1_000_000
+#: Rows per page of a streaming search, and the largest page a feed read answers.
+PAGE_ROWS: Final = 2000
 #: Seconds a statement may take before it is abandoned.
 COMMAND_TIMEOUT: Final = 30.0
 
@@ -148,6 +155,25 @@ MIGRATIONS: Final = (
             f"INSERT INTO {META} SELECT 'legacy_seq', coalesce(max(seq), 0)::text FROM {TABLE}",
         ),
     ),
+    Migration(
+        3,
+        "audit feed, tool, failures",
+        (
+            # Constant defaults: existing rows are not rewritten (they read as xid 0, rev 0:
+            # first in the feed, in seq order).  New rows take their transaction's id.
+            f"ALTER TABLE {TABLE} ADD COLUMN tool TEXT NOT NULL DEFAULT ''",
+            f"ALTER TABLE {TABLE} ADD COLUMN xid xid8 NOT NULL DEFAULT '0'",
+            f"ALTER TABLE {TABLE} ALTER COLUMN xid SET DEFAULT pg_current_xact_id()",
+            f"ALTER TABLE {TABLE} ADD COLUMN rev BIGINT NOT NULL DEFAULT 0",
+            f"CREATE SEQUENCE {REVS}",
+            f"CREATE INDEX {TABLE}_feed ON {TABLE} (xid, rev, seq)",
+            f"CREATE INDEX {TABLE}_tool ON {TABLE} (tool, time_us)",
+            f"CREATE INDEX {TABLE}_failed ON {TABLE} (time_us, seq) WHERE NOT success",
+            # Rows up to this seq were stored without the tool column.
+            f"INSERT INTO {META} SELECT 'feed_base', coalesce(max(seq), 0)::text FROM {TABLE}",
+            f"CREATE TABLE {EXPORTS} (name TEXT PRIMARY KEY, cursor TEXT NOT NULL)",
+        ),
+    ),
 )
 
 _SEAL_COLUMNS: Final = "writer, seq, time_us, kind, prev, items, payload, sig"
@@ -164,16 +190,24 @@ def _now_us() -> int:
 
 
 _INSERT: Final = (
-    f'INSERT INTO {TABLE} (id, time_us, type, "user", app, session_id, success, error, duration_ms, event)'
-    " SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],"
-    " $7::boolean[], $8::text[], $9::float8[], $10::text[])"
+    f'INSERT INTO {TABLE} (id, time_us, type, "user", app, session_id, success, error, duration_ms, event,'
+    " tool) SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],"
+    " $7::boolean[], $8::text[], $9::float8[], $10::text[], $11::text[])"
     " ON CONFLICT (id) DO NOTHING"
 )
-# The outcome goes in the columns only; search merges it into the stored JSON.
+# The outcome goes in the columns only; search merges it into the stored JSON.  The
+# row moves to this transaction's place in the feed (ADR 34): read again, completed.
 _COMPLETE: Final = (
-    f"UPDATE {TABLE} AS a SET success = u.success, error = u.error, duration_ms = u.duration_ms"
+    f"UPDATE {TABLE} AS a SET success = u.success, error = u.error, duration_ms = u.duration_ms,"
+    f" xid = pg_current_xact_id(), rev = nextval('{REVS}')"
     " FROM unnest($1::text[], $2::boolean[], $3::text[], $4::float8[])"
     " AS u (id, success, error, duration_ms) WHERE a.id = u.id"
+)
+#: The feed's rows after a position, below the oldest transaction still running (ADR 34).
+_FEED: Final = (
+    f"SELECT xid::text, rev, seq, time_us, event, success, error, duration_ms FROM {TABLE}"
+    " WHERE (xid, rev, seq) > ($1::xid8, $2, $3) AND xid < pg_snapshot_xmin(pg_current_snapshot())"
+    " ORDER BY xid, rev, seq LIMIT $4"
 )
 
 #: Columns of ``event_row``'s tuple that are TEXT columns here (NUL not allowed).
@@ -267,6 +301,8 @@ class PostgresAuditStore:
         self._check_open()
         rows = [_pg_row(event_row(e)) for e in events]
         columns = [list(c) for c in zip(*rows, strict=True)] if events else []
+        if events:
+            columns.append([_nul_free(clean_text(e.tool)) for e in events])
         # The last completion of each event (a later one wins), in one statement;
         # the seal keeps them all, in order.
         final: dict[str, tuple[bool, str, float | None]] = {}
@@ -294,10 +330,10 @@ class PostgresAuditStore:
                     return
                 if events and final:
                     async with conn.transaction():
-                        await conn.execute(_seal_cte(11) + _INSERT, *columns, *seal)
+                        await conn.execute(_seal_cte(12) + _INSERT, *columns, *seal)
                         await conn.execute(_COMPLETE, *outcomes)
                 elif events:
-                    await conn.execute(_seal_cte(11) + _INSERT, *columns, *seal)
+                    await conn.execute(_seal_cte(12) + _INSERT, *columns, *seal)
                 else:
                     await conn.execute(_seal_cte(5) + _COMPLETE, *outcomes, *seal)
 
@@ -390,6 +426,99 @@ class PostgresAuditStore:
 
         rows = await self._run("search", fetch)
         return [merge_outcome(row[0], row[1], row[2], row[3]) for row in rows]
+
+    async def search_pages(self, query: AuditQuery) -> AsyncIterator[list[dict[str, Any]]]:
+        """``search`` in pages of ``PAGE_ROWS``, read from a server-side cursor as they are
+        consumed (constant memory; one read-only transaction holds a connection meanwhile)."""
+        self._check_open()
+        sql, params = _search_sql(query)
+        try:
+            async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+                page: list[dict[str, Any]] = []
+                async for row in conn.cursor(sql, *params, prefetch=PAGE_ROWS):
+                    page.append(merge_outcome(row[0], row[1], row[2], row[3]))
+                    if len(page) >= PAGE_ROWS:
+                        yield page
+                        page = []
+                if page:
+                    yield page
+        except DRIVER_ERRORS as exc:
+            raise self._error("search", exc) from None
+
+    # -- the feed (ADR 34) and exporters (ADR 35) ------------------------------
+
+    async def feed(self, cursor: str, limit: int, hold_us: int = 0) -> FeedPage:
+        """Events changed after ``cursor`` in commit order: ordered by (transaction id, rev, seq),
+        and only below the oldest transaction still running, so nothing can commit behind it."""
+        xid, rev, seq = _position(cursor)
+
+        async def fetch(conn: _Conn) -> list[asyncpg.Record]:
+            return await conn.fetch(_FEED, xid, rev, seq, max(1, min(limit, PAGE_ROWS)))
+
+        self._check_open()
+        rows = await self._run("read the feed", fetch)
+        found = [(f"{r[0]}:{r[1]}:{r[2]}", int(r[3]), merge_outcome(r[4], r[5], r[6], r[7])) for r in rows]
+        return take_feed(found, cursor, hold_us, _now_us())
+
+    async def feed_start(self, last: int) -> str:
+        """The cursor after which the ``last`` newest changes come (``0``: the feed's end)."""
+        self._check_open()
+
+        async def fetch(conn: _Conn) -> asyncpg.Record | None:
+            return await conn.fetchrow(
+                f"SELECT xid::text, rev, seq FROM {TABLE} WHERE xid < pg_snapshot_xmin(pg_current_snapshot())"
+                " ORDER BY xid DESC, rev DESC, seq DESC OFFSET $1 LIMIT 1",
+                max(0, last),
+            )
+
+        row = await self._run("read the feed", fetch)
+        return "" if row is None else f"{row[0]}:{row[1]}:{row[2]}"
+
+    async def feed_backlog(self, cursor: str) -> int:
+        """How many events the feed holds after ``cursor``."""
+        self._check_open()
+        xid, rev, seq = _position(cursor)
+
+        async def fetch(conn: _Conn) -> int:
+            return int(
+                await conn.fetchval(
+                    f"SELECT count(*) FROM {TABLE} WHERE (xid, rev, seq) > ($1::xid8, $2, $3)", xid, rev, seq
+                )
+            )
+
+        return await self._run("read the feed", fetch)
+
+    @contextlib.asynccontextmanager
+    async def export_lease(self, name: str) -> AsyncIterator[ExportLease | None]:
+        """Exporter ``name``'s lease: one process of the cluster at a time (ADR 35).
+
+        Yields ``None`` when another process holds it, else an ``ExportLease``
+        whose cursor lives in the database; the lease (a session advisory lock
+        on a connection of the pool) ends with the block, or with the
+        connection (the database restarted: ``save`` then fails).
+        """
+        self._check_open()
+        try:
+            conn = await self._pool.acquire()
+        except DRIVER_ERRORS as exc:
+            raise self._error("take the export lease", exc) from None
+        try:
+            key = f"{EXPORTS}.{name}"
+            try:
+                held = bool(await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key))
+            except DRIVER_ERRORS as exc:
+                raise self._error("take the export lease", exc) from None
+            if not held:
+                yield None
+                return
+            try:
+                yield ExportLease(conn, name, self._error)
+            finally:
+                with contextlib.suppress(*DRIVER_ERRORS, asyncpg.InterfaceError):
+                    await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+        finally:
+            with contextlib.suppress(*DRIVER_ERRORS, asyncpg.InterfaceError):
+                await self._pool.release(conn)
 
     async def prune(self, before: datetime) -> None:
         """Retention: remove what was sealed before ``before``, leaving a signed prune seal (ADR 32).
@@ -583,6 +712,43 @@ class PostgresAuditStore:
         return map_error(self._label, self._dsn, action, exc)
 
 
+class ExportLease:
+    """An exporter's cursor in the database, read and written on the connection holding its lock."""
+
+    def __init__(self, conn: _Conn, name: str, error: Callable[[str, BaseException], BastionError]) -> None:
+        self._conn = conn
+        self._name = name
+        self._error = error
+
+    async def load(self) -> str:
+        try:
+            value = await self._conn.fetchval(f"SELECT cursor FROM {EXPORTS} WHERE name = $1", self._name)
+        except DRIVER_ERRORS as exc:
+            raise self._error("read the export cursor", exc) from None
+        return str(value or "")
+
+    async def save(self, cursor: str) -> None:
+        try:
+            await self._conn.execute(
+                f"INSERT INTO {EXPORTS} (name, cursor) VALUES ($1, $2)"
+                " ON CONFLICT (name) DO UPDATE SET cursor = excluded.cursor",
+                self._name,
+                cursor,
+            )
+        except DRIVER_ERRORS as exc:
+            raise self._error("save the export cursor", exc) from None
+
+
+def _position(cursor: str) -> tuple[int, int, int]:
+    """A feed cursor ``"xid:rev:seq"`` ("": the beginning)."""
+    if not cursor:
+        return 0, 0, 0
+    parts = cursor.split(":")
+    if len(parts) != 3 or not all(p.isdigit() and len(p) <= 20 for p in parts):
+        raise ValidationError(f'bad audit feed cursor "{cursor[:60]}" (expected one from this store)')
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
 def _nul_free(text: str) -> str:
     return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
@@ -615,11 +781,20 @@ def _search_sql(query: AuditQuery) -> tuple[str, list[Any]]:
     for column, value in (('"user"', query.user), ("app", query.app), ("session_id", query.session_id)):
         if value:
             where.append(f"{column} = {param(_nul_free(clean_text(value)))}")
+    if query.tool:
+        tool = param(_nul_free(clean_text(query.tool)))
+        # Rows stored before the tool column (migration 3) have their tool in the document only.
+        base = f"(SELECT value::bigint FROM {META} WHERE key = 'feed_base')"
+        where.append(f"(tool = {tool} OR (seq <= {base} AND tool = '' AND event::json ->> 'tool' = {tool}))")
+    if query.outcome is not None:
+        where.append("success" if query.outcome == "success" else "NOT success")
     sql = f"SELECT event, success, error, duration_ms FROM {TABLE}"
     if where:
         sql += " WHERE " + " AND ".join(where)
     direction = " DESC" if query.order == "desc" else ""
-    sql += f" ORDER BY time_us{direction}, seq{direction} LIMIT {param(query.limit)}"
+    sql += f" ORDER BY time_us{direction}, seq{direction}"
+    if query.limit:
+        sql += f" LIMIT {param(query.limit)}"
     return sql, params
 
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from bastion._time import parse_duration
 from bastion.audit.events import EVENT_TYPES, AuditEvent
-from bastion.audit.store import ORDERS, AuditQuery
+from bastion.audit.store import ORDERS, OUTCOMES, AuditQuery
 from bastion.errors import ValidationError
 
 
@@ -33,13 +33,16 @@ def query_from_params(params: Mapping[str, str]) -> AuditQuery:
     types = tuple(t for t in (params.get("type") or "").split(",") if t)
     for t in types:
         if t not in EVENT_TYPES:
-            raise ValidationError(f'unknown event type "{t}" (known: {", ".join(EVENT_TYPES)})')
+            raise ValidationError(f'unknown event type "{t[:80]}" (known: {", ".join(EVENT_TYPES)})')
     order = params.get("order") or "desc"
     if order not in ORDERS:
-        raise ValidationError(f'order must be asc or desc, not "{order}"')
+        raise ValidationError(f'order must be asc or desc, not "{order[:40]}"')
     limit_text = params.get("limit") or "1000"
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100_000:
-        raise ValidationError("limit must be a number from 1 to 100000")
+    if not limit_text.isdigit() or len(limit_text) > 12:
+        raise ValidationError("limit must be a whole number (0: no limit)")
+    outcome = params.get("outcome") or None
+    if outcome is not None and outcome not in OUTCOMES:
+        raise ValidationError(f'outcome must be success or failure, not "{outcome[:40]}"')
     return AuditQuery(
         since=parse_when(params["since"]) if params.get("since") else None,
         until=parse_when(params["until"]) if params.get("until") else None,
@@ -47,6 +50,8 @@ def query_from_params(params: Mapping[str, str]) -> AuditQuery:
         user=params.get("user") or None,
         app=params.get("app") or None,
         session_id=params.get("session") or None,
+        tool=params.get("tool") or None,
+        outcome=outcome,
         limit=int(limit_text),
         order=order,
     )
@@ -61,4 +66,6 @@ def matches(query: AuditQuery, event: AuditEvent) -> bool:
         and (query.user is None or event.user == query.user)
         and (query.app is None or event.app == query.app)
         and (query.session_id is None or event.session_id == query.session_id)
+        and (query.tool is None or event.tool == query.tool)
+        and (query.outcome is None or bool(event.success) == (query.outcome == "success"))
     )

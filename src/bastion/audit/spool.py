@@ -14,6 +14,11 @@ and completions set the outcome of an id, so replaying a batch that the
 primary had in fact committed (the answer was lost) changes nothing.
 Nothing is lost: a batch leaves the spool only after the primary's commit.
 Order holds: while anything is spooled, new writes queue behind it.
+
+Draining is batched (decision 0035): up to ``DRAIN_ITEMS`` spooled events and
+outcomes go to the primary in one transaction (its inserts, then its outcomes:
+an outcome is always spooled after its event, so it is never written before
+it), so the backlog of an outage drains many times faster than calls arrive.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,12 +38,14 @@ from bastion._tasks import stop_tasks
 from bastion.audit import codec
 from bastion.audit.chain import Checker, VerifyReport
 from bastion.audit.events import AuditEvent
-from bastion.audit.store import AuditQuery, AuditStore, Completion
+from bastion.audit.store import AuditQuery, AuditStore, Completion, FeedPage, iter_search
 from bastion.errors import BackendError
 
 log = logging.getLogger("bastion.audit.spool")
 
 _INSERT, _COMPLETE = "insert", "complete"
+#: Spooled events and outcomes replayed to the primary in one transaction, at most.
+DRAIN_ITEMS = 4096
 _SCHEMA = "CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, body BLOB NOT NULL)"
 
 
@@ -106,6 +113,31 @@ class SpoolingAuditStore:
 
     async def search(self, query: AuditQuery) -> list[dict[str, Any]]:
         return await self.primary.search(query)
+
+    def search_pages(self, query: AuditQuery) -> AsyncIterator[list[dict[str, Any]]]:
+        """The primary's streaming search (what is spooled is found once drained)."""
+        return iter_search(self.primary, query)
+
+    async def feed(self, cursor: str, limit: int, hold_us: int = 0) -> FeedPage:
+        """The primary's feed (decision 0034): spooled events enter it when they are drained."""
+        page: FeedPage = await self._primary_method("feed")(cursor, limit, hold_us)
+        return page
+
+    async def feed_start(self, last: int) -> str:
+        return str(await self._primary_method("feed_start")(last))
+
+    async def feed_backlog(self, cursor: str) -> int:
+        return int(await self._primary_method("feed_backlog")(cursor))
+
+    def export_lease(self, name: str) -> Any:
+        """The primary's exporter lease (decision 0035)."""
+        return self._primary_method("export_lease")(name)
+
+    def _primary_method(self, name: str) -> Any:
+        method = getattr(self.primary, name, None)
+        if method is None:
+            raise BackendError(f"this audit store has no {name.replace('_', ' ')}")
+        return method
 
     async def verify(self, checker: Checker | None, since: datetime | None = None) -> VerifyReport:
         """The primary's ``verify``: what is spooled is not sealed yet (it is when replayed)."""
@@ -183,23 +215,35 @@ class SpoolingAuditStore:
     async def _drain(self) -> None:
         delay = self._retry[0]
         while True:
-            row = self._db.execute("SELECT seq, kind, body FROM spool ORDER BY seq LIMIT 1").fetchone()
-            if row is None:
+            last, events, updates = self._next_batches()
+            if last is None:
                 self._pending = 0
                 log.info("audit spool drained: writing to the database again")
                 return
-            seq, kind, body = row
-            wire = orjson.loads(body)
             try:
                 async with asyncio.timeout(self.write_timeout * 3):
-                    if kind == _INSERT:
-                        await self.primary.insert_many([codec.event_from_wire(d) for d in wire])
-                    else:
-                        await self.primary.complete_many([codec.completion_from_wire(d) for d in wire])
+                    await self._to_primary(events, updates)
             except (BackendError, TimeoutError, OSError):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._retry[1])
                 continue
             delay = self._retry[0]
-            self._db.execute("DELETE FROM spool WHERE seq = ?", (seq,))
-            self._pending = max(0, self._pending - 1)
+            n = self._db.execute("DELETE FROM spool WHERE seq <= ?", (last,)).rowcount
+            self._pending = max(0, self._pending - n)
+
+    def _next_batches(self) -> tuple[int | None, list[AuditEvent], list[Completion]]:
+        """The oldest spooled batches, up to ``DRAIN_ITEMS`` items (at least one batch):
+        the last seq read, their events and their outcomes, in order."""
+        last: int | None = None
+        events: list[AuditEvent] = []
+        updates: list[Completion] = []
+        for seq, kind, body in self._db.execute("SELECT seq, kind, body FROM spool ORDER BY seq LIMIT 512"):
+            wire = orjson.loads(body)
+            if last is not None and len(events) + len(updates) + len(wire) > DRAIN_ITEMS:
+                break
+            last = seq
+            if kind == _INSERT:
+                events.extend(codec.event_from_wire(d) for d in wire)
+            else:
+                updates.extend(codec.completion_from_wire(d) for d in wire)
+        return last, events, updates

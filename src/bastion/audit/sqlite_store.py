@@ -75,14 +75,15 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import heapq
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import orjson
 
@@ -92,17 +93,31 @@ from bastion.audit.events import AuditEvent
 from bastion.audit.store import (
     AuditQuery,
     Completion,
+    FeedPage,
     apply_outcome,
     clean_text,
     epoch_micros,
     event_row,
     merge_outcome,
+    take_feed,
 )
-from bastion.errors import BackendError
+from bastion.errors import BackendError, ValidationError
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("bastion.audit")
 
-__all__ = ["AUDIT_DB_NAME", "SQLiteAuditStore", "search_files", "verify_files"]
+__all__ = [
+    "AUDIT_DB_NAME",
+    "AuditFiles",
+    "SQLiteAuditStore",
+    "feed_backlog_files",
+    "feed_files",
+    "feed_start_files",
+    "search_files",
+    "search_pages_files",
+    "verify_files",
+]
 
 AUDIT_DB_NAME: Final = "audit.db"
 JOURNAL_NAME: Final = "audit.journal"
@@ -110,7 +125,7 @@ JOURNAL_NAME: Final = "audit.journal"
 INDEXING_NAME: Final = "audit.journal.indexing"
 LOCK_NAME: Final = "audit.lock"
 #: ``PRAGMA user_version`` of the schema below; bump it with a migration.
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 #: How long a write waits for another process's write lock (the index thread
 #: and the open; reads too).
 BUSY_TIMEOUT_MS: Final = 5000
@@ -166,6 +181,21 @@ CREATE INDEX IF NOT EXISTS audit_seals_time ON audit_seals (time_us);
 CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)
 """
 
+# Version 3 (decisions 0034, 0035): the tool column (search --tool), the feed's
+# position (``rev``: the commit order of the latest change of a row; NULL for rows
+# stored before, read first in seq order), and the failures (search --outcome).
+# Adding columns rewrites nothing; the indexes are built once, at the first open.
+_SCHEMA_V3: Final = (
+    "ALTER TABLE audit_events ADD COLUMN tool TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE audit_events ADD COLUMN rev INTEGER NULL",
+    "CREATE INDEX IF NOT EXISTS audit_events_rev ON audit_events (rev)",
+    "CREATE INDEX IF NOT EXISTS audit_events_tool ON audit_events (tool, time_us)",
+    "CREATE INDEX IF NOT EXISTS audit_events_failed ON audit_events (time_us) WHERE success = 0",
+    # Rows up to this seq were stored before version 3: no rev, the tool column empty.
+    "INSERT OR REPLACE INTO audit_meta (key, value)"
+    " SELECT 'feed_base', CAST(coalesce(max(seq), 0) AS TEXT) FROM audit_events",
+)
+
 #: The one chain of an ``audit.db`` (one writer at a time: the lock): ADR 32.
 WRITER: Final = 1
 #: A seal is signed at least this often (seconds) while events come in, and this
@@ -190,16 +220,28 @@ def _now_us() -> int:
 # One row per event.  A row journaled with its outcome (the 11th parameter
 # true) sets that outcome on a stored row of the same id (a retried insert
 # whose first try was indexed); otherwise the stored row stays as it is.
+# ?12 is the tool, ?13 the row's place in the feed (ADR 34).
 _INSERT: Final = (
     "INSERT INTO audit_events"
-    " (id, time_us, type, user, app, session_id, success, error, duration_ms, event)"
-    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (id) DO UPDATE SET"
-    " success = excluded.success, error = excluded.error, duration_ms = excluded.duration_ms WHERE ?11"
+    " (id, time_us, type, user, app, session_id, success, error, duration_ms, event, tool, rev)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?12, ?13) ON CONFLICT (id) DO UPDATE SET"
+    " success = excluded.success, error = excluded.error, duration_ms = excluded.duration_ms,"
+    " rev = excluded.rev WHERE ?11"
 )
 
 # A completion sets the outcome columns only; the stored JSON stays the event
-# as recorded, and search merges the columns into it (``merge_outcome``).
-_COMPLETE: Final = "UPDATE audit_events SET success = ?, error = ?, duration_ms = ? WHERE id = ?"
+# as recorded, and search merges the columns into it (``merge_outcome``).  It
+# moves the row to the end of the feed (ADR 34): read again, with its outcome.
+_COMPLETE: Final = "UPDATE audit_events SET success = ?, error = ?, duration_ms = ?, rev = ? WHERE id = ?"
+
+
+class _Revs:
+    """The next feed position (``rev``) to hand out; moved on only by committed transactions."""
+
+    __slots__ = ("next",)
+
+    def __init__(self, next_rev: int) -> None:
+        self.next = next_rev
 
 
 class SQLiteAuditStore:
@@ -220,6 +262,7 @@ class SQLiteAuditStore:
         journal_fd: int,
         chain: Chain | None = None,
         clock: Callable[[], int] = _now_us,
+        revs: _Revs | None = None,
     ) -> None:
         # Use ``open``: the connection must be configured, migrated and the
         # journal left by a crash indexed first.
@@ -248,6 +291,7 @@ class SQLiteAuditStore:
         self._closer: asyncio.Task[None] | None = None
         # The chain of seals (ADR 32): extended by the indexer only, one run at a time.
         self._chain = chain if chain is not None else Chain(WRITER)
+        self._revs = revs if revs is not None else _next_rev(conn)
         self._clock = clock
         self._last_signed = time.monotonic()
         self._sign_timer: asyncio.TimerHandle | None = None
@@ -278,8 +322,8 @@ class SQLiteAuditStore:
         now = clock or _now_us
         # Creating files, migrating and indexing a journal touch the disk
         # (and may wait for a lock): keep them off the event loop.
-        conn, lock_fd, segment, jfd, chain = await asyncio.to_thread(_open_writer, path, signer, now)
-        return cls(conn, path, lock_fd, segment, jfd, chain, now)
+        conn, lock_fd, segment, jfd, chain, revs = await asyncio.to_thread(_open_writer, path, signer, now)
+        return cls(conn, path, lock_fd, segment, jfd, chain, now, revs)
 
     @property
     def path(self) -> Path:
@@ -304,9 +348,32 @@ class SQLiteAuditStore:
     async def search(self, query: AuditQuery) -> list[dict[str, Any]]:
         if self._closed:
             raise self._closed_error()
-        # A thread: a big search must not stall the loop; it reads the index
+        # Threads: a big search must not stall the loop; it reads the index
         # on its own read-only connection, and the journal.
-        return await asyncio.to_thread(_search, self._path, query)
+        return await search_files(self._dir, query)
+
+    async def search_pages(self, query: AuditQuery) -> AsyncIterator[list[dict[str, Any]]]:
+        """``search`` in pages read as they are consumed (decision 0035)."""
+        if self._closed:
+            raise self._closed_error()
+        async for page in search_pages_files(self._dir, query):
+            yield page
+
+    async def feed(self, cursor: str, limit: int, hold_us: int = 0) -> FeedPage:
+        """Events changed after ``cursor``, in commit order (``feed_files``; decision 0034)."""
+        if self._closed:
+            raise self._closed_error()
+        return await feed_files(self._dir, cursor, limit, hold_us)
+
+    async def feed_start(self, last: int) -> str:
+        if self._closed:
+            raise self._closed_error()
+        return await feed_start_files(self._dir, last)
+
+    async def feed_backlog(self, cursor: str) -> int:
+        if self._closed:
+            raise self._closed_error()
+        return await feed_backlog_files(self._dir, cursor)
 
     async def flush(self) -> None:
         """Index everything journaled so far into ``audit.db`` now (tests, tools).
@@ -455,9 +522,10 @@ class SQLiteAuditStore:
             ) from exc
         self._jsize += len(data)
         pending = self._rows
-        for r in rows:
+        for e, r in zip(events, rows, strict=True):
             if r[0] not in pending:  # an id already journaled: the first one stays
-                pending[r[0]] = [*r, False]
+                tool = e.tool
+                pending[r[0]] = [*r, False, tool if tool.isascii() else clean_text(tool)]
         for outcome in outcomes:
             _pend_outcome(pending, self._updates, outcome)
         if self._indexer is None:
@@ -519,6 +587,7 @@ class SQLiteAuditStore:
                         self._chain,
                         self._clock(),
                         sign,
+                        self._revs,
                     )
             except sqlite3.Error as exc:
                 raise _IndexFailed(str(exc) or type(exc).__name__) from exc
@@ -574,7 +643,9 @@ class SQLiteAuditStore:
     async def _prune_step(self, before_us: int) -> None:
         """One retention step, before indexing; its failure never keeps rows from being indexed."""
         try:
-            more = await asyncio.to_thread(_prune, self._conn, self._chain, before_us, self._clock())
+            more = await asyncio.to_thread(
+                _prune, self._conn, self._chain, before_us, self._clock(), self._revs
+            )
         except sqlite3.Error as exc:
             self._prune_error = str(exc) or type(exc).__name__
             log.warning("audit database %s: cannot prune (retried at the next run): %s", self._path, exc)
@@ -652,6 +723,7 @@ def _index_rows(
     chain: Chain | None = None,
     time_us: int = 0,
     sign: bool = False,
+    revs: _Revs | None = None,
 ) -> str:
     """One transaction: insert ``rows`` (outcomes merged), then apply ``updates``, sealed; in a worker thread.
 
@@ -667,12 +739,15 @@ def _index_rows(
         # every later transaction would fail ("within a transaction").
         cur.execute("ROLLBACK")
     seal = None if chain is None else chain.next(_seal_items(rows, updates), time_us or _now_us(), sign=sign)
+    # Feed positions (ADR 34) in the order of the journal: rows, then later outcomes.
+    first = revs.next if revs is not None else _next_rev(conn).next
     cur.execute("BEGIN IMMEDIATE")
     try:
         if rows:
-            cur.executemany(_INSERT, rows)
+            cur.executemany(_INSERT, [(*r, first + i) for i, r in enumerate(rows)])
         if updates:
-            cur.executemany(_COMPLETE, updates)
+            base = first + len(rows)
+            cur.executemany(_COMPLETE, [(s, e, d, base + i, eid) for i, (s, e, d, eid) in enumerate(updates)])
         if seal is not None:
             cur.execute(_INSERT_SEAL, seal)
         cur.execute("COMMIT")
@@ -683,6 +758,8 @@ def _index_rows(
         raise
     if chain is not None and seal is not None:
         chain.advance(seal)
+    if revs is not None:
+        revs.next = first + len(rows) + len(updates)
     if not checkpoint:
         return ""
     try:
@@ -714,7 +791,9 @@ def _write_seal(
     chain.advance(seal)
 
 
-def _prune(conn: sqlite3.Connection, chain: Chain, before_us: int, now_us: int) -> bool:
+def _prune(
+    conn: sqlite3.Connection, chain: Chain, before_us: int, now_us: int, revs: _Revs | None = None
+) -> bool:
     """Retention, one step: remove up to ``PRUNE_SEALS`` seals older than ``before_us`` and
     the events they sealed, and seal where the chains now start (a signed prune seal).
 
@@ -778,6 +857,11 @@ def _prune(conn: sqlite3.Connection, chain: Chain, before_us: int, now_us: int) 
             conn.execute("DELETE FROM audit_seals WHERE writer = ? AND seq <= ?", (w, top.seq))
             anchors[w] = (top.seq, top.hash())
         conn.executemany("DELETE FROM audit_events WHERE id = ?", ids)
+        if revs is not None:
+            # Positions are never handed out twice, even when the newest rows are pruned (ADR 34).
+            conn.execute(
+                "INSERT OR REPLACE INTO audit_meta (key, value) VALUES ('rev_high', ?)", (str(revs.next - 1),)
+            )
         seal = chain.next(
             [], now_us, kind=chain_mod.PRUNE, payload=chain_mod.prune_anchors(anchors), sign=True
         )
@@ -797,6 +881,13 @@ def _meta(conn: sqlite3.Connection, key: str, default: str) -> str:
     return default if row is None else str(row[0])
 
 
+def _next_rev(conn: sqlite3.Connection) -> _Revs:
+    """The first feed position not handed out yet (ADR 34)."""
+    top = conn.execute("SELECT max(rev) FROM audit_events").fetchone()[0] or 0
+    floor = max(int(_meta(conn, "feed_base", "0")), int(_meta(conn, "rev_high", "0")))
+    return _Revs(max(int(top), floor) + 1)
+
+
 def _chain_head(conn: sqlite3.Connection, signer: Signer | None) -> Chain:
     row = conn.execute(
         f"SELECT {_SEAL_COLUMNS} FROM audit_seals WHERE writer = ? ORDER BY seq DESC LIMIT 1", (WRITER,)
@@ -812,7 +903,7 @@ def _chain_head(conn: sqlite3.Connection, signer: Signer | None) -> Chain:
 
 def _open_writer(
     path: Path, signer: Signer | None = None, clock: Callable[[], int] = _now_us
-) -> tuple[sqlite3.Connection, int, int, int, Chain]:
+) -> tuple[sqlite3.Connection, int, int, int, Chain, _Revs]:
     """Create/open the files, take the writer's lock, migrate, index a journal left behind.
 
     Returns the connection, the lock's fd, the first journal segment number and its fd,
@@ -849,7 +940,8 @@ def _open_writer(
         try:
             _configure(conn, path)
             chain = _chain_head(conn, signer)
-            segment = _replay(conn, path, chain, clock)
+            revs = _next_rev(conn)
+            segment = _replay(conn, path, chain, clock, revs)
             _write_seal(conn, chain, [], clock(), chain_mod.OPEN, "")
             jfd = _open_segment(folder, segment)
         except OSError as exc:
@@ -861,7 +953,7 @@ def _open_writer(
     except BaseException:
         os.close(lock_fd)
         raise
-    return conn, lock_fd, segment, jfd, chain
+    return conn, lock_fd, segment, jfd, chain, revs
 
 
 def _open_segment(folder: Path, n: int) -> int:
@@ -932,6 +1024,7 @@ def _row_of(doc: dict[str, Any], text: str) -> list[Any]:
         doc.get("duration_ms"),
         text,
         False,
+        str(doc.get("tool", "")),
     ]
 
 
@@ -942,7 +1035,7 @@ def _doc_micros(doc: dict[str, Any]) -> int:
         return 0
 
 
-def _replay(conn: sqlite3.Connection, path: Path, chain: Chain, clock: Callable[[], int]) -> int:
+def _replay(conn: sqlite3.Connection, path: Path, chain: Chain, clock: Callable[[], int], revs: _Revs) -> int:
     """Index what a previous writer journaled and did not index; returns the next segment number."""
     folder = path.parent
     segments = _segments(folder)
@@ -960,7 +1053,7 @@ def _replay(conn: sqlite3.Connection, path: Path, chain: Chain, clock: Callable[
             _, eid, success, error, duration = item
             _pend_outcome(rows, updates, (success, error, duration, eid))
     try:
-        warning = _index_rows(conn, path, list(rows.values()), updates, True, chain, clock(), True)
+        warning = _index_rows(conn, path, list(rows.values()), updates, True, chain, clock(), True, revs)
     except sqlite3.Error as exc:
         raise _error(path, "index the journal left by the last run", exc) from exc
     if warning:
@@ -1004,7 +1097,7 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
                     f"audit database {path}: schema version {version} is newer than "
                     f"this bastion supports ({SCHEMA_VERSION}); upgrade bastion"
                 )
-            if version < SCHEMA_VERSION:
+            if version < 2:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
@@ -1013,6 +1106,10 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
                 conn.execute(
                     "INSERT OR REPLACE INTO audit_meta (key, value) VALUES ('legacy_seq', ?)", (str(legacy),)
                 )
+            if version < 3:
+                for statement in _SCHEMA_V3:
+                    conn.execute(statement)
+            if version < SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -1026,47 +1123,130 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
 # -- searching (worker threads; any process) ---------------------------------------
 
 
+#: Rows read at a time by a streaming search, and the largest page a feed read answers.
+PAGE_ROWS: Final = 2000
+
+
 async def search_files(data_dir: str | Path, query: AuditQuery) -> list[dict[str, Any]]:
     """``search`` on a data directory's audit log without opening it for writing.
 
     For another process (``bastion audit search --config``): it may run while
     the cluster writes; it sees every committed event, indexed or journaled.
     """
-    return await asyncio.to_thread(_search, Path(data_dir) / AUDIT_DB_NAME, query)
+    found: list[dict[str, Any]] = []
+    async for page in search_pages_files(data_dir, query):
+        found.extend(page)
+    return found
 
 
-def _search(path: Path, query: AuditQuery) -> list[dict[str, Any]]:
-    # The journal first, then the index: an item indexed (and its segment
-    # removed) between the two reads is in the index by the time it is read.
+async def search_pages_files(data_dir: str | Path, query: AuditQuery) -> AsyncIterator[list[dict[str, Any]]]:
+    """``search_files`` in pages read as they are consumed: constant memory (decision 0035)."""
+    pages = _search_pages(Path(data_dir) / AUDIT_DB_NAME, query)
+    try:
+        while True:
+            page = await asyncio.to_thread(next, pages, None)
+            if page is None:
+                return
+            yield page
+    finally:
+        # A consumer gone mid-read (cancelled): the thread still holds the generator.
+        with contextlib.suppress(ValueError):
+            pages.close()
+
+
+def _search_pages(path: Path, query: AuditQuery) -> Generator[list[dict[str, Any]], None, None]:
+    """The events matching ``query``: the journal's merged into the index's, in pages.
+
+    The journal is read first (it is bounded: ``MAX_UNINDEXED`` items), then the
+    index in one read transaction: an item indexed between the two reads is
+    found in the index, and its journal copy dropped.  The index's rows are
+    read ``PAGE_ROWS`` at a time, so memory stays bounded however many match.
+    """
     items = _read_journal(path.parent)
-    stored = _read(path, *_search_sql(query)) if path.exists() else []
     desc = query.order == "desc"
-    if not items:
-        return [doc for _, _, doc in stored]
-    if desc:
-        # The index's newest ``limit``, put back in insertion order for the merge below.
-        stored.reverse()
-    by_id: dict[str, dict[str, Any]] = {}
-    found: list[tuple[int, int, int, dict[str, Any]]] = []
-    for i, (eid, t, doc) in enumerate(stored):
-        by_id[eid] = doc
-        found.append((t, 0, i, doc))
+    journaled: dict[str, tuple[int, int, dict[str, Any]]] = {}
+    outcomes: dict[str, tuple[Any, ...]] = {}
     for j, item in enumerate(items):
         if item[0] == "i":
-            eid, doc = item[1], item[2]
-            if eid in by_id:
-                continue
-            t = _doc_micros(doc)
-            if _matches(query, doc, t):
-                by_id[eid] = doc
-                found.append((t, 1, j, doc))
+            if item[1] not in journaled:
+                journaled[item[1]] = (_doc_micros(item[2]), j, item[2])
         else:
-            target = by_id.get(item[1])
-            if target is not None:
-                apply_outcome(target, item[2], item[3], item[4])
-    # Indexed items were written before journaled ones: (time, 0|1, position) is insertion order.
+            outcomes[item[1]] = item[2:]
+    limit = query.limit or -1
+    if not path.exists():
+        yield from _pages((f[3] for f in _journal_matches(query, journaled, outcomes, desc)), limit)
+        return
+    try:
+        # mode=ro: a reader can never write, whatever goes wrong.
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise _error(path, "search", exc) from exc
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("BEGIN")  # one snapshot: the check below and the rows read
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        feed_base = int(_meta(conn, "feed_base", "0")) if version >= 3 else -1
+        ids = list(journaled)
+        for n in range(0, len(ids), 500):
+            chunk = ids[n : n + 500]
+            placeholders = ", ".join("?" * len(chunk))
+            for (eid,) in conn.execute(f"SELECT id FROM audit_events WHERE id IN ({placeholders})", chunk):
+                del journaled[eid]  # indexed meanwhile: the index's copy is the one
+        sql, params = _search_sql(query, feed_base)
+        cur = conn.execute(sql, params)
+
+        def indexed() -> Iterator[tuple[int, int, int, dict[str, Any]]]:
+            while rows := cur.fetchmany(PAGE_ROWS):
+                for seq, eid, t, text, success, error, duration in rows:
+                    doc = merge_outcome(text, success, error, duration)
+                    late = outcomes.get(eid)
+                    if late is not None:
+                        apply_outcome(doc, *late)
+                        if not _outcome_matches(query, doc):
+                            continue
+                    yield t, 0, seq, doc
+
+        # Indexed items were written before journaled ones: (time, 0|1, position) is insertion order.
+        merged = heapq.merge(
+            indexed(), _journal_matches(query, journaled, outcomes, desc), key=lambda f: f[:3], reverse=desc
+        )
+        yield from _pages((f[3] for f in merged), limit)
+    except sqlite3.Error as exc:
+        raise _error(path, "search", exc) from exc
+    finally:
+        conn.close()
+
+
+def _pages(docs: Iterator[dict[str, Any]], limit: int) -> Iterator[list[dict[str, Any]]]:
+    """``docs`` in lists of ``PAGE_ROWS``, at most ``limit`` of them (``-1``: all)."""
+    page: list[dict[str, Any]] = []
+    for doc in docs:
+        if limit == 0:
+            break
+        limit -= 1
+        page.append(doc)
+        if len(page) >= PAGE_ROWS:
+            yield page
+            page = []
+    if page:
+        yield page
+
+
+def _journal_matches(
+    query: AuditQuery,
+    journaled: dict[str, tuple[int, int, dict[str, Any]]],
+    outcomes: dict[str, tuple[Any, ...]],
+    desc: bool,
+) -> list[tuple[int, int, int, dict[str, Any]]]:
+    found = []
+    for eid, (t, j, doc) in journaled.items():
+        late = outcomes.get(eid)
+        if late is not None:
+            apply_outcome(doc, *late)
+        if _matches(query, doc, t):
+            found.append((t, 1, j, doc))
     found.sort(key=lambda f: f[:3], reverse=desc)
-    return [f[3] for f in found[: query.limit]]
+    return found
 
 
 def _matches(query: AuditQuery, doc: dict[str, Any], t: int) -> bool:
@@ -1076,13 +1256,25 @@ def _matches(query: AuditQuery, doc: dict[str, Any], t: int) -> bool:
         return False
     if query.types and doc.get("event") not in query.types:
         return False
+    if not _outcome_matches(query, doc):
+        return False
     return all(
         not want or doc.get(field, "") == want
-        for field, want in (("user", query.user), ("app", query.app), ("session_id", query.session_id))
+        for field, want in (
+            ("user", query.user),
+            ("app", query.app),
+            ("session_id", query.session_id),
+            ("tool", query.tool),
+        )
     )
 
 
-def _search_sql(query: AuditQuery) -> tuple[str, list[Any]]:
+def _outcome_matches(query: AuditQuery, doc: dict[str, Any]) -> bool:
+    return query.outcome is None or bool(doc.get("success")) == (query.outcome == "success")
+
+
+def _search_sql(query: AuditQuery, feed_base: int = 0) -> tuple[str, list[Any]]:
+    """The index's part of a search; ``feed_base``: rows up to it have no tool column (-1: none has)."""
     where: list[str] = []
     params: list[Any] = []
     if query.since is not None:
@@ -1098,35 +1290,147 @@ def _search_sql(query: AuditQuery) -> tuple[str, list[Any]]:
         if value:
             where.append(f"{column} = ?")
             params.append(value)
-    sql = "SELECT id, time_us, event, success, error, duration_ms FROM audit_events"
+    if query.tool:
+        if feed_base < 0:  # a log no bastion with the tool column has opened yet
+            where.append("json_extract(event, '$.tool') = ?")
+            params.append(query.tool)
+        elif feed_base == 0:
+            where.append("tool = ?")
+            params.append(query.tool)
+        else:  # rows stored before the tool column: their tool is in the document only
+            where.append("(tool = ? OR (seq <= ? AND tool = '' AND json_extract(event, '$.tool') = ?))")
+            params.extend((query.tool, feed_base, query.tool))
+    if query.outcome is not None:
+        # Literal, so the partial index of failures serves "failure".
+        where.append("success = 1" if query.outcome == "success" else "success = 0")
+    sql = "SELECT seq, id, time_us, event, success, error, duration_ms FROM audit_events"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += (
-        " ORDER BY time_us DESC, seq DESC LIMIT ?"
-        if query.order == "desc"
-        else " ORDER BY time_us, seq LIMIT ?"
-    )
-    params.append(query.limit)
+    sql += " ORDER BY time_us DESC, seq DESC" if query.order == "desc" else " ORDER BY time_us, seq"
+    if query.limit:
+        sql += " LIMIT ?"
+        params.append(query.limit)
     return sql, params
 
 
-def _read(path: Path, sql: str, params: list[Any]) -> list[tuple[str, int, dict[str, Any]]]:
+# -- the feed: commit order (worker threads; any process; decision 0034) ---------------
+
+
+def _position(cursor: str) -> int:
+    if not cursor:
+        return 0
+    if not cursor.isdigit() or len(cursor) > 19:
+        raise ValidationError(f'bad audit feed cursor "{cursor[:40]}" (expected a number from this store)')
+    return int(cursor)
+
+
+async def feed_files(data_dir: str | Path, cursor: str, limit: int, hold_us: int = 0) -> FeedPage:
+    """Events changed after ``cursor`` in commit order, at most ``limit`` (``FeedPage``; ADR 34).
+
+    Read-only, from any process.  Rows are in the feed once indexed (at most
+    ``INDEX_DELAY`` after their commit).  A row stored before the feed existed
+    (schema version 2) comes first, in the order it was indexed.
+    """
+    after = _position(cursor)
+    rows = await asyncio.to_thread(
+        _feed, Path(data_dir) / AUDIT_DB_NAME, after, max(1, min(limit, PAGE_ROWS))
+    )
+    return take_feed(rows, cursor, hold_us, _now_us())
+
+
+async def feed_start_files(data_dir: str | Path, last: int) -> str:
+    """The cursor after which the ``last`` newest changes of the feed come (``0``: its end)."""
+    return str(await asyncio.to_thread(_feed_start, Path(data_dir) / AUDIT_DB_NAME, max(0, last)))
+
+
+async def feed_backlog_files(data_dir: str | Path, cursor: str) -> int:
+    """How many events the feed holds after ``cursor`` (an exporter's backlog)."""
+    return await asyncio.to_thread(_feed_backlog, Path(data_dir) / AUDIT_DB_NAME, _position(cursor))
+
+
+def _feed_read(path: Path, read: Callable[[sqlite3.Connection, int], _T]) -> _T:
+    if not path.exists():
+        raise BackendError(f"audit database {path}: not found")
     try:
-        # mode=ro: a reader can never write, whatever goes wrong.
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     except sqlite3.Error as exc:
-        raise _error(path, "search", exc) from exc
+        raise _error(path, "read the feed of", exc) from exc
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        rows = conn.execute(sql, params).fetchall()
+        conn.execute("BEGIN")
+        if int(conn.execute("PRAGMA user_version").fetchone()[0]) < 3:
+            raise BackendError(
+                f"audit database {path}: written by an older bastion without a feed; start the cluster once"
+            )
+        return read(conn, int(_meta(conn, "feed_base", "0")))
     except sqlite3.Error as exc:
-        raise _error(path, "search", exc) from exc
+        raise _error(path, "read the feed of", exc) from exc
     finally:
         conn.close()
-    return [
-        (eid, t, merge_outcome(text, success, error, duration))
-        for eid, t, text, success, error, duration in rows
-    ]
+
+
+_FEED_COLUMNS: Final = "time_us, event, success, error, duration_ms"
+
+
+def _feed(path: Path, after: int, limit: int) -> list[tuple[str, int, dict[str, Any]]]:
+    def read(conn: sqlite3.Connection, base: int) -> list[tuple[str, int, dict[str, Any]]]:
+        rows: list[Any] = []
+        if after < base:  # rows stored before the feed existed, in the order they were indexed
+            rows = conn.execute(
+                f"SELECT seq, {_FEED_COLUMNS} FROM audit_events WHERE rev IS NULL AND seq > ? AND seq <= ?"
+                " ORDER BY seq LIMIT ?",
+                (after, base, limit),
+            ).fetchall()
+            if len(rows) >= limit:
+                return _feed_rows(rows)
+        rows += conn.execute(
+            f"SELECT rev, {_FEED_COLUMNS} FROM audit_events WHERE rev > ? ORDER BY rev LIMIT ?",
+            (max(after, base), limit - len(rows)),
+        ).fetchall()
+        return _feed_rows(rows)
+
+    return _feed_read(path, read)
+
+
+def _feed_rows(rows: list[Any]) -> list[tuple[str, int, dict[str, Any]]]:
+    return [(str(pos), t, merge_outcome(text, s, e, d)) for pos, t, text, s, e, d in rows]
+
+
+def _feed_start(path: Path, last: int) -> int:
+    def read(conn: sqlite3.Connection, base: int) -> int:
+        if last == 0:
+            top = conn.execute("SELECT max(rev) FROM audit_events").fetchone()[0]
+            return max(int(top or 0), base)
+        row = conn.execute(
+            "SELECT rev FROM audit_events WHERE rev IS NOT NULL ORDER BY rev DESC LIMIT 1 OFFSET ?", (last,)
+        ).fetchone()
+        if row is not None:
+            return int(row[0])
+        newer = int(conn.execute("SELECT count(*) FROM audit_events WHERE rev IS NOT NULL").fetchone()[0])
+        row = conn.execute(
+            "SELECT seq FROM audit_events WHERE rev IS NULL AND seq <= ? ORDER BY seq DESC LIMIT 1 OFFSET ?",
+            (base, last - newer),
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    return _feed_read(path, read)
+
+
+def _feed_backlog(path: Path, after: int) -> int:
+    def read(conn: sqlite3.Connection, base: int) -> int:
+        n = int(
+            conn.execute("SELECT count(*) FROM audit_events WHERE rev > ?", (max(after, base),)).fetchone()[0]
+        )
+        if after < base:
+            n += int(
+                conn.execute(
+                    "SELECT count(*) FROM audit_events WHERE rev IS NULL AND seq > ? AND seq <= ?",
+                    (after, base),
+                ).fetchone()[0]
+            )
+        return n
+
+    return _feed_read(path, read)
 
 
 def _error(path: Path, action: str, exc: BaseException) -> BackendError:
@@ -1217,3 +1521,32 @@ def _writer_running(folder: Path) -> bool:
     finally:
         os.close(fd)  # releases a lock taken
     return False
+
+
+class AuditFiles:
+    """A data directory's audit log, read-only, from any process: search, feed (decisions 0034, 0035).
+
+    What ``bastion audit search``/``tail`` use on the server host while the
+    cluster runs and writes it; ``close`` is there for the reader protocol.
+    """
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.data_dir = Path(data_dir)
+
+    async def search(self, query: AuditQuery) -> list[dict[str, Any]]:
+        return await search_files(self.data_dir, query)
+
+    def search_pages(self, query: AuditQuery) -> AsyncIterator[list[dict[str, Any]]]:
+        return search_pages_files(self.data_dir, query)
+
+    async def feed(self, cursor: str, limit: int, hold_us: int = 0) -> FeedPage:
+        return await feed_files(self.data_dir, cursor, limit, hold_us)
+
+    async def feed_start(self, last: int) -> str:
+        return await feed_start_files(self.data_dir, last)
+
+    async def feed_backlog(self, cursor: str) -> int:
+        return await feed_backlog_files(self.data_dir, cursor)
+
+    async def close(self) -> None:
+        return None

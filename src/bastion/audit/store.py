@@ -17,8 +17,16 @@ Contract of every ``AuditStore``:
 - ``search(query)`` returns stored events (the ``to_dict`` form, completions
   applied) matching every given filter, oldest first (by event time, then
   by insertion order) -- newest first when ``query.order`` is ``"desc"`` --
-  at most ``query.limit`` of them, taken from that end: the oldest
-  ``limit`` ascending, the newest ``limit`` descending.
+  at most ``query.limit`` of them (``0``: all), taken from that end: the
+  oldest ``limit`` ascending, the newest ``limit`` descending.
+- Optional (decision 0035): ``search_pages(query)``, the same events as an
+  async iterator of lists, read as they are consumed (constant memory, however
+  many match); ``iter_search`` below uses it where a store has it.
+- Optional (decision 0034): ``feed(cursor, limit, hold_us)``, the events
+  changed after ``cursor`` in commit order (a ``FeedPage``: an event comes
+  again, completed, when its outcome is stored after it was read), and
+  ``feed_start(last)``, the cursor before the ``last`` newest changes.  For
+  ``bastion audit tail`` and the exporters.
 - Failures raise ``BackendError``; ``close()`` is idempotent, and any other
   call after it raises ``BackendError``.
 - Optional: ``write_batch(events, updates)`` does ``insert_many(events)``
@@ -44,30 +52,37 @@ What this module must not do: any I/O, or import anything above
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple, Protocol
 
 import orjson
 
-from bastion.audit.events import AuditEvent, code_for
+from bastion.audit.events import REQUEST, AuditEvent, code_for
 from bastion.errors import ValidationError
 
 __all__ = [
+    "OUTCOMES",
     "AuditQuery",
     "AuditStore",
     "Completion",
+    "FeedPage",
     "apply_outcome",
     "clean_text",
     "epoch_micros",
     "event_row",
+    "iter_search",
     "merge_outcome",
+    "pending_outcome",
+    "take_feed",
 ]
 
 #: ``AuditQuery.order``: oldest first, newest first.
 ORDERS: Final = ("asc", "desc")
-#: The largest ``AuditQuery.limit`` accepted.
+#: ``AuditQuery.outcome``: the event's ``success`` as stored (decision 0035).
+OUTCOMES: Final = ("success", "failure")
+#: A large ``AuditQuery.limit`` (no longer a cap: ``0`` means no limit at all).
 MAX_LIMIT: Final = 100_000
 
 
@@ -89,9 +104,14 @@ class AuditQuery:
     """Filters for ``AuditStore.search``; every given filter must match.
 
     ``since <= time < until`` (naive datetimes are UTC); ``types`` empty
-    means any type; ``user``/``app``/``session_id`` ``None`` (or empty) mean
-    any.  Results are oldest first (``order="asc"``) or newest first
-    (``order="desc"``), at most ``limit`` (1..``MAX_LIMIT``) from that end.
+    means any type; ``user``/``app``/``session_id``/``tool`` ``None`` (or
+    empty) mean any.  ``outcome`` ``"success"``/``"failure"`` keeps the events
+    whose ``success`` (as search shows it, completions applied) is true/false:
+    a call whose outcome was never recorded shows the ``success`` it was
+    recorded with (true: allowed and forwarded), so it counts as a success,
+    exactly as its ``code`` (``...I``) reads (decision 0035).  Results are
+    oldest first (``order="asc"``) or newest first (``order="desc"``), at most
+    ``limit`` from that end; ``limit=0``: all of them.
     """
 
     since: datetime | None = None
@@ -102,12 +122,49 @@ class AuditQuery:
     session_id: str | None = None
     limit: int = 1000
     order: str = "asc"
+    tool: str | None = None
+    outcome: str | None = None
 
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
             raise ValidationError(f'audit search order must be "asc" or "desc", got "{self.order}"')
-        if not 1 <= self.limit <= MAX_LIMIT:
-            raise ValidationError(f"audit search limit must be between 1 and {MAX_LIMIT}, got {self.limit}")
+        if self.limit < 0:
+            raise ValidationError(f"audit search limit must be 0 (no limit) or more, got {self.limit}")
+        if self.outcome is not None and self.outcome not in OUTCOMES:
+            raise ValidationError(
+                f'audit search outcome must be "success" or "failure", got "{self.outcome}"'
+            )
+
+
+class FeedPage(NamedTuple):
+    """What ``feed`` read: events in commit order, and the cursor to read on from."""
+
+    events: list[dict[str, Any]]
+    cursor: str
+
+
+def pending_outcome(doc: dict[str, Any]) -> bool:
+    """Whether ``doc`` is a forwarded call whose outcome is not stored yet (ADR 5)."""
+    return doc.get("event") == REQUEST and doc.get("success") is True and doc.get("duration_ms") is None
+
+
+def take_feed(
+    rows: Sequence[tuple[str, int, dict[str, Any]]], cursor: str, hold_us: int, now_us: int
+) -> FeedPage:
+    """The page ``feed`` answers from ``rows`` (position, event time, document), in commit order.
+
+    A forwarded call still waiting for its outcome and younger than ``hold_us``
+    stops the page there: its completion moves it further on (decision 0034), so
+    it is usually read once, with its outcome.  Older than that, it is read as it
+    is, and read again once completed.
+    """
+    docs: list[dict[str, Any]] = []
+    for pos, t, doc in rows:
+        if hold_us > 0 and t > now_us - hold_us and pending_outcome(doc):
+            break
+        docs.append(doc)
+        cursor = pos
+    return FeedPage(docs, cursor)
 
 
 class AuditStore(Protocol):
@@ -120,6 +177,16 @@ class AuditStore(Protocol):
     async def search(self, query: AuditQuery) -> list[dict[str, Any]]: ...
 
     async def close(self) -> None: ...
+
+
+async def iter_search(store: Any, query: AuditQuery) -> AsyncIterator[list[dict[str, Any]]]:
+    """``store``'s events matching ``query`` in pages: its ``search_pages`` if it has it, else one page."""
+    pages = getattr(store, "search_pages", None)
+    if pages is not None:
+        async for page in pages(query):
+            yield page
+        return
+    yield await store.search(query)
 
 
 # -- rows ----------------------------------------------------------------------

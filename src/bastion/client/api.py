@@ -6,6 +6,8 @@ are re-exported here for the CLI.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 from urllib.parse import quote
@@ -18,6 +20,7 @@ from bastion.apiclient import (
     base_url,
     fetch_ca_unverified,
 )
+from bastion.client.auditread import RemoteReader
 
 __all__ = [
     "ApiClient",
@@ -103,6 +106,11 @@ class RemoteAdmin:
 
     async def audit_search(self, params: dict[str, str]) -> list[dict[str, Any]]:
         return list(await self.client.request("GET", "/v1/audit/events", params=params))
+
+    @contextlib.asynccontextmanager
+    async def audit_reader(self) -> AsyncIterator[RemoteReader]:
+        """The audit log through the proxy (streaming search, feed)."""
+        yield RemoteReader(self.client)
 
     async def audit_verify(self, since: str | None = None) -> dict[str, Any]:
         params = {"since": since} if since else {}

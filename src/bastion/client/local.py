@@ -8,9 +8,11 @@ both write), and the service sees the changes through its watch.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bastion.audit.query import matches
 from bastion.auth import outbox
@@ -20,6 +22,10 @@ from bastion.backend import Backend
 from bastion.backend.factory import open_backend
 from bastion.config import load_config
 from bastion.errors import NotFoundError
+
+if TYPE_CHECKING:
+    from bastion.audit.store import AuditQuery
+    from bastion.client.auditread import StoreReader
 
 __all__ = ["PROXY_ADDR_KEY", "LocalAdmin", "settings_from"]
 
@@ -167,6 +173,29 @@ class LocalAdmin:
         store = await PostgresAuditStore.open(self.dsn, seal=False)
         try:
             return (await store.verify(checker, when)).to_dict()
+        finally:
+            await store.close()
+
+    @contextlib.asynccontextmanager
+    async def audit_reader(self) -> AsyncIterator[StoreReader]:
+        """The audit log read-only (streaming search, feed): the data dir's files or PostgreSQL."""
+        from bastion.client.auditread import StoreReader
+
+        async def waiting(query: AuditQuery) -> list[dict[str, Any]]:
+            # Events of local administration not moved into the log yet (no service running).
+            return [e.to_dict() for e in await outbox.pending(self.backend) if matches(query, e)]
+
+        if not self.dsn:
+            from bastion.audit.sqlite_store import AuditFiles
+
+            # Read-only: the cluster may be running and writing this audit log.
+            yield StoreReader(AuditFiles(self.data_dir), waiting)
+            return
+        from bastion.audit.pg_store import PostgresAuditStore
+
+        store = await PostgresAuditStore.open(self.dsn, seal=False)
+        try:
+            yield StoreReader(store, waiting)
         finally:
             await store.close()
 

@@ -10,7 +10,9 @@ Routes (JSON in, JSON out; authenticated ones take ``Authorization: Bearer``):
     POST   /v1/webapi/invites/accept        set a password with an invite
     GET    /healthz  /readyz
     GET    /v1/mcp/apps                     MCP apps the caller may reach, with tool permissions [auth]
-    GET    /v1/audit/events?since=&until=&type=&user=&app=&session=&limit=&order=   [auth]
+    GET    /v1/audit/events?since=&until=&type=&user=&app=&session=&tool=&outcome=&limit=&order=
+                                    &format=jsonl: streamed, one event per line [auth]
+    GET    /v1/audit/feed?cursor=&limit=&hold_ms=&last=   events in commit order [auth]
     GET    /v1/audit/verify?since=          the log checked against its seals [auth]
     GET    /v1/whoami                       the caller, roles, expiry        [auth]
     GET    /v1/resources/{kind}[/{name}]                                    [auth]
@@ -33,14 +35,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -397,8 +399,27 @@ def build_webapi(
             raise ValidationError("this proxy keeps no audit log (no app service runs here)")
         from bastion.audit.query import query_from_params
 
-        events = await audit.search(query_from_params(request.query_params))
+        query = query_from_params(request.query_params)
+        if request.query_params.get("format") == "jsonl":
+            # Streamed as read (decision 0035): constant memory however many match.
+            return StreamingResponse(_jsonl(audit.search_pages(query)), media_type="application/x-ndjson")
+        events = await audit.search(query)
         return _json(events)
+
+    async def audit_feed(request: Request, actor: Actor) -> Response:
+        """Events in commit order after ``cursor`` (decision 0034): ``bastion audit tail`` polls it."""
+        actor.require("event", "list", "read")
+        if audit is None:
+            raise ValidationError("this proxy keeps no audit log (no app service runs here)")
+        params = request.query_params
+        limit, hold_ms = _count(params, "limit", 500, 2000), _count(params, "hold_ms", 0, 60_000)
+        cursor = params.get("cursor") or ""
+        if "last" in params and not cursor:
+            cursor = await audit.feed_start(_count(params, "last", 0, 100_000))
+        if limit == 0:
+            return _json({"events": [], "cursor": cursor})
+        page = await audit.feed(cursor, limit, hold_ms * 1000)
+        return _json({"events": page.events, "cursor": page.cursor})
 
     async def audit_verify(request: Request, actor: Actor) -> Response:
         actor.require("event", "list", "read")
@@ -444,6 +465,7 @@ def build_webapi(
         Route("/v1/webapi/host/join", host_join, methods=["POST"]),
         Route("/v1/audit/events", authed(audit_events)),
         Route("/v1/audit/verify", authed(audit_verify)),
+        Route("/v1/audit/feed", authed(audit_feed)),
         Route("/v1/mcp/apps", authed(mcp_apps)),
     ]
     app = Starlette(
@@ -451,6 +473,18 @@ def build_webapi(
         exception_handlers={BastionError: _handle, Exception: _handle},
     )
     return app
+
+
+async def _jsonl(pages: AsyncIterator[list[dict[str, Any]]]) -> AsyncIterator[bytes]:
+    async for page in pages:
+        yield b"".join(orjson.dumps(e) + b"\n" for e in page)
+
+
+def _count(params: Any, key: str, default: int, most: int) -> int:
+    text = params.get(key) or str(default)
+    if not text.isdigit() or int(text) > most:
+        raise ValidationError(f"{key} must be a whole number from 0 to {most}")
+    return int(text)
 
 
 async def _handle(request: Request, exc: Exception) -> Response:

@@ -696,10 +696,19 @@ async def test_search_filter_values_are_data_not_sql(store: SQLiteAuditStore) ->
     assert await store.search(AuditQuery(user="' OR 1=1 --")) == []
 
 
-@pytest.mark.parametrize("limit", [0, -1, store_module.MAX_LIMIT + 1])
-def test_query_limit_must_be_sane(limit: int) -> None:
+def test_query_limit_must_not_be_negative() -> None:
     with pytest.raises(ValidationError, match="limit"):
-        AuditQuery(limit=limit)
+        AuditQuery(limit=-1)
+
+
+def test_query_limit_zero_means_no_limit_and_there_is_no_cap() -> None:
+    assert AuditQuery(limit=0).limit == 0
+    assert AuditQuery(limit=store_module.MAX_LIMIT + 1).limit == store_module.MAX_LIMIT + 1
+
+
+def test_query_outcome_is_success_or_failure() -> None:
+    with pytest.raises(ValidationError, match='outcome must be "success" or "failure", got "ok"'):
+        AuditQuery(outcome="ok")
 
 
 def test_query_order_must_be_asc_or_desc() -> None:
