@@ -51,8 +51,12 @@ class SpoolingAuditStore:
         write_timeout: float = 3.0,
         retry_min: float = 0.25,
         retry_max: float = 5.0,
+        target: str = "the audit database",
     ) -> None:
+        """``target``: what ``primary`` is, in log lines ("the cluster" for a joined app
+        service's outbox of call outcomes)."""
         self.primary = primary
+        self.target = target
         self.path = spool_path
         self.write_timeout = write_timeout
         self._retry = (retry_min, retry_max)
@@ -66,7 +70,8 @@ class SpoolingAuditStore:
         self._closed = False
         if self._pending:
             log.warning(
-                "audit events spooled by an earlier run will be written", extra={"batches": self._pending}
+                "audit events spooled by an earlier run will be written",
+                extra={"batches": self._pending, "to": self.target},
             )
 
     # ----------------------------------------------------------------- API
@@ -93,8 +98,8 @@ class SpoolingAuditStore:
                 return
             except (BackendError, TimeoutError, OSError) as e:
                 log.warning(
-                    "audit database unreachable: spooling events to disk until it is back",
-                    extra={"error": str(e) or type(e).__name__, "spool": str(self.path)},
+                    "audit writes failed: spooling them to disk until they can be written",
+                    extra={"to": self.target, "error": str(e) or type(e).__name__, "spool": str(self.path)},
                 )
         self._append(
             [
@@ -186,7 +191,7 @@ class SpoolingAuditStore:
             row = self._db.execute("SELECT seq, kind, body FROM spool ORDER BY seq LIMIT 1").fetchone()
             if row is None:
                 self._pending = 0
-                log.info("audit spool drained: writing to the database again")
+                log.info("audit spool drained: writing straight through again", extra={"to": self.target})
                 return
             seq, kind, body = row
             wire = orjson.loads(body)
