@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,17 @@ class SpoolingAuditStore:
         prune = getattr(self.primary, "prune", None)
         if prune is not None:
             await prune(before)
+
+    async def complete_unfinished(
+        self, before: datetime, reason: Callable[[str], str], limit: int = 1000
+    ) -> int:
+        """The primary's (decision 0038), but only while nothing is spooled: an outcome waiting
+        here must not be taken for one that never came."""
+        complete = getattr(self.primary, "complete_unfinished", None)
+        if complete is None or self._pending:
+            return 0
+        n: int = await complete(before, reason, limit)
+        return n
 
     async def close(self) -> None:
         if self._closed:

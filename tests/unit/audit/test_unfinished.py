@@ -17,6 +17,7 @@ import pytest
 from bastion.audit import unfinished
 from bastion.audit.events import NOTIFICATION
 from bastion.audit.pg_store import PostgresAuditStore
+from bastion.audit.spool import SpoolingAuditStore
 from bastion.audit.sqlite_store import SQLiteAuditStore, verify_files
 from bastion.audit.store import AuditQuery, Completion
 from tests.pg import fresh_database
@@ -131,3 +132,18 @@ async def test_a_backlog_is_completed_in_batches(
     finally:
         await store.close()
     assert await sweepable.breaks() == []
+
+
+async def test_behind_a_spool_nothing_is_swept_while_outcomes_wait_in_it(tmp_path: Path) -> None:
+    primary = await SQLiteAuditStore.open(tmp_path / "data")
+    spool = SpoolingAuditStore(primary, tmp_path / "spool.db")
+    try:
+        e = make_event(at=0, session_id="gone0000.s")
+        await spool.insert_many([e])
+        now = T0 + timedelta(hours=2)
+        spool._pending = 1  # as if an outcome were waiting on disk for the database
+        assert await unfinished.sweep(spool.complete_unfinished, now=now, after=AFTER, live_tags=()) == 0
+        spool._pending = 0
+        assert await unfinished.sweep(spool.complete_unfinished, now=now, after=AFTER, live_tags=()) == 1
+    finally:
+        await spool.close()
