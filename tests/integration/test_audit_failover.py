@@ -103,7 +103,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.token = a.cli("auth", "sign", "--user=alice", "--format=token", local=True).stdout.strip()
         yield c
     finally:
-        c.agent.stop()
+        if c.agent is not None:
+            c.agent.stop()
         for p in c.proxies:
             if p is not None:
                 stop_node(p)
@@ -197,29 +198,31 @@ def test_a_proxy_killed_under_load_costs_no_call_and_no_outcome(cluster: Cluster
     assert [r for r in rows if outcome(r) != (True, "", True)] == []
 
 
-def _long_call(s: Client, where: Node, seconds: int, into: list[Any]) -> threading.Thread:
-    def call() -> None:
-        s.n += 1
-        try:
-            r = s.post(
-                where,
-                {
-                    "jsonrpc": "2.0",
-                    "id": s.n,
-                    "method": "tools/call",
-                    "params": {
-                        "name": "trigger-long-running-operation",
-                        "arguments": {"duration": seconds, "steps": 1},
-                    },
-                },
-            )
-            into.append(r.status_code)
-        except Exception as e:  # the proxy carrying it may be killed: that is the test
-            into.append(repr(e))
+def _long_call_under_way(c: Cluster, seconds: int) -> tuple[Client, threading.Thread, list[Any]]:
+    """A session through proxy 1 and a call that takes ``seconds``, recorded and in flight:
+    the client, the thread waiting for its answer, and where that answer goes."""
+    c.heal()
+    s = Client(c)
+    got: list[Any] = []
+    s.start(c.proxies[1])
+    s.n += 1
+    body = {
+        "jsonrpc": "2.0",
+        "id": s.n,
+        "method": "tools/call",
+        "params": {"name": "trigger-long-running-operation", "arguments": {"duration": seconds, "steps": 1}},
+    }
 
-    t = threading.Thread(target=call, name="long-call")
-    t.start()
-    return t
+    def call() -> None:
+        try:
+            got.append(s.post(c.proxies[1], body).status_code)
+        except Exception as e:  # the proxy carrying it may be killed: that is the test
+            got.append(repr(e))
+
+    worker = threading.Thread(target=call, name="long-call")
+    worker.start()
+    _until("the long call recorded", lambda: len(_long_rows(c, s.sid)) == 1, 30.0)
+    return s, worker, got
 
 
 def _long_rows(c: Cluster, sid: str) -> list[dict[str, Any]]:
@@ -231,13 +234,8 @@ def _long_rows(c: Cluster, sid: str) -> list[dict[str, Any]]:
 
 
 def test_an_outcome_no_proxy_takes_waits_on_disk_across_an_app_service_restart(cluster: Cluster) -> None:
-    cluster.heal()
-    s = Client(cluster)
-    got: list[Any] = []
+    s, worker, _ = _long_call_under_way(cluster, 4)
     try:
-        s.start(cluster.proxies[1])
-        worker = _long_call(s, cluster.proxies[1], 4, got)
-        _until("the long call recorded", lambda: len(_long_rows(cluster, s.sid)) == 1, 30.0)
         for p in cluster.proxies:  # every proxy gone while the upstream works on the call
             p.proc.kill()
             p.proc.wait(15)
@@ -262,13 +260,8 @@ def test_an_outcome_no_proxy_takes_waits_on_disk_across_an_app_service_restart(c
 
 
 def test_a_call_whose_app_service_died_is_completed_as_outcome_unknown(cluster: Cluster) -> None:
-    cluster.heal()
-    s = Client(cluster)
-    got: list[Any] = []
+    s, worker, got = _long_call_under_way(cluster, 60)
     try:
-        s.start(cluster.proxies[1])
-        worker = _long_call(s, cluster.proxies[1], 60, got)
-        _until("the long call recorded", lambda: len(_long_rows(cluster, s.sid)) == 1, 30.0)
         cluster.agent.proc.kill()  # the call, and its outcome, die with it
         cluster.agent.proc.wait(15)
         worker.join(60)

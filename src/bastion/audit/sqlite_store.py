@@ -750,16 +750,8 @@ def _write_seal(
 ) -> None:
     """Store one signed seal alone (opening, closing), in its own transaction."""
     seal = chain.next(items, time_us, kind=kind, payload=payload, sign=True)
-    if conn.in_transaction:
-        conn.execute("ROLLBACK")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         conn.execute(_INSERT_SEAL, seal)
-        conn.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        raise
     chain.advance(seal)
 
 
@@ -854,29 +846,35 @@ def _complete_unfinished(
     One transaction holding the write lock: the rows chosen cannot get an outcome between
     the choice and the update.  In the indexer's thread.
     """
-    if conn.in_transaction:
-        conn.execute("ROLLBACK")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         found = conn.execute(
             f"SELECT id, session_id FROM audit_events WHERE {UNFINISHED} AND time_us < ?"
             " ORDER BY time_us LIMIT ?",
             (before_us, limit),
         ).fetchall()
         if not found:
-            conn.execute("ROLLBACK")
             return 0
         updates = [(False, reason(str(sid)), None, str(eid)) for eid, sid in found]
         conn.executemany(_COMPLETE, updates)
         seal = chain.next(_seal_items((), updates), now_us)
         conn.execute(_INSERT_SEAL, seal)
+    chain.advance(seal)
+    return len(found)
+
+
+@contextlib.contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction (``BEGIN IMMEDIATE``): committed at the end, rolled back on any error."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
         conn.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
         raise
-    chain.advance(seal)
-    return len(found)
 
 
 def _meta(conn: sqlite3.Connection, key: str, default: str) -> str:
