@@ -162,8 +162,8 @@ COMPACT_EVERY = 600.0
 RETENTION_EVERY = 3600.0
 #: How often (seconds, at most) the audit log is swept for calls left without an outcome.
 UNFINISHED_EVERY = 60.0
-#: A joined app service's outbox of call outcomes not yet committed by a proxy (data dir).
-OUTBOX_NAME = "audit-outbox.db"
+#: A joined app service's queue of call outcomes not yet committed by a proxy (data dir).
+OUTCOME_QUEUE = "audit-outcomes.db"
 
 
 class Cluster:
@@ -417,8 +417,8 @@ class Cluster:
         placeholder = AppRegistry()
         agent = Agent(creds, data_dir, proxy_addr, placeholder)
         registry_ref.append(agent)
-        # Outcomes no proxy takes at once wait in an outbox in the data dir (kept across restarts).
-        tunnel_audit = TunnelAuditStore(agent, outbox=data_dir / OUTBOX_NAME)
+        # Outcomes no proxy takes at once wait in a queue in the data dir (kept across restarts).
+        tunnel_audit = TunnelAuditStore(agent, queue=data_dir / OUTCOME_QUEUE)
         tunnel_audit.start()
         audit = AuditLog(tunnel_audit)
         apps = await AppServiceParts.start(

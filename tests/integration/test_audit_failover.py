@@ -4,7 +4,7 @@ Real processes on the machine's real PostgreSQL (a fresh database): two proxies 
 joined app service serving server-everything over stdio. The app service's audit calls go to
 one proxy; that proxy is SIGKILLed while calls go through the other: no call is refused
 ("the audit log is unavailable"), and every call answered OK has its row, once, with its
-outcome. An outcome no proxy can take waits in the app service's on-disk outbox, survives its
+outcome. An outcome no proxy can take waits in the app service's on-disk outcome queue, survives its
 SIGKILL and is delivered after the restart. A call whose app service dies with it is
 completed as "outcome unknown" by the proxies' sweep, never left looking successful.
 """
@@ -240,13 +240,13 @@ def test_an_outcome_no_proxy_takes_waits_on_disk_across_an_app_service_restart(c
             p.proc.kill()
             p.proc.wait(15)
         worker.join(60)
-        # The upstream answered; no proxy can take the outcome: it goes to the outbox on disk.
+        # The upstream answered; no proxy can take the outcome: it goes to the queue on disk.
         wait_for_log(
             cluster.agent.log, r"audit writes failed: spooling .*to=\"the cluster\"", cluster.agent.proc, 60
         )
         cluster.agent.proc.kill()  # and the app service dies too, before it could deliver it
         cluster.agent.proc.wait(15)
-        cluster.heal()  # the proxies first, then the app service, which replays its outbox
+        cluster.heal()  # the proxies first, then the app service, which replays its queue
     finally:
         s.close()
 
@@ -255,7 +255,7 @@ def test_an_outcome_no_proxy_takes_waits_on_disk_across_an_app_service_restart(c
         return len(rows) == 1 and rows[0]["success"] is True and "duration_ms" in rows[0]
 
     # The proxies' sweep may have marked it "outcome unknown" meanwhile; the real one wins.
-    _until("the outcome delivered from the outbox", delivered, 60.0)
+    _until("the outcome delivered from the queue", delivered, 60.0)
     assert "spooled by an earlier run will be written" in cluster.agent.log.read_text()
 
 

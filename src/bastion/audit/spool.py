@@ -54,7 +54,7 @@ class SpoolingAuditStore:
         target: str = "the audit database",
     ) -> None:
         """``target``: what ``primary`` is, in log lines ("the cluster" for a joined app
-        service's outbox of call outcomes)."""
+        service's queue of call outcomes)."""
         self.primary = primary
         self.target = target
         self.path = spool_path

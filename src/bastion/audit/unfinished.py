@@ -3,7 +3,7 @@
 A forwarded call is recorded before it goes upstream (marked successful, without a duration)
 and its outcome completes that row when the upstream answers (decision 0005).  If the outcome
 never arrives — the app service that carried the call was killed, or lost its host with the
-outcome still in its outbox — the row would read like a success forever.  So every process
+outcome still in its queue — the row would read like a success forever.  So every process
 that writes an audit store (the auth service's) sweeps it: a call recorded longer ago than
 ``audit.unknown_outcome_after`` and still without an outcome is completed as failed, with the
 reason (decision 0038).  A real outcome delivered later still replaces it.

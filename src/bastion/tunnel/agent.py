@@ -9,7 +9,7 @@ connect   dial the proxy's tunnel listener over mutually authenticated TLS and
 serve     streams the proxy opens carry HTTP requests for ``MCPHandler``
 report    heartbeats (what is served now, at once when it changes), audit
           events (committed by the cluster before the call goes upstream; any
-          live proxy will do), call outcomes (kept in an on-disk outbox until a
+          live proxy will do), call outcomes (kept in an on-disk queue until a
           proxy committed them), app resources for the label selectors (list + watch)
 renew     the host certificate, at two thirds of its life, over the tunnel
 """
@@ -661,27 +661,27 @@ class TunnelAuditStore:
     are idempotent by event id (the store keeps the first row), so a retry never doubles.
 
     ``complete_many`` hands outcomes to a proxy, which answers once they are committed; with
-    an ``outbox`` (a file in the data dir) an outcome no proxy takes now is kept there and
+    a ``queue`` (a file in the data dir) an outcome no proxy takes now is kept there and
     delivered, in order, when one does — also after this app service restarts
     (``SpoolingAuditStore`` in front of the tunnel).  Completing an event again with the same
     outcome leaves the same row, so a delivery whose answer was lost is simply repeated.
     """
 
-    def __init__(self, agent: Agent, *, wait: float = 10.0, outbox: Path | None = None) -> None:
+    def __init__(self, agent: Agent, *, wait: float = 10.0, queue: Path | None = None) -> None:
         self.agent = agent
         self.wait = wait
-        self.outbox = (
+        self.queue = (
             None
-            if outbox is None
+            if queue is None
             else SpoolingAuditStore(
-                _Outcomes(self), outbox, write_timeout=_OUTBOX_WRITE_TIMEOUT, target="the cluster"
+                _Outcomes(self), queue, write_timeout=_QUEUE_WRITE_TIMEOUT, target="the cluster"
             )
         )
 
     def start(self) -> None:
-        """Deliver what an earlier run left in the outbox (call once a loop runs)."""
-        if self.outbox is not None:
-            self.outbox.start()
+        """Deliver what an earlier run left in the queue (call once a loop runs)."""
+        if self.queue is not None:
+            self.queue.start()
 
     async def insert_many(self, events: Sequence[AuditEvent]) -> None:
         await self.agent.call_any(
@@ -689,8 +689,8 @@ class TunnelAuditStore:
         )
 
     async def complete_many(self, updates: Sequence[Completion]) -> None:
-        if self.outbox is not None:
-            await self.outbox.complete_many(updates)
+        if self.queue is not None:
+            await self.queue.complete_many(updates)
         else:
             await self.deliver(updates)
 
@@ -704,23 +704,23 @@ class TunnelAuditStore:
         raise ValidationError("search the audit log through the proxy (`bastion audit search`)")
 
     async def close(self) -> None:
-        """A last try to deliver the outbox; what stays is kept for the next start."""
-        if self.outbox is not None:
-            await self.outbox.close()
+        """A last try to deliver the queue; what stays is kept for the next start."""
+        if self.queue is not None:
+            await self.queue.close()
 
 
-#: An outcome delivery slower than this (seconds) goes to the outbox and is retried from there.
-_OUTBOX_WRITE_TIMEOUT = 8.0
+#: An outcome delivery slower than this (seconds) goes to the queue and is retried from there.
+_QUEUE_WRITE_TIMEOUT = 8.0
 
 
 class _Outcomes:
-    """The outbox's primary: outcomes delivered over the tunnel (it never holds events)."""
+    """The outcome queue's primary: outcomes delivered over the tunnel (it never holds events)."""
 
     def __init__(self, store: TunnelAuditStore) -> None:
         self.store = store
 
     async def insert_many(self, events: Sequence[AuditEvent]) -> None:
-        raise BackendError("the outcome outbox holds no events")  # pragma: no cover - never called
+        raise BackendError("the outcome queue holds no events")  # pragma: no cover - never called
 
     async def complete_many(self, updates: Sequence[Completion]) -> None:
         await self.store.deliver(updates)

@@ -104,7 +104,7 @@ async def test_old_calls_without_an_outcome_are_completed_with_the_reason(sweepa
         assert (rows[failed.id]["error"], rows[failed.id]["duration_ms"]) == ("no", 1.0)
         assert rows[note.id]["success"] is True and "error" not in rows[note.id]
         assert rows[recent.id]["success"] is True and "error" not in rows[recent.id]
-        # The real outcome, delivered late (an outbox replayed), replaces "unknown".
+        # The real outcome, delivered late (an outcome queue replayed), replaces "unknown".
         await store.complete_many([Completion(open_live.id, True, "", 12.5)])
         rows = by_id(await store.search(AuditQuery()))
         assert (rows[open_live.id]["success"], rows[open_live.id]["duration_ms"]) == (True, 12.5)
