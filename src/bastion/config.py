@@ -817,12 +817,24 @@ class AuditExport(_Model):
 
 
 class AuditSection(_Model):
-    """``audit:``: how long the audit log keeps events (decision 0032), and where it is exported."""
+    """``audit:``: how long the audit log keeps events (decision 0032), where it is exported
+    (decision 0035), and when a call whose outcome never arrived is completed as "outcome
+    unknown" (decision 0038)."""
 
     #: Events older than this are pruned in the background; unset: kept forever.
     retention: Duration | None = None
     #: Unset: no export.
     export: AuditExport | None = None
+    #: A call recorded this long ago and still without an outcome is completed as failed,
+    #: "outcome unknown", with the reason (its app service died before reporting it).
+    unknown_outcome_after: Duration = timedelta(hours=1)
+
+    @field_validator("unknown_outcome_after")
+    @classmethod
+    def _unknown_outcome_after(cls, v: timedelta) -> timedelta:
+        if v < timedelta(seconds=1):
+            raise ValueError("must be at least 1s")
+        return v
 
 
 # ------------------------------------------------------------------ Config

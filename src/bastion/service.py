@@ -29,6 +29,7 @@ from bastion.appservice.hostpolicy import HostPolicy
 from bastion.appservice.mcp_http import Limits, MCPHandler
 from bastion.appservice.registry import AppRegistry
 from bastion.appservice.revocation import Access, AccessWatch
+from bastion.audit import unfinished
 from bastion.audit.chain import Signer, signer_of
 from bastion.audit.emitter import AuditLog
 from bastion.audit.export import Exporter, FileSink, HttpSink, Lease, Sink, Source, file_lease
@@ -162,6 +163,10 @@ EXPIRE_EVERY = 30.0
 COMPACT_EVERY = 600.0
 #: Seconds between two audit retention runs (``audit.retention``).
 RETENTION_EVERY = 3600.0
+#: How often (seconds, at most) the audit log is swept for calls left without an outcome.
+UNFINISHED_EVERY = 60.0
+#: A joined app service's queue of call outcomes not yet committed by a proxy (data dir).
+OUTCOME_QUEUE = "audit-outcomes.db"
 
 
 class Cluster:
@@ -385,6 +390,12 @@ class Cluster:
         cluster._tasks.append(asyncio.create_task(cluster._housekeeping(), name="backend-housekeeping"))
         # What local administration did (while this node ran, or before it started) reaches the log.
         cluster._tasks.append(asyncio.create_task(outbox.follow(backend, audit), name="audit-outbox"))
+        if store is not None:
+            cluster._tasks.append(
+                asyncio.create_task(
+                    cluster._audit_unfinished(cfg.audit.unknown_outcome_after), name="audit-unknown-outcomes"
+                )
+            )
         if cfg.audit.retention is not None and store is not None:
             cluster._tasks.append(
                 asyncio.create_task(cluster._audit_retention(cfg.audit.retention), name="audit-retention")
@@ -427,7 +438,10 @@ class Cluster:
         placeholder = AppRegistry()
         agent = Agent(creds, data_dir, proxy_addr, placeholder)
         registry_ref.append(agent)
-        audit = AuditLog(TunnelAuditStore(agent))
+        # Outcomes no proxy takes at once wait in a queue in the data dir (kept across restarts).
+        tunnel_audit = TunnelAuditStore(agent, queue=data_dir / OUTCOME_QUEUE)
+        tunnel_audit.start()
+        audit = AuditLog(tunnel_audit)
         apps = await AppServiceParts.start(
             cfg,
             cluster_name=creds.cluster_name,
@@ -457,13 +471,14 @@ class Cluster:
                 await agent.aclose()
                 await apps.aclose()
                 await audit.close()
+                await tunnel_audit.close()
                 raise
         _guard_own_listeners(apps, cfg, (diag.host, diag.port) if diag is not None else None)
         log.info(
             "app service started as an agent",
             extra={"cluster": creds.cluster_name, "host_id": creds.host_id, "proxy": proxy_addr},
         )
-        return cls(cfg, None, None, None, apps, audit=audit, agent=agent, diag=diag)
+        return cls(cfg, None, None, None, apps, audit=audit, audit_store=tunnel_audit, agent=agent, diag=diag)
 
     @property
     def proxy_addr(self) -> str:
@@ -539,6 +554,24 @@ class Cluster:
             except BastionError as e:
                 log.warning("audit retention failed; will retry", extra={"error": e.message})
             await asyncio.sleep(RETENTION_EVERY)
+
+    async def _audit_unfinished(self, after: timedelta) -> None:
+        """Complete calls left without an outcome for ``after`` as "outcome unknown" (decision
+        0038): every process writing an audit store sweeps it, a few times per ``after`` (at
+        most every minute); on PostgreSQL the proxies share the work (rows locked are skipped)."""
+        complete = getattr(self.audit_store, "complete_unfinished", None)
+        if complete is None or self.auth is None:
+            return
+        every = min(UNFINISHED_EVERY, max(after.total_seconds() / 4, 0.25))
+        while True:
+            await asyncio.sleep(every)
+            try:
+                live = {s.spec.tag for s in await self.auth.app_servers()}
+                await unfinished.sweep(complete, now=datetime.now(UTC), after=after, live_tags=live)
+            except BastionError as e:
+                log.warning(
+                    "cannot complete calls left without an outcome; will retry", extra={"error": e.message}
+                )
 
     async def wait(self) -> None:
         if self.proxy:

@@ -117,6 +117,8 @@ async def test_stdio_server_dying_mid_call(gw: Node) -> None:
         assert "upstream" in r.json()["error"]["message"] and "code 3" in r.json()["error"]["message"]
         again = await victim.call("echo")
         assert again.status_code == 404  # the session ended with its process: re-initialize
+        # ...and its owner hears why, not only "not found".
+        assert "this session ended (stdio server exited with code 3" in again.json()["error"]["message"]
         ok = await bystander.call("echo")
         assert ok.status_code == 200 and "echo" in ok.text
         fresh = Client(gw, "crashy-stdio")

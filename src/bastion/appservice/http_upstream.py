@@ -15,6 +15,7 @@ import logging
 import time
 from typing import Any
 
+import orjson
 from starlette.types import Receive
 
 from bastion._time import Clock
@@ -22,6 +23,7 @@ from bastion.answers import JSON, ORIGIN_HEADER, SSE, Answer
 from bastion.appservice.executor import Collected, Executor
 from bastion.appservice.sessions import GatewaySession, session_headers
 from bastion.appservice.upstream import ClientPost
+from bastion.audit.bound import MAX_QUOTE, clip
 from bastion.errors import UpstreamError
 from bastion.metrics import upstream_error_kind
 from bastion.protocol.sse import EventTooLargeError, SSEParser, encode_event
@@ -31,7 +33,7 @@ from bastion.transport.http import HTTPUpstreamPool, PreparedHeaders
 log = logging.getLogger("bastion.app")
 _DEFAULT_ACCEPT = b"application/json, text/event-stream"
 #: Reasons a session ends after which the upstream's session is over already (or ended by the client).
-_UPSTREAM_ENDED = frozenset({"client ended the session", "upstream session expired"})
+_UPSTREAM_ENDED = frozenset({"client ended the session"})
 
 
 class HTTPUpstream:
@@ -48,6 +50,8 @@ class HTTPUpstream:
         #: they are made of changes.
         self.post_hdrs: PreparedHeaders | None = None
         self.post_key: tuple[Any, ...] = ()
+        #: The upstream said it no longer knows the session (nothing to DELETE there).
+        self.forgotten = False
 
     @property
     def busy(self) -> bool:
@@ -153,22 +157,18 @@ class HTTPUpstream:
                 else:
                     await answer.error(502, "the upstream answered with an unexpected message", "upstream")
                 return
-            if status == 404 and s.upstream_session_id and not post.new:
-                await resp.aclose()
-                await ex.end(s, "upstream session expired")
-                await answer.error(
-                    404,
-                    "the upstream session ended; start a new one with initialize",
-                    "upstream",
-                    code=-32001,
-                )
-                return
+            early: bytes | None = None  # the body, when read here already
+            if status in (400, 404) and s.upstream_session_id and not post.new:
+                early = await resp.read()
+                if status == 404 or _about_the_session(early):
+                    await self._forgotten(s, status, early, answer)
+                    return
             if status == 202:
                 await resp.aclose()
                 await answer.empty(202)
                 return
             if status >= 400 or ctype not in (JSON, SSE):
-                data = await resp.read()
+                data = early if early is not None else await resp.read()
                 if ctype in (JSON, SSE):
                     # JSON-RPC under an error status: the client reads what the engine made of it
                     # (filtered, canonical), never the upstream's bytes, nor events it did not see.
@@ -208,6 +208,28 @@ class HTTPUpstream:
         finally:
             resp.close()
 
+    async def _forgotten(self, s: GatewaySession, status: int, body: bytes, answer: Answer) -> None:
+        """The upstream no longer knows the session (it restarted, or expired it): the session
+        ends — its calls still waiting are failed and audited with the reason, their ids freed —
+        and the client hears 404, so that it starts a new session with ``initialize`` (decision
+        0039).  Not re-initialized behind its back: the upstream's state of the session is gone."""
+        if not s.dead:
+            self.forgotten = True
+            said = _said(body)
+            await self.ex.end(
+                s,
+                f"the upstream MCP server no longer knows the session (HTTP {status}"
+                + (f": {said}" if said else "")
+                + "); it may have restarted",
+            )
+        await answer.error(
+            404,
+            f"the upstream MCP server no longer knows this session ({s.dead}): "
+            "start a new one with initialize",
+            "upstream",
+            code=-32001,
+        )
+
     async def _relay(self, s: GatewaySession, answer: Answer, resp: Any) -> None:
         """Upstream SSE → client SSE, event by event, each message through the engine.
 
@@ -236,6 +258,13 @@ class HTTPUpstream:
             ctype = (resp.header(b"content-type") or b"").split(b";")[0].strip().lower()
             if resp.status != 200 or ctype != SSE:
                 data = await resp.read()
+                if (
+                    resp.status in (400, 404)
+                    and s.upstream_session_id
+                    and (resp.status == 404 or _about_the_session(data))
+                ):
+                    await self._forgotten(s, resp.status, data, answer)
+                    return
                 await answer.whole(
                     resp.status,
                     [(b"content-type", ctype or b"text/plain"), (ORIGIN_HEADER, b"upstream")],
@@ -265,7 +294,7 @@ class HTTPUpstream:
         return None  # each exchange ends with its own POST
 
     async def release(self, s: GatewaySession, reason: str) -> None:
-        if not s.upstream_session_id or reason in _UPSTREAM_ENDED:
+        if not s.upstream_session_id or reason in _UPSTREAM_ENDED or self.forgotten:
             return
         # Reaped or shut down: end the upstream's session too (best effort).
         with contextlib.suppress(Exception):
@@ -273,3 +302,25 @@ class HTTPUpstream:
                 self.pool.request("DELETE", self.path, self._headers(s, {}, accept=JSON)), 5.0
             )
             await resp.aclose()
+
+
+def _about_the_session(body: bytes) -> bool:
+    """Whether a 400 answer is about the session id (a server that lost its sessions answers
+    400 "No valid session ID provided", as the TypeScript SDK's examples do), not the message."""
+    return b"session" in body[:_SNIFF].lower()
+
+
+def _said(body: bytes) -> str:
+    """What the upstream said, from its JSON-RPC error (bounded), or its text: for the reason."""
+    text = body[:_SNIFF].decode("utf-8", "replace")
+    try:
+        doc = orjson.loads(body)
+        if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
+            text = str(doc["error"].get("message", ""))
+    except orjson.JSONDecodeError:
+        pass
+    return clip(" ".join(text.split()), MAX_QUOTE)
+
+
+#: How much of an upstream's error answer is looked at.
+_SNIFF = 4096

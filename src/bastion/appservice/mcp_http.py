@@ -72,6 +72,8 @@ log = logging.getLogger("bastion.app")
 
 SUPPORTED_VERSIONS = frozenset({"2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"})
 _GONE = "session not found (it ended or never existed): start a new one with initialize"
+#: Abnormally ended sessions whose reason is kept for their clients' next request.
+_ENDED_KEPT = 4096
 _AUDIT_DOWN = (
     "the audit log is unavailable, so the gateway refuses to forward calls it cannot record; "
     "try again shortly"
@@ -113,6 +115,9 @@ class MCPHandler:
         self.host = host if host is not None else HostPolicy.defaults(registry.is_static)
         self.pools = Pools(response_timeout=self.limits.response_timeout, host=self.host)
         self.sessions: dict[str, GatewaySession] = {}
+        #: Sessions that ended abnormally, newest last (bounded): (user, app, why), so that
+        #: their owner's next request hears why, not only "not found".
+        self._ended: dict[str, tuple[str, str, str]] = {}
         #: Sessions being opened, by user (counted against the user's limit until stored).
         self._opening: dict[str, int] = {}
         #: The revocation watch's last ``access`` and how many checks it asked for.
@@ -375,6 +380,10 @@ class MCPHandler:
         s = self.sessions.get(sid)
         # Another user's session id, or one of another app, is as unknown as a made-up one.
         if s is None or s.user != actor.name or s.dead or s.app.metadata.name != app.metadata.name:
+            ended = self._ended.get(sid)
+            if ended is not None and ended[:2] == (actor.name, app.metadata.name):
+                # Its owner is told why (an upstream that died or forgot it, revocation...).
+                raise SessionGone(f"this session ended ({ended[2]}): start a new one with initialize")
             raise SessionGone(_GONE)
         if s.app is not app and s.app != app:
             # The app was redefined since the session began (labels, upstream, rewrite): the
@@ -515,6 +524,10 @@ class MCPHandler:
         await s.upstream.stop(s)
         if first:
             error = s.dead if failed or reason not in ("", "client ended the session") else ""
+            if error:
+                self._ended[s.id] = (s.user, s.app.metadata.name, error)
+                if len(self._ended) > _ENDED_KEPT:
+                    del self._ended[next(iter(self._ended))]
             await self.executor.run(s, s.engine.ended(error=error))
         if self.sessions.pop(s.id, None) is not None:
             s.m.session_ended()

@@ -63,6 +63,7 @@ from bastion.audit import chain as chain_mod
 from bastion.audit.chain import Chain, Checker, Seal, Signer, Verifier, VerifyReport
 from bastion.audit.events import AuditEvent
 from bastion.audit.store import (
+    UNFINISHED,
     AuditQuery,
     AuditStore,
     Completion,
@@ -173,6 +174,12 @@ MIGRATIONS: Final = (
             f"INSERT INTO {META} SELECT 'feed_base', coalesce(max(seq), 0)::text FROM {TABLE}",
             f"CREATE TABLE {EXPORTS} (name TEXT PRIMARY KEY, cursor TEXT NOT NULL)",
         ),
+    ),
+    Migration(
+        4,
+        "audit calls without an outcome",
+        # Small: a row is in it from its insert to its completion (decision 0038).
+        (f"CREATE INDEX {TABLE}_unfinished ON {TABLE} (time_us) WHERE {UNFINISHED}",),
     ),
 )
 
@@ -376,6 +383,10 @@ class PostgresAuditStore:
         except BaseException:
             self._head_unknown = seal is not None
             raise
+        self._advance(seal)
+
+    def _advance(self, seal: Seal | None) -> None:
+        """``seal`` is committed: the chain's head moves (and its end is signed later)."""
         if seal is None or self._chain is None:
             return
         self._chain.advance(seal)
@@ -416,6 +427,58 @@ class PostgresAuditStore:
                 )
 
             await self._sealed("seal", write, seal)
+
+    async def complete_unfinished(
+        self, before: datetime, reason: Callable[[str], str], limit: int = 1000
+    ) -> int:
+        """Complete calls left without an outcome (``bastion.audit.store``; decision 0038).
+
+        One transaction: the rows are chosen and locked (``SKIP LOCKED``: a row another
+        proxy's sweep or a completion holds is left to it), completed and sealed.  Not
+        retried on a lost connection (the rows chosen again could differ from the seal's).
+        """
+        self._check_open()
+        before_us = epoch_micros(before)
+        async with self._lock:
+            seal: Seal | None = None
+
+            async def sweep(conn: _Conn) -> int:
+                nonlocal seal
+                async with conn.transaction():
+                    found = await conn.fetch(
+                        f"SELECT id, session_id FROM {TABLE} WHERE {UNFINISHED} AND time_us < $1"
+                        " ORDER BY time_us LIMIT $2 FOR UPDATE SKIP LOCKED",
+                        before_us,
+                        limit,
+                    )
+                    if not found:
+                        return 0
+                    ids = [str(r[0]) for r in found]
+                    errors = [_nul_free(clean_text(reason(str(r[1])))) for r in found]
+                    seal = await self._next_seal(
+                        [["c", i, False, e, None] for i, e in zip(ids, errors, strict=True)]
+                    )
+                    outcomes = [ids, [False] * len(ids), errors, [None] * len(ids)]
+                    if seal is None:
+                        await conn.execute(_COMPLETE, *outcomes)
+                    else:
+                        await conn.execute(_seal_cte(5) + _COMPLETE, *outcomes, *seal)
+                    return len(found)
+
+            try:
+                async with self._pool.acquire() as conn:
+                    n = await sweep(conn)
+            except DRIVER_ERRORS as exc:
+                self._head_unknown = self._chain is not None
+                error = self._error("complete calls without an outcome", exc)
+                if isinstance(error, UnreachableError):
+                    await self._pool.expire_connections()
+                raise error from None
+            except BaseException:
+                self._head_unknown = self._chain is not None
+                raise
+            self._advance(seal)
+            return n
 
     async def search(self, query: AuditQuery) -> list[dict[str, Any]]:
         self._check_open()

@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -58,8 +58,12 @@ class SpoolingAuditStore:
         write_timeout: float = 3.0,
         retry_min: float = 0.25,
         retry_max: float = 5.0,
+        target: str = "the audit database",
     ) -> None:
+        """``target``: what ``primary`` is, in log lines ("the cluster" for a joined app
+        service's queue of call outcomes)."""
         self.primary = primary
+        self.target = target
         self.path = spool_path
         self.write_timeout = write_timeout
         self._retry = (retry_min, retry_max)
@@ -73,7 +77,8 @@ class SpoolingAuditStore:
         self._closed = False
         if self._pending:
             log.warning(
-                "audit events spooled by an earlier run will be written", extra={"batches": self._pending}
+                "audit events spooled by an earlier run will be written",
+                extra={"batches": self._pending, "to": self.target},
             )
 
     # ----------------------------------------------------------------- API
@@ -100,8 +105,8 @@ class SpoolingAuditStore:
                 return
             except (BackendError, TimeoutError, OSError) as e:
                 log.warning(
-                    "audit database unreachable: spooling events to disk until it is back",
-                    extra={"error": str(e) or type(e).__name__, "spool": str(self.path)},
+                    "audit writes failed: spooling them to disk until they can be written",
+                    extra={"to": self.target, "error": str(e) or type(e).__name__, "spool": str(self.path)},
                 )
         self._append(
             [
@@ -153,6 +158,17 @@ class SpoolingAuditStore:
         prune = getattr(self.primary, "prune", None)
         if prune is not None:
             await prune(before)
+
+    async def complete_unfinished(
+        self, before: datetime, reason: Callable[[str], str], limit: int = 1000
+    ) -> int:
+        """The primary's (decision 0038), but only while nothing is spooled: an outcome waiting
+        here must not be taken for one that never came."""
+        complete = getattr(self.primary, "complete_unfinished", None)
+        if complete is None or self._pending:
+            return 0
+        n: int = await complete(before, reason, limit)
+        return n
 
     async def close(self) -> None:
         if self._closed:
@@ -218,7 +234,7 @@ class SpoolingAuditStore:
             last, events, updates = self._next_batches()
             if last is None:
                 self._pending = 0
-                log.info("audit spool drained: writing to the database again")
+                log.info("audit spool drained: writing straight through again", extra={"to": self.target})
                 return
             try:
                 async with asyncio.timeout(self.write_timeout * 3):

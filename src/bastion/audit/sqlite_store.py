@@ -91,6 +91,7 @@ from bastion.audit import chain as chain_mod
 from bastion.audit.chain import Break, Chain, Checker, Seal, Signer, Verifier, VerifyReport
 from bastion.audit.events import AuditEvent
 from bastion.audit.store import (
+    UNFINISHED,
     AuditQuery,
     Completion,
     FeedPage,
@@ -229,6 +230,12 @@ _INSERT: Final = (
     " rev = excluded.rev WHERE ?11"
 )
 
+#: Calls without an outcome (decision 0038): a small index, since a row enters it only when
+#: it is indexed before its outcome (rare: outcomes are merged into rows before indexing).
+_UNFINISHED_INDEX: Final = (
+    f"CREATE INDEX IF NOT EXISTS audit_events_unfinished ON audit_events (time_us) WHERE {UNFINISHED}"
+)
+
 # A completion sets the outcome columns only; the stored JSON stays the event
 # as recorded, and search merges the columns into it (``merge_outcome``).  It
 # moves the row to the end of the feed (ADR 34): read again, with its outcome.
@@ -298,6 +305,9 @@ class SQLiteAuditStore:
         self._seal_due = False
         self._prune_before: int | None = None
         self._prune_error = ""
+        # complete_unfinished: (before_us, reason, limit) until the indexer ran it, and its count.
+        self._sweep: tuple[int, Callable[[str], str], int] | None = None
+        self._swept: int | BaseException = 0
 
     @classmethod
     async def open(
@@ -424,6 +434,24 @@ class SQLiteAuditStore:
             await asyncio.wait([self._indexer or self._start_indexer()])
         if self._prune_error:
             raise BackendError(f"audit database {self._path}: cannot prune: {self._prune_error}")
+
+    async def complete_unfinished(
+        self, before: datetime, reason: Callable[[str], str], limit: int = 1000
+    ) -> int:
+        """Complete calls left without an outcome (``bastion.audit.store``; decision 0038).
+
+        Runs in the indexer's thread after it indexed what is journaled, so an outcome
+        journaled before this call is in its row when the condition is checked.
+        """
+        if self._closed:
+            raise self._closed_error()
+        self._sweep = (epoch_micros(before), reason, limit)
+        self._swept = 0
+        while self._sweep is not None and not self._closed:
+            await asyncio.wait([self._indexer or self._start_indexer()])
+        if isinstance(self._swept, BaseException):
+            raise _error(self._path, "complete calls without an outcome", self._swept)
+        return self._swept
 
     async def _close(self) -> None:
         if self._timer is not None:
@@ -591,13 +619,22 @@ class SQLiteAuditStore:
                     )
             except sqlite3.Error as exc:
                 raise _IndexFailed(str(exc) or type(exc).__name__) from exc
+            swept = False
+            if self._sweep is not None:
+                await self._sweep_step(*self._sweep)
+                swept = isinstance(self._swept, int) and self._swept > 0
             if sign:
                 self._last_signed = time.monotonic()
                 self._seal_due = False
                 if self._sign_timer is not None:
                     self._sign_timer.cancel()
                     self._sign_timer = None
-            elif (rows or updates) and signer is not None and self._sign_timer is None and not self._closed:
+            elif (
+                (rows or updates or swept)
+                and signer is not None
+                and self._sign_timer is None
+                and not self._closed
+            ):
                 self._sign_timer = asyncio.get_running_loop().call_later(SIGN_EVERY, self._on_sign_timer)
             if warning:
                 log.warning("audit database %s: checkpoint failed: %s", self._path, warning)
@@ -617,6 +654,8 @@ class SQLiteAuditStore:
                     exc.reason,
                 )
             self._index_error = exc.reason
+            if self._sweep is not None:  # not tried: what is journaled must be indexed first
+                self._swept, self._sweep = exc, None
             # Back in front of what came since, in order.
             restored = {r[0]: r for r in rows}
             for k, v in self._rows.items():
@@ -652,6 +691,16 @@ class SQLiteAuditStore:
             more = False
         if not more:
             self._prune_before = None
+
+    async def _sweep_step(self, before_us: int, reason: Callable[[str], str], limit: int) -> None:
+        """``complete_unfinished``, after indexing; its failure is the caller's, not indexing's."""
+        try:
+            self._swept = await asyncio.to_thread(
+                _complete_unfinished, self._conn, self._chain, before_us, reason, limit, self._clock()
+            )
+        except sqlite3.Error as exc:
+            self._swept = exc
+        self._sweep = None
 
     def _rotate(self) -> int:
         """Start a new journal segment (when the current one holds anything); returns
@@ -778,16 +827,8 @@ def _write_seal(
 ) -> None:
     """Store one signed seal alone (opening, closing), in its own transaction."""
     seal = chain.next(items, time_us, kind=kind, payload=payload, sign=True)
-    if conn.in_transaction:
-        conn.execute("ROLLBACK")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         conn.execute(_INSERT_SEAL, seal)
-        conn.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        raise
     chain.advance(seal)
 
 
@@ -874,6 +915,50 @@ def _prune(
     chain.advance(seal)
     log.info("audit retention: pruned %d events sealed before the limit", len(ids) + removed_legacy)
     return full
+
+
+def _complete_unfinished(
+    conn: sqlite3.Connection,
+    chain: Chain,
+    before_us: int,
+    reason: Callable[[str], str],
+    limit: int,
+    now_us: int,
+) -> int:
+    """Complete up to ``limit`` calls without an outcome recorded before ``before_us``, sealed.
+
+    One transaction holding the write lock: the rows chosen cannot get an outcome between
+    the choice and the update.  In the indexer's thread.
+    """
+    with _immediate(conn):
+        found = conn.execute(
+            f"SELECT id, session_id FROM audit_events WHERE {UNFINISHED} AND time_us < ?"
+            " ORDER BY time_us LIMIT ?",
+            (before_us, limit),
+        ).fetchall()
+        if not found:
+            return 0
+        updates = [(False, reason(str(sid)), None, str(eid)) for eid, sid in found]
+        conn.executemany(_COMPLETE, updates)
+        seal = chain.next(_seal_items((), updates), now_us)
+        conn.execute(_INSERT_SEAL, seal)
+    chain.advance(seal)
+    return len(found)
+
+
+@contextlib.contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction (``BEGIN IMMEDIATE``): committed at the end, rolled back on any error."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _meta(conn: sqlite3.Connection, key: str, default: str) -> str:
@@ -1111,6 +1196,8 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
                     conn.execute(statement)
             if version < SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            # Added to version 2 later (decision 0038): made where missing, no version change.
+            conn.execute(_UNFINISHED_INDEX)
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):

@@ -34,6 +34,14 @@ Contract of every ``AuditStore``:
   of either is stored).  ``AuditLog`` uses it when a store has it (one
   commit per batch instead of two) and the two methods above otherwise, so
   a store without it is still a complete ``AuditStore``.
+- Optional (decision 0038): ``complete_unfinished(before, reason, limit)``
+  completes as failed, with ``reason(session_id)`` as its error and no
+  duration, at most ``limit`` calls recorded before ``before`` that have no
+  outcome yet (``UNFINISHED``: a forwarded request's event, still marked
+  successful and without a duration), oldest first, and returns how many.
+  A call completed meanwhile keeps its outcome (the condition is checked as
+  the row is written); a real outcome arriving later replaces this one, as
+  any later completion does.
 - Optional (decision 0032): ``verify(checker, since)`` checks what is stored
   against the store's seals (a ``chain.VerifyReport``), and ``prune(before)``
   removes what was sealed before ``before`` (retention); ``AuditLog.verify``
@@ -64,6 +72,7 @@ from bastion.errors import ValidationError
 
 __all__ = [
     "OUTCOMES",
+    "UNFINISHED",
     "AuditQuery",
     "AuditStore",
     "Completion",
@@ -77,6 +86,11 @@ __all__ = [
     "pending_outcome",
     "take_feed",
 ]
+
+#: The rows of calls without an outcome, in SQL (both stores; a partial index of each covers it):
+#: a forwarded request is recorded successful and without a duration, and every outcome sets one
+#: of them (an engine completion always has a duration; ``complete_unfinished`` sets success false).
+UNFINISHED: Final = f"type = '{REQUEST}' AND success AND duration_ms IS NULL"
 
 #: ``AuditQuery.order``: oldest first, newest first.
 ORDERS: Final = ("asc", "desc")

@@ -8,8 +8,9 @@ connect   dial the proxy's tunnel listener over mutually authenticated TLS and
           exponential backoff and jitter
 serve     streams the proxy opens carry HTTP requests for ``MCPHandler``
 report    heartbeats (what is served now, at once when it changes), audit
-          events (committed by the cluster before the call goes upstream),
-          app resources for the label selectors (list + watch)
+          events (committed by the cluster before the call goes upstream; any
+          live proxy will do), call outcomes (kept in an on-disk queue until a
+          proxy committed them), app resources for the label selectors (list + watch)
 renew     the host certificate, at two thirds of its life, over the tunnel
 """
 
@@ -38,6 +39,7 @@ from bastion import __version__
 from bastion._tasks import stop_tasks
 from bastion.answers import send_jsonrpc_error
 from bastion.audit.events import AuditEvent
+from bastion.audit.spool import SpoolingAuditStore
 from bastion.audit.store import AuditQuery, Completion
 from bastion.auth.ca import CertAuthority, fingerprint, host_identity, issue_host_cert, new_host_key
 from bastion.backend import Event, Item
@@ -62,6 +64,8 @@ log = logging.getLogger("bastion.agent")
 
 _BACKOFF_MIN, _BACKOFF_MAX = 0.25, 10.0
 _RPC_TIMEOUT = 30.0
+#: How long one proxy may take over an idempotent call (audit) before another is tried.
+_FAILOVER_ATTEMPT = 10.0
 _GIVE_UP_AFTER = 5
 _BACKDATED = 300.0  # seconds: how far issue_host_cert back-dates not_valid_before
 _REJOIN = "remove <data_dir>/host, set bastion.ca_pin to the new CA's fingerprint and join again"
@@ -559,13 +563,41 @@ class Agent:
         mux = await self.wait_connected(wait) if wait else self._any()
         return await self._call_on(mux, method, args)
 
-    async def _call_on(self, mux: Mux, method: str, args: dict[str, Any]) -> Any:
+    async def call_any(
+        self, method: str, args: dict[str, Any], *, wait: float = 0.0, attempt: float = _FAILOVER_ATTEMPT
+    ) -> Any:
+        """``call`` for idempotent calls: tried on each live tunnel in turn until a proxy answers.
+
+        A proxy that dies, hangs (``attempt`` seconds) or cannot do it (its answer is an error of
+        the cluster's, not a refusal of the request) is passed over for the next one; the call
+        fails only when every live tunnel failed it.  Only for calls that may be carried out
+        twice (the first proxy may have done it before it went silent)."""
+        mux: Mux | None = await self.wait_connected(wait) if wait else self._any()
+        tried: set[Mux] = set()
+        while mux is not None:
+            tried.add(mux)
+            try:
+                return await self._call_on(mux, method, args, within=attempt)
+            except ValidationError:
+                raise  # refused for what it carries: another proxy would refuse it too
+            except BackendError as e:
+                mux = next((m for m in self.conns.values() if not m.closed and m not in tried), None)
+                if mux is None:
+                    raise
+                log.warning(
+                    "a proxy failed a call; trying another", extra={"call": method, "error": e.message}
+                )
+        raise BackendError("not connected to the cluster (no tunnel to a proxy is up)")  # pragma: no cover
+
+    async def _call_on(
+        self, mux: Mux, method: str, args: dict[str, Any], *, within: float = _RPC_TIMEOUT
+    ) -> Any:
         try:
             stream = await mux.open({"kind": "rpc", "method": method})
             await stream.send(orjson.dumps(args))
             await stream.end()
             parts: list[bytes] = []
-            async with asyncio.timeout(_RPC_TIMEOUT):
+            async with asyncio.timeout(within):
                 while (chunk := await stream.recv()) is not None:
                     parts.append(chunk)
         except (StreamReset, TunnelClosed, TimeoutError) as e:
@@ -631,24 +663,75 @@ def _report_refused(refused: Any, told: dict[str, str]) -> dict[str, str]:
 class TunnelAuditStore:
     """An ``AuditStore`` whose writes are committed by the cluster, over the tunnel.
 
-    ``insert_many`` returns only after the cluster committed the events (so a
-    request is never forwarded un-audited); it waits a while for a tunnel when
-    none is up.  Inserts are idempotent by event id, so a retry never doubles.
+    ``insert_many`` returns only after a proxy committed the events (so a request is never
+    forwarded un-audited); it waits a while for a tunnel when none is up, and a proxy that
+    dies or fails the call is passed over for another live one (``Agent.call_any``): inserts
+    are idempotent by event id (the store keeps the first row), so a retry never doubles.
+
+    ``complete_many`` hands outcomes to a proxy, which answers once they are committed; with
+    a ``queue`` (a file in the data dir) an outcome no proxy takes now is kept there and
+    delivered, in order, when one does — also after this app service restarts
+    (``SpoolingAuditStore`` in front of the tunnel).  Completing an event again with the same
+    outcome leaves the same row, so a delivery whose answer was lost is simply repeated.
     """
 
-    def __init__(self, agent: Agent, *, wait: float = 10.0) -> None:
+    def __init__(self, agent: Agent, *, wait: float = 10.0, queue: Path | None = None) -> None:
         self.agent = agent
         self.wait = wait
+        self.queue = (
+            None
+            if queue is None
+            else SpoolingAuditStore(
+                _Outcomes(self), queue, write_timeout=_QUEUE_WRITE_TIMEOUT, target="the cluster"
+            )
+        )
+
+    def start(self) -> None:
+        """Deliver what an earlier run left in the queue (call once a loop runs)."""
+        if self.queue is not None:
+            self.queue.start()
 
     async def insert_many(self, events: Sequence[AuditEvent]) -> None:
-        await self.agent.call(
+        await self.agent.call_any(
             "audit.insert", {"events": [wire.event_to_wire(e) for e in events]}, wait=self.wait
         )
 
     async def complete_many(self, updates: Sequence[Completion]) -> None:
-        await self.agent.call(
+        if self.queue is not None:
+            await self.queue.complete_many(updates)
+        else:
+            await self.deliver(updates)
+
+    async def deliver(self, updates: Sequence[Completion]) -> None:
+        """Hand ``updates`` to a proxy; returns once one committed them."""
+        await self.agent.call_any(
             "audit.complete", {"updates": [wire.completion_to_wire(c) for c in updates]}, wait=self.wait
         )
+
+    async def search(self, query: AuditQuery) -> list[dict[str, Any]]:
+        raise ValidationError("search the audit log through the proxy (`bastion audit search`)")
+
+    async def close(self) -> None:
+        """A last try to deliver the queue; what stays is kept for the next start."""
+        if self.queue is not None:
+            await self.queue.close()
+
+
+#: An outcome delivery slower than this (seconds) goes to the queue and is retried from there.
+_QUEUE_WRITE_TIMEOUT = 8.0
+
+
+class _Outcomes:
+    """The outcome queue's primary: outcomes delivered over the tunnel (it never holds events)."""
+
+    def __init__(self, store: TunnelAuditStore) -> None:
+        self.store = store
+
+    async def insert_many(self, events: Sequence[AuditEvent]) -> None:
+        raise BackendError("the outcome queue holds no events")  # pragma: no cover - never called
+
+    async def complete_many(self, updates: Sequence[Completion]) -> None:
+        await self.store.deliver(updates)
 
     async def search(self, query: AuditQuery) -> list[dict[str, Any]]:
         raise ValidationError("search the audit log through the proxy (`bastion audit search`)")

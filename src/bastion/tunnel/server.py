@@ -11,7 +11,8 @@ and the app service opens streams for its calls to the cluster:
     apps.list       the app resources (for its label selectors)
     apps.watch      changes to app resources from a revision on (a long stream)
     audit.insert    audit events, committed before the answer (idempotent by id)
-    audit.complete  outcomes of recorded calls
+    audit.complete  outcomes of recorded calls, committed before the answer
+                    (idempotent: the same outcome again leaves the same row)
     renew           a new host certificate for a new public key
 
 An app service only ever reaches app resources, its own heartbeat and the
@@ -432,10 +433,11 @@ class TunnelServer:
         if method == "audit.complete":
             if self.audit is None:
                 raise ValidationError("this proxy keeps no audit log")
-            for d in args["updates"]:
-                c = wire.completion_from_wire(d)
-                self.audit.complete(c.event_id, c.success, c.error, c.duration_ms)
-            return {"queued": len(args["updates"])}
+            # Answered once committed: the app service keeps an outcome (on disk) until a
+            # proxy says it is stored, so an answer before the commit could lose it.
+            updates = [wire.completion_from_wire(d) for d in args["updates"]]
+            await self.audit.completed(updates)
+            return {"written": len(updates)}
         if method == "renew":
             cert = self.auth.renew_host_cert(conn.host, str(args["public_key"]).encode())
             log.info("host certificate renewed", extra={"host_id": conn.host.host_id})

@@ -474,6 +474,45 @@ async def test_failed_completions_are_logged_and_the_writer_carries_on(
     assert memory.inserted() == [e.id, later.id]
 
 
+async def test_completed_returns_once_the_outcomes_are_committed(sqlite_store: SQLiteAuditStore) -> None:
+    log = AuditLog(sqlite_store)
+    try:
+        e = make_event()
+        await log.record(e)
+        await within(log.completed([Completion(e.id, False, "upstream said no", 4.0)]))
+        # Committed when it returned: another process reads the outcome (journal or index).
+        [row] = await search_files(sqlite_store.path.parent, AuditQuery())
+        assert (row["success"], row["error"], row["duration_ms"]) == (False, "upstream said no", 4.0)
+        await within(log.completed([]))  # nothing to wait for
+    finally:
+        await log.close()
+
+
+async def test_completed_raises_when_the_store_fails_and_logs_nothing_as_lost(
+    memory: MemoryStore, mlog: AuditLog, caplog: pytest.LogCaptureFixture
+) -> None:
+    memory.complete_errors = [BackendError("database is locked")]
+    e = make_event()
+    await mlog.record(e)
+    # Raised to its caller, who still holds the outcome and may try again: not "lost".
+    with (
+        caplog.at_level(logging.ERROR, logger="bastion.audit"),
+        pytest.raises(BackendError, match="audit log unavailable: database is locked"),
+    ):
+        await within(mlog.completed([Completion(e.id, True, "", 1.0)]))
+    assert not [r for r in caplog.records if "lost" in r.getMessage()]
+    await within(mlog.completed([Completion(e.id, True, "", 1.0)]))  # and again: written
+    assert memory.rows[e.id]["duration_ms"] == 1.0
+
+
+async def test_completed_is_refused_once_the_log_is_closed(memory: MemoryStore) -> None:
+    log = AuditLog(memory)
+    await log.record(make_event())
+    await log.close()
+    with pytest.raises(BackendError, match="closed"):
+        await log.completed([Completion("x", True, "", 1.0)])
+
+
 async def test_cancelled_caller_does_not_stop_the_writer(memory: MemoryStore, mlog: AuditLog) -> None:
     memory.gate = asyncio.Event()
     e = make_event()
