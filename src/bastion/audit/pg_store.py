@@ -196,10 +196,12 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
+# A row's feed position (ADR 34) is taken when it is written, after the batch's outcomes of
+# earlier rows (``write_batch`` runs those first): a session's calls keep their order.
 _INSERT: Final = (
     f'INSERT INTO {TABLE} (id, time_us, type, "user", app, session_id, success, error, duration_ms, event,'
-    " tool) SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],"
-    " $7::boolean[], $8::text[], $9::float8[], $10::text[], $11::text[])"
+    f" tool, rev) SELECT u.*, nextval('{REVS}') FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[],"
+    " $5::text[], $6::text[], $7::boolean[], $8::text[], $9::float8[], $10::text[], $11::text[]) AS u"
     " ON CONFLICT (id) DO NOTHING"
 )
 # The outcome goes in the columns only; search merges it into the stored JSON.  The
@@ -307,9 +309,6 @@ class PostgresAuditStore:
             return
         self._check_open()
         rows = [_pg_row(event_row(e)) for e in events]
-        columns = [list(c) for c in zip(*rows, strict=True)] if events else []
-        if events:
-            columns.append([_nul_free(clean_text(e.tool)) for e in events])
         # The last completion of each event (a later one wins), in one statement;
         # the seal keeps them all, in order.
         final: dict[str, tuple[bool, str, float | None]] = {}
@@ -319,17 +318,30 @@ class PostgresAuditStore:
             outcome = (bool(success), _nul_free(clean_text(error)) if error else "", duration_ms)
             final[eid] = outcome
             items.append(["c", eid, *outcome])
+        # An outcome of a row written in this batch goes into the row (as SQLite's indexer
+        # does): an UPDATE after the INSERT would move the row behind the batch's later rows.
+        if final and rows:
+            merged = []
+            for r in rows:
+                outcome_ = final.pop(r[0], None)
+                merged.append(r if outcome_ is None else (*r[:6], *outcome_, *r[9:]))
+            rows = merged
+        columns = [list(c) for c in zip(*rows, strict=True)] if events else []
+        if events:
+            columns.append([_nul_free(clean_text(e.tool)) for e in events])
         outcomes = [list(final), *([list(c) for c in zip(*final.values(), strict=True)] if final else [])]
         action = "write" if events and final else "insert" if events else "complete"
         async with self._lock:
             seal = await self._next_seal(items)
 
             async def write(conn: _Conn) -> None:
+                # Outcomes of earlier rows first: their feed positions come before this
+                # batch's new rows (ADR 34).
                 if seal is None:
                     if events and final:
                         async with conn.transaction():
-                            await conn.execute(_INSERT, *columns)
                             await conn.execute(_COMPLETE, *outcomes)
+                            await conn.execute(_INSERT, *columns)
                     elif events:
                         await conn.execute(_INSERT, *columns)
                     else:
@@ -337,8 +349,8 @@ class PostgresAuditStore:
                     return
                 if events and final:
                     async with conn.transaction():
-                        await conn.execute(_seal_cte(12) + _INSERT, *columns, *seal)
                         await conn.execute(_COMPLETE, *outcomes)
+                        await conn.execute(_seal_cte(12) + _INSERT, *columns, *seal)
                 elif events:
                     await conn.execute(_seal_cte(12) + _INSERT, *columns, *seal)
                 else:

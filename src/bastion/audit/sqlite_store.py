@@ -696,7 +696,14 @@ class SQLiteAuditStore:
         """``complete_unfinished``, after indexing; its failure is the caller's, not indexing's."""
         try:
             self._swept = await asyncio.to_thread(
-                _complete_unfinished, self._conn, self._chain, before_us, reason, limit, self._clock()
+                _complete_unfinished,
+                self._conn,
+                self._chain,
+                before_us,
+                reason,
+                limit,
+                self._clock(),
+                self._revs,
             )
         except sqlite3.Error as exc:
             self._swept = exc
@@ -788,15 +795,19 @@ def _index_rows(
         # every later transaction would fail ("within a transaction").
         cur.execute("ROLLBACK")
     seal = None if chain is None else chain.next(_seal_items(rows, updates), time_us or _now_us(), sign=sign)
-    # Feed positions (ADR 34) in the order of the journal: rows, then later outcomes.
+    # Feed positions (ADR 34): the outcomes of rows indexed before, then the new rows (their
+    # own outcomes merged in). A session's calls are sequential, so a call's outcome always
+    # comes before its next call's row: the feed keeps each session's order.
     first = revs.next if revs is not None else _next_rev(conn).next
     cur.execute("BEGIN IMMEDIATE")
     try:
-        if rows:
-            cur.executemany(_INSERT, [(*r, first + i) for i, r in enumerate(rows)])
         if updates:
-            base = first + len(rows)
-            cur.executemany(_COMPLETE, [(s, e, d, base + i, eid) for i, (s, e, d, eid) in enumerate(updates)])
+            cur.executemany(
+                _COMPLETE, [(s, e, d, first + i, eid) for i, (s, e, d, eid) in enumerate(updates)]
+            )
+        if rows:
+            base = first + len(updates)
+            cur.executemany(_INSERT, [(*r, base + i) for i, r in enumerate(rows)])
         if seal is not None:
             cur.execute(_INSERT_SEAL, seal)
         cur.execute("COMMIT")
@@ -924,11 +935,13 @@ def _complete_unfinished(
     reason: Callable[[str], str],
     limit: int,
     now_us: int,
+    revs: _Revs,
 ) -> int:
     """Complete up to ``limit`` calls without an outcome recorded before ``before_us``, sealed.
 
     One transaction holding the write lock: the rows chosen cannot get an outcome between
-    the choice and the update.  In the indexer's thread.
+    the choice and the update.  In the indexer's thread.  Each completion takes the next feed
+    position (ADR 34), so exporters and ``audit tail`` read the row again with its outcome.
     """
     with _immediate(conn):
         found = conn.execute(
@@ -939,10 +952,12 @@ def _complete_unfinished(
         if not found:
             return 0
         updates = [(False, reason(str(sid)), None, str(eid)) for eid, sid in found]
-        conn.executemany(_COMPLETE, updates)
+        first = revs.next
+        conn.executemany(_COMPLETE, [(s, e, d, first + i, eid) for i, (s, e, d, eid) in enumerate(updates)])
         seal = chain.next(_seal_items((), updates), now_us)
         conn.execute(_INSERT_SEAL, seal)
     chain.advance(seal)
+    revs.next = first + len(updates)
     return len(found)
 
 

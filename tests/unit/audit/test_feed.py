@@ -169,6 +169,30 @@ async def test_a_recent_call_waits_for_its_outcome(store: Any) -> None:
     assert (await feed_ids(store, cursor, hold, at_least=1))[0] == [stale.id]
 
 
+async def test_a_sessions_calls_keep_their_order_when_an_outcome_and_the_next_call_share_a_batch(
+    store: Any,
+) -> None:
+    """Call 1 is written (held: no outcome yet); call 1's outcome and call 2 are then written
+    together (one index run, or one PostgreSQL transaction). Call 1 must come first."""
+    now = datetime.now(UTC)
+    one, two = make_event(time=now), make_event(time=now)
+    await store.insert_many([one])
+    await indexed(store)
+    hold = 60_000_000
+    got, cursor = await feed_ids(store, "", hold)
+    assert got == []  # held for its outcome
+    write_batch = getattr(store, "write_batch", None)
+    if write_batch is not None:
+        await write_batch([two], [Completion(one.id, True, "", 1.0), Completion(two.id, True, "", 2.0)])
+    else:
+        await store.complete_many([Completion(one.id, True, "", 1.0)])
+        await store.insert_many([two])
+        await store.complete_many([Completion(two.id, True, "", 2.0)])
+    await indexed(store)
+    got, _ = await feed_ids(store, cursor, hold, at_least=2)
+    assert got == [one.id, two.id]
+
+
 async def test_feed_start_gives_the_last_n(store: Any) -> None:
     events = [make_event() for _ in range(5)]
     await store.insert_many(events)
