@@ -211,6 +211,8 @@ _COMPLETE: Final = (
     f" xid = pg_current_xact_id(), rev = nextval('{REVS}')"
     " FROM unnest($1::text[], $2::boolean[], $3::text[], $4::float8[])"
     " AS u (id, success, error, duration_ms) WHERE a.id = u.id"
+    # The same outcome again changes nothing, so the row keeps its place in the feed.
+    " AND (a.success, a.error, a.duration_ms) IS DISTINCT FROM (u.success, u.error, u.duration_ms)"
 )
 #: The feed's rows after a position, below the oldest transaction still running (ADR 34).
 _FEED: Final = (
@@ -320,17 +322,24 @@ class PostgresAuditStore:
             items.append(["c", eid, *outcome])
         # An outcome of a row written in this batch goes into the row (as SQLite's indexer
         # does): an UPDATE after the INSERT would move the row behind the batch's later rows.
+        # It is applied again after the INSERT, for a row stored before (a batch written
+        # again after a lost connection, or re-sent by a joined host): that UPDATE changes
+        # nothing on a row this INSERT wrote, so the row keeps its place.
+        again: dict[str, tuple[bool, str, float | None]] = {}
         if final and rows:
             merged = []
             for r in rows:
                 outcome_ = final.pop(r[0], None)
+                if outcome_ is not None:
+                    again[r[0]] = outcome_
                 merged.append(r if outcome_ is None else (*r[:6], *outcome_, *r[9:]))
             rows = merged
+        repeat = [list(again), *([list(c) for c in zip(*again.values(), strict=True)] if again else [])]
         columns = [list(c) for c in zip(*rows, strict=True)] if events else []
         if events:
             columns.append([_nul_free(clean_text(e.tool)) for e in events])
         outcomes = [list(final), *([list(c) for c in zip(*final.values(), strict=True)] if final else [])]
-        action = "write" if events and final else "insert" if events else "complete"
+        action = "write" if events and (final or again) else "insert" if events else "complete"
         async with self._lock:
             seal = await self._next_seal(items)
 
@@ -338,19 +347,25 @@ class PostgresAuditStore:
                 # Outcomes of earlier rows first: their feed positions come before this
                 # batch's new rows (ADR 34).
                 if seal is None:
-                    if events and final:
+                    if events and (final or again):
                         async with conn.transaction():
-                            await conn.execute(_COMPLETE, *outcomes)
+                            if final:
+                                await conn.execute(_COMPLETE, *outcomes)
                             await conn.execute(_INSERT, *columns)
+                            if again:
+                                await conn.execute(_COMPLETE, *repeat)
                     elif events:
                         await conn.execute(_INSERT, *columns)
                     else:
                         await conn.execute(_COMPLETE, *outcomes)
                     return
-                if events and final:
+                if events and (final or again):
                     async with conn.transaction():
-                        await conn.execute(_COMPLETE, *outcomes)
+                        if final:
+                            await conn.execute(_COMPLETE, *outcomes)
                         await conn.execute(_seal_cte(12) + _INSERT, *columns, *seal)
+                        if again:
+                            await conn.execute(_COMPLETE, *repeat)
                 elif events:
                     await conn.execute(_seal_cte(12) + _INSERT, *columns, *seal)
                 else:

@@ -193,6 +193,20 @@ async def test_a_sessions_calls_keep_their_order_when_an_outcome_and_the_next_ca
     assert got == [one.id, two.id]
 
 
+async def test_a_row_written_again_with_its_outcome_gets_the_outcome(store: Any) -> None:
+    """A batch written again (a lost connection, a spool drained, a joined host re-sending)
+    holds a row stored already and that row's outcome: the outcome must not be lost."""
+    call = make_event()
+    await store.insert_many([call])
+    await indexed(store)
+    write_batch = getattr(store, "write_batch", None)
+    assert write_batch is not None
+    await write_batch([call], [Completion(call.id, True, "", 4.5)])
+    await indexed(store)
+    (row,) = await store.search(AuditQuery(limit=0))
+    assert row["id"] == call.id and row["duration_ms"] == 4.5
+
+
 async def test_feed_start_gives_the_last_n(store: Any) -> None:
     events = [make_event() for _ in range(5)]
     await store.insert_many(events)
