@@ -16,6 +16,7 @@ answer of every affected client came.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -150,6 +151,9 @@ class Load:
                 self._call(mcp, cl, where, f"{self.run}-{cl.name}-{n}")
                 self._stop.wait(self.pace)
         finally:
+            if mcp.sid:  # end the session, as a client that is done does (its upstream stops)
+                with contextlib.suppress(httpx.HTTPError):
+                    mcp.http.delete(mcp.url(cl.via[0]), headers={"Mcp-Session-Id": mcp.sid})
             mcp.close()
 
     def _start(self, mcp: McpOverHttps, cl: Client, where: Any) -> bool:
@@ -222,10 +226,17 @@ def check_audit(node: Node, load: Load) -> dict[str, list[dict[str, Any]]]:
     """Every OK call audited exactly once with a successful outcome; no row without an outcome."""
     ok = {c.message for c in load.calls("ok")}
     end = time.monotonic() + AUDIT_DEADLINE
+
+    def pending(rows: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        mine = [r for m, rs in rows.items() if m.startswith(load.run) for r in rs]
+        return [r for r in mine if r["success"] and r.get("duration_ms") is None]
+
+    # Wait for the spool to drain, and for calls cut off by the fault to be completed as
+    # "outcome unknown" (the cluster's audit.unknown_outcome_after is short here).
     while True:
         rows = audited_echoes(node)
         missing = ok - set(rows)
-        if not missing or time.monotonic() > end:
+        if (not missing and not pending(rows)) or time.monotonic() > end:
             break
     assert not missing, f"{len(missing)} OK calls not audited, e.g. {sorted(missing)[:5]}"
     twice = {m: r for m, r in rows.items() if m in ok and len(r) != 1}
@@ -236,7 +247,6 @@ def check_audit(node: Node, load: Load) -> dict[str, list[dict[str, Any]]]:
         if m in ok and not (r[0]["success"] and r[0].get("duration_ms") is not None)
     }
     assert not wrong, f"OK calls audited without a successful outcome: {list(wrong.items())[:3]}"
-    mine = [r for m, rs in rows.items() if m.startswith(load.run) for r in rs]
-    pending = [r for r in mine if r["success"] and r.get("duration_ms") is None]
-    assert not pending, f"rows left without an outcome (they read as successes): {pending[:3]}"
+    left = pending(rows)
+    assert not left, f"rows left without an outcome (they read as successes): {left[:3]}"
     return rows
