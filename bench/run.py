@@ -302,6 +302,11 @@ class Target:
         return mc.Target(self.url, token=self.token, ssl_ctx=self.ssl_ctx)
 
 
+#: More YAML appended to the measured gateway's configuration (``--gateway-config``), e.g. an
+#: ``audit.export`` to a dead port, to measure what a setting costs per call.
+GATEWAY_CONFIG_EXTRA = ""
+
+
 def start_bastion(
     procs: Procs, tmp: Path, http_port: int, name: str = "bastion", src: Path | None = None
 ) -> tuple[int, str, str, ssl.SSLContext, Path]:
@@ -335,7 +340,7 @@ def start_bastion(
         "    mcp:\n"
         f"      command: {stdio[0]}\n"
         f"      args: {json.dumps(stdio[1:])}\n"
-        f"      run_as_host_user: {json.dumps(run_as)}\n"
+        f"      run_as_host_user: {json.dumps(run_as)}\n" + (GATEWAY_CONFIG_EXTRA if src is None else "")
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
     if src is not None:
@@ -968,12 +973,22 @@ def main() -> int:
         help="a git commit: also measure the gateway at that commit (targets before-http, before-stdio)",
     )
     ap.add_argument(
+        "--gateway-config",
+        default="",
+        help=r"YAML appended to the measured gateway's config (\n for newlines), e.g. "
+        r"'audit:\n  export:\n    http: {url: \"http://127.0.0.1:9/\"}'",
+    )
+    ap.add_argument(
         "--max-wait",
         type=float,
         default=5.0,
         help="seconds to wait, before each target's block, for other load on the cores to fall",
     )
     args = ap.parse_args()
+    global GATEWAY_CONFIG_EXTRA
+    GATEWAY_CONFIG_EXTRA = args.gateway_config.replace("\\n", "\n")
+    if GATEWAY_CONFIG_EXTRA and not GATEWAY_CONFIG_EXTRA.endswith("\n"):
+        GATEWAY_CONFIG_EXTRA += "\n"
     if (os.cpu_count() or 1) < 2:
         print("needs at least 2 CPUs (gateway on core 0, load on core 1)", file=sys.stderr)
         return 2
