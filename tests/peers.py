@@ -287,6 +287,34 @@ def run_everything(mode: Literal["sse", "streamableHttp"] = "streamableHttp") ->
         yield f"http://127.0.0.1:{port}/{'sse' if mode == 'sse' else 'mcp'}"
 
 
+class EverythingOnPort:
+    """server-everything over streamable HTTP on a port of its own, which a test stops and starts
+    again: a fresh process on the same port (its URL stays valid) that remembers no session."""
+
+    def __init__(self) -> None:
+        if not have_node_peers():
+            pytest.skip(node_peers_skip_reason())
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+        self._running: contextlib.ExitStack | None = None
+
+    def start(self) -> None:
+        assert self._running is None, "already running"
+        with contextlib.ExitStack() as stack:
+            env = node_env({"PORT": str(self.port)})
+            stack.enter_context(run_server(everything_cmd("streamableHttp"), self.port, env=env))
+            self._running = stack.pop_all()
+
+    def stop(self) -> None:
+        if self._running is not None:
+            running, self._running = self._running, None
+            running.close()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
 @contextlib.contextmanager
 def run_conformance_fixture(transport: Literal["http"] = "http", *args: str) -> Iterator[str]:
     """The conformance fixture over streamable HTTP on a free loopback port; yields

@@ -10,8 +10,9 @@ per call, paced by ``pace`` seconds between calls.  Each answer is classified:
 
 After a fault, ``check_audit`` asserts what issue 21 asks of every scenario: every call answered
 OK is in the audit log exactly once, with a successful outcome and a duration, and no row of
-any call is left without an outcome. ``recovery`` says how long after a moment the first OK
-answer of every affected client came.
+any call is left without an outcome. ``check_failures`` asserts that only the clients the
+fault touched failed, and how; ``recovery`` says how long after a moment the first OK answer of
+every affected client came.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,10 @@ from tests.integration.mcp_https import McpOverHttps
 
 #: Seconds a scenario waits for the audit log to hold every OK call (the spool may be draining).
 AUDIT_DEADLINE = 60.0
+
+#: Config for every node of the suite: calls cut off by a fault are completed as "outcome
+#: unknown" within seconds (decision 0038), not after the default hour.
+SHORT_UNKNOWN_OUTCOME = "audit:\n  unknown_outcome_after: 3s\n"
 
 
 @dataclass
@@ -106,6 +111,32 @@ class Load:
             if time.monotonic() > end:
                 raise AssertionError(f"the load made no progress: {self.summary()}")
             self._stop.wait(0.05)
+
+    def wait_for_recovery(self, names: Collection[str], since: float, deadline: float = 60.0) -> None:
+        """Until each client of ``names`` has failed since ``since`` and had an OK answer after."""
+        end = time.monotonic() + deadline
+        while not all(self._back(self.clients[n], since) for n in names):
+            if time.monotonic() > end:
+                raise AssertionError(f"clients {sorted(names)} did not fail and recover: {self.summary()}")
+            self._stop.wait(0.05)
+
+    @staticmethod
+    def _back(cl: Client, since: float) -> bool:
+        calls = list(cl.calls)  # appended to by the client's thread meanwhile
+        failed = [c.at for c in calls if c.at >= since and c.outcome != "ok"]
+        return bool(failed) and calls[-1].outcome == "ok" and calls[-1].at > failed[-1]
+
+    def check_failures(self, theirs: Collection[str], statuses: Collection[int]) -> None:
+        """The clients ``theirs`` failed only with ``statuses`` (0: no HTTP answer), the last
+        time with 404, and went on in a new session; no other client failed."""
+        for cl in self.clients.values():
+            bad = [x for x in cl.calls if x.outcome != "ok"]
+            if cl.name in theirs:
+                assert {x.status for x in bad} <= set(statuses), (cl.name, bad[:3])
+                assert bad and bad[-1].status == 404, (cl.name, bad[-3:])
+                assert len(cl.sessions) > 1, (cl.name, "no new session after the 404")
+            else:
+                assert not bad, f"{cl.name}'s session was not touched by the fault, yet it failed: {bad[:3]}"
 
     def summary(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
@@ -203,6 +234,22 @@ def _answer(r: httpx.Response, rid: int) -> dict[str, Any] | None:
     return dict(r.json())
 
 
+def enrol(node: Node, users: Sequence[str], ca: Path) -> dict[str, str]:
+    """Add ``users`` (role mcp-user) through ``node``, write the cluster's CA to ``ca`` and
+    return each user's bearer token."""
+    for u in users:
+        node.cli("users", "add", u, "--roles=mcp-user", local=True)
+    ca.write_text(node.cli("auth", "export", local=True).stdout)
+    return {
+        u: node.cli("auth", "sign", f"--user={u}", "--format=token", local=True).stdout.strip() for u in users
+    }
+
+
+def report(what: str, load: Load, recovery: float) -> None:
+    """The line docs/reliability.md's figures come from (run with ``-s`` to see it)."""
+    print(f"\n[fault] {what}: calls {load.summary()}; recovered in {recovery:.2f} s")
+
+
 def audited_echoes(node: Node) -> dict[str, list[dict[str, Any]]]:
     """Every audited ``echo`` call, by its message."""
     out = node.cli(
@@ -222,13 +269,18 @@ def audited_echoes(node: Node) -> dict[str, list[dict[str, Any]]]:
     return rows
 
 
-def check_audit(node: Node, load: Load, *, lost_outcomes: int = 0) -> dict[str, list[dict[str, Any]]]:
+def check_audit(
+    node: Node, load: Load, *, lost_outcomes: int = 0, failures_failed: bool = False
+) -> dict[str, list[dict[str, Any]]]:
     """Every OK call audited exactly once with a successful outcome; no row without an outcome.
 
     ``lost_outcomes``: how many OK calls may instead read "outcome unknown" — a process killed
     right after answering takes the outcome it had not committed yet (outcomes are queued, not
     waited for: ADR 5), and the sweep then records the call as a failure of unknown outcome,
     never as a success. A crash scenario passes the number of clients it cut off.
+
+    ``failures_failed``: also, every call answered with an error that has a row is audited as
+    failed (not where a fault cuts the client off from a call that may still succeed behind it).
     """
     ok = {c.message for c in load.calls("ok")}
     end = time.monotonic() + AUDIT_DEADLINE
@@ -260,4 +312,8 @@ def check_audit(node: Node, load: Load, *, lost_outcomes: int = 0) -> dict[str, 
     assert not wrong, f"OK calls audited without a successful outcome: {list(wrong.items())[:3]}"
     left = pending(rows)
     assert not left, f"rows left without an outcome (they read as successes): {left[:3]}"
+    if failures_failed:
+        failed = {c.message for c in load.calls() if c.outcome != "ok"}
+        passed = [r for m in failed for r in rows.get(m, []) if r["success"]]
+        assert not passed, f"calls answered with an error audited as successes: {passed[:3]}"
     return rows

@@ -2,7 +2,9 @@
 
 Two all-in-one nodes (auth + proxy + app service each, decision 0030) on one PostgreSQL database
 reached through a TCP relay the test can cut (one cluster for the module: a scenario that kills
-a node starts it again); server-everything over stdio behind them; four
+a node starts it again); server-everything behind them, over stdio (``everything``) and over
+streamable HTTP on a port of its own (``everything-http``), and, for two scenarios, an app
+service on a host of its own joined with a token, serving ``everything`` too; four
 users, each a client holding a session and calling ``echo`` with a message of its own. After every
 fault: every call answered OK is audited exactly once with its outcome, no row is left without an
 outcome, no live session of a user the fault did not touch is lost, and the recovery time is
@@ -12,6 +14,7 @@ printed (figures in docs/reliability.md).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import threading
@@ -23,11 +26,13 @@ from typing import Any
 
 import pytest
 
+from bastion.tunnel.agent import load_creds
 from tests import pg
-from tests.faults.harness import Load, check_audit
+from tests.faults.harness import SHORT_UNKNOWN_OUTCOME, Load, check_audit, enrol, report
 from tests.integration.conftest import Node, start_node, stop_node, wait_for_log
-from tests.integration.test_topology import app_config, tag_of
-from tests.peers import EVERYTHING_JS, everything_cmd, requires_node_peers
+from tests.integration.test_agents import AgentProc, _agent_config, _start_agent, _token, _until
+from tests.integration.test_topology import app_config, app_entry, tag_of
+from tests.peers import EVERYTHING_JS, EverythingOnPort, everything_cmd, requires_node_peers
 
 pytestmark = [requires_node_peers, pytest.mark.postgres]
 
@@ -69,25 +74,37 @@ class Cluster:
     dsn: str
     ca: Path
     tokens: dict[str, str]
+    #: The app ``everything-http`` of both nodes (restarted by a scenario).
+    http: EverythingOnPort
+
+    def start(self, name: str) -> Node:
+        """Node ``name`` (``a`` or ``b``) started on its data dir; see ``serving``."""
+        node = start_node(
+            self.root / name, auth_config=_auth(self.dsn), cluster="faults", extra_config=_extra(self.http)
+        )
+        setattr(self, name, node)
+        return node
+
+    def serving(self, node: Node) -> None:
+        """Until ``node``'s proxy has heard from the other node's app service (its first beat)."""
+        wait_for_log(node.log, r"app service serves .*apps=everything", node.proc, 30.0)
 
     def restart(self, name: str) -> Node:
-        node = getattr(self, name)
-        stop_node(node)
-        fresh = start_node(
-            self.root / name, auth_config=_auth(self.dsn), cluster="faults", extra_config=_extra()
-        )
-        wait_for_log(fresh.log, r"app service serves .*apps=everything", fresh.proc, 30.0)
-        setattr(self, name, fresh)
-        return fresh
+        stop_node(getattr(self, name))
+        node = self.start(name)
+        self.serving(node)
+        return node
 
 
 def _auth(dsn: str) -> str:
     return f"  backend:\n    type: postgres\n    dsn: {dsn}\n"
 
 
-def _extra() -> str:
-    # Calls cut off by a fault are completed as "outcome unknown" within seconds, not an hour.
-    return app_config(everything_cmd("stdio")) + "audit:\n  unknown_outcome_after: 3s\n"
+def _extra(http: EverythingOnPort) -> str:
+    return (
+        app_config(everything_cmd("stdio"), f"  - name: everything-http\n    uri: mcp+{http.url}\n")
+        + SHORT_UNKNOWN_OUTCOME
+    )
 
 
 @pytest.fixture(scope="module")
@@ -95,40 +112,25 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp_path = tmp_path_factory.mktemp("faults")
     server, dbname, dsn = asyncio.run(pg.create_database())
     relay = Relay(dsn)
-    via = relay.proxy.dsn(dsn)
-    nodes: list[Node] = []
+    http = EverythingOnPort()
+    c = Cluster(tmp_path, None, None, relay, relay.proxy.dsn(dsn), tmp_path / "ca.pem", {}, http)  # type: ignore[arg-type]
     try:
-        for name in ("a", "b"):
-            nodes.append(
-                start_node(tmp_path / name, auth_config=_auth(via), cluster="faults", extra_config=_extra())
-            )
-        for n in nodes:
-            wait_for_log(n.log, r"app service serves .*apps=everything", n.proc, 30.0)
-        a, b = nodes
-        for u in USERS:
-            a.cli("users", "add", u, "--roles=mcp-user", local=True)
-        tokens = {
-            u: a.cli("auth", "sign", f"--user={u}", "--format=token", local=True).stdout.strip()
-            for u in USERS
-        }
-        ca = tmp_path / "ca.pem"
-        ca.write_text(a.cli("auth", "export", local=True).stdout)
-        c = Cluster(tmp_path, a, b, relay, via, ca, tokens)
+        http.start()
+        for n in (c.start("a"), c.start("b")):
+            c.serving(n)
+        c.tokens = enrol(c.a, USERS, c.ca)
         yield c
-        nodes = [c.a, c.b]
     finally:
-        for n in nodes:
-            stop_node(n)
+        for n in (c.a, c.b):
+            if n is not None:
+                stop_node(n)
+        http.stop()
         relay.close()
         asyncio.run(pg.drop_database(server, dbname))
 
 
-def _load(c: Cluster, via: dict[str, list[Any]]) -> Load:
-    return Load(c.ca, c.tokens.__getitem__, via, app="everything")
-
-
-def _report(what: str, load: Load, recovery: float) -> None:
-    print(f"\n[fault] {what}: calls {load.summary()}; recovered in {recovery:.2f} s")
+def _load(c: Cluster, via: dict[str, list[Any]], app: str = "everything") -> Load:
+    return Load(c.ca, c.tokens.__getitem__, via, app=app)
 
 
 def test_database_outage_fails_no_call_and_loses_no_outcome(cluster: Cluster) -> None:
@@ -141,8 +143,8 @@ def test_database_outage_fails_no_call_and_loses_no_outcome(cluster: Cluster) ->
         c.relay.restore()
         load.wait_for_calls(40)
     assert not load.calls("error") and not load.calls("lost"), load.summary()
+    report("database away", load, load.recovery(cut))
     check_audit(c.a, load)
-    _report("database away", load, load.recovery(cut))
 
 
 def _descendants(pid: int) -> list[int]:
@@ -190,8 +192,8 @@ def test_a_killed_stdio_child_costs_only_its_own_session(cluster: Cluster) -> No
     (victim,) = failed
     # Its session ended: the call in flight failed (502, origin upstream) or the next got 404.
     assert {x.status for x in load.clients[victim].calls if x.outcome != "ok"} <= {404, 502}
+    report("stdio child killed", load, load.recovery(killed))
     check_audit(c.a, load)
-    _report("stdio child killed", load, load.recovery(killed))
 
 
 def test_a_killed_node_takes_only_its_own_sessions(cluster: Cluster) -> None:
@@ -205,17 +207,11 @@ def test_a_killed_node_takes_only_its_own_sessions(cluster: Cluster) -> None:
         load.wait_for_calls(80)
         c.restart("a")
         load.wait_for_calls(40)
-    for cl in load.clients.values():
-        bad = [x for x in cl.calls if x.outcome != "ok"]
-        if cl.name in theirs:
-            # Its session died with A: the call in flight 502; then 503 + Retry-After while A is
-            # believed alive (ADR 36), 404 once A is back without it; a new session then works.
-            assert {x.status for x in bad} <= {404, 502, 503}, (cl.name, bad[:3])
-            assert bad and bad[-1].status == 404, (cl.name, bad[-3:])
-        else:
-            assert not bad, f"{cl.name}'s session lived on B, yet it failed: {bad[:3]}"
+    # Sessions on A: the call in flight 502; then 503 + Retry-After while A is believed alive
+    # (ADR 36), 404 once A is back without them; a new session then works.
+    load.check_failures(theirs, {404, 502, 503})
+    report("node killed and restarted", load, load.recovery(killed))
     check_audit(c.b, load, lost_outcomes=len(theirs))
-    _report("node killed and restarted", load, load.recovery(killed))
 
 
 def test_a_restarted_proxy_loses_no_session(cluster: Cluster) -> None:
@@ -237,5 +233,91 @@ def test_a_restarted_proxy_loses_no_session(cluster: Cluster) -> None:
     assert not [x for x in lost if x.client in on_b], f"sessions on B lost: {lost[:3]}"
     for name in on_b:
         assert load.clients[name].sessions[-1] == sessions[name], f"{name} had to start over"
+    report("proxy restarted (sessions on the other node)", load, load.recovery(restarted))
     check_audit(c.b, load)
-    _report("proxy restarted (sessions on the other node)", load, load.recovery(restarted))
+
+
+def test_a_restarted_http_upstream_costs_each_session_one_404(cluster: Cluster) -> None:
+    """server-everything over streamable HTTP, an app of both nodes, is restarted on its port
+    (it forgets every session) under load through both proxies: each session's next call is
+    answered 404 and its client initializes again (ADR 39); a call that met the restart is
+    audited as failed, and no OK call is lost."""
+    c = cluster
+    via = {"u1": [c.a], "u2": [c.b], "u3": [c.a, c.b], "u4": [c.b, c.a]}
+    with _load(c, via, app="everything-http") as load:
+        load.wait_for_calls(40)
+        restarted = time.monotonic()
+        c.http.restart()
+        load.wait_for_recovery(USERS, restarted)
+        load.wait_for_calls(40)
+    # While it is down: 502 (origin upstream); once it is back: 404 (the session is gone).
+    load.check_failures(USERS, {404, 502})
+    report("HTTP upstream restarted", load, load.recovery(restarted))
+    check_audit(c.a, load, failures_failed=True)
+
+
+@dataclass
+class Joined:
+    """An app service on a host of its own (``bastion start`` with only ``app_service``),
+    joined with a token, serving ``everything`` from its config file like the nodes do."""
+
+    root: Path
+    config: Path
+    agent: AgentProc
+    tag: str = ""
+
+    def start(self) -> None:
+        self.agent.log.write_text("")
+        self.agent = _start_agent(self.root, self.config)
+        wait_for_log(self.agent.log, r"tunnel connected", self.agent.proc, 30.0)
+
+
+def _proxies_serving(c: Cluster, tag: str) -> int:
+    """How many proxies the app service ``tag`` says (in its heartbeat) it serves apps through."""
+    out = json.loads(c.a.cli("get", "app_servers", "--format=json", local=True).stdout)
+    return sum(len(s["spec"]["proxies"]) for s in out if s["spec"]["tag"] == tag and s["spec"]["apps"])
+
+
+@pytest.fixture
+def joined(cluster: Cluster, tmp_path: Path) -> Iterator[Joined]:
+    c, root = cluster, tmp_path / "joined"
+    token, pin = _token(c.a)
+    apps = app_entry(everything_cmd("stdio"))
+    config = _agent_config(root, c.a, token, pin, "{dynamic: none}", apps=apps)
+    j = Joined(root, config, _start_agent(root, config))
+    try:
+        wait_for_log(j.agent.log, r"tunnel connected", j.agent.proc, 30.0)
+        creds = load_creds(root / "data")  # a joined host's identity (a node's is in data/peer)
+        assert creds is not None
+        j.tag = creds.tag
+        _until("it serves through both proxies", lambda: _proxies_serving(c, j.tag) == 2, 30)
+        yield j
+    finally:
+        j.agent.stop()
+
+
+@pytest.mark.parametrize("restarted", [True, False], ids=["restarted", "gone"])
+def test_a_killed_joined_app_service_takes_only_its_own_sessions(
+    cluster: Cluster, joined: Joined, restarted: bool
+) -> None:
+    """Three app services serve ``everything``: both nodes' and a joined one, which is
+    SIGKILLed (and started again, or not) while its sessions and others are used through both
+    proxies.  Only its own clients fail, and start over: on another app service, or on it once
+    restarted.  Not restarted, its sessions are 404 only once its record expires (ADR 36)."""
+    c = cluster
+    # Every session starts through A, whose round robin puts one on each of the three.
+    with _load(c, {"u1": [c.a], "u2": [c.a, c.b], "u3": [c.a, c.b], "u4": [c.a, c.b]}) as load:
+        load.wait_for_calls(40)
+        theirs = {n for n, cl in load.clients.items() if cl.sessions[-1].startswith(joined.tag + ".")}
+        assert theirs and len(theirs) < len(USERS), {n: cl.sessions for n, cl in load.clients.items()}
+        killed = time.monotonic()
+        joined.agent.proc.kill()
+        joined.agent.proc.wait(15)
+        if restarted:
+            joined.start()
+        load.wait_for_recovery(theirs, killed)
+        load.wait_for_calls(40)
+    # As for a node (above): 502, 503 while believed alive, then 404 and a new session.
+    load.check_failures(theirs, {404, 502, 503})
+    report(f"joined app service killed{', restarted' if restarted else ''}", load, load.recovery(killed))
+    check_audit(c.a, load, lost_outcomes=len(theirs))

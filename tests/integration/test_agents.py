@@ -65,7 +65,9 @@ def _token_doc(node: Node, ttl: str = "30m") -> dict[str, str]:
     return dict(json.loads(res.stdout))
 
 
-def _agent_config(root: Path, node: Node, token: str, pin: str, selector: str) -> Path:
+def _agent_config(root: Path, node: Node, token: str, pin: str, selector: str, *, apps: str = "") -> Path:
+    """An app-service-only host joining ``node``'s cluster with ``token``; ``apps``: items of its
+    own ``app_service.apps`` (static apps), besides the dynamic ones ``selector`` picks."""
     root.mkdir(parents=True, exist_ok=True)
     tok = root / "token"
     tok.write_text(token + "\n")
@@ -87,7 +89,7 @@ def _agent_config(root: Path, node: Node, token: str, pin: str, selector: str) -
         # The host lets dynamic apps run server-everything, as root or the test's user.
         "  dynamic_apps:\n"
         f"    commands: [{everything_cmd('stdio')[0]}]\n"
-        f"    run_as: [root, {os.environ.get('USER') or 'root'}]\n"
+        f"    run_as: [root, {os.environ.get('USER') or 'root'}]\n" + (f"  apps:\n{apps}" if apps else "")
     )
     return cfg
 

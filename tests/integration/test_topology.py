@@ -38,10 +38,9 @@ class Pair:
     ca: Path
 
 
-def app_config(cmd: list[str]) -> str:
+def app_entry(cmd: list[str]) -> str:
+    """The stdio app ``everything`` running ``cmd``: one item of ``app_service.apps``."""
     return (
-        "app_service:\n"
-        "  apps:\n"
         "  - name: everything\n"
         "    labels: {env: dev}\n"
         "    mcp:\n"
@@ -49,6 +48,11 @@ def app_config(cmd: list[str]) -> str:
         f"      args: {json.dumps(cmd[1:])}\n"
         "      run_as_host_user: root\n"
     )
+
+
+def app_config(cmd: list[str], *more: str) -> str:
+    """An ``app_service:`` section serving ``app_entry(cmd)`` and the items ``more``."""
+    return "app_service:\n  apps:\n" + app_entry(cmd) + "".join(more)
 
 
 def start_pair_node(root: Path, dsn: str, *, proxy_config: str = "") -> Node:

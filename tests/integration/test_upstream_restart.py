@@ -13,14 +13,14 @@ import json
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration.conftest import Node, start_node, stop_node
-from tests.peers import everything_cmd, free_port, node_env, requires_node_peers, run_server
+from tests.peers import EverythingOnPort, requires_node_peers
 
 pytestmark = requires_node_peers
 
@@ -28,35 +28,25 @@ pytestmark = requires_node_peers
 @dataclass
 class Gateway:
     node: Node
-    port: int
-    #: The running upstream (stopped and started again by the test).
-    upstream: list[Any] = field(default_factory=list)
-
-    def start_upstream(self) -> None:
-        cm = run_server(everything_cmd("streamableHttp"), self.port, env=node_env({"PORT": str(self.port)}))
-        cm.__enter__()
-        self.upstream.append(cm)
-
-    def stop_upstream(self) -> None:
-        self.upstream.pop().__exit__(None, None, None)
+    #: Restarted by the test.
+    upstream: EverythingOnPort
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     root = tmp_path_factory.mktemp("restart")
-    g = Gateway(node=None, port=free_port())  # type: ignore[arg-type]
-    g.start_upstream()
+    upstream = EverythingOnPort()
+    upstream.start()
     try:
-        apps = f"app_service:\n  apps:\n  - name: everything\n    uri: mcp+http://127.0.0.1:{g.port}/mcp\n"
-        g.node = start_node(root, extra_config=apps)
+        apps = f"app_service:\n  apps:\n  - name: everything\n    uri: mcp+{upstream.url}\n"
+        node = start_node(root, extra_config=apps)
         try:
-            g.node.cli("users", "add", "alice", "--roles=mcp-user", local=True)
-            yield g
+            node.cli("users", "add", "alice", "--roles=mcp-user", local=True)
+            yield Gateway(node, upstream)
         finally:
-            stop_node(g.node)
+            stop_node(node)
     finally:
-        while g.upstream:
-            g.stop_upstream()
+        upstream.stop()
 
 
 @asynccontextmanager
@@ -104,8 +94,7 @@ async def test_old_sessions_get_404_after_an_upstream_restart_and_start_over(
     statuses: list[int] = []
     async with sdk_session(gw.node, statuses) as old:
         assert (await old.call_tool("echo", {"message": "before"})).content[0].text == "Echo: before"
-        gw.stop_upstream()
-        gw.start_upstream()  # same port, no memory of the session
+        gw.upstream.restart()  # same port, no memory of the session
         statuses.clear()
         with pytest.raises(MCPError) as lost:
             await old.call_tool("echo", {"message": "after the restart"})
