@@ -182,6 +182,9 @@ class Row(NamedTuple):
     error: str
     duration_ms: float | None
     text: str
+    #: The ``tool`` column (ADR 35; None where the store has none): checked like the others,
+    #: so an edited one cannot hide a row from ``search --tool``.
+    tool: str | None = None
 
 
 @dataclass
@@ -199,6 +202,8 @@ class Verifier:
     since_us: int | None = None
     #: Rows whose store seq is at most this were written before the chain existed.
     legacy_seq: int = 0
+    #: Rows whose store seq is at most this were stored before the ``tool`` column (left empty).
+    tool_base: int = 0
     breaks: list[Break] = field(default_factory=list)
     seals: int = 0
     signed: int = 0
@@ -298,14 +303,16 @@ class Verifier:
         except orjson.JSONDecodeError:
             self._break(at, row.id, "its stored document does not parse", pos)
             return
-        columns = (row.id, row.type, row.user, row.app, row.session_id)
-        expected = (
+        columns: tuple[str, ...] = (row.id, row.type, row.user, row.app, row.session_id)
+        expected: tuple[str, ...] = (
             str(doc.get("id", "")),
             str(doc.get("event", "")),
             str(doc.get("user", "")),
             str(doc.get("app", "")),
             str(doc.get("session_id", "")),
         )
+        if row.tool is not None and seq > self.tool_base:
+            columns, expected = (*columns, row.tool), (*expected, str(doc.get("tool", "")))
         if not _same_columns(columns, expected):
             self._break(at, row.id, "its indexed columns differ from its sealed document", pos)
             return

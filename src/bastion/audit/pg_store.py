@@ -721,6 +721,9 @@ class PostgresAuditStore:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 legacy = int(await conn.fetchval(f"SELECT value FROM {META} WHERE key = 'legacy_seq'") or 0)
                 v = Verifier(checker, since_us, legacy)
+                v.tool_base = int(
+                    await conn.fetchval(f"SELECT value FROM {META} WHERE key = 'feed_base'") or 0
+                )
                 sql = f"SELECT {_SEAL_COLUMNS} FROM {SEALS}"
                 args: list[Any] = []
                 if since_us is not None:
@@ -730,7 +733,7 @@ class PostgresAuditStore:
                     v.add_seals([Seal(*r)])
                 async for r in conn.cursor(
                     'SELECT seq, id, time_us, type, "user", app, session_id, success, error,'
-                    f" duration_ms, event FROM {TABLE} ORDER BY seq",
+                    f" duration_ms, event, tool FROM {TABLE} ORDER BY seq",
                     prefetch=2000,
                 ):
                     v.check_row(chain_mod.Row(*list(r)[1:]), r[0])

@@ -1572,7 +1572,9 @@ def _verify(path: Path, checker: Checker | None, since: datetime | None) -> Veri
             raise BackendError(
                 f"audit database {path}: written by a bastion without seals; start the cluster once"
             )
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         v = Verifier(checker, since_us, int(_meta(conn, "legacy_seq", "0")))
+        v.tool_base = int(_meta(conn, "feed_base", "0"))
         sql = f"SELECT {_SEAL_COLUMNS} FROM audit_seals"
         params: list[Any] = []
         if since_us is not None:
@@ -1580,8 +1582,9 @@ def _verify(path: Path, checker: Checker | None, since: datetime | None) -> Veri
             params.append(since_us - SINCE_SLACK_US)
         v.add_seals(Seal(*r) for r in conn.execute(sql + " ORDER BY writer, seq", params))
         rows: Iterator[Any] = conn.execute(
-            "SELECT seq, id, time_us, type, user, app, session_id, success, error, duration_ms, event"
-            " FROM audit_events ORDER BY seq"
+            "SELECT seq, id, time_us, type, user, app, session_id, success, error, duration_ms, event, "
+            + ("tool" if version >= 3 else "NULL")
+            + " FROM audit_events ORDER BY seq"
         )
         for seq, *rest in rows:
             v.check_row(chain_mod.Row(*rest), seq)

@@ -169,6 +169,15 @@ async def test_an_edited_outcome_or_column_names_the_event(tmp_path: Path) -> No
     ]
 
 
+async def test_an_edited_tool_column_names_the_event(tmp_path: Path) -> None:
+    """Blanking a call's tool column would hide it from `audit search --tool`."""
+    ids = await sealed_store(tmp_path)
+    (tool,) = sql(tmp_path, "SELECT tool FROM audit_events WHERE id = ?", (ids[9],))[0]
+    assert tool, "the event has a tool to hide"
+    sql(tmp_path, "UPDATE audit_events SET tool = '' WHERE id = ?", (ids[9],))
+    assert await verify(tmp_path) == [(ids[9], "its indexed columns differ from its sealed document")]
+
+
 async def test_a_deleted_row_is_named(tmp_path: Path) -> None:
     ids = await sealed_store(tmp_path)
     sql(tmp_path, "DELETE FROM audit_events WHERE id = ?", (ids[11],))
