@@ -4,6 +4,7 @@ strangers cannot lock a user out, and `bastion proxy mcp` serves only its own or
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -151,3 +152,24 @@ def test_proxy_mcp_refuses_a_foreign_origin_or_host(node: Node, tmp_path: Path) 
             headers = {**MCP_HEADERS, **({"Origin": own} if own else {})}
             r = c.post(url, json=INIT, headers=headers)
             assert r.status_code == 200, (own, r.text)
+
+
+def test_a_user_without_rights_can_neither_see_nor_lift_locks(node: Node, tmp_path: Path) -> None:
+    """Locks guard against password guessing: a narrow-rights user must not lift them (for
+    themselves or another), nor learn who is locked; each refusal is audited."""
+    home = tmp_path / "ivy"
+    _user(node, "ivy", "mcp-user", home)
+    node.cli("users", "add", "jack", "--roles=mcp-user", local=True)
+    stranger = httpx.HTTPTransport(local_address="127.0.0.3", verify=_ca(node))
+    with _client(node, transport=stranger) as c:
+        for _ in range(5):
+            c.post("/v1/webapi/login", json={"user": "jack", "password": "guessing again!"})
+    auth = {"Authorization": f"Bearer {_profile_token(home)}"}
+    with _client(node) as c:
+        for method, path in (("GET", "/v1/users/locks"), ("POST", "/v1/users/jack/unlock")):
+            r = c.request(method, path, headers=auth, json={} if method == "POST" else None)
+            assert r.status_code == 403, (path, r.text)
+            assert "may not" in r.json()["error"]["message"]
+    assert re.search(r"jack .*locked from 1 address", node.cli("users", "ls", local=True).stdout)
+    denied = [e for e in _audit(node, "access.denied") if e["user"] == "ivy"]
+    assert sorted(e["extra"]["path"] for e in denied) == ["/v1/users/jack/unlock", "/v1/users/locks"]
