@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NoReturn, Protocol
 
 import orjson
 import pydantic
@@ -395,7 +395,6 @@ class AuthServer:
         if not ok or user is None:
             # Same answer for both; the audit log tells them apart.
             await self._login_failed(username, source, "unknown_user" if user is None else "password")
-        assert user is not None
         totp_secret = secret.get("totp")
         if self.settings.second_factor == "on" and not totp_secret:
             message = (
@@ -425,7 +424,7 @@ class AuthServer:
         await self._cert_created(ident, actor=ident.username, source=source, how="login")
         return token, ident
 
-    async def _login_failed(self, username: str, source: str, reason: str) -> None:
+    async def _login_failed(self, username: str, source: str, reason: str) -> NoReturn:
         """Count a failed password or one-time code, audit it (and the lock it caused), refuse."""
         locked = await self.throttle.failed(username, source)
         message = "invalid one-time code" if reason == "second_factor" else _LOGIN_FAILED
