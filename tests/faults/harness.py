@@ -269,15 +269,11 @@ def audited_echoes(node: Node) -> dict[str, list[dict[str, Any]]]:
     return rows
 
 
-def check_audit(
-    node: Node, load: Load, *, lost_outcomes: int = 0, failures_failed: bool = False
-) -> dict[str, list[dict[str, Any]]]:
+def check_audit(node: Node, load: Load, *, failures_failed: bool = False) -> dict[str, list[dict[str, Any]]]:
     """Every OK call audited exactly once with a successful outcome; no row without an outcome.
 
-    ``lost_outcomes``: how many OK calls may instead read "outcome unknown" — a process killed
-    right after answering takes the outcome it had not committed yet (outcomes are queued, not
-    waited for: ADR 5), and the sweep then records the call as a failure of unknown outcome,
-    never as a success. A crash scenario passes the number of clients it cut off.
+    Never "outcome unknown" for an OK call, whatever was killed: a call is answered only once
+    its outcome is durable (decision 0040). Calls a fault cut off (not OK) may read so.
 
     ``failures_failed``: also, every call answered with an error that has a row is audited as
     failed (not where a fault cuts the client off from a call that may still succeed behind it).
@@ -304,11 +300,6 @@ def check_audit(
         for m, r in rows.items()
         if m in ok and not (r[0]["success"] and r[0].get("duration_ms") is not None)
     }
-    unknown = {m: r for m, r in wrong.items() if r.get("error", "").startswith("outcome unknown")}
-    assert len(unknown) <= lost_outcomes, f"OK calls whose outcome was lost: {list(unknown.items())[:3]}"
-    if unknown:
-        print(f"\n[fault] {len(unknown)} OK call(s) recorded as 'outcome unknown' (died with their process)")
-    wrong = {m: r for m, r in wrong.items() if m not in unknown}
     assert not wrong, f"OK calls audited without a successful outcome: {list(wrong.items())[:3]}"
     left = pending(rows)
     assert not left, f"rows left without an outcome (they read as successes): {left[:3]}"

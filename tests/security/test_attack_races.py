@@ -29,6 +29,7 @@ from bastion.appservice.mcp_http import Limits, MCPHandler
 from bastion.appservice.registry import AppRegistry
 from bastion.appservice.stream_upstream import QUEUE_BOUND
 from bastion.audit.events import REQUEST, SESSION_END, AuditEvent
+from bastion.audit.store import Completion
 from bastion.auth.credentials import Identity
 from bastion.auth.server import Actor
 from bastion.handoff import SCOPE_KEY, Handoff
@@ -70,7 +71,7 @@ class HeldAudit:
 
     def __init__(self) -> None:
         self.events: list[AuditEvent] = []
-        self.completed: list[tuple[str, bool, str]] = []
+        self.outcomes: list[tuple[str, bool, str]] = []
         self._held: list[tuple[asyncio.Event, asyncio.Event]] = []
 
     def hold(self) -> tuple[asyncio.Event, asyncio.Event]:
@@ -89,7 +90,13 @@ class HeldAudit:
     def complete(
         self, event_id: str, success: bool, error: str = "", duration_ms: float | None = None
     ) -> None:
-        self.completed.append((event_id, success, error))
+        self.outcomes.append((event_id, success, error))
+
+    def completing(self, c: Completion) -> asyncio.Future[None]:
+        self.complete(c.event_id, c.success, c.error, c.duration_ms)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
 
     def record_nowait(self, event: AuditEvent) -> None:
         self.events.append(event)
@@ -252,7 +259,7 @@ async def test_a_call_audited_while_its_session_ends_is_not_forwarded_and_is_ans
     assert status in (404, 502), body
     assert [e.type for e in audit.events].count(SESSION_END) == 1
     (recorded,) = [e for e in audit.events if e.type == REQUEST and e.tool == "echo"]
-    assert [ok for eid, ok, _ in audit.completed if eid == recorded.id] == [False]  # never ran
+    assert [ok for eid, ok, _ in audit.outcomes if eid == recorded.id] == [False]  # never ran
 
 
 # ------------------------------------------------- a hostile streamable-HTTP upstream
@@ -328,7 +335,7 @@ async def test_an_upstream_event_over_the_limit_fails_the_call_and_is_not_blamed
         await handler.aclose()
     assert refused == [], "the upstream's oversized event was recorded as the client's refusal"
     (recorded,) = [e for e in audit.events if e.type == REQUEST and e.tool == "echo"]
-    done = [(ok, why) for eid, ok, why in audit.completed if eid == recorded.id]
+    done = [(ok, why) for eid, ok, why in audit.outcomes if eid == recorded.id]
     assert len(done) == 1 and not done[0][0] and "larger than the limit" in done[0][1], done
     assert b"larger than the limit" in body, body[:300]
 
@@ -356,7 +363,7 @@ async def test_an_upstream_error_without_json_still_completes_the_calls_audit_ev
             status, _, body = await request(handler, "POST", plain, sid, app)
         assert (status, body) == (500, b"oops")
         (recorded,) = [e for e in audit.events if e.type == REQUEST and e.tool == "echo"]
-        assert [ok for eid, ok, _ in audit.completed if eid == recorded.id] == [False]
+        assert [ok for eid, ok, _ in audit.outcomes if eid == recorded.id] == [False]
         assert handler.sessions[sid].engine.in_flight == 0
     finally:
         await handler.aclose()

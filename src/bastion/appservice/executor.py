@@ -6,7 +6,13 @@ new command a type error until it is handled here):
 
 - ``RecordAudit``: committed durably before anything later in the batch; if the audit log
   cannot take it, the batch stops and ``run`` returns False (nothing is forwarded);
-- ``CompleteAudit``: the stored event gets its outcome;
+- ``CompleteAudit``: the stored event gets its outcome, durably, before the messages after it
+  in the batch reach the client (its answer included: an OK the client saw is an outcome on
+  disk — decision 0040).  A POST's batch waits for the commit; an outlet that ``defers`` (a
+  stream upstream's reader, which must not wait for one commit per message) is handed the
+  messages with the commit's future and delivers them, in order, once it resolves.  An outcome
+  the audit log cannot take is logged and the answer still goes (the call ran; the store's
+  sweep marks its row "outcome unknown", decision 0038);
 - ``ForwardToUpstream`` and ``SendToClient``: handed to the batch's :class:`Outlet` (the
   client's POST collects its answer and its forward; a session's upstream delivers the rest);
 - ``CloseSession``: the session ends (upstream and streams closed, end event with the reason);
@@ -15,12 +21,15 @@ new command a type error until it is handled here):
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol, assert_never
 
 from bastion.appservice.sessions import GatewaySession
 from bastion.audit.events import AuditEvent
+from bastion.audit.store import Completion
 from bastion.errors import BastionError
 from bastion.protocol import jsonrpc
 from bastion.session.engine import (
@@ -50,13 +59,18 @@ class AuditSink(Protocol):
 
     async def record(self, event: AuditEvent) -> None: ...
 
-    def complete(self, event_id: str, success: bool, error: str, duration_ms: float) -> None: ...
+    def completing(self, update: Completion) -> asyncio.Future[None]: ...
 
 
 class Outlet(Protocol):
     """Where a batch's messages go: to the client, and (from a client message only) upstream."""
 
+    #: True: ``to_client_after`` holds a message until a commit without the caller waiting.
+    defers: bool
+
     def to_client(self, cmd: SendToClient) -> None: ...
+
+    def to_client_after(self, barrier: asyncio.Future[None], cmd: SendToClient) -> None: ...
 
     def forward(self, cmd: ForwardToUpstream) -> None: ...
 
@@ -67,6 +81,8 @@ class Collected:
 
     __slots__ = ("fwd", "replies")
 
+    defers = False
+
     def __init__(self) -> None:
         self.replies: list[SendToClient] = []
         self.fwd: ForwardToUpstream | None = None
@@ -74,11 +90,31 @@ class Collected:
     def to_client(self, cmd: SendToClient) -> None:
         self.replies.append(cmd)
 
+    def to_client_after(self, barrier: asyncio.Future[None], cmd: SendToClient) -> None:
+        raise AssertionError("a POST's batch waits for its commits")  # defers is False
+
     def forward(self, cmd: ForwardToUpstream) -> None:
         if self.fwd is None:  # the engine forwards at most one message per client message
             self.fwd = cmd
         else:
             log.error("the engine forwarded twice for one client message; the second was dropped")
+
+
+def _outcome_lost(session_id: str, event_id: str, e: BastionError) -> None:
+    log.error(
+        "audit unavailable; the outcome of a call was not recorded",
+        extra={"session_id": session_id, "event_id": event_id, "error": e.message},
+    )
+
+
+def _outcome_written(session_id: str, event_id: str, fut: asyncio.Future[None]) -> None:
+    if fut.cancelled():
+        return
+    e = fut.exception()
+    if isinstance(e, BastionError):
+        _outcome_lost(session_id, event_id, e)
+    elif e is not None:
+        log.error("the outcome of a call failed to be written", exc_info=e, extra={"event_id": event_id})
 
 
 class Executor:
@@ -99,6 +135,7 @@ class Executor:
         outside any POST's answer."""
         if out is None:
             out = s.upstream
+        barrier: asyncio.Future[None] | None = None
         for cmd in commands:
             match cmd:
                 case RecordAudit():
@@ -112,9 +149,26 @@ class Executor:
                 case ForwardToUpstream():
                     out.forward(cmd)
                 case SendToClient():
-                    out.to_client(cmd)
+                    if barrier is None:
+                        out.to_client(cmd)
+                    else:
+                        out.to_client_after(barrier, cmd)
                 case CompleteAudit():
-                    self.audit.complete(cmd.event_id, cmd.success, cmd.error, cmd.duration_ms)
+                    try:
+                        fut = self.audit.completing(
+                            Completion(cmd.event_id, cmd.success, cmd.error, cmd.duration_ms)
+                        )
+                    except BastionError as e:
+                        _outcome_lost(s.id, cmd.event_id, e)
+                        continue
+                    if out.defers:
+                        fut.add_done_callback(functools.partial(_outcome_written, s.id, cmd.event_id))
+                        barrier = fut
+                    else:
+                        try:
+                            await fut
+                        except BastionError as e:
+                            _outcome_lost(s.id, cmd.event_id, e)
                 case CloseSession():
                     log.info(
                         "session closed by the gateway",

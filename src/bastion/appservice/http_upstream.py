@@ -60,6 +60,12 @@ class HTTPUpstream:
     async def start(self, s: GatewaySession) -> None:
         return None
 
+    #: Every message of an HTTP upstream is read by the POST or GET it answers: they wait.
+    defers = False
+
+    def to_client_after(self, barrier: asyncio.Future[None], cmd: SendToClient) -> None:
+        raise AssertionError("an HTTP upstream's messages are read by a POST or GET, which waits")
+
     def to_client(self, cmd: SendToClient) -> None:
         # The client's server-to-client stream is the upstream's own GET stream, relayed:
         # a message the gateway makes outside a POST's answer has no way to the client.

@@ -11,6 +11,7 @@ client can resume a dropped stream with ``Last-Event-ID`` (``resume.py``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -57,6 +58,8 @@ class StreamUpstream:
         self._room = asyncio.Event()
         #: Set while the reader waits for a client to take what it holds.
         self.paused = asyncio.Event()
+        #: Messages held until the outcome commit before them resolves, in order (ADR 40).
+        self._held: collections.deque[tuple[asyncio.Future[None] | None, SendToClient]] = collections.deque()
 
     @property
     def busy(self) -> bool:
@@ -71,7 +74,33 @@ class StreamUpstream:
 
     # ------------------------------------------------------------- delivery
 
+    #: The reader goes on while an answer waits for its outcome's commit (``to_client_after``):
+    #: one commit per message read would cap a session at one commit's pace.
+    defers = True
+
+    def to_client_after(self, barrier: asyncio.Future[None], cmd: SendToClient) -> None:
+        if not self._held and barrier.done():
+            self._deliver(cmd)
+            return
+        self._held.append((barrier, cmd))
+        barrier.add_done_callback(self._release)
+
     def to_client(self, cmd: SendToClient) -> None:
+        if self._held:  # nothing overtakes a held answer
+            self._held.append((None, cmd))
+        else:
+            self._deliver(cmd)
+
+    def _release(self, _: object = None) -> None:
+        held = self._held
+        while held:
+            barrier, cmd = held[0]
+            if barrier is not None and not barrier.done():
+                return
+            held.popleft()
+            self._deliver(cmd)
+
+    def _deliver(self, cmd: SendToClient) -> None:
         related = cmd.related_request_id
         if related is not None and related in self.pending:
             self.pending[related].put_nowait(cmd.raw)
@@ -107,6 +136,11 @@ class StreamUpstream:
         """Backpressure: while a waiting POST holds ``QUEUE_BOUND`` messages its client has not
         taken, read nothing more (a client that does not read stalls its own session only, and
         only until its request's deadline)."""
+        while len(self._held) >= QUEUE_BOUND:  # the audit log is slow: wait for the oldest commit
+            barrier = self._held[0][0]
+            if barrier is not None:
+                await asyncio.wait([barrier])
+            self._release()
         while any(q.qsize() >= QUEUE_BOUND for q in self.pending.values()):
             self.paused.set()
             self._room.clear()

@@ -14,6 +14,7 @@ messages to the client that no request is waiting for (:meth:`to_client`).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -59,8 +60,15 @@ class Upstream(Protocol):
     async def client_ended(self, s: GatewaySession, headers: dict[bytes, bytes]) -> None:
         """The client sent DELETE: end the upstream's own session if it has one."""
 
+    #: True when :meth:`to_client_after` holds messages itself (a reader that must not wait).
+    defers: bool
+
     def to_client(self, cmd: SendToClient) -> None:
         """Deliver a message to the client outside any POST's answer (a notification, a late error)."""
+
+    def to_client_after(self, barrier: asyncio.Future[None], cmd: SendToClient) -> None:
+        """Deliver ``cmd`` once ``barrier`` (its call's outcome commit) resolved, in order with
+        every later message (decision 0040); only called when :attr:`defers`."""
 
     def forward(self, cmd: ForwardToUpstream) -> None:
         """A forward outside a client POST: never made by the engine; refused (logged)."""

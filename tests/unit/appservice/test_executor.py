@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -12,6 +13,7 @@ from bastion.appservice.executor import Collected, Executor
 from bastion.appservice.sessions import GatewaySession
 from bastion.appservice.upstreams import UpstreamIdentity
 from bastion.audit.events import AuditEvent
+from bastion.audit.store import Completion
 from bastion.errors import BackendError
 from bastion.identity import Identity
 from bastion.metrics import app_metrics
@@ -48,8 +50,9 @@ class Clock:
 class Audit:
     """Records what the executor committed, in order; ``fail`` makes every record fail."""
 
-    def __init__(self, *, fail: bool = False) -> None:
+    def __init__(self, *, fail: bool = False, fail_outcomes: bool = False) -> None:
         self.fail = fail
+        self.fail_outcomes = fail_outcomes
         self.log: list[tuple[str, Any]] = []
 
     async def record(self, event: AuditEvent) -> None:
@@ -57,17 +60,26 @@ class Audit:
             raise BackendError("the audit store is down")
         self.log.append(("record", event.id))
 
-    def complete(
-        self, event_id: str, success: bool, error: str = "", duration_ms: float | None = None
-    ) -> None:
-        self.log.append(("complete", (event_id, success, error, duration_ms)))
+    def completing(self, c: Completion) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.fail_outcomes:
+            fut.set_exception(BackendError("the audit store is down"))
+        else:
+            self.log.append(("complete", (c.event_id, c.success, c.error, c.duration_ms)))
+            fut.set_result(None)
+        return fut
 
 
 class Upstream:
     """The session's outlet: what it was handed, in order (shared with the audit log's order)."""
 
+    defers = False
+
     def __init__(self, order: list[tuple[str, Any]]) -> None:
         self.order = order
+
+    def to_client_after(self, barrier: asyncio.Future[None], cmd: SendToClient) -> None:
+        raise AssertionError("not deferring")
 
     def to_client(self, cmd: SendToClient) -> None:
         self.order.append(("to_client", cmd.raw))
@@ -230,3 +242,84 @@ async def test_fail_request_answers_through_the_engine() -> None:
     assert s.engine.in_flight == 0  # the request is over: its slot is free
     completes = [v for k, v in audit.log if k == "complete"]
     assert completes and completes[-1][1] is False  # its audit event completed as failed
+
+
+async def test_an_answer_waits_for_its_outcome_to_be_durable() -> None:
+    """Decision 0040: the client sees an answer only once its call's outcome is committed."""
+    gate = asyncio.Event()
+    reached = asyncio.Event()
+
+    class Slow(Audit):
+        def completing(self, c: Completion) -> asyncio.Future[None]:
+            reached.set()
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            async def later() -> None:
+                await gate.wait()
+                self.log.append(("complete", (c.event_id, c.success, c.error, c.duration_ms)))
+                fut.set_result(None)
+
+            tasks.append(asyncio.create_task(later()))
+            return fut
+
+    tasks: list[asyncio.Task[None]] = []
+
+    audit = Slow()
+    ex, s, _ = make(audit)
+    out = Collected()
+    task = asyncio.create_task(
+        ex.run(s, [CompleteAudit("ev-9", True, "", 2.0), SendToClient(b'{"jsonrpc":"2.0","id":9}', 9)], out)
+    )
+    await asyncio.wait_for(reached.wait(), 5)
+    assert out.replies == []  # the outcome is not written yet: nothing answered
+    gate.set()
+    assert await asyncio.wait_for(task, 5)
+    assert audit.log == [("complete", ("ev-9", True, "", 2.0))]
+    assert [r.raw for r in out.replies] == [b'{"jsonrpc":"2.0","id":9}']
+
+
+async def test_an_outcome_that_cannot_be_written_is_logged_and_the_answer_still_goes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ex, s, _ = make(Audit(fail_outcomes=True))
+    out = Collected()
+    with caplog.at_level(logging.ERROR, logger="bastion.app"):
+        ok = await ex.run(s, [CompleteAudit("ev-9", True, "", 2.0), SendToClient(b"{}", 9)], out)
+    assert ok  # the call ran upstream: its answer is the client's (the sweep marks the row)
+    assert [r.raw for r in out.replies] == [b"{}"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "audit unavailable; the outcome of a call was not recorded"
+    ]
+    assert caplog.records[0].event_id == "ev-9"  # type: ignore[attr-defined]
+
+
+async def test_a_deferring_outlet_gets_the_answer_with_its_commit_and_the_batch_goes_on() -> None:
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    class Pending(Audit):
+        def completing(self, c: Completion) -> asyncio.Future[None]:
+            return gate
+
+    class Deferring:
+        defers = True
+
+        def __init__(self) -> None:
+            self.got: list[tuple[str, Any]] = []
+
+        def to_client(self, cmd: SendToClient) -> None:
+            self.got.append(("now", cmd.raw))
+
+        def to_client_after(self, barrier: asyncio.Future[None], cmd: SendToClient) -> None:
+            self.got.append(("after", (barrier, cmd.raw)))
+
+        def forward(self, cmd: ForwardToUpstream) -> None:
+            raise AssertionError("no forward")
+
+    ex, s, _ = make(Pending())
+    out = Deferring()
+    ok = await asyncio.wait_for(
+        ex.run(s, [SendToClient(b"1"), CompleteAudit("ev-9", True, "", 2.0), SendToClient(b"2")], out), 5
+    )
+    assert ok  # returned without the commit
+    assert out.got == [("now", b"1"), ("after", (gate, b"2"))]
+    gate.set_result(None)

@@ -131,3 +131,33 @@ async def test_exchange_waits_for_its_own_answer_while_an_earlier_post_with_its_
     assert second_out[1]["body"] == b'{"jsonrpc":"2.0","id":1,"result":{"again":true}}'
     release.set()
     await asyncio.wait_for(first, 5)
+
+
+async def test_an_answer_held_for_its_outcome_commit_is_not_overtaken() -> None:
+    """Decision 0040: the reader hands an answer over with its outcome's commit; the answer and
+    everything after it wait for that commit, in order, while the reader goes on."""
+    up = upstream()
+    q = waiting(up, 1)
+    commit: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    answer = b'{"jsonrpc":"2.0","id":1,"result":{}}'
+    up.to_client_after(commit, SendToClient(answer, 1))
+    up.to_client(SendToClient(NOTE, 1))
+    assert q.empty()  # nothing before the outcome is durable
+    commit.set_result(None)
+    await asyncio.sleep(0)  # the commit's callbacks run on the loop
+    assert [q.get_nowait(), q.get_nowait()] == [answer, NOTE]
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    up.to_client_after(done, SendToClient(NOTE, 1))  # already durable: delivered at once
+    assert q.get_nowait() == NOTE
+
+
+async def test_a_failed_commit_still_delivers_the_answer() -> None:
+    up = upstream()
+    q = waiting(up, 1)
+    commit: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    up.to_client_after(commit, SendToClient(b"{}", 1))
+    commit.set_exception(RuntimeError("disk full"))
+    commit.exception()  # retrieved (the executor logs it)
+    await asyncio.sleep(0)
+    assert q.get_nowait() == b"{}"
