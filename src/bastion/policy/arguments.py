@@ -30,7 +30,7 @@ from typing import Any, Final, Literal
 from bastion.policy.decision import Decision
 from bastion.policy.matchers import Matcher, compile_patterns
 from bastion.resources import ToolRule
-from bastion.resources.expressions import Program, compile_expression
+from bastion.resources.expressions import Program, Scope, compile_expression
 
 __all__ = ["ArgumentRules", "CompiledToolRule", "compile_tool_rules"]
 
@@ -76,16 +76,10 @@ def compile_tool_rules(
     return tuple(out)
 
 
-def _evaluate(rule: CompiledToolRule, arguments: Any, user: dict[str, Any]) -> bool | str:
+def _evaluate(rule: CompiledToolRule, scope: Scope) -> bool | str:
     """True/False, or why the rule could not be evaluated."""
-    program = rule.program
-    variables: dict[str, Any] = {}
-    if program.uses_arguments:
-        variables["arguments"] = arguments
-    if program.uses_user:
-        variables["user"] = user
     try:
-        result = program.run(variables)
+        result = rule.program.run(scope)
     except Exception as e:  # the library raises KeyError, TypeError, RuntimeError, ValueError...
         text = str(e) or type(e).__name__
         if isinstance(e, KeyError):
@@ -99,7 +93,7 @@ def _evaluate(rule: CompiledToolRule, arguments: Any, user: dict[str, Any]) -> b
 class ArgumentRules:
     """The argument rules that apply to one tool of one app for one identity.  Call it per call."""
 
-    __slots__ = ("_allow", "_deny", "_tool", "_traits")
+    __slots__ = ("_allow", "_deny", "_scope", "_tool", "_traits", "_username")
 
     def __init__(
         self,
@@ -114,13 +108,23 @@ class ArgumentRules:
         self._deny = deny
         self._allow = allow
         self._traits = {k: list(v) for k, v in traits.items()}
+        self._username: str | None = None
+        self._scope: Scope | None = None
 
     def __call__(self, arguments: Any, username: str) -> Decision:
         if arguments is None:
             arguments = {}
-        user = {"name": username, "traits": self._traits}
+        scope = self._scope
+        if scope is None or username != self._username:  # once per checker, in practice
+            scope = self._scope = Scope({"name": username, "traits": self._traits})
+            self._username = username
+        with scope.lock:
+            scope.set_arguments(arguments)
+            return self._decide(scope)
+
+    def _decide(self, scope: Scope) -> Decision:
         for rule in self._deny:
-            got = _evaluate(rule, arguments, user)
+            got = _evaluate(rule, scope)
             if got is True:
                 return Decision(False, f"the call is denied by {rule.named}")
             if got is not False:
@@ -130,7 +134,7 @@ class ArgumentRules:
         failed: list[str] = []
         for rules in self._allow:
             for rule in rules:
-                got = _evaluate(rule, arguments, user)
+                got = _evaluate(rule, scope)
                 if got is True:
                     return Decision(True, f"the call is allowed by {rule.named}")
                 failed.append(rule.named if got is False else f"{rule.named} (could not be evaluated: {got})")

@@ -18,13 +18,14 @@ Pure: no I/O, no clock.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final
 
 import cel
 
-__all__ = ["MAX_EXPRESSION", "VARIABLES", "ExpressionError", "Program", "compile_expression"]
+__all__ = ["MAX_EXPRESSION", "VARIABLES", "ExpressionError", "Program", "Scope", "compile_expression"]
 
 #: The names an expression may refer to (besides the variables its own macros bind).
 VARIABLES: Final = frozenset({"arguments", "user"})
@@ -60,10 +61,30 @@ class Program:
     uses_user: bool
     _program: cel.Program
 
-    def run(self, variables: dict[str, Any]) -> Any:
-        """Evaluate with ``variables``; raises whatever the library raises on a runtime error
+    def run(self, scope: Scope) -> Any:
+        """Evaluate in ``scope``; raises whatever the library raises on a runtime error
         (a missing key, a type mismatch): callers decide what a failed rule means."""
-        return self._program.execute(variables)
+        return self._program.execute(scope._context)
+
+
+class Scope:
+    """The variables rules are evaluated with: ``user`` set once, ``arguments`` per call.
+
+    The library converts a variable to its own values when the scope changes;
+    ``user`` (name and traits: nested maps and lists) costs several times what
+    a small ``arguments`` map does, so it is converted once per scope rather
+    than per call (decision 0044 has the figures).  Not thread-safe: hold
+    :attr:`lock` from :meth:`set_arguments` to the last :meth:`Program.run`.
+    """
+
+    __slots__ = ("_context", "lock")
+
+    def __init__(self, user: dict[str, Any]) -> None:
+        self._context = cel.Context(variables={"user": user})
+        self.lock = threading.Lock()
+
+    def set_arguments(self, arguments: Any) -> None:
+        self._context.add_variable("arguments", arguments)
 
 
 def _first_error(message: str) -> ExpressionError:
