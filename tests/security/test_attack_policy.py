@@ -170,6 +170,8 @@ def test_prompt_get_outside_the_rules(gateway: Gateway, session: RawSession) -> 
         CALL % b'{"name":"echo","arguments":{"message":"hi","message":"secret"}}',
         # A case variant of "arguments" a folding decoder could read instead.
         CALL % b'{"name":"echo","arguments":{"message":"hi"},"Arguments":{"message":"secret"}}',
+        # A case variant inside the arguments: a Go upstream reads the last, "Message".
+        CALL % b'{"name":"echo","arguments":{"message":"hi","Message":"secret"}}',
         # A message that is not a string cannot be judged: refused (the deny rule fails closed).
         CALL % b'{"name":"echo","arguments":{"message":["secret"]}}',
     ],

@@ -29,6 +29,7 @@ from typing import Any, Final, Literal
 
 from bastion.policy.decision import Decision
 from bastion.policy.matchers import Matcher, compile_patterns
+from bastion.protocol.jsonrpc import fold_key
 from bastion.resources import ToolRule
 from bastion.resources.expressions import Program, Scope, compile_expression
 
@@ -76,6 +77,31 @@ def compile_tool_rules(
     return tuple(out)
 
 
+def _case_variant(value: Any) -> tuple[str, str] | None:
+    """Two member names of one object, anywhere in ``value``, that fold to the same name.
+
+    A rule reads ``arguments.message``; an upstream decoding case-insensitively (Go's
+    ``encoding/json``, .NET) may read ``Message`` instead, the last one winning.  The
+    parser refuses such pairs only at the levels the gateway judged before rules existed
+    (``protocol/jsonrpc.py``), so calls judged on their arguments are checked here.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is dict:
+            if len(item) > 1:
+                seen: dict[str, str] = {}
+                for key in item:
+                    folded = fold_key(key)
+                    other = seen.setdefault(folded, key)
+                    if other is not key:
+                        return other[:64], key[:64]
+            stack.extend(v for v in item.values() if type(v) is dict or type(v) is list)
+        elif type(item) is list:
+            stack.extend(v for v in item if type(v) is dict or type(v) is list)
+    return None
+
+
 def _evaluate(rule: CompiledToolRule, scope: Scope) -> bool | str:
     """True/False, or why the rule could not be evaluated."""
     try:
@@ -114,6 +140,13 @@ class ArgumentRules:
     def __call__(self, arguments: Any, username: str) -> Decision:
         if arguments is None:
             arguments = {}
+        ambiguous = _case_variant(arguments)
+        if ambiguous is not None:
+            return Decision(
+                False,
+                f'the arguments hold "{ambiguous[0]}" and "{ambiguous[1]}", which a case-insensitive '
+                "decoder reads as one member; refused where argument rules apply",
+            )
         scope = self._scope
         if scope is None or username != self._username:  # once per checker, in practice
             scope = self._scope = Scope({"name": username, "traits": self._traits})

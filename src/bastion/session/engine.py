@@ -215,7 +215,7 @@ CLIENT_NOTIFICATIONS: Final = frozenset(
 
 #: Requests judged by the role's mcp.resources / mcp.prompts (decision 0043); see _content_refusal.
 _CONTENT_METHODS: Final = frozenset(
-    {"resources/read", "resources/subscribe", "prompts/get", "completion/complete"}
+    {"resources/read", "resources/subscribe", "prompts/get", "completion/complete", "subscriptions/listen"}
 )
 #: List results filtered by those rules: method -> the result's list member.
 _CONTENT_LISTS: Final = {
@@ -658,6 +658,10 @@ class Session:
                 'completion/complete needs "params.ref": {"type": "ref/prompt", "name": ...} '
                 'or {"type": "ref/resource", "uri": ...}'
             )
+        elif method == "subscriptions/listen":  # 2026-07-28: resource subscriptions ride here
+            decision, missing = _listen_decision(checker, app, params)
+            if decision is None and not missing:
+                return None  # no resource subscriptions: nothing for these rules
         else:
             uri = params.get("uri")
             decision = checker.check_resource(app, uri) if type(uri) is str else None
@@ -1040,6 +1044,31 @@ class Session:
             _set_attr(event, "__dict__", values)
             return event
         return AuditEvent(**values)
+
+
+def _listen_decision(checker: ToolPolicy, app: App, params: dict[str, Any]) -> tuple[Decision | None, str]:
+    """Judge the resource URIs a ``subscriptions/listen`` asks about (2026-07-28): the first refused
+    one's decision, an allowed one, or (None, why) when they cannot be judged, (None, "") if none."""
+    bad = 'subscriptions/listen needs "params.notifications.resourceSubscriptions" to be a list of URIs'
+    notifications = params.get("notifications")
+    if notifications is None:
+        return None, ""
+    if type(notifications) is not dict:
+        return None, bad
+    for key in notifications:  # a folding decoder must not find another list than the one judged
+        if key != "resourceSubscriptions" and fold_key(key) == "resourcesubscriptions":
+            return None, bad
+    uris = notifications.get("resourceSubscriptions")
+    if uris is None:
+        return None, ""
+    if type(uris) is not list or not all(type(u) is str for u in uris):
+        return None, bad
+    decision: Decision | None = None
+    for uri in uris:
+        decision = checker.check_resource(app, uri)
+        if not decision.allowed:
+            return decision, ""
+    return decision, ""
 
 
 def _name_version(info: dict[str, Any]) -> str:

@@ -126,3 +126,12 @@ def test_deny_by_name_still_wins() -> None:
         [role("r", ["*"], allow_rules=[{"tools": ["echo"], "when": "true"}], deny_tools=["echo"])], {}
     )
     assert not c.check_tool(APP, "echo").allowed
+
+
+def test_case_variant_members_are_refused_where_rules_apply() -> None:
+    rule = {"name": "no-secrets", "tools": ["echo"], "when": SECRET}
+    c = AccessChecker([role("r", ["*"], deny_rules=[rule])], {})
+    allowed, reason = call(c, "echo", {"message": "hi", "Message": "secret"})
+    assert not allowed and '"message" and "Message"' in reason
+    assert not call(c, "echo", {"message": "hi", "deep": [{"a": {"k": 1, "\u212a": 2}}]})[0]  # Kelvin sign
+    assert call(c, "echo", {"message": "hi", "other": {"a": 1, "b": 2}})[0]

@@ -202,3 +202,29 @@ class TestArgumentRules:
         assert h.s.client_sent(raw)[-1] == fwd(raw)
         raw = call(5, "get-sum", {"a": 1, "b": 2})  # the rule is about echo only
         assert h.s.client_sent(raw)[-1] == fwd(raw)
+
+
+class TestListen:
+    """2026-07-28 moves resource subscriptions into ``subscriptions/listen``."""
+
+    def listen(self, notifications: Any) -> list[Any]:
+        h = initialized(READER)
+        return h.s.client_sent(req(7, "subscriptions/listen", {"notifications": notifications}))
+
+    def test_allowed_uris_and_no_uris_are_forwarded(self) -> None:
+        for notifications in ({"toolsListChanged": True}, {"resourceSubscriptions": [f"{DOCS}startup.md"]}):
+            assert forwarded(self.listen(notifications)), notifications
+
+    @pytest.mark.parametrize(
+        "notifications",
+        [
+            {"resourceSubscriptions": [f"{DOCS}startup.md", f"{DOCS}features.md"]},
+            {"resourceSubscriptions": f"{DOCS}features.md"},
+            {"resourceSubscriptions": [f"{DOCS}startup.md"], "ResourceSubscriptions": [f"{DOCS}features.md"]},
+            "all",
+        ],
+    )
+    def test_refused(self, notifications: Any) -> None:
+        cmds = self.listen(notifications)
+        assert forwarded(cmds) == []
+        assert error_of(cmds[-1])["code"] == INVALID_PARAMS
