@@ -228,6 +228,11 @@ _CONTENT_LISTS: Final = {
 _KEY_OF: Final = {"resources": "uri", "resourceTemplates": "uriTemplate", "prompts": "name"}
 
 _LIST_CHANGED: Final = notification("notifications/tools/list_changed")
+#: What a client that listed these is told when the identity's roles change (decision 0043).
+_CONTENT_LIST_CHANGED: Final = {
+    "resources/list": notification("notifications/resources/list_changed"),
+    "prompts/list": notification("notifications/prompts/list_changed"),
+}
 # 2026-07-28 has no initialize: the client describes itself in every request's _meta.
 _META_CLIENT_INFO: Final = "io.modelcontextprotocol/clientInfo"
 _META_PROTOCOL_VERSION: Final = "io.modelcontextprotocol/protocolVersion"
@@ -381,6 +386,8 @@ class Session:
         self._closed = False
         self._headers: dict[str, str] | None = None
         self._initialized = False  # an initialize result reached the client
+        #: resources/list, prompts/list if the client asked: told to list again on a role change.
+        self._listed: set[str] = set()
         self._client_info = ""
         self._server_info = ""
         self._protocol_version = ""
@@ -518,8 +525,9 @@ class Session:
         """The identity's roles changed: decide with ``checker`` from now on.
 
         If the app is still allowed, the client is told ``tools/list_changed``
-        so that it lists again and gets the new filter (Teleport does not do
-        this).  If it is not, the session is closed.
+        (and ``resources/list_changed`` / ``prompts/list_changed`` if it listed
+        those) so that it lists again and gets the new filter (Teleport does not
+        do this).  If it is not, the session is closed.
         """
         if self._closed:
             return []
@@ -530,7 +538,14 @@ class Session:
             self._app_denial = decision
             return [CloseSession(f"access to app {self._app_name!r} was revoked: {decision.reason}")]
         self._app_denial = None
-        return [SendToClient(_LIST_CHANGED)] if self._initialized else []
+        if not self._initialized:
+            return []
+        # Templates have no notification of their own: resources/list_changed covers them.
+        out: list[Command] = [SendToClient(_LIST_CHANGED)]
+        out.extend(
+            SendToClient(raw) for method, raw in _CONTENT_LIST_CHANGED.items() if method in self._listed
+        )
+        return out
 
     def upstream_session_known(self, upstream_session_id: str) -> list[Command]:
         """The upstream's own session id (``Mcp-Session-Id``, SSE session) is known; events carry it."""
@@ -594,6 +609,8 @@ class Session:
                 return refused
 
         if method in QUIET_METHODS:
+            if method in _CONTENT_LIST_CHANGED:
+                self._listed.add(method)
             inflight[rid] = _Pending(method, None, now, msg)
             return [ForwardToUpstream(msg.raw, msg)]
         # The start event waits for the initialize result (for server_info);

@@ -228,3 +228,18 @@ class TestListen:
         cmds = self.listen(notifications)
         assert forwarded(cmds) == []
         assert error_of(cmds[-1])["code"] == INVALID_PARAMS
+
+
+def test_a_role_change_tells_a_client_that_listed_resources_and_prompts_to_list_again() -> None:
+    h = initialized(READER)
+    assert [orjson.loads(c.raw)["method"] for c in h.s.policy_changed(OPEN)] == [
+        "notifications/tools/list_changed"
+    ]
+    h.s.client_sent(req(1, "resources/list"))
+    h.s.client_sent(req(2, "prompts/list"))
+    methods = [orjson.loads(c.raw)["method"] for c in h.s.policy_changed(READER)]
+    assert methods == [
+        "notifications/tools/list_changed",
+        "notifications/resources/list_changed",
+        "notifications/prompts/list_changed",
+    ]
