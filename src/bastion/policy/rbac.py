@@ -303,6 +303,33 @@ class AccessChecker:
         denied = dict.fromkeys(m.pattern for r in self._deny_tools for m in r.deny_tools)
         return ToolPermissions(tuple(allowed), tuple(denied))
 
+    def content_permissions(self, app: App) -> dict[str, Any]:
+        """For display (``bastion mcp ls --format=json``): the resource and prompt patterns and
+        the argument rules that apply to ``app``.  A granting role that does not restrict
+        resources (prompts) shows as ``*``, which is its effect (decision 0043)."""
+        view = self._view(app)
+        allow_rules = [rule for role in view.granting for rule in role.allow_tool_rules]
+        rules = [
+            {
+                "role": rule.role,
+                "name": rule.label,
+                "effect": effect,
+                "tools": [m.pattern for m in rule.tools],
+                "when": rule.program.source,
+            }
+            for effect, some in (("allow", allow_rules), ("deny", self._deny_tool_rules))
+            for rule in some
+        ]
+        return {
+            "resources": _shown_patterns(
+                [r.allow_resources for r in view.granting], [r.deny_resources for r in self._deny_resources]
+            ),
+            "prompts": _shown_patterns(
+                [r.allow_prompts for r in view.granting], [r.deny_prompts for r in self._deny_prompts]
+            ),
+            "tool_rules": rules,
+        }
+
     def filter_tools(self, app: App, tools: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
         """The tools (``tools/list`` entries) whose ``name`` is allowed, in order.
 
@@ -428,6 +455,20 @@ _MAX_SHOWN = 200
 def _opens(patterns: tuple[Any, ...]) -> bool:
     """True iff ``patterns`` hold ``*`` (which allows everything)."""
     return any(p.pattern == "*" for p in patterns)
+
+
+def _shown_patterns(
+    allow: Sequence[tuple[Any, ...] | None], deny: Sequence[tuple[Any, ...]]
+) -> dict[str, list[str]]:
+    """Allowed patterns (``*`` for a role that does not say) and denied ones, deduplicated."""
+    allowed: dict[str, None] = {}
+    for patterns in allow:
+        if patterns is None:
+            allowed["*"] = None
+        else:
+            allowed.update(dict.fromkeys(p.pattern for p in patterns))
+    denied = dict.fromkeys(p.pattern for patterns in deny for p in patterns)
+    return {"allowed": list(allowed), "denied": list(denied)}
 
 
 def _denied_by(what: str, value: str, role: str, field: str, pattern: str) -> Decision:

@@ -169,3 +169,16 @@ class TestPatterns:
         assert compile_resource_patterns(["{{internal.rx}}"], {"rx": ["^([$"]}) == ()
         (star,) = compile_resource_patterns(["{{internal.rx}}"], {"rx": ["^([$"]}, fail_closed=True)
         assert star.pattern == "*"
+
+
+def test_content_permissions_for_display() -> None:
+    deny = role(
+        "d", deny={"resources": [f"{DOCS}secret*"], "tool_rules": [{"tools": ["echo"], "when": "true"}]}
+    )
+    c = AccessChecker([READER, role("plain"), deny], {})
+    shown = c.content_permissions(APP)
+    assert shown["resources"] == {"allowed": [f"{DOCS}s*", TEXT_TEMPLATE, "*"], "denied": [f"{DOCS}secret*"]}
+    assert shown["prompts"] == {"allowed": ["simple-prompt", "*"], "denied": []}
+    assert shown["tool_rules"] == [
+        {"role": "d", "name": "deny.mcp.tool_rules[0]", "effect": "deny", "tools": ["echo"], "when": "true"}
+    ]
