@@ -362,7 +362,8 @@ class AccessChecker:
         return self._resource(view, app.metadata.name, uri, template=False)
 
     def check_resource_template(self, app: App, template: str) -> Decision:
-        """May the URI template ``template`` be listed or completed?  Its text is matched."""
+        """May the URI template ``template`` be listed or completed?  Its text is matched (and, as
+        a ``ref/resource`` may name a URI rather than a template, so is it as a URI)."""
         view = self._view(app)
         if view.denial is not None:
             return view.denial
@@ -374,13 +375,13 @@ class AccessChecker:
         what = "resource template" if template else "resource"
         for role in self._deny_resources:
             for p in role.deny_resources:
-                if p.matches_template(value) if template else p.matches_uri(value):
+                if p.matches_uri(value) or (template and p.matches_template(value)):
                     return _denied_by(what, value, role.name, "resources", p.pattern)
         for role in view.granting:
             if role.allow_resources is None:
                 return Decision(True, f'role "{role.name}" does not restrict resources')
             for p in role.allow_resources:
-                if p.matches_template(value) if template else p.matches_uri(value):
+                if p.matches_uri(value) or (template and p.matches_template(value)):
                     return Decision(True, f'{what} allowed by role "{role.name}"')
         return Decision(False, f'no role allows {what} "{_shown(value)}" on app "{app_name}" (mcp.resources)')
 

@@ -30,6 +30,8 @@ from bastion._time import format_duration, parse_duration
 from bastion.resources.expressions import compile_expression
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+#: A trait template (``{{internal.x}}``) inside a pattern.
+_TRAIT_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
 LABEL_KEY_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9._/-]{0,127})$")
 
 #: Internal label set on every app; the ``mcp-user`` preset role selects on it.
@@ -180,10 +182,26 @@ class MCPPermissions(_Frozen):
     def _tools(cls, v: list[str]) -> list[str]:
         return [check_regex_or_glob(p) for p in v]
 
-    @field_validator("resources", "prompts")
+    @field_validator("prompts")
     @classmethod
-    def _patterns(cls, v: list[str] | None) -> list[str] | None:
+    def _prompts(cls, v: list[str] | None) -> list[str] | None:
         return None if v is None else [check_regex_or_glob(p) for p in v]
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        for p in v:
+            check_regex_or_glob(p)
+            # A trait template is one "{{...}}" with brace-free text around it, so a URI
+            # template expression beside it would make the pattern match nothing, silently.
+            rest = _TRAIT_TEMPLATE.sub("", p)
+            if rest != p and ("{" in rest or "}" in rest):
+                raise ValueError(
+                    f'"{p[:200]}": a resource pattern cannot hold both a trait template and a URI template'
+                )
+        return v
 
 
 class RoleConditions(_Frozen):

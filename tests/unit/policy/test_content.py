@@ -182,3 +182,15 @@ def test_content_permissions_for_display() -> None:
     assert shown["tool_rules"] == [
         {"role": "d", "name": "deny.mcp.tool_rules[0]", "effect": "deny", "tools": ["echo"], "when": "true"}
     ]
+
+
+def test_a_completion_may_name_a_uri_rather_than_a_template() -> None:
+    c = AccessChecker([READER], {})
+    assert c.check_resource_template(APP, "demo://resource/dynamic/text/3").allowed
+    assert not c.check_resource_template(APP, "demo://resource/dynamic/blob/3").allowed
+
+
+def test_trait_and_uri_templates_in_one_pattern_are_refused_at_create() -> None:
+    with pytest.raises(ValueError, match="both a trait template and a URI template"):
+        role("bad", {"resources": ["file:///home/{{internal.logins}}/{file}"]})
+    role("ok", {"resources": ["file:///home/{{internal.logins}}/*", "demo://rows/{id}"]})
