@@ -106,7 +106,10 @@ def _evaluate(rule: CompiledToolRule, scope: Scope) -> bool | str:
     """True/False, or why the rule could not be evaluated."""
     try:
         result = rule.program.run(scope)
-    except Exception as e:  # the library raises KeyError, TypeError, RuntimeError, ValueError...
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # KeyError, TypeError, OverflowError...; and a panic in the library
+        # (pyo3's PanicException is a BaseException) must refuse the call, not end the session.
         text = str(e) or type(e).__name__
         if isinstance(e, KeyError):
             text = f"no such key: {text}"
