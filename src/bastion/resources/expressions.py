@@ -34,6 +34,9 @@ MAX_EXPRESSION: Final = 4096
 
 # "ERROR: <input>:LINE:COLUMN: reason" is how the library reports a parse error.
 _POSITION = re.compile(r"<input>:(\d+):(\d+):\s*([^\n]*)")
+# A matches() call with a literal pattern: checked at compile time (the library only finds a bad
+# regex when it runs, and would then fail every call).
+_MATCHES_LITERAL = re.compile(r"""\bmatches\(\s*("(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')\s*\)""")
 # Variables bound by a macro: list.all(x, ...), .exists(x, ...), .exists_one, .map, .filter.
 _BOUND = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*,")
 
@@ -109,6 +112,14 @@ def compile_expression(source: str) -> Program:
         program = cel.compile(source)
     except ValueError as e:
         raise _first_error(str(e)) from None
+    for m in _MATCHES_LITERAL.finditer(source):
+        try:
+            cel.compile(f'"".matches({m.group(1)})').execute({})
+        except (ValueError, RuntimeError) as e:
+            line = source.count("\n", 0, m.start(1)) + 1
+            column = m.start(1) - (source.rfind("\n", 0, m.start(1)) + 1) + 1
+            reason = " ".join(str(e).split())[:200]
+            raise ExpressionError(f"invalid regular expression: {reason}", line, column) from None
     names = set(program.variables())
     bound = set(_BOUND.findall(source))
     unknown = sorted(names - VARIABLES - bound)

@@ -55,3 +55,12 @@ def test_role_validation_names_the_rule_and_position() -> None:
     text = format_pydantic_error(e.value)
     assert "spec.deny.mcp.tool_rules[0].when" in text
     assert "line 1, column" in text
+
+
+def test_a_literal_regex_that_does_not_compile_is_refused_with_its_position() -> None:
+    with pytest.raises(ExpressionError) as e:
+        compile_expression('has(arguments.q) &&\n  arguments.q.matches("(drop")')
+    assert (e.value.line, e.value.column) == (2, 23)
+    assert "invalid regular expression" in str(e.value) and "unclosed group" in str(e.value)
+    compile_expression('arguments.q.matches("(?i)\\\\b(drop|delete)\\\\b")')
+    compile_expression("arguments.q.matches(arguments.pattern)")  # not a literal: judged per call
