@@ -1,4 +1,4 @@
-"""Role-based access decisions: which apps, which MCP tools, which resource verbs.
+"""Role-based access decisions: which apps, MCP tools, resources and prompts, which resource verbs.
 
 An :class:`AccessChecker` is built once per identity (its roles and traits)
 and then asked, on every MCP message, whether a tool may be called.  The rules
@@ -11,6 +11,14 @@ and then asked, on every MCP message, whether a tool may be called.  The rules
   no role at all lists it in ``deny.mcp.tools``.  Deny is *greedy*: a deny
   tool pattern applies whatever that role's labels say.  Nothing listed means
   nothing allowed.
+* **Resources and prompts** (decision 0043).  ``mcp.resources`` (URI patterns,
+  URI templates too) and ``mcp.prompts`` (names): deny is greedy as for tools;
+  among the granting roles, one that does not say allows every one, otherwise
+  a pattern must match.  Where anything restricts, a URI not in canonical form
+  is refused (:func:`~bastion.policy.uris.uri_problem`).
+* **Argument rules** (decision 0044).  An allowed tool's decision carries the
+  ``mcp.tool_rules`` that apply to it (:mod:`bastion.policy.arguments`), judged
+  per call; ``None`` when none does, so a call without rules costs nothing more.
 * **Rules.** ``rules`` grant verbs on resource kinds; deny rules win; no rule
   means denied.
 
