@@ -305,6 +305,11 @@ class Target:
 #: More YAML appended to the measured gateway's configuration (``--gateway-config``), e.g. an
 #: ``audit.export`` to a dead port, to measure what a setting costs per call.
 GATEWAY_CONFIG_EXTRA = ""
+#: A CEL expression (``--tool-rule``): the bench user also gets a role with one deny argument
+#: rule on ``echo`` (decision 0044), to measure what a rule costs per call.
+TOOL_RULE = ""
+#: The rule ``--tool-rule`` uses when given without an expression; the bench's echo calls pass it.
+DEFAULT_TOOL_RULE = 'has(arguments.message) && arguments.message.contains("secret")'
 
 
 def start_bastion(
@@ -374,7 +379,15 @@ def start_bastion(
             raise RuntimeError(f"bastion {' '.join(args)} failed: {res.stdout}{res.stderr}")
         return res.stdout
 
-    cli("users", "add", "bench", "--roles=mcp-user")
+    roles = "mcp-user"
+    if TOOL_RULE and src is None:
+        rule = {"name": "bench-rule", "tools": ["echo"], "when": TOOL_RULE}
+        doc = {"kind": "role", "version": "v1", "metadata": {"name": "bench-rule"}}
+        doc["spec"] = {"allow": {"app_labels": {"*": "*"}}, "deny": {"mcp": {"tool_rules": [rule]}}}
+        (root / "bench-rule.json").write_text(json.dumps(doc))
+        cli("create", str(root / "bench-rule.json"))
+        roles += ",bench-rule"
+    cli("users", "add", "bench", f"--roles={roles}")
     token = cli("auth", "sign", "--user=bench", "--format=token", "--ttl=8h").strip()
     ca = root / "ca.pem"
     ca.write_text(cli("auth", "export", "--type=tls"))
@@ -979,13 +992,22 @@ def main() -> int:
         r"'audit:\n  export:\n    http: {url: \"http://127.0.0.1:9/\"}'",
     )
     ap.add_argument(
+        "--tool-rule",
+        nargs="?",
+        const=DEFAULT_TOOL_RULE,
+        default="",
+        help="give the bench user one deny argument rule on echo (a CEL expression; default "
+        f"{DEFAULT_TOOL_RULE!r}, which the bench's calls pass)",
+    )
+    ap.add_argument(
         "--max-wait",
         type=float,
         default=5.0,
         help="seconds to wait, before each target's block, for other load on the cores to fall",
     )
     args = ap.parse_args()
-    global GATEWAY_CONFIG_EXTRA
+    global GATEWAY_CONFIG_EXTRA, TOOL_RULE
+    TOOL_RULE = args.tool_rule
     GATEWAY_CONFIG_EXTRA = args.gateway_config.replace("\\n", "\n")
     if GATEWAY_CONFIG_EXTRA and not GATEWAY_CONFIG_EXTRA.endswith("\n"):
         GATEWAY_CONFIG_EXTRA += "\n"

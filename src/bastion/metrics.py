@@ -93,7 +93,9 @@ MESSAGES: Final = Counter(
 DENIALS: Final = Counter(
     "bastion_mcp_denials",
     "Requests the gateway refused by policy and answered itself (tool: a tools/call of a tool "
-    "the user may not call; app: any request in a session whose app access was denied).",
+    "the user may not call; arguments: one an argument rule refused; resource, prompt: a read, "
+    "subscribe, get or completion outside the role's mcp.resources / mcp.prompts; app: any "
+    "request in a session whose app access was denied).",
     ["app", "reason"],
     registry=REGISTRY,
 )
@@ -189,7 +191,7 @@ KNOWN_METHODS: Final = frozenset(
 OTHER: Final = "other"
 
 _BACKENDS: Final = frozenset({"sqlite", "postgres"})
-_DENIAL_REASONS: Final = ("tool", "app", "other")
+_DENIAL_REASONS: Final = ("tool", "arguments", "resource", "prompt", "app", "other")
 _ERROR_KINDS: Final = ("timeout", "unreachable", "protocol")
 
 
@@ -265,7 +267,8 @@ class AppMetrics:
         child.inc()
 
     def denied(self, reason: str) -> None:
-        """The gateway refused a request by policy: ``tool``, ``app`` (anything else: ``other``)."""
+        """The gateway refused a request by policy: ``tool``, ``arguments``, ``resource``, ``prompt``,
+        ``app`` (anything else: ``other``)."""
         self._denials.get(reason, self._denials["other"]).inc()
 
     def upstream_error(self, kind: str) -> None:

@@ -176,13 +176,10 @@ def recording_http(record: Path) -> Iterator[str]:
             http.stdout.close()
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    root = tmp_path_factory.mktemp("sec")
-    rec_stdio, rec_http = root / "stdio.jsonl", root / "http.jsonl"
-    cmd = recording_cmd("stdio", rec_stdio)
-    with recording_http(rec_http) as url:
-        apps = f"""\
+def recording_stdio_apps(record: Path) -> str:
+    """An ``app_service`` section with the app ``rec-stdio`` (labels ``env: dev``) recording to ``record``."""
+    cmd = recording_cmd("stdio", record)
+    return f"""\
 app_service:
   apps:
   - name: rec-stdio
@@ -192,6 +189,16 @@ app_service:
       args: {json.dumps(cmd[1:])}
       run_as_host_user: root
       env: {{PYTHONPATH: "{ROOT}"}}
+"""
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    root = tmp_path_factory.mktemp("sec")
+    rec_stdio, rec_http = root / "stdio.jsonl", root / "http.jsonl"
+    with recording_http(rec_http) as url:
+        apps = f"""\
+{recording_stdio_apps(rec_stdio)}\
   - name: rec-http
     uri: mcp+{url}/mcp
     labels: {{env: dev}}

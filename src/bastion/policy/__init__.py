@@ -8,7 +8,12 @@ the user's roles and traits, build an :class:`AccessChecker` once, and ask it.
 * :mod:`bastion.policy.matchers`: literal / ``*`` glob / ``^regex$`` patterns,
   trait templates (``{{internal.X}}``, ``{{external.X}}``), label selectors.
 * :mod:`bastion.policy.rbac`: :class:`AccessChecker` (deny wins, greedy deny
-  for tools, nothing listed = nothing allowed) and the preset roles.
+  for tools, nothing listed = nothing allowed; resources and prompts, where a
+  role that says nothing allows all) and the preset roles.
+* :mod:`bastion.policy.uris`: resource patterns (URI templates too) and the
+  canonical form a judged URI must have (decision 0043).
+* :mod:`bastion.policy.arguments`: argument rules, CEL per call (decision 0044).
+* :mod:`bastion.policy.pins`: pinned tool definitions, the pure core (decision 0045).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Role-based access decisions: which apps, which MCP tools, which resource verbs.
+"""Role-based access decisions: which apps, MCP tools, resources and prompts, which resource verbs.
 
 An :class:`AccessChecker` is built once per identity (its roles and traits)
 and then asked, on every MCP message, whether a tool may be called.  The rules
@@ -11,6 +11,14 @@ and then asked, on every MCP message, whether a tool may be called.  The rules
   no role at all lists it in ``deny.mcp.tools``.  Deny is *greedy*: a deny
   tool pattern applies whatever that role's labels say.  Nothing listed means
   nothing allowed.
+* **Resources and prompts** (decision 0043).  ``mcp.resources`` (URI patterns,
+  URI templates too) and ``mcp.prompts`` (names): deny is greedy as for tools;
+  among the granting roles, one that does not say allows every one, otherwise
+  a pattern must match.  Where anything restricts, a URI not in canonical form
+  is refused (:func:`~bastion.policy.uris.uri_problem`).
+* **Argument rules** (decision 0044).  An allowed tool's decision carries the
+  ``mcp.tool_rules`` that apply to it (:mod:`bastion.policy.arguments`), judged
+  per call; ``None`` when none does, so a call without rules costs nothing more.
 * **Rules.** ``rules`` grant verbs on resource kinds; deny rules win; no rule
   means denied.
 
@@ -19,12 +27,15 @@ Deny wins everywhere.  Nothing in this module does I/O or awaits.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from bastion.policy.arguments import ArgumentRules, CompiledToolRule, compile_tool_rules
+from bastion.policy.decision import Decision
 from bastion.policy.matchers import LabelSelector, Matcher, compile_patterns
+from bastion.policy.uris import ResourcePattern, compile_resource_patterns, uri_problem
 from bastion.resources import (
     RESOURCE_TYPE_LABEL,
     SUB_KIND_LABEL,
@@ -60,14 +71,6 @@ _MAX_CACHED_TOOL_NAME = 256
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
-    """The outcome of a check, with a reason for humans (audit, logs, errors)."""
-
-    allowed: bool
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
 class ToolPermissions:
     """The tool patterns that apply to one app, after trait interpolation.
 
@@ -99,12 +102,20 @@ class _CompiledRole:
     deny_tools: tuple[Matcher, ...]
     allow_rules: tuple[Rule, ...]
     deny_rules: tuple[Rule, ...]
+    #: None: the role does not say (every resource / prompt, decision 0043).
+    allow_resources: tuple[ResourcePattern, ...] | None
+    deny_resources: tuple[ResourcePattern, ...]
+    allow_prompts: tuple[Matcher, ...] | None
+    deny_prompts: tuple[Matcher, ...]
+    allow_tool_rules: tuple[CompiledToolRule, ...]
+    deny_tool_rules: tuple[CompiledToolRule, ...]
 
     @classmethod
     def compile(cls, role: Role, traits: Mapping[str, Sequence[str]]) -> _CompiledRole:
         allow, deny = role.spec.allow, role.spec.deny
+        name = role.metadata.name
         return cls(
-            name=role.metadata.name,
+            name=name,
             allow_labels=LabelSelector.compile(allow.app_labels, traits),
             # fail_closed: a deny pattern that cannot be compiled matches everything.
             deny_labels=LabelSelector.compile(deny.app_labels, traits, fail_closed=True),
@@ -112,6 +123,16 @@ class _CompiledRole:
             deny_tools=compile_patterns(deny.mcp.tools, traits, fail_closed=True),
             allow_rules=tuple(allow.rules),
             deny_rules=tuple(deny.rules),
+            allow_resources=(
+                None
+                if allow.mcp.resources is None
+                else compile_resource_patterns(allow.mcp.resources, traits)
+            ),
+            deny_resources=compile_resource_patterns(deny.mcp.resources or (), traits, fail_closed=True),
+            allow_prompts=None if allow.mcp.prompts is None else compile_patterns(allow.mcp.prompts, traits),
+            deny_prompts=compile_patterns(deny.mcp.prompts or (), traits, fail_closed=True),
+            allow_tool_rules=compile_tool_rules(name, "allow", allow.mcp.tool_rules, traits),
+            deny_tool_rules=compile_tool_rules(name, "deny", deny.mcp.tool_rules, traits),
         )
 
 
@@ -125,6 +146,10 @@ class _AppView:
     #: None if the app is accessible, else the reason it is not.
     denial: Decision | None
     decisions: dict[str, Decision] = field(default_factory=dict)
+    #: Every resource / prompt is allowed (no deny pattern anywhere, and a granting role
+    #: allows all of them): lists pass whole and no URI is checked (decision 0043).
+    resources_open: bool = True
+    prompts_open: bool = True
 
 
 def _rule_matches(rule: Rule, resource: str, verb: str) -> bool:
@@ -140,14 +165,30 @@ class AccessChecker:
     Roles and traits are fixed: build a new checker when they change.
     """
 
-    __slots__ = ("_apps", "_deny_tools", "_role_names", "_roles", "_ttl")
+    __slots__ = (
+        "_any_tool_rules",
+        "_apps",
+        "_deny_prompts",
+        "_deny_resources",
+        "_deny_tool_rules",
+        "_deny_tools",
+        "_role_names",
+        "_roles",
+        "_traits",
+        "_ttl",
+    )
 
     def __init__(self, roles: Sequence[Role], traits: Mapping[str, Sequence[str]]) -> None:
         # Copy the traits: the caller's mapping may change after we compiled.
         frozen = {k: (v,) if isinstance(v, str) else tuple(v) for k, v in traits.items()}
+        self._traits = frozen
         self._roles = tuple(_CompiledRole.compile(r, frozen) for r in roles)
         self._role_names = tuple(r.name for r in self._roles)
         self._deny_tools = tuple(r for r in self._roles if r.deny_tools)
+        self._deny_resources = tuple(r for r in self._roles if r.deny_resources)
+        self._deny_prompts = tuple(r for r in self._roles if r.deny_prompts)
+        self._deny_tool_rules = tuple(rule for r in self._roles for rule in r.deny_tool_rules)
+        self._any_tool_rules = bool(self._deny_tool_rules) or any(r.allow_tool_rules for r in self._roles)
         self._ttl = min((r.spec.options.max_session_ttl for r in roles), default=DEFAULT_MAX_SESSION_TTL)
         self._apps: dict[str, _AppView] = {}
 
@@ -180,7 +221,15 @@ class AccessChecker:
         granting = tuple(r for r in self._roles if r.allow_labels.matches(labels))
         if not granting:
             return _AppView(raw, (), Decision(False, f'app "{name}" is not accessible'))
-        return _AppView(raw, granting, None)
+        return _AppView(
+            raw,
+            granting,
+            None,
+            resources_open=not self._deny_resources
+            and any(r.allow_resources is None or _opens(r.allow_resources) for r in granting),
+            prompts_open=not self._deny_prompts
+            and any(r.allow_prompts is None or _opens(r.allow_prompts) for r in granting),
+        )
 
     def can_access_app(self, app: App) -> bool:
         """True iff some role's ``allow.app_labels`` and no ``deny.app_labels`` match ``app``."""
@@ -219,11 +268,37 @@ class AccessChecker:
             for m in role.deny_tools:
                 if m.matches(tool):
                     return Decision(False, f'tool "{tool}" is denied by role "{role.name}"')
+        if self._any_tool_rules:
+            return self._decide_with_rules(view, app_name, tool)
         for role in view.granting:
             for m in role.allow_tools:
                 if m.matches(tool):
                     return Decision(True, f'tool "{tool}" is allowed by role "{role.name}"')
         return Decision(False, f'no role allows tool "{tool}" on app "{app_name}"')
+
+    def _decide_with_rules(self, view: _AppView, app_name: str, tool: str) -> Decision:
+        """As :meth:`_decide` when some role has argument rules: an allowed tool's decision
+        carries the rules that apply to it (decision 0044), checked per call."""
+        first: _CompiledRole | None = None
+        unconditional = False
+        groups: list[tuple[CompiledToolRule, ...]] = []
+        for role in view.granting:
+            if not any(m.matches(tool) for m in role.allow_tools):
+                continue
+            first = first or role
+            rules = tuple(r for r in role.allow_tool_rules if r.applies_to(tool))
+            if rules:
+                groups.append(rules)
+            else:
+                unconditional = True
+        if first is None:
+            return Decision(False, f'no role allows tool "{tool}" on app "{app_name}"')
+        reason = f'tool "{tool}" is allowed by role "{first.name}"'
+        deny = tuple(r for r in self._deny_tool_rules if r.applies_to(tool))
+        if unconditional and not deny:
+            return Decision(True, reason)
+        check = ArgumentRules(tool, deny, None if unconditional else tuple(groups), self._traits)
+        return Decision(True, reason, check)
 
     def tool_permissions(self, app: App) -> ToolPermissions:
         """The interpolated tool patterns that apply to ``app`` (deduplicated, in role order).
@@ -235,6 +310,33 @@ class AccessChecker:
         allowed = dict.fromkeys(m.pattern for r in view.granting for m in r.allow_tools)
         denied = dict.fromkeys(m.pattern for r in self._deny_tools for m in r.deny_tools)
         return ToolPermissions(tuple(allowed), tuple(denied))
+
+    def content_permissions(self, app: App) -> dict[str, Any]:
+        """For display (``bastion mcp ls --format=json``): the resource and prompt patterns and
+        the argument rules that apply to ``app``.  A granting role that does not restrict
+        resources (prompts) shows as ``*``, which is its effect (decision 0043)."""
+        view = self._view(app)
+        allow_rules = [rule for role in view.granting for rule in role.allow_tool_rules]
+        rules = [
+            {
+                "role": rule.role,
+                "name": rule.label,
+                "effect": effect,
+                "tools": [m.pattern for m in rule.tools],
+                "when": rule.program.source,
+            }
+            for effect, some in (("allow", allow_rules), ("deny", self._deny_tool_rules))
+            for rule in some
+        ]
+        return {
+            "resources": _shown_patterns(
+                [r.allow_resources for r in view.granting], [r.deny_resources for r in self._deny_resources]
+            ),
+            "prompts": _shown_patterns(
+                [r.allow_prompts for r in view.granting], [r.deny_prompts for r in self._deny_prompts]
+            ),
+            "tool_rules": rules,
+        }
 
     def filter_tools(self, app: App, tools: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
         """The tools (``tools/list`` entries) whose ``name`` is allowed, in order.
@@ -251,6 +353,96 @@ class AccessChecker:
                 out.append(tool)
         return out
 
+    # ----------------------------------------------- resources and prompts
+
+    def check_resource(self, app: App, uri: str) -> Decision:
+        """May the resource at ``uri`` be read (listed, subscribed to)?  Deny wins; a role
+        that does not mention resources allows all of them (decision 0043).  Where a rule
+        restricts, a URI not in canonical form is refused (:func:`~bastion.policy.uris.uri_problem`)."""
+        view = self._view(app)
+        if view.denial is not None:
+            return view.denial
+        if view.resources_open:
+            return _OPEN
+        problem = uri_problem(uri)
+        if problem is not None:
+            return Decision(False, f'resource URI "{_shown(uri)}" is refused: {problem}')
+        return self._resource(view, app.metadata.name, uri, template=False)
+
+    def check_resource_template(self, app: App, template: str) -> Decision:
+        """May the URI template ``template`` be listed or completed?  Its text is matched (and, as
+        a ``ref/resource`` may name a URI rather than a template, so is it as a URI)."""
+        view = self._view(app)
+        if view.denial is not None:
+            return view.denial
+        if view.resources_open:
+            return _OPEN
+        return self._resource(view, app.metadata.name, template, template=True)
+
+    def _resource(self, view: _AppView, app_name: str, value: str, *, template: bool) -> Decision:
+        what = "resource template" if template else "resource"
+        for role in self._deny_resources:
+            for p in role.deny_resources:
+                if p.matches_uri(value) or (template and p.matches_template(value)):
+                    return _denied_by(what, value, role.name, "resources", p.pattern)
+        for role in view.granting:
+            if role.allow_resources is None:
+                return Decision(True, f'role "{role.name}" does not restrict resources')
+            for p in role.allow_resources:
+                if p.matches_uri(value) or (template and p.matches_template(value)):
+                    return Decision(True, f'{what} allowed by role "{role.name}"')
+        return Decision(False, f'no role allows {what} "{_shown(value)}" on app "{app_name}" (mcp.resources)')
+
+    def check_prompt(self, app: App, name: str) -> Decision:
+        """May the prompt ``name`` be listed, got or completed?  Deny wins; a role that does
+        not mention prompts allows all of them (decision 0043)."""
+        view = self._view(app)
+        if view.denial is not None:
+            return view.denial
+        if view.prompts_open:
+            return _OPEN
+        for role in self._deny_prompts:
+            for m in role.deny_prompts:
+                if m.matches(name):
+                    return _denied_by("prompt", name, role.name, "prompts", m.pattern)
+        for role in view.granting:
+            if role.allow_prompts is None:
+                return Decision(True, f'role "{role.name}" does not restrict prompts')
+            if any(m.matches(name) for m in role.allow_prompts):
+                return Decision(True, f'prompt allowed by role "{role.name}"')
+        app_name = app.metadata.name
+        return Decision(False, f'no role allows prompt "{_shown(name)}" on app "{app_name}" (mcp.prompts)')
+
+    def filter_listed(self, app: App, method: str, entries: Sequence[Any]) -> list[Any] | None:
+        """The entries of a ``resources/list``, ``resources/templates/list`` or ``prompts/list``
+        result that the rules allow, in order; ``None`` if every entry is allowed (pass the
+        list on as it is).  Entries that are not mappings, or lack a string key, are dropped
+        when anything is filtered."""
+        view = self._view(app)
+        if view.denial is not None:
+            return []
+        check: Callable[[App, str], Decision]
+        if method == "prompts/list":
+            if view.prompts_open:
+                return None
+            key, check = "name", self.check_prompt
+        elif method == "resources/list":
+            if view.resources_open:
+                return None
+            key, check = "uri", self.check_resource
+        else:
+            if view.resources_open:
+                return None
+            key, check = "uriTemplate", self.check_resource_template
+        out: list[Any] = []
+        for entry in entries:
+            if not isinstance(entry, Mapping):
+                continue
+            value = entry.get(key)
+            if isinstance(value, str) and check(app, value).allowed:
+                out.append(entry)
+        return out
+
     # ----------------------------------------------------------------- rules
 
     def check_rule(self, resource: str, verb: str) -> bool:
@@ -263,6 +455,40 @@ class AccessChecker:
     def max_session_ttl(self) -> timedelta:
         """The shortest ``options.max_session_ttl`` of the roles (12h with no roles)."""
         return self._ttl
+
+
+_OPEN = Decision(True, "no role restricts it")
+_MAX_SHOWN = 200
+
+
+def _opens(patterns: tuple[Any, ...]) -> bool:
+    """True iff ``patterns`` hold ``*`` (which allows everything)."""
+    return any(p.pattern == "*" for p in patterns)
+
+
+def _shown_patterns(
+    allow: Sequence[tuple[Any, ...] | None], deny: Sequence[tuple[Any, ...]]
+) -> dict[str, list[str]]:
+    """Allowed patterns (``*`` for a role that does not say) and denied ones, deduplicated."""
+    allowed: dict[str, None] = {}
+    for patterns in allow:
+        if patterns is None:
+            allowed["*"] = None
+        else:
+            allowed.update(dict.fromkeys(p.pattern for p in patterns))
+    denied = dict.fromkeys(p.pattern for patterns in deny for p in patterns)
+    return {"allowed": list(allowed), "denied": list(denied)}
+
+
+def _denied_by(what: str, value: str, role: str, field: str, pattern: str) -> Decision:
+    return Decision(
+        False, f'{what} "{_shown(value)}" is denied by role "{role}" (deny.mcp.{field} "{_shown(pattern)}")'
+    )
+
+
+def _shown(value: str) -> str:
+    """``value`` bounded for a reason text (a URI or name the client chose)."""
+    return value if len(value) <= _MAX_SHOWN else value[:_MAX_SHOWN] + "..."
 
 
 # ---------------------------------------------------------------- preset roles
@@ -283,22 +509,31 @@ def preset_roles() -> list[Role]:
     """The roles created at first start: ``mcp-user``, ``access`` and ``editor``.
 
     * ``mcp-user``: every MCP server (selected by the internal sub-kind label),
-      every tool.
+      every tool, resource and prompt.
     * ``access``: every app, but only the tools in the user's ``mcp_tools``
-      trait (none until the trait is set).
+      trait (none until the trait is set); every resource and prompt (said
+      explicitly: a role that does not mention them allows them too, decision 0043).
     * ``editor``: every verb on every resource kind; no apps, no tools.
     """
     return [
         _preset(
             MCP_USER_ROLE,
             "Access to every MCP server and every tool",
-            RoleConditions.model_validate({"app_labels": {SUB_KIND_LABEL: "mcp"}, "mcp": {"tools": ["*"]}}),
+            RoleConditions.model_validate(
+                {
+                    "app_labels": {SUB_KIND_LABEL: "mcp"},
+                    "mcp": {"tools": ["*"], "resources": ["*"], "prompts": ["*"]},
+                }
+            ),
         ),
         _preset(
             ACCESS_ROLE,
             "Access to every MCP server, with the tools in the user's mcp_tools trait",
             RoleConditions.model_validate(
-                {"app_labels": {"*": "*"}, "mcp": {"tools": ["{{internal.mcp_tools}}"]}}
+                {
+                    "app_labels": {"*": "*"},
+                    "mcp": {"tools": ["{{internal.mcp_tools}}"], "resources": ["*"], "prompts": ["*"]},
+                }
             ),
         ),
         _preset(

@@ -24,7 +24,8 @@ messages that parsers disagree on are still refused
   orjson keeps the last, other parsers keep the first.  Checking this costs a
   second parse, so it runs only when the raw bytes could hold one (see
   ``_may_have_duplicates``).  Duplicates deeper down (inside ``arguments``)
-  are passed on: the gateway decides nothing on them.
+  are passed on: the forwarded message holds the one the gateway read, and
+  argument rules refuse case variants there themselves (decision 0044).
 * **Batches** (JSON arrays): removed from MCP in 2025-06-18, and a classic way
   to smuggle a message past a gateway that inspects single messages.
 * **Oversized names**: a method over :data:`MAX_METHOD` characters or a string

@@ -113,7 +113,8 @@ TRANSPORT_NAMES = {"stdio": "stdio", "sse": "SSE", "http": "Streamable HTTP"}
 
 
 def app_json(app: Any, checker: Any) -> dict[str, Any]:
-    """An MCP app as ``bastion mcp ls`` shows it, with the caller's tool permissions."""
+    """An MCP app as ``bastion mcp ls`` shows it, with the caller's permissions: tools,
+    resources, prompts and argument rules (decisions 0043, 0044)."""
     perms = checker.tool_permissions(app)
     spec = app.spec
     return {
@@ -124,7 +125,12 @@ def app_json(app: Any, checker: Any) -> dict[str, Any]:
         "uri": spec.uri,
         "command": spec.mcp.command if spec.mcp else "",
         "args": list(spec.mcp.args) if spec.mcp else [],
-        "permissions": {"mcp": {"tools": {"allowed": list(perms.allowed), "denied": list(perms.denied)}}},
+        "permissions": {
+            "mcp": {
+                "tools": {"allowed": list(perms.allowed), "denied": list(perms.denied)},
+                **checker.content_permissions(app),
+            }
+        },
     }
 
 

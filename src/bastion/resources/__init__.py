@@ -27,8 +27,11 @@ from pydantic import (
 )
 
 from bastion._time import format_duration, parse_duration
+from bastion.resources.expressions import compile_expression
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+#: A trait template (``{{internal.x}}``) inside a pattern.
+_TRAIT_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
 LABEL_KEY_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9._/-]{0,127})$")
 
 #: Internal label set on every app; the ``mcp-user`` preset role selects on it.
@@ -126,13 +129,79 @@ class Rule(_Frozen):
         return v
 
 
+class ToolRule(_Frozen):
+    """An argument rule (decision 0044): for a call to one of ``tools``, the CEL condition ``when``.
+
+    Under ``allow.mcp.tool_rules`` a call to a matching tool is allowed by the
+    role only if ``when`` is true; under ``deny.mcp.tool_rules`` it is refused
+    if ``when`` is true (or cannot be evaluated).  ``name`` is shown in
+    refusals (default: ``ROLE.allow.tool_rules[INDEX]``).
+    """
+
+    name: str = ""
+    tools: list[str]
+    when: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v and not NAME_RE.match(v):
+            raise ValueError(f'invalid rule name "{v[:130]}": use letters, digits, ".", "_", "-", "@"')
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("a tool rule needs at least one tool pattern")
+        return [check_regex_or_glob(p) for p in v]
+
+    @field_validator("when")
+    @classmethod
+    def _when(cls, v: str) -> str:
+        compile_expression(v)  # raises ExpressionError (a ValueError) with the position
+        return v
+
+
 class MCPPermissions(_Frozen):
+    """What a role says about an app's MCP surface.
+
+    ``tools``: nothing listed = no tool.  ``resources`` (URI patterns, which
+    may be URI templates) and ``prompts`` (names): ``None`` (not said) = every
+    one, for roles written before these fields existed (decision 0043); ``[]``
+    = none.  ``tool_rules``: conditions on the arguments of calls (decision 0044).
+    """
+
     tools: list[str] = Field(default_factory=list)
+    resources: list[str] | None = None
+    prompts: list[str] | None = None
+    tool_rules: list[ToolRule] = Field(default_factory=list)
 
     @field_validator("tools")
     @classmethod
     def _tools(cls, v: list[str]) -> list[str]:
         return [check_regex_or_glob(p) for p in v]
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else [check_regex_or_glob(p) for p in v]
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        for p in v:
+            check_regex_or_glob(p)
+            # A trait template is one "{{...}}" with brace-free text around it, so a URI
+            # template expression beside it would make the pattern match nothing, silently.
+            rest = _TRAIT_TEMPLATE.sub("", p)
+            if rest != p and ("{" in rest or "}" in rest):
+                raise ValueError(
+                    f'"{p[:200]}": a resource pattern cannot hold both a trait template and a URI template'
+                )
+        return v
 
 
 class RoleConditions(_Frozen):

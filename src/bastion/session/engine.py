@@ -46,8 +46,15 @@ The rules, and their reasons:
    params and upstream error texts enter events and answers through the caps
    of :mod:`bastion.audit.bound`.
 
-Not decided here: resources, prompts and completions are forwarded without
-RBAC (as Teleport does); server-to-client requests and notifications pass
+8. **Resources, prompts and completions follow the role's ``mcp.resources``
+   and ``mcp.prompts``** (decision 0043): their lists are filtered like
+   ``tools/list`` (passed on as parsed when no rule restricts them), and
+   ``resources/read``, ``resources/subscribe``, ``prompts/get`` and
+   ``completion/complete`` outside the rules are refused and audited like a
+   denied call.  A ``tools/call`` whose tool has argument rules (decision 0044)
+   is judged on its arguments too; without rules, no per-call work is done.
+
+Not decided here: server-to-client requests and notifications pass
 through (re-serialised) and are not audited.  A client's response is
 forwarded only when it answers an open request of the upstream; any other is
 refused and audited.
@@ -180,6 +187,14 @@ class ToolPolicy(Protocol):
 
     def filter_tools(self, app: App, tools: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]: ...
 
+    def check_resource(self, app: App, uri: str) -> Decision: ...
+
+    def check_resource_template(self, app: App, template: str) -> Decision: ...
+
+    def check_prompt(self, app: App, name: str) -> Decision: ...
+
+    def filter_listed(self, app: App, method: str, entries: Sequence[Any]) -> list[Any] | None: ...
+
 
 #: Requests recorded only when they fail: frequent, read-only, and uninteresting when they work.
 QUIET_METHODS: Final = frozenset(
@@ -198,7 +213,26 @@ CLIENT_NOTIFICATIONS: Final = frozenset(
     }
 )
 
+#: Requests judged by the role's mcp.resources / mcp.prompts (decision 0043); see _content_refusal.
+_CONTENT_METHODS: Final = frozenset(
+    {"resources/read", "resources/subscribe", "prompts/get", "completion/complete", "subscriptions/listen"}
+)
+#: List results filtered by those rules: method -> the result's list member.
+_CONTENT_LISTS: Final = {
+    "resources/list": "resources",
+    "resources/templates/list": "resourceTemplates",
+    "prompts/list": "prompts",
+}
+
+#: The member of each listed entry the rules judge.
+_KEY_OF: Final = {"resources": "uri", "resourceTemplates": "uriTemplate", "prompts": "name"}
+
 _LIST_CHANGED: Final = notification("notifications/tools/list_changed")
+#: What a client that listed these is told when the identity's roles change (decision 0043).
+_CONTENT_LIST_CHANGED: Final = {
+    "resources/list": notification("notifications/resources/list_changed"),
+    "prompts/list": notification("notifications/prompts/list_changed"),
+}
 # 2026-07-28 has no initialize: the client describes itself in every request's _meta.
 _META_CLIENT_INFO: Final = "io.modelcontextprotocol/clientInfo"
 _META_PROTOCOL_VERSION: Final = "io.modelcontextprotocol/protocolVersion"
@@ -352,6 +386,8 @@ class Session:
         self._closed = False
         self._headers: dict[str, str] | None = None
         self._initialized = False  # an initialize result reached the client
+        #: resources/list, prompts/list if the client asked: told to list again on a role change.
+        self._listed: set[str] = set()
         self._client_info = ""
         self._server_info = ""
         self._protocol_version = ""
@@ -489,8 +525,9 @@ class Session:
         """The identity's roles changed: decide with ``checker`` from now on.
 
         If the app is still allowed, the client is told ``tools/list_changed``
-        so that it lists again and gets the new filter (Teleport does not do
-        this).  If it is not, the session is closed.
+        (and ``resources/list_changed`` / ``prompts/list_changed`` if it listed
+        those) so that it lists again and gets the new filter (Teleport does not
+        do this).  If it is not, the session is closed.
         """
         if self._closed:
             return []
@@ -501,7 +538,14 @@ class Session:
             self._app_denial = decision
             return [CloseSession(f"access to app {self._app_name!r} was revoked: {decision.reason}")]
         self._app_denial = None
-        return [SendToClient(_LIST_CHANGED)] if self._initialized else []
+        if not self._initialized:
+            return []
+        # Templates have no notification of their own: resources/list_changed covers them.
+        out: list[Command] = [SendToClient(_LIST_CHANGED)]
+        out.extend(
+            SendToClient(raw) for method, raw in _CONTENT_LIST_CHANGED.items() if method in self._listed
+        )
+        return out
 
     def upstream_session_known(self, upstream_session_id: str) -> list[Command]:
         """The upstream's own session id (``Mcp-Session-Id``, SSE session) is known; events carry it."""
@@ -551,11 +595,22 @@ class Session:
             decision = self._checker.check_tool(self._app, name)
             if not decision.allowed:
                 return self._deny_tool(msg, name, decision)
+            if decision.check_arguments is not None:  # argument rules apply (decision 0044)
+                arguments = params.get("arguments")  # type: ignore[union-attr]  # params holds the name
+                decision = decision.check_arguments(arguments, self._identity.username)
+                if not decision.allowed:
+                    return self._deny_tool(msg, name, decision, by_arguments=True)
             tool = name
         elif method == "initialize":
             self._note_initialize(msg.params)
+        elif method in _CONTENT_METHODS:
+            refused = self._content_refusal(msg, method)
+            if refused is not None:
+                return refused
 
         if method in QUIET_METHODS:
+            if method in _CONTENT_LIST_CHANGED:
+                self._listed.add(method)
             inflight[rid] = _Pending(method, None, now, msg)
             return [ForwardToUpstream(msg.raw, msg)]
         # The start event waits for the initialize result (for server_info);
@@ -568,21 +623,76 @@ class Session:
             return [RecordAudit(start), RecordAudit(event), forward]
         return [RecordAudit(event), forward]
 
-    def _deny_tool(self, msg: Message, tool: str, decision: Decision) -> list[Command]:
-        app = self._app_name
-        shown = clip(tool, MAX_QUOTE)
-        text = (
-            f'tool "{shown}" is not allowed for user "{self._identity.username}" on app "{app}": '
-            f"{decision.reason}. Run `bastion mcp tools {app}` to see the tools you may call."
-        )
+    def _deny_tool(
+        self, msg: Message, tool: str, decision: Decision, *, by_arguments: bool = False
+    ) -> list[Command]:
+        """Refuse a ``tools/call`` for its tool (by name) or, ``by_arguments``, its arguments (0044)."""
+        app, user, shown = self._app_name, self._identity.username, clip(tool, MAX_QUOTE)
+        if by_arguments:
+            text = (
+                f'tool "{shown}" may not be called with these arguments by user "{user}" on app "{app}": '
+                f"{decision.reason}"
+            )
+        else:
+            text = (
+                f'tool "{shown}" is not allowed for user "{user}" on app "{app}": '
+                f"{decision.reason}. Run `bastion mcp tools {app}` to see the tools you may call."
+            )
         return self._refuse(
             msg,
             INVALID_PARAMS,
             text,
             tool=tool,
             audit_error=f"access denied: {decision.reason}",
-            denied="tool",
+            denied="arguments" if by_arguments else "tool",
         )
+
+    def _content_refusal(self, msg: Message, method: str) -> list[Command] | None:
+        """Judge a resource, prompt or completion request by the role's rules (decision 0043);
+        the commands refusing it, or None to forward it.  A request the rules cannot judge (no
+        URI, no name) is refused too: what is forwarded is what was judged."""
+        params = msg.params or {}
+        checker, app = self._checker, self._app
+        kind = "prompt" if method == "prompts/get" else "resource"
+        if method == "prompts/get":
+            name = params.get("name")
+            decision = checker.check_prompt(app, name) if type(name) is str else None
+            missing = 'prompts/get needs "params.name": the prompt name, a string'
+        elif method == "completion/complete":
+            ref = params.get("ref")
+            if type(ref) is not dict:
+                ref = {}
+            ref_type = ref.get("type")
+            if ref_type == "ref/prompt":
+                kind, name = "prompt", ref.get("name")
+                decision = checker.check_prompt(app, name) if type(name) is str else None
+            elif ref_type == "ref/resource":
+                uri = ref.get("uri")
+                decision = checker.check_resource_template(app, uri) if type(uri) is str else None
+            else:
+                decision = None
+            missing = (
+                'completion/complete needs "params.ref": {"type": "ref/prompt", "name": ...} '
+                'or {"type": "ref/resource", "uri": ...}'
+            )
+        elif method == "subscriptions/listen":  # 2026-07-28: resource subscriptions ride here
+            decision, missing = _listen_decision(checker, app, params)
+            if decision is None and not missing:
+                return None  # no resource subscriptions: nothing for these rules
+        else:
+            uri = params.get("uri")
+            decision = checker.check_resource(app, uri) if type(uri) is str else None
+            missing = f'{method} needs "params.uri": the resource URI, a string'
+        if decision is None:
+            return self._refuse(msg, INVALID_PARAMS, missing)
+        if decision.allowed:
+            return None
+        text = (
+            f'{method} refused for user "{self._identity.username}" on app "{self._app_name}": '
+            f"{decision.reason}"
+        )
+        audit = f"access denied: {decision.reason}"
+        return self._refuse(msg, INVALID_PARAMS, text, audit_error=audit, denied=kind)
 
     def _refuse(
         self,
@@ -793,6 +903,17 @@ class Session:
                 out.append(SendToClient(error_response(rid, INTERNAL_ERROR, text), rid))
                 return out
             raw = filtered
+        elif method in _CONTENT_LISTS:
+            listed = self._filter_content_list(msg, method)
+            if listed is None:
+                text = (
+                    f"the upstream MCP server sent a {method} result without a "
+                    f"{_CONTENT_LISTS[method]} list; the gateway does not pass on lists it cannot filter"
+                )
+                self._failed(pending, rid, text, ms, out)
+                out.append(SendToClient(error_response(rid, INTERNAL_ERROR, text), rid))
+                return out
+            raw = listed
         if pending.event_id is not None:
             out.append(CompleteAudit(pending.event_id, True, "", ms))
         out.append(SendToClient(raw, rid))
@@ -826,6 +947,25 @@ class Session:
         # Keep nextCursor, _meta and the rest; drop case variants of "tools".
         out = {k: v for k, v in result.items() if k == "tools" or fold_key(k) != "tools"}
         out["tools"] = kept
+        return result_response(msg.id, out)
+
+    def _filter_content_list(self, msg: Message, method: str) -> bytes | None:
+        """A resources, templates or prompts list with only what the rules allow (decision 0043),
+        re-serialised; None if the result has no such list."""
+        member = _CONTENT_LISTS[method]
+        result = msg.body.get("result")
+        if type(result) is not dict:
+            return None
+        entries = result.get(member)
+        if type(entries) is not list:
+            return None
+        kept = self._checker.filter_listed(self._app, method, entries)
+        if kept is None:  # nothing restricted: the list passes as parsed
+            return msg.raw
+        key = _KEY_OF[member]
+        kept = [e for e in kept if all(k == key or fold_key(k) != key.lower() for k in e)]
+        out = {k: v for k, v in result.items() if k == member or fold_key(k) != fold_key(member)}
+        out[member] = kept
         return result_response(msg.id, out)
 
     def _initialize_answered(self, msg: Message, out: list[Command]) -> None:
@@ -921,6 +1061,31 @@ class Session:
             _set_attr(event, "__dict__", values)
             return event
         return AuditEvent(**values)
+
+
+def _listen_decision(checker: ToolPolicy, app: App, params: dict[str, Any]) -> tuple[Decision | None, str]:
+    """Judge the resource URIs a ``subscriptions/listen`` asks about (2026-07-28): the first refused
+    one's decision, an allowed one, or (None, why) when they cannot be judged, (None, "") if none."""
+    bad = 'subscriptions/listen needs "params.notifications.resourceSubscriptions" to be a list of URIs'
+    notifications = params.get("notifications")
+    if notifications is None:
+        return None, ""
+    if type(notifications) is not dict:
+        return None, bad
+    for key in notifications:  # a folding decoder must not find another list than the one judged
+        if key != "resourceSubscriptions" and fold_key(key) == "resourcesubscriptions":
+            return None, bad
+    uris = notifications.get("resourceSubscriptions")
+    if uris is None:
+        return None, ""
+    if type(uris) is not list or not all(type(u) is str for u in uris):
+        return None, bad
+    decision: Decision | None = None
+    for uri in uris:
+        decision = checker.check_resource(app, uri)
+        if not decision.allowed:
+            return decision, ""
+    return decision, ""
 
 
 def _name_version(info: dict[str, Any]) -> str:
