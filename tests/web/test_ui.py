@@ -106,13 +106,16 @@ def _run_entry(entry: dict[str, Any], home: Path) -> list[dict[str, Any]]:
     env.update(entry.get("env") or {}, BASTION_HOME=str(home))
     errors = home / "connect.stderr"
     answers = []
-    with errors.open("wb") as stderr, subprocess.Popen(
-        [sys.executable, "-m", "bastion.cli.main", *entry["args"]],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        env=env,
-    ) as proc:
+    with (
+        errors.open("wb") as stderr,
+        subprocess.Popen(
+            [sys.executable, "-m", "bastion.cli.main", *entry["args"]],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=env,
+        ) as proc,
+    ):
         assert proc.stdin is not None and proc.stdout is not None
         try:
             for msg in (
@@ -227,13 +230,16 @@ def test_first_page_load_is_small_and_local(context: BrowserContext, web: Web) -
 
 
 def test_readable_at_320px(browser: Browser, web: Web) -> None:
-    ctx = browser.new_context(base_url=web.url, ignore_https_errors=True, viewport={"width": 320, "height": 640})
+    ctx = browser.new_context(
+        base_url=web.url, ignore_https_errors=True, viewport={"width": 320, "height": 640}
+    )
     try:
         page = ctx.new_page()
         sign_in(page, "alice")
         width = page.evaluate("document.documentElement.scrollWidth")
         wide = page.evaluate(
-            "Array.from(document.querySelectorAll('body *')).filter(e => e.getBoundingClientRect().right > 321)"
+            "Array.from(document.querySelectorAll('body *'))"
+            ".filter(e => e.getBoundingClientRect().right > 321)"
             ".map(e => e.tagName + '.' + e.className).slice(0, 5)"
         )
         assert width <= 320, f"the page is {width}px wide at a 320px screen: {wide}"
