@@ -711,6 +711,6 @@ def _web_ui(auth: AuthServer, router: Router, audit: Any) -> UIFactory:
     """The web UI, built once the proxy knows its address and front (decision 0041)."""
 
     def build(public_addr: str, front: ASGI) -> ASGI:
-        return build_webui(auth, public_addr=public_addr, front=front, registry=router, audit=audit)
+        return build_webui(auth, public_addr=public_addr, front=front, registry=router, audit_log=audit)
 
     return build

@@ -105,6 +105,60 @@
     }
   });
 
+  // The audit page's live tail: the feed in commit order, newest rows on top.
+  let tailing = false;
+
+  function eventRow(e) {
+    const tr = document.createElement("tr");
+    tr.className = (e.ok ? "ok" : "bad") + " new";
+    [e.time, e.event, e.user, e.app, e.tool, e.ok ? "success" : "failure", e.details].forEach(function (text) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      tr.appendChild(td);
+    });
+    if (e.session) {
+      const a = document.createElement("a");
+      a.href = "/web/audit/session/" + encodeURIComponent(e.session);
+      a.textContent = "session";
+      tr.lastChild.append(" ", a);
+    }
+    return tr;
+  }
+
+  async function tail(button) {
+    const body = document.getElementById("events");
+    let cursor = "";
+    while (tailing) {
+      const url = button.dataset.feed + "?cursor=" + encodeURIComponent(cursor);
+      let page;
+      try {
+        const resp = await fetch(url, { credentials: "same-origin" });
+        if (!resp.ok) throw new Error("HTTP " + resp.status);
+        page = await resp.json();
+      } catch (err) {
+        button.textContent = "Live tail (stopped: " + err.message + ")";
+        tailing = false;
+        button.setAttribute("aria-pressed", "false");
+        return;
+      }
+      cursor = page.cursor;
+      page.events.forEach(function (e) {
+        if (tailing) body.insertBefore(eventRow(e), body.firstChild);
+      });
+    }
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    const button = document.getElementById("tail");
+    if (!button) return;
+    button.addEventListener("click", function () {
+      tailing = !tailing;
+      button.setAttribute("aria-pressed", tailing ? "true" : "false");
+      button.textContent = tailing ? "Live tail (on)" : "Live tail";
+      if (tailing) tail(button);
+    });
+  });
+
   // Arrow keys move between tabs, as the ARIA tabs pattern says.
   document.addEventListener("keydown", function (e) {
     const tab = e.target instanceof Element ? e.target.closest("[role=tab]") : null;
