@@ -29,7 +29,7 @@ from starlette.routing import Route
 from bastion.auth.server import AuthServer
 from bastion.errors import BastionError
 from bastion.proxy.front import ASGI
-from bastion.webui import audit, guard, servers, session
+from bastion.webui import admin, audit, guard, servers, session
 from bastion.webui.context import UI, log
 
 _STATIC = {"app.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8"}
@@ -68,6 +68,7 @@ def build_webui(
         *session.routes(ui),
         *servers.routes(ui, front),
         *audit.routes(ui),
+        *admin.routes(ui),
         Route("/web/static/{name}", static_file),
     ]
     return Starlette(routes=routes, exception_handlers={Exception: handle})
