@@ -8,6 +8,7 @@ so (and fail under CI).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Iterator
@@ -63,19 +64,27 @@ class Web:
         return invite
 
 
-@pytest.fixture(scope="module")
-def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
-    node = start_node(tmp_path_factory.mktemp("web"), extra_config="app_service:\n  demo_server: true\n")
+@contextlib.contextmanager
+def running_web(root: Path) -> Iterator[Web]:
+    """A cluster serving the demo app, with alice (mcp-user, editor) and bob (one tool), both
+    logged in on the command line too."""
+    node = start_node(root, extra_config="app_service:\n  demo_server: true\n")
     try:
         role = node.root / "user-info-only.yaml"
         role.write_text(DEMO_ONLY)
         node.cli("create", str(role), local=True)
         w = Web(node)
         w.add_user("alice", "mcp-user,editor", login=True)
-        w.add_user("bob", "user-info-only")
+        w.add_user("bob", "user-info-only", login=True)
         yield w
     finally:
         stop_node(node)
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
+    with running_web(tmp_path_factory.mktemp("web")) as w:
+        yield w
 
 
 @pytest.fixture(scope="module")
