@@ -44,22 +44,22 @@ def _context(browser: Browser, web: Web) -> BrowserContext:
     return ctx
 
 
-@pytest.fixture
-def alice(browser: Browser, web: Web) -> Iterator[Page]:
+def _signed_in(browser: Browser, web: Web, user: str) -> Iterator[Page]:
     ctx = _context(browser, web)
     page = ctx.new_page()
-    sign_in(page, "alice")
+    sign_in(page, user)
     yield page
     ctx.close()
+
+
+@pytest.fixture
+def alice(browser: Browser, web: Web) -> Iterator[Page]:
+    yield from _signed_in(browser, web, "alice")
 
 
 @pytest.fixture
 def bob(browser: Browser, web: Web) -> Iterator[Page]:
-    ctx = _context(browser, web)
-    page = ctx.new_page()
-    sign_in(page, "bob")
-    yield page
-    ctx.close()
+    yield from _signed_in(browser, web, "bob")
 
 
 def tool_names(page: Page) -> list[str]:
