@@ -3,14 +3,14 @@
 For users whose roles allow ``list`` and ``read`` on ``event`` (``Actor.require``, as
 ``GET /v1/audit/*`` asks).  The same query parameters as the web API and ``bastion audit
 search`` (``audit.query.query_from_params``) and the same one-line details
-(``client.auditread.details``).  Paged on the server, newest first: a page ends at an event
-time, and the next one asks for events up to that time, skipping those already shown.  The
+(``client.auditread.details``).  Paged on the server, newest first (``page_of``).  The
 live tail reads the feed in commit order (decision 0034), as ``bastion audit tail -f`` does.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -20,7 +20,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from bastion.audit.events import EVENT_TYPES
-from bastion.audit.query import query_from_params
+from bastion.audit.query import parse_when, query_from_params
 from bastion.client.auditread import details
 from bastion.errors import ValidationError
 from bastion.webui import guard
@@ -48,6 +48,30 @@ def row(e: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def page_of(
+    store: Any, filters: dict[str, str], before: str = "", skip: int = 0, size: int = PAGE_SIZE
+) -> tuple[list[dict[str, Any]], dict[str, str] | None]:
+    """One page of the newest events matching ``filters``: those up to ``before`` (an event
+    time) less the first ``skip``; and the parameters of the next page (None after the last).
+
+    Keyset paging: the next page asks for events up to the last time shown, skipping those of
+    that time already shown — the stores order equal times by their write sequence, so the
+    same query lists them in the same order.  A page costs its size plus the ties skipped,
+    however deep it is.
+    """
+    # The stores search ``since <= time < until``: one microsecond past ``before`` takes it in.
+    bound = {"until": (parse_when(before) + timedelta(microseconds=1)).isoformat()} if before else {}
+    query = query_from_params({**filters, **bound, "limit": str(size + skip)})
+    events = (await store.search(query))[skip:]
+    if len(events) < size:
+        return events, None
+    last = events[-1]["time"]
+    same = sum(1 for e in events if e["time"] == last)
+    if before == last:
+        same += skip  # the ties shown on earlier pages
+    return events, {**filters, "before": last, "skip": str(same)}
+
+
 def routes(ui: UI) -> list[Route]:
     def store() -> Any:
         if ui.audit is None:
@@ -61,20 +85,14 @@ def routes(ui: UI) -> list[Route]:
             params["since"] = "24h"
         raw_skip = request.query_params.get("skip", "0")
         skip = int(raw_skip) if raw_skip.isdigit() and len(raw_skip) < 6 else 0
-        error, events = "", []
+        filters = {k: v for k, v in params.items() if v}
+        error, events, after = "", [], None
         try:
-            query = query_from_params({**params, "limit": str(PAGE_SIZE + skip)})
-            events = (await store().search(query))[skip:]
+            before = request.query_params.get("before", "")[:64]
+            events, after = await page_of(store(), filters, before, skip)
         except ValidationError as e:
             error = e.message
-        filters = {k: v for k, v in params.items() if v}
-        more = ""
-        if len(events) == PAGE_SIZE:
-            last = events[-1]["time"]
-            same = sum(1 for e in events if e["time"] == last)
-            # The next page: up to the last time shown, less the events at that time already shown.
-            same += skip if params.get("until") == last else 0
-            more = "/web/audit?" + urlencode({**filters, "until": last, "skip": str(same)})
+        more = "/web/audit?" + urlencode(after) if after else ""
         ctx = {
             "title": "Audit log",
             "f": params,
@@ -82,9 +100,9 @@ def routes(ui: UI) -> list[Route]:
             "events": [row(e) for e in events],
             "error": error,
             "more": more,
-            "first": "/web/audit?" + urlencode({k: v for k, v in filters.items() if k != "until"}),
+            "first": "/web/audit?" + urlencode(filters),
             "export": "/web/audit/export.jsonl?" + urlencode(filters),
-            "paged": bool(skip or request.query_params.get("until")),
+            "paged": "before" in request.query_params,
         }
         return ui.render(request, "audit.html", ctx, signed=s)
 
