@@ -86,7 +86,8 @@ def routes(ui: UI) -> list[Route]:
         raw_skip = request.query_params.get("skip", "0")
         skip = int(raw_skip) if raw_skip.isdigit() and len(raw_skip) < 6 else 0
         filters = {k: v for k, v in params.items() if v}
-        error, events, after = "", [], None
+        error, after = "", None
+        events: list[dict[str, Any]] = []
         try:
             before = request.query_params.get("before", "")[:64]
             events, after = await page_of(store(), filters, before, skip)
