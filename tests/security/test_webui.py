@@ -10,6 +10,7 @@ a deleted user's cookie stops working at once; invite codes stay out of the acce
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import Iterator
 
@@ -191,6 +192,12 @@ def test_user_without_rules_gets_no_admin_pages_or_api(cluster: Web) -> None:
             assert api.get(path).status_code == 403, path
         assert api.post("/v1/users", json={"name": "mallory2", "roles": ["editor"]}).status_code == 403
     assert "mallory2" not in cluster.node.cli("users", "ls", local=True).stdout
+    # Each refusal on a page is audited as the web API audits its own.
+    found = cluster.node.cli(
+        "audit", "search", "--type=access.denied", "--user=mallory", "--format=json", local=True
+    )
+    paths = {e["extra"]["path"] for e in json.loads(found.stdout) if e["extra"].get("via") == "web"}
+    assert {"/web/audit", "/web/admin/roles", "/web/admin/users"} <= paths, paths
 
 
 def test_a_deleted_user_loses_access_at_once(cluster: Web) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pyotp
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
@@ -78,6 +79,29 @@ def test_invite_link_sets_a_password_then_sign_in(context: BrowserContext, web: 
     expect(page.get_by_role("alert")).to_be_visible()
     assert "/web/invite/..." in web.node.log.read_text()
     assert link.group(1).rsplit("/", 1)[1] not in web.node.log.read_text()
+
+
+def test_invite_with_an_authenticator_then_sign_in_needs_the_code(context: BrowserContext, web: Web) -> None:
+    invite = web.node.cli("users", "add", "dora", "--roles=mcp-user", local=True).stdout
+    link = re.search(r"(https://\S+/web/invite/\S+)", invite)
+    assert link, invite
+    page = context.new_page()
+    page.goto(link.group(1))
+    secret = page.locator("code.secret").inner_text()
+    page.get_by_label("New password").fill(PW)
+    page.get_by_label("The same password again").fill(PW)
+    page.get_by_label("One-time code").fill(pyotp.TOTP(secret).now())
+    page.get_by_role("button", name="Set password").click()
+    expect(page.get_by_role("status")).to_contain_text("Password set")
+    # The password alone is not enough any more; with the code it is.
+    page.get_by_label("User name").fill("dora")
+    page.get_by_label("Password").fill(PW)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("alert")).to_contain_text("one-time code")
+    page.get_by_label("Password").fill(PW)
+    page.get_by_label("One-time code").fill(pyotp.TOTP(secret).now())
+    page.get_by_role("button", name="Sign in").click()
+    expect(page).to_have_url(re.compile(r"/web/apps$"))
 
 
 def test_signed_in_user_sees_the_demo_app_and_its_tools(context: BrowserContext) -> None:
@@ -229,22 +253,32 @@ def test_first_page_load_is_small_and_local(context: BrowserContext, web: Web) -
     shot(page, "sign-in")
 
 
-def test_readable_at_320px(browser: Browser, web: Web) -> None:
+def test_readable_at_320px_in_dark_mode(browser: Browser, web: Web) -> None:
     ctx = browser.new_context(
-        base_url=web.url, ignore_https_errors=True, viewport={"width": 320, "height": 640}
+        base_url=web.url,
+        ignore_https_errors=True,
+        viewport={"width": 320, "height": 640},
+        color_scheme="dark",
     )
+    ctx.set_default_timeout(15_000)
     try:
         page = ctx.new_page()
         sign_in(page, "alice")
-        width = page.evaluate("document.documentElement.scrollWidth")
-        wide = page.evaluate(
-            "Array.from(document.querySelectorAll('body *'))"
-            ".filter(e => e.getBoundingClientRect().right > 321)"
-            ".map(e => e.tagName + '.' + e.className).slice(0, 5)"
-        )
-        assert width <= 320, f"the page is {width}px wide at a 320px screen: {wide}"
-        # Keyboard: Tab reaches the skip link first, then the navigation.
+        # Keyboard: Tab reaches the skip link first.
         page.keyboard.press("Tab")
         assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+        background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert background == "rgb(17, 20, 24)", background  # the dark palette
+        for path in ("/web/apps", "/web/apps/bastion-demo/connect", "/web/audit", "/web/admin/users"):
+            page.goto(path)
+            width = page.evaluate("document.documentElement.scrollWidth")
+            wide = page.evaluate(
+                "Array.from(document.querySelectorAll('body *'))"
+                ".filter(e => e.getBoundingClientRect().right > 321)"
+                ".map(e => e.tagName + '.' + e.className).slice(0, 5)"
+            )
+            assert width <= 320, f"{path} is {width}px wide at a 320px screen: {wide}"
+        page.goto("/web/apps")
+        shot(page, "mcp-servers-320-dark")
     finally:
         ctx.close()
