@@ -21,7 +21,7 @@ from starlette.routing import Route
 from bastion._time import parse_duration
 from bastion.auth.ca import fingerprint
 from bastion.auth.scope import parse_label_scope
-from bastion.errors import BastionError, ValidationError
+from bastion.errors import AccessDeniedError, BastionError, ValidationError
 from bastion.resources.codec import DecodeError, load_documents
 from bastion.tunnel.server import HEARTBEAT_TTL
 from bastion.webui import yamllines
@@ -101,8 +101,12 @@ def routes(ui: UI) -> list[Route]:
             "items": items,
             "base": EDITED[kind][0],
         }
+        # What else the list shows needs more rights; without them it is left out, not refused.
         if kind == "role":
-            users = [u.model_dump(mode="json") for u in await auth.list_resources(s.actor, "user")]
+            try:
+                users = [u.model_dump(mode="json") for u in await auth.list_resources(s.actor, "user")]
+            except AccessDeniedError:
+                users = []
             ctx["used"] = {
                 i["metadata"]["name"]: [
                     u["metadata"]["name"] for u in users if i["metadata"]["name"] in u["spec"]["roles"]
@@ -110,7 +114,11 @@ def routes(ui: UI) -> list[Route]:
                 for i in items
             }
         else:
-            ctx["servers"] = [_server_row(a) for a in await auth.list_resources(s.actor, "app_server")]
+            try:
+                servers = await auth.list_resources(s.actor, "app_server")
+            except AccessDeniedError:
+                servers = []
+            ctx["servers"] = [_server_row(a) for a in servers]
         return ui.render(request, "admin_kind.html", ctx, signed=s)
 
     def editor(
@@ -193,6 +201,10 @@ def routes(ui: UI) -> list[Route]:
             locks = {n: lk.to_dict() for n, lk in (await auth.user_locks(s.actor)).items()}
         except BastionError:
             locks = {}
+        try:
+            roles = [r.metadata.name for r in await auth.list_resources(s.actor, "role")]
+        except AccessDeniedError:
+            roles = []  # only the placeholder of the roles field uses them
         ctx = {
             "title": "Users",
             "users": users,
@@ -200,7 +212,7 @@ def routes(ui: UI) -> list[Route]:
             "invite": invite,
             "invite_url": invite_url(invite.code) if invite else "",
             "error": error,
-            "roles": [r.metadata.name for r in await auth.list_resources(s.actor, "role")],
+            "roles": roles,
         }
         return ui.render(request, "admin_users.html", ctx, status=400 if error else 200, signed=s)
 

@@ -8,6 +8,7 @@ sign-in carry a CSRF token keyed by a random pre-session cookie.
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -24,6 +25,7 @@ from bastion.webui.context import UI, NotSignedIn, log
 #: A browser session's credential lives at most this long (less when the user's roles cap it).
 WEB_SESSION_TTL = timedelta(hours=8)
 PRESESSION_SECONDS = 3600
+_TOTP_SECRET = re.compile(r"[A-Z2-7]{16,64}")
 
 
 def _with_presession(request: Request, ui: UI, template: str, ctx: dict[str, Any], status: int) -> Response:
@@ -117,10 +119,12 @@ def routes(ui: UI) -> list[Route]:
         return resp
 
     def invite_page(
-        request: Request, code: str, info: InviteInfo, *, error: str = "", status: int = 200
+        request: Request, code: str, info: InviteInfo, *, error: str = "", status: int = 200, secret: str = ""
     ) -> Response:
         factor = auth.settings.second_factor
-        secret = pyotp.random_base32() if factor != "off" else ""
+        # Shown again after a mistake, the secret stays the one the authenticator app took.
+        if not _TOTP_SECRET.fullmatch(secret):
+            secret = pyotp.random_base32() if factor != "off" else ""
         issuer = f"bastion {auth.cluster_name}"
         ctx = {
             "title": "Set your password",
@@ -153,19 +157,22 @@ def routes(ui: UI) -> list[Route]:
             info = await auth.invite_info(code)
         except BastionError as e:
             return ui.error(request, "Invite not valid", e.message, 404)
+        secret = data.get("totp_secret", "")
         if password != data.get("password2", ""):
-            return invite_page(request, code, info, error="The two passwords differ.", status=400)
+            return invite_page(
+                request, code, info, error="The two passwords differ.", status=400, secret=secret
+            )
         otp = data.get("otp", "").strip()
         try:
             await auth.accept_invite(
                 code,
                 password,
-                totp_secret=data.get("totp_secret", "") if otp else "",
+                totp_secret=secret if otp else "",
                 totp_code=otp,
                 source=ui.source(request),
             )
         except BastionError as e:
-            return invite_page(request, code, info, error=e.message, status=e.http_status)
+            return invite_page(request, code, info, error=e.message, status=e.http_status, secret=secret)
         log.info("invite accepted on the web", extra={"user": info.user})
         return RedirectResponse("/web/login?set=1", 303)
 
