@@ -1,9 +1,9 @@
 """The web UI in a real browser: Debian's Chromium, driven by Playwright, against `bastion start`.
 
-One cluster and one browser per module (each test gets its own browser context, so its own
-cookies).  Chromium is Debian's package (`make test` installs it); Playwright's own browser
-download is neither used nor needed.  Where no Chromium can be found, the tests skip, saying
-so (and fail under CI).
+One cluster and one browser for the session (each test gets its own browser context, so its
+own cookies; a module that changes a user's roles makes that user itself).  Chromium is
+Debian's package (`make test` installs it); Playwright's own browser download is neither used
+nor needed.  Where no Chromium can be found, the tests skip, saying so (and fail under CI).
 """
 
 from __future__ import annotations
@@ -81,13 +81,14 @@ def running_web(root: Path) -> Iterator[Web]:
         stop_node(node)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
+    """One cluster for the browser tests (modules that change a user make their own users)."""
     with running_web(tmp_path_factory.mktemp("web")) as w:
         yield w
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def browser() -> Iterator[object]:
     if not os.access(CHROMIUM, os.X_OK):
         why = f"no Chromium at {CHROMIUM} (`make test` installs Debian's chromium package)"
