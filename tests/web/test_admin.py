@@ -109,12 +109,12 @@ def test_role_editor_assign_and_the_audit_log(alice: Page, bea: Page, web: Web) 
     table = alice.get_by_role("table", name="Audit events")
     expect(table).to_contain_text("role.create")
     expect(table).to_contain_text("user.update")
+    shot(alice, "audit")
     alice.get_by_label("User").fill("bea")
     alice.get_by_label("Outcome").select_option("failure")
     alice.get_by_role("button", name="Search").click()
     denied = table.locator("tr", has_text="bastion_demo_info").first
     expect(denied).to_contain_text("failure")
-    shot(alice, "audit")
     # The session view: that session's events in order, arguments as stored.
     denied.get_by_role("link", name="session").click()
     expect(alice.get_by_role("heading", name=re.compile("^Session"))).to_be_visible()
