@@ -216,3 +216,31 @@ def test_unknown_apps_and_foreign_apps_look_the_same(alice: httpx.Client) -> Non
     a = alice.get("/web/apps/no-such-app/tools")
     assert a.status_code == 404
     assert "no-such-app" in a.text and "<script>" not in alice.get("/web/apps/%3Cscript%3E/tools").text
+
+
+def test_web_sign_in_is_throttled_like_the_cli_and_unlocked_from_the_users_page(
+    cluster: Web, alice: httpx.Client
+) -> None:
+    cluster.add_user("locky", "mcp-user")
+    with browser(cluster) as c:
+        for _ in range(5):
+            page = c.get("/web/login")
+            r = c.post("/web/login", data={"csrf": csrf_of(page.text), "user": "locky", "password": "wrong"})
+            assert r.status_code == 401
+        page = c.get("/web/login")
+        r = c.post("/web/login", data={"csrf": csrf_of(page.text), "user": "locky", "password": PW})
+        assert (
+            r.status_code == 401 and "too many failed login attempts" in r.text
+        )  # the right password, but locked
+        users = alice.get("/web/admin/users")
+        assert 'aria-label="Unlock locky"' in users.text
+        r = alice.post("/web/admin/users/locky/unlock", data={"csrf": csrf_of(users.text)})
+        assert r.status_code == 303
+        page = c.get("/web/login")
+        r = c.post("/web/login", data={"csrf": csrf_of(page.text), "user": "locky", "password": PW})
+        assert r.status_code == 303
+    found = cluster.node.cli("audit", "search", "--user=locky", "--format=json", local=True)
+    assert "user.locked" in [e["event"] for e in json.loads(found.stdout)]
+    found = cluster.node.cli("audit", "search", "--type=user.unlocked", "--format=json", local=True)
+    unlocked = json.loads(found.stdout)
+    assert any(e["user"] == "alice" and "locky" in json.dumps(e) for e in unlocked), unlocked
