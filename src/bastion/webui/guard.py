@@ -72,8 +72,26 @@ def cleared(name: str) -> str:
     return cookie(name, "", max_age=0)
 
 
+def _host_port(authority: str) -> tuple[str, int]:
+    """``host[:port]`` (IPv6 in brackets) as (lower-case host, port; 443 when left out)."""
+    host, port = authority.strip().lower(), 443
+    if host.startswith("["):
+        end = host.find("]")
+        rest, host = host[end + 1 :], host[1:end]
+        if rest.startswith(":") and rest[1:].isdigit():
+            port = int(rest[1:])
+    elif host.count(":") == 1:
+        host, _, p = host.partition(":")
+        port = int(p) if p.isdigit() else -1
+    return host, port
+
+
 def same_origin(origin: str, public_addr: str, host: str) -> bool:
-    """A state-changing request's ``Origin`` (when the browser sends one) must be this proxy."""
+    """A state-changing request's ``Origin`` (when the browser sends one) must be this proxy:
+    ``https`` and the public address or the ``Host`` asked for (browsers leave port 443 out)."""
     if not origin:
         return True  # older browsers omit it on same-origin posts; the CSRF token still decides
-    return origin in (f"https://{public_addr}", f"https://{host}")
+    scheme, sep, authority = origin.partition("://")
+    if scheme.lower() != "https" or not sep or not authority or "/" in authority:
+        return False
+    return _host_port(authority) in {_host_port(a) for a in (public_addr, host) if a}

@@ -30,6 +30,13 @@ def test_origin_must_be_this_proxy() -> None:
     assert not guard.same_origin("https://evil.example", "proxy.example:443", "proxy.example:443")
     assert not guard.same_origin("null", "proxy.example:443", "proxy.example:443")
     assert not guard.same_origin("http://proxy.example:443", "proxy.example:443", "proxy.example:443")
+    # Browsers leave the default port out of Origin; case does not matter; IPv6 in brackets.
+    assert guard.same_origin("https://Proxy.Example", "proxy.example:443", "")
+    assert guard.same_origin("https://proxy.example", "proxy.example", "")
+    assert not guard.same_origin("https://proxy.example", "proxy.example:3080", "")
+    assert guard.same_origin("https://[::1]:3080", "[::1]:3080", "")
+    assert not guard.same_origin("https://proxy.example.evil", "proxy.example:443", "proxy.example")
+    assert not guard.same_origin("https://proxy.example:443/x", "proxy.example:443", "")
 
 
 def test_csp_allows_nothing_inline_and_no_other_origin() -> None:
