@@ -145,6 +145,10 @@
       page.events.forEach(function (e) {
         if (tailing) body.insertBefore(eventRow(e), body.firstChild);
       });
+      if (!page.more) {
+        // Caught up: look again in a second (as `bastion audit tail -f` does, every 0.5 s).
+        await new Promise(function (resolve) { setTimeout(resolve, 1000); });
+      }
     }
   }
 
