@@ -1,7 +1,7 @@
 """The web UI in a real browser: Debian's Chromium, driven by Playwright, against `bastion start`.
 
-One cluster and one browser for the session (each test gets its own browser context, so its
-own cookies; a module that changes a user's roles makes that user itself).  Chromium is
+One cluster for the session and one browser per module (each test gets its own browser
+context, so its own cookies; a module that changes a user's roles makes that user itself).  Chromium is
 Debian's package (`make test` installs it); Playwright's own browser download is neither used
 nor needed.  Where no Chromium can be found, the tests skip, saying so (and fail under CI).
 """
@@ -88,8 +88,10 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
         yield w
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
+    """One browser per module: Playwright's sync API keeps an event loop running in this thread
+    while it is open, which async tests of later modules could not share."""
     if not os.access(CHROMIUM, os.X_OK):
         why = f"no Chromium at {CHROMIUM} (`make test` installs Debian's chromium package)"
         if os.environ.get("CI"):
