@@ -60,39 +60,44 @@ def shot(page: Page, name: str) -> None:
         page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
 
 
-def test_invite_link_sets_a_password_then_sign_in(context: BrowserContext, web: Web) -> None:
-    invite = web.node.cli("users", "add", "carol", "--roles=mcp-user", local=True).stdout
+def open_invite(page: Page, web: Web, user: str) -> str:
+    """Add ``user`` as `bastion users add` does and open the link it prints; the link."""
+    invite = web.node.cli("users", "add", user, "--roles=mcp-user", local=True).stdout
     link = re.search(r"(https://\S+/web/invite/\S+)", invite)
     assert link, invite
-    page = context.new_page()
     page.goto(link.group(1))
     expect(page.get_by_role("heading", name="Set your password")).to_be_visible()
-    expect(page.get_by_text("carol")).to_be_visible()
+    expect(page.get_by_text(user)).to_be_visible()
+    return link.group(1)
+
+
+def set_password(page: Page, otp: str = "") -> None:
     page.get_by_label("New password").fill(PW)
     page.get_by_label("The same password again").fill(PW)
+    if otp:
+        page.get_by_label("One-time code").fill(otp)
     page.get_by_role("button", name="Set password").click()
     expect(page.get_by_role("status")).to_contain_text("Password set")
+
+
+def test_invite_link_sets_a_password_then_sign_in(context: BrowserContext, web: Web) -> None:
+    page = context.new_page()
+    link = open_invite(page, web, "carol")
+    set_password(page)
     sign_in(page, "carol")
     expect(page.locator(".app h2", has_text="bastion-demo")).to_be_visible()
     # The invite is used up.
-    page.goto(link.group(1))
+    page.goto(link)
     expect(page.get_by_role("alert")).to_be_visible()
     assert "/web/invite/..." in web.node.log.read_text()
-    assert link.group(1).rsplit("/", 1)[1] not in web.node.log.read_text()
+    assert link.rsplit("/", 1)[1] not in web.node.log.read_text()
 
 
 def test_invite_with_an_authenticator_then_sign_in_needs_the_code(context: BrowserContext, web: Web) -> None:
-    invite = web.node.cli("users", "add", "dora", "--roles=mcp-user", local=True).stdout
-    link = re.search(r"(https://\S+/web/invite/\S+)", invite)
-    assert link, invite
     page = context.new_page()
-    page.goto(link.group(1))
+    open_invite(page, web, "dora")
     secret = page.locator("code.secret").inner_text()
-    page.get_by_label("New password").fill(PW)
-    page.get_by_label("The same password again").fill(PW)
-    page.get_by_label("One-time code").fill(pyotp.TOTP(secret).now())
-    page.get_by_role("button", name="Set password").click()
-    expect(page.get_by_role("status")).to_contain_text("Password set")
+    set_password(page, otp=pyotp.TOTP(secret).now())
     # The password alone is not enough any more; with the code it is.
     page.get_by_label("User name").fill("dora")
     page.get_by_label("Password").fill(PW)
