@@ -1,4 +1,4 @@
-"""The MCP servers page with 500 apps: paged on the server, searched and filtered there, fast.
+"""The MCP servers page with 500 apps (and one that fails): paged on the server, searched and filtered there, fast.
 
 No browser needed: what matters is what the proxy sends (50 rows a page, the count, the
 links) and how long it takes.
@@ -21,7 +21,12 @@ N = 500
 
 
 def _apps() -> str:
-    lines = ["app_service:", "  apps:"]
+    lines = [
+        "app_service:",
+        "  apps:",
+        "  - name: broken",
+        "    mcp: {command: /bin/false, run_as_host_user: root}",
+    ]
     for i in range(N):
         env = "dev" if i % 2 else "prod"
         lines += [
@@ -60,12 +65,13 @@ def test_500_apps_paged_on_the_server(signed_in: httpx.Client) -> None:
     took = time.perf_counter() - start
     assert r.status_code == 200
     assert rows(r.text) == [f"app-{i:04d}" for i in range(50)]
-    assert "500 of 500 MCP servers you may use · page 1 of 10" in r.text
+    assert "501 of 501 MCP servers you may use · page 1 of 11" in r.text
     assert len(r.content) < 200_000, len(r.content)
     assert took < 2.0, f"{took:.2f} s for the first page of 500 apps"
     last = signed_in.get("/web/apps?page=10")
-    assert rows(last.text)[-1] == "app-0499" and 'rel="next"' not in last.text
-    assert rows(signed_in.get("/web/apps?page=99").text) == rows(last.text)  # past the end: the last
+    assert rows(last.text)[-1] == "app-0499"
+    assert rows(signed_in.get("/web/apps?page=11").text) == ["broken"]
+    assert rows(signed_in.get("/web/apps?page=99").text) == ["broken"]  # past the end: the last
 
 
 def test_search_and_label_filter(signed_in: httpx.Client) -> None:
@@ -73,8 +79,15 @@ def test_search_and_label_filter(signed_in: httpx.Client) -> None:
     words = rows(signed_in.get("/web/apps", params={"q": "Number 42"}).text)  # every word, any case
     assert "app-0042" in words and all("42" in n for n in words)
     dev = signed_in.get("/web/apps", params={"label": "env=dev"})
-    assert "250 of 500" in dev.text and all(int(n[4:]) % 2 for n in rows(dev.text))
+    assert "250 of 501" in dev.text and all(int(n[4:]) % 2 for n in rows(dev.text))
     both = signed_in.get("/web/apps", params={"label": "team=t3", "q": "dev"})
     assert rows(both.text) and all(int(n[4:]) % 7 == 3 and int(n[4:]) % 2 for n in rows(both.text))
     second = signed_in.get("/web/apps", params={"label": "env=dev", "page": "2"})
     assert rows(second.text)[0] == "app-0101"
+
+
+def test_a_server_that_fails_is_an_error_on_the_page(signed_in: httpx.Client) -> None:
+    r = signed_in.get("/web/apps/broken/tools", params={"part": "1"})
+    assert r.status_code == 200 and 'class="error"' in r.text, r.text
+    assert "stdio server exited with code 1" in r.text and r.text.count("fault:") == 1, r.text
+    assert "fault: upstream" in r.text

@@ -9,6 +9,7 @@ gateway's filtering and audit apply unchanged.  Paged on the server.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -28,6 +29,8 @@ from bastion.webui import connect
 from bastion.webui.context import UI, Signed
 
 PAGE_SIZE = 50
+#: A page waits this long for an MCP server's tools (the CLI waits as long as the user does).
+TOOLS_TIMEOUT = 10.0
 
 
 def routes(ui: UI, front: ASGI) -> list[Route]:
@@ -93,10 +96,13 @@ def routes(ui: UI, front: ASGI) -> list[Route]:
         error, tools = "", []
         client = MCPClient(proxy=ui.public_addr, app=name, token=s.token, trust=Trust(), transport=transport)
         try:
-            async with client as c:
+            async with asyncio.timeout(TOOLS_TIMEOUT), client as c:
                 tools = await c.list_tools()
         except BastionError as e:
-            error = f"{e.message} (fault: {e.origin})"
+            # The gateway's own refusals already say whose fault they are (MCPClient keeps it).
+            error = e.message if "fault:" in e.message else f"{e.message} (fault: {e.origin})"
+        except TimeoutError:
+            error = f"{name} did not list its tools within {TOOLS_TIMEOUT:.0f} s (fault: upstream)"
         ctx = {
             "title": f"Tools of {name}",
             "app": app_json(app, s.actor.checker),
