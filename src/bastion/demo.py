@@ -204,6 +204,7 @@ def _print_next_steps(cluster: Cluster, cfg_path: Path, password: str, root: Pat
 mcp-bastion demo cluster "{cluster.auth.cluster_name}" is running (SQLite, one node).
 
   Proxy:        https://{addr}
+  Web UI:       https://{addr}/web   (sign in as {DEMO_USER}; the browser will warn about the demo's own CA)
   Tunnel:       {tunnel}   (for joined app services; the proxy tells them)
   CA:           {fp}
   Config:       {cfg_path}   (the demo's own: rewritten on each run)

@@ -45,9 +45,10 @@ from bastion.backend.factory import open_backend
 from bastion.config import Config, split_addr
 from bastion.diag import DiagServer
 from bastion.errors import BastionError
+from bastion.proxy.front import ASGI
 from bastion.proxy.hosts import Hosts
 from bastion.proxy.routing import Router
-from bastion.proxy.server import ProxyService, ProxySettings
+from bastion.proxy.server import ProxyService, ProxySettings, UIFactory
 from bastion.resources import AppServer, AppServerSpec, Metadata
 from bastion.tunnel.agent import (
     Agent,
@@ -59,6 +60,7 @@ from bastion.tunnel.agent import (
     peer_creds,
 )
 from bastion.tunnel.server import HEARTBEAT_EVERY, HEARTBEAT_TTL, TunnelServer
+from bastion.webui import build_webui
 
 log = logging.getLogger("bastion.service")
 
@@ -321,6 +323,7 @@ class Cluster:
                     router=router,
                     audit=audit,
                     tunnel_addr=lambda: tunnel_public,
+                    ui=_web_ui(auth, router, audit),
                 )
                 await proxy.start()
                 if peer_id is not None and apps is not None:
@@ -702,3 +705,12 @@ async def serve(cfg: Config) -> None:
         if waiter.done() and not waiter.cancelled() and waiter.exception():
             raise waiter.exception()  # type: ignore[misc]
         waiter.cancel()
+
+
+def _web_ui(auth: AuthServer, router: Router, audit: Any) -> UIFactory:
+    """The web UI, built once the proxy knows its address and front (decision 0041)."""
+
+    def build(public_addr: str, front: ASGI) -> ASGI:
+        return build_webui(auth, public_addr=public_addr, front=front, registry=router, audit_log=audit)
+
+    return build

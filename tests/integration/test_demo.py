@@ -86,6 +86,11 @@ def test_demo_starts_when_its_ports_are_held(tmp_path: Path) -> None:
                     assert f"port {port} ({what}) is taken by " in text, text
             r = httpx.get(f"https://127.0.0.1:{proxy_port}/v1/webapi/find", verify=False, timeout=30)
             assert r.status_code == 200
+            # The web address is printed, and the demo user signs in there with the printed password.
+            web = re.search(r"Web UI: +(https://127\.0\.0\.1:(\d+)/web) ", text)
+            password = re.search(r"Demo user: +demo +password: (\S+)", text)
+            assert web and password and int(web.group(2)) == proxy_port, text
+            _web_sign_in(web.group(1), "demo", password.group(1))
         finally:
             proc.send_signal(signal.SIGINT)
             try:
@@ -98,3 +103,15 @@ def test_demo_starts_when_its_ports_are_held(tmp_path: Path) -> None:
     saved = (tmp_path / "demo-data" / "bastion.yaml").read_text()
     assert 'listen_addr: "127.0.0.1:3080"' in saved
     assert str(proxy_port) not in saved  # the port of this run is not kept
+
+
+def _web_sign_in(url: str, user: str, password: str) -> None:
+    with httpx.Client(verify=False, timeout=30) as c:
+        page = c.get(url, follow_redirects=True)
+        assert page.status_code == 200 and str(page.url).endswith("/web/login"), page.url
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert csrf, page.text
+        r = c.post(f"{url}/login", data={"csrf": csrf.group(1), "user": user, "password": password})
+        assert r.status_code == 303, r.text
+        apps = c.get(f"{url}/apps")
+        assert apps.status_code == 200 and "bastion-demo" in apps.text, apps.text

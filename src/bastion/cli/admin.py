@@ -73,6 +73,7 @@ def print_invite(invite: dict[str, Any], *, proxy_addr: str, ca_pem: str, create
         f"  bastion users set-password --proxy={proxy_addr} --ca-fingerprint={fp} --invite={invite['code']}\n"
     )
     out.print(f"and then: bastion login --proxy={proxy_addr} --user={invite['user']}")
+    out.print(f"\nor they open this link in a browser: https://{proxy_addr}/web/invite/{invite['code']}")
 
 
 @users_app.command("add")

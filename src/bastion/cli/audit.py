@@ -26,6 +26,7 @@ from bastion.cli._common import (
     table,
     with_admin,
 )
+from bastion.client import auditread
 from bastion.errors import BastionError
 
 audit_app = typer.Typer(help="The audit log of MCP sessions.", no_args_is_help=True)
@@ -202,31 +203,10 @@ def _quiet_broken_pipe() -> Any:
         raise typer.Exit(0) from None
 
 
-#: Of a cluster event's ``extra``, what the table shows (the rest is in --format=json).
-_SHOWN_EXTRA = ("name", "for", "how", "reason", "purpose", "until", "hostname", "token", "path", "via")
-
-
-def _details(e: dict[str, Any]) -> str:
-    """What a row of the table says beyond its columns: who or what it was about, why, whence."""
-    extra = e.get("extra") or {}
-    parts = [
-        f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
-        for k in _SHOWN_EXTRA
-        if (v := extra.get(k))
-    ]
-    if e.get("remote_addr") and not e.get("session_id"):
-        parts.append(f"from {e['remote_addr']}")
-    if e.get("error"):
-        parts.append(str(e["error"]))
-    elif e.get("params"):
-        parts.append(orjson.dumps(e["params"]).decode())
-    return " ".join(parts)
-
-
 def _table(events: list[dict[str, Any]]) -> Table:
     t = table("Time", "Event", "Code", "User", "App", "Method", "Tool", "Details")
     for e in events:
-        details = _details(e)
+        details = auditread.details(e)
         t.add_row(
             str(e.get("time", "")),
             e.get("event", ""),

@@ -171,15 +171,8 @@ def tools(
     check_format(fmt)
 
     async def go() -> None:
-        listed: list[dict[str, Any]] = []
         async with _client(name, identity=identity, proxy=proxy, insecure=insecure) as c:
-            cursor: str | None = None
-            while True:
-                page = await c.request("tools/list", {"cursor": cursor} if cursor else {})
-                listed.extend(page.get("tools") or [])
-                cursor = page.get("nextCursor")
-                if not cursor:
-                    break
+            listed = await c.list_tools()
         if fmt != "text":
             print_data(listed, fmt)
             return

@@ -103,3 +103,24 @@ def _page(data: Any) -> FeedPage:
     if not isinstance(data, dict) or not isinstance(data.get("events"), list):
         raise BastionError("the proxy answered the audit feed with something else than a page of events")
     return FeedPage(list(data["events"]), str(data.get("cursor", "")))
+
+
+#: Of a cluster event's ``extra``, what the table shows (the rest is in --format=json).
+SHOWN_EXTRA = ("name", "for", "how", "reason", "purpose", "until", "hostname", "token", "path", "via")
+
+
+def details(e: dict[str, Any]) -> str:
+    """What a row of the table says beyond its columns: who or what it was about, why, whence."""
+    extra = e.get("extra") or {}
+    parts = [
+        f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+        for k in SHOWN_EXTRA
+        if (v := extra.get(k))
+    ]
+    if e.get("remote_addr") and not e.get("session_id"):
+        parts.append(f"from {e['remote_addr']}")
+    if e.get("error"):
+        parts.append(str(e["error"]))
+    elif e.get("params"):
+        parts.append(orjson.dumps(e["params"]).decode())
+    return " ".join(parts)

@@ -44,13 +44,17 @@ class MCPClient:
         token: str,
         trust: Trust,
         on_slow_start: Callable[[str], None] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """``transport``: where requests go instead of the network (the web UI sends them, in
+        process, to its own proxy's front: decision 0041)."""
         self.url = f"https://{proxy}/mcp/apps/{app}"
         self.app = app
         self.proxy = proxy
         self.trust = trust
         self._http = httpx.AsyncClient(
-            verify=trust.context(),
+            verify=trust.context() if transport is None else True,
+            transport=transport,
             timeout=httpx.Timeout(300.0, connect=10.0),
             headers={
                 "Authorization": f"Bearer {token}",
@@ -107,6 +111,17 @@ class MCPClient:
             raise MCPCallError(str(err.get("message", "error")), int(err.get("code", 0)))
         result = answer.get("result")
         return result if isinstance(result, dict) else {}
+
+    async def list_tools(self) -> list[dict[str, Any]]:
+        """Every tool the gateway lets the caller see (``tools/list``, all pages)."""
+        listed: list[dict[str, Any]] = []
+        cursor: str | None = None
+        while True:
+            page = await self.request("tools/list", {"cursor": cursor} if cursor else {})
+            listed.extend(t for t in page.get("tools") or [] if isinstance(t, dict))
+            cursor = page.get("nextCursor")
+            if not cursor:
+                return listed
 
     async def _post(self, msg: dict[str, Any], want_id: int | None = None) -> dict[str, Any] | None:
         try:

@@ -356,6 +356,11 @@ def snippet(entries: Mapping[str, Any], *, json_format: str = "pretty") -> str:
     return dumps({"mcpServers": dict(entries)}, style)
 
 
+def client_snippet(client: Client, entries: Mapping[str, Any]) -> str:
+    """The text to paste into ``client``'s own file: its servers key (``servers`` for VS Code)."""
+    return dumps({client.servers_key: dict(entries)})
+
+
 def _detect_style(text: str) -> _Style:
     """Keep a file's layout: single-line stays compact, else its own indent unit and line ends."""
     newline = "\r\n" if "\r\n" in text else "\n"

@@ -7,7 +7,9 @@ sessions within that time), normalise the path after the app name once, from
 the raw target (``protocol/paths.py``: encoded slashes, control characters and
 dot segments above the root are refused), resolve the app — an app the
 caller's labels do not match is answered exactly like a missing one — and
-hand over to the app service.  Every refusal is audited.  Everything else goes to the Starlette web API.
+hand over to the app service.  Every refusal is audited.  ``/`` and ``/web/...`` go to the web
+UI when there is one (``ui``, set by the proxy service: decision 0041); everything else goes to
+the Starlette web API.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class Front:
         self.webapi = webapi
         self.router = router
         self.allowed_origins = allowed_origins
+        #: The web UI (``bastion.webui``), handed in by whoever runs the proxy; None = no UI.
+        self.ui: ASGI | None = None
         self._actors: dict[str, tuple[float, Actor]] = {}
         self._jwks = orjson.dumps(appjwt.jwks(auth.cas["jwt"]))
         #: Refused MCP requests are audited through the router's (the process's) recorder.
@@ -58,6 +62,8 @@ class Front:
             await self._mcp(scope, receive, send)
         elif scope["type"] == "http" and path == "/.well-known/jwks.json":
             await _reply(send, 200, self._jwks, b"application/json", [(b"cache-control", b"max-age=300")])
+        elif self.ui is not None and (path == "/" or path == "/web" or path.startswith("/web/")):
+            await self.ui(scope, receive, send)
         else:
             await self.webapi(scope, receive, send)
 

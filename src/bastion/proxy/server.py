@@ -31,13 +31,16 @@ from bastion.auth.server import AuthServer
 from bastion.config import ACMEConfig
 from bastion.errors import ConfigError
 from bastion.proxy import acme, h1
-from bastion.proxy.front import Front
+from bastion.proxy.front import ASGI, Front
 from bastion.proxy.webapi import RequestContext, build_webapi
 
 if TYPE_CHECKING:
     from bastion.proxy.routing import Router
 
 log = logging.getLogger("bastion.proxy")
+
+#: Builds the web UI: ``(public_addr, front) -> ASGI app`` (decision 0041).
+UIFactory = Callable[[str, ASGI], ASGI]
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,12 @@ class ProxyService:
         router: Router | None = None,
         audit: object | None = None,
         tunnel_addr: Callable[[], str] = lambda: "",
+        ui: UIFactory | None = None,
     ) -> None:
+        """``ui(public_addr, front)``: the web UI's ASGI app, given the proxy's public address and
+        its front (for MCP requests the UI makes in process); built by ``service.py``."""
         self.auth = auth
+        self.ui = ui
         self.settings = settings
         self.router = router
         self.audit = audit
@@ -163,6 +170,8 @@ class ProxyService:
         )
         origins = frozenset({f"https://{public}", *s.allowed_origins})
         app = Front(auth=self.auth, webapi=webapi, router=self.router, allowed_origins=origins)
+        if self.ui is not None:
+            app.ui = RequestContext(self.ui(public, app))
         if s.http_server == "bastion":
             self._h1 = await h1.serve(self._sock, app, ssl_ctx=tls_context(), shutdown_timeout=5)
             log.info("proxy listening", extra={"addr": f"https://{s.host}:{self.port}"})

@@ -112,6 +112,37 @@ Handler = Callable[[Request], Awaitable[Response]]
 TRANSPORT_NAMES = {"stdio": "stdio", "sse": "SSE", "http": "Streamable HTTP"}
 
 
+async def record_denied(
+    auth: AuthServer,
+    audit: Any,
+    *,
+    user: str,
+    remote_addr: str,
+    error: str,
+    extra: dict[str, Any],
+    roles: tuple[str, ...] = (),
+) -> None:
+    """Audit a refused request as ``access.denied`` (the web API's and the web UI's)."""
+    # Bounded per source like other refusals; an authenticated flood is still a flood.
+    if audit is None or not auth.refusal_limiter.admit(remote_addr or "?"):
+        return
+    event = cluster_events.event(
+        ev.ACCESS_DENIED,
+        auth.clock.now(),
+        auth.cluster_name,
+        success=False,
+        user=user,
+        remote_addr=remote_addr,
+        roles=roles,
+        error=error,
+        extra=extra,
+    )
+    try:
+        await audit.record(event)
+    except BastionError as err:
+        log.warning("cannot audit", extra={"event": event.type, "error": err.message})
+
+
 def app_json(app: Any, checker: Any) -> dict[str, Any]:
     """An MCP app as ``bastion mcp ls`` shows it, with the caller's permissions: tools,
     resources, prompts and argument rules (decisions 0043, 0044)."""
@@ -168,24 +199,15 @@ def build_webapi(
         return run
 
     async def _audit_denied(request: Request, actor: Actor, e: AccessDeniedError) -> None:
-        # Bounded per source like other refusals; an authenticated flood is still a flood.
-        if audit is None or not auth.refusal_limiter.admit(actor.remote_addr or "?"):
-            return
-        event = cluster_events.event(
-            ev.ACCESS_DENIED,
-            auth.clock.now(),
-            auth.cluster_name,
-            success=False,
+        await record_denied(
+            auth,
+            audit,
             user=actor.name,
             remote_addr=actor.remote_addr,
             roles=tuple(r.metadata.name for r in actor.roles),
             error=e.message,
             extra={"http_method": request.method, "path": request.url.path},
         )
-        try:
-            await audit.record(event)
-        except BastionError as err:
-            log.warning("cannot audit", extra={"event": event.type, "error": err.message})
 
     async def find(request: Request) -> Response:
         return _json(
@@ -514,6 +536,14 @@ def _traitmap(data: dict[str, Any], key: str) -> dict[str, list[str]]:
     return v
 
 
+INVITE_PAGE = "/web/invite/"
+
+
+def _logged_path(path: str) -> str:
+    """The path as the access log writes it: an invite link's one-time code left out (ADR 41)."""
+    return INVITE_PAGE + "..." if path.startswith(INVITE_PAGE) else path
+
+
 class RequestContext:
     """ASGI middleware: a request id per request, and one access-log line."""
 
@@ -549,7 +579,7 @@ class RequestContext:
                 "request",
                 extra={
                     "method": scope.get("method"),
-                    "path": scope.get("path"),
+                    "path": _logged_path(str(scope.get("path", ""))),
                     "status": status,
                     "duration_ms": round((time.perf_counter() - start) * 1000, 2),
                     "remote": (scope.get("client") or ("", 0))[0],

@@ -1,8 +1,9 @@
-"""The audit table's Details column: what a cluster event was about, why, and from where."""
+"""The audit table's Details column (the CLI's and the web UI's): what a cluster event was
+about, why, and from where."""
 
 from __future__ import annotations
 
-from bastion.cli.audit import _details
+from bastion.client.auditread import details as _details
 
 
 def test_a_refused_login_shows_its_reason_and_address() -> None:
