@@ -1,0 +1,474 @@
+"""MCP 2026-07-28 clients: sessionless requests served over the gateway's sessions (decision 0046).
+
+A 2026 client sends self-contained POSTs: no ``initialize``, no ``Mcp-Session-Id``; its
+version, capabilities and name travel in each request's ``params._meta``.  The upstreams here
+speak the handshake versions, so the gateway *holds* a session on the client's behalf: one per
+user, app and client self-description (the envelope), opened with ``initialize`` carrying the
+client's name and capabilities, reused by every request with the same envelope, and ended like
+any session (idle reaper, revocation, app redefined, upstream gone).  Each request then goes
+through that session's engine exactly as a session message does (RBAC, sanitisation, audit:
+the rules do not fork by version), under an id of the gateway's (clients' ids collide across
+instances), and the answer is written back the 2026 way (:func:`bastion.protocol.modern.modern_result`).
+
+``server/discover`` is answered here from the held session's ``initialize`` result.  Nothing
+of this runs for a session request: ``MCPHandler._post`` comes here only for a
+``MCP-Protocol-Version`` it does not otherwise speak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from bastion.answers import JSON, Answer, Headers, send_body
+from bastion.appservice.executor import Collected
+from bastion.appservice.sessions import GatewaySession, Refused, SessionGone, session_headers
+from bastion.appservice.upstream import ClientPost
+from bastion.auth.server import Actor
+from bastion.errors import BastionError, UpstreamError
+from bastion.protocol import jsonrpc
+from bastion.protocol import modern as wire
+from bastion.protocol.sse import SSEParser, encode_event
+from bastion.resources import App
+from bastion.session.engine import CLIENT_NOTIFICATIONS
+
+if TYPE_CHECKING:
+    from bastion.appservice.mcp_http import MCPHandler
+
+log = logging.getLogger("bastion.app")
+
+#: How long a 2026 client may cache a list the gateway filtered for it.  Roles reach a live
+#: conversation within the proxy's actor cache (2 s) anyway, so a cached list is stale by at most
+#: about as long as the gateway itself takes to see a role change.
+CACHE_TTL_MS = 2_000
+#: Methods the gateway answers itself for a 2026 client.
+_GATEWAY_METHODS = frozenset({"server/discover"})
+_AUDIT_DOWN = (
+    "the audit log is unavailable, so the gateway refuses to forward calls it cannot record; "
+    "try again shortly"
+)
+
+
+class Held:
+    """What the gateway keeps of a session it holds for 2026 clients."""
+
+    __slots__ = ("capabilities", "ids", "instructions", "key", "server_info", "version")
+
+    def __init__(self, key: tuple[str, str, bytes]) -> None:
+        self.key = key
+        #: The upstream's answer to initialize (for server/discover), and the version it chose.
+        self.capabilities: dict[str, Any] = {}
+        self.instructions: Any = None
+        self.server_info: Any = None
+        self.version = wire.LATEST_HANDSHAKE
+        #: Ids of the requests sent upstream in this session (the clients' own may collide).
+        self.ids = itertools.count(1)
+
+
+class ModernFront:
+    """Serves 2026-07-28 requests for one MCP handler (its sessions, executor and limits)."""
+
+    def __init__(self, handler: MCPHandler) -> None:
+        self.h = handler
+        #: Held sessions: (user, app, envelope) -> session id; and what each holds.
+        self._by_key: dict[tuple[str, str, bytes], str] = {}
+        self._held: dict[str, Held] = {}
+        #: Held sessions being opened: later requests with the same key wait for the first.
+        self._opening: dict[tuple[str, str, bytes], asyncio.Future[GatewaySession]] = {}
+
+    def forget(self, sid: str) -> None:
+        """The session ``sid`` ended: a held one is no longer offered to its clients."""
+        held = self._held.pop(sid, None)
+        if held is not None and self._by_key.get(held.key) == sid:
+            del self._by_key[held.key]
+
+    # ------------------------------------------------------------------ POST
+
+    async def post(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        actor: Actor,
+        app: App,
+        headers: dict[bytes, bytes],
+        target: str,
+        body: bytes,
+    ) -> None:
+        try:
+            msg = jsonrpc.parse_message(body)
+        except jsonrpc.ProtocolError as e:
+            raise Refused(400, e.message, rpc_code=e.rpc_code, mid=e.id) from None
+        if msg.kind != "request":
+            if msg.kind == "notification" and msg.method in CLIENT_NOTIFICATIONS:
+                # 2026-07-28 has no client notifications over HTTP (closing a response stream
+                # cancels); clients in the field still send them: acknowledged, not forwarded.
+                await send_body(send, 202, [], b"")
+                return
+            raise Refused(
+                400,
+                "a 2026-07-28 POST carries one request (a request needs an id; "
+                "responses are not sent to the gateway)",
+                mid=msg.id,
+            )
+        dup = wire.duplicated_routing_header(scope.get("headers") or ())
+        if dup:
+            raise Refused(
+                400, f"{dup} header appears more than once", rpc_code=jsonrpc.HEADER_MISMATCH, mid=msg.id
+            )
+        method = msg.method or ""
+        env = wire.check_request(method, msg.params, headers)
+        if isinstance(env, wire.Rejection):
+            raise Refused(env.status, env.message, rpc_code=env.code, mid=msg.id, data=env.data)
+        if method in wire.REMOVED_METHODS or method == "subscriptions/listen":
+            raise Refused(
+                404,
+                f"method {method!r} is not part of MCP 2026-07-28 (or not offered by the gateway yet)",
+                rpc_code=jsonrpc.METHOD_NOT_FOUND,
+                mid=msg.id,
+            )
+        s, held = await self._session(actor, app, env, scope, headers, target, msg.id)
+        if method in _GATEWAY_METHODS:
+            result = wire.discover_result(
+                held.capabilities, held.instructions, held.server_info, CACHE_TTL_MS
+            )
+            await Answer(send).json(200, jsonrpc.result_response(msg.id, result))
+            return
+        await self._forward(s, held, msg, receive, send, headers, target)
+
+    async def _forward(
+        self,
+        s: GatewaySession,
+        held: Held,
+        msg: jsonrpc.Message,
+        receive: Receive,
+        send: Send,
+        headers: dict[bytes, bytes],
+        target: str,
+    ) -> None:
+        method = msg.method or ""
+        uid = f"bastion-{next(held.ids)}"
+        params = wire.without_envelope(msg.params) if msg.params is not None else None
+        doc: dict[str, Any] = {"jsonrpc": "2.0", "id": uid, "method": method}
+        if params is not None:
+            doc["params"] = params
+        raw = orjson.dumps(doc)
+        sent = jsonrpc.Message(raw, "request", uid, method, params, doc)
+        up_headers = self._upstream_headers(headers, held)
+        engine = s.engine
+        s.last_active = time.monotonic()
+        cmds = engine.client_sent(raw, session_headers(s, up_headers)[0], parsed=sent)
+        s.m.client(engine.last_method)
+        got = Collected()
+        answer = ModernAnswer(send, msg.id, uid, method)
+        if not await self.h.executor.run(s, cmds, got):
+            await answer.error(503, _AUDIT_DOWN, "gateway", code=jsonrpc.INTERNAL_ERROR)
+            return
+        if got.replies:  # the gateway answered itself (denied, invalid, too many in flight)
+            await answer.json(200, got.replies[0].raw)
+            return
+        if got.fwd is None or s.dead:
+            await answer.error(
+                503,
+                "the gateway's session with the upstream ended; send the request again",
+                "upstream",
+                code=jsonrpc.INTERNAL_ERROR,
+            )
+            return
+        fwd = got.fwd
+        exchange = asyncio.create_task(
+            s.upstream.exchange(s, fwd, answer, ClientPost(up_headers, target, False)),
+            name=f"mcp2026-{s.id[:8]}",
+        )
+        closed = asyncio.create_task(_disconnected(receive), name=f"mcp2026-watch-{s.id[:8]}")
+        try:
+            done, _ = await asyncio.wait({exchange, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if exchange in done:
+                exchange.result()
+                return
+            # 2026-07-28: a client closing its response stream cancels the request.
+            exchange.cancel()
+            with contextlib.suppress(asyncio.CancelledError, BastionError):
+                await exchange
+            await self._cancel_upstream(s, uid, headers, held, target)
+        finally:
+            for t in (exchange, closed):
+                if not t.done():
+                    t.cancel()
+            for t in (exchange, closed):
+                with contextlib.suppress(asyncio.CancelledError, BastionError):
+                    await t
+
+    async def _cancel_upstream(
+        self, s: GatewaySession, uid: str, headers: dict[bytes, bytes], held: Held, target: str
+    ) -> None:
+        """Tell the upstream the request was cancelled (through the engine: audited)."""
+        note = jsonrpc.notification(
+            "notifications/cancelled", {"requestId": uid, "reason": "the client closed its response stream"}
+        )
+        got = Collected()
+        if not await self.h.executor.run(s, s.engine.client_sent(note), got) or got.fwd is None or s.dead:
+            return
+        up = self._upstream_headers(headers, held)
+        with contextlib.suppress(BastionError):
+            await s.upstream.exchange(s, got.fwd, Capture(), ClientPost(up, target, False))
+
+    @staticmethod
+    def _upstream_headers(headers: dict[bytes, bytes], held: Held) -> dict[bytes, bytes]:
+        """The client's headers for the older upstream session: the 2026 routing headers are
+        the client's word to the gateway (checked against the body); upstream, the session's
+        negotiated version is the one that applies."""
+        out = {k: v for k, v in headers.items() if not k.startswith(b"mcp-")}
+        out[b"mcp-protocol-version"] = held.version.encode()
+        return out
+
+    # --------------------------------------------------------- held sessions
+
+    async def _session(
+        self,
+        actor: Actor,
+        app: App,
+        env: wire.Envelope,
+        scope: Scope,
+        headers: dict[bytes, bytes],
+        target: str,
+        mid: Any,
+    ) -> tuple[GatewaySession, Held]:
+        key = (actor.name, app.metadata.name, env.key())
+        sid = self._by_key.get(key)
+        if sid is not None:
+            try:
+                s = await self.h._session(sid, actor, app)  # roles changed, app redefined...
+            except SessionGone:
+                self.forget(sid)
+            else:
+                return s, self._held[sid]
+        opening = self._opening.get(key)
+        if opening is not None:
+            s = await asyncio.shield(opening)
+            return s, self._held[s.id]
+        fut: asyncio.Future[GatewaySession] = asyncio.get_running_loop().create_future()
+        self._opening[key] = fut
+        try:
+            s = await self._open(actor, app, env, scope, headers, target, key, mid)
+        except BaseException as e:
+            fut.set_exception(e if isinstance(e, Exception) else SessionGone("the gateway is shutting down"))
+            fut.exception()  # retrieved: no waiter may be left to read it
+            raise
+        finally:
+            del self._opening[key]
+        fut.set_result(s)
+        return s, self._held[s.id]
+
+    async def _open(
+        self,
+        actor: Actor,
+        app: App,
+        env: wire.Envelope,
+        scope: Scope,
+        headers: dict[bytes, bytes],
+        target: str,
+        key: tuple[str, str, bytes],
+        mid: Any,
+    ) -> GatewaySession:
+        """Open a session upstream for 2026 clients with this envelope: ``initialize`` with the
+        client's name and capabilities, then ``notifications/initialized``, both through the
+        engine (so the session's start and its initialize are audited like any other)."""
+        h = self.h
+        s = await h._new_session(actor, app, scope, transport=f"http(2026)->{app.spec.transport}")
+        if s.dead:
+            raise SessionGone(
+                "the session could not be opened (access changed meanwhile); send the request again"
+            )
+        held = Held(key)
+        self._held[s.id] = held
+        up = {k: v for k, v in headers.items() if not k.startswith(b"mcp-")}
+        init = jsonrpc.parse_message(
+            orjson.dumps(
+                {
+                    "jsonrpc": "2.0",
+                    "id": "bastion-init",
+                    "method": "initialize",
+                    "params": wire.initialize_params(env),
+                }
+            )
+        )
+        cap = Capture()
+        got = Collected()
+        ok = await h.executor.run(
+            s, s.engine.client_sent(init.raw, session_headers(s, up)[0], parsed=init), got
+        )
+        if ok and got.fwd is not None and not s.dead:
+            await s.upstream.exchange(s, got.fwd, cap, ClientPost(up, target, True))
+        result = cap.result()
+        if result is None:
+            refused = Capture()
+            refused.messages += [r.raw for r in got.replies]
+            own = refused.error_text()
+            why = own or cap.error_text() or "the upstream MCP server did not answer initialize"
+            await h._end(s, f"initialize failed: {why}")
+            self.forget(s.id)
+            if own:  # the gateway's own refusal (the app is denied to the user): audited already
+                raise Refused(403, own, rpc_code=jsonrpc.ACCESS_DENIED, mid=mid)
+            if not ok:
+                raise BastionError(_AUDIT_DOWN)
+            raise UpstreamError(f"the upstream MCP server refused the session the gateway opened: {why}")
+        caps = result.get("capabilities")
+        held.capabilities = caps if isinstance(caps, dict) else {}
+        held.instructions = result.get("instructions")
+        held.server_info = result.get("serverInfo")
+        version = result.get("protocolVersion")
+        if isinstance(version, str) and version in wire.HANDSHAKE_VERSIONS:
+            held.version = version
+        note = jsonrpc.parse_message(b'{"jsonrpc":"2.0","method":"notifications/initialized"}')
+        got = Collected()
+        up[b"mcp-protocol-version"] = held.version.encode()
+        if await h.executor.run(s, s.engine.client_sent(note.raw, parsed=note), got) and got.fwd is not None:
+            await s.upstream.exchange(s, got.fwd, Capture(), ClientPost(up, target, False))
+        self._by_key[key] = s.id
+        log.info(
+            "session held for 2026-07-28 clients",
+            extra={"session_id": s.id, "app": app.metadata.name, "upstream_version": held.version},
+        )
+        return s
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone (its response stream closed)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+# -------------------------------------------------------------- answers
+
+
+class Capture(Answer):
+    """An answer nobody reads on the wire: the messages are kept (the gateway's own requests)."""
+
+    def __init__(self) -> None:
+        super().__init__(_nowhere)
+        self.status = 0
+        self.messages: list[bytes] = []
+
+    def result(self) -> dict[str, Any] | None:
+        for raw in self.messages:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                doc = orjson.loads(raw)
+                result = doc.get("result") if isinstance(doc, dict) else None
+                if isinstance(result, dict):
+                    return result
+        return None
+
+    def error_text(self) -> str:
+        for raw in self.messages:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                doc = orjson.loads(raw)
+                if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
+                    return str(doc["error"].get("message", ""))[:200]
+        return f"HTTP {self.status}" if self.status >= 400 else ""
+
+    async def json(self, status: int, body: bytes) -> None:
+        self.status = status
+        self.messages.append(body)
+
+    async def empty(self, status: int) -> None:
+        self.status = status
+
+    async def whole(self, status: int, headers: Headers, body: bytes) -> None:
+        self.status = status
+        self.messages.append(body)
+
+    async def failed(self, status: int, body: bytes, origin: str) -> None:
+        self.status = status
+        self.messages.append(body)
+
+    async def error(
+        self, status: int, message: str, origin: str, *, code: int | None = None, mid: Any = None
+    ) -> None:
+        self.status = status
+        self.messages.append(jsonrpc.error_response(mid, code or jsonrpc.INTERNAL_ERROR, message))
+
+    async def start_sse(self) -> None:
+        self.status = 200
+
+    async def event(self, raw: bytes, *, id: str | None = None, event: str | None = "message") -> None:
+        self.messages.append(raw)
+
+    async def chunk(self, body: bytes) -> None:
+        return None
+
+    async def finish(self, body: bytes = b"") -> None:
+        self.messages.extend(ev.data for ev in SSEParser().feed(body) if ev.data)
+
+
+async def _nowhere(message: Any) -> None:
+    return None
+
+
+class ModernAnswer(Answer):
+    """The answer to a 2026 client's request, written as 2026-07-28 writes it: its own id back,
+    ``resultType`` and the caching hints on the result (``modern_result``); server-to-client
+    requests (which a 2026 client cannot be sent) are not passed on."""
+
+    def __init__(self, send: Send, client_id: Any, upstream_id: str, method: str) -> None:
+        super().__init__(send)
+        self.client_id = client_id
+        self.upstream_id = upstream_id
+        self.method = method
+
+    def rewrite(self, raw: bytes) -> bytes | None:
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return raw
+        if not isinstance(doc, dict):
+            return raw
+        if "method" in doc:
+            return None if "id" in doc else raw  # a request to the client: it cannot be asked
+        if doc.get("id") not in (self.upstream_id, None):
+            return None
+        doc["id"] = self.client_id
+        result = doc.get("result")
+        if isinstance(result, dict):
+            doc["result"] = wire.modern_result(self.method, result, CACHE_TTL_MS)
+        return orjson.dumps(doc)
+
+    async def json(self, status: int, body: bytes) -> None:
+        out = self.rewrite(body)
+        await super().json(status, out if out is not None else body)
+
+    async def failed(self, status: int, body: bytes, origin: str) -> None:
+        out = self.rewrite(body)
+        await super().failed(status, out if out is not None else body, origin)
+
+    async def error(
+        self, status: int, message: str, origin: str, *, code: int | None = None, mid: Any = None
+    ) -> None:
+        await super().error(status, message, origin, code=code, mid=self.client_id)
+
+    async def whole(self, status: int, headers: Headers, body: bytes) -> None:
+        if any(k == b"content-type" and v.split(b";")[0].strip() == JSON for k, v in headers):
+            out = self.rewrite(body)
+            body = out if out is not None else body
+        await super().whole(status, headers, body)
+
+    async def event(self, raw: bytes, *, id: str | None = None, event: str | None = "message") -> None:
+        out = self.rewrite(raw)
+        if out is not None:
+            await super().event(out, event=event)
+
+    async def chunk(self, body: bytes) -> None:
+        return None  # priming events and ids: 2026-07-28 streams are not resumed
+
+    async def finish(self, body: bytes = b"") -> None:
+        if body:
+            parts = [self.rewrite(ev.data) for ev in SSEParser().feed(body) if ev.data]
+            body = b"".join(encode_event(p, event="message") for p in parts if p is not None)
+        await super().finish(body)
