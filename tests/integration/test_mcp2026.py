@@ -256,3 +256,28 @@ def test_missing_envelope_and_removed_methods(gateway: Node) -> None:
     # A 2026 body without the version header (it would otherwise read as a 2025 request).
     r = post(gateway, "alice", "everything-http", req("tools/list"), {"Mcp-Method": "tools/list"})
     assert r.status_code == 400 and r.json()["error"]["code"] == -32020
+
+
+async def test_a_role_change_applies_to_the_next_2026_request(gateway: Node) -> None:
+    """A 2026 client mid-conversation: its user loses every tool but echo; the next request is
+    decided on the new roles (the held session follows the user's roles, as a session does)."""
+    import anyio
+    from mcp.shared.exceptions import MCPError
+
+    gateway.cli("users", "add", "carol", "--roles=mcp-user", local=True)
+    async with client2026(gateway, "carol", "everything-http") as c:
+        assert "get-sum" in {t.name for t in (await c.list_tools()).tools}
+        assert "42" in (await c.call_tool("get-sum", {"a": 40, "b": 2})).content[0].text
+        gateway.cli("users", "update", "carol", "--roles=echo-only", local=True)
+        names: list[str] = []
+        with anyio.fail_after(15):  # the proxy's actor cache: seconds, not the session's life
+            for _ in range(1000):
+                names = [t.name for t in (await c.list_tools()).tools]
+                if names == ["echo"]:
+                    break
+                await anyio.sleep(0.2)
+        assert names == ["echo"]
+        with pytest.raises(MCPError) as denied:
+            await c.call_tool("get-sum", {"a": 1, "b": 2})
+        assert "not allowed" in str(denied.value)
+        assert (await c.call_tool("echo", {"message": "still"})).content[0].text == "Echo: still"

@@ -14,6 +14,7 @@ The upstream is the recording server: each test asserts what really reached it.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import httpx
@@ -162,3 +163,42 @@ def test_the_upstream_of_a_2026_client_gets_no_client_routing_headers(gateway: G
     names = {k for k, _ in call[-1]["headers"]}
     assert "mcp-name" not in names and "mcp-method" not in names
     assert dict(call[-1]["headers"])["mcp-protocol-version"] != V2026
+
+
+def test_closing_the_response_stream_cancels_the_call_upstream(gateway: Gateway) -> None:
+    """2026-07-28: a client that closes its response stream cancels the request.  The upstream
+    hears ``notifications/cancelled`` for the id the gateway sent, and the call's audit row is
+    completed as cancelled (not left open, nor waiting for the response timeout)."""
+    rec = gateway.recordings["rec-stdio"]
+    params = {"name": "echo", "arguments": {"hold": 1}, "x-no-reply": True}
+    body = _req("held-call", "tools/call", params, who="canceller")
+    headers = {
+        "Authorization": f"Bearer {gateway.token('limited')}",
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+        "MCP-Protocol-Version": V2026,
+        "Mcp-Method": "tools/call",
+        "Mcp-Name": "echo",
+    }
+    with gateway.http() as c, pytest.raises(httpx.ReadTimeout):
+        # Gives up after a second and closes the connection: the stream is closed.
+        c.post(f"https://{gateway.node.addr}/mcp/apps/rec-stdio", content=body, headers=headers, timeout=1.0)
+    sent = [m for m in rec.messages() if isinstance(m, dict) and (m.get("params") or {}).get("x-no-reply")]
+    assert sent, "the call never reached the upstream"
+    upstream_id = sent[-1]["id"]
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        cancels = [
+            m
+            for m in rec.messages()
+            if isinstance(m, dict)
+            and m.get("method") == "notifications/cancelled"
+            and m["params"].get("requestId") == upstream_id
+        ]
+        if cancels:
+            break
+        time.sleep(0.05)  # polling a file for a condition, bounded by the deadline
+    assert cancels, "the upstream never heard the cancel"
+    events = gateway.audit("--user=limited", "--app=rec-stdio", "--tool=echo")
+    mine = [e for e in events if e.get("client_info") == "canceller/1" and e.get("method") == "tools/call"]
+    assert mine and not mine[-1]["success"] and "cancelled" in mine[-1]["error"]
