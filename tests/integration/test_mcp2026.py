@@ -281,3 +281,75 @@ async def test_a_role_change_applies_to_the_next_2026_request(gateway: Node) -> 
             await c.call_tool("get-sum", {"a": 1, "b": 2})
         assert "not allowed" in str(denied.value)
         assert (await c.call_tool("echo", {"message": "still"})).content[0].text == "Echo: still"
+
+
+async def test_listen_acknowledges_and_carries_list_changed_on_a_role_change(gateway: Node) -> None:
+    """``subscriptions/listen`` on a stdio app: acknowledged at once with the types the gateway
+    honours; when the user's roles change, the next request makes the gateway tell the stream
+    ``notifications/tools/list_changed`` (a 2026 client re-lists and gets the new filter)."""
+    import anyio
+
+    gateway.cli("users", "add", "dave", "--roles=mcp-user", local=True)
+    url = f"https://{gateway.addr}/mcp/apps/everything-stdio"
+    auth = {
+        "Authorization": f"Bearer {token(gateway, 'dave')}",
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+    }
+    listen = req(
+        "subscriptions/listen", {"notifications": {"toolsListChanged": True, "resourceSubscriptions": ["x"]}}
+    )
+    async with httpx.AsyncClient(verify=ca_ctx(gateway), timeout=30) as c:
+        await c.post(
+            url, json=req("tools/list"), headers={**auth, **hdrs("tools/list")}
+        )  # opens the held session
+        async with c.stream("POST", url, json=listen, headers={**auth, **hdrs("subscriptions/listen")}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            lines = r.aiter_lines()
+            messages: list[dict[str, Any]] = []
+
+            async def next_message() -> dict[str, Any]:
+                async for line in lines:
+                    if line.startswith("data:"):
+                        msg: dict[str, Any] = json.loads(line[5:])
+                        messages.append(msg)
+                        return msg
+                raise AssertionError(f"the listen stream ended: {messages}")
+
+            with anyio.fail_after(10):
+                ack = await next_message()
+            assert ack["method"] == "notifications/subscriptions/acknowledged"
+            assert ack["params"]["notifications"] == {"toolsListChanged": True}  # no resource subscriptions
+            gateway.cli("users", "update", "dave", "--roles=echo-only", local=True)
+            with anyio.fail_after(20):
+                while True:
+                    r2 = await c.post(url, json=req("tools/list"), headers={**auth, **hdrs("tools/list")})
+                    if [t["name"] for t in answer(r2)["result"]["tools"]] == ["echo"]:
+                        break
+                    await anyio.sleep(0.2)
+                note = await next_message()
+            assert note["method"] == "notifications/tools/list_changed", messages
+
+
+async def test_listen_on_an_http_upstream_is_acknowledged_at_once(gateway: Node) -> None:
+    """server-everything sends its GET stream's headers only with a first event: the listen is
+    acknowledged without waiting for it, and closing the stream ends the relay."""
+    import anyio
+
+    url = f"https://{gateway.addr}/mcp/apps/everything-http"
+    headers = {
+        "Authorization": f"Bearer {token(gateway, 'alice')}",
+        "Accept": "application/json, text/event-stream",
+        **hdrs("subscriptions/listen"),
+    }
+    body = req("subscriptions/listen", {"notifications": {"promptsListChanged": True}})
+    async with httpx.AsyncClient(verify=ca_ctx(gateway), timeout=30) as c:
+        for _ in range(2):  # a second listen after the first closed is served too
+            with anyio.fail_after(10):
+                async with c.stream("POST", url, json=body, headers=headers) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if line.startswith("data:"):
+                            ack = json.loads(line[5:])
+                            break
+            assert ack["params"]["notifications"] == {"promptsListChanged": True}

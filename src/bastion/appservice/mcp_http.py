@@ -28,6 +28,8 @@ from starlette.types import Receive, Scope, Send
 from bastion._tasks import stop_tasks
 from bastion._time import Clock
 from bastion.answers import NO_HEADERS, Answer, send_jsonrpc_error
+from bastion.appservice.bridge import MODERN as MODERN_ERA
+from bastion.appservice.bridge import Eras, ModernUpstream
 from bastion.appservice.demo import DEMO_APP_NAME
 from bastion.appservice.executor import Collected, Executor
 from bastion.appservice.hostpolicy import HostPolicy
@@ -140,6 +142,8 @@ class MCPHandler:
         self._closing = False
         #: MCP 2026-07-28 clients: sessionless requests over sessions held for them (ADR 46).
         self.modern = ModernFront(self)
+        #: Which era each app's server speaks (decision 0047).
+        self.eras = Eras()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -498,6 +502,16 @@ class MCPHandler:
             upstream = HTTPUpstream(
                 self.pools.for_app(app), origin_and_path(app)[1], self.executor, self.clock
             )
+        if not is_demo:
+            # The era of the app's server (decision 0047): pinned, known, or probed once.
+            era = self.eras.pinned(app)
+            if era is None:
+                path = origin_and_path(app)[1]
+                era = await self.eras.era(
+                    app, self.pools.for_app(app), path, ident.encoded_headers(self.clock.now())
+                )
+            if era == MODERN_ERA:
+                upstream = ModernUpstream(upstream, self.executor)
         s = GatewaySession(
             id=sid,
             user=actor.name,

@@ -48,6 +48,12 @@ log = logging.getLogger("bastion.app")
 #: conversation within the proxy's actor cache (2 s) anyway, so a cached list is stale by at most
 #: about as long as the gateway itself takes to see a role change.
 CACHE_TTL_MS = 2_000
+#: The notification types a listen stream may ask for, and the method each stands for.
+_LISTEN_TYPES = {
+    "toolsListChanged": "notifications/tools/list_changed",
+    "promptsListChanged": "notifications/prompts/list_changed",
+    "resourcesListChanged": "notifications/resources/list_changed",
+}
 #: Methods the gateway answers itself for a 2026 client.
 _GATEWAY_METHODS = frozenset({"server/discover"})
 _AUDIT_DOWN = (
@@ -127,10 +133,10 @@ class ModernFront:
         env = wire.check_request(method, msg.params, headers)
         if isinstance(env, wire.Rejection):
             raise Refused(env.status, env.message, rpc_code=env.code, mid=msg.id, data=env.data)
-        if method in wire.REMOVED_METHODS or method == "subscriptions/listen":
+        if method in wire.REMOVED_METHODS:
             raise Refused(
                 404,
-                f"method {method!r} is not part of MCP 2026-07-28 (or not offered by the gateway yet)",
+                f"method {method!r} is not part of MCP 2026-07-28",
                 rpc_code=jsonrpc.METHOD_NOT_FOUND,
                 mid=msg.id,
             )
@@ -140,6 +146,9 @@ class ModernFront:
                 held.capabilities, held.instructions, held.server_info, CACHE_TTL_MS
             )
             await Answer(send).json(200, jsonrpc.result_response(msg.id, result))
+            return
+        if method == "subscriptions/listen":
+            await self._listen(s, held, msg, receive, send, headers)
             return
         await self._forward(s, held, msg, receive, send, headers, target)
 
@@ -203,6 +212,54 @@ class ModernFront:
                 if not t.done():
                     t.cancel()
             for t in (exchange, closed):
+                with contextlib.suppress(asyncio.CancelledError, BastionError):
+                    await t
+
+    async def _listen(
+        self,
+        s: GatewaySession,
+        held: Held,
+        msg: jsonrpc.Message,
+        receive: Receive,
+        send: Send,
+        headers: dict[bytes, bytes],
+    ) -> None:
+        """``subscriptions/listen``: the held session's server-to-client stream (what a GET of its
+        upstream carries, the gateway's own ``tools/list_changed`` when roles change on stdio
+        apps), filtered to the notification types asked for, after the acknowledgement.  Ends
+        when the client closes it (or the upstream ends it: then with its result)."""
+        params = msg.params or {}
+        asked = params.get("notifications")
+        asked = asked if isinstance(asked, dict) else {}
+        honoured = {k: True for k in _LISTEN_TYPES if asked.get(k) is True}
+        wanted = frozenset(_LISTEN_TYPES[k] for k in honoured)
+        answer = ListenAnswer(send, msg.id, wanted, honoured)
+        s.last_active = time.monotonic()
+        # Acknowledged at once: an upstream may send its GET stream's headers only with its
+        # first event (server-everything does).
+        await answer.start_sse()
+        gone = asyncio.Event()
+
+        async def client_gone() -> dict[str, Any]:
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        up = self._upstream_headers(headers, held)
+        relay = asyncio.create_task(s.upstream.listen(s, answer, client_gone, up), name=f"listen-{s.id[:8]}")
+        closed = asyncio.create_task(_disconnected(receive), name=f"listen-watch-{s.id[:8]}")
+        try:
+            await asyncio.wait({relay, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if relay.done() and not closed.done() and (answer.refused or not answer.finished):
+                # The upstream has no such stream (a 2026 server answers its GET 405; one GET
+                # per session elsewhere): the acknowledged stream stays open until the client
+                # closes it.
+                await closed
+        finally:
+            gone.set()  # the relay ends (closing the client's stream is cancelling it: 2026-07-28)
+            for t in (relay, closed):
+                if not t.done():
+                    t.cancel()
+            for t in (relay, closed):
                 with contextlib.suppress(asyncio.CancelledError, BastionError):
                     await t
 
@@ -366,6 +423,15 @@ class Capture(Answer):
                     return result
         return None
 
+    def last(self) -> dict[str, Any] | None:
+        """The last JSON-RPC response collected (result or error), parsed."""
+        for raw in reversed(self.messages):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                doc = orjson.loads(raw)
+                if isinstance(doc, dict) and ("result" in doc or "error" in doc):
+                    return doc
+        return None
+
     def error_text(self) -> str:
         for raw in self.messages:
             with contextlib.suppress(orjson.JSONDecodeError):
@@ -472,3 +538,65 @@ class ModernAnswer(Answer):
             parts = [self.rewrite(ev.data) for ev in SSEParser().feed(body) if ev.data]
             body = b"".join(encode_event(p, event="message") for p in parts if p is not None)
         await super().finish(body)
+
+
+class ListenAnswer(Answer):
+    """A ``subscriptions/listen`` stream: the acknowledgement first, then only the notifications
+    asked for (server-to-client requests and everything else dropped); the listen's result
+    (with its subscription id) when the stream is ended from the upstream's side."""
+
+    def __init__(self, send: Send, listen_id: Any, wanted: frozenset[str], honoured: dict[str, bool]) -> None:
+        super().__init__(send)
+        self.listen_id = listen_id
+        self.wanted = wanted
+        self.honoured = honoured
+        self.started = False
+        self.finished = False
+        #: The upstream answered the stream's request with something else than a stream.
+        self.refused = False
+
+    async def start_sse(self) -> None:
+        if self.started:
+            return
+        self.started = True
+        await super().start_sse()
+        ack = jsonrpc.notification(
+            "notifications/subscriptions/acknowledged", {"notifications": self.honoured}
+        )
+        await super().event(ack)
+
+    async def event(self, raw: bytes, *, id: str | None = None, event: str | None = "message") -> None:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            doc = orjson.loads(raw)
+            if isinstance(doc, dict) and "id" not in doc and doc.get("method") in self.wanted:
+                await super().event(raw)
+
+    async def chunk(self, body: bytes) -> None:
+        return None
+
+    async def finish(self, body: bytes = b"") -> None:
+        if self.finished or not self.started:
+            return
+        self.finished = True
+        meta = {"io.modelcontextprotocol/subscriptionId": self.listen_id}
+        end = jsonrpc.result_response(self.listen_id, {"_meta": meta, "resultType": "complete"})
+        await super().finish(encode_event(end, event="message"))
+
+    # Not a stream (the upstream refused the GET): nothing is written; the caller holds the
+    # acknowledged stream open itself.
+    async def json(self, status: int, body: bytes) -> None:
+        self.refused = True
+
+    async def whole(self, status: int, headers: Headers, body: bytes) -> None:
+        self.refused = True
+
+    async def failed(self, status: int, body: bytes, origin: str) -> None:
+        self.refused = True
+
+    async def error(
+        self, status: int, message: str, origin: str, *, code: int | None = None, mid: Any = None
+    ) -> None:
+        self.refused = True
+
+    async def empty(self, status: int) -> None:
+        self.refused = True

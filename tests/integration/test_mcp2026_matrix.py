@@ -1,0 +1,117 @@
+"""Issue 19: every version pair through the gateway (decisions 0046, 0047).
+
+Clients: the SDK (``mcp`` 2.3.0) negotiating 2026-07-28 (``server/discover``) and the same SDK
+pinned to the handshake (2025-11-25).  Upstreams: server-everything (2025 only; HTTP and stdio),
+the SDK fixture speaking only 2026-07-28 over HTTP (found by the gateway's probe) and over stdio
+(pinned ``protocol: 2026-07-28``), and the SDK fixture speaking both (served in the handshake
+era).  Each cell, as a limited user: the list is filtered, an allowed tool works, a denied one is
+refused with the gateway's error, and the audit log has both with user, app and tool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+import pytest
+
+from tests.integration.conftest import Node, start_node, stop_node
+from tests.integration.test_data_path import ROLES
+from tests.integration.test_mcp2026 import audit, client2026
+from tests.peers import ROOT, everything_cmd, free_port, requires_node_peers, run_everything, run_server
+
+pytestmark = requires_node_peers
+
+MODERN_CMD = [sys.executable, "-m", "tests.fixtures.modern_server"]
+
+
+@contextmanager
+def run_modern(*args: str) -> Iterator[str]:
+    port = free_port()
+    cmd = [*MODERN_CMD, "--transport", "http", "--port", str(port), *args]
+    with run_server(cmd, port, env=dict(os.environ, PYTHONUNBUFFERED="1")):
+        yield f"http://127.0.0.1:{port}/mcp"
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    root = tmp_path_factory.mktemp("matrix")
+    with ExitStack() as stack:
+        everything = stack.enter_context(run_everything("streamableHttp"))
+        modern = stack.enter_context(run_modern())
+        both = stack.enter_context(run_modern("--both"))
+        node_bin, *stdio_args = everything_cmd("stdio")
+        apps = f"""\
+app_service:
+  apps:
+  - name: everything-http
+    uri: mcp+{everything}
+    labels: {{env: dev}}
+  - name: everything-stdio
+    labels: {{env: dev}}
+    mcp:
+      command: {node_bin}
+      args: {json.dumps(stdio_args)}
+      run_as_host_user: root
+  - name: modern-http
+    uri: mcp+{modern}
+    labels: {{env: dev}}
+  - name: modern-stdio
+    labels: {{env: dev}}
+    protocol: "2026-07-28"
+    mcp:
+      command: {MODERN_CMD[0]}
+      args: {json.dumps([*MODERN_CMD[1:], "--transport", "stdio"])}
+      run_as_host_user: root
+      env: {{PYTHONPATH: "{ROOT}"}}
+  - name: both-http
+    uri: mcp+{both}
+    labels: {{env: dev}}
+"""
+        node = start_node(root, extra_config=apps)
+        try:
+            (root / "roles.yaml").write_text(ROLES)
+            node.cli("create", str(root / "roles.yaml"), local=True)
+            node.cli("users", "add", "alice", "--roles=mcp-user", local=True)
+            node.cli("users", "add", "eve", "--roles=echo-only", local=True)
+            yield node
+        finally:
+            stop_node(node)
+
+
+APPS = ["everything-http", "everything-stdio", "modern-http", "modern-stdio", "both-http"]
+CLIENTS = {"2026-07-28": "auto", "2025-11-25": "legacy"}
+
+
+@pytest.mark.parametrize("app", APPS)
+@pytest.mark.parametrize("client", list(CLIENTS))
+async def test_matrix_cell(gateway: Node, client: str, app: str) -> None:
+    from mcp.shared.exceptions import MCPError
+
+    name = f"cell-{client}-{app}"
+    denied = "get-sum" if app.startswith("everything") else "add"
+    async with client2026(gateway, "eve", app, mode=CLIENTS[client], name=name) as c:
+        assert c.session.protocol_version == client
+        assert [t.name for t in (await c.list_tools()).tools] == ["echo"]
+        assert (await c.call_tool("echo", {"message": "x"})).content[0].text == "Echo: x"
+        with pytest.raises(MCPError) as refused:
+            await c.call_tool(denied, {"a": 1, "b": 2})
+        assert denied in str(refused.value) and "not allowed" in str(refused.value)
+    calls = [e for e in audit(gateway, "--user=eve", f"--app={app}") if e.get("method") == "tools/call"]
+    mine = [e for e in calls if e.get("client_info") == f"{name}/1.0"]
+    assert [(e["tool"], e["success"]) for e in mine] == [("echo", True), (denied, False)], mine
+
+
+@pytest.mark.parametrize("app", ["modern-http", "modern-stdio", "both-http"])
+@pytest.mark.parametrize("client", list(CLIENTS))
+async def test_what_the_sdk_server_saw(gateway: Node, client: str, app: str) -> None:
+    """The server's own view: a 2026-only server gets self-contained 2026 requests carrying the
+    client's name whatever the client's version; one that speaks both is served in the handshake era."""
+    name = f"who-{client}-{app}"
+    async with client2026(gateway, "alice", app, mode=CLIENTS[client], name=name) as c:
+        saw = json.loads((await c.call_tool("whoami", {})).content[0].text)
+    assert saw["client"] == name
+    assert saw["protocol_version"] == ("2025-11-25" if app == "both-http" else "2026-07-28")
