@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from bastion._tasks import stop_tasks
 from bastion.answers import JSON, Answer, Headers, send_body
 from bastion.appservice.executor import Collected
 from bastion.appservice.sessions import GatewaySession, Refused, SessionGone, session_headers
@@ -203,17 +204,10 @@ class ModernFront:
                 exchange.result()
                 return
             # 2026-07-28: a client closing its response stream cancels the request.
-            exchange.cancel()
-            with contextlib.suppress(asyncio.CancelledError, BastionError):
-                await exchange
+            await stop_tasks(exchange)
             await self._cancel_upstream(s, uid, headers, held, target)
         finally:
-            for t in (exchange, closed):
-                if not t.done():
-                    t.cancel()
-            for t in (exchange, closed):
-                with contextlib.suppress(asyncio.CancelledError, BastionError):
-                    await t
+            await stop_tasks(exchange, closed)
 
     async def _listen(
         self,
@@ -256,12 +250,7 @@ class ModernFront:
                 await closed
         finally:
             gone.set()  # the relay ends (closing the client's stream is cancelling it: 2026-07-28)
-            for t in (relay, closed):
-                if not t.done():
-                    t.cancel()
-            for t in (relay, closed):
-                with contextlib.suppress(asyncio.CancelledError, BastionError):
-                    await t
+            await stop_tasks(relay, closed)
 
     async def _cancel_upstream(
         self, s: GatewaySession, uid: str, headers: dict[bytes, bytes], held: Held, target: str
