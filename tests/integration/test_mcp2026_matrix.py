@@ -115,3 +115,14 @@ async def test_what_the_sdk_server_saw(gateway: Node, client: str, app: str) -> 
         saw = json.loads((await c.call_tool("whoami", {})).content[0].text)
     assert saw["client"] == name
     assert saw["protocol_version"] == ("2025-11-25" if app == "both-http" else "2026-07-28")
+
+
+@pytest.mark.parametrize("client", list(CLIENTS))
+async def test_mirrored_parameters_reach_a_2026_server(gateway: Node, client: str) -> None:
+    """A tool whose argument is declared ``x-mcp-header``: the 2026 server refuses a call without
+    the ``Mcp-Param-*`` header, so the gateway makes it from the body it forwards."""
+    async with client2026(gateway, "alice", "modern-http", mode=CLIENTS[client], name=f"param-{client}") as c:
+        assert "region" in {t.name for t in (await c.list_tools()).tools}
+        r = await c.call_tool("region", {"region": "eu-west é"})
+        assert not r.is_error, r
+        assert r.content[0].text == "region eu-west é"

@@ -170,6 +170,8 @@ class ModernUpstream:
         self.log_level: str | None = None
         #: Requests being exchanged, by the engine's id: a cancel stops one.
         self.running: dict[Any, asyncio.Task[None]] = {}
+        #: The ``Mcp-Param-*`` annotations of the tools this session listed, by tool name.
+        self.params: dict[str, dict[tuple[str, ...], str]] = {}
 
     # -------------------------------------------------------- delegated
 
@@ -228,8 +230,16 @@ class ModernUpstream:
             await self._answer(s, answer, jsonrpc.error_response(msg.id, jsonrpc.METHOD_NOT_FOUND, text))
             return
         sent = self._modern(msg, method, params)
+        up = self._post(post, method, params)
+        if method == "tools/list":
+            answer = _ToolSchemas(answer, self.params)
+        elif method == "tools/call":
+            name = params.get("name")
+            known = self.params.get(name) if isinstance(name, str) else None
+            if known:
+                up.headers.update(wire.param_headers(known, params.get("arguments")))
         task = asyncio.create_task(
-            self.inner.exchange(s, sent, answer, self._post(post, method, params)),
+            self.inner.exchange(s, sent, answer, up),
             name=f"mcp2026-up-{s.id[:8]}",
         )
         self.running[msg.id] = task
@@ -334,3 +344,56 @@ class ModernUpstream:
             if isinstance(value, str):
                 out[b"mcp-name"] = encode_header_value(value).encode()
         return out
+
+
+class _ToolSchemas(Answer):
+    """Passes a ``tools/list`` answer on unchanged, noting each tool's ``x-mcp-header``
+    annotations (bounded), so that calls carry the ``Mcp-Param-*`` headers the server expects."""
+
+    _MAX_TOOLS = 4096
+
+    def __init__(self, inner: Answer, params: dict[str, dict[tuple[str, ...], str]]) -> None:
+        super().__init__(inner.send, inner.extra)
+        self.inner = inner
+        self.params = params
+
+    def _note(self, raw: bytes) -> None:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            doc = orjson.loads(raw)
+            result = doc.get("result") if isinstance(doc, dict) else None
+            tools = result.get("tools") if isinstance(result, dict) else None
+            for tool in tools if isinstance(tools, list) else ():
+                name = tool.get("name") if isinstance(tool, dict) else None
+                if isinstance(name, str) and (name in self.params or len(self.params) < self._MAX_TOOLS):
+                    self.params[name] = wire.param_header_map(tool.get("inputSchema"))
+
+    async def json(self, status: int, body: bytes) -> None:
+        self._note(body)
+        await self.inner.json(status, body)
+
+    async def event(self, raw: bytes, *, id: str | None = None, event: str | None = "message") -> None:
+        self._note(raw)
+        await self.inner.event(raw, id=id, event=event)
+
+    async def empty(self, status: int) -> None:
+        await self.inner.empty(status)
+
+    async def whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        await self.inner.whole(status, headers, body)
+
+    async def failed(self, status: int, body: bytes, origin: str) -> None:
+        await self.inner.failed(status, body, origin)
+
+    async def error(
+        self, status: int, message: str, origin: str, *, code: int | None = None, mid: Any = None
+    ) -> None:
+        await self.inner.error(status, message, origin, code=code, mid=mid)
+
+    async def start_sse(self) -> None:
+        await self.inner.start_sse()
+
+    async def chunk(self, body: bytes) -> None:
+        await self.inner.chunk(body)
+
+    async def finish(self, body: bytes = b"") -> None:
+        await self.inner.finish(body)

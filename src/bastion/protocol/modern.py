@@ -21,7 +21,7 @@ from typing import Any, Final
 
 import orjson
 
-from bastion.protocol.headers import NAME_PARAM, decode_header_value
+from bastion.protocol.headers import NAME_PARAM, decode_header_value, encode_header_value
 from bastion.protocol.jsonrpc import HEADER_MISMATCH, INVALID_PARAMS, UNSUPPORTED_PROTOCOL_VERSION
 
 #: The versions whose requests carry their own envelope (no initialize, no session).
@@ -246,3 +246,78 @@ def modern_result(method: str, result: dict[str, Any], ttl_ms: int) -> dict[str,
 def _quote(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= _QUOTE else f"{text[:_QUOTE]}… ({len(text)} characters)"
+
+
+# ------------------------------------------------------------ Mcp-Param-* headers
+
+_TOKEN_CHARS: Final = frozenset(
+    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
+_HEADER_TYPES: Final = frozenset({"string", "integer", "boolean"})
+#: The most annotated properties read from one tool's schema (a schema is the upstream's word).
+_MAX_PARAMS: Final = 64
+
+
+def param_header_map(schema: Any) -> dict[tuple[str, ...], str]:
+    """The ``x-mcp-header`` annotations of a tool's input schema: property path -> header token.
+
+    Only properties reached from the root through ``properties`` alone count, with a
+    string, integer or boolean type and a token name, case-insensitively unique; a schema with
+    any other annotation is refused whole (``{}``), as a conforming client does (it then sends no
+    ``Mcp-Param-*`` header, and the server, which validates the same way, expects none)."""
+    out: dict[tuple[str, ...], str] = {}
+    seen: set[str] = set()
+    stack: list[tuple[tuple[str, ...], Any]] = [((), schema)]
+    while stack:
+        path, node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        token = node.get("x-mcp-header")
+        if token is not None:
+            if (
+                not path
+                or not isinstance(token, str)
+                or not token
+                or not set(token) <= _TOKEN_CHARS
+                or node.get("type") not in _HEADER_TYPES
+                or token.lower() in seen
+                or len(out) >= _MAX_PARAMS
+            ):
+                return {}
+            seen.add(token.lower())
+            out[path] = token
+        props = node.get("properties")
+        if isinstance(props, dict) and len(path) < 8:
+            stack.extend(((*path, str(k)), v) for k, v in props.items())
+        for key, value in node.items():  # annotations off the properties chain make it invalid
+            if key not in ("properties", "x-mcp-header") and _has_annotation(value):
+                return {}
+    return out
+
+
+def _has_annotation(value: Any, depth: int = 0) -> bool:
+    if depth > 32:
+        return False
+    if isinstance(value, dict):
+        return "x-mcp-header" in value or any(_has_annotation(v, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_annotation(v, depth + 1) for v in value)
+    return False
+
+
+def param_headers(header_map: Mapping[tuple[str, ...], str], arguments: Any) -> list[tuple[bytes, bytes]]:
+    """The ``Mcp-Param-*`` headers a ``tools/call`` mirrors from its arguments (values as the
+    body has them: booleans ``true``/``false``, others as text; ``=?base64?`` when needed)."""
+    out: list[tuple[bytes, bytes]] = []
+    for path, token in header_map.items():
+        node: Any = arguments
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, bool):
+            text = "true" if node else "false"
+        elif isinstance(node, str | int | float):
+            text = str(node)
+        else:
+            continue
+        out.append((f"mcp-param-{token}".lower().encode(), encode_header_value(text).encode()))
+    return out

@@ -102,3 +102,37 @@ def test_discover_offers_every_bridged_version_and_no_removed_capability() -> No
     assert res["supportedVersions"] == list(wire.ALL_VERSIONS)
     assert res["capabilities"] == {"tools": {}, "resources": {}}
     assert res["cacheScope"] == "private" and res["instructions"] == "hi"
+
+
+def test_mcp_param_headers_follow_the_schema_annotations() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "region": {"type": "string", "x-mcp-header": "Region"},
+            "opts": {"type": "object", "properties": {"dry": {"type": "boolean", "x-mcp-header": "Dry"}}},
+            "n": {"type": "integer", "x-mcp-header": "N"},
+        },
+    }
+    m = wire.param_header_map(schema)
+    assert m == {("region",): "Region", ("opts", "dry"): "Dry", ("n",): "N"}
+    got = dict(wire.param_headers(m, {"region": "é", "opts": {"dry": True}}))
+    assert got == {b"mcp-param-region": encode_header_value("é").encode(), b"mcp-param-dry": b"true"}
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"properties": {"a": {"type": "number", "x-mcp-header": "A"}}},  # numbers are not mirrored
+        {"properties": {"a": {"type": "string", "x-mcp-header": "A B"}}},  # not a token
+        {
+            "properties": {
+                "a": {"type": "string", "x-mcp-header": "A"},
+                "b": {"type": "string", "x-mcp-header": "a"},
+            }
+        },
+        {"$defs": {"x": {"type": "string", "x-mcp-header": "X"}}},  # off the properties chain
+        {"type": "string", "x-mcp-header": "Root"},
+    ],
+)
+def test_a_schema_with_an_invalid_annotation_mirrors_nothing(schema: Any) -> None:
+    assert wire.param_header_map(schema) == {}
