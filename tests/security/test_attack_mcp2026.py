@@ -202,3 +202,22 @@ def test_closing_the_response_stream_cancels_the_call_upstream(gateway: Gateway)
     events = gateway.audit("--user=limited", "--app=rec-stdio", "--tool=echo")
     mine = [e for e in events if e.get("client_info") == "canceller/1" and e.get("method") == "tools/call"]
     assert mine and not mine[-1]["success"] and "cancelled" in mine[-1]["error"]
+
+
+def test_a_question_of_the_upstream_to_a_2026_client_is_answered_by_the_gateway(gateway: Gateway) -> None:
+    """A 2025 upstream asking the client (sampling) in the middle of a 2026 request: the 2026
+    client cannot be asked, so the gateway says so to the upstream — which goes on, instead of
+    waiting for its timeout — and the client never sees the question."""
+    params = {"name": "echo", "arguments": {}, "x-ask": True}
+    r = _post(
+        gateway,
+        "limited",
+        "rec-stdio",
+        _req("asks", "tools/call", params),
+        {"Mcp-Method": "tools/call", "Mcp-Name": "echo"},
+    )
+    assert r.status_code == 200, r.text
+    assert "sampling/createMessage" not in r.text
+    msg = _answer(r)
+    said = json.loads(msg["result"]["content"][0]["text"])
+    assert said["error"]["code"] == -32601 and "2026-07-28" in said["error"]["message"]

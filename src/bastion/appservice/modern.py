@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -177,7 +178,12 @@ class ModernFront:
         cmds = engine.client_sent(raw, session_headers(s, up_headers)[0], parsed=sent)
         s.m.client(engine.last_method)
         got = Collected()
-        answer = ModernAnswer(send, msg.id, uid, method)
+        up_target = target
+
+        async def refuse(asked: Any) -> None:
+            await self._refuse_question(s, asked, headers, held, up_target)
+
+        answer = ModernAnswer(send, msg.id, uid, method, refuse)
         if not await self.h.executor.run(s, cmds, got):
             await answer.error(503, _AUDIT_DOWN, "gateway", code=jsonrpc.INTERNAL_ERROR)
             return
@@ -251,6 +257,24 @@ class ModernFront:
         finally:
             gone.set()  # the relay ends (closing the client's stream is cancelling it: 2026-07-28)
             await stop_tasks(relay, closed)
+
+    async def _refuse_question(
+        self, s: GatewaySession, asked: Any, headers: dict[bytes, bytes], held: Held, target: str
+    ) -> None:
+        """The upstream asked the client something (sampling, elicitation, roots) while serving a
+        2026 request: the client cannot be asked on this path, so the gateway answers for it
+        (through the engine, which forwards only answers to questions the upstream asked)."""
+        text = (
+            "the client speaks MCP 2026-07-28 through the gateway and cannot be sent requests "
+            "(sampling, elicitation, roots)"
+        )
+        got = Collected()
+        reply = jsonrpc.error_response(asked, jsonrpc.METHOD_NOT_FOUND, text)
+        if not await self.h.executor.run(s, s.engine.client_sent(reply), got) or got.fwd is None or s.dead:
+            return
+        up = self._upstream_headers(headers, held)
+        with contextlib.suppress(BastionError):
+            await s.upstream.exchange(s, got.fwd, Capture(), ClientPost(up, target, False))
 
     async def _cancel_upstream(
         self, s: GatewaySession, uid: str, headers: dict[bytes, bytes], held: Held, target: str
@@ -470,13 +494,24 @@ async def _nowhere(message: Any) -> None:
 class ModernAnswer(Answer):
     """The answer to a 2026 client's request, written as 2026-07-28 writes it: its own id back,
     ``resultType`` and the caching hints on the result (``modern_result``); server-to-client
-    requests (which a 2026 client cannot be sent) are not passed on."""
+    requests (which a 2026 client cannot be sent) are not passed on: ``refuse`` answers the
+    upstream for the client, so that the upstream goes on instead of waiting."""
 
-    def __init__(self, send: Send, client_id: Any, upstream_id: str, method: str) -> None:
+    def __init__(
+        self,
+        send: Send,
+        client_id: Any,
+        upstream_id: str,
+        method: str,
+        refuse: Callable[[Any], Awaitable[None]] | None = None,
+    ) -> None:
         super().__init__(send)
         self.client_id = client_id
         self.upstream_id = upstream_id
         self.method = method
+        self.refuse = refuse
+        #: The id of a request of the upstream to the client seen by the last ``rewrite``.
+        self.asked: Any = None
 
     def rewrite(self, raw: bytes) -> bytes | None:
         try:
@@ -486,7 +521,10 @@ class ModernAnswer(Answer):
         if not isinstance(doc, dict):
             return raw
         if "method" in doc:
-            return None if "id" in doc else raw  # a request to the client: it cannot be asked
+            if "id" in doc:  # a request to the client: it cannot be asked
+                self.asked = doc["id"]
+                return None
+            return raw
         if doc.get("id") not in (self.upstream_id, None):
             return None
         doc["id"] = self.client_id
@@ -518,6 +556,10 @@ class ModernAnswer(Answer):
         out = self.rewrite(raw)
         if out is not None:
             await super().event(out, event=event)
+        elif self.asked is not None:
+            asked, self.asked = self.asked, None
+            if self.refuse is not None:
+                await self.refuse(asked)
 
     async def chunk(self, body: bytes) -> None:
         return None  # priming events and ids: 2026-07-28 streams are not resumed
