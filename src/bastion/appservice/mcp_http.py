@@ -334,7 +334,7 @@ class MCPHandler:
                 await self.modern.post(scope, receive, send, actor, app, headers, target, body)
                 return
             no = wire.unsupported_version(version)
-            raise Refused(400, no.message, rpc_code=no.code, data=no.data)
+            raise Refused(400, no.message, rpc_code=no.code, data=no.data, mid=_request_id(body))
         # Parsed once: the engine decides on this value, and forwards its serialisation.
         msg: jsonrpc.Message | jsonrpc.ProtocolError
         try:
@@ -596,6 +596,14 @@ def _id_of(msg: jsonrpc.Message | jsonrpc.ProtocolError) -> Any:
 
 
 _MODERN = frozenset(v.encode() for v in wire.MODERN_VERSIONS)
+
+
+def _request_id(body: bytes) -> Any:
+    """The id of a request refused before it was parsed (an error answer carries it)."""
+    try:
+        return jsonrpc.parse_message(body).id
+    except jsonrpc.ProtocolError as e:
+        return e.id
 
 
 def _meta_version(params: dict[str, Any] | None) -> Any:

@@ -512,8 +512,13 @@ class ModernAnswer(Answer):
         self.refuse = refuse
         #: The id of a request of the upstream to the client seen by the last ``rewrite``.
         self.asked: Any = None
+        #: The last ``rewrite`` was of the response; an SSE answer not begun yet; answered whole.
+        self.final = False
+        self.deferred = False
+        self.answered = False
 
     def rewrite(self, raw: bytes) -> bytes | None:
+        self.final = False
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -527,6 +532,7 @@ class ModernAnswer(Answer):
             return raw
         if doc.get("id") not in (self.upstream_id, None):
             return None
+        self.final = True
         doc["id"] = self.client_id
         result = doc.get("result")
         if isinstance(result, dict):
@@ -535,7 +541,20 @@ class ModernAnswer(Answer):
 
     async def json(self, status: int, body: bytes) -> None:
         out = self.rewrite(body)
-        await super().json(status, out if out is not None else body)
+        if out is None:
+            await super().json(status, body)
+        else:
+            await self._json(status, out)
+
+    async def _json(self, status: int, body: bytes) -> None:
+        """A whole JSON answer; 2026-07-28: an error's HTTP status follows its code."""
+        self.answered = True
+        if status == 200 and b'"error"' in body:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                error = orjson.loads(body).get("error")
+                if isinstance(error, dict) and type(error.get("code")) is int:
+                    status = wire.ERROR_STATUS.get(error["code"], 200)
+        await super().json(status, body)
 
     async def failed(self, status: int, body: bytes, origin: str) -> None:
         out = self.rewrite(body)
@@ -552,9 +571,26 @@ class ModernAnswer(Answer):
             body = out if out is not None else body
         await super().whole(status, headers, body)
 
+    # An SSE answer is begun only with its first message that is not the response: a response
+    # alone goes as JSON, with the status its error code calls for (as 2026 servers answer).
+
+    async def start_sse(self) -> None:
+        self.deferred = True
+
+    async def _begin(self) -> None:
+        if self.deferred:
+            self.deferred = False
+            await super().start_sse()
+
     async def event(self, raw: bytes, *, id: str | None = None, event: str | None = "message") -> None:
+        if self.answered:
+            return
         out = self.rewrite(raw)
         if out is not None:
+            if self.deferred and self.final:
+                await self._json(200, out)
+                return
+            await self._begin()
             await super().event(out, event=event)
         elif self.asked is not None:
             asked, self.asked = self.asked, None
@@ -565,10 +601,15 @@ class ModernAnswer(Answer):
         return None  # priming events and ids: 2026-07-28 streams are not resumed
 
     async def finish(self, body: bytes = b"") -> None:
-        if body:
-            parts = [self.rewrite(ev.data) for ev in SSEParser().feed(body) if ev.data]
-            body = b"".join(encode_event(p, event="message") for p in parts if p is not None)
-        await super().finish(body)
+        if self.answered:
+            return
+        parts = [self.rewrite(ev.data) for ev in SSEParser().feed(body) if ev.data] if body else []
+        kept = [p for p in parts if p is not None]
+        if self.deferred and len(kept) == 1 and self.final:
+            await self._json(200, kept[0])
+            return
+        await self._begin()
+        await super().finish(b"".join(encode_event(p, event="message") for p in kept))
 
 
 class ListenAnswer(Answer):
@@ -581,6 +622,7 @@ class ListenAnswer(Answer):
         self.listen_id = listen_id
         self.wanted = wanted
         self.honoured = honoured
+        self.tag = {"io.modelcontextprotocol/subscriptionId": listen_id}
         self.started = False
         self.finished = False
         #: The upstream answered the stream's request with something else than a stream.
@@ -591,16 +633,20 @@ class ListenAnswer(Answer):
             return
         self.started = True
         await super().start_sse()
-        ack = jsonrpc.notification(
-            "notifications/subscriptions/acknowledged", {"notifications": self.honoured}
-        )
-        await super().event(ack)
+        params = {"notifications": self.honoured, "_meta": self.tag}
+        await super().event(jsonrpc.notification("notifications/subscriptions/acknowledged", params))
 
     async def event(self, raw: bytes, *, id: str | None = None, event: str | None = "message") -> None:
         with contextlib.suppress(orjson.JSONDecodeError):
             doc = orjson.loads(raw)
             if isinstance(doc, dict) and "id" not in doc and doc.get("method") in self.wanted:
-                await super().event(raw)
+                # Every frame of a listen stream names its subscription (the listen's id).
+                params = doc.get("params")
+                params = dict(params) if isinstance(params, dict) else {}
+                meta = params.get("_meta")
+                params["_meta"] = {**(meta if isinstance(meta, dict) else {}), **self.tag}
+                doc["params"] = params
+                await super().event(orjson.dumps(doc))
 
     async def chunk(self, body: bytes) -> None:
         return None

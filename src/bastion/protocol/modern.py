@@ -83,8 +83,10 @@ class Envelope:
 
     def key(self) -> bytes:
         """The client's self-description as canonical bytes: requests with the same one share
-        the upstream session the gateway holds for them (decision 0046)."""
-        return orjson.dumps([self.version, self.client_info, self.capabilities], option=orjson.OPT_SORT_KEYS)
+        the upstream session the gateway holds for them (decision 0046).  Capabilities the
+        gateway does not pass on (``UNBRIDGED_CAPABILITIES``) do not make another session."""
+        caps = {k: v for k, v in self.capabilities.items() if k not in UNBRIDGED_CAPABILITIES}
+        return orjson.dumps([self.version, self.client_info, caps], option=orjson.OPT_SORT_KEYS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,14 +201,14 @@ def without_envelope(params: dict[str, Any]) -> dict[str, Any]:
 
 def modern_capabilities(caps: Mapping[str, Any]) -> dict[str, Any]:
     """An older server's capabilities as a 2026 client may rely on them through the gateway:
-    what 2026-07-28 removed (``logging``, resource subscriptions, tasks) and the change
-    notifications (no stream carries them yet) are left out."""
+    what 2026-07-28 removed or the gateway does not carry (``logging``, tasks, resource
+    subscriptions) is left out; ``listChanged`` stays (``subscriptions/listen`` carries it)."""
     out: dict[str, Any] = {}
     for name, value in caps.items():
         if name in ("logging", "tasks"):
             continue
-        if name in ("tools", "prompts", "resources") and isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k not in ("listChanged", "subscribe")}
+        if name == "resources" and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k != "subscribe"}
         out[name] = value
     return out
 

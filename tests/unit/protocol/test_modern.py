@@ -100,7 +100,7 @@ def test_discover_offers_every_bridged_version_and_no_removed_capability() -> No
     caps = {"logging": {}, "tools": {"listChanged": True}, "resources": {"subscribe": True}, "tasks": {}}
     res = wire.discover_result(caps, "hi", {"name": "s"}, 2000)
     assert res["supportedVersions"] == list(wire.ALL_VERSIONS)
-    assert res["capabilities"] == {"tools": {}, "resources": {}}
+    assert res["capabilities"] == {"tools": {"listChanged": True}, "resources": {}}
     assert res["cacheScope"] == "private" and res["instructions"] == "hi"
 
 
