@@ -126,3 +126,62 @@ async def test_mirrored_parameters_reach_a_2026_server(gateway: Node, client: st
         r = await c.call_tool("region", {"region": "eu-west é"})
         assert not r.is_error, r
         assert r.content[0].text == "region eu-west é"
+
+
+async def test_a_2025_client_cancels_a_call_on_a_2026_server(gateway: Node) -> None:
+    """``notifications/cancelled`` from a 2025 session: the gateway ends the 2026 request (over
+    HTTP, by closing its stream); the waiting POST is answered at once, the call audited as
+    cancelled."""
+    import anyio
+    import httpx
+
+    from tests.integration.test_mcp2026 import ca_ctx, token
+
+    url = f"https://{gateway.addr}/mcp/apps/modern-http"
+    base = {
+        "Authorization": f"Bearer {token(gateway, 'alice')}",
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+    }
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "canceller", "version": "1"},
+        },
+    }
+    async with httpx.AsyncClient(verify=ca_ctx(gateway), timeout=60) as c:
+        r = await c.post(url, json=init, headers=base)
+        assert r.status_code == 200, r.text
+        hs = {**base, "Mcp-Session-Id": r.headers["mcp-session-id"], "MCP-Protocol-Version": "2025-06-18"}
+        await c.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=hs)
+        call = {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "sleep", "arguments": {"seconds": 30}},
+        }
+        cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 2}}
+        with anyio.fail_after(20):  # far less than the 30 s the call would take
+            async with anyio.create_task_group() as tg:
+                answers: list[httpx.Response] = []
+
+                async def waiting_call() -> None:
+                    answers.append(await c.post(url, json=call, headers=hs))
+
+                tg.start_soon(waiting_call)
+                # The call's audit row is committed before it goes upstream: then cancel it.
+                for _ in range(1000):
+                    rows = audit(gateway, "--user=alice", "--app=modern-http", "--tool=sleep")
+                    if any(e.get("client_info") == "canceller/1" for e in rows):
+                        break
+                    await anyio.sleep(0.1)
+                r = await c.post(url, json=cancel, headers=hs)
+                assert r.status_code == 202
+        assert "cancelled" in answers[0].text
+    events = audit(gateway, "--user=alice", "--app=modern-http", "--tool=sleep")
+    mine = [e for e in events if e.get("client_info") == "canceller/1"]
+    assert mine and not mine[-1]["success"] and "cancelled" in mine[-1]["error"]

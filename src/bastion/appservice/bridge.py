@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -38,6 +39,7 @@ from starlette.types import Receive
 from bastion.answers import Answer
 from bastion.appservice.executor import Collected, Executor
 from bastion.appservice.modern import Capture
+from bastion.appservice.stream_upstream import StreamUpstream
 from bastion.appservice.upstream import ClientPost, Upstream
 from bastion.errors import UpstreamError
 from bastion.protocol import jsonrpc
@@ -55,7 +57,9 @@ log = logging.getLogger("bastion.app")
 MODERN = "2026-07-28"
 HANDSHAKE = "handshake"
 #: How long the probe of an upstream's era may take before the gateway assumes the handshake.
-PROBE_TIMEOUT = 10.0
+PROBE_TIMEOUT = 5.0
+#: How long a failed probe's answer (the handshake) stands before the app is probed again.
+PROBE_RETRY = 300.0
 _LOG_LEVEL_KEY = "io.modelcontextprotocol/logLevel"
 
 
@@ -63,7 +67,8 @@ class Eras:
     """Which era each app's upstream speaks, probed once per app definition (``auto``)."""
 
     def __init__(self) -> None:
-        self._known: dict[str, tuple[App, str]] = {}
+        #: app name -> (the app probed, its era, until when the answer stands: monotonic)
+        self._known: dict[str, tuple[App, str, float]] = {}
 
     def pinned(self, app: App) -> str | None:
         """The era without asking the server: pinned in the app, stdio, or probed already."""
@@ -73,7 +78,7 @@ class Eras:
         if app.spec.transport != "http":
             return HANDSHAKE  # a stdio or SSE server is not sent what it may not understand
         known = self._known.get(app.metadata.name)
-        if known is not None and (known[0] is app or known[0] == app):
+        if known is not None and (known[0] is app or known[0] == app) and time.monotonic() < known[2]:
             return known[1]
         return None
 
@@ -86,15 +91,18 @@ class Eras:
         is lost in translation there)."""
         era = self.pinned(app)
         if era is None:
+            until = float("inf")
             try:
                 era = await asyncio.wait_for(_probe(pool, path, headers), PROBE_TIMEOUT)
             except (TimeoutError, UpstreamError, ValueError) as e:
+                # Not known: the handshake, as before this gateway spoke 2026; asked again later
+                # (not on every session: a server that hangs would delay each by the timeout).
                 log.info(
                     "era probe failed; assuming the handshake",
                     extra={"app": app.metadata.name, "error": str(e)},
                 )
-                return HANDSHAKE  # not remembered: asked again on the next session
-            self._known[app.metadata.name] = (app, era)
+                era, until = HANDSHAKE, time.monotonic() + PROBE_RETRY
+            self._known[app.metadata.name] = (app, era, until)
             log.info("upstream era", extra={"app": app.metadata.name, "era": era})
         return era
 
@@ -213,8 +221,11 @@ class ModernUpstream:
             if method == "notifications/cancelled" and msg.params is not None:
                 task = self.running.get(msg.params.get("requestId"))
                 if task is not None:
-                    task.cancel()
-            await answer.empty(202)  # 2026-07-28 has no client notifications nor responses
+                    task.cancel()  # over HTTP, closing the request's stream is the cancel
+                if isinstance(self.inner, StreamUpstream):  # over stdio, the notification is
+                    await self.inner.exchange(s, fwd, answer, post)
+                    return
+            await answer.empty(202)  # 2026-07-28 has no other client notifications, nor responses
             return
         params = msg.params or {}
         if method == "initialize":
