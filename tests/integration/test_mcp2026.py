@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import ssl
 from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack, asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,9 +27,10 @@ V2026 = "2026-07-28"
 APPS = ["everything-http", "everything-stdio"]
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    root = tmp_path_factory.mktemp("gw2026")
+@contextmanager
+def gateway_with(root: Path, more_apps: str = "") -> Iterator[Node]:
+    """A node serving server-everything over HTTP and stdio (and ``more_apps``, YAML list items),
+    with ``alice`` (every tool) and ``eve`` (echo only)."""
     with ExitStack() as stack:
         http_url = stack.enter_context(run_everything("streamableHttp"))
         node_bin, *stdio_args = everything_cmd("stdio")
@@ -45,7 +47,7 @@ app_service:
       args: {json.dumps(stdio_args)}
       run_as_host_user: root
 """
-        node = start_node(root, extra_config=apps)
+        node = start_node(root, extra_config=apps + more_apps)
         try:
             (root / "roles.yaml").write_text(ROLES)
             node.cli("create", str(root / "roles.yaml"), local=True)
@@ -54,6 +56,12 @@ app_service:
             yield node
         finally:
             stop_node(node)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    with gateway_with(tmp_path_factory.mktemp("gw2026")) as node:
+        yield node
 
 
 def ca_ctx(node: Node) -> ssl.SSLContext:

@@ -18,10 +18,9 @@ from contextlib import ExitStack, contextmanager
 
 import pytest
 
-from tests.integration.conftest import Node, start_node, stop_node
-from tests.integration.test_data_path import ROLES
-from tests.integration.test_mcp2026 import audit, client2026
-from tests.peers import ROOT, everything_cmd, free_port, requires_node_peers, run_everything, run_server
+from tests.integration.conftest import Node
+from tests.integration.test_mcp2026 import audit, client2026, gateway_with
+from tests.peers import ROOT, free_port, requires_node_peers, run_server
 
 pytestmark = requires_node_peers
 
@@ -38,24 +37,10 @@ def run_modern(*args: str) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    root = tmp_path_factory.mktemp("matrix")
     with ExitStack() as stack:
-        everything = stack.enter_context(run_everything("streamableHttp"))
         modern = stack.enter_context(run_modern())
         both = stack.enter_context(run_modern("--both"))
-        node_bin, *stdio_args = everything_cmd("stdio")
-        apps = f"""\
-app_service:
-  apps:
-  - name: everything-http
-    uri: mcp+{everything}
-    labels: {{env: dev}}
-  - name: everything-stdio
-    labels: {{env: dev}}
-    mcp:
-      command: {node_bin}
-      args: {json.dumps(stdio_args)}
-      run_as_host_user: root
+        more = f"""\
   - name: modern-http
     uri: mcp+{modern}
     labels: {{env: dev}}
@@ -71,15 +56,7 @@ app_service:
     uri: mcp+{both}
     labels: {{env: dev}}
 """
-        node = start_node(root, extra_config=apps)
-        try:
-            (root / "roles.yaml").write_text(ROLES)
-            node.cli("create", str(root / "roles.yaml"), local=True)
-            node.cli("users", "add", "alice", "--roles=mcp-user", local=True)
-            node.cli("users", "add", "eve", "--roles=echo-only", local=True)
-            yield node
-        finally:
-            stop_node(node)
+        yield stack.enter_context(gateway_with(tmp_path_factory.mktemp("matrix"), more))
 
 
 APPS = ["everything-http", "everything-stdio", "modern-http", "modern-stdio", "both-http"]
