@@ -361,3 +361,35 @@ async def test_listen_on_an_http_upstream_is_acknowledged_at_once(gateway: Node)
                             ack = json.loads(line[5:])
                             break
             assert ack["params"]["notifications"] == {"promptsListChanged": True}
+
+
+def test_held_sessions_make_room_for_new_2026_clients(tmp_path: Path) -> None:
+    """With a limit of 2 sessions per user, a third 2026 client (another self-description) is
+    served: the held session idle longest is ended for it (audited with the reason), and a
+    2025 session of the user's own is never ended for that."""
+    node = start_node(tmp_path, extra_config="app_service:\n  demo_server: true\n  sessions_per_user: 2\n")
+    try:
+        node.cli("users", "add", "alice", "--roles=mcp-user", local=True)
+        url_app = "bastion-demo"
+        init = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "own", "version": "1"},
+            },
+        }
+        r = post(node, "alice", url_app, init)
+        assert r.status_code == 200, r.text  # the user's own 2025 session: one of the two
+        for name in ("first", "second", "third"):
+            body = req("tools/list")
+            body["params"]["_meta"]["io.modelcontextprotocol/clientInfo"] = {"name": name, "version": "1"}
+            r = post(node, "alice", url_app, body, hdrs("tools/list"))
+            assert r.status_code == 200, (name, r.text)
+        ends = [e for e in audit(node, "--user=alice") if e["event"] == "mcp.session.end"]
+        assert len(ends) == 2 and all("make room" in e.get("error", "") for e in ends), ends
+        assert [e["client_info"] for e in ends] == ["first/1", "second/1"]
+    finally:
+        stop_node(node)

@@ -34,7 +34,7 @@ from bastion.appservice.executor import Collected
 from bastion.appservice.sessions import GatewaySession, Refused, SessionGone, session_headers
 from bastion.appservice.upstream import ClientPost
 from bastion.auth.server import Actor
-from bastion.errors import BastionError, UpstreamError
+from bastion.errors import BastionError, LimitExceededError, UpstreamError
 from bastion.protocol import jsonrpc
 from bastion.protocol import modern as wire
 from bastion.protocol.sse import SSEParser, encode_event
@@ -301,6 +301,19 @@ class ModernFront:
 
     # --------------------------------------------------------- held sessions
 
+    async def _evict_one(self, user: str) -> bool:
+        """End the user's held session idle the longest (not one at work); False if none."""
+        idle = [
+            s
+            for sid in self._held
+            if (s := self.h.sessions.get(sid)) is not None and s.user == user and not s.upstream.busy
+        ]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda s: s.last_active)
+        await self.h._end(oldest, "idle, ended to make room for another 2026 client's session")
+        return True
+
     async def _session(
         self,
         actor: Actor,
@@ -352,7 +365,15 @@ class ModernFront:
         client's name and capabilities, then ``notifications/initialized``, both through the
         engine (so the session's start and its initialize are audited like any other)."""
         h = self.h
-        s = await h._new_session(actor, app, scope, transport=f"http(2026)->{app.spec.transport}")
+        transport = f"http(2026)->{app.spec.transport}"
+        try:
+            s = await h._new_session(actor, app, scope, transport=transport)
+        except LimitExceededError:
+            # The user's sessions are all taken: a held one idle longest makes room (a session
+            # of the user's own 2025 clients is never ended for this); else the limit stands.
+            if not await self._evict_one(actor.name):
+                raise
+            s = await h._new_session(actor, app, scope, transport=transport)
         if s.dead:
             raise SessionGone(
                 "the session could not be opened (access changed meanwhile); send the request again"
