@@ -198,22 +198,20 @@ class ModernFront:
                 code=jsonrpc.INTERNAL_ERROR,
             )
             return
-        fwd = got.fwd
-        exchange = asyncio.create_task(
-            s.upstream.exchange(s, fwd, answer, ClientPost(up_headers, target, False)),
-            name=f"mcp2026-{s.id[:8]}",
-        )
-        closed = asyncio.create_task(_disconnected(receive), name=f"mcp2026-watch-{s.id[:8]}")
+        # 2026-07-28: a client closing its response stream cancels the request.  The exchange
+        # runs in this task; a watcher, started only if it takes longer than WATCH_AFTER (most
+        # calls are over by then: no task for them), cancels it when the client goes.
+        watch = _Watch(receive, answer)
+        timer = asyncio.get_running_loop().call_later(WATCH_AFTER, watch.start)
         try:
-            done, _ = await asyncio.wait({exchange, closed}, return_when=asyncio.FIRST_COMPLETED)
-            if exchange in done:
-                exchange.result()
-                return
-            # 2026-07-28: a client closing its response stream cancels the request.
-            await stop_tasks(exchange)
+            await s.upstream.exchange(s, got.fwd, answer, ClientPost(up_headers, target, False))
+        except asyncio.CancelledError:
+            if not watch.gone or watch.me.uncancel() > 0:
+                raise  # not (only) the client's going: the gateway's own cancellation
             await self._cancel_upstream(s, uid, headers, held, target)
         finally:
-            await stop_tasks(exchange, closed)
+            timer.cancel()
+            await watch.stop()
 
     async def _listen(
         self,
@@ -431,6 +429,35 @@ class ModernFront:
         return s
 
 
+#: How long a 2026 request runs before the gateway watches its client's connection.
+WATCH_AFTER = 0.05
+
+
+class _Watch:
+    """Cancels the task that made it when its client goes (started late: see ``_forward``)."""
+
+    def __init__(self, receive: Receive, answer: ModernAnswer) -> None:
+        self.receive = receive
+        self.answer = answer
+        me = asyncio.current_task()
+        assert me is not None
+        self.me = me
+        self.task: asyncio.Task[None] | None = None
+        self.gone = False
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._watch(), name="mcp2026-watch")
+
+    async def _watch(self) -> None:
+        await _disconnected(self.receive)
+        if not self.answer.done:  # else: the answer is complete, which also reads as "gone"
+            self.gone = True
+            self.me.cancel()
+
+    async def stop(self) -> None:
+        await stop_tasks(self.task)
+
+
 async def _disconnected(receive: Receive) -> None:
     """Returns when the client has gone (its response stream closed)."""
     while (await receive())["type"] != "http.disconnect":
@@ -526,7 +553,10 @@ class ModernAnswer(Answer):
         method: str,
         refuse: Callable[[Any], Awaitable[None]] | None = None,
     ) -> None:
-        super().__init__(send)
+        super().__init__(self._send)
+        self._out = send
+        #: The answer's last bytes were handed to the server (nothing more is to come).
+        self.done = False
         self.client_id = client_id
         self.upstream_id = upstream_id
         self.method = method
@@ -537,6 +567,11 @@ class ModernAnswer(Answer):
         self.final = False
         self.deferred = False
         self.answered = False
+
+    async def _send(self, message: Any) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            self.done = True
+        await self._out(message)
 
     def rewrite(self, raw: bytes) -> bytes | None:
         self.final = False
