@@ -180,6 +180,8 @@ class ModernUpstream:
         self.running: dict[Any, asyncio.Task[None]] = {}
         #: The ``Mcp-Param-*`` annotations of the tools this session listed, by tool name.
         self.params: dict[str, dict[tuple[str, ...], str]] = {}
+        #: As the inner upstream (a stream's reader hands messages over with their commit).
+        self.defers: bool = getattr(inner, "defers", False)
 
     # -------------------------------------------------------- delegated
 
@@ -200,6 +202,10 @@ class ModernUpstream:
 
     def to_client(self, cmd: SendToClient) -> None:
         self.inner.to_client(cmd)
+
+    def to_client_after(self, barrier: asyncio.Future[None], cmd: SendToClient) -> None:
+        # getattr: the executor's deferred delivery (decision 0040) may be newer than this module.
+        getattr(self.inner, "to_client_after")(barrier, cmd)  # noqa: B009
 
     def forward(self, cmd: ForwardToUpstream) -> None:
         self.inner.forward(cmd)
