@@ -62,9 +62,10 @@ async def send_jsonrpc_error(
     code: int | None = None,
     mid: Any = None,
     extra: Headers = NO_HEADERS,
+    data: Any = None,
 ) -> None:
     """A JSON-RPC error answer (``code`` defaults to -32600 below 500, else -32603)."""
-    body = jsonrpc.error_response(mid, rpc_code_for(status) if code is None else code, message)
+    body = jsonrpc.error_response(mid, rpc_code_for(status) if code is None else code, message, data)
     await send_body(send, status, error_headers(status, origin), body, extra)
 
 

@@ -234,6 +234,8 @@ def render_starter(
                 '  #     headers: ["Authorization: Bearer <secret>"]',
                 "  #   # Paths forwarded besides the uri's own and /.well-known/oauth-* (prefixes):",
                 '  #   extra_paths: ["/v2"]',
+                "  #   # MCP era of the server: auto (probed), handshake, or 2026-07-28 (also for stdio):",
+                '  #   protocol: "auto"',
                 '  # - name: "files"',
                 "  #   mcp:",
                 '  #     command: "npx"',

@@ -525,8 +525,9 @@ def test_inspector_through_bastion_proxy_mcp(gateway: Node, app: str, tmp_path: 
         assert "Echo: via-proxy" in called.stdout
 
 
-def test_server_discover_gets_a_prompt_error_not_a_hang(gateway: Node) -> None:
-    """2026-07-28 clients probe with server/discover first; they must get an error they can fall back on."""
+def test_server_discover_without_its_version_header_is_a_mismatch(gateway: Node) -> None:
+    """A server/discover must say its version in MCP-Protocol-Version too: without it, -32020 at
+    once (a modern-first client's probe is answered, not left to hang; test_mcp2026.py has the rest)."""
     body = {
         "jsonrpc": "2.0",
         "id": 1,
@@ -544,5 +545,5 @@ def test_server_discover_gets_a_prompt_error_not_a_hang(gateway: Node) -> None:
             },
         )
     assert r.status_code == 400
-    assert r.json()["error"]["code"] == -32601
-    assert "initialize" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == -32020
+    assert "MCP-Protocol-Version" in r.json()["error"]["message"]

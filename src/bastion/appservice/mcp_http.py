@@ -28,10 +28,13 @@ from starlette.types import Receive, Scope, Send
 from bastion._tasks import stop_tasks
 from bastion._time import Clock
 from bastion.answers import NO_HEADERS, Answer, send_jsonrpc_error
+from bastion.appservice.bridge import MODERN as MODERN_ERA
+from bastion.appservice.bridge import Eras, ModernUpstream
 from bastion.appservice.demo import DEMO_APP_NAME
 from bastion.appservice.executor import Collected, Executor
 from bastion.appservice.hostpolicy import HostPolicy
 from bastion.appservice.http_upstream import HTTPUpstream
+from bastion.appservice.modern import ModernFront
 from bastion.appservice.registry import AppRegistry
 from bastion.appservice.sessions import (
     GatewaySession,
@@ -62,6 +65,7 @@ from bastion.errors import BastionError, LimitExceededError, UpstreamError
 from bastion.handoff import Handoff, handoff_of
 from bastion.metrics import app_metrics, maybe_tracer
 from bastion.protocol import jsonrpc, paths
+from bastion.protocol import modern as wire
 from bastion.protocol.headers import mismatch
 from bastion.resources import App
 from bastion.session.engine import EventIds, Session, ToolPolicy
@@ -136,6 +140,10 @@ class MCPHandler:
         #: session whose upstream was starting meanwhile is checked once stored.
         self._sweeps = 0
         self._closing = False
+        #: MCP 2026-07-28 clients: sessionless requests over sessions held for them (ADR 46).
+        self.modern = ModernFront(self)
+        #: Which era each app's server speaks (decision 0047).
+        self.eras = Eras()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -240,6 +248,10 @@ class MCPHandler:
                         "mcp.post", attributes={"bastion.app": app.metadata.name}
                     ):
                         await self._post(scope, receive, send, actor, app, headers, target)
+            elif method in ("GET", "DELETE") and headers.get(b"mcp-protocol-version") in _MODERN:
+                raise Refused(
+                    405, "MCP 2026-07-28 has no GET stream nor sessions to DELETE: use POST", allow=b"POST"
+                )
             elif method == "GET":
                 await self._get(send, receive, actor, app, headers)
             elif method == "DELETE":
@@ -247,10 +259,11 @@ class MCPHandler:
             else:
                 raise Refused(405, "method not allowed: use POST, GET or DELETE", allow=b"GET, POST, DELETE")
         except Refused as e:
-            self._refused(scope, actor, app, headers, e.status, e.message)
+            if e.origin == "client":
+                self._refused(scope, actor, app, headers, e.status, e.message)
             extra = [(b"allow", e.allow)] if e.allow else NO_HEADERS
             await send_jsonrpc_error(
-                send, e.status, e.message, "client", code=e.rpc_code, mid=e.mid, extra=extra
+                send, e.status, e.message, e.origin, code=e.rpc_code, mid=e.mid, extra=extra, data=e.data
             )
         except SessionGone as e:
             self._refused(scope, actor, app, headers, 404, e.message)
@@ -317,12 +330,11 @@ class MCPHandler:
             raise Refused(413, f"request body larger than {self.limits.max_body} bytes")
         version = headers.get(b"mcp-protocol-version", b"").decode("latin-1")
         if version and version not in SUPPORTED_VERSIONS:
-            raise Refused(
-                400,
-                f"unsupported MCP-Protocol-Version {clip(version, MAX_QUOTE)!r} "
-                f"(supported: {', '.join(sorted(SUPPORTED_VERSIONS))})",
-                rpc_code=jsonrpc.UNSUPPORTED_PROTOCOL_VERSION,
-            )
+            if version in wire.MODERN_VERSIONS:  # sessionless: never a session request's cost
+                await self.modern.post(scope, receive, send, actor, app, headers, target, body)
+                return
+            no = wire.unsupported_version(version)
+            raise Refused(400, no.message, rpc_code=no.code, data=no.data, mid=_request_id(body))
         # Parsed once: the engine decides on this value, and forwards its serialisation.
         msg: jsonrpc.Message | jsonrpc.ProtocolError
         try:
@@ -341,13 +353,19 @@ class MCPHandler:
             if isinstance(msg, jsonrpc.ProtocolError):
                 raise Refused(400, msg.message, rpc_code=msg.rpc_code, mid=msg.id)
             if msg.method != "initialize" or msg.kind != "request":
-                what = (
-                    "server/discover (MCP 2026-07-28) is not supported by this gateway yet; use initialize"
-                    if msg.method == "server/discover"
-                    else "missing Mcp-Session-Id header: start a session with an initialize request"
-                )
+                if _meta_version(msg.params) is not None or msg.method == "server/discover":
+                    # A 2026-07-28 request must say its version in the header too.
+                    raise Refused(
+                        400,
+                        "MCP-Protocol-Version header missing: a 2026-07-28 request carries it, "
+                        "equal to params._meta's version",
+                        rpc_code=jsonrpc.HEADER_MISMATCH,
+                        mid=msg.id,
+                    )
                 raise Refused(
-                    400, what, rpc_code=-32600 if msg.method != "server/discover" else -32601, mid=msg.id
+                    400,
+                    "missing Mcp-Session-Id header: start a session with an initialize request",
+                    mid=msg.id,
                 )
             s = await self._new_session(actor, app, scope)
             if s.dead:  # access was revoked while it opened
@@ -402,14 +420,16 @@ class MCPHandler:
                 raise SessionGone(_GONE)
         return s
 
-    async def _new_session(self, actor: Actor, app: App, scope: Scope) -> GatewaySession:
+    async def _new_session(
+        self, actor: Actor, app: App, scope: Scope, *, transport: str = ""
+    ) -> GatewaySession:
         # Counted as the user's from the check until stored (starting the upstream takes a while):
         # else initializes sent together all pass the limit, each with its own stdio process.
         name = actor.name
         self._opening[name] = self._opening.get(name, 0) + 1
         checks, sweeps = self._access_checks, self._sweeps
         try:
-            s = await self._open_session(actor, app, scope)
+            s = await self._open_session(actor, app, scope, transport or f"http->{app.spec.transport}")
         finally:
             left = self._opening[name] - 1
             if left:
@@ -433,7 +453,7 @@ class MCPHandler:
             await self._end_if_unauthorised(s, checker)
         return s
 
-    async def _open_session(self, actor: Actor, app: App, scope: Scope) -> GatewaySession:
+    async def _open_session(self, actor: Actor, app: App, scope: Scope, transport: str) -> GatewaySession:
         user = actor.user
         assert user is not None and actor.checker is not None
         mine = sum(1 for s in self.sessions.values() if s.user == actor.name)
@@ -453,7 +473,7 @@ class MCPHandler:
             identity=actor.identity,  # type: ignore[arg-type]
             session_id=sid,
             cluster_name=self.cluster_name,
-            transport=f"http->{app.spec.transport}",
+            transport=transport,
             clock=self.clock,
             redact=self.redact,
             remote_addr=(scope.get("client") or ("", 0))[0],
@@ -482,6 +502,16 @@ class MCPHandler:
             upstream = HTTPUpstream(
                 self.pools.for_app(app), origin_and_path(app)[1], self.executor, self.clock
             )
+        if not is_demo:
+            # The era of the app's server (decision 0047): pinned, known, or probed once.
+            era = self.eras.pinned(app)
+            if era is None:
+                path = origin_and_path(app)[1]
+                era = await self.eras.era(
+                    app, self.pools.for_app(app), path, ident.encoded_headers(self.clock.now())
+                )
+            if era == MODERN_ERA:
+                upstream = ModernUpstream(upstream, self.executor)
         s = GatewaySession(
             id=sid,
             user=actor.name,
@@ -531,6 +561,7 @@ class MCPHandler:
             await self.executor.run(s, s.engine.ended(error=error))
         if self.sessions.pop(s.id, None) is not None:
             s.m.session_ended()
+            self.modern.forget(s.id)
         await s.upstream.release(s, reason)
 
     # ------------------------------------------------------------------- GET
@@ -562,6 +593,22 @@ class MCPHandler:
 
 def _id_of(msg: jsonrpc.Message | jsonrpc.ProtocolError) -> Any:
     return msg.id
+
+
+_MODERN = frozenset(v.encode() for v in wire.MODERN_VERSIONS)
+
+
+def _request_id(body: bytes) -> Any:
+    """The id of a request refused before it was parsed (an error answer carries it)."""
+    try:
+        return jsonrpc.parse_message(body).id
+    except jsonrpc.ProtocolError as e:
+        return e.id
+
+
+def _meta_version(params: dict[str, Any] | None) -> Any:
+    meta = params.get("_meta") if params is not None else None
+    return meta.get(wire.META_VERSION) if isinstance(meta, dict) else None
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:

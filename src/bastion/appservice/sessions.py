@@ -91,13 +91,22 @@ class Refused(BastionError):
     code = "refused"
 
     def __init__(
-        self, status: int, message: str, *, rpc_code: int = -32600, mid: Any = None, allow: bytes = b""
+        self,
+        status: int,
+        message: str,
+        *,
+        rpc_code: int = -32600,
+        mid: Any = None,
+        allow: bytes = b"",
+        data: Any = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.rpc_code = rpc_code
         self.mid = mid
         self.allow = allow
+        #: The JSON-RPC error's ``data`` (-32022 lists the supported versions).
+        self.data = data
 
 
 def new_session_id() -> str:

@@ -30,6 +30,14 @@ def decode_header_value(raw: bytes) -> str:
     return text
 
 
+def encode_header_value(value: str) -> str:
+    """``value`` as a header: as it is when plain printable ASCII without edge spaces, else
+    ``=?base64?...?=`` (2026-07-28; what :func:`decode_header_value` reads back)."""
+    if value == value.strip() and all(" " <= c <= "~" for c in value) and not value.startswith("=?base64?"):
+        return value
+    return f"=?base64?{base64.b64encode(value.encode('utf-8')).decode('ascii')}?="
+
+
 def mismatch(method_header: bytes | None, name_header: bytes | None, method: str | None, params: Any) -> str:
     """Why the mirrored headers disagree with the body, or ``""`` when they agree (or are absent)."""
     if method_header is not None:

@@ -422,6 +422,10 @@ class AppSpec(_Frozen):
     #: Streamable HTTP: path prefixes forwarded to the upstream besides the URI's own path
     #: and ``/.well-known/oauth-*`` (decision 0016); nothing else is.
     extra_paths: list[Annotated[str, AfterValidator(_extra_path)]] = Field(default_factory=list)
+    #: The MCP era the app's server speaks: ``auto`` (streamable HTTP: probed once per app
+    #: definition; stdio and SSE: the handshake), ``handshake`` (``initialize``, 2024-11-05 to
+    #: 2025-11-25) or ``2026-07-28`` (sessionless requests only; decision 0047).
+    protocol: Literal["auto", "handshake", "2026-07-28"] = "auto"
 
     @field_validator("uri")
     @classmethod
