@@ -181,7 +181,7 @@ class ModernUpstream:
         #: The ``Mcp-Param-*`` annotations of the tools this session listed, by tool name.
         self.params: dict[str, dict[tuple[str, ...], str]] = {}
         #: As the inner upstream (a stream's reader hands messages over with their commit).
-        self.defers: bool = getattr(inner, "defers", False)
+        self.defers: bool = inner.defers
 
     # -------------------------------------------------------- delegated
 
@@ -204,8 +204,7 @@ class ModernUpstream:
         self.inner.to_client(cmd)
 
     def to_client_after(self, barrier: asyncio.Future[None], cmd: SendToClient) -> None:
-        # getattr: the executor's deferred delivery (decision 0040) may be newer than this module.
-        getattr(self.inner, "to_client_after")(barrier, cmd)  # noqa: B009
+        self.inner.to_client_after(barrier, cmd)
 
     def forward(self, cmd: ForwardToUpstream) -> None:
         self.inner.forward(cmd)
