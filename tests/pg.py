@@ -17,7 +17,9 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -263,3 +265,71 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             await writer.drain()
     finally:
         writer.close()
+
+
+def _pg_bindir() -> str | None:
+    """The directory of ``initdb``/``pg_ctl``: on PATH, else Debian's newest under /usr/lib/postgresql."""
+    found = shutil.which("pg_ctl")
+    if found:
+        return os.path.dirname(found)
+    root = "/usr/lib/postgresql"
+    with contextlib.suppress(OSError):
+        for version in sorted(os.listdir(root), key=lambda v: int(v) if v.isdigit() else 0, reverse=True):
+            bindir = os.path.join(root, version, "bin")
+            if os.path.exists(os.path.join(bindir, "pg_ctl")):
+                return bindir
+    return None
+
+
+class OwnServer:
+    """A PostgreSQL server of a test's own (``initdb`` in a new directory, a free port, trust auth
+    on 127.0.0.1 only), so a fault test can really stop, crash and restart it without touching the
+    machine's shared server.  Run as the ``postgres`` user when the tests run as root (PostgreSQL
+    refuses root).  ``stop(mode)`` is ``pg_ctl stop -m fast|immediate`` (immediate: a crash, with
+    recovery at the next start); ``start()`` starts it on the same port and waits until it answers.
+    """
+
+    def __init__(self) -> None:
+        bindir = _pg_bindir()
+        if bindir is None:
+            pytest.skip("no PostgreSQL server programs (initdb, pg_ctl) on this machine")
+        self.bindir = bindir
+        self.dir = tempfile.mkdtemp(prefix="bastion-pg-")
+        self.data = os.path.join(self.dir, "data")
+        self.port = _free_port()
+        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+            self._as = ["runuser", "-u", "postgres", "--"]
+        self._run("initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
+        with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
+            f.write(
+                f"listen_addresses = '127.0.0.1'\nport = {self.port}\n"
+                f"unix_socket_directories = '{self.dir}'\nfsync = off\nmax_connections = 200\n"
+            )
+
+    def _run(self, program: str, *args: str) -> None:
+        cmd = [*self._as, os.path.join(self.bindir, program), *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{program} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+
+    def start(self) -> None:
+        log = os.path.join(self.dir, "server.log")
+        self._run("pg_ctl", "-D", self.data, "-l", log, "-w", "-t", str(int(START_DEADLINE)), "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", self.data, "-m", mode, "-w", "stop")
+
+    def close(self) -> None:
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+            self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port

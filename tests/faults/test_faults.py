@@ -1,7 +1,8 @@
 """The standing fault suite (issue 21): faults under a bounded load, and what must hold after each.
 
-Two all-in-one nodes (auth + proxy + app service each, decision 0030) on one PostgreSQL database
-reached through a TCP relay the test can cut (one cluster for the module: a scenario that kills
+Two all-in-one nodes (auth + proxy + app service each, decision 0030) on a PostgreSQL server of
+the suite's own (stopped, crashed and started again by a scenario), reached through a TCP relay
+the test can cut (one cluster for the module: a scenario that kills
 a node starts it again); server-everything behind them, over stdio (``everything``) and over
 streamable HTTP on a port of its own (``everything-http``), and, for two scenarios, an app
 service on a host of its own joined with a token, serving ``everything`` too; four
@@ -76,6 +77,8 @@ class Cluster:
     tokens: dict[str, str]
     #: The app ``everything-http`` of both nodes (restarted by a scenario).
     http: EverythingOnPort
+    #: The PostgreSQL server (the suite's own: stopped, crashed and started by scenarios).
+    db: pg.OwnServer
 
     def start(self, name: str) -> Node:
         """Node ``name`` (``a`` or ``b``) started on its data dir; see ``serving``."""
@@ -110,10 +113,11 @@ def _extra(http: EverythingOnPort) -> str:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp_path = tmp_path_factory.mktemp("faults")
-    server, dbname, dsn = asyncio.run(pg.create_database())
-    relay = Relay(dsn)
+    db = pg.OwnServer()  # a server of the suite's own: a scenario stops and crashes it
+    db.start()
+    relay = Relay(db.dsn)
     http = EverythingOnPort()
-    c = Cluster(tmp_path, None, None, relay, relay.proxy.dsn(dsn), tmp_path / "ca.pem", {}, http)  # type: ignore[arg-type]
+    c = Cluster(tmp_path, None, None, relay, relay.proxy.dsn(db.dsn), tmp_path / "ca.pem", {}, http, db)  # type: ignore[arg-type]
     try:
         http.start()
         for n in (c.start("a"), c.start("b")):
@@ -126,7 +130,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 stop_node(n)
         http.stop()
         relay.close()
-        asyncio.run(pg.drop_database(server, dbname))
+        db.close()
 
 
 def _load(c: Cluster, via: dict[str, list[Any]], app: str = "everything") -> Load:
@@ -144,6 +148,24 @@ def test_database_outage_fails_no_call_and_loses_no_outcome(cluster: Cluster) ->
         load.wait_for_calls(40)
     assert not load.calls("error") and not load.calls("lost"), load.summary()
     report("database away", load, load.recovery(cut))
+    check_audit(c.a, load)
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_postgres_restart_fails_no_call_and_loses_no_outcome(cluster: Cluster, mode: str) -> None:
+    """The database server itself stopped under load — ``fast`` (connections ended with an admin
+    shutdown error, new ones refused) or ``immediate`` (a crash: recovery at the next start) —
+    and started again a little later: no call fails, no outcome is lost."""
+    c = cluster
+    with _load(c, {"u1": [c.a], "u2": [c.b], "u3": [c.a, c.b], "u4": [c.b, c.a]}) as load:
+        load.wait_for_calls(40)
+        down = time.monotonic()
+        c.db.stop(mode)
+        load.wait_for_calls(200)  # calls go on while it is down (the spool holds the audit writes)
+        c.db.start()
+        load.wait_for_calls(40)
+    assert not load.calls("error") and not load.calls("lost"), load.summary()
+    report(f"PostgreSQL stopped ({mode}) and started", load, load.recovery(down))
     check_audit(c.a, load)
 
 
