@@ -560,7 +560,8 @@ class AppConfig(AppSpec, _AppIdentity):
 
     Fields: ``name``, ``description``, ``labels``, ``uri``, ``mcp``
     (``command``, ``args``, ``run_as_host_user``, ``env``),
-    ``insecure_skip_verify``, ``rewrite`` (``headers``, ``jwt_claims``), ``extra_paths``.
+    ``insecure_skip_verify``, ``rewrite`` (``headers``, ``jwt_claims``), ``extra_paths``,
+    ``pinning`` (``off``, ``first_use``, ``approve``: decision 0045).
     """
 
     def to_app(self) -> App:
@@ -573,6 +574,7 @@ class AppConfig(AppSpec, _AppIdentity):
                 insecure_skip_verify=self.insecure_skip_verify,
                 rewrite=self.rewrite,
                 extra_paths=self.extra_paths,
+                pinning=self.pinning,
             ),
         )
 

@@ -27,6 +27,7 @@ from bastion.appservice.dynamic import DynamicApps
 from bastion.appservice.hostcheck import Host, check_static_apps
 from bastion.appservice.hostpolicy import HostPolicy
 from bastion.appservice.mcp_http import Limits, MCPHandler
+from bastion.appservice.pins import PinBook, PinSource
 from bastion.appservice.registry import AppRegistry
 from bastion.appservice.revocation import Access, AccessWatch
 from bastion.audit import unfinished
@@ -39,6 +40,7 @@ from bastion.audit.sqlite_store import SQLiteAuditStore
 from bastion.audit.store import AuditStore
 from bastion.auth import outbox
 from bastion.auth.ca import CertAuthority, fingerprint
+from bastion.auth.pins import PinStore
 from bastion.auth.server import PROXY_ADDR_KEY, AuthServer, settings_from
 from bastion.backend import Backend, Item
 from bastion.backend.factory import open_backend
@@ -98,6 +100,7 @@ class AppServiceParts:
         apps_source: Any,
         tag: str,
         on_change: Callable[[], None] = lambda: None,
+        pins: PinSource | None = None,
     ) -> AppServiceParts:
         a = cfg.app_service
         registry = AppRegistry((app.to_app() for app in a.apps), demo=a.demo_server, on_change=on_change)
@@ -110,6 +113,9 @@ class AppServiceParts:
         redactor = Redactor((*DEFAULT_SECRET_KEYS, *a.audit_redact_keys))
         host = HostPolicy(a.dynamic_apps, a.stdio_limits, trusted=registry.is_static, host=Host.this())
         _warn_gateway_user(host)
+        book = PinBook(pins) if pins is not None else None
+        if book is not None:
+            book.start()
         handler = MCPHandler(
             cluster_name=cluster_name,
             clock=clock,
@@ -120,6 +126,7 @@ class AppServiceParts:
             limits=limits,
             session_tag=tag,
             host=host,
+            pins=book,
         )
         handler.start()
         dynamic = DynamicApps(
@@ -139,6 +146,8 @@ class AppServiceParts:
             await self.access_watch.aclose()
         await self.dynamic.aclose()
         await self.handler.aclose()
+        if self.handler.pins is not None:
+            await self.handler.pins.aclose()
 
 
 def _warn_gateway_user(host: HostPolicy) -> None:
@@ -263,6 +272,7 @@ class Cluster:
                     apps_source=backend,
                     tag=local_tag,
                     on_change=changed,
+                    pins=PinStore(backend, auth.clock),
                 )
                 apps.watch_access(backend, auth.checker_of)
             if cfg.proxy_service.enabled:

@@ -10,7 +10,9 @@ new command a type error until it is handled here):
 - ``ForwardToUpstream`` and ``SendToClient``: handed to the batch's :class:`Outlet` (the
   client's POST collects its answer and its forward; a session's upstream delivers the rest);
 - ``CloseSession``: the session ends (upstream and streams closed, end event with the reason);
-- ``Log``: a line in the structured log, with the session id.
+- ``Log``: a line in the structured log, with the session id;
+- ``RecordPins``: handed to the :class:`PinRecorder` (stored for the cluster in the background,
+  off the data path: decision 0045), and the changes counted.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from bastion.session.engine import (
     ForwardToUpstream,
     Log,
     RecordAudit,
+    RecordPins,
     SendToClient,
 )
 
@@ -51,6 +54,12 @@ class AuditSink(Protocol):
     async def record(self, event: AuditEvent) -> None: ...
 
     def complete(self, event_id: str, success: bool, error: str, duration_ms: float) -> None: ...
+
+
+class PinRecorder(Protocol):
+    """Where new pins and definition changes go (``appservice.pins.PinBook``)."""
+
+    def record(self, cmd: RecordPins) -> None: ...
 
 
 class Outlet(Protocol):
@@ -84,8 +93,12 @@ class Collected:
 class Executor:
     """Carries out engine commands for the sessions of one MCP handler."""
 
-    def __init__(self, audit: AuditSink, *, end: Ender, upstream_failed: Ender) -> None:
+    def __init__(
+        self, audit: AuditSink, *, end: Ender, upstream_failed: Ender, pins: PinRecorder | None = None
+    ) -> None:
         self.audit = audit
+        #: Stores pins for the cluster; None where no app pins (a RecordPins is then logged).
+        self.pins = pins
         #: End a session (its end event records the reason as given).
         self.end = end
         #: End a session whose upstream broke (counted and logged as an upstream failure).
@@ -127,6 +140,13 @@ class Executor:
                         cmd.message,
                         extra={"session_id": s.id, **cmd.fields},
                     )
+                case RecordPins():
+                    if cmd.changed:
+                        s.m.definition_changes.inc(len(cmd.changed))
+                    if self.pins is not None:
+                        self.pins.record(cmd)
+                    else:
+                        log.error("pinned tool definitions cannot be stored here", extra={"app": cmd.app})
                 case _:
                     assert_never(cmd)
         return True

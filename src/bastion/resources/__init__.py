@@ -42,7 +42,9 @@ RESOURCE_TYPE_LABEL = "bastion.internal/resource-type"
 MCP_SCHEMES = ("mcp+http", "mcp+https", "mcp+sse+http", "mcp+sse+https", "mcp+stdio")
 
 VERBS = ("list", "create", "read", "update", "delete")
-RULE_RESOURCES = ("user", "role", "token", "app", "app_server", "event", "cert_authority")
+#: ``mcp_pin``: pinned tool definitions (decision 0045): read = ``bastion mcp pins ls|diff``,
+#: update = ``approve|reset``.
+RULE_RESOURCES = ("user", "role", "token", "app", "app_server", "event", "cert_authority", "mcp_pin")
 
 
 class _Frozen(BaseModel):
@@ -422,6 +424,10 @@ class AppSpec(_Frozen):
     #: Streamable HTTP: path prefixes forwarded to the upstream besides the URI's own path
     #: and ``/.well-known/oauth-*`` (decision 0016); nothing else is.
     extra_paths: list[Annotated[str, AfterValidator(_extra_path)]] = Field(default_factory=list)
+    #: Pinned tool definitions (decision 0045): ``off``; ``first_use`` (a tool's definition is
+    #: pinned when first listed; a changed one is hidden and refused until approved);
+    #: ``approve`` (every definition waits for an administrator's approval).
+    pinning: Literal["off", "first_use", "approve"] = "off"
 
     @field_validator("uri")
     @classmethod
