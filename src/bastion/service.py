@@ -60,6 +60,7 @@ from bastion.tunnel.agent import (
     load_creds,
     peer_creds,
 )
+from bastion.tunnel.pins import TunnelPinSource
 from bastion.tunnel.server import HEARTBEAT_EVERY, HEARTBEAT_TTL, TunnelServer
 
 log = logging.getLogger("bastion.service")
@@ -461,6 +462,7 @@ class Cluster:
             apps_source=TunnelAppsView(agent),
             tag=creds.tag,
             on_change=changed,
+            pins=TunnelPinSource(agent),
         )
         agent.registry = apps.registry
         agent.handler = apps.handler

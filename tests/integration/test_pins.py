@@ -163,3 +163,45 @@ async def test_approve_mode_shows_nothing_until_approved(gateway: Shifting) -> N
     gateway.pins("ed", "reset", "gated", "--all")
     assert await _tools(node, "gated") == {}
     assert gateway.calls("gated") == []
+
+
+@pytest.fixture(scope="module")
+def joined(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shifting]:
+    """Auth and proxy in one process; the pinning app on a joined app service (no backend)."""
+    from tests.integration.conftest import wait_for_log
+    from tests.integration.test_agents import _agent_config, _start_agent, _token
+
+    root = tmp_path_factory.mktemp("pins-joined")
+    (root / "far.txt").write_text(FIRST)
+    node = start_node(root / "cluster", extra_config="app_service:\n  enabled: false\n")
+    agent = None
+    try:
+        node.cli("users", "add", "alice", "--roles=mcp-user", local=True)
+        node.cli("users", "add", "ed", "--roles=editor", local=True)
+        token, pin = _token(node)
+        cfg = _agent_config(
+            root / "agent", node, token, pin, "{env: none}", apps=_app(root, "far", "first_use")
+        )
+        agent = _start_agent(root / "agent", cfg)
+        wait_for_log(agent.log, r"tunnel connected", agent.proc, 30.0)
+        yield Shifting(node, root)
+    finally:
+        if agent is not None:
+            agent.stop()
+        stop_node(node)
+
+
+async def test_a_joined_app_service_pins_through_the_tunnel(joined: Shifting) -> None:
+    import time
+
+    node = joined.node
+    assert await _tools(node, "far") == {"echo": FIRST, "add": "Adds two numbers"}
+    listed = json.loads(joined.pins("ed", "ls", "far", "--format=json").stdout)
+    assert {p["tool"] for p in listed} == {"echo", "add"}  # stored in the cluster by the proxy
+    joined.describe("far", POISONED)
+    assert await _tools(node, "far") == {"add": "Adds two numbers"}
+    assert "tool echo: changed" in joined.pins("ed", "diff", "far").stdout
+    joined.pins("ed", "approve", "far", "echo")
+    deadline = time.monotonic() + 10  # the approval reaches the joined host through its watch
+    while (await _tools(node, "far")).get("echo") != POISONED:
+        assert time.monotonic() < deadline, "the approval did not reach the joined app service"

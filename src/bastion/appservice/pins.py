@@ -31,7 +31,7 @@ class PinSource(Protocol):
 
     async def load(self, app: str) -> AppPins: ...
 
-    async def record(self, app: str, new: Sequence[Pin], changed: Sequence[Change]) -> AppPins: ...
+    async def record(self, app: str, new: Sequence[Pin], changed: Sequence[Change]) -> object: ...
 
     async def follow(
         self, on_change: Callable[[str, AppPins], None], on_resync: Callable[[set[str]], None]
@@ -105,7 +105,7 @@ class PinBook:
 
     async def _write(self, cmd: RecordPins) -> None:
         try:
-            stored = await self.source.record(cmd.app, cmd.new, cmd.changed)
+            await self.source.record(cmd.app, cmd.new, cmd.changed)
         except BastionError as e:
             log.error(
                 "pinned tool definitions could not be stored for the cluster; this process still "
@@ -113,4 +113,4 @@ class PinBook:
                 extra={"app": cmd.app, "error": e.message},
             )
             return
-        log.debug("pins stored", extra={"app": cmd.app, "tools": len(stored.records)})
+        log.debug("pins stored", extra={"app": cmd.app})

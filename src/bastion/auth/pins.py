@@ -20,7 +20,7 @@ from bastion.backend.follow import follow_changes
 from bastion.errors import AlreadyExistsError, BackendError, ConflictError, NotFoundError
 from bastion.policy.pins import NO_PINS, AppPins, Change, Pin, Pinned, diff
 
-__all__ = ["PREFIX", "PinStore", "describe", "pins_key"]
+__all__ = ["PREFIX", "PinStore", "describe", "follow_pins", "pins_key"]
 
 log = logging.getLogger("bastion.pins")
 
@@ -139,22 +139,29 @@ class PinStore:
     async def follow(
         self, on_change: Callable[[str, AppPins], None], on_resync: Callable[[set[str]], None]
     ) -> None:
-        """Until cancelled: ``on_change(app, pins)`` for every stored app then ``on_resync(apps)``
-        (at start and after a gap), and ``on_change`` for every later write (NO_PINS when an
-        app's pins are deleted)."""
+        """See :func:`follow_pins`."""
+        await follow_pins(self.backend, on_change, on_resync)
 
-        async def resync() -> None:
-            listed: set[str] = set()
-            for item in await self.backend.list(PREFIX):
-                app = item.key[len(PREFIX) :]
-                listed.add(app)
-                on_change(app, _decode(item))
-            on_resync(listed)
 
-        async def apply(ev: Event) -> None:
-            key = ev.item.key
-            if key.startswith(PREFIX):
-                app = key[len(PREFIX) :]
-                on_change(app, NO_PINS if ev.type == EventType.DELETE else _decode(ev.item))
+async def follow_pins(
+    backend: Backend, on_change: Callable[[str, AppPins], None], on_resync: Callable[[set[str]], None]
+) -> None:
+    """Until cancelled: ``on_change(app, pins)`` for every stored app then ``on_resync(apps)``
+    (at start and after a gap), and ``on_change`` for every later write (NO_PINS when an app's
+    pins are deleted).  ``backend`` is only read (a joined app service passes its tunnel view)."""
 
-        await follow_changes(self.backend, resync=resync, apply=apply, log=log, what="pins watch")
+    async def resync() -> None:
+        listed: set[str] = set()
+        for item in await backend.list(PREFIX):
+            app = item.key[len(PREFIX) :]
+            listed.add(app)
+            on_change(app, _decode(item))
+        on_resync(listed)
+
+    async def apply(ev: Event) -> None:
+        key = ev.item.key
+        if key.startswith(PREFIX):
+            app = key[len(PREFIX) :]
+            on_change(app, NO_PINS if ev.type == EventType.DELETE else _decode(ev.item))
+
+    await follow_changes(backend, resync=resync, apply=apply, log=log, what="pins watch")
