@@ -234,6 +234,8 @@ def render_starter(
                 '  #     headers: ["Authorization: Bearer <secret>"]',
                 "  #   # Paths forwarded besides the uri's own and /.well-known/oauth-* (prefixes):",
                 '  #   extra_paths: ["/v2"]',
+                "  #   # Pin tool definitions: a changed one is hidden until approved (`bastion mcp pins`):",
+                '  #   pinning: "first_use"',
                 '  # - name: "files"',
                 "  #   mcp:",
                 '  #     command: "npx"',

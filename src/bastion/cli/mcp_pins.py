@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -131,31 +132,33 @@ def _change(action: str, app: str, tools: list[str] | None, every: bool, **conn:
     run(with_admin(go, **conn))
 
 
-@pins_app.command("approve")
-def pins_approve(
-    app: str,
-    tools: ToolsArg = None,
-    every: AllOpt = False,
-    config: ConfigOpt = None,
-    identity: IdentityOpt = None,
-    proxy: ProxyOpt = None,
-    insecure: InsecureOpt = False,
-) -> None:
-    """Approve the served (changed) or waiting definitions of TOOLS on APP: they become the pins,
-    and the tools are listed and callable again."""
-    _change("approve", app, tools, every, config=config, identity=identity, proxy=proxy, insecure=insecure)
+def _changer(action: str, doc: str) -> Callable[..., None]:
+    def command(
+        app: str,
+        tools: ToolsArg = None,
+        every: AllOpt = False,
+        config: ConfigOpt = None,
+        identity: IdentityOpt = None,
+        proxy: ProxyOpt = None,
+        insecure: InsecureOpt = False,
+    ) -> None:
+        _change(action, app, tools, every, config=config, identity=identity, proxy=proxy, insecure=insecure)
+
+    command.__doc__ = doc
+    return command
 
 
-@pins_app.command("reset")
-def pins_reset(
-    app: str,
-    tools: ToolsArg = None,
-    every: AllOpt = False,
-    config: ConfigOpt = None,
-    identity: IdentityOpt = None,
-    proxy: ProxyOpt = None,
-    insecure: InsecureOpt = False,
-) -> None:
-    """Forget the pins of TOOLS on APP: the next listing pins them again (pinning: approve: they
-    wait for approval again)."""
-    _change("reset", app, tools, every, config=config, identity=identity, proxy=proxy, insecure=insecure)
+pins_app.command("approve")(
+    _changer(
+        "approve",
+        """Approve the served (changed) or waiting definitions of TOOLS on APP: they become the
+    pins, and the tools are listed and callable again.""",
+    )
+)
+pins_app.command("reset")(
+    _changer(
+        "reset",
+        """Forget the pins of TOOLS on APP: the next listing pins them again (pinning: approve:
+    they wait for approval again).""",
+    )
+)
