@@ -95,7 +95,7 @@ DENIALS: Final = Counter(
     "Requests the gateway refused by policy and answered itself (tool: a tools/call of a tool "
     "the user may not call; arguments: one an argument rule refused; resource, prompt: a read, "
     "subscribe, get or completion outside the role's mcp.resources / mcp.prompts; pin: a call "
-    "to a tool whose definition changed or waits for approval; app: any "
+    "to a tool whose definition changed or waits for approval; rate: a call over a rate limit; app: any "
     "request in a session whose app access was denied).",
     ["app", "reason"],
     registry=REGISTRY,
@@ -199,7 +199,7 @@ KNOWN_METHODS: Final = frozenset(
 OTHER: Final = "other"
 
 _BACKENDS: Final = frozenset({"sqlite", "postgres"})
-_DENIAL_REASONS: Final = ("tool", "arguments", "resource", "prompt", "pin", "app", "other")
+_DENIAL_REASONS: Final = ("tool", "arguments", "resource", "prompt", "pin", "rate", "app", "other")
 _ERROR_KINDS: Final = ("timeout", "unreachable", "protocol")
 
 
@@ -278,7 +278,7 @@ class AppMetrics:
 
     def denied(self, reason: str) -> None:
         """The gateway refused a request by policy: ``tool``, ``arguments``, ``resource``, ``prompt``,
-        ``pin``, ``app`` (anything else: ``other``)."""
+        ``pin``, ``rate``, ``app`` (anything else: ``other``)."""
         self._denials.get(reason, self._denials["other"]).inc()
 
     def upstream_error(self, kind: str) -> None:

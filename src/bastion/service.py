@@ -24,6 +24,7 @@ from bastion import __version__, metrics
 from bastion._tasks import stop_tasks
 from bastion._time import Clock, SystemClock
 from bastion.appservice.dynamic import DynamicApps
+from bastion.appservice.executor import RateCounter
 from bastion.appservice.hostcheck import Host, check_static_apps
 from bastion.appservice.hostpolicy import HostPolicy
 from bastion.appservice.mcp_http import Limits, MCPHandler
@@ -44,6 +45,7 @@ from bastion.auth.pins import PinStore
 from bastion.auth.server import PROXY_ADDR_KEY, AuthServer, settings_from
 from bastion.backend import Backend, Item
 from bastion.backend.factory import open_backend
+from bastion.backend.rates import LocalRates
 from bastion.config import Config, split_addr
 from bastion.diag import DiagServer
 from bastion.errors import BastionError
@@ -60,7 +62,7 @@ from bastion.tunnel.agent import (
     load_creds,
     peer_creds,
 )
-from bastion.tunnel.pins import TunnelPinSource
+from bastion.tunnel.pins import TunnelPinSource, TunnelRates
 from bastion.tunnel.server import HEARTBEAT_EVERY, HEARTBEAT_TTL, TunnelServer
 
 log = logging.getLogger("bastion.service")
@@ -102,6 +104,7 @@ class AppServiceParts:
         tag: str,
         on_change: Callable[[], None] = lambda: None,
         pins: PinSource | None = None,
+        rates: RateCounter | None = None,
     ) -> AppServiceParts:
         a = cfg.app_service
         registry = AppRegistry((app.to_app() for app in a.apps), demo=a.demo_server, on_change=on_change)
@@ -128,6 +131,7 @@ class AppServiceParts:
             session_tag=tag,
             host=host,
             pins=book,
+            rates=rates,
         )
         handler.start()
         dynamic = DynamicApps(
@@ -149,6 +153,11 @@ class AppServiceParts:
         await self.handler.aclose()
         if self.handler.pins is not None:
             await self.handler.pins.aclose()
+
+
+def _rate_counter(backend: Backend) -> RateCounter:
+    """PostgreSQL keeps the cluster's rate limit buckets; on SQLite this node is the only one."""
+    return cast(RateCounter, backend) if hasattr(backend, "take") else LocalRates()
 
 
 def _warn_gateway_user(host: HostPolicy) -> None:
@@ -274,6 +283,7 @@ class Cluster:
                     tag=local_tag,
                     on_change=changed,
                     pins=PinStore(backend, auth.clock),
+                    rates=_rate_counter(backend),
                 )
                 apps.watch_access(backend, auth.checker_of)
             if cfg.proxy_service.enabled:
@@ -463,6 +473,7 @@ class Cluster:
             tag=creds.tag,
             on_change=changed,
             pins=TunnelPinSource(agent),
+            rates=TunnelRates(agent),
         )
         agent.registry = apps.registry
         agent.handler = apps.handler

@@ -29,7 +29,7 @@ from bastion._tasks import stop_tasks
 from bastion._time import Clock
 from bastion.answers import NO_HEADERS, Answer, send_jsonrpc_error
 from bastion.appservice.demo import DEMO_APP_NAME
-from bastion.appservice.executor import Collected, Executor
+from bastion.appservice.executor import Collected, Executor, RateCounter
 from bastion.appservice.hostpolicy import HostPolicy
 from bastion.appservice.http_upstream import HTTPUpstream
 from bastion.appservice.pins import PinBook
@@ -98,6 +98,7 @@ class MCPHandler:
         refusals: Refusals | None = None,
         host: HostPolicy | None = None,
         pins: PinBook | None = None,
+        rates: RateCounter | None = None,
     ) -> None:
         #: ``jwt_ca`` signs upstream JWTs in-process; without it (a joined app
         #: service holds no cluster keys) the proxy sends one with each request.
@@ -133,7 +134,9 @@ class MCPHandler:
         #: Carries out every engine command of every session here.
         #: The cluster's pinned tool definitions (decision 0045); None: no app here may pin.
         self.pins = pins
-        self.executor = Executor(audit, end=self._end, upstream_failed=self._upstream_failed, pins=pins)
+        self.executor = Executor(
+            audit, end=self._end, upstream_failed=self._upstream_failed, pins=pins, rates=rates
+        )
         #: An OpenTelemetry tracer only when enabled (BASTION_OTEL=1): else one None check per POST.
         self._tracer = maybe_tracer()
         #: Counts clean-up passes over the sessions (apps removed or redefined, shutdown), so a

@@ -10,7 +10,7 @@ Inputs are facts, each a method returning the commands to carry out, in order:
 
 Commands are orders: :class:`ForwardToUpstream`, :class:`SendToClient`,
 :class:`RecordAudit`, :class:`CompleteAudit`, :class:`CloseSession`, :class:`Log`,
-:class:`RecordPins`.
+:class:`RecordPins`, :class:`CheckRate` (answered by :meth:`Session.rate_checked`).
 
 The rules, and their reasons:
 
@@ -64,6 +64,12 @@ The rules, and their reasons:
    pins and changes are handed to the cluster as :class:`RecordPins`.  A
    ``tools/call`` of such a tool is refused like a denied tool.
 
+10. **Rate limits** (decision 0051): a ``tools/call`` that draws from rate
+    limit buckets (the role's ``mcp.rate_limits``, the app's ``rate_limit``)
+    is held: the engine emits :class:`CheckRate` and goes on when told the
+    outcome (:meth:`Session.rate_checked`): forwarded, or refused with
+    ``retryAfter`` and audited.  Sessions with no limit do no per-call work.
+
 Not decided here: server-to-client requests and notifications pass
 through (re-serialised) and are not audited.  A client's response is
 forwarded only when it answers an open request of the upstream; any other is
@@ -86,6 +92,7 @@ from bastion.audit import events as ev
 from bastion.audit.bound import MAX_ERROR, MAX_NAME, MAX_QUOTE, clip, clip_params
 from bastion.audit.events import AuditEvent
 from bastion.identity import Identity
+from bastion.policy.limits import AppRateLimit, RateRule
 from bastion.policy.pins import MAX_DIFF_LINES, AppPins, Change, Pin, PinMode, call_refusal, review
 from bastion.policy.rbac import Decision
 from bastion.protocol.jsonrpc import (
@@ -109,6 +116,7 @@ from bastion.resources import App
 __all__ = [
     "CLIENT_NOTIFICATIONS",
     "QUIET_METHODS",
+    "CheckRate",
     "CloseSession",
     "Command",
     "CompleteAudit",
@@ -196,7 +204,26 @@ class RecordPins:
     changed: tuple[Change, ...] = ()
 
 
-Command = ForwardToUpstream | SendToClient | RecordAudit | CompleteAudit | CloseSession | Log | RecordPins
+@dataclass(frozen=True, slots=True)
+class CheckRate:
+    """Draw one token from each of ``rules`` (in order, stopping at the first that has none) for
+    the client request ``request_id``; then report :meth:`Session.rate_checked`.  Nothing of the
+    request is carried out before that (decision 0051)."""
+
+    request_id: RequestId
+    rules: tuple[RateRule, ...]
+
+
+Command = (
+    ForwardToUpstream
+    | SendToClient
+    | RecordAudit
+    | CompleteAudit
+    | CloseSession
+    | Log
+    | RecordPins
+    | CheckRate
+)
 
 
 class PinView(Protocol):
@@ -227,6 +254,11 @@ class ToolPolicy(Protocol):
     def check_prompt(self, app: App, name: str) -> Decision: ...
 
     def filter_listed(self, app: App, method: str, entries: Sequence[Any]) -> list[Any] | None: ...
+
+    @property
+    def any_rate_limits(self) -> bool: ...
+
+    def rate_limits(self, app: App, tool: str, user: str) -> tuple[RateRule, ...]: ...
 
 
 #: Lines of a definition diff kept in an audit event, and characters per line.
@@ -443,6 +475,10 @@ class Session:
         self._pin_served: dict[str, str] = {}
         #: (tool, fingerprint) changes this session recorded already.
         self._pin_reported: set[tuple[str, str]] = set()
+        #: Rate limits (decision 0051): the app's own, and requests waiting for CheckRate.
+        self._app_limit = AppRateLimit.of(app)
+        self._rated = checker.any_rate_limits or self._app_limit is not None
+        self._rate_wait: dict[RequestId, Message] = {}
 
     # ------------------------------------------------------------ properties
 
@@ -576,6 +612,7 @@ class Session:
         if self._closed:
             return []
         self._checker = checker
+        self._rated = checker.any_rate_limits or self._app_limit is not None
         self._base = None  # roles are in every event
         decision = checker.app_decision(self._app)
         if not decision.allowed:
@@ -603,7 +640,7 @@ class Session:
         rid = msg.id
         method = msg.method or ""  # a string: parse_message checked (the "or" is for mypy)
         inflight = self._inflight
-        if rid in inflight:
+        if rid in inflight or (self._rate_wait and rid in self._rate_wait):
             return self._refuse(
                 msg,
                 INVALID_REQUEST,
@@ -648,6 +685,14 @@ class Session:
                 refused = self._pin_refusal(msg, name)
                 if refused is not None:
                     return refused
+            if self._rated:
+                rules = self._checker.rate_limits(self._app, name, self._identity.username)
+                app_rule = self._app_limit.for_tool(name) if self._app_limit is not None else None
+                if app_rule is not None:
+                    rules = (*rules, app_rule)
+                if rules:
+                    self._rate_wait[rid] = msg
+                    return [CheckRate(rid, rules)]
             tool = name
         elif method == "initialize":
             self._note_initialize(msg.params)
@@ -655,7 +700,12 @@ class Session:
             refused = self._content_refusal(msg, method)
             if refused is not None:
                 return refused
+        return self._admit(msg, method, tool, now)
 
+    def _admit(self, msg: Message, method: str, tool: str, now: datetime) -> list[Command]:
+        """Forward a request that passed every check: tracked, audited first unless quiet."""
+        rid = msg.id
+        inflight = self._inflight
         if method in QUIET_METHODS:
             if method in _CONTENT_LIST_CHANGED:
                 self._listed.add(method)
@@ -670,6 +720,35 @@ class Session:
         if start is not None:
             return [RecordAudit(start), RecordAudit(event), forward]
         return [RecordAudit(event), forward]
+
+    def rate_checked(self, request_id: RequestId, refusal: tuple[RateRule, float] | None) -> list[Command]:
+        """The outcome of a :class:`CheckRate`: None (a token from every bucket: go on), or the
+        bucket that had none and the seconds until it has one (refused, ``retryAfter``)."""
+        msg = self._rate_wait.pop(request_id, None)
+        if msg is None:
+            return []
+        if self._closed:
+            text = "the session ended before the call was carried out"
+            return [SendToClient(error_response(msg.id, UPSTREAM_UNAVAILABLE, text), msg.id)]
+        params = msg.params or {}
+        tool = str(params.get("name", ""))
+        if refusal is None:
+            return self._admit(msg, "tools/call", tool, self._clock.now())
+        rule, wait = refusal
+        retry = round(max(wait, 0.001), 3)
+        text = (
+            f'rate limit reached for tool "{clip(tool, MAX_QUOTE)}" on app "{self._app_name}": '
+            f"{rule.label}; retry after {retry} s"
+        )
+        return self._refuse(
+            msg,
+            TOO_MANY_REQUESTS,
+            text,
+            tool=tool,
+            audit_error=f"rate limited: {rule.label}; retry after {retry} s",
+            denied="rate",
+            data={"retryAfter": retry},
+        )
 
     def _deny_tool(
         self, msg: Message, tool: str, decision: Decision, *, by_arguments: bool = False
@@ -752,6 +831,7 @@ class Session:
         tool: str = "",
         audit_error: str = "",
         denied: str = "",
+        data: Any = None,
     ) -> list[Command]:
         """Answer a client request ourselves, with an audit event of the failure; nothing is forwarded."""
         now = self._clock.now()
@@ -761,7 +841,7 @@ class Session:
             event_type, False, now, msg, tool=tool, error=audit_error or text, duration_ms=0.0
         )
         out.append(RecordAudit(event, denied))
-        out.append(SendToClient(error_response(msg.id, code, text), msg.id))
+        out.append(SendToClient(error_response(msg.id, code, text, data), msg.id))
         return out
 
     def _evict_cancelled(self) -> bool:

@@ -19,7 +19,7 @@ from bastion.backend import Backend
 from bastion.policy.pins import AppPins, Change, Pin
 from bastion.tunnel.agent import Agent, TunnelAppsView
 
-__all__ = ["TunnelPinSource"]
+__all__ = ["TunnelPinSource", "TunnelRates"]
 
 
 def _pin(pin: Pin) -> dict[str, Any]:
@@ -49,3 +49,15 @@ class TunnelPinSource:
         self, on_change: Callable[[str, AppPins], None], on_resync: Callable[[set[str]], None]
     ) -> None:
         await follow_pins(cast(Backend, self.view), on_change, on_resync)
+
+
+class TunnelRates:
+    """``appservice.executor.RateCounter`` over the tunnel: a proxy draws from the cluster's
+    buckets (decision 0051).  Not failed over: a draw is not idempotent."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def take(self, key: str, interval: float, tolerance: float) -> float:
+        got = await self.agent.call("rate.take", {"key": key, "interval": interval, "tolerance": tolerance})
+        return float(got["wait"])

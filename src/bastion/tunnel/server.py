@@ -14,6 +14,7 @@ and the app service opens streams for its calls to the cluster:
     pins.get        the pinned tool definitions of an app it serves (decision 0045)
     pins.list       those of every app it serves
     pins.record     pins first seen and changed definitions, from its sessions' listings
+    rate.take       a token from a rate limit bucket of an app it serves (decision 0051)
     audit.insert    audit events, committed before the answer (idempotent by id)
     audit.complete  outcomes of recorded calls, committed before the answer
                     (idempotent: the same outcome again leaves the same row)
@@ -53,6 +54,7 @@ from bastion.auth.pins import PREFIX as PINS_PREFIX
 from bastion.auth.pins import PinStore
 from bastion.auth.server import AuthServer, decode_resource
 from bastion.backend import Event, EventType, Item
+from bastion.backend.rates import LocalRates
 from bastion.errors import BastionError, ConfigError, ValidationError, WatchExpiredError
 from bastion.policy.pins import Change, Pin, definition, fingerprint
 from bastion.resources import App, AppServer, AppServerSpec, Metadata
@@ -139,6 +141,8 @@ class TunnelServer:
         #: Set (then replaced) each time an app service's tunnel becomes ready.
         self._arrived = asyncio.Event()
         self._stopping = False
+        #: Rate limit buckets for joined hosts when the backend keeps none (SQLite: one proxy).
+        self._local_rates = LocalRates()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.port = 0
@@ -431,6 +435,13 @@ class TunnelServer:
         if method == "apps.list":
             items = await self.auth.backend.list("/apps/")
             return {"items": [wire.item_to_wire(i) for i in items if self._in_scope(conn, i)]}
+        if method == "rate.take":
+            key = str(args["key"])
+            if key.split("/", 1)[0] not in conn.apps:
+                raise ValidationError("a host draws only from the rate limit buckets of apps it serves")
+            # PostgreSQL keeps the cluster's buckets; on SQLite this proxy is the only one.
+            take = getattr(self.auth.backend, "take", None) or self._local_rates.take
+            return {"wait": await take(key, float(args["interval"]), float(args["tolerance"]))}
         if method.startswith("pins."):
             return await self._pins(conn, method, args)
         if method == "audit.insert":
