@@ -236,6 +236,8 @@ def render_starter(
                 '  #   extra_paths: ["/v2"]',
                 "  #   # Pin tool definitions: a changed one is hidden until approved (`bastion mcp pins`):",
                 '  #   pinning: "first_use"',
+                "  #   # All users' tool calls together (per user: a role's mcp.rate_limits):",
+                '  #   rate_limit: {rate: "100/s", burst: 20}',
                 '  # - name: "files"',
                 "  #   mcp:",
                 '  #     command: "npx"',
