@@ -561,7 +561,7 @@ class AppConfig(AppSpec, _AppIdentity):
     Fields: ``name``, ``description``, ``labels``, ``uri``, ``mcp``
     (``command``, ``args``, ``run_as_host_user``, ``env``),
     ``insecure_skip_verify``, ``rewrite`` (``headers``, ``jwt_claims``), ``extra_paths``,
-    ``protocol``.
+    ``protocol``; ``pinning`` (``off``, ``first_use``, ``approve``: decision 0045), ``rate_limit`` (0051).
     """
 
     def to_app(self) -> App:
@@ -575,6 +575,8 @@ class AppConfig(AppSpec, _AppIdentity):
                 rewrite=self.rewrite,
                 extra_paths=self.extra_paths,
                 protocol=self.protocol,
+                pinning=self.pinning,
+                rate_limit=self.rate_limit,
             ),
         )
 

@@ -94,9 +94,17 @@ DENIALS: Final = Counter(
     "bastion_mcp_denials",
     "Requests the gateway refused by policy and answered itself (tool: a tools/call of a tool "
     "the user may not call; arguments: one an argument rule refused; resource, prompt: a read, "
-    "subscribe, get or completion outside the role's mcp.resources / mcp.prompts; app: any "
+    "subscribe, get or completion outside the role's mcp.resources / mcp.prompts; pin: a call "
+    "to a tool whose definition changed or waits for approval; rate: a call over a rate limit; app: any "
     "request in a session whose app access was denied).",
     ["app", "reason"],
+    registry=REGISTRY,
+)
+TOOL_DEFINITION_CHANGES: Final = Counter(
+    "bastion_mcp_tool_definition_changes",
+    "Tool definitions an app served that differ from their pins (decision 0045): each new "
+    "fingerprint seen by this process, once.",
+    ["app"],
     registry=REGISTRY,
 )
 UPSTREAM_SECONDS: Final = Histogram(
@@ -191,7 +199,7 @@ KNOWN_METHODS: Final = frozenset(
 OTHER: Final = "other"
 
 _BACKENDS: Final = frozenset({"sqlite", "postgres"})
-_DENIAL_REASONS: Final = ("tool", "arguments", "resource", "prompt", "app", "other")
+_DENIAL_REASONS: Final = ("tool", "arguments", "resource", "prompt", "pin", "rate", "app", "other")
 _ERROR_KINDS: Final = ("timeout", "unreachable", "protocol")
 
 
@@ -225,6 +233,7 @@ class AppMetrics:
         "_upstream",
         "_upstream_other",
         "app",
+        "definition_changes",
         "latency",
         "open",
         "started",
@@ -241,6 +250,7 @@ class AppMetrics:
         self._upstream_other = MESSAGES.labels(app, OTHER, "upstream")
         self._denials = {r: DENIALS.labels(app, r) for r in _DENIAL_REASONS}
         self._errors = {k: UPSTREAM_ERRORS.labels(app, k) for k in _ERROR_KINDS}
+        self.definition_changes = TOOL_DEFINITION_CHANGES.labels(app)
 
     def session_started(self) -> None:
         self.started.inc()
@@ -268,7 +278,7 @@ class AppMetrics:
 
     def denied(self, reason: str) -> None:
         """The gateway refused a request by policy: ``tool``, ``arguments``, ``resource``, ``prompt``,
-        ``app`` (anything else: ``other``)."""
+        ``pin``, ``rate``, ``app`` (anything else: ``other``)."""
         self._denials.get(reason, self._denials["other"]).inc()
 
     def upstream_error(self, kind: str) -> None:

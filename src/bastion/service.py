@@ -24,9 +24,11 @@ from bastion import __version__, metrics
 from bastion._tasks import stop_tasks
 from bastion._time import Clock, SystemClock
 from bastion.appservice.dynamic import DynamicApps
+from bastion.appservice.executor import RateCounter
 from bastion.appservice.hostcheck import Host, check_static_apps
 from bastion.appservice.hostpolicy import HostPolicy
 from bastion.appservice.mcp_http import Limits, MCPHandler
+from bastion.appservice.pins import PinBook, PinSource
 from bastion.appservice.registry import AppRegistry
 from bastion.appservice.revocation import Access, AccessWatch
 from bastion.audit import unfinished
@@ -39,9 +41,11 @@ from bastion.audit.sqlite_store import SQLiteAuditStore
 from bastion.audit.store import AuditStore
 from bastion.auth import outbox
 from bastion.auth.ca import CertAuthority, fingerprint
+from bastion.auth.pins import PinStore
 from bastion.auth.server import PROXY_ADDR_KEY, AuthServer, settings_from
 from bastion.backend import Backend, Item
 from bastion.backend.factory import open_backend
+from bastion.backend.rates import LocalRates
 from bastion.config import Config, split_addr
 from bastion.diag import DiagServer
 from bastion.errors import BastionError
@@ -59,6 +63,7 @@ from bastion.tunnel.agent import (
     load_creds,
     peer_creds,
 )
+from bastion.tunnel.pins import TunnelPinSource, TunnelRates
 from bastion.tunnel.server import HEARTBEAT_EVERY, HEARTBEAT_TTL, TunnelServer
 from bastion.webui import build_webui
 
@@ -100,6 +105,8 @@ class AppServiceParts:
         apps_source: Any,
         tag: str,
         on_change: Callable[[], None] = lambda: None,
+        pins: PinSource | None = None,
+        rates: RateCounter | None = None,
     ) -> AppServiceParts:
         a = cfg.app_service
         registry = AppRegistry((app.to_app() for app in a.apps), demo=a.demo_server, on_change=on_change)
@@ -112,6 +119,9 @@ class AppServiceParts:
         redactor = Redactor((*DEFAULT_SECRET_KEYS, *a.audit_redact_keys))
         host = HostPolicy(a.dynamic_apps, a.stdio_limits, trusted=registry.is_static, host=Host.this())
         _warn_gateway_user(host)
+        book = PinBook(pins) if pins is not None else None
+        if book is not None:
+            book.start()
         handler = MCPHandler(
             cluster_name=cluster_name,
             clock=clock,
@@ -122,6 +132,8 @@ class AppServiceParts:
             limits=limits,
             session_tag=tag,
             host=host,
+            pins=book,
+            rates=rates,
         )
         handler.start()
         dynamic = DynamicApps(
@@ -141,6 +153,13 @@ class AppServiceParts:
             await self.access_watch.aclose()
         await self.dynamic.aclose()
         await self.handler.aclose()
+        if self.handler.pins is not None:
+            await self.handler.pins.aclose()
+
+
+def _rate_counter(backend: Backend) -> RateCounter:
+    """PostgreSQL keeps the cluster's rate limit buckets; on SQLite this node is the only one."""
+    return cast(RateCounter, backend) if hasattr(backend, "take") else LocalRates()
 
 
 def _warn_gateway_user(host: HostPolicy) -> None:
@@ -265,6 +284,8 @@ class Cluster:
                     apps_source=backend,
                     tag=local_tag,
                     on_change=changed,
+                    pins=PinStore(backend, auth.clock),
+                    rates=_rate_counter(backend),
                 )
                 apps.watch_access(backend, auth.checker_of)
             if cfg.proxy_service.enabled:
@@ -454,6 +475,8 @@ class Cluster:
             apps_source=TunnelAppsView(agent),
             tag=creds.tag,
             on_change=changed,
+            pins=TunnelPinSource(agent),
+            rates=TunnelRates(agent),
         )
         agent.registry = apps.registry
         agent.handler = apps.handler

@@ -176,6 +176,20 @@ def recording_http(record: Path) -> Iterator[str]:
             http.stdout.close()
 
 
+def recording_app(name: str, cmd: list[str], more: str = "") -> str:
+    """One ``app_service.apps`` item: the stdio app ``name`` (labels ``env: dev``) running ``cmd``;
+    ``more``: further lines of the item (indented four spaces)."""
+    return f"""\
+  - name: {name}
+    labels: {{env: dev}}
+{more}    mcp:
+      command: {cmd[0]}
+      args: {json.dumps(cmd[1:])}
+      run_as_host_user: root
+      env: {{PYTHONPATH: "{ROOT}"}}
+"""
+
+
 def recording_stdio_apps(record: Path) -> str:
     """An ``app_service`` section with the app ``rec-stdio`` (labels ``env: dev``) recording to ``record``."""
     cmd = recording_cmd("stdio", record)

@@ -117,7 +117,8 @@ def test_a_revoked_role_ends_a_session_on_a_joined_app_service(
 
 def test_a_host_reads_only_the_policies_of_users_it_served(joined: tuple[Gateway, AgentProc]) -> None:
     """A compromised app service asks the proxy for the roles and traits of users: only those
-    whose requests the proxy carried to it are answered (it saw their actors then)."""
+    whose requests the proxy carried to it are answered (it saw their actors then).  Nor may it
+    read or write the pinned tool definitions of apps it does not serve on that connection."""
     gateway, agent = joined
     node = gateway.node
     node.cli("users", "add", "frank", "--roles=echo-only", local=True)
@@ -127,7 +128,7 @@ def test_a_host_reads_only_the_policies_of_users_it_served(joined: tuple[Gateway
     assert m, "the proxy's tunnel address is not in its log"
     host_dir = agent.root / "data" / "host"
 
-    async def ask(users: list[str]) -> dict[str, Any]:
+    async def ask(calls: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.load_verify_locations(cafile=str(host_dir / "ca.pem"))
@@ -140,14 +141,16 @@ def test_a_host_reads_only_the_policies_of_users_it_served(joined: tuple[Gateway
         mux = Mux(reader, writer, initiator=True, on_stream=no_streams)
         runner = asyncio.create_task(mux.run())
         try:
-            stream = await mux.open({"kind": "rpc", "method": "policies"})
-            await stream.send(json.dumps({"users": users}).encode())
-            await stream.end()
-            parts = []
-            while (chunk := await stream.recv()) is not None:
-                parts.append(chunk)
-            reply: dict[str, Any] = json.loads(b"".join(parts))
-            return reply
+            replies = []
+            for method, args in calls:
+                stream = await mux.open({"kind": "rpc", "method": method})
+                await stream.send(json.dumps(args).encode())
+                await stream.end()
+                parts = []
+                while (chunk := await stream.recv()) is not None:
+                    parts.append(chunk)
+                replies.append(json.loads(b"".join(parts)))
+            return replies
         finally:
             await mux.close("done")
             runner.cancel()
@@ -155,7 +158,21 @@ def test_a_host_reads_only_the_policies_of_users_it_served(joined: tuple[Gateway
                 await runner
 
     # Last in the module: this connection takes the host's place at the proxy.
-    reply = asyncio.run(ask(["frank", "grace"]))
+    echo = {"name": "echo", "description": "now with instructions"}
+    reply, *pins = asyncio.run(
+        ask(
+            [
+                ("policies", {"users": ["frank", "grace"]}),
+                ("pins.get", {"app": "rec-stdio"}),
+                ("pins.record", {"app": "rec-stdio", "new": [echo], "changed": []}),
+                ("pins.list", {}),
+            ]
+        )
+    )
+    for refused in pins[:2]:
+        assert "does not serve app 'rec-stdio'" in refused["error"]["message"]
+    assert pins[2] == {"result": {"items": []}}
+    assert not json.loads(node.cli("mcp", "pins", "ls", "rec-stdio", "--format=json", local=True).stdout)
     got = reply["result"]["policies"]
     assert got["frank"] == {"unknown": True}
     assert [r["metadata"]["name"] for r in got["grace"]["roles"]] == ["echo-only"]

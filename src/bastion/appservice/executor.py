@@ -16,7 +16,12 @@ new command a type error until it is handled here):
 - ``ForwardToUpstream`` and ``SendToClient``: handed to the batch's :class:`Outlet` (the
   client's POST collects its answer and its forward; a session's upstream delivers the rest);
 - ``CloseSession``: the session ends (upstream and streams closed, end event with the reason);
-- ``Log``: a line in the structured log, with the session id.
+- ``Log``: a line in the structured log, with the session id;
+- ``RecordPins``: handed to the :class:`PinRecorder` (stored for the cluster in the background,
+  off the data path: decision 0045), and the changes counted;
+- ``CheckRate``: a token drawn from each bucket by the :class:`RateCounter` (the backend, or the
+  tunnel: one round trip per bucket), the outcome fed back through ``Session.rate_checked`` and
+  its commands carried out in turn (decision 0051).  A counter that fails refuses the call.
 """
 
 from __future__ import annotations
@@ -31,14 +36,17 @@ from bastion.appservice.sessions import GatewaySession
 from bastion.audit.events import AuditEvent
 from bastion.audit.store import Completion
 from bastion.errors import BastionError
+from bastion.policy.limits import RateRule
 from bastion.protocol import jsonrpc
 from bastion.session.engine import (
+    CheckRate,
     CloseSession,
     Command,
     CompleteAudit,
     ForwardToUpstream,
     Log,
     RecordAudit,
+    RecordPins,
     SendToClient,
 )
 
@@ -60,6 +68,20 @@ class AuditSink(Protocol):
     async def record(self, event: AuditEvent) -> None: ...
 
     def completing(self, update: Completion) -> asyncio.Future[None]: ...
+
+
+class PinRecorder(Protocol):
+    """Where new pins and definition changes go (``appservice.pins.PinBook``)."""
+
+    def record(self, cmd: RecordPins) -> None: ...
+
+
+class RateCounter(Protocol):
+    """Where rate limit buckets are kept (decision 0051): one atomic draw per call and bucket."""
+
+    async def take(self, key: str, interval: float, tolerance: float) -> float:
+        """Draw a token: 0.0 if one was there (taken), else seconds until there is one."""
+        ...
 
 
 class Outlet(Protocol):
@@ -120,8 +142,20 @@ def _outcome_written(session_id: str, event_id: str, fut: asyncio.Future[None]) 
 class Executor:
     """Carries out engine commands for the sessions of one MCP handler."""
 
-    def __init__(self, audit: AuditSink, *, end: Ender, upstream_failed: Ender) -> None:
+    def __init__(
+        self,
+        audit: AuditSink,
+        *,
+        end: Ender,
+        upstream_failed: Ender,
+        pins: PinRecorder | None = None,
+        rates: RateCounter | None = None,
+    ) -> None:
         self.audit = audit
+        #: Stores pins for the cluster; None where no app pins (a RecordPins is then logged).
+        self.pins = pins
+        #: Rate limit buckets; None: a rate-limited call is refused (nothing can count it).
+        self.rates = rates
         #: End a session (its end event records the reason as given).
         self.end = end
         #: End a session whose upstream broke (counted and logged as an upstream failure).
@@ -181,9 +215,37 @@ class Executor:
                         cmd.message,
                         extra={"session_id": s.id, **cmd.fields},
                     )
+                case RecordPins():
+                    if cmd.changed:
+                        s.m.definition_changes.inc(len(cmd.changed))
+                    if self.pins is not None:
+                        self.pins.record(cmd)
+                    else:
+                        log.error("pinned tool definitions cannot be stored here", extra={"app": cmd.app})
+                case CheckRate():
+                    outcome = await self._take(cmd)
+                    if not await self.run(s, s.engine.rate_checked(cmd.request_id, outcome), out):
+                        return False
                 case _:
                     assert_never(cmd)
         return True
+
+    async def _take(self, cmd: CheckRate) -> tuple[RateRule, float] | None:
+        """Draw from each bucket in turn; the first that is empty and its wait, or None."""
+        for rule in cmd.rules:
+            if self.rates is None:
+                log.error("rate limits cannot be counted here; the call is refused", extra={"key": rule.key})
+                return rule, 1.0
+            try:
+                wait = await self.rates.take(rule.key, rule.interval, rule.tolerance)
+            except BastionError as e:
+                # Fail closed, as with the audit log: a limit nobody can count is not lifted.
+                log.error("rate limit counter unavailable; refusing the call", extra={"error": e.message})
+                why = f"{rule.label}, which cannot be counted now ({e.message}): the gateway refuses the call"
+                return RateRule(rule.key, rule.interval, rule.tolerance, why), 1.0
+            if wait > 0.0:
+                return rule, wait
+        return None
 
     async def upstream_sent(self, s: GatewaySession, raw: bytes, out: Outlet | None = None) -> bool:
         """A message from the upstream: through the engine, then carried out."""

@@ -31,10 +31,11 @@ from bastion.answers import NO_HEADERS, Answer, send_jsonrpc_error
 from bastion.appservice.bridge import MODERN as MODERN_ERA
 from bastion.appservice.bridge import Eras, ModernUpstream
 from bastion.appservice.demo import DEMO_APP_NAME
-from bastion.appservice.executor import Collected, Executor
+from bastion.appservice.executor import Collected, Executor, RateCounter
 from bastion.appservice.hostpolicy import HostPolicy
 from bastion.appservice.http_upstream import HTTPUpstream
 from bastion.appservice.modern import ModernFront
+from bastion.appservice.pins import PinBook
 from bastion.appservice.registry import AppRegistry
 from bastion.appservice.sessions import (
     GatewaySession,
@@ -61,7 +62,7 @@ from bastion.audit.emitter import AuditLog
 from bastion.audit.refusals import Refusals
 from bastion.auth.ca import CertAuthority
 from bastion.auth.server import Actor
-from bastion.errors import BastionError, LimitExceededError, UpstreamError
+from bastion.errors import BastionError, HostConfigError, LimitExceededError, UpstreamError
 from bastion.handoff import Handoff, handoff_of
 from bastion.metrics import app_metrics, maybe_tracer
 from bastion.protocol import jsonrpc, paths
@@ -100,6 +101,8 @@ class MCPHandler:
         session_tag: str = "",
         refusals: Refusals | None = None,
         host: HostPolicy | None = None,
+        pins: PinBook | None = None,
+        rates: RateCounter | None = None,
     ) -> None:
         #: ``jwt_ca`` signs upstream JWTs in-process; without it (a joined app
         #: service holds no cluster keys) the proxy sends one with each request.
@@ -133,7 +136,11 @@ class MCPHandler:
         self._event_ids = EventIds()
         self._reaper: asyncio.Task[None] | None = None
         #: Carries out every engine command of every session here.
-        self.executor = Executor(audit, end=self._end, upstream_failed=self._upstream_failed)
+        #: The cluster's pinned tool definitions (decision 0045); None: no app here may pin.
+        self.pins = pins
+        self.executor = Executor(
+            audit, end=self._end, upstream_failed=self._upstream_failed, pins=pins, rates=rates
+        )
         #: An OpenTelemetry tracer only when enabled (BASTION_OTEL=1): else one None check per POST.
         self._tracer = maybe_tracer()
         #: Counts clean-up passes over the sessions (apps removed or redefined, shutdown), so a
@@ -463,6 +470,14 @@ class MCPHandler:
                 f"(limit {self.limits.sessions_per_user}); "
                 "end some with DELETE or wait for idle ones to expire"
             )
+        pins = None
+        if app.spec.pinning != "off":
+            if self.pins is None:
+                raise HostConfigError(
+                    f"app {app.metadata.name!r} pins its tool definitions (pinning: {app.spec.pinning}), "
+                    "but this app service cannot reach the cluster's pins; it serves no session of it"
+                )
+            pins = await self.pins.view(app)
         sid = self.session_prefix + new_session_id()
         ident = UpstreamIdentity(
             self.jwt_ca, app, actor.name, user.spec.roles, user.spec.traits, cache=self._jwts
@@ -478,6 +493,7 @@ class MCPHandler:
             redact=self.redact,
             remote_addr=(scope.get("client") or ("", 0))[0],
             new_id=self._event_ids.next,
+            pins=pins,
         )
         # is_demo builds the demo App (pydantic) to compare with: only when the name matches.
         is_demo = app.metadata.name == DEMO_APP_NAME and self.registry.is_demo(app)

@@ -16,6 +16,8 @@ Types and codes (ours; the set follows Teleport's MCP session events)::
     mcp.session.rejected         BMCP007E              refused before any session engine saw it
                                                        (bad Origin, app not found or hidden,
                                                        unknown session, bad path or body, limits)
+    mcp.tool.definition_changed  BMCP008E              a tool's served definition differs from its pin
+                                                       (decision 0045; hidden and refused until approved)
     auth.failed                  BAUTH001E             missing or bad credential on an MCP request
 
 Cluster events (who did what to the cluster; decision 0033)::
@@ -37,6 +39,8 @@ Cluster events (who did what to the cluster; decision 0033)::
     access.denied                BACC001E              an API call refused by role rules
     host.app_refused             BHOST002E             (a joined host advertised an app it may
                                                        not serve; see bastion.tunnel.admission)
+    mcp_pin.approve / reset      BPIN001I / BPIN002I   an administrator approved or forgot pinned tool
+                                                       definitions (decision 0045)
     audit.suppressed             BAUD001E              refusals from one source past its rate,
                                                        counted instead of recorded one by one
 
@@ -56,6 +60,9 @@ NOTIFICATION = "mcp.session.notification"
 LISTEN_STREAM = "mcp.session.listen_stream"
 INVALID_REQUEST = "mcp.session.invalid_request"
 SESSION_REJECTED = "mcp.session.rejected"
+TOOL_DEFINITION_CHANGED = "mcp.tool.definition_changed"
+PIN_APPROVE = "mcp_pin.approve"
+PIN_RESET = "mcp_pin.reset"
 AUTH_FAILED = "auth.failed"
 SUPPRESSED = "audit.suppressed"
 USER_LOGIN = "user.login"
@@ -89,6 +96,9 @@ _CODES = {
     LISTEN_STREAM: "BMCP005",
     INVALID_REQUEST: "BMCP006",
     SESSION_REJECTED: "BMCP007",
+    TOOL_DEFINITION_CHANGED: "BMCP008",
+    PIN_APPROVE: "BPIN001",
+    PIN_RESET: "BPIN002",
     AUTH_FAILED: "BAUTH001",
     SUPPRESSED: "BAUD001",
     USER_LOGIN: "BAUTH002",

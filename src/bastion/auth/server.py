@@ -42,6 +42,7 @@ from bastion.audit.refusals import RefusalLimiter
 from bastion.auth import credentials, passwords
 from bastion.auth.ca import CertAuthority, HostIdentity, ensure_cas, issue_host_cert
 from bastion.auth.credentials import Verifier
+from bastion.auth.pins import PinStore, describe
 from bastion.auth.scope import HostScope
 from bastion.auth.throttle import Limits, LoginThrottle, UserLocks
 from bastion.backend import Backend, Item
@@ -704,6 +705,31 @@ class AuthServer:
             extra={"addresses": locks.addresses, "was_locked": locks.locked},
         )
         return locks
+
+    # ------------------------------------------- pinned tool definitions (0045)
+
+    async def mcp_pins(self, actor: Actor, app: str) -> list[dict[str, Any]]:
+        """The pins of ``app``'s tools (``describe``d, by tool name); needs ``read`` on ``mcp_pin``."""
+        actor.require("mcp_pin", "read")
+        pins = await PinStore(self.backend, self.clock).load(app)
+        return [describe(pins.records[t]) for t in sorted(pins.records)]
+
+    async def approve_mcp_pins(self, actor: Actor, app: str, tools: Sequence[str] | None) -> list[str]:
+        """Approve the changed or waiting definitions of ``tools`` (None: all) on ``app``: they
+        become the pins.  Audited with who; needs ``update`` on ``mcp_pin``."""
+        actor.require("mcp_pin", "update")
+        done = await PinStore(self.backend, self.clock).approve(app, tools, actor.name)
+        if done:
+            await self._changed(ev.PIN_APPROVE, actor, app, extra={"tools": done})
+        return done
+
+    async def reset_mcp_pins(self, actor: Actor, app: str, tools: Sequence[str] | None) -> list[str]:
+        """Forget the pins of ``tools`` (None: all) on ``app``: the next listing pins again."""
+        actor.require("mcp_pin", "update")
+        done = await PinStore(self.backend, self.clock).reset(app, tools)
+        if done:
+            await self._changed(ev.PIN_RESET, actor, app, extra={"tools": done})
+        return done
 
     # -------------------------------------------------------------- tokens
 

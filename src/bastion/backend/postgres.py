@@ -120,6 +120,28 @@ MIGRATIONS: Final = (
             "CREATE TABLE bastion_meta (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
         ),
     ),
+    Migration(
+        2,
+        "rate limit buckets (decision 0051)",
+        (
+            # Unlogged: a crash forgets the buckets (they refill), nothing else is lost.
+            "CREATE UNLOGGED TABLE bastion_rate (key TEXT PRIMARY KEY, tat DOUBLE PRECISION NOT NULL)",
+        ),
+    ),
+)
+
+# GCRA in one statement (decision 0051), on the database's clock so that every node agrees: the
+# row's theoretical arrival time (tat) moves on by the interval if it is at most the tolerance
+# ahead of now (admitted: 0), else nothing changes and the answer is the wait.  The row lock of
+# ON CONFLICT serialises concurrent draws on one key; other keys never wait.
+_TAKE: Final = (
+    "WITH now AS (SELECT extract(epoch FROM clock_timestamp())::float8 AS t),"
+    " up AS (INSERT INTO bastion_rate AS r (key, tat) SELECT $1, now.t + $2 FROM now"
+    " ON CONFLICT (key) DO UPDATE SET tat = GREATEST(r.tat, (SELECT t FROM now)) + $2"
+    " WHERE GREATEST(r.tat, (SELECT t FROM now)) - (SELECT t FROM now) <= $3"
+    " RETURNING 0.0::float8 AS wait)"
+    " SELECT COALESCE((SELECT wait FROM up),"
+    " (SELECT GREATEST(r.tat - now.t - $3, 0.001) FROM bastion_rate r, now WHERE r.key = $1), $2)"
 )
 
 _LOCK_WRITES: Final = "LOCK TABLE bastion_events IN EXCLUSIVE MODE"
@@ -311,8 +333,24 @@ class PostgresBackend:
 
     # -- housekeeping --------------------------------------------------------
 
+    async def take(self, key: str, interval: float, tolerance: float) -> float:
+        """Draw a token from the rate limit bucket ``key`` (decision 0051): 0.0 if there was one,
+        else the seconds until there is.  One statement, outside the change feed."""
+
+        async def query(conn: _Conn) -> float:
+            return float(await conn.fetchval(_TAKE, key, interval, tolerance))
+
+        return await self._read("count a rate limit", query)
+
     async def expire(self) -> int:
-        """Delete every expired item, one DELETE event each (in key order); return how many."""
+        """Delete every expired item, one DELETE event each (in key order); return how many.
+        Full rate limit buckets (their time in the past) go too: absent is the same."""
+        await self._read(
+            "drop full rate limit buckets",
+            lambda conn: conn.execute(
+                "DELETE FROM bastion_rate WHERE tat < extract(epoch FROM clock_timestamp()) - 60"
+            ),
+        )
 
         async def body(tx: _Tx) -> int:
             # Under the write lock nothing else writes, so the keys read here

@@ -53,7 +53,8 @@ app.add_typer(auth.auth_app, name="auth")
 app.add_typer(audit.audit_app, name="audit")
 app.add_typer(proxy.proxy_app, name="proxy")
 app.add_typer(mcp.mcp_app, name="mcp")
-from bastion.cli import mcp_config  # noqa: E402, F401  (registers `bastion mcp config`)
+from bastion.cli import mcp_config  # noqa: E402, F401, I001  (registers `bastion mcp config`)
+from bastion.cli import mcp_pins  # noqa: E402, F401  (registers `bastion mcp pins`)
 
 
 @app.command("version")

@@ -116,6 +116,15 @@ class RemoteAdmin:
         params = {"since": since} if since else {}
         return dict(await self.client.request("GET", "/v1/audit/verify", params=params))
 
+    async def mcp_pins(self, app: str) -> list[dict[str, Any]]:
+        return list(await self.client.get(f"/v1/mcp/pins/{quote(app, safe='')}"))
+
+    async def mcp_pins_change(self, action: str, app: str, tools: list[str] | None) -> list[str]:
+        """``action``: ``approve`` or ``reset``; ``tools`` None: every tool of the app."""
+        body: dict[str, Any] = {"all": True} if tools is None else {"tools": tools}
+        got = await self.client.post(f"/v1/mcp/pins/{quote(app, safe='')}/{action}", body)
+        return [str(t) for t in got["approved" if action == "approve" else "reset"]]
+
     async def ca_pem(self) -> str:
         data = await self.client.get("/v1/webapi/ca")
         return data.decode() if isinstance(data, bytes) else str(data)

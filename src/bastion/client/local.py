@@ -108,6 +108,14 @@ class LocalAdmin:
     async def unlock_user(self, name: str) -> dict[str, Any]:
         return {"user": name, "was": (await self.auth.unlock_user(self.actor, name)).to_dict()}
 
+    async def mcp_pins(self, app: str) -> list[dict[str, Any]]:
+        return await self.auth.mcp_pins(self.actor, app)
+
+    async def mcp_pins_change(self, action: str, app: str, tools: list[str] | None) -> list[str]:
+        if action == "approve":
+            return await self.auth.approve_mcp_pins(self.actor, app, tools)
+        return await self.auth.reset_mcp_pins(self.actor, app, tools)
+
     async def add_token(
         self,
         roles: list[str],

@@ -34,6 +34,7 @@ from typing import Any
 
 from bastion.policy.arguments import ArgumentRules, CompiledToolRule, compile_tool_rules
 from bastion.policy.decision import Decision
+from bastion.policy.limits import CompiledRateLimit, RateRule, compile_rate_limits
 from bastion.policy.matchers import LabelSelector, Matcher, compile_patterns
 from bastion.policy.uris import ResourcePattern, compile_resource_patterns, uri_problem
 from bastion.resources import (
@@ -109,6 +110,7 @@ class _CompiledRole:
     deny_prompts: tuple[Matcher, ...]
     allow_tool_rules: tuple[CompiledToolRule, ...]
     deny_tool_rules: tuple[CompiledToolRule, ...]
+    rate_limits: tuple[CompiledRateLimit, ...]
 
     @classmethod
     def compile(cls, role: Role, traits: Mapping[str, Sequence[str]]) -> _CompiledRole:
@@ -133,6 +135,7 @@ class _CompiledRole:
             deny_prompts=compile_patterns(deny.mcp.prompts or (), traits, fail_closed=True),
             allow_tool_rules=compile_tool_rules(name, "allow", allow.mcp.tool_rules, traits),
             deny_tool_rules=compile_tool_rules(name, "deny", deny.mcp.tool_rules, traits),
+            rate_limits=compile_rate_limits(name, allow.mcp.rate_limits, traits),
         )
 
 
@@ -146,6 +149,8 @@ class _AppView:
     #: None if the app is accessible, else the reason it is not.
     denial: Decision | None
     decisions: dict[str, Decision] = field(default_factory=dict)
+    #: Per tool: the role rate limits (decision 0051) a call draws from on this app.
+    limits: dict[str, tuple[CompiledRateLimit, ...]] = field(default_factory=dict)
     #: Every resource / prompt is allowed (no deny pattern anywhere, and a granting role
     #: allows all of them): lists pass whole and no URI is checked (decision 0043).
     resources_open: bool = True
@@ -166,6 +171,7 @@ class AccessChecker:
     """
 
     __slots__ = (
+        "_any_rate_limits",
         "_any_tool_rules",
         "_apps",
         "_deny_prompts",
@@ -189,6 +195,7 @@ class AccessChecker:
         self._deny_prompts = tuple(r for r in self._roles if r.deny_prompts)
         self._deny_tool_rules = tuple(rule for r in self._roles for rule in r.deny_tool_rules)
         self._any_tool_rules = bool(self._deny_tool_rules) or any(r.allow_tool_rules for r in self._roles)
+        self._any_rate_limits = any(r.rate_limits for r in self._roles)
         self._ttl = min((r.spec.options.max_session_ttl for r in roles), default=DEFAULT_MAX_SESSION_TTL)
         self._apps: dict[str, _AppView] = {}
 
@@ -299,6 +306,25 @@ class AccessChecker:
             return Decision(True, reason)
         check = ArgumentRules(tool, deny, None if unconditional else tuple(groups), self._traits)
         return Decision(True, reason, check)
+
+    @property
+    def any_rate_limits(self) -> bool:
+        """Whether any role has rate limits (else :meth:`rate_limits` is always empty)."""
+        return self._any_rate_limits
+
+    def rate_limits(self, app: App, tool: str, user: str) -> tuple[RateRule, ...]:
+        """The per-user buckets a call of ``tool`` on ``app`` by ``user`` draws from: every
+        matching limit of every role granting the app (the strictest binds; decision 0051)."""
+        view = self._view(app)
+        found = view.limits.get(tool)
+        if found is None:
+            found = tuple(lim for r in view.granting for lim in r.rate_limits if lim.applies_to(tool))
+            if len(tool) <= _MAX_CACHED_TOOL_NAME:
+                if len(view.limits) >= _MAX_TOOLS_PER_APP:
+                    del view.limits[next(iter(view.limits))]
+                view.limits[tool] = found
+        name = app.metadata.name
+        return tuple(lim.rule(name, user) for lim in found)
 
     def tool_permissions(self, app: App) -> ToolPermissions:
         """The interpolated tool patterns that apply to ``app`` (deduplicated, in role order).

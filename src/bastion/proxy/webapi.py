@@ -468,6 +468,28 @@ def build_webapi(
         apps = [a for a in registry.all() if actor.checker.can_access_app(a)]
         return _json([app_json(a, actor.checker) for a in apps])
 
+    def _pin_tools(body: dict[str, Any]) -> list[str] | None:
+        """``{"all": true}`` or ``{"tools": [...]}``: which tools an approve or reset is about."""
+        if body.get("all") is True:
+            return None
+        tools = body.get("tools")
+        if not isinstance(tools, list) or not tools or not all(isinstance(t, str) for t in tools):
+            raise ValidationError('name the tools: {"tools": ["NAME", ...]} or {"all": true}')
+        return [str(t) for t in tools]
+
+    async def mcp_pins(request: Request, actor: Actor) -> Response:
+        return _json(await auth.mcp_pins(actor, request.path_params["app"]))
+
+    async def mcp_pins_approve(request: Request, actor: Actor) -> Response:
+        app = request.path_params["app"]
+        done = await auth.approve_mcp_pins(actor, app, _pin_tools(await _body(request)))
+        return _json({"app": app, "approved": done})
+
+    async def mcp_pins_reset(request: Request, actor: Actor) -> Response:
+        app = request.path_params["app"]
+        done = await auth.reset_mcp_pins(actor, app, _pin_tools(await _body(request)))
+        return _json({"app": app, "reset": done})
+
     routes = [
         Route("/v1/webapi/find", find),
         Route("/webapi/find", find),
@@ -495,6 +517,9 @@ def build_webapi(
         Route("/v1/audit/verify", authed(audit_verify)),
         Route("/v1/audit/feed", authed(audit_feed)),
         Route("/v1/mcp/apps", authed(mcp_apps)),
+        Route("/v1/mcp/pins/{app}", authed(mcp_pins)),
+        Route("/v1/mcp/pins/{app}/approve", authed(mcp_pins_approve), methods=["POST"]),
+        Route("/v1/mcp/pins/{app}/reset", authed(mcp_pins_reset), methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,

@@ -42,7 +42,9 @@ RESOURCE_TYPE_LABEL = "bastion.internal/resource-type"
 MCP_SCHEMES = ("mcp+http", "mcp+https", "mcp+sse+http", "mcp+sse+https", "mcp+stdio")
 
 VERBS = ("list", "create", "read", "update", "delete")
-RULE_RESOURCES = ("user", "role", "token", "app", "app_server", "event", "cert_authority")
+#: ``mcp_pin``: pinned tool definitions (decision 0045): read = ``bastion mcp pins ls|diff``,
+#: update = ``approve|reset``.
+RULE_RESOURCES = ("user", "role", "token", "app", "app_server", "event", "cert_authority", "mcp_pin")
 
 
 class _Frozen(BaseModel):
@@ -163,6 +165,60 @@ class ToolRule(_Frozen):
         return v
 
 
+_RATE_UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_rate(text: str) -> tuple[float, float]:
+    """``"60/m"`` -> (60.0, 60.0): how many calls per how many seconds (``N/s``, ``N/m``, ``N/h``)."""
+    count, sep, unit = text.strip().partition("/")
+    try:
+        n = float(count)
+    except ValueError:
+        n = 0.0
+    if not sep or unit not in _RATE_UNITS or not n > 0 or n > 1e6:
+        raise ValueError(f'"{text[:40]}" is not a rate: write N/s, N/m or N/h with N > 0 (e.g. "60/m")')
+    return n, _RATE_UNITS[unit]
+
+
+class RateLimit(_Frozen):
+    """A rate limit (decision 0051) on calls of ``tools``: ``per_user`` (a role's
+    ``allow.mcp.rate_limits``: each user's calls, on each app the role grants) or ``rate`` (an
+    app's ``rate_limit``: every user's calls together); ``burst`` calls at once (default 1).
+    ``name`` is shown in refusals (default: ``ROLE.rate_limits[INDEX]``)."""
+
+    name: str = ""
+    tools: list[str] = Field(default_factory=lambda: ["*"])
+    per_user: str = ""
+    rate: str = ""
+    burst: int = Field(default=1, ge=1, le=100_000)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v and not NAME_RE.match(v):
+            raise ValueError(f'invalid rate limit name "{v[:130]}": use letters, digits, ".", "_", "-", "@"')
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("a rate limit needs at least one tool pattern")
+        return [check_regex_or_glob(p) for p in v]
+
+    @field_validator("per_user", "rate")
+    @classmethod
+    def _rate(cls, v: str) -> str:
+        if v:
+            parse_rate(v)
+        return v
+
+    @property
+    def per_second(self) -> tuple[float, float]:
+        """(calls, seconds) of whichever of ``per_user`` / ``rate`` is set."""
+        return parse_rate(self.per_user or self.rate)
+
+
 class MCPPermissions(_Frozen):
     """What a role says about an app's MCP surface.
 
@@ -176,6 +232,16 @@ class MCPPermissions(_Frozen):
     resources: list[str] | None = None
     prompts: list[str] | None = None
     tool_rules: list[ToolRule] = Field(default_factory=list)
+    #: Per-user rate limits on tool calls (decision 0051); only under ``allow``.
+    rate_limits: list[RateLimit] = Field(default_factory=list)
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _rate_limits(cls, v: list[RateLimit]) -> list[RateLimit]:
+        for limit in v:
+            if not limit.per_user or limit.rate:
+                raise ValueError('a role\'s rate limit says "per_user" (e.g. "60/m"), not "rate"')
+        return v
 
     @field_validator("tools")
     @classmethod
@@ -228,6 +294,12 @@ class RoleSpec(_Frozen):
     options: RoleOptions = Field(default_factory=RoleOptions)
     allow: RoleConditions = Field(default_factory=RoleConditions)
     deny: RoleConditions = Field(default_factory=RoleConditions)
+
+    @model_validator(mode="after")
+    def _limits_allow_only(self) -> RoleSpec:
+        if self.deny.mcp.rate_limits:
+            raise ValueError("rate limits go under allow.mcp.rate_limits (a limit is not a denial)")
+        return self
 
 
 class Role(_Frozen):
@@ -426,6 +498,19 @@ class AppSpec(_Frozen):
     #: definition; stdio and SSE: the handshake), ``handshake`` (``initialize``, 2024-11-05 to
     #: 2025-11-25) or ``2026-07-28`` (sessionless requests only; decision 0047).
     protocol: Literal["auto", "handshake", "2026-07-28"] = "auto"
+    #: Pinned tool definitions (decision 0045): ``off``; ``first_use`` (a tool's definition is
+    #: pinned when first listed; a changed one is hidden and refused until approved);
+    #: ``approve`` (every definition waits for an administrator's approval).
+    pinning: Literal["off", "first_use", "approve"] = "off"
+    #: Every user's calls of the app together (decision 0051): ``{rate: "100/s", burst: 20}``.
+    rate_limit: RateLimit | None = None
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _app_rate(cls, v: RateLimit | None) -> RateLimit | None:
+        if v is not None and (not v.rate or v.per_user):
+            raise ValueError('an app\'s rate limit says "rate" (e.g. "100/s"), not "per_user"')
+        return v
 
     @field_validator("uri")
     @classmethod

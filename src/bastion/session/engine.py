@@ -9,7 +9,8 @@ Inputs are facts, each a method returning the commands to carry out, in order:
   :meth:`Session.upstream_session_known`: the upstream named its own session.
 
 Commands are orders: :class:`ForwardToUpstream`, :class:`SendToClient`,
-:class:`RecordAudit`, :class:`CompleteAudit`, :class:`CloseSession`, :class:`Log`.
+:class:`RecordAudit`, :class:`CompleteAudit`, :class:`CloseSession`, :class:`Log`,
+:class:`RecordPins`, :class:`CheckRate` (answered by :meth:`Session.rate_checked`).
 
 The rules, and their reasons:
 
@@ -54,6 +55,21 @@ The rules, and their reasons:
    denied call.  A ``tools/call`` whose tool has argument rules (decision 0044)
    is judged on its arguments too; without rules, no per-call work is done.
 
+9. **Pinned tool definitions** (decision 0045), for an app whose ``pinning`` is
+   not ``off`` (the session is given a :class:`PinView`; ``None`` costs
+   nothing): a ``tools/list`` result is judged against the app's pins after
+   the RBAC filter (:func:`~bastion.policy.pins.review`); a changed or
+   unapproved definition is hidden, each change is recorded as an
+   ``mcp.tool.definition_changed`` event (once per new fingerprint) and new
+   pins and changes are handed to the cluster as :class:`RecordPins`.  A
+   ``tools/call`` of such a tool is refused like a denied tool.
+
+10. **Rate limits** (decision 0051): a ``tools/call`` that draws from rate
+    limit buckets (the role's ``mcp.rate_limits``, the app's ``rate_limit``)
+    is held: the engine emits :class:`CheckRate` and goes on when told the
+    outcome (:meth:`Session.rate_checked`): forwarded, or refused with
+    ``retryAfter`` and audited.  Sessions with no limit do no per-call work.
+
 Not decided here: server-to-client requests and notifications pass
 through (re-serialised) and are not audited.  A client's response is
 forwarded only when it answers an open request of the upstream; any other is
@@ -76,6 +92,8 @@ from bastion.audit import events as ev
 from bastion.audit.bound import MAX_ERROR, MAX_NAME, MAX_QUOTE, clip, clip_params
 from bastion.audit.events import AuditEvent
 from bastion.identity import Identity
+from bastion.policy.limits import AppRateLimit, RateRule
+from bastion.policy.pins import MAX_DIFF_LINES, AppPins, Change, Pin, PinMode, call_refusal, review
 from bastion.policy.rbac import Decision
 from bastion.protocol.jsonrpc import (
     ACCESS_DENIED,
@@ -98,13 +116,16 @@ from bastion.resources import App
 __all__ = [
     "CLIENT_NOTIFICATIONS",
     "QUIET_METHODS",
+    "CheckRate",
     "CloseSession",
     "Command",
     "CompleteAudit",
     "EventIds",
     "ForwardToUpstream",
     "Log",
+    "PinView",
     "RecordAudit",
+    "RecordPins",
     "SendToClient",
     "Session",
     "ToolPolicy",
@@ -172,7 +193,46 @@ class Log:
     fields: Mapping[str, Any] = field(default_factory=dict)
 
 
-Command = ForwardToUpstream | SendToClient | RecordAudit | CompleteAudit | CloseSession | Log
+@dataclass(frozen=True, slots=True)
+class RecordPins:
+    """Store, for the cluster, pins first seen (``new``) and served definitions that differ from
+    their pins (``changed``) on app ``app`` (decision 0045).  Not a condition of anything later in
+    the batch: what to hide and refuse was decided already."""
+
+    app: str
+    new: tuple[Pin, ...] = ()
+    changed: tuple[Change, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRate:
+    """Draw one token from each of ``rules`` (in order, stopping at the first that has none) for
+    the client request ``request_id``; then report :meth:`Session.rate_checked`.  Nothing of the
+    request is carried out before that (decision 0051)."""
+
+    request_id: RequestId
+    rules: tuple[RateRule, ...]
+
+
+Command = (
+    ForwardToUpstream
+    | SendToClient
+    | RecordAudit
+    | CompleteAudit
+    | CloseSession
+    | Log
+    | RecordPins
+    | CheckRate
+)
+
+
+class PinView(Protocol):
+    """The cluster's pins of the session's app, as this process knows them now (decision 0045)."""
+
+    @property
+    def mode(self) -> PinMode: ...
+
+    def current(self) -> AppPins: ...
 
 
 class ToolPolicy(Protocol):
@@ -195,6 +255,15 @@ class ToolPolicy(Protocol):
 
     def filter_listed(self, app: App, method: str, entries: Sequence[Any]) -> list[Any] | None: ...
 
+    @property
+    def any_rate_limits(self) -> bool: ...
+
+    def rate_limits(self, app: App, tool: str, user: str) -> tuple[RateRule, ...]: ...
+
+
+#: Lines of a definition diff kept in an audit event, and characters per line.
+_AUDIT_DIFF_LINES: Final = min(MAX_DIFF_LINES, 80)
+_AUDIT_DIFF_LINE: Final = 240
 
 #: Requests recorded only when they fail: frequent, read-only, and uninteresting when they work.
 QUIET_METHODS: Final = frozenset(
@@ -362,6 +431,7 @@ class Session:
         max_in_flight: int = 1024,
         remote_addr: str = "",
         new_id: Callable[[], str] | None = None,
+        pins: PinView | None = None,
     ) -> None:
         if max_in_flight <= 0:
             raise ValueError("max_in_flight must be positive")
@@ -399,6 +469,16 @@ class Session:
         self.last_method = ""
         decision = checker.app_decision(app)
         self._app_denial: Decision | None = None if decision.allowed else decision
+        #: Pinned tool definitions (decision 0045); None: the app does not pin.
+        self._pins = pins
+        #: The fingerprint each tool was last listed with in this session.
+        self._pin_served: dict[str, str] = {}
+        #: (tool, fingerprint) changes this session recorded already.
+        self._pin_reported: set[tuple[str, str]] = set()
+        #: Rate limits (decision 0051): the app's own, and requests waiting for CheckRate.
+        self._app_limit = AppRateLimit.of(app)
+        self._rated = checker.any_rate_limits or self._app_limit is not None
+        self._rate_wait: dict[RequestId, Message] = {}
 
     # ------------------------------------------------------------ properties
 
@@ -532,6 +612,7 @@ class Session:
         if self._closed:
             return []
         self._checker = checker
+        self._rated = checker.any_rate_limits or self._app_limit is not None
         self._base = None  # roles are in every event
         decision = checker.app_decision(self._app)
         if not decision.allowed:
@@ -559,7 +640,7 @@ class Session:
         rid = msg.id
         method = msg.method or ""  # a string: parse_message checked (the "or" is for mypy)
         inflight = self._inflight
-        if rid in inflight:
+        if rid in inflight or (self._rate_wait and rid in self._rate_wait):
             return self._refuse(
                 msg,
                 INVALID_REQUEST,
@@ -600,6 +681,18 @@ class Session:
                 decision = decision.check_arguments(arguments, self._identity.username)
                 if not decision.allowed:
                     return self._deny_tool(msg, name, decision, by_arguments=True)
+            if self._pins is not None:
+                refused = self._pin_refusal(msg, name)
+                if refused is not None:
+                    return refused
+            if self._rated:
+                rules = self._checker.rate_limits(self._app, name, self._identity.username)
+                app_rule = self._app_limit.for_tool(name) if self._app_limit is not None else None
+                if app_rule is not None:
+                    rules = (*rules, app_rule)
+                if rules:
+                    self._rate_wait[rid] = msg
+                    return [CheckRate(rid, rules)]
             tool = name
         elif method == "initialize":
             self._note_initialize(msg.params)
@@ -607,7 +700,12 @@ class Session:
             refused = self._content_refusal(msg, method)
             if refused is not None:
                 return refused
+        return self._admit(msg, method, tool, now)
 
+    def _admit(self, msg: Message, method: str, tool: str, now: datetime) -> list[Command]:
+        """Forward a request that passed every check: tracked, audited first unless quiet."""
+        rid = msg.id
+        inflight = self._inflight
         if method in QUIET_METHODS:
             if method in _CONTENT_LIST_CHANGED:
                 self._listed.add(method)
@@ -622,6 +720,35 @@ class Session:
         if start is not None:
             return [RecordAudit(start), RecordAudit(event), forward]
         return [RecordAudit(event), forward]
+
+    def rate_checked(self, request_id: RequestId, refusal: tuple[RateRule, float] | None) -> list[Command]:
+        """The outcome of a :class:`CheckRate`: None (a token from every bucket: go on), or the
+        bucket that had none and the seconds until it has one (refused, ``retryAfter``)."""
+        msg = self._rate_wait.pop(request_id, None)
+        if msg is None:
+            return []
+        if self._closed:
+            text = "the session ended before the call was carried out"
+            return [SendToClient(error_response(msg.id, UPSTREAM_UNAVAILABLE, text), msg.id)]
+        params = msg.params or {}
+        tool = str(params.get("name", ""))
+        if refusal is None:
+            return self._admit(msg, "tools/call", tool, self._clock.now())
+        rule, wait = refusal
+        retry = round(max(wait, 0.001), 3)
+        text = (
+            f'rate limit reached for tool "{clip(tool, MAX_QUOTE)}" on app "{self._app_name}": '
+            f"{rule.label}; retry after {retry} s"
+        )
+        return self._refuse(
+            msg,
+            TOO_MANY_REQUESTS,
+            text,
+            tool=tool,
+            audit_error=f"rate limited: {rule.label}; retry after {retry} s",
+            denied="rate",
+            data={"retryAfter": retry},
+        )
 
     def _deny_tool(
         self, msg: Message, tool: str, decision: Decision, *, by_arguments: bool = False
@@ -704,6 +831,7 @@ class Session:
         tool: str = "",
         audit_error: str = "",
         denied: str = "",
+        data: Any = None,
     ) -> list[Command]:
         """Answer a client request ourselves, with an audit event of the failure; nothing is forwarded."""
         now = self._clock.now()
@@ -713,7 +841,7 @@ class Session:
             event_type, False, now, msg, tool=tool, error=audit_error or text, duration_ms=0.0
         )
         out.append(RecordAudit(event, denied))
-        out.append(SendToClient(error_response(msg.id, code, text), msg.id))
+        out.append(SendToClient(error_response(msg.id, code, text, data), msg.id))
         return out
 
     def _evict_cancelled(self) -> bool:
@@ -893,7 +1021,7 @@ class Session:
             return out
         raw = msg.raw
         if method == "tools/list":
-            filtered = self._filter_tools_list(msg)
+            filtered = self._filter_tools_list(msg, out)
             if filtered is None:
                 text = (
                     "the upstream MCP server sent a tools/list result without a tools list; "
@@ -930,7 +1058,7 @@ class Session:
         )
         out.append(RecordAudit(event))
 
-    def _filter_tools_list(self, msg: Message) -> bytes | None:
+    def _filter_tools_list(self, msg: Message, cmds: list[Command]) -> bytes | None:
         """The result with only the allowed tools, re-serialised; None if it has no tools list.
 
         Always re-serialised, even when every tool is allowed: what the client
@@ -944,10 +1072,78 @@ class Session:
         if type(tools) is not list:
             return None
         kept = [t for t in self._checker.filter_tools(self._app, tools) if _tool_is_unambiguous(t)]
+        if self._pins is not None:
+            kept = self._review_pins(kept, cmds)
         # Keep nextCursor, _meta and the rest; drop case variants of "tools".
         out = {k: v for k, v in result.items() if k == "tools" or fold_key(k) != "tools"}
         out["tools"] = kept
         return result_response(msg.id, out)
+
+    def _review_pins(self, tools: list[Mapping[str, Any]], out: list[Command]) -> list[Mapping[str, Any]]:
+        """Judge listed tools against the app's pins (decision 0045): the ones to show; each change
+        not recorded yet is audited, and new pins and changes go to the cluster (RecordPins)."""
+        assert self._pins is not None
+        known = self._pins.current()
+        r = review(known.pins, tools, self._pins.mode)
+        served = self._pin_served
+        for pin in r.new:
+            served[pin.tool] = pin.fingerprint
+        for entry in r.visible:
+            name = entry["name"]
+            if name in known.pins:
+                served[name] = known.pins[name].fingerprint
+        fresh: list[Change] = []
+        for ch in r.changed:
+            tool, fp = ch.pin.tool, ch.served_fingerprint
+            served[tool] = fp
+            if known.served.get(tool) == fp or (tool, fp) in self._pin_reported:
+                continue  # recorded already (by this session or anywhere in the cluster)
+            if len(self._pin_reported) >= self._max_in_flight:  # bounded: a server flipping forever
+                self._pin_reported.clear()
+            self._pin_reported.add((tool, fp))
+            fresh.append(ch)
+        for pin in r.new:
+            if not pin.approved:
+                served.pop(pin.tool, None)  # waiting: call_refusal says why from the pin
+        if fresh:
+            now = self._clock.now()
+            self._flush_start(out)
+            for ch in fresh:
+                lines = [clip(line, _AUDIT_DIFF_LINE) for line in ch.diff[:_AUDIT_DIFF_LINES]]
+                text = (
+                    f'tool "{clip(ch.pin.tool, MAX_QUOTE)}" changed its definition since it was pinned; '
+                    "hidden and refused until an administrator approves it"
+                )
+                extra = {"pinned": ch.pin.fingerprint, "served": ch.served_fingerprint, "diff": lines}
+                event = self._event(
+                    ev.TOOL_DEFINITION_CHANGED,
+                    False,
+                    now,
+                    method="tools/list",
+                    tool=clip(ch.pin.tool, MAX_NAME),
+                    error=text,
+                    extra=extra,
+                )
+                out.append(RecordAudit(event))
+        if r.new or fresh:
+            out.append(RecordPins(self._app_name, r.new, tuple(fresh)))
+        return r.visible
+
+    def _pin_refusal(self, msg: Message, tool: str) -> list[Command] | None:
+        """Refuse a call to a tool whose definition changed or waits for approval (decision 0045),
+        as this session listed it or as the cluster saw it served; None to go on."""
+        assert self._pins is not None
+        known = self._pins.current()
+        mode = self._pins.mode
+        why = call_refusal(known.pins, self._pin_served, tool, mode) or call_refusal(
+            known.pins, known.served, tool, mode
+        )
+        if why is None:
+            return None
+        text = f'{why} (app "{self._app_name}")'
+        return self._refuse(
+            msg, INVALID_PARAMS, text, tool=tool, audit_error=f"refused by pinning: {why}", denied="pin"
+        )
 
     def _filter_content_list(self, msg: Message, method: str) -> bytes | None:
         """A resources, templates or prompts list with only what the rules allow (decision 0043),

@@ -741,22 +741,28 @@ class _Outcomes:
 
 
 class TunnelAppsView:
-    """The three backend calls ``DynamicApps`` makes, answered by the cluster over the tunnel."""
+    """The three backend calls ``DynamicApps`` makes, answered by the cluster over the tunnel.
 
-    def __init__(self, agent: Agent) -> None:
+    With ``list_call="pins.list"`` and ``prefix="/mcp_pins/"``: the pins of the apps the host
+    serves, for ``tunnel.pins.TunnelPinSource`` (decision 0045)."""
+
+    def __init__(self, agent: Agent, *, list_call: str = "apps.list", prefix: str = "/apps/") -> None:
         self.agent = agent
+        self.list_call = list_call
+        self.prefix = prefix
 
     async def current_revision(self) -> int:
         return int((await self.agent.call("revision", {}, wait=5.0))["revision"])
 
     async def list(self, prefix: str) -> list[Item]:
-        result = await self.agent.call("apps.list", {}, wait=5.0)
+        result = await self.agent.call(self.list_call, {}, wait=5.0)
         return [wire.item_from_wire(d) for d in result["items"] if d["key"].startswith(prefix)]
 
     async def watch(self, revision: int) -> AsyncIterator[Event]:
         mux = await self.agent.wait_connected(5.0)
         try:
-            stream = await mux.open({"kind": "rpc", "method": "apps.watch", "revision": revision})
+            header = {"kind": "rpc", "method": "apps.watch", "revision": revision, "prefix": self.prefix}
+            stream = await mux.open(header)
             await stream.end()
         except TunnelClosed as e:
             raise BackendError(f"app watch: {e}") from None

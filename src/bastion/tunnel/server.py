@@ -9,14 +9,19 @@ and the app service opens streams for its calls to the cluster:
     heartbeat       what it serves now; recorded as an ``app_server`` that expires
     revision        the backend's current revision
     apps.list       the app resources (for its label selectors)
-    apps.watch      changes to app resources from a revision on (a long stream)
+    apps.watch      changes to app resources from a revision on (a long stream); with
+                    ``prefix: /mcp_pins/``, changes to the pins of the apps it serves
+    pins.get        the pinned tool definitions of an app it serves (decision 0045)
+    pins.list       those of every app it serves
+    pins.record     pins first seen and changed definitions, from its sessions' listings
+    rate.take       a token from a rate limit bucket of an app it serves (decision 0051)
     audit.insert    audit events, committed before the answer (idempotent by id)
     audit.complete  outcomes of recorded calls, committed before the answer
                     (idempotent: the same outcome again leaves the same row)
     renew           a new host certificate for a new public key
 
-An app service only ever reaches app resources, its own heartbeat and the
-audit log through here; it never sees users, roles, keys or tokens.  A host
+An app service only ever reaches app resources, the pins of the apps it serves, its own
+heartbeat and the audit log through here; it never sees users, roles, keys or tokens.  A host
 joined with a scoped token sees only the app resources inside its scope, and
 what it advertises passes ``bastion.tunnel.admission`` (an app name is one
 app) before any session is routed to it.
@@ -45,9 +50,13 @@ from bastion._tasks import stop_tasks
 from bastion.audit import cluster_events
 from bastion.audit.emitter import AuditLog
 from bastion.auth.ca import HostIdentity, host_identity, issue_host_cert, new_host_key
+from bastion.auth.pins import PREFIX as PINS_PREFIX
+from bastion.auth.pins import PinStore
 from bastion.auth.server import AuthServer, decode_resource
 from bastion.backend import Event, EventType, Item
+from bastion.backend.rates import LocalRates
 from bastion.errors import BastionError, ConfigError, ValidationError, WatchExpiredError
+from bastion.policy.pins import Change, Pin, definition, fingerprint
 from bastion.resources import App, AppServer, AppServerSpec, Metadata
 from bastion.tombstones import Removed
 from bastion.tunnel import admission, wire
@@ -132,6 +141,8 @@ class TunnelServer:
         #: Set (then replaced) each time an app service's tunnel becomes ready.
         self._arrived = asyncio.Event()
         self._stopping = False
+        #: Rate limit buckets for joined hosts when the backend keeps none (SQLite: one proxy).
+        self._local_rates = LocalRates()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.port = 0
@@ -339,7 +350,7 @@ class TunnelServer:
             stream.reset(f"unexpected stream kind {h.get('kind')!r}")
             return
         if method == "apps.watch":
-            await self._watch(conn, stream, int(h.get("revision", 0)))
+            await self._watch(conn, stream, int(h.get("revision", 0)), str(h.get("prefix", "/apps/")))
             return
         body = await _read_all(stream)
         try:
@@ -424,6 +435,15 @@ class TunnelServer:
         if method == "apps.list":
             items = await self.auth.backend.list("/apps/")
             return {"items": [wire.item_to_wire(i) for i in items if self._in_scope(conn, i)]}
+        if method == "rate.take":
+            key = str(args["key"])
+            if key.split("/", 1)[0] not in conn.apps:
+                raise ValidationError("a host draws only from the rate limit buckets of apps it serves")
+            # PostgreSQL keeps the cluster's buckets; on SQLite this proxy is the only one.
+            take = getattr(self.auth.backend, "take", None) or self._local_rates.take
+            return {"wait": await take(key, float(args["interval"]), float(args["tolerance"]))}
+        if method.startswith("pins."):
+            return await self._pins(conn, method, args)
         if method == "audit.insert":
             if self.audit is None:
                 raise ValidationError("this proxy keeps no audit log")
@@ -444,10 +464,16 @@ class TunnelServer:
             return {"cert": cert.decode()}
         raise ValidationError(f"unknown tunnel call {method!r}")
 
-    async def _watch(self, conn: AgentConn, stream: Stream, revision: int) -> None:
+    async def _watch(self, conn: AgentConn, stream: Stream, revision: int, prefix: str) -> None:
+        if prefix not in ("/apps/", PINS_PREFIX):
+            stream.reset(f"no watch of {prefix[:64]!r}")
+            return
         try:
             async for ev in self.auth.backend.watch(revision):
-                if ev.item.key.startswith("/apps/"):
+                if prefix == PINS_PREFIX:
+                    if ev.item.key.startswith(PINS_PREFIX) and ev.item.key[len(PINS_PREFIX) :] in conn.apps:
+                        await stream.send(orjson.dumps(wire.event_of_item_to_wire(ev)) + b"\n")
+                elif ev.item.key.startswith("/apps/"):
                     if ev.type == EventType.PUT and not self._in_scope(conn, ev.item):
                         # Moved out of (or created outside) the host's scope: for it, gone.
                         ev = Event(EventType.DELETE, Item(ev.item.key, b"", ev.item.revision))
@@ -458,6 +484,31 @@ class TunnelServer:
             stream.reset(f"watch failed: {e.message}")
         except (StreamReset, TunnelClosed):
             pass
+
+    async def _pins(self, conn: AgentConn, method: str, args: dict[str, Any]) -> Any:
+        """Pinned tool definitions of the apps the host serves (decision 0045); no other app's."""
+        store = PinStore(self.auth.backend, self.auth.clock)
+        if method == "pins.list":
+            items = await self.auth.backend.list(PINS_PREFIX)
+            return {"items": [wire.item_to_wire(i) for i in items if i.key[len(PINS_PREFIX) :] in conn.apps]}
+        name = str(args["app"])
+        app = conn.apps.get(name)
+        if app is None:
+            raise ValidationError(f"this host does not serve app {name[:128]!r}: no pins of it")
+        if method == "pins.get":
+            return {"pins": orjson.loads((await store.load(name)).to_json())}
+        if method == "pins.record":
+            # Definitions are judged again here: fingerprints are recomputed, and whether a new
+            # pin is approved follows the app's pinning as admitted, not what the host says.
+            approved = app.spec.pinning == "first_use"
+            new = [Pin.of(d, approved=approved) for d in args.get("new", ())]
+            changed = []
+            for c in args.get("changed", ()):
+                pin, served = Pin.of(c["pin"]), definition(c["served"])
+                changed.append(Change(pin, served, fingerprint(served)))
+            stored = await store.record(name, new, changed)
+            return {"tools": len(stored.records)}
+        raise ValidationError(f"unknown tunnel call {method!r}")
 
     # ------------------------------------------------------------ admission
 

@@ -459,3 +459,23 @@ def test_dsn_is_shown_without_password() -> None:
     for secret in ("p@ss-w0rd", "p%40ss-w0rd", "q-s3cret"):
         assert secret not in text
     assert text.startswith("failed: *** / *** / ***")
+
+
+async def test_rate_buckets_are_one_gcra_for_every_instance(
+    dsn: str, open_pg: Callable[..., Awaitable[PostgresBackend]]
+) -> None:
+    """Two instances (two nodes) drawing at once from one bucket, 5/s burst 5 (decision 0051):
+    5 + 5 x elapsed are admitted (within one), the rest told how long to wait."""
+    import time
+
+    a, b = await open_pg(dsn), await open_pg(dsn)
+    interval, tolerance = 0.2, 0.8
+    start = time.monotonic()
+    waits = await asyncio.gather(*(x.take("app/k", interval, tolerance) for x in (a, b) * 50))
+    elapsed = time.monotonic() - start
+    admitted = sum(1 for w in waits if w == 0.0)
+    assert 5 <= admitted <= 5 + elapsed / interval + 1, (admitted, elapsed)
+    assert all(0.0 < w <= interval + 0.05 for w in waits if w)
+    assert await a.take("app/other", interval, tolerance) == 0.0  # another bucket is full
+    await a.expire()  # drops only full buckets
+    assert await b.take("app/k", interval, tolerance) > 0.0

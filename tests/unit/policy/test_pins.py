@@ -63,3 +63,36 @@ def test_diff_is_bounded() -> None:
     }
     lines = diff(definition(ECHO), definition(big))
     assert len(lines) == 201 and lines[-1].startswith("... (")
+
+
+# ------------------------------------------------------------ stored state
+
+
+def test_merged_keeps_the_first_pin_and_notes_a_change_once() -> None:
+    from bastion.policy.pins import NO_PINS, AppPins
+
+    first = NO_PINS.merged([Pin.of(ECHO)], [], "t1")
+    assert first is not None and first.pins["echo"].fingerprint == Pin.of(ECHO).fingerprint
+    assert first.merged([Pin.of(POISONED)], [], "t2") is None  # another "first sight" loses
+    (change,) = review(first.pins, [POISONED], "first_use").changed
+    noted = first.merged([], [change], "t3")
+    assert noted is not None and noted.served == {"echo": change.served_fingerprint}
+    assert noted.merged([], [change], "t4") is None  # the same change again: nothing to write
+    # A change judged against a pin that was approved away meanwhile is dropped.
+    approved, done = noted.approved(None, "ed", "t5")
+    assert done == ["echo"] and approved.pins["echo"].fingerprint == change.served_fingerprint
+    assert approved.served == {} and approved.records["echo"].approved_by == "ed"
+    assert approved.merged([], [change], "t6") is None
+    assert AppPins.from_json(noted.to_json()).records == noted.records
+
+
+def test_approved_and_reset_name_what_they_did() -> None:
+    from bastion.policy.pins import NO_PINS
+
+    waiting = NO_PINS.merged([Pin.of(ECHO, approved=False), Pin.of(SUM)], [], "t")
+    assert waiting is not None
+    assert waiting.approved(["get-sum", "nope"], "ed", "t")[1] == []  # approved already / unknown
+    after, done = waiting.approved(["echo"], "ed", "t")
+    assert done == ["echo"] and after.pins["echo"].approved
+    assert after.reset(["echo", "nope"])[1] == ["echo"]
+    assert after.reset(None)[1] == ["echo", "get-sum"] and not after.reset(None)[0].records

@@ -218,7 +218,7 @@ class TestFormatPydanticError:
             )
         assert format_pydantic_error(info.value).splitlines() == [
             'spec.allow.rules[0].resources: unknown resource "x" (known: user, role, token, app, '
-            'app_server, event, cert_authority, or "*")',
+            'app_server, event, cert_authority, mcp_pin, or "*")',
             "spec.allow.rules[0].verbs: required field missing",
         ]
 
