@@ -1,0 +1,91 @@
+"""Attacks on the web UI (issue 17) by a signed-in user, over raw HTTPS against `bastion start`.
+
+Each test reproduces a hole found in the adversarial review of the web UI and asserts the safe
+behaviour (docs/security.md, section 7): the role editor's YAML is bounded before it is built
+(aliases, nesting, problems listed, size), and a user who may not write roles costs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.web.conftest import PW, Web, running_web
+
+#: Generous on a loaded 2-core machine; each attack took minutes (or gigabytes) before its fix.
+QUICK = 8.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
+    with running_web(tmp_path_factory.mktemp("webattack")) as web:
+        web.add_user("mallory", "mcp-user")  # may use MCP servers; no rules at all
+        yield web
+
+
+def csrf_of(html: str) -> str:
+    m = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert m, html[:500]
+    return m.group(1)
+
+
+@contextlib.contextmanager
+def signed_in(web: Web, user: str) -> Iterator[tuple[httpx.Client, str]]:
+    """A browser-like client signed in as ``user``, and its CSRF token."""
+    with httpx.Client(base_url=web.url, verify=False, follow_redirects=False, timeout=120) as c:
+        page = c.get("/web/login")
+        r = c.post("/web/login", data={"csrf": csrf_of(page.text), "user": user, "password": PW})
+        assert r.status_code == 303, r.text
+        yield c, csrf_of(c.get("/web/apps").text)
+
+
+def laughs(levels: int) -> str:
+    """A role whose ``tools`` is 9**levels strings once its aliases are expanded (~50 bytes a
+    level)."""
+    anchors = ["    a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, levels):
+        anchors.append(f"    a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    return (
+        "kind: role\nversion: v1\nmetadata:\n  name: laughs\n  labels:\n"
+        + "\n".join(anchors)
+        + f"\nspec:\n  allow:\n    mcp: {{tools: *a{levels - 1}}}\n"
+    )
+
+
+def save_role(c: httpx.Client, csrf: str, text: str) -> tuple[httpx.Response, float]:
+    start = time.monotonic()
+    r = c.post("/web/admin/roles/save", data={"csrf": csrf, "name": "", "yaml": text})
+    return r, time.monotonic() - start
+
+
+def test_alias_bomb_in_the_role_editor_is_refused_before_it_is_built(cluster: Web) -> None:
+    """500 bytes of anchors and aliases were 43 million strings for pydantic: 14 s and 500 MB
+    with 8 levels, minutes and gigabytes with 9, the proxy's event loop blocked meanwhile."""
+    with signed_in(cluster, "alice") as (c, csrf):
+        text = laughs(8)
+        assert len(text) < 600
+        r, took = save_role(c, csrf, text)
+        assert r.status_code == 400, r.text[:500]
+        assert "once its aliases are expanded" in r.text
+        assert took < QUICK, took
+        # A few aliases are still YAML: a small document that uses them is saved.
+        ok = "kind: role\nversion: v1\nmetadata: {name: aliased}\nspec:\n  allow:\n"
+        ok += "    app_labels: &l {env: demo}\n    mcp: {tools: [bastion_user_info]}\n  deny:\n"
+        ok += "    app_labels: *l\n    mcp: {tools: [nothing_here]}\n"
+        r, _ = save_role(c, csrf, ok)
+        assert r.status_code == 303, r.text[:800]
+
+
+def test_deep_nesting_is_the_writer_s_error_not_a_500(cluster: Web) -> None:
+    """30,000 ``[`` made PyYAML recurse past Python's limit: a 500 and a traceback in the log."""
+    with signed_in(cluster, "alice") as (c, csrf):
+        text = "kind: role\nversion: v1\nmetadata: {name: deep}\nspec:\n  allow:\n    mcp: {tools: "
+        text += "[" * 30000 + "]" * 30000 + "}\n"
+        r, took = save_role(c, csrf, text)
+        assert r.status_code == 400, r.text[:500]
+        assert "levels deep" in r.text and took < QUICK
