@@ -89,3 +89,20 @@ def test_deep_nesting_is_the_writer_s_error_not_a_500(cluster: Web) -> None:
         r, took = save_role(c, csrf, text)
         assert r.status_code == 400, r.text[:500]
         assert "levels deep" in r.text and took < QUICK
+
+
+def test_thousands_of_problems_are_listed_bounded_and_found_in_one_pass(cluster: Web) -> None:
+    """Each of 5,500 wrong items re-parsed the whole text to find its line (quadratic: about
+    an hour for 64 KiB, the event loop blocked) and all 5,500 were echoed back."""
+    with signed_in(cluster, "alice") as (c, csrf):
+        text = "kind: role\nversion: v1\nmetadata: {name: many}\nspec:\n  allow:\n    mcp:\n      tools:\n"
+        text += "      - []\n" * 5500
+        r, took = save_role(c, csrf, text)
+        assert r.status_code == 400, r.text[:500]
+        assert took < QUICK, took
+        shown = re.findall(r'class="error line-error"', r.text)
+        assert 0 < len(shown) <= 60, len(shown)
+        assert "more problems" in r.text
+        # The page is the text (numbered lines, and the editor) and 50 problems, nothing more
+        # (the 5,500 problems alone were ~330 KB more).
+        assert len(r.content) < 450 * 1024, len(r.content)

@@ -383,15 +383,23 @@ def pydantic_problems(err: pydantic.ValidationError, prefix: str = "") -> list[t
     return problems
 
 
+#: The most problems one message lists (a document of 6,000 wrong items is 6,000 problems);
+#: the others are counted in its last line.
+MOST_PROBLEMS = 50
+
+
 def format_pydantic_error(err: pydantic.ValidationError, prefix: str = "") -> str:
-    """One ``key.path[0].sub: reason`` line per error, joined with newlines.
+    """One ``key.path[0].sub: reason`` line per error, joined with newlines: the first
+    ``MOST_PROBLEMS``, then ``... and N more problems``.
 
     ``prefix`` is put in front of every path (``spec`` -> ``spec.uri``).  An
     error about the whole document (no path) is just its reason.
     """
-    return "\n".join(
-        f"{path}: {reason}" if path else reason for path, reason in pydantic_problems(err, prefix)
-    )
+    problems = pydantic_problems(err, prefix)
+    lines = [f"{path}: {reason}" if path else reason for path, reason in problems[:MOST_PROBLEMS]]
+    if len(problems) > MOST_PROBLEMS:
+        lines.append(f"... and {len(problems) - MOST_PROBLEMS} more problems")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------- encoding
