@@ -106,3 +106,18 @@ def test_thousands_of_problems_are_listed_bounded_and_found_in_one_pass(cluster:
         # The page is the text (numbered lines, and the editor) and 50 problems, nothing more
         # (the 5,500 problems alone were ~330 KB more).
         assert len(r.content) < 450 * 1024, len(r.content)
+
+
+def test_a_role_longer_than_the_editor_takes_is_refused_not_cut(cluster: Web) -> None:
+    """The text was cut to 64 KiB and saved: the deny rules written after the cut were lost,
+    and the role that was saved allowed more than the one the administrator wrote."""
+    with signed_in(cluster, "alice") as (c, csrf):
+        text = "kind: role\nversion: v1\nmetadata:\n  name: cut\n  description: >-\n"
+        text += "    padding padding padding\n" * 2600  # ~68 KiB of description
+        text += "spec:\n  allow:\n    app_labels: {env: demo}\n    mcp: {tools: ['*']}\n"
+        text += "  deny:\n    mcp: {tools: [bastion_user_info]}\n"
+        assert len(text) > 64 * 1024
+        r, _ = save_role(c, csrf, text)
+        assert r.status_code == 413, r.text[:500]
+        assert "at most 64 KiB" in r.text
+    assert "cut" not in cluster.node.cli("get", "roles", local=True).stdout.split()
