@@ -8,6 +8,7 @@ behaviour (docs/security.md, section 7): the role editor's YAML is bounded befor
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -121,3 +122,27 @@ def test_a_role_longer_than_the_editor_takes_is_refused_not_cut(cluster: Web) ->
         assert r.status_code == 413, r.text[:500]
         assert "at most 64 KiB" in r.text
     assert "cut" not in cluster.node.cli("get", "roles", local=True).stdout.split()
+
+
+def test_a_user_who_may_not_write_roles_is_refused_before_the_yaml_is_read(cluster: Web) -> None:
+    """Validation ran before the rule check: anyone signed in could make the proxy build their
+    document (the bomb above included)."""
+    with signed_in(cluster, "mallory") as (c, csrf):
+        for text in (laughs(8), "x: " + "[" * 30000):
+            r, took = save_role(c, csrf, text)
+            assert r.status_code == 403, r.text[:500]
+            assert took < QUICK, took
+        # The web API's create answers the same refusal, before the document is validated.
+        token = c.cookies["__Host-bastion-session"]
+    r = httpx.post(
+        f"{cluster.url}/v1/resources",
+        json={"kind": "role", "version": "v1", "metadata": {"name": "m"}, "spec": {"allow": {"x": 1}}},
+        headers={"Authorization": f"Bearer {token}"},
+        verify=False,
+    )
+    assert r.status_code == 403, r.text
+    found = cluster.node.cli(
+        "audit", "search", "--type=access.denied", "--user=mallory", "--format=json", local=True
+    )
+    paths = [e["extra"].get("path") for e in json.loads(found.stdout) if e["extra"].get("via") == "web"]
+    assert "/web/admin/roles/save" in paths, paths

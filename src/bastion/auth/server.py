@@ -963,16 +963,17 @@ class AuthServer:
             raise ValidationError(
                 f"{kind} resources are written by the cluster itself (heartbeats), not from a file"
             )
+        # Refused before any work on the document: a user who may not write it costs nothing.
+        if overwrite:
+            actor.require(kind, "create", "update")
+        else:
+            actor.require(kind, "create")
         res = self._build(KINDS[kind], dict(data))
         assert isinstance(res, Role | User | Token) or res.kind == "app"
         if isinstance(res, User):
             await self._check_roles_exist(res.spec.roles)
             # The status is the cluster's, never the file's: a new record gets a new id.
             res = res.model_copy(update={"status": UserStatus(uid=_new_uid())})
-        if overwrite:
-            actor.require(kind, "create", "update")
-        else:
-            actor.require(kind, "create")
         if isinstance(res, App):
             await self._refuse_static_name(res.metadata.name)
         current: Item | None = None

@@ -159,6 +159,8 @@ def routes(ui: UI) -> list[Route]:
 
     async def kind_save(request: Request, s: Signed, data: dict[str, str], kind: str) -> Response:
         text, name = data.get("yaml", ""), data.get("name", "")[:200]
+        # Refused before the text is read (``create_resource`` asks the same again).
+        s.actor.require(kind, *(("create", "update") if name else ("create",)))
         if len(text) > MAX_YAML:
             # Refused, never cut: the first 64 KiB of a role can be a valid role that lacks
             # the deny rules written after them.
