@@ -10,23 +10,64 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import sys
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.web.conftest import PW, Web, running_web
+from tests.fixtures.hostile_server import HOSTILE
+from tests.integration.conftest import start_node, stop_node
+from tests.peers import ROOT
+from tests.web.conftest import PW, Web
 
 #: Generous on a loaded 2-core machine; each attack took minutes (or gigabytes) before its fix.
 QUICK = 8.0
 
 
+HOSTILE_CMD = [sys.executable, "-m", "tests.fixtures.hostile_server", "--page", "200", "--pad", "5000"]
+#: The hostile app: its upstream lists markup as tools, in pages that never end; its labels and
+#: description (written by an administrator who pasted them) are markup too.
+APPS = f"""\
+app_service:
+  demo_server: true
+  apps:
+  - name: hostile
+    description: {json.dumps(HOSTILE[1])}
+    labels: {{env: hostile, note: {json.dumps(HOSTILE[0])}}}
+    mcp:
+      command: {HOSTILE_CMD[0]}
+      args: {json.dumps(HOSTILE_CMD[1:])}
+      run_as_host_user: root
+      env: {{PYTHONPATH: "{ROOT}"}}
+"""
+HOSTILE_USER = """\
+kind: role
+version: v1
+metadata: {name: hostile-user}
+spec:
+  allow:
+    app_labels: {env: hostile}
+    mcp: {tools: ["*"]}
+"""
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
-    with running_web(tmp_path_factory.mktemp("webattack")) as web:
-        web.add_user("mallory", "mcp-user")  # may use MCP servers; no rules at all
+    """alice (every rule), mallory (MCP servers, no rules) and eve (the hostile app only)."""
+    root = tmp_path_factory.mktemp("webattack")
+    node = start_node(root, extra_config=APPS)
+    try:
+        (root / "hostile-user.yaml").write_text(HOSTILE_USER)
+        node.cli("create", str(root / "hostile-user.yaml"), local=True)
+        web = Web(node)
+        web.add_user("alice", "mcp-user,editor")
+        web.add_user("mallory", "mcp-user")
+        web.add_user("eve", "hostile-user")
         yield web
+    finally:
+        stop_node(node)
 
 
 def csrf_of(html: str) -> str:
@@ -146,3 +187,73 @@ def test_a_user_who_may_not_write_roles_is_refused_before_the_yaml_is_read(clust
     )
     paths = [e["extra"].get("path") for e in json.loads(found.stdout) if e["extra"].get("via") == "web"]
     assert "/web/admin/roles/save" in paths, paths
+
+
+def _no_live_markup(html: str) -> None:
+    """None of the hostile payloads is live markup in ``html`` (each may appear escaped)."""
+    for bad in ("<script>alert", "<img src=x", "<iframe", 'href="javascript:'):
+        assert bad not in html, bad
+
+
+def test_a_hostile_upstream_s_tools_are_bounded_and_shown_as_text(cluster: Web) -> None:
+    """The tools page asked for ``tools/list`` pages for as long as the upstream named a next
+    one: one click held the proxy 10 s and grew it by 550 MB (then showed a timeout)."""
+    with signed_in(cluster, "eve") as (c, _):
+        apps = c.get("/web/apps")
+        assert apps.status_code == 200
+        _no_live_markup(apps.text)
+        assert "&lt;script&gt;" in apps.text  # the label, shown as text
+        for path in ("/web/apps/hostile/tools", "/web/apps/hostile/tools?part=1"):
+            start = time.monotonic()
+            r = c.get(path)
+            took = time.monotonic() - start
+            assert r.status_code == 200, r.text[:500]
+            assert took < QUICK, took
+            assert len(re.findall(r'<li class="tool">', r.text)) == 500
+            assert "The first 500 tools only" in r.text
+            assert len(r.content) < 2 * 1024 * 1024, len(r.content)
+            _no_live_markup(r.text)
+            assert "t0&lt;script&gt;alert(&#39;tool&#39;)&lt;/script&gt;" in r.text
+            assert "<code>t4{{ 7*7 }}</code>" in r.text  # shown, never rendered as a template
+        connect = c.get("/web/apps/hostile/connect")
+        assert connect.status_code == 200
+        _no_live_markup(connect.text)
+        hrefs = re.findall(r'href="([^"]*)"', connect.text)
+        assert all(h.startswith(("/", "#", "cursor://", "vscode:")) for h in hrefs), hrefs
+        # A call of a tool named with markup: the audit pages show the name as text.
+        token = c.cookies["__Host-bastion-session"]
+    mcp = httpx.Client(
+        base_url=cluster.url,
+        verify=False,
+        headers={"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"},
+    )
+    with mcp:
+        init = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": HOSTILE[3], "version": HOSTILE[1]},
+            },
+        }
+        r = mcp.post("/mcp/apps/hostile", json=init)
+        assert r.status_code == 200, r.text
+        sid = r.headers["mcp-session-id"]
+        mcp.headers["Mcp-Session-Id"] = sid
+        mcp.post("/mcp/apps/hostile", json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+        call = {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "t1" + HOSTILE[1], "arguments": {HOSTILE[0]: HOSTILE[3]}},
+        }
+        assert mcp.post("/mcp/apps/hostile", json=call).status_code == 200
+    with signed_in(cluster, "alice") as (c, _):
+        page = c.get("/web/audit?user=eve")
+        assert page.status_code == 200 and "eve" in page.text
+        _no_live_markup(page.text)
+        session = c.get(f"/web/audit/session/{sid}")
+        assert session.status_code == 200 and "tools/call" in session.text, session.text[:300]
+        _no_live_markup(session.text)

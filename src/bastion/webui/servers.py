@@ -10,6 +10,7 @@ gateway's filtering and audit apply unchanged.  Paged on the server.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -31,6 +32,11 @@ from bastion.webui.context import UI, Signed
 PAGE_SIZE = 50
 #: A page waits this long for an MCP server's tools (the CLI waits as long as the user does).
 TOOLS_TIMEOUT = 10.0
+#: The most tools a page lists (an upstream's ``tools/list`` pages may never end); each one's
+#: description and input schema are cut to what a page can show.
+MOST_TOOLS = 500
+DESCRIPTION_MOST = 2000
+SCHEMA_MOST = 20_000
 
 
 def routes(ui: UI, front: ASGI) -> list[Route]:
@@ -97,7 +103,7 @@ def routes(ui: UI, front: ASGI) -> list[Route]:
         client = MCPClient(proxy=ui.public_addr, app=name, token=s.token, trust=Trust(), transport=transport)
         try:
             async with asyncio.timeout(TOOLS_TIMEOUT), client as c:
-                tools = await c.list_tools()
+                tools = await c.list_tools(most=MOST_TOOLS + 1)
         except BastionError as e:
             # The gateway's own refusals already say whose fault they are (MCPClient keeps it).
             error = e.message if "fault:" in e.message else f"{e.message} (fault: {e.origin})"
@@ -106,7 +112,9 @@ def routes(ui: UI, front: ASGI) -> list[Route]:
         ctx = {
             "title": f"Tools of {name}",
             "app": app_json(app, s.actor.checker),
-            "tools": tools,
+            "tools": [_shown(t) for t in tools[:MOST_TOOLS]],
+            "more": len(tools) > MOST_TOOLS,
+            "most": MOST_TOOLS,
             "error": error,
         }
         part = bool(request.query_params.get("part"))
@@ -131,6 +139,20 @@ def routes(ui: UI, front: ASGI) -> list[Route]:
         Route("/web/apps/{name}/tools", ui.page(tools_page)),
         Route("/web/apps/{name}/connect", ui.page(connect_page)),
     ]
+
+
+def _cut(text: str, most: int) -> str:
+    return text if len(text) <= most else text[:most] + f"... ({len(text) - most} more characters)"
+
+
+def _shown(tool: dict[str, Any]) -> dict[str, str]:
+    """A tool as the page shows it: name, description and pretty input schema, each cut."""
+    schema = tool.get("inputSchema")
+    return {
+        "name": _cut(str(tool.get("name", "")), 200),
+        "description": _cut(str(tool.get("description") or ""), DESCRIPTION_MOST),
+        "schema": _cut(json.dumps(schema, indent=2, ensure_ascii=False), SCHEMA_MOST) if schema else "",
+    }
 
 
 def _matches(app: Any, q: str, label: str) -> bool:
