@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import pyotp
 import pytest
 
 from tests.fixtures.hostile_server import HOSTILE
@@ -257,3 +258,41 @@ def test_a_hostile_upstream_s_tools_are_bounded_and_shown_as_text(cluster: Web) 
         session = c.get(f"/web/audit/session/{sid}")
         assert session.status_code == 200 and "tools/call" in session.text, session.text[:300]
         _no_live_markup(session.text)
+
+
+def test_a_one_time_code_signs_in_once(cluster: Web) -> None:
+    """A code seen once (over a shoulder, by a phishing page relaying it) signed in again with
+    the password for as long as it was valid (up to 90 s): RFC 6238 says a verifier must not
+    accept it twice."""
+    out = cluster.node.cli("users", "add", "tina", "--roles=mcp-user", local=True).stdout
+    code = re.search(r"--invite=(\S+)", out)
+    assert code, out
+    secret = pyotp.random_base32()
+    with httpx.Client(base_url=cluster.url, verify=False, follow_redirects=False) as c:
+        page = c.get(f"/web/invite/{code.group(1)}")
+        form = {"csrf": csrf_of(page.text), "code": code.group(1), "password": PW, "password2": PW}
+        form |= {"totp_secret": secret, "otp": pyotp.TOTP(secret).now()}
+        r = c.post("/web/invite", data=form)
+        assert r.status_code == 303, r.text[:500]
+    otp = pyotp.TOTP(secret).now()
+
+    def sign_in() -> httpx.Response:
+        with httpx.Client(base_url=cluster.url, verify=False, follow_redirects=False) as c:
+            page = c.get("/web/login")
+            return c.post(
+                "/web/login", data={"csrf": csrf_of(page.text), "user": "tina", "password": PW, "otp": otp}
+            )
+
+    assert sign_in().status_code == 303
+    again = sign_in()
+    assert again.status_code == 401 and "used already" in again.text, again.text[:500]
+    # The web API's login (what `bastion login` calls) refuses it as well, audited.
+    r = httpx.post(
+        f"{cluster.url}/v1/webapi/login", json={"user": "tina", "password": PW, "otp": otp}, verify=False
+    )
+    assert r.status_code == 401, r.text
+    found = cluster.node.cli(
+        "audit", "search", "--type=user.login", "--user=tina", "--format=json", local=True
+    )
+    reasons = [(e.get("extra") or {}).get("reason") for e in json.loads(found.stdout)]
+    assert reasons.count("second_factor_reused") >= 2, reasons

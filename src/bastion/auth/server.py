@@ -390,7 +390,8 @@ class AuthServer:
             user: User | None = await self._get_typed(User, "user", username)
         except (NotFoundError, pydantic.ValidationError):
             user = None
-        secret = await self._password_record(username) if user else {}
+        item = await self._password_item(username) if user else None
+        secret: dict[str, Any] = dict(orjson.loads(item.value)) if item else {}
         ok = await asyncio.to_thread(passwords.verify_password, secret.get("hash"), password)
         if not ok or user is None:
             # Same answer for both; the audit log tells them apart.
@@ -415,8 +416,11 @@ class AuthServer:
         if totp_secret and self.settings.second_factor != "off":
             if not totp_code:
                 raise SecondFactorRequiredError("a one-time code is required: pass it with --otp")
-            if not passwords.verify_totp(totp_secret, totp_code, at=self.clock.now().timestamp()):
+            step = passwords.totp_step(totp_secret, totp_code, at=self.clock.now().timestamp())
+            if step is None:
                 await self._login_failed(username, source, "second_factor")
+            assert item is not None  # (a TOTP secret came from it)
+            await self._spend_totp_step(username, source, item, secret, step)
         await self.throttle.succeeded(username, source)
         token, ident = await self._issue(user, ttl)
         now = self.clock.now()
@@ -424,10 +428,28 @@ class AuthServer:
         await self._cert_created(ident, actor=ident.username, source=source, how="login")
         return token, ident
 
+    async def _spend_totp_step(
+        self, username: str, source: str, item: Item, record: dict[str, Any], step: int
+    ) -> None:
+        """Record ``step`` as the last one used, or refuse a code of a step already used: a code
+        signs in once (RFC 6238, section 5.2).  Compare-and-swap, so of two sign-ins racing with
+        the same code one wins."""
+        if step <= int(record.get("totp_step", -1)):
+            await self._login_failed(username, source, "second_factor_reused")
+        try:
+            await self.backend.update(
+                Item(item.key, orjson.dumps({**record, "totp_step": step})), expected_revision=item.revision
+            )
+        except (ConflictError, NotFoundError):
+            await self._login_failed(username, source, "second_factor_reused")
+
     async def _login_failed(self, username: str, source: str, reason: str) -> NoReturn:
         """Count a failed password or one-time code, audit it (and the lock it caused), refuse."""
         locked = await self.throttle.failed(username, source)
-        message = "invalid one-time code" if reason == "second_factor" else _LOGIN_FAILED
+        message = {
+            "second_factor": "invalid one-time code",
+            "second_factor_reused": "this one-time code was used already: wait for the next one",
+        }.get(reason, _LOGIN_FAILED)
         now = self.clock.now()
         await self._record(
             cluster_events.login(
@@ -529,11 +551,11 @@ class AuthServer:
                 continue
         raise ConflictError(f'user "{name}" is being changed by someone else; try logging out again')
 
-    async def _password_record(self, username: str) -> dict[str, Any]:
+    async def _password_item(self, username: str) -> Item | None:
         try:
-            return dict(orjson.loads((await self.backend.get(f"/passwords/{username}")).value))
+            return await self.backend.get(f"/passwords/{username}")
         except NotFoundError:
-            return {}
+            return None
 
     # ------------------------------------------------------------- invites
 

@@ -249,7 +249,7 @@ def build_webapi(
             )
         except LoginRefusedError as e:
             # Audited by the auth server (decision 0033), with the reason; logged here.
-            if e.reason in ("password", "unknown_user", "second_factor"):
+            if e.reason in ("password", "unknown_user", "second_factor", "second_factor_reused"):
                 log.warning(
                     "login failed",
                     extra={
