@@ -296,3 +296,49 @@ def test_a_one_time_code_signs_in_once(cluster: Web) -> None:
     )
     reasons = [(e.get("extra") or {}).get("reason") for e in json.loads(found.stdout)]
     assert reasons.count("second_factor_reused") >= 2, reasons
+
+
+def test_a_session_of_large_arguments_does_not_make_a_huge_audit_page(cluster: Web) -> None:
+    """A user with one tool filled a session with calls of 60 KiB arguments (each stored, as
+    the audit bound allows): the session page rendered every argument whole for up to 5,000
+    events — hundreds of MB built in the proxy for whoever opened it, and a session nobody
+    could review."""
+    calls, size = 200, 60 * 1024
+    with signed_in(cluster, "eve") as (c, _):
+        token = c.cookies["__Host-bastion-session"]
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"}
+    with httpx.Client(base_url=cluster.url, verify=False, headers=headers, timeout=60) as mcp:
+        init = {
+            "jsonrpc": "2.0",
+            "id": 0,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "e", "version": "1"},
+            },
+        }
+        r = mcp.post("/mcp/apps/hostile", json=init)
+        assert r.status_code == 200, r.text
+        sid = r.headers["mcp-session-id"]
+        mcp.headers["Mcp-Session-Id"] = sid
+        mcp.post("/mcp/apps/hostile", json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+        for i in range(1, calls + 1):
+            params = {"name": "t0", "arguments": {"a": f"{i:06d}" + "x" * size}}
+            r = mcp.post(
+                "/mcp/apps/hostile",
+                json={"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": params},
+            )
+            assert r.status_code == 200, r.text
+    with signed_in(cluster, "alice") as (c, _):
+        deadline = time.monotonic() + 30
+        while True:  # the audit log is written behind the calls
+            page = c.get(f"/web/audit/session/{sid}")
+            assert page.status_code == 200
+            if page.text.count("tools/call") >= calls or time.monotonic() > deadline:
+                break
+        assert page.text.count("tools/call") >= calls
+        assert len(page.content) < 3 * 1024 * 1024, len(page.content)  # was ~12 MB for 200 calls
+        assert "more characters" in page.text  # each argument cut, saying so
+        export = c.get(f"/web/audit/export.jsonl?session={sid}")  # the whole record stays there
+        assert export.status_code == 200 and len(export.content) > calls * size

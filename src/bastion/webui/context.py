@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -53,10 +52,6 @@ SignedHandler = Callable[[Request, Signed], Awaitable[Response]]
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def _pretty(value: Any) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False)
-
-
 class UI:
     def __init__(self, auth: AuthServer, *, public_addr: str, registry: Any, audit: Any) -> None:
         self.auth = auth
@@ -70,7 +65,6 @@ class UI:
             trim_blocks=True,
             lstrip_blocks=True,
         )
-        self.env.filters["pretty"] = _pretty
 
     @staticmethod
     def source(request: Request) -> str:
