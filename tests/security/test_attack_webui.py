@@ -342,3 +342,18 @@ def test_a_session_of_large_arguments_does_not_make_a_huge_audit_page(cluster: W
         assert "more characters" in page.text  # each argument cut, saying so
         export = c.get(f"/web/audit/export.jsonl?session={sid}")  # the whole record stays there
         assert export.status_code == 200 and len(export.content) > calls * size
+
+
+def test_an_audit_page_does_not_read_what_it_skips_without_bound(cluster: Web) -> None:
+    """``skip`` (the ties shown on earlier pages) came from the URL up to 99,999, and a page
+    reads the events it skips: one URL read 100,000 events, arguments and all, into the proxy."""
+    with signed_in(cluster, "alice") as (c, _):
+        now = c.get("/web/audit")
+        assert now.status_code == 200
+        r = c.get(
+            "/web/audit", params={"since": "24h", "before": "2100-01-01T00:00:00+00:00", "skip": "99999"}
+        )
+        assert r.status_code == 200
+        assert "share one time: export the filtered list instead" in r.text
+        r = c.get("/web/audit", params={"since": "24h", "before": "2100-01-01T00:00:00+00:00", "skip": "3"})
+        assert "share one time" not in r.text

@@ -36,6 +36,8 @@ PARAMS_SHOWN = 4096
 #: As ``bastion audit tail -f``: a call is shown once it has its outcome, or after 2 s without.
 HOLD_MS = 2000
 FEED_PAGE = 200
+#: The most events of one time a page skips (ties shown on earlier pages; a page reads them).
+MOST_SKIPPED = 1000
 
 
 def row(e: dict[str, Any]) -> dict[str, Any]:
@@ -95,6 +97,11 @@ def routes(ui: UI) -> list[Route]:
         error, after = "", None
         events: list[dict[str, Any]] = []
         try:
+            if skip > MOST_SKIPPED:
+                # A page reads the events it skips: skip=99999 read 100,000 events, params and all.
+                raise ValidationError(
+                    f"more than {MOST_SKIPPED} events share one time: export the filtered list instead"
+                )
             before = request.query_params.get("before", "")[:64]
             events, after = await page_of(store(), filters, before, skip)
         except ValidationError as e:
