@@ -357,3 +357,19 @@ def test_an_audit_page_does_not_read_what_it_skips_without_bound(cluster: Web) -
         assert "share one time: export the filtered list instead" in r.text
         r = c.get("/web/audit", params={"since": "24h", "before": "2100-01-01T00:00:00+00:00", "skip": "3"})
         assert "share one time" not in r.text
+
+
+def test_the_tools_page_s_mcp_session_is_audited_from_the_browser_s_address(cluster: Web) -> None:
+    """The tools page's MCP session came from the proxy's own loopback address: its audit
+    events did not say where the user was, and every web user shared one per-source bound."""
+    transport = httpx.HTTPTransport(local_address="127.0.0.2", verify=False)
+    with httpx.Client(base_url=cluster.url, transport=transport, follow_redirects=False, timeout=60) as c:
+        page = c.get("/web/login")
+        r = c.post("/web/login", data={"csrf": csrf_of(page.text), "user": "mallory", "password": PW})
+        assert r.status_code == 303, r.text
+        assert c.get("/web/apps/bastion-demo/tools?part=1").status_code == 200
+    found = cluster.node.cli(
+        "audit", "search", "--type=mcp.session.start", "--user=mallory", "--format=json", local=True
+    )
+    addrs = {e.get("remote_addr") for e in json.loads(found.stdout)}
+    assert addrs == {"127.0.0.2"}, addrs

@@ -40,7 +40,6 @@ SCHEMA_MOST = 20_000
 
 
 def routes(ui: UI, front: ASGI) -> list[Route]:
-    transport = httpx.ASGITransport(app=front, client=("127.0.0.1", 0))
 
     def reachable(s: Signed) -> list[Any]:
         checker = s.actor.checker
@@ -100,6 +99,9 @@ def routes(ui: UI, front: ASGI) -> list[Route]:
         if app is None:
             return missing(request, s, name)
         error, tools = "", []
+        # From the browser's address: the session's audit events and per-source bounds are
+        # the user's, not the proxy's own loopback shared by every web user.
+        transport = httpx.ASGITransport(app=front, client=(ui.source(request) or "?", 0))
         client = MCPClient(proxy=ui.public_addr, app=name, token=s.token, trust=Trust(), transport=transport)
         try:
             async with asyncio.timeout(TOOLS_TIMEOUT), client as c:
