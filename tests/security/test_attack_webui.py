@@ -373,3 +373,24 @@ def test_the_tools_page_s_mcp_session_is_audited_from_the_browser_s_address(clus
     )
     addrs = {e.get("remote_addr") for e in json.loads(found.stdout)}
     assert addrs == {"127.0.0.2"}, addrs
+
+
+def test_every_ui_answer_carries_the_security_headers(cluster: Web) -> None:
+    """Starlette's own 404 and 405 under /web, and the redirects (the sign-in's carries the
+    session cookie), had no CSP, no frame-ancestors, no nosniff and no ``no-store``."""
+    with httpx.Client(base_url=cluster.url, verify=False, follow_redirects=False) as c:
+        page = c.get("/web/login")
+        answers = {
+            "unknown page": c.get("/web/no-such-page"),
+            "wrong method": c.get("/web/logout"),
+            "redirect": c.get("/"),
+            "sign-in": c.post(
+                "/web/login", data={"csrf": csrf_of(page.text), "user": "alice", "password": PW}
+            ),
+        }
+    assert answers["unknown page"].status_code == 404 and answers["wrong method"].status_code == 405
+    assert answers["sign-in"].status_code == 303
+    for what, r in answers.items():
+        assert "frame-ancestors 'none'" in r.headers.get("content-security-policy", ""), what
+        assert r.headers.get("x-content-type-options") == "nosniff", what
+        assert r.headers.get("cache-control") == "no-store", what
