@@ -394,3 +394,20 @@ def test_every_ui_answer_carries_the_security_headers(cluster: Web) -> None:
         assert "frame-ancestors 'none'" in r.headers.get("content-security-policy", ""), what
         assert r.headers.get("x-content-type-options") == "nosniff", what
         assert r.headers.get("cache-control") == "no-store", what
+
+
+def test_guessed_invite_links_are_audited(cluster: Web) -> None:
+    """A wrong code on the invite page (and the web API's invite info) was refused without a
+    trace: a scan of invite links left none. (Codes are 192 random bits: not guessable, but
+    the attempt is a refusal, and refusals are audited.)"""
+    transport = httpx.HTTPTransport(local_address="127.0.0.3", verify=False)
+    with httpx.Client(base_url=cluster.url, transport=transport) as c:
+        for i in range(3):
+            assert c.get(f"/web/invite/guess-{i}").status_code == 404
+        assert c.post("/v1/webapi/invites/info", json={"code": "guess-api"}).status_code in (401, 404)
+    found = cluster.node.cli("audit", "search", "--type=invite.use", "--format=json", local=True)
+    refused = [
+        e for e in json.loads(found.stdout) if not e["success"] and e.get("remote_addr") == "127.0.0.3"
+    ]
+    assert len(refused) == 4, refused
+    assert all((e.get("extra") or {}).get("step") == "info" for e in refused)

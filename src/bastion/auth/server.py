@@ -569,13 +569,34 @@ class AuthServer:
         )
         return Invite(user=username, code=code, expires=expires)
 
-    async def invite_info(self, code: str) -> InviteInfo:
-        item = await self._invite_item(code)
+    async def invite_info(self, code: str, *, source: str = "") -> InviteInfo:
+        """Who an invite is for.  An unknown code is refused and audited as a refused use
+        (bounded per source), so a scan of invite links leaves a trace."""
+        item = await self._checked_invite(code, source, step="info")
         return InviteInfo(
             user=orjson.loads(item.value)["user"],
             expires=item.expires or self.clock.now(),
             second_factor=self.settings.second_factor,
         )
+
+    async def _checked_invite(self, code: str, source: str, step: str = "") -> Item:
+        """The invite's record, or the refusal, audited (bounded per source)."""
+        try:
+            return await self._invite_item(code)
+        except AuthenticationError as e:
+            await self._record_refusal(
+                source,
+                cluster_events.event(
+                    ev.INVITE_USE,
+                    self.clock.now(),
+                    self.cluster_name,
+                    success=False,
+                    error=e.message,
+                    remote_addr=source,
+                    extra={"step": step} if step else None,
+                ),
+            )
+            raise
 
     async def _invite_item(self, code: str) -> Item:
         try:
@@ -593,21 +614,7 @@ class AuthServer:
             passwords.check_password_policy(password)
         except ValueError as e:
             raise ValidationError(str(e)) from None
-        try:
-            item = await self._invite_item(code)
-        except AuthenticationError as e:
-            await self._record_refusal(
-                source,
-                cluster_events.event(
-                    ev.INVITE_USE,
-                    self.clock.now(),
-                    self.cluster_name,
-                    success=False,
-                    error=e.message,
-                    remote_addr=source,
-                ),
-            )
-            raise
+        item = await self._checked_invite(code, source)
         invite = orjson.loads(item.value)
         username = str(invite["user"])
         if self.settings.second_factor == "on" and not totp_secret:

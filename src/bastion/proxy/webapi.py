@@ -272,7 +272,7 @@ def build_webapi(
         )
 
     async def invite_info(request: Request) -> Response:
-        info = await auth.invite_info(_str(await _body(request), "code"))
+        info = await auth.invite_info(_str(await _body(request), "code"), source=_source(request))
         return _json(
             {
                 "user": info.user,
