@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import socket
+import ssl
 import sys
 import time
 from collections.abc import Iterator
@@ -411,3 +413,39 @@ def test_guessed_invite_links_are_audited(cluster: Web) -> None:
     ]
     assert len(refused) == 4, refused
     assert all((e.get("extra") or {}).get("step") == "info" for e in refused)
+
+
+def _answer_before_the_body(web: Web, path: str, *, declared: int = 0, chunked: int = 0) -> bytes:
+    """Send a POST declaring ``declared`` bytes of body and sending none, or sending ``chunked``
+    bytes in chunks and never the last chunk; then read: the proxy must answer without waiting
+    for (and holding) the rest."""
+    host, port = web.node.addr.rsplit(":", 1)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    framing = f"Content-Length: {declared}" if declared else "Transfer-Encoding: chunked"
+    with socket.create_connection((host, int(port)), timeout=10) as raw, ctx.wrap_socket(raw) as tls:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {web.node.addr}\r\n"
+            f"Content-Type: application/x-www-form-urlencoded\r\n{framing}\r\n\r\n"
+        )
+        tls.sendall(head.encode())
+        chunk = b"10000\r\n" + b"a" * 65536 + b"\r\n"
+        for _ in range(chunked // 65536):
+            tls.sendall(chunk)
+        tls.settimeout(10)
+        try:
+            return tls.recv(4096)
+        except TimeoutError:
+            return b""
+
+
+def test_a_huge_body_is_refused_without_reading_it(cluster: Web) -> None:
+    """The sign-in form (no session needed) and the web API read the whole body before
+    checking its size: anyone could make the proxy hold any number of gigabytes."""
+    for path, most in (("/web/login", 256 * 1024), ("/v1/webapi/login", 1024 * 1024)):
+        # Said up front: refused at once.
+        answer = _answer_before_the_body(cluster, path, declared=1 << 30)
+        assert answer.startswith(b"HTTP/1.1 400"), (path, answer[:200])
+        # Not said (chunks): refused once the limit is passed, before the body ends.
+        answer = _answer_before_the_body(cluster, path, chunked=2 * most)
+        assert answer.startswith(b"HTTP/1.1 400"), (path, answer[:200])
