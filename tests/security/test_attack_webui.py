@@ -89,6 +89,23 @@ def signed_in(web: Web, user: str) -> Iterator[tuple[httpx.Client, str]]:
         yield c, csrf_of(c.get("/web/apps").text)
 
 
+@contextlib.contextmanager
+def hostile_session(web: Web, token: str, client_info: dict[str, str]) -> Iterator[tuple[httpx.Client, str]]:
+    """An MCP session on the hostile app with ``token`` as the bearer: the client (its posts
+    carry the session) and the session id."""
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"}
+    with httpx.Client(base_url=web.url, verify=False, headers=headers, timeout=60) as mcp:
+        params = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": client_info}
+        r = mcp.post(
+            "/mcp/apps/hostile", json={"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": params}
+        )
+        assert r.status_code == 200, r.text
+        sid = r.headers["mcp-session-id"]
+        mcp.headers["Mcp-Session-Id"] = sid
+        mcp.post("/mcp/apps/hostile", json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+        yield mcp, sid
+
+
 def laughs(levels: int) -> str:
     """A role whose ``tools`` is 9**levels strings once its aliases are expanded (~50 bytes a
     level)."""
@@ -225,27 +242,7 @@ def test_a_hostile_upstream_s_tools_are_bounded_and_shown_as_text(cluster: Web) 
         assert all(h.startswith(("/", "#", "cursor://", "vscode:")) for h in hrefs), hrefs
         # A call of a tool named with markup: the audit pages show the name as text.
         token = c.cookies["__Host-bastion-session"]
-    mcp = httpx.Client(
-        base_url=cluster.url,
-        verify=False,
-        headers={"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"},
-    )
-    with mcp:
-        init = {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": "2025-06-18",
-                "capabilities": {},
-                "clientInfo": {"name": HOSTILE[3], "version": HOSTILE[1]},
-            },
-        }
-        r = mcp.post("/mcp/apps/hostile", json=init)
-        assert r.status_code == 200, r.text
-        sid = r.headers["mcp-session-id"]
-        mcp.headers["Mcp-Session-Id"] = sid
-        mcp.post("/mcp/apps/hostile", json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+    with hostile_session(cluster, token, {"name": HOSTILE[3], "version": HOSTILE[1]}) as (mcp, sid):
         call = {
             "jsonrpc": "2.0",
             "id": 2,
@@ -308,23 +305,7 @@ def test_a_session_of_large_arguments_does_not_make_a_huge_audit_page(cluster: W
     calls, size = 200, 60 * 1024
     with signed_in(cluster, "eve") as (c, _):
         token = c.cookies["__Host-bastion-session"]
-    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"}
-    with httpx.Client(base_url=cluster.url, verify=False, headers=headers, timeout=60) as mcp:
-        init = {
-            "jsonrpc": "2.0",
-            "id": 0,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": "2025-06-18",
-                "capabilities": {},
-                "clientInfo": {"name": "e", "version": "1"},
-            },
-        }
-        r = mcp.post("/mcp/apps/hostile", json=init)
-        assert r.status_code == 200, r.text
-        sid = r.headers["mcp-session-id"]
-        mcp.headers["Mcp-Session-Id"] = sid
-        mcp.post("/mcp/apps/hostile", json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+    with hostile_session(cluster, token, {"name": "e", "version": "1"}) as (mcp, sid):
         for i in range(1, calls + 1):
             params = {"name": "t0", "arguments": {"a": f"{i:06d}" + "x" * size}}
             r = mcp.post(

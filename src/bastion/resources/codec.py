@@ -287,24 +287,14 @@ def _load_yaml(text: str, *, source: str) -> list[dict[str, Any]]:
             if node is None:
                 continue
             if _expanded_size(node) > MAX_NODES:
-                mark = node.start_mark
-                raise DecodeError(
-                    source,
-                    f"document {index} holds more than {MAX_NODES} values once its aliases are expanded",
-                    mark.line + 1,
-                    mark.column + 1,
-                )
+                problem = f"document {index} holds more than {MAX_NODES} values once its aliases are expanded"
+                raise DecodeError(source, problem, node.start_mark.line + 1, node.start_mark.column + 1)
             data = loader.construct_document(node)
             if data is None:
                 continue
             if not isinstance(data, dict):
-                mark = node.start_mark
-                raise DecodeError(
-                    source,
-                    f"document {index} is {_kind_of(data)}, expected a mapping",
-                    mark.line + 1,
-                    mark.column + 1,
-                )
+                problem = f"document {index} is {_kind_of(data)}, expected a mapping"
+                raise DecodeError(source, problem, node.start_mark.line + 1, node.start_mark.column + 1)
             docs.append(data)
     finally:
         loader.dispose()
