@@ -430,3 +430,18 @@ def test_a_huge_body_is_refused_without_reading_it(cluster: Web) -> None:
         # Not said (chunks): refused once the limit is passed, before the body ends.
         answer = _answer_before_the_body(cluster, path, chunked=2 * most)
         assert answer.startswith(b"HTTP/1.1 400"), (path, answer[:200])
+
+
+def test_asking_for_an_app_one_may_not_reach_is_audited(cluster: Web) -> None:
+    """The tools and connect pages answered an app the user may not reach like a missing one
+    (right) but left no trace (the MCP path audits the same request as a refusal)."""
+    with signed_in(cluster, "eve") as (c, _):  # eve reaches the hostile app only
+        for path in ("/web/apps/bastion-demo/tools", "/web/apps/bastion-demo/connect?part=1"):
+            r = c.get(path)
+            assert r.status_code == 404 and "that you may use" in r.text, r.text[:300]
+            assert "stdio" not in r.text  # nothing of the hidden app is shown
+    found = cluster.node.cli(
+        "audit", "search", "--type=access.denied", "--user=eve", "--format=json", local=True
+    )
+    paths = {(e.get("extra") or {}).get("path") for e in json.loads(found.stdout)}
+    assert {"/web/apps/bastion-demo/tools", "/web/apps/bastion-demo/connect"} <= paths, paths

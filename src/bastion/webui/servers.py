@@ -89,15 +89,18 @@ def routes(ui: UI, front: ASGI) -> list[Route]:
             return None  # one the user may not reach is answered like a missing one
         return app
 
-    def missing(request: Request, s: Signed, name: str) -> Response:
+    async def missing(request: Request, s: Signed, name: str) -> Response:
+        """An app the user may not reach, answered like a missing one — and audited as a
+        refusal, as the MCP path audits a request for a hidden app."""
         message = f'no MCP server "{name[:100]}" that you may use (see the list of MCP servers)'
+        await ui.refused(request, s.actor.name, message, tuple(r.metadata.name for r in s.actor.roles))
         return ui.error(request, "Not found", message, 404, s)
 
     async def tools_page(request: Request, s: Signed) -> Response:
         name = request.path_params["name"]
         app = find(s, name)
         if app is None:
-            return missing(request, s, name)
+            return await missing(request, s, name)
         error, tools = "", []
         # From the browser's address: the session's audit events and per-source bounds are
         # the user's, not the proxy's own loopback shared by every web user.
@@ -126,7 +129,7 @@ def routes(ui: UI, front: ASGI) -> list[Route]:
         name = request.path_params["name"]
         app = find(s, name)
         if app is None:
-            return missing(request, s, name)
+            return await missing(request, s, name)
         ctx = {
             "title": f"Connect to {name}",
             "app": app_json(app, s.actor.checker),
