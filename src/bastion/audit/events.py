@@ -23,7 +23,8 @@ Types and codes (ours; the set follows Teleport's MCP session events)::
 Cluster events (who did what to the cluster; decision 0033)::
 
     user.login                   BAUTH002I / BAUTH002E (E: reason unknown_user, password,
-                                                       second_factor, no_second_factor, locked,
+                                                       second_factor, second_factor_reused,
+                                                       no_second_factor, locked,
                                                        source_locked or throttled)
     user.logout                  BAUTH003I             (a credential revoked)
     user.locked                  BAUTH004I             failures locked an (address, user) pair

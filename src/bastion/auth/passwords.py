@@ -8,6 +8,8 @@ of a real verification, so an unknown user cannot be told apart by timing.
 from __future__ import annotations
 
 import functools
+import hmac
+from datetime import UTC, datetime
 
 import pyotp
 from argon2 import PasswordHasher
@@ -54,7 +56,19 @@ def totp_uri(secret: str, *, user: str, cluster: str) -> str:
 
 def verify_totp(secret: str, code: str, *, at: float) -> bool:
     """True iff ``code`` is valid at time ``at`` (one 30 s step of drift allowed)."""
+    return totp_step(secret, code, at=at) is not None
+
+
+def totp_step(secret: str, code: str, *, at: float) -> int | None:
+    """The 30 s time step whose code ``code`` is, among those valid at ``at`` (one step of
+    drift either way), or None.  A sign-in records the step it used, so that a code seen once
+    (over a shoulder, by a phishing page) cannot sign in again (RFC 6238, section 5.2)."""
     code = code.strip().replace(" ", "")
     if not code.isdigit():
-        return False
-    return bool(pyotp.TOTP(secret).verify(code, for_time=at, valid_window=1))
+        return None
+    totp = pyotp.TOTP(secret)
+    now = totp.timecode(datetime.fromtimestamp(at, tz=UTC))
+    for step in (now - 1, now, now + 1):
+        if hmac.compare_digest(totp.generate_otp(step), code):
+            return step
+    return None

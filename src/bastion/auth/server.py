@@ -391,7 +391,8 @@ class AuthServer:
             user: User | None = await self._get_typed(User, "user", username)
         except (NotFoundError, pydantic.ValidationError):
             user = None
-        secret = await self._password_record(username) if user else {}
+        item = await self._password_item(username) if user else None
+        secret: dict[str, Any] = dict(orjson.loads(item.value)) if item else {}
         ok = await asyncio.to_thread(passwords.verify_password, secret.get("hash"), password)
         if not ok or user is None:
             # Same answer for both; the audit log tells them apart.
@@ -416,8 +417,11 @@ class AuthServer:
         if totp_secret and self.settings.second_factor != "off":
             if not totp_code:
                 raise SecondFactorRequiredError("a one-time code is required: pass it with --otp")
-            if not passwords.verify_totp(totp_secret, totp_code, at=self.clock.now().timestamp()):
+            step = passwords.totp_step(totp_secret, totp_code, at=self.clock.now().timestamp())
+            if step is None:
                 await self._login_failed(username, source, "second_factor")
+            assert item is not None  # (a TOTP secret came from it)
+            await self._spend_totp_step(username, source, item, secret, step)
         await self.throttle.succeeded(username, source)
         token, ident = await self._issue(user, ttl)
         now = self.clock.now()
@@ -425,10 +429,28 @@ class AuthServer:
         await self._cert_created(ident, actor=ident.username, source=source, how="login")
         return token, ident
 
+    async def _spend_totp_step(
+        self, username: str, source: str, item: Item, record: dict[str, Any], step: int
+    ) -> None:
+        """Record ``step`` as the last one used, or refuse a code of a step already used: a code
+        signs in once (RFC 6238, section 5.2).  Compare-and-swap, so of two sign-ins racing with
+        the same code one wins."""
+        if step <= int(record.get("totp_step", -1)):
+            await self._login_failed(username, source, "second_factor_reused")
+        try:
+            await self.backend.update(
+                Item(item.key, orjson.dumps({**record, "totp_step": step})), expected_revision=item.revision
+            )
+        except (ConflictError, NotFoundError):
+            await self._login_failed(username, source, "second_factor_reused")
+
     async def _login_failed(self, username: str, source: str, reason: str) -> NoReturn:
         """Count a failed password or one-time code, audit it (and the lock it caused), refuse."""
         locked = await self.throttle.failed(username, source)
-        message = "invalid one-time code" if reason == "second_factor" else _LOGIN_FAILED
+        message = {
+            "second_factor": "invalid one-time code",
+            "second_factor_reused": "this one-time code was used already: wait for the next one",
+        }.get(reason, _LOGIN_FAILED)
         now = self.clock.now()
         await self._record(
             cluster_events.login(
@@ -530,11 +552,11 @@ class AuthServer:
                 continue
         raise ConflictError(f'user "{name}" is being changed by someone else; try logging out again')
 
-    async def _password_record(self, username: str) -> dict[str, Any]:
+    async def _password_item(self, username: str) -> Item | None:
         try:
-            return dict(orjson.loads((await self.backend.get(f"/passwords/{username}")).value))
+            return await self.backend.get(f"/passwords/{username}")
         except NotFoundError:
-            return {}
+            return None
 
     # ------------------------------------------------------------- invites
 
@@ -548,13 +570,34 @@ class AuthServer:
         )
         return Invite(user=username, code=code, expires=expires)
 
-    async def invite_info(self, code: str) -> InviteInfo:
-        item = await self._invite_item(code)
+    async def invite_info(self, code: str, *, source: str = "") -> InviteInfo:
+        """Who an invite is for.  An unknown code is refused and audited as a refused use
+        (bounded per source), so a scan of invite links leaves a trace."""
+        item = await self._checked_invite(code, source, step="info")
         return InviteInfo(
             user=orjson.loads(item.value)["user"],
             expires=item.expires or self.clock.now(),
             second_factor=self.settings.second_factor,
         )
+
+    async def _checked_invite(self, code: str, source: str, step: str = "") -> Item:
+        """The invite's record, or the refusal, audited (bounded per source)."""
+        try:
+            return await self._invite_item(code)
+        except AuthenticationError as e:
+            await self._record_refusal(
+                source,
+                cluster_events.event(
+                    ev.INVITE_USE,
+                    self.clock.now(),
+                    self.cluster_name,
+                    success=False,
+                    error=e.message,
+                    remote_addr=source,
+                    extra={"step": step} if step else None,
+                ),
+            )
+            raise
 
     async def _invite_item(self, code: str) -> Item:
         try:
@@ -572,21 +615,7 @@ class AuthServer:
             passwords.check_password_policy(password)
         except ValueError as e:
             raise ValidationError(str(e)) from None
-        try:
-            item = await self._invite_item(code)
-        except AuthenticationError as e:
-            await self._record_refusal(
-                source,
-                cluster_events.event(
-                    ev.INVITE_USE,
-                    self.clock.now(),
-                    self.cluster_name,
-                    success=False,
-                    error=e.message,
-                    remote_addr=source,
-                ),
-            )
-            raise
+        item = await self._checked_invite(code, source)
         invite = orjson.loads(item.value)
         username = str(invite["user"])
         if self.settings.second_factor == "on" and not totp_secret:
@@ -989,16 +1018,17 @@ class AuthServer:
             raise ValidationError(
                 f"{kind} resources are written by the cluster itself (heartbeats), not from a file"
             )
+        # Refused before any work on the document: a user who may not write it costs nothing.
+        if overwrite:
+            actor.require(kind, "create", "update")
+        else:
+            actor.require(kind, "create")
         res = self._build(KINDS[kind], dict(data))
         assert isinstance(res, Role | User | Token) or res.kind == "app"
         if isinstance(res, User):
             await self._check_roles_exist(res.spec.roles)
             # The status is the cluster's, never the file's: a new record gets a new id.
             res = res.model_copy(update={"status": UserStatus(uid=_new_uid())})
-        if overwrite:
-            actor.require(kind, "create", "update")
-        else:
-            actor.require(kind, "create")
         if isinstance(res, App):
             await self._refuse_static_name(res.metadata.name)
         current: Item | None = None

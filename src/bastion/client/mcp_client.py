@@ -112,16 +112,19 @@ class MCPClient:
         result = answer.get("result")
         return result if isinstance(result, dict) else {}
 
-    async def list_tools(self) -> list[dict[str, Any]]:
-        """Every tool the gateway lets the caller see (``tools/list``, all pages)."""
+    async def list_tools(self, most: int | None = None) -> list[dict[str, Any]]:
+        """Every tool the gateway lets the caller see (``tools/list``, all pages); with ``most``,
+        no page is asked for once that many are listed (an upstream's pages may never end), and
+        at most ``most`` are returned."""
         listed: list[dict[str, Any]] = []
         cursor: str | None = None
-        while True:
+        while most is None or len(listed) < most:
             page = await self.request("tools/list", {"cursor": cursor} if cursor else {})
             listed.extend(t for t in page.get("tools") or [] if isinstance(t, dict))
             cursor = page.get("nextCursor")
             if not cursor:
-                return listed
+                break
+        return listed if most is None else listed[:most]
 
     async def _post(self, msg: dict[str, Any], want_id: int | None = None) -> dict[str, Any] | None:
         try:

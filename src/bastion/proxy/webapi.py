@@ -65,10 +65,24 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
+async def bounded_body(request: Request, most: int, what: str = "request body") -> bytes:
+    """The body, read only as far as ``most`` bytes: a longer one (by its Content-Length, or
+    once that many bytes came) is refused without reading — and holding — the rest."""
+    too_large = ValidationError(f"{what} too large (at most {most // 1024} KiB)")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > most:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > most:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise ValidationError("request body too large")
+    raw = await bounded_body(request, MAX_BODY)
     try:
         data = orjson.loads(raw or b"{}")
     except orjson.JSONDecodeError as e:
@@ -249,7 +263,7 @@ def build_webapi(
             )
         except LoginRefusedError as e:
             # Audited by the auth server (decision 0033), with the reason; logged here.
-            if e.reason in ("password", "unknown_user", "second_factor"):
+            if e.reason in ("password", "unknown_user", "second_factor", "second_factor_reused"):
                 log.warning(
                     "login failed",
                     extra={
@@ -272,7 +286,7 @@ def build_webapi(
         )
 
     async def invite_info(request: Request) -> Response:
-        info = await auth.invite_info(_str(await _body(request), "code"))
+        info = await auth.invite_info(_str(await _body(request), "code"), source=_source(request))
         return _json(
             {
                 "user": info.user,

@@ -5,7 +5,9 @@ What this module is for:
 * ``load_documents`` turns text into a list of mappings.  It is strict on
   purpose: a mapping that repeats a key is an error (PyYAML would silently keep
   the last value), so the bytes an operator reviewed can only mean one thing.
-  Errors carry the source name, line and column.
+  Errors carry the source name, line and column.  It is bounded: a document
+  nested deeper than ``MAX_DEPTH`` or holding more than ``MAX_NODES`` values once
+  its aliases are expanded (a "billion laughs") is refused before it is built.
 * ``format_pydantic_error`` / ``pydantic_problems`` turn a
   ``pydantic.ValidationError`` into ``key.path[0].sub: reason`` lines, the one
   error format users see for configuration files and resources alike.
@@ -50,6 +52,12 @@ LOCATED_ERROR_TYPE = "located"
 
 Loc = tuple[str | int, ...]
 
+#: The deepest nesting of one document (resources and configs are a handful of levels deep).
+MAX_DEPTH = 64
+#: The most values (scalars, lists, mappings) one document holds, each alias counted as the
+#: copy it becomes: 9 anchors of 9 aliases each are 9**9 values in 500 bytes of YAML.
+MAX_NODES = 100_000
+
 
 class DecodeError(ValidationError):
     """Text that is not valid YAML/JSON, or not a list of mappings.
@@ -87,6 +95,19 @@ class _StrictLoader(yaml.SafeLoader):
     keys written in the mapping itself must be unique.
     """
 
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        # PyYAML composes recursively: bounded here, before Python's own limit is reached.
+        if self._depth >= MAX_DEPTH:
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep", mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, yaml.MappingNode):
             seen: dict[Any, yaml.Mark] = {}
@@ -107,6 +128,26 @@ class _StrictLoader(yaml.SafeLoader):
                     )
                 seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many values ``root`` becomes once built, each alias counted as a copy (an alias is
+    the same node object as its anchor, so a node's size is computed once: linear time)."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        sizes[id(node)] = total = min(total, MAX_NODES + 1)
+        return total
+
+    return size(root)  # (recursion bounded by MAX_DEPTH)
 
 
 def _yaml_error(source: str, text: str, err: yaml.YAMLError) -> DecodeError:
@@ -202,6 +243,8 @@ def _load_json(text: str, *, source: str) -> dict[str, Any] | None:
         raise DecodeError(
             source, f'duplicate key "{e.key}" (in the object starting on line {e.line})', e.line, 1
         ) from None
+    except RecursionError:  # the JSON decoder recurses per level, as PyYAML does
+        raise DecodeError(source, "nested too deeply") from None
     except ValueError:
         return None
     if not isinstance(data, dict):
@@ -243,17 +286,15 @@ def _load_yaml(text: str, *, source: str) -> list[dict[str, Any]]:
             index += 1
             if node is None:
                 continue
+            if _expanded_size(node) > MAX_NODES:
+                problem = f"document {index} holds more than {MAX_NODES} values once its aliases are expanded"
+                raise DecodeError(source, problem, node.start_mark.line + 1, node.start_mark.column + 1)
             data = loader.construct_document(node)
             if data is None:
                 continue
             if not isinstance(data, dict):
-                mark = node.start_mark
-                raise DecodeError(
-                    source,
-                    f"document {index} is {_kind_of(data)}, expected a mapping",
-                    mark.line + 1,
-                    mark.column + 1,
-                )
+                problem = f"document {index} is {_kind_of(data)}, expected a mapping"
+                raise DecodeError(source, problem, node.start_mark.line + 1, node.start_mark.column + 1)
             docs.append(data)
     finally:
         loader.dispose()
@@ -332,15 +373,23 @@ def pydantic_problems(err: pydantic.ValidationError, prefix: str = "") -> list[t
     return problems
 
 
+#: The most problems one message lists (a document of 6,000 wrong items is 6,000 problems);
+#: the others are counted in its last line.
+MOST_PROBLEMS = 50
+
+
 def format_pydantic_error(err: pydantic.ValidationError, prefix: str = "") -> str:
-    """One ``key.path[0].sub: reason`` line per error, joined with newlines.
+    """One ``key.path[0].sub: reason`` line per error, joined with newlines: the first
+    ``MOST_PROBLEMS``, then ``... and N more problems``.
 
     ``prefix`` is put in front of every path (``spec`` -> ``spec.uri``).  An
     error about the whole document (no path) is just its reason.
     """
-    return "\n".join(
-        f"{path}: {reason}" if path else reason for path, reason in pydantic_problems(err, prefix)
-    )
+    problems = pydantic_problems(err, prefix)
+    lines = [f"{path}: {reason}" if path else reason for path, reason in problems[:MOST_PROBLEMS]]
+    if len(problems) > MOST_PROBLEMS:
+        lines.append(f"... and {len(problems) - MOST_PROBLEMS} more problems")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------- encoding

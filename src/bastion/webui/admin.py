@@ -158,7 +158,15 @@ def routes(ui: UI) -> list[Route]:
         return editor(request, s, kind, as_yaml(res.model_dump(mode="json")), name=name)
 
     async def kind_save(request: Request, s: Signed, data: dict[str, str], kind: str) -> Response:
-        text, name = data.get("yaml", "")[:MAX_YAML], data.get("name", "")[:200]
+        text, name = data.get("yaml", ""), data.get("name", "")[:200]
+        # Refused before the text is read (``create_resource`` asks the same again).
+        s.actor.require(kind, *(("create", "update") if name else ("create",)))
+        if len(text) > MAX_YAML:
+            # Refused, never cut: the first 64 KiB of a role can be a valid role that lacks
+            # the deny rules written after them.
+            why = f"the text is {len(text) // 1024} KiB; a {kind} may be at most {MAX_YAML // 1024} KiB"
+            found = [yamllines.Problem(0, why)]
+            return editor(request, s, kind, text, name=name, found=found, status=413)
         try:
             docs = load_documents(text, source=kind)
             if len(docs) != 1:

@@ -25,6 +25,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 
 from bastion.auth.server import AuthServer
 from bastion.errors import BastionError
@@ -42,7 +43,7 @@ def build_webui(
     front: ASGI,
     registry: Any = None,
     audit_log: Any = None,
-) -> Starlette:
+) -> ASGI:
     """The UI's ASGI app.  ``front``: the proxy's front door, which the UI's own MCP requests
     (tools lists) go through as the signed-in user; ``registry``: the apps (the router);
     ``audit_log``: the process's audit log (None: no audit pages)."""
@@ -71,4 +72,28 @@ def build_webui(
         *admin.routes(ui),
         Route("/web/static/{name}", static_file),
     ]
-    return Starlette(routes=routes, exception_handlers={Exception: handle})
+    return with_headers(Starlette(routes=routes, exception_handlers={Exception: handle}))
+
+
+def with_headers(app: ASGI) -> ASGI:
+    """Every answer of the UI carries ``guard.HEADERS`` and, unless it says otherwise,
+    ``Cache-Control: no-store``: the pages set them, and so now do Starlette's own 404 and 405,
+    and the redirects (the sign-in's carries the session cookie)."""
+    defaults = [(k.encode(), v.encode()) for k, v in {**guard.HEADERS, "cache-control": "no-store"}.items()]
+
+    async def run(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {k.lower() for k, _ in headers}
+                headers += [(k, v) for k, v in defaults if k not in present]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await app(scope, receive, send_with_headers)
+
+    return run

@@ -9,6 +9,7 @@ live tail reads the feed in commit order (decision 0034), as ``bastion audit tai
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -28,10 +29,15 @@ from bastion.webui.context import UI, Signed
 
 PAGE_SIZE = 100
 FILTERS = ("since", "until", "user", "app", "tool", "type", "outcome", "session")
-SESSION_MOST = 5000
+SESSION_MOST = 1000
+#: The most characters of one event's arguments the session page shows (an event may store
+#: 64 KiB of them: a session of such calls was a page of hundreds of MB); the export has all.
+PARAMS_SHOWN = 4096
 #: As ``bastion audit tail -f``: a call is shown once it has its outcome, or after 2 s without.
 HOLD_MS = 2000
 FEED_PAGE = 200
+#: The most events of one time a page skips (ties shown on earlier pages; a page reads them).
+MOST_SKIPPED = 1000
 
 
 def row(e: dict[str, Any]) -> dict[str, Any]:
@@ -91,6 +97,11 @@ def routes(ui: UI) -> list[Route]:
         error, after = "", None
         events: list[dict[str, Any]] = []
         try:
+            if skip > MOST_SKIPPED:
+                # A page reads the events it skips: skip=99999 read 100,000 events, params and all.
+                raise ValidationError(
+                    f"more than {MOST_SKIPPED} events share one time: export the filtered list instead"
+                )
             before = request.query_params.get("before", "")[:64]
             events, after = await page_of(store(), filters, before, skip)
         except ValidationError as e:
@@ -117,7 +128,10 @@ def routes(ui: UI) -> list[Route]:
         ctx = {
             "title": f"Session {sid}",
             "sid": sid,
-            "events": [{**row(e), "params": e.get("params"), "error": e.get("error", "")} for e in events],
+            "events": [
+                {**row(e), "params": _params_shown(e.get("params")), "error": str(e.get("error", ""))[:4096]}
+                for e in events
+            ],
             "truncated": len(events) == SESSION_MOST,
             "most": SESSION_MOST,
         }
@@ -153,6 +167,19 @@ def routes(ui: UI) -> list[Route]:
         Route("/web/audit/export.jsonl", ui.page(export)),
         Route("/web/audit/feed", ui.page(feed)),
     ]
+
+
+def _params_shown(params: Any) -> str:
+    """An event's arguments, pretty-printed and cut to ``PARAMS_SHOWN`` characters."""
+    if not params:
+        return ""
+    text = json.dumps(params, indent=2, ensure_ascii=False)
+    if len(text) <= PARAMS_SHOWN:
+        return text
+    return (
+        text[:PARAMS_SHOWN]
+        + f"\n... ({len(text) - PARAMS_SHOWN} more characters: export the session for all)"
+    )
 
 
 def _json(data: Any) -> Response:

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from bastion.auth.server import Actor, AuthServer
-from bastion.errors import AccessDeniedError, AuthenticationError, ValidationError
-from bastion.proxy.webapi import record_denied
+from bastion.errors import AccessDeniedError, AuthenticationError
+from bastion.proxy.webapi import bounded_body, record_denied
 from bastion.webui import guard
 
 log = logging.getLogger("bastion.webui")
@@ -53,10 +52,6 @@ SignedHandler = Callable[[Request, Signed], Awaitable[Response]]
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def _pretty(value: Any) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False)
-
-
 class UI:
     def __init__(self, auth: AuthServer, *, public_addr: str, registry: Any, audit: Any) -> None:
         self.auth = auth
@@ -70,7 +65,6 @@ class UI:
             trim_blocks=True,
             lstrip_blocks=True,
         )
-        self.env.filters["pretty"] = _pretty
 
     @staticmethod
     def source(request: Request) -> str:
@@ -129,9 +123,7 @@ class UI:
 
     @staticmethod
     async def form(request: Request) -> dict[str, str]:
-        raw = await request.body()
-        if len(raw) > MAX_FORM:
-            raise ValidationError(f"form too large (at most {MAX_FORM // 1024} KiB)")
+        raw = await bounded_body(request, MAX_FORM, "form")
         return dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
 
     async def checked(self, request: Request, *, secret: str, user: str) -> dict[str, str] | Response:

@@ -10,6 +10,7 @@ gateway's filtering and audit apply unchanged.  Paged on the server.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -31,10 +32,14 @@ from bastion.webui.context import UI, Signed
 PAGE_SIZE = 50
 #: A page waits this long for an MCP server's tools (the CLI waits as long as the user does).
 TOOLS_TIMEOUT = 10.0
+#: The most tools a page lists (an upstream's ``tools/list`` pages may never end); each one's
+#: description and input schema are cut to what a page can show.
+MOST_TOOLS = 500
+DESCRIPTION_MOST = 2000
+SCHEMA_MOST = 20_000
 
 
 def routes(ui: UI, front: ASGI) -> list[Route]:
-    transport = httpx.ASGITransport(app=front, client=("127.0.0.1", 0))
 
     def reachable(s: Signed) -> list[Any]:
         checker = s.actor.checker
@@ -84,20 +89,26 @@ def routes(ui: UI, front: ASGI) -> list[Route]:
             return None  # one the user may not reach is answered like a missing one
         return app
 
-    def missing(request: Request, s: Signed, name: str) -> Response:
+    async def missing(request: Request, s: Signed, name: str) -> Response:
+        """An app the user may not reach, answered like a missing one — and audited as a
+        refusal, as the MCP path audits a request for a hidden app."""
         message = f'no MCP server "{name[:100]}" that you may use (see the list of MCP servers)'
+        await ui.refused(request, s.actor.name, message, tuple(r.metadata.name for r in s.actor.roles))
         return ui.error(request, "Not found", message, 404, s)
 
     async def tools_page(request: Request, s: Signed) -> Response:
         name = request.path_params["name"]
         app = find(s, name)
         if app is None:
-            return missing(request, s, name)
+            return await missing(request, s, name)
         error, tools = "", []
+        # From the browser's address: the session's audit events and per-source bounds are
+        # the user's, not the proxy's own loopback shared by every web user.
+        transport = httpx.ASGITransport(app=front, client=(ui.source(request) or "?", 0))
         client = MCPClient(proxy=ui.public_addr, app=name, token=s.token, trust=Trust(), transport=transport)
         try:
             async with asyncio.timeout(TOOLS_TIMEOUT), client as c:
-                tools = await c.list_tools()
+                tools = await c.list_tools(most=MOST_TOOLS + 1)
         except BastionError as e:
             # The gateway's own refusals already say whose fault they are (MCPClient keeps it).
             error = e.message if "fault:" in e.message else f"{e.message} (fault: {e.origin})"
@@ -106,7 +117,9 @@ def routes(ui: UI, front: ASGI) -> list[Route]:
         ctx = {
             "title": f"Tools of {name}",
             "app": app_json(app, s.actor.checker),
-            "tools": tools,
+            "tools": [_shown(t) for t in tools[:MOST_TOOLS]],
+            "more": len(tools) > MOST_TOOLS,
+            "most": MOST_TOOLS,
             "error": error,
         }
         part = bool(request.query_params.get("part"))
@@ -116,7 +129,7 @@ def routes(ui: UI, front: ASGI) -> list[Route]:
         name = request.path_params["name"]
         app = find(s, name)
         if app is None:
-            return missing(request, s, name)
+            return await missing(request, s, name)
         ctx = {
             "title": f"Connect to {name}",
             "app": app_json(app, s.actor.checker),
@@ -131,6 +144,20 @@ def routes(ui: UI, front: ASGI) -> list[Route]:
         Route("/web/apps/{name}/tools", ui.page(tools_page)),
         Route("/web/apps/{name}/connect", ui.page(connect_page)),
     ]
+
+
+def _cut(text: str, most: int) -> str:
+    return text if len(text) <= most else text[:most] + f"... ({len(text) - most} more characters)"
+
+
+def _shown(tool: dict[str, Any]) -> dict[str, str]:
+    """A tool as the page shows it: name, description and pretty input schema, each cut."""
+    schema = tool.get("inputSchema")
+    return {
+        "name": _cut(str(tool.get("name", "")), 200),
+        "description": _cut(str(tool.get("description") or ""), DESCRIPTION_MOST),
+        "schema": _cut(json.dumps(schema, indent=2, ensure_ascii=False), SCHEMA_MOST) if schema else "",
+    }
 
 
 def _matches(app: Any, q: str, label: str) -> bool:

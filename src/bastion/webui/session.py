@@ -143,7 +143,7 @@ def routes(ui: UI) -> list[Route]:
     async def invite_get(request: Request) -> Response:
         code = request.path_params["code"][:256]
         try:
-            info = await auth.invite_info(code)
+            info = await auth.invite_info(code, source=ui.source(request))
         except BastionError as e:
             return ui.error(request, "Invite not valid", e.message, 404)
         return invite_page(request, code, info)
@@ -154,7 +154,7 @@ def routes(ui: UI) -> list[Route]:
             return data
         code, password = data.get("code", "")[:256], data.get("password", "")
         try:
-            info = await auth.invite_info(code)
+            info = await auth.invite_info(code, source=ui.source(request))
         except BastionError as e:
             return ui.error(request, "Invite not valid", e.message, 404)
         secret = data.get("totp_secret", "")

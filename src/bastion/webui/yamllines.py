@@ -33,13 +33,25 @@ def path_parts(path: str) -> list[str | int]:
     return parts
 
 
+#: The most problems shown next to their lines; the rest are counted in one line.
+MOST = 60
+
+
+def _compose(text: str) -> yaml.Node | None:
+    """The first document's node tree (aliases are shared nodes, never copies), or None."""
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, RecursionError):  # the text was decoded before; only a guard
+        return None
+
+
 def line_of(text: str, path: str) -> int:
     """The 1-based line of ``path`` in the first document of ``text`` (the deepest part found;
     0 when the text does not parse)."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return 0
+    return _line_in(_compose(text), path)
+
+
+def _line_in(node: yaml.Node | None, path: str) -> int:
     if node is None:
         return 0
     line = node.start_mark.line + 1
@@ -60,12 +72,15 @@ def line_of(text: str, path: str) -> int:
 
 
 def problems(text: str, message: str) -> list[Problem]:
-    """The lines of a validation ``message``, each placed at its line of ``text``."""
-    out = []
-    for raw in message.splitlines():
-        m = _PROBLEM.match(raw.strip())
-        if m:
-            out.append(Problem(line_of(text, m.group(1)), raw.strip()))
-        elif raw.strip():
-            out.append(Problem(0, raw.strip()))
+    """The lines of a validation ``message``, each placed at its line of ``text``: the first
+    ``MOST`` of them, and one line counting the others.  The text is composed once, however
+    many problems there are."""
+    out: list[Problem] = []
+    lines = [raw.strip() for raw in message.splitlines() if raw.strip()]
+    root = _compose(text) if any(_PROBLEM.match(raw) for raw in lines[:MOST]) else None
+    for raw in lines[:MOST]:
+        m = _PROBLEM.match(raw)
+        out.append(Problem(_line_in(root, m.group(1)), raw) if m else Problem(0, raw[:500]))
+    if len(lines) > MOST:
+        out.append(Problem(0, f"... and {len(lines) - MOST} more problems"))
     return out
