@@ -70,16 +70,17 @@ def ca_ctx(node: Node) -> ssl.SSLContext:
 
 @asynccontextmanager
 async def client2026(
-    node: Node, user: str, app: str, *, mode: str = "auto", name: str = "sdk-2026"
+    node: Node, user: str, app: str, *, mode: str = "auto", name: str = "sdk-2026", bearer: str | None = None
 ) -> AsyncIterator[Any]:
-    """The SDK's own client, negotiating as it does by default (server/discover, then 2026-07-28)."""
+    """The SDK's own client, negotiating as it does by default (server/discover, then 2026-07-28);
+    ``bearer``: a token already signed for ``user`` (else one is signed)."""
     import httpx2
     from mcp.client.client import Client
     from mcp.client.streamable_http import streamable_http_client
     from mcp_types import Implementation
 
     http = httpx2.AsyncClient(
-        headers={"Authorization": f"Bearer {token(node, user)}"}, verify=ca_ctx(node), timeout=30
+        headers={"Authorization": f"Bearer {bearer or token(node, user)}"}, verify=ca_ctx(node), timeout=30
     )
     url = f"https://{node.addr}/mcp/apps/{app}"
     async with (
