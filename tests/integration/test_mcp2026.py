@@ -394,3 +394,47 @@ def test_held_sessions_make_room_for_new_2026_clients(tmp_path: Path) -> None:
         assert [e["client_info"] for e in ends] == ["first/1", "second/1"]
     finally:
         stop_node(node)
+
+
+def test_mcp_tools_and_call_speak_2026_where_the_gateway_does(gateway: Node, tmp_path: Path) -> None:
+    """`bastion mcp tools/call` discover 2026-07-28 and send self-contained requests: filtered,
+    refused and audited as the held session's, under the CLI's name."""
+    from tests.integration.test_data_path import _identity
+
+    home = tmp_path / "h"
+    eve = ["-i", str(_identity(gateway, "eve")), "--proxy", gateway.addr]
+    tools = json.loads(
+        gateway.cli("mcp", "tools", "everything-stdio", "--format=json", *eve, home=home).stdout
+    )
+    assert [t["name"] for t in tools] == ["echo"]
+    called = gateway.cli(
+        "mcp", "call", "everything-stdio", "echo", "--arg", "message=cli-2026", *eve, home=home
+    )
+    assert called.stdout.strip() == "Echo: cli-2026"
+    denied = gateway.cli(
+        "mcp",
+        "call",
+        "everything-stdio",
+        "get-sum",
+        "--arg",
+        "a=1",
+        "--arg",
+        "b=2",
+        *eve,
+        home=home,
+        check=False,
+    )
+    assert denied.returncode != 0 and "not allowed" in denied.stdout + denied.stderr
+    calls = [
+        e
+        for e in audit(gateway, "--user=eve", "--app=everything-stdio")
+        if e.get("method") == "tools/call" and str(e.get("client_info", "")).startswith("bastion-cli/")
+    ]
+    assert [(e["tool"], e["success"]) for e in calls][-2:] == [("echo", True), ("get-sum", False)]
+    sid = calls[-1]["session_id"]
+    starts = [
+        e
+        for e in audit(gateway, "--user=eve")
+        if e["event"] == "mcp.session.start" and e["session_id"] == sid
+    ]
+    assert starts and starts[0]["transport"].startswith("http(2026)"), starts
