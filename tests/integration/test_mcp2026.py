@@ -401,29 +401,18 @@ def test_mcp_tools_and_call_speak_2026_where_the_gateway_does(gateway: Node, tmp
     refused and audited as the held session's, under the CLI's name."""
     from tests.integration.test_data_path import _identity
 
-    home = tmp_path / "h"
-    eve = ["-i", str(_identity(gateway, "eve")), "--proxy", gateway.addr]
-    tools = json.loads(
-        gateway.cli("mcp", "tools", "everything-stdio", "--format=json", *eve, home=home).stdout
+    as_eve = ["-i", str(_identity(gateway, "eve")), "--proxy", gateway.addr]
+
+    def mcp(*args: str, check: bool = True) -> Any:
+        return gateway.cli("mcp", *args, *as_eve, home=tmp_path / "h", check=check)
+
+    assert [t["name"] for t in json.loads(mcp("tools", "everything-stdio", "--format=json").stdout)] == [
+        "echo"
+    ]
+    assert (
+        mcp("call", "everything-stdio", "echo", "--arg=message=cli-2026").stdout.strip() == "Echo: cli-2026"
     )
-    assert [t["name"] for t in tools] == ["echo"]
-    called = gateway.cli(
-        "mcp", "call", "everything-stdio", "echo", "--arg", "message=cli-2026", *eve, home=home
-    )
-    assert called.stdout.strip() == "Echo: cli-2026"
-    denied = gateway.cli(
-        "mcp",
-        "call",
-        "everything-stdio",
-        "get-sum",
-        "--arg",
-        "a=1",
-        "--arg",
-        "b=2",
-        *eve,
-        home=home,
-        check=False,
-    )
+    denied = mcp("call", "everything-stdio", "get-sum", "--arg=a=1", "--arg=b=2", check=False)
     assert denied.returncode != 0 and "not allowed" in denied.stdout + denied.stderr
     calls = [
         e
