@@ -26,6 +26,13 @@ import httptools
 import orjson
 
 PROTOCOL_VERSION = "2025-06-18"
+#: MCP 2026-07-28: no session; every request carries its envelope in ``_meta`` and routing headers.
+MODERN_VERSION = "2026-07-28"
+MODERN_META = {
+    "io.modelcontextprotocol/protocolVersion": MODERN_VERSION,
+    "io.modelcontextprotocol/clientCapabilities": {},
+    "io.modelcontextprotocol/clientInfo": {"name": "bastion-bench", "version": "1"},
+}
 ACCEPT = b"application/json, text/event-stream"
 
 
@@ -34,6 +41,8 @@ class Target:
     url: str  # http(s)://host:port/path
     token: str = ""
     ssl_ctx: ssl.SSLContext | None = None
+    #: Speak 2026-07-28 (sessionless ``tools/call``s; ``sid`` is ignored).
+    modern: bool = False
     host: str = field(init=False)
     port: int = field(init=False)
     path: str = field(init=False)
@@ -53,7 +62,13 @@ class Target:
         h = [(b"content-type", b"application/json"), (b"accept", ACCEPT)]
         if self.token:
             h.append((b"authorization", b"Bearer " + self.token.encode()))
-        if sid:
+        if self.modern:
+            h += [
+                (b"mcp-protocol-version", MODERN_VERSION.encode()),
+                (b"mcp-method", b"tools/call"),
+                (b"mcp-name", b"echo"),
+            ]
+        elif sid:
             h.append((b"mcp-session-id", sid.encode()))
             h.append((b"mcp-protocol-version", version.encode()))
         return h
@@ -105,15 +120,11 @@ def initialize_body(rid: int = 1) -> bytes:
 INITIALIZED = b'{"jsonrpc":"2.0","method":"notifications/initialized"}'
 
 
-def call_body(rid: int, message: str = "hello") -> bytes:
-    return orjson.dumps(
-        {
-            "jsonrpc": "2.0",
-            "id": rid,
-            "method": "tools/call",
-            "params": {"name": "echo", "arguments": {"message": message}},
-        }
-    )
+def call_body(rid: int, message: str = "hello", modern: bool = False) -> bytes:
+    params: dict[str, Any] = {"name": "echo", "arguments": {"message": message}}
+    if modern:
+        params["_meta"] = MODERN_META
+    return orjson.dumps({"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": params})
 
 
 def list_body(rid: int) -> bytes:
@@ -183,7 +194,7 @@ class BlockingConn:
         return sid, version
 
     def call(self, sid: str, rid: int, message: str = "hello") -> Any:
-        r = self.request("POST", self.target.headers(sid), call_body(rid, message))
+        r = self.request("POST", self.target.headers(sid), call_body(rid, message, self.target.modern))
         if r.status != 200:
             raise RuntimeError(f"tools/call failed: {r.status} {r.body[:300]!r}")
         return rpc_body(r)
@@ -197,7 +208,11 @@ def latency_run(target: Target, sid: str, duration: float, id_base: int) -> dict
     conn = BlockingConn(target)
     try:
         headers = target.headers(sid)
-        msgs = [request_bytes(target, "POST", headers, call_body(id_base + i)) for i in range(1, 50)]
+        modern = target.modern
+        msgs = [
+            request_bytes(target, "POST", headers, call_body(id_base + i, modern=modern))
+            for i in range(1, 50)
+        ]
         for m in msgs[:20]:  # warm-up
             conn.send_raw(m)
         lat: list[int] = []
@@ -208,7 +223,7 @@ def latency_run(target: Target, sid: str, duration: float, id_base: int) -> dict
         pc = time.perf_counter_ns
         while True:
             n += 1
-            data = request_bytes(target, "POST", headers, call_body(id_base + 100 + n))
+            data = request_bytes(target, "POST", headers, call_body(id_base + 100 + n, modern=modern))
             t0 = pc()
             r = conn.send_raw(data)
             lat.append(pc() - t0)

@@ -127,6 +127,8 @@ def main() -> int:
     ap.add_argument("--py-spy", help="path of a py-spy binary (a scratch venv); skipped if not given")
     ap.add_argument("--perf", action="store_true", help="also sample with `perf record` (CPU by library)")
     ap.add_argument("--app", default="bench-http", choices=["bench-http", "bench-stdio"])
+    ap.add_argument("--modern", action="store_true", help="calls as an MCP 2026-07-28 client (no session)")
+    ap.add_argument("--lines", action="store_true", help="py-spy: by line, not by function")
     ap.add_argument("--seconds", type=int, default=15)
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument(
@@ -162,6 +164,7 @@ def main() -> int:
             url=f"{base}/mcp/apps/{args.app}",
             token=token,
             ssl_ctx=ctx,
+            modern=args.modern,
         )
         run.open_wrk_session(t)
         run.wrk_run(t, args.connections, 2)  # warm-up
@@ -211,7 +214,7 @@ def main() -> int:
                     str(raw),
                     "--duration",
                     str(args.seconds),
-                    "--function",
+                    *([] if args.lines else ["--function"]),
                     "--nonblocking",
                 ]
             )

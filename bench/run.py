@@ -6,6 +6,10 @@ Starts everything itself on loopback and measures, in one run, ``tools/call`` th
 - ``bastion-http``: a bastion cluster (``bastion start``) in front of that server;
 - ``direct-stdio``: the bench stdio echo server (``upstream_stdio.py``) driven over its pipes;
 - ``bastion-stdio``: bastion in front of the stdio server (one child process per session);
+- ``bastion2026-http``, ``bastion2026-stdio``: the same gateway and apps, called as an MCP
+  2026-07-28 client calls (no session: each POST carries its envelope in ``_meta``; the gateway
+  holds the upstream session); reported also as ratios against the session path and the direct
+  server (no session set-up or idle-session figures: there are no client sessions);
 - the peers installable here, each in front of the same stdio server: ``supergateway``
   (``--stateful``), ``mcp-proxy-npm`` (bench/node) and ``mcp-proxy-pypi`` (.venv-peers).
 
@@ -293,13 +297,14 @@ class Target:
     sid: str = ""
     idle_n: int = 500
     spawns_per_session: bool = False
+    modern: bool = False  # MCP 2026-07-28: sessionless calls
     pipe: subprocess.Popen[bytes] | None = None  # direct-stdio only
     on_enter: Callable[[], None] | None = None
     on_exit: Callable[[], None] | None = None
     results: dict[str, Any] = field(default_factory=dict)
 
     def client_target(self) -> mc.Target:
-        return mc.Target(self.url, token=self.token, ssl_ctx=self.ssl_ctx)
+        return mc.Target(self.url, token=self.token, ssl_ctx=self.ssl_ctx, modern=self.modern)
 
 
 #: More YAML appended to the measured gateway's configuration (``--gateway-config``), e.g. an
@@ -457,6 +462,20 @@ def start_all(procs: Procs, tmp: Path, skipped: dict[str, str], baseline: Path |
         )
     )
 
+    for kind in ("http", "stdio"):
+        targets.append(
+            Target(
+                f"bastion2026-{kind}",
+                f"bastion → {kind} upstream, 2026-07-28 client",
+                kind,
+                gw_pid,
+                url=f"{base}/mcp/apps/bench-{kind}",
+                token=token,
+                ssl_ctx=ctx,
+                modern=True,
+            )
+        )
+
     if baseline is not None:
         # The same gateway at an earlier commit, same machine, same run: "before" figures.
         b_pid, b_base, b_token, b_ctx, _ = start_bastion(procs, tmp, http_port, "before", baseline / "src")
@@ -599,6 +618,8 @@ def next_id_base() -> int:
 
 def wrk_run(t: Target, conns: int, duration: float) -> dict[str, Any]:
     env = dict(os.environ, MCP_SESSION_ID=t.sid, BEARER_TOKEN=t.token, ID_BASE=str(next_id_base()))
+    if t.modern:
+        env["MCP_MODERN"] = "1"
     cmd = [
         TASKSET,
         "-c",
@@ -743,7 +764,8 @@ def open_wrk_session(t: Target) -> None:
         return
     conn = mc.BlockingConn(t.client_target())
     try:
-        t.sid, _ = conn.open_session()
+        if not t.modern:
+            t.sid, _ = conn.open_session()
         msg = conn.call(t.sid, 1, "check")
         text = msg["result"]["content"][0]["text"] if msg and "result" in msg else None
         if text != "check":
@@ -912,6 +934,35 @@ def ratios(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def ratios_2026(summary: dict[str, dict[str, Any]]) -> str:
+    """The 2026-07-28 path against the session path and the direct server, same run."""
+    rows = [
+        "| 2026-07-28 client, per upstream | gateway CPU µs/call c=64: 2026 / session | calls per gateway "
+        "CPU-s c=64: 2026 / session | calls/s c=64: 2026 / session | calls/s c=64: 2026 / direct "
+        "| p50 c=1: 2026 / session | p50 c=1: 2026 / direct |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def ratio(a: Any, b: Any) -> str:
+        return f"{a / b:.2f}x" if a and b else "—"
+
+    for kind in ("http", "stdio"):
+        m = summary.get(f"bastion2026-{kind}")
+        if not m:
+            continue
+        ses, d = summary.get(f"bastion-{kind}", {}), summary.get(f"direct-{kind}", {})
+        k = "gateway_cpu_us_per_call_c64"
+        rows.append(
+            f"| {kind} | {ratio(m.get(k), ses.get(k))} "
+            f"| {ratio(m.get('calls_per_gateway_cpu_s_c64'), ses.get('calls_per_gateway_cpu_s_c64'))} "
+            f"| {ratio(m.get('calls_per_s_c64'), ses.get('calls_per_s_c64'))} "
+            f"| {ratio(m.get('calls_per_s_c64'), d.get('calls_per_s_c64'))} "
+            f"| {ratio(m.get('lat_p50_us'), ses.get('lat_p50_us'))} "
+            f"| {ratio(m.get('lat_p50_us'), d.get('lat_p50_us'))} |"
+        )
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def verdicts(summary: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
     out: list[tuple[str, str, bool | None]] = []
     h, s = summary.get("bastion-http", {}), summary.get("bastion-stdio", {})
@@ -1072,7 +1123,7 @@ def main() -> int:
         phases["start_and_warm_up"] = round(time.monotonic() - t_start, 1)
         # Idle memory first, before the set-up cycles leave freed session memory to reuse.
         for t in targets:
-            if t.pipe is not None or t.key == "direct-http":
+            if t.pipe is not None or t.key == "direct-http" or t.modern:
                 continue
             n = max(20, int(t.idle_n * idle_scale))
             print(f"idle memory {t.key} (2 x {n} sessions) ...", flush=True)
@@ -1101,11 +1152,15 @@ def main() -> int:
                     if t.pipe is None:
                         lat = mc.latency_run(t.client_target(), t.sid, lat_dur, next_id_base())
                         t.results.setdefault("latency", []).append(lat)
+                        if t.modern:
+                            continue
                         st = mc.setup_rate(t.client_target(), 16, setup_dur)
                         st["children_after"] = len(descendants(t.pid))
                         t.results.setdefault("setup", []).append(st)
         audit = (
-            audit_rows(data_dir, [t.sid for t in targets if t.key.startswith("bastion")]) if gw_pid else {}
+            audit_rows(data_dir, [t.sid for t in targets if t.key.startswith("bastion") and not t.modern])
+            if gw_pid
+            else {}
         )
     finally:
         procs.stop_all()
@@ -1122,7 +1177,7 @@ def main() -> int:
     meta["wall_s"] = round(time.monotonic() - t_start, 1)
     summary = {t.key: summarize(t) for t in targets}
     calls_sent = {
-        t.sid: sum(x["calls"] for c in CONCURRENCY for x in t.results.get(f"c{c}", []))
+        t.key if t.modern else t.sid: sum(x["calls"] for c in CONCURRENCY for x in t.results.get(f"c{c}", []))
         + sum(x["calls"] for x in t.results.get("latency", []))
         for t in targets
         if t.key.startswith("bastion")
@@ -1148,10 +1203,10 @@ def main() -> int:
     print()
     print(table(summary))
     print()
-    rt = ratios(summary)
-    if rt:
-        print(rt)
-        print()
+    for rt in (ratios(summary), ratios_2026(summary)):
+        if rt:
+            print(rt)
+            print()
     print("| target | measured | met? |")
     print("|---|---:|---|")
     for label, value, met in verdicts(summary):

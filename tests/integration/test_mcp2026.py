@@ -70,16 +70,17 @@ def ca_ctx(node: Node) -> ssl.SSLContext:
 
 @asynccontextmanager
 async def client2026(
-    node: Node, user: str, app: str, *, mode: str = "auto", name: str = "sdk-2026"
+    node: Node, user: str, app: str, *, mode: str = "auto", name: str = "sdk-2026", bearer: str | None = None
 ) -> AsyncIterator[Any]:
-    """The SDK's own client, negotiating as it does by default (server/discover, then 2026-07-28)."""
+    """The SDK's own client, negotiating as it does by default (server/discover, then 2026-07-28);
+    ``bearer``: a token already signed for ``user`` (else one is signed)."""
     import httpx2
     from mcp.client.client import Client
     from mcp.client.streamable_http import streamable_http_client
     from mcp_types import Implementation
 
     http = httpx2.AsyncClient(
-        headers={"Authorization": f"Bearer {token(node, user)}"}, verify=ca_ctx(node), timeout=30
+        headers={"Authorization": f"Bearer {bearer or token(node, user)}"}, verify=ca_ctx(node), timeout=30
     )
     url = f"https://{node.addr}/mcp/apps/{app}"
     async with (
@@ -393,3 +394,98 @@ def test_held_sessions_make_room_for_new_2026_clients(tmp_path: Path) -> None:
         assert [e["client_info"] for e in ends] == ["first/1", "second/1"]
     finally:
         stop_node(node)
+
+
+def test_mcp_tools_and_call_speak_2026_where_the_gateway_does(gateway: Node, tmp_path: Path) -> None:
+    """`bastion mcp tools/call` discover 2026-07-28 and send self-contained requests: filtered,
+    refused and audited as the held session's, under the CLI's name."""
+    from tests.integration.test_data_path import _identity
+
+    as_eve = ["-i", str(_identity(gateway, "eve")), "--proxy", gateway.addr]
+
+    def mcp(*args: str, check: bool = True) -> Any:
+        return gateway.cli("mcp", *args, *as_eve, home=tmp_path / "h", check=check)
+
+    assert [t["name"] for t in json.loads(mcp("tools", "everything-stdio", "--format=json").stdout)] == [
+        "echo"
+    ]
+    assert (
+        mcp("call", "everything-stdio", "echo", "--arg=message=cli-2026").stdout.strip() == "Echo: cli-2026"
+    )
+    denied = mcp("call", "everything-stdio", "get-sum", "--arg=a=1", "--arg=b=2", check=False)
+    assert denied.returncode != 0 and "not allowed" in denied.stdout + denied.stderr
+    calls = [
+        e
+        for e in audit(gateway, "--user=eve", "--app=everything-stdio")
+        if e.get("method") == "tools/call" and str(e.get("client_info", "")).startswith("bastion-cli/")
+    ]
+    assert [(e["tool"], e["success"]) for e in calls][-2:] == [("echo", True), ("get-sum", False)]
+    sid = calls[-1]["session_id"]
+    starts = [
+        e
+        for e in audit(gateway, "--user=eve")
+        if e["event"] == "mcp.session.start" and e["session_id"] == sid
+    ]
+    assert starts and starts[0]["transport"].startswith("http(2026)"), starts
+
+
+@pytest.mark.parametrize("app", APPS)
+async def test_sdk_2026_stdio_client_through_mcp_connect(gateway: Node, app: str, tmp_path: Path) -> None:
+    """The SDK's 2026 client on stdio through `bastion mcp connect`: it discovers 2026-07-28 and
+    its self-contained requests are filtered, refused and audited as a 2026 HTTP client's; the
+    bridge's log says which version the client speaks."""
+    import sys
+
+    from mcp.client.client import Client
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+    from mcp.shared.exceptions import MCPError
+    from mcp_types import Implementation
+
+    from tests.integration.test_mcp_connect import connect_args, sign
+
+    ident = sign(gateway, tmp_path / "eve.id", user="eve")
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "bastion.cli.main", *connect_args(gateway, app, ident)],
+        env={"BASTION_HOME": str(tmp_path / "home")},
+    )
+    name = f"stdio-2026-{app}"
+    with (tmp_path / "bridge.log").open("w") as errlog:
+        async with Client(
+            stdio_client(params, errlog=errlog),
+            client_info=Implementation(name=name, version="1.0"),
+            cache=None,
+        ) as c:
+            assert c.session.protocol_version == V2026
+            assert [t.name for t in (await c.list_tools()).tools] == ["echo"]
+            assert (await c.call_tool("echo", {"message": "via stdio"})).content[0].text == "Echo: via stdio"
+            with pytest.raises(MCPError) as denied:
+                await c.call_tool("get-sum", {"a": 1, "b": 2})
+            assert "not allowed" in str(denied.value)
+    assert "the MCP client speaks 2026-07-28" in (tmp_path / "bridge.log").read_text()
+    calls = [
+        e
+        for e in audit(gateway, "--user=eve", f"--app={app}")
+        if e.get("method") == "tools/call" and e.get("client_info") == f"{name}/1.0"
+    ]
+    assert [(e["tool"], e["success"]) for e in calls] == [("echo", True), ("get-sum", False)]
+
+
+async def test_sdk_2026_client_through_proxy_mcp(gateway: Node, tmp_path: Path) -> None:
+    """`bastion proxy mcp` passes a 2026 client's self-contained requests on as they are (its
+    log says the version the client speaks)."""
+    import httpx2
+    from mcp.client.client import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    from tests.integration.test_data_path import local_proxy
+
+    with local_proxy(gateway, "everything-http", "eve", tmp_path) as addr:
+        async with (
+            httpx2.AsyncClient(timeout=30) as http,
+            Client(streamable_http_client(f"http://{addr}/mcp", http_client=http), cache=None) as c,
+        ):
+            assert c.session.protocol_version == V2026
+            assert [t.name for t in (await c.list_tools()).tools] == ["echo"]
+            assert (await c.call_tool("echo", {"message": "local"})).content[0].text == "Echo: local"
+    assert "an MCP client speaks 2026-07-28 (no session)" in (tmp_path / "proxy.log").read_text()

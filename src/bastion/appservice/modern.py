@@ -90,6 +90,28 @@ class ModernFront:
         self._held: dict[str, Held] = {}
         #: Held sessions being opened: later requests with the same key wait for the first.
         self._opening: dict[tuple[str, str, bytes], asyncio.Future[GatewaySession]] = {}
+        #: Requests under way whose client is not watched yet, with when they began; the sweep
+        #: that starts watchers for those older than WATCH_AFTER (one timer, not one per call).
+        self._unwatched: dict[_Watch, float] = {}
+        self._sweep: asyncio.TimerHandle | None = None
+
+    def _watch_later(self, watch: _Watch) -> None:
+        loop = asyncio.get_running_loop()
+        self._unwatched[watch] = loop.time()
+        if self._sweep is None:
+            self._sweep = loop.call_later(WATCH_AFTER, self._start_watches)
+
+    def _start_watches(self) -> None:
+        """Every WATCH_AFTER while requests are under way: watch the clients of those begun at
+        least WATCH_AFTER ago (so a request is watched within 2 x WATCH_AFTER of its start)."""
+        self._sweep = None
+        loop = asyncio.get_running_loop()
+        due = loop.time() - WATCH_AFTER
+        for watch in [w for w, began in self._unwatched.items() if began <= due]:
+            del self._unwatched[watch]
+            watch.start()
+        if self._unwatched:
+            self._sweep = loop.call_later(WATCH_AFTER, self._start_watches)
 
     def forget(self, sid: str) -> None:
         """The session ``sid`` ended: a held one is no longer offered to its clients."""
@@ -200,9 +222,10 @@ class ModernFront:
             return
         # 2026-07-28: a client closing its response stream cancels the request.  The exchange
         # runs in this task; a watcher, started only if it takes longer than WATCH_AFTER (most
-        # calls are over by then: no task for them), cancels it when the client goes.
+        # calls are over by then: no task, no timer for them: one sweep for all), cancels it
+        # when the client goes.
         watch = _Watch(receive, answer)
-        timer = asyncio.get_running_loop().call_later(WATCH_AFTER, watch.start)
+        self._watch_later(watch)
         try:
             await s.upstream.exchange(s, got.fwd, answer, ClientPost(up_headers, target, False))
         except asyncio.CancelledError:
@@ -210,8 +233,9 @@ class ModernFront:
                 raise  # not (only) the client's going: the gateway's own cancellation
             await self._cancel_upstream(s, uid, headers, held, target)
         finally:
-            timer.cancel()
-            await watch.stop()
+            self._unwatched.pop(watch, None)
+            if watch.task is not None:
+                await watch.stop()
 
     async def _listen(
         self,
@@ -429,8 +453,13 @@ class ModernFront:
         return s
 
 
-#: How long a 2026 request runs before the gateway watches its client's connection.
-WATCH_AFTER = 0.05
+#: How long a 2026 request runs before the gateway watches its client's connection (a task per
+#: request watched; a sweep every WATCH_AFTER starts them): most calls are over long before,
+#: and a client that closes its stream earlier has its request cancelled within 2 x WATCH_AFTER
+#: of its start.  Not shorter: under load (64 calls in flight on one core) calls take tens of
+#: ms, and a timer and a watcher for each were much of what a 2026 call cost more than a
+#: session's (docs/benchmarks.md).
+WATCH_AFTER = 0.25
 
 
 class _Watch:
@@ -565,6 +594,13 @@ class ModernAnswer(Answer):
         self.asked: Any = None
         #: The last ``rewrite`` was of the response; an SSE answer not begun yet; answered whole.
         self.final = False
+        #: How the upstream's response to a non-cacheable method most often begins (the fast
+        #: path of ``rewrite``: no parse, no re-serialisation).
+        self._head = (
+            None
+            if method in wire.CACHEABLE
+            else b'{"jsonrpc":"2.0","id":' + orjson.dumps(upstream_id) + b',"result":{'
+        )
         self.deferred = False
         self.answered = False
 
@@ -574,6 +610,24 @@ class ModernAnswer(Answer):
         await self._out(message)
 
     def rewrite(self, raw: bytes) -> bytes | None:
+        head = self._head
+        if (
+            head is not None
+            and raw.startswith(head)
+            and raw[len(head) : len(head) + 1] == b'"'  # a non-empty result
+            and b'"resultType"' not in raw
+        ):
+            # The common answer (SDK servers write this order): its id and ``resultType``
+            # spliced in; the same JSON as the parse below makes, without parsing the result.
+            self.final = True
+            return b"".join(
+                (
+                    b'{"jsonrpc":"2.0","id":',
+                    orjson.dumps(self.client_id),
+                    b',"result":{"resultType":"complete",',
+                    raw[len(head) :],
+                )
+            )
         self.final = False
         try:
             doc = orjson.loads(raw)

@@ -355,10 +355,18 @@ class AppEndpoint:
 
     # ------------------------------------------------------------ forwarding
 
-    async def exchange(self, raw: bytes, rid: jsonrpc.RequestId, sess: Session | None) -> None:
-        """One POST of ``raw``; answers go to the client.  Raises what the caller must handle."""
+    async def exchange(
+        self,
+        raw: bytes,
+        rid: jsonrpc.RequestId,
+        sess: Session | None,
+        routing: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        """One POST of ``raw``; answers go to the client.  Raises what the caller must handle.
+        ``routing``: more headers (a 2026-07-28 request's ``Mcp-Method``/``Mcp-Name``)."""
         token = self.token()
         headers = self.headers(token, sess)
+        headers.extend(routing)
         try:
             resp = await self.request("POST", headers, raw)
         except UpstreamTimeoutError as e:

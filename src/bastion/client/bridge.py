@@ -103,6 +103,8 @@ from bastion.client.slow import notice_if_slow, waiting_message
 from bastion.client.stdio import MAX_LINE, Output, open_input, reserve_stdout
 from bastion.errors import BastionError, UpstreamError
 from bastion.protocol import jsonrpc
+from bastion.protocol import modern as wire
+from bastion.protocol.headers import NAME_PARAM, encode_header_value
 from bastion.protocol.ndjson import LineSplitter
 from bastion.protocol.sse import EventTooLargeError, SSEParser
 
@@ -128,6 +130,14 @@ __all__ = [
 ]
 
 log = logging.getLogger("bastion.mcp.connect")
+
+
+def _modern_version(params: Any) -> str | None:
+    """The 2026-07-28 (or later) version a request's ``params._meta`` names, else None."""
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    version = meta.get(wire.META_VERSION) if isinstance(meta, dict) else None
+    return version if isinstance(version, str) and version in wire.MODERN_VERSIONS else None
+
 
 #: How long a notification or response from the client may take to be accepted.
 NOTIFY_TIMEOUT: Final = 60.0
@@ -172,6 +182,8 @@ class Bridge:
         self._requests: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._closing = False
+        #: ``--verbose`` has said that the client speaks 2026-07-28.
+        self._told_modern = False
 
     # ---------------------------------------------------------------- input
 
@@ -186,6 +198,8 @@ class Bridge:
         if msg.kind == jsonrpc.REQUEST:
             if msg.method == "initialize":
                 await self._initialize(msg)
+            elif _modern_version(msg.params) is not None:
+                self._spawn(self._requests, self._modern(msg), f"mcp-connect-2026-{msg.id}")
             else:
                 self._spawn(self._requests, self._request(msg), f"mcp-connect-request-{msg.id}")
             return
@@ -200,6 +214,43 @@ class Bridge:
             # A missing method is routine (the SDKs probe for server/discover first).
             level = logging.DEBUG if f.code == jsonrpc.METHOD_NOT_FOUND else logging.WARNING
             log.log(level, "request %s (%s) failed: %s", msg.id, msg.method, f.message)
+            await self._emit(jsonrpc.error_response(msg.id, f.code, f.message))
+        except Exception as e:  # a bug must not leave the client waiting forever
+            log.exception("internal error while carrying request %s (%s)", msg.id, msg.method)
+            await self._emit(jsonrpc.error_response(msg.id, jsonrpc.INTERNAL_ERROR, internal_message(e)))
+
+    async def _modern(self, msg: jsonrpc.Message) -> None:
+        """A self-contained request (MCP 2026-07-28: its envelope in ``params._meta``): sent on
+        as one, with the version and routing headers made from its body; no session."""
+        version = _modern_version(msg.params) or ""
+        if not self._told_modern:
+            self._told_modern = True
+            log.info(
+                "the MCP client speaks %s (no session); requests go to %s as such through %s",
+                version,
+                self.app,
+                self.creds.proxy,
+            )
+        method = msg.method or ""
+        routing = [(b"mcp-protocol-version", version.encode("latin-1")), (b"mcp-method", method.encode())]
+        key = NAME_PARAM.get(method)
+        name = msg.params.get(key) if key and isinstance(msg.params, dict) else None
+        if isinstance(name, str):
+            routing.append((b"mcp-name", encode_header_value(name).encode("latin-1")))
+        renewed = False
+        try:
+            while True:
+                try:
+                    await self.endpoint.exchange(msg.raw, msg.id, None, routing)
+                    return
+                except CredentialRenewed:
+                    if renewed:
+                        raise Failure(LOGIN_REQUIRED, EXPIRED_MESSAGE) from None
+                    renewed = True
+                except SessionLost as e:
+                    raise Failure(e.code, e.message) from None
+        except Failure as f:
+            log.warning("request %s (%s) failed: %s", msg.id, msg.method, f.message)
             await self._emit(jsonrpc.error_response(msg.id, f.code, f.message))
         except Exception as e:  # a bug must not leave the client waiting forever
             log.exception("internal error while carrying request %s (%s)", msg.id, msg.method)

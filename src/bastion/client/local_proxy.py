@@ -107,6 +107,8 @@ class LocalMCPProxy:
         self.target = f"/mcp/apps/{app_name}"
         #: Set when the listener stops: open streams end instead of being cancelled mid-way.
         self.closing = asyncio.Event()
+        #: The MCP versions the clients were seen to speak (each logged once).
+        self.versions: set[bytes] = set()
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -139,6 +141,13 @@ class LocalMCPProxy:
                     return
             elif lk in _PASS:
                 headers.append((lk, v))
+                if lk == b"mcp-protocol-version" and v not in self.versions and len(self.versions) < 8:
+                    self.versions.add(v)
+                    version = v.decode("latin-1")[:32]
+                    how = "no session" if version >= "2026" else "in a session"
+                    log.info(
+                        "an MCP client speaks %s (%s); passed to %s as it is", version, how, self.app_name
+                    )
         body = b""
         if scope["method"] == "POST":
             chunks = []

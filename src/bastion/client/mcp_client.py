@@ -1,9 +1,12 @@
 """A small MCP client over streamable HTTP, for ``bastion mcp tools`` and ``bastion mcp call``.
 
-One session: ``initialize`` + ``notifications/initialized`` on enter (a slow
-``initialize`` is reported to ``on_slow_start``), requests
-answered as JSON or as an SSE stream (notifications on the way are skipped),
-``DELETE`` on exit.  Errors keep the gateway's message and whose fault it was.
+MCP 2026-07-28 where the gateway offers it: ``server/discover`` on enter, then every request
+self-contained (its envelope in ``params._meta``, ``Mcp-Method``/``Mcp-Name`` headers), no
+session.  Else (a gateway that answers the discover with an error) one session:
+``initialize`` + ``notifications/initialized`` on enter, ``DELETE`` on exit.  A slow start is
+reported to ``on_slow_start``; requests are answered as JSON or as an SSE stream
+(notifications on the way are skipped).  Errors keep the gateway's message and whose fault it
+was.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from bastion import __version__
 from bastion.client.api import Trust
 from bastion.client.slow import notice_if_slow, waiting_message
 from bastion.errors import BastionError, UpstreamError
+from bastion.protocol import modern as wire
+from bastion.protocol.headers import NAME_PARAM, encode_header_value
 from bastion.protocol.sse import SSEParser
 
 PROTOCOL_VERSION = "2025-11-25"
+MODERN_VERSION = "2026-07-28"
 
 
 class MCPCallError(BastionError):
@@ -65,6 +71,9 @@ class MCPClient:
         self._ids = itertools.count(1)
         self.session_id = ""
         self.server_info: dict[str, Any] = {}
+        #: The version spoken with the gateway (2026-07-28: no session).
+        self.protocol_version = ""
+        self._meta: dict[str, Any] = {}
         #: Told :func:`~bastion.client.slow.waiting_message` when ``initialize`` is slow.
         self.on_slow_start = on_slow_start
 
@@ -72,6 +81,8 @@ class MCPClient:
         notice = self.on_slow_start
         try:
             with notice_if_slow(lambda: notice(waiting_message(self.app)) if notice else None):
+                if await self._discover():
+                    return self
                 init = await self.request(
                     "initialize",
                     {
@@ -88,6 +99,26 @@ class MCPClient:
             raise
         return self
 
+    async def _discover(self) -> bool:
+        """``server/discover`` as a 2026-07-28 client; True when the gateway speaks it (then
+        every request is sent that way), False when it answers with an error (an older gateway:
+        a -32022 or -32601 of its own)."""
+        self._meta = {
+            wire.META_VERSION: MODERN_VERSION,
+            wire.META_CAPABILITIES: {},
+            wire.META_CLIENT_INFO: {"name": "bastion-cli", "version": __version__},
+        }
+        self.protocol_version = MODERN_VERSION
+        try:
+            found = await self.request("server/discover")
+        except BastionError:
+            found = {}
+        if MODERN_VERSION in (found.get("supportedVersions") or ()):
+            self.server_info = found.get("serverInfo") or {}
+            return True
+        self._meta, self.protocol_version = {}, ""
+        return False
+
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
@@ -102,9 +133,17 @@ class MCPClient:
     async def request(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         mid = next(self._ids)
         msg: dict[str, Any] = {"jsonrpc": "2.0", "id": mid, "method": method}
+        headers: dict[str, str] | None = None
+        if self._meta:  # 2026-07-28: the envelope in the body, the routing in headers
+            params = dict(params or {})
+            params["_meta"] = {**(params.get("_meta") or {}), **self._meta}
+            headers = {"MCP-Protocol-Version": MODERN_VERSION, "Mcp-Method": method}
+            key = NAME_PARAM.get(method)
+            if key and isinstance(params.get(key), str):
+                headers["Mcp-Name"] = encode_header_value(params[key])
         if params is not None:
             msg["params"] = params
-        answer = await self._post(msg, want_id=mid)
+        answer = await self._post(msg, want_id=mid, headers=headers)
         assert answer is not None
         if "error" in answer:
             err = answer["error"]
@@ -126,9 +165,13 @@ class MCPClient:
                 break
         return listed if most is None else listed[:most]
 
-    async def _post(self, msg: dict[str, Any], want_id: int | None = None) -> dict[str, Any] | None:
+    async def _post(
+        self, msg: dict[str, Any], want_id: int | None = None, headers: dict[str, str] | None = None
+    ) -> dict[str, Any] | None:
         try:
-            async with self._http.stream("POST", self.url, content=orjson.dumps(msg)) as resp:
+            async with self._http.stream(
+                "POST", self.url, content=orjson.dumps(msg), headers=headers
+            ) as resp:
                 if not self.session_id and resp.headers.get("mcp-session-id"):
                     self._http.headers["Mcp-Session-Id"] = self.session_id = resp.headers["mcp-session-id"]
                 ctype = resp.headers.get("content-type", "").split(";")[0].strip()
